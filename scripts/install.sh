@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the project needs: CPU torch first (so pip does not pull CUDA
+# wheels), then the project with all extras, then real helm + kubectl binaries into .venv/bin.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH=${TORCH_VERSION:-2.13.0}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
+python -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH"
+# The constraint keeps every later resolve on the torch just installed.
+python -c "import torch; print('torch==' + torch.__version__)" > .venv/torch-constraint.txt
+pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,dev]"
+bash scripts/install_helm.sh .venv/bin
