@@ -131,7 +131,7 @@ class CheckpointSpec:
 
 @dataclass(frozen=True)
 class SchedulingSpec:
-    gang_scheduler: str = "none"
+    gang_scheduler: str = ""  # "" = the operator's default (settings)
     queue: str = ""
     priority_class_name: str = ""
     gang_timeout_seconds: int = 300
