@@ -1,0 +1,326 @@
+"""Pods as local process groups: the part of a kubelet the local runner and the e2e stand-in share.
+
+Three pieces, each usable alone:
+
+- translate_pod(): a built pod dict -> ProcessSpec (argv, env, log and termination-log files).
+  Mount paths in env values become local folders, cluster addresses in RLHF_ROLE_ADDRS /
+  RLHF_BRIDGE_ADDR go through a resolver (127.0.0.1 + free ports locally), downward-API env
+  (POD_IP, metadata.name) is filled in, and `python` becomes this interpreter.
+- Supervisor: starts each ProcessSpec as its own process group (start_new_session) so stopping a
+  pod kills everything it spawned; stop() is SIGTERM, a grace period, then SIGKILL. Every exit
+  sets `changed`, an Event the caller waits on instead of polling.
+- pod_status(): a process state -> the pod `status` dict a kubelet would write (phase, podIP,
+  containerStatuses with exitCode and the termination message), so the real planner reads it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_operator import constants
+
+# Env vars whose values hold host:port addresses of other pods (docs/spec.md "Env contract").
+ADDRESS_ENV = ("RLHF_ROLE_ADDRS", "RLHF_BRIDGE_ADDR")
+# Where the trainer writes its last words; a kubelet reads /dev/termination-log instead.
+TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"
+# Kubernetes keeps at most 4096 bytes of a termination message.
+MAX_TERMINATION_MESSAGE = 4096
+_HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-\[\]:]+?):(?P<port>\d+)$")
+
+Resolver = Callable[[str, int], tuple[str, int]]
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """Everything needed to start one pod's container as a local process."""
+
+    name: str  # pod name
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    cwd: Path
+    log_path: Path
+    termination_log: Path
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (a small race remains; callers allocate them together)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class LocalAddresses:
+    """Stand-in for cluster DNS on one machine: every (gang attempt, host, port) seen gets its own
+    free port on 127.0.0.1. All pods of one attempt resolve the same name to the same port; a new
+    attempt gets new ports, so a restarted gang never races sockets the old one left in TIME_WAIT.
+    """
+
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self._ports: dict[tuple[str, str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def resolver(self, attempt: str) -> Resolver:
+        def resolve(host: str, port: int) -> tuple[str, int]:
+            with self._lock:
+                key = (attempt, host, port)
+                if key not in self._ports:
+                    taken = set(self._ports.values())
+                    new = free_port(self.host)
+                    while new in taken:
+                        new = free_port(self.host)
+                    self._ports[key] = new
+                return self.host, self._ports[key]
+
+        return resolve
+
+
+def rewrite_addresses(value: str, resolve: Resolver) -> str:
+    """Rewrite `host:port` or `name=host:port,...` through resolve (kept as is if not an address)."""
+    out = []
+    for item in value.split(","):
+        key, eq, addr = item.rpartition("=")
+        m = _HOST_PORT.match(addr.strip())
+        if not m:
+            out.append(item)
+            continue
+        host, port = resolve(m["host"], int(m["port"]))
+        out.append(f"{key}{eq}{host}:{port}")
+    return ",".join(out)
+
+
+def rewrite_mount_path(value: str, mounts: Mapping[str, Path]) -> str:
+    """`/etc/rlhf/config.json` -> `<local config dir>/config.json` for the longest matching mount."""
+    for mount in sorted(mounts, key=len, reverse=True):
+        if value == mount or value.startswith(mount.rstrip("/") + "/"):
+            return str(mounts[mount]) + value[len(mount.rstrip("/")):]
+    return value
+
+
+def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    containers = pod["spec"]["containers"]
+    return next((c for c in containers if c.get("name") == constants.CONTAINER_NAME), containers[0])
+
+
+def field_ref_value(pod: Mapping[str, Any], path: str, pod_ip: str) -> str:
+    """The downward API fields a trainer pod uses."""
+    meta = pod.get("metadata", {})
+    values = {
+        "status.podIP": pod_ip,
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", "default"),
+        "spec.nodeName": "localhost",
+    }
+    if path.startswith("metadata.labels['"):
+        return meta.get("labels", {}).get(path[len("metadata.labels['"):-2], "")
+    if path not in values:
+        raise ValueError(f"pod {meta.get('name')}: env fieldRef {path!r} is not supported locally")
+    return values[path]
+
+
+def local_argv(container: Mapping[str, Any], python: str) -> tuple[str, ...]:
+    """The container's command + args, `python` replaced by the interpreter that has the trainer."""
+    argv = [*container.get("command", []), *container.get("args", [])]
+    if not argv:
+        raise ValueError(f"container {container.get('name')}: no command (local pods need one)")
+    if argv[0] in ("python", "python3"):
+        argv[0] = python
+    return tuple(argv)
+
+
+def translate_pod(
+    pod: Mapping[str, Any],
+    *,
+    mounts: Mapping[str, Path],
+    resolve: Resolver,
+    pod_ip: str,
+    pod_dir: Path,
+    metrics_port: int,
+    python: str = sys.executable,
+    command: Iterable[str] | None = None,
+    base_env: Mapping[str, str] | None = None,
+) -> ProcessSpec:
+    """A pod dict (as built by builders.build_gang) -> how to run it here.
+
+    mounts: container mount path -> local folder; resolve: cluster host:port -> local host:port;
+    command: replaces the container's command (tests run a fake trainer through it).
+    """
+    container = trainer_container(pod)
+    name = pod["metadata"]["name"]
+    env = dict(os.environ if base_env is None else base_env)
+    # N role processes share a few cores: one intra-op thread each unless the user chose otherwise.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    for var in container.get("env", []):
+        if "value" in var:
+            value = str(var["value"])
+        elif "fieldRef" in var.get("valueFrom", {}):
+            value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
+        else:
+            raise ValueError(f"pod {name}: env {var['name']}: only value and fieldRef are supported locally")
+        if var["name"] in ADDRESS_ENV:
+            value = rewrite_addresses(value, resolve)
+        elif var["name"] == "RLHF_METRICS_PORT":
+            value = str(metrics_port)
+        else:
+            value = rewrite_mount_path(value, mounts)
+        env[var["name"]] = value
+    env["POD_IP"] = pod_ip
+    termination_log = pod_dir / "termination-log"
+    env[TERMINATION_LOG_ENV] = str(termination_log)
+    argv = tuple(command) if command is not None else local_argv(container, python)
+    return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log)
+
+
+@dataclass
+class LocalProcess:
+    spec: ProcessSpec
+    popen: subprocess.Popen
+    started_at: str
+    started_monotonic: float
+    finished_at: str = ""
+    stop_requested: bool = False
+    _watcher: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while running; a kill by signal N reads 128+N, as a kubelet reports it."""
+        rc = self.popen.poll()
+        if rc is None:
+            return None
+        return 128 - rc if rc < 0 else rc
+
+    def termination_message(self) -> str:
+        try:
+            return self.spec.termination_log.read_text(errors="replace")[-MAX_TERMINATION_MESSAGE:]
+        except OSError:
+            return ""
+
+
+class Supervisor:
+    """Local process groups by pod name. Thread-safe; `changed` is set whenever one exits."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Event()
+        self._procs: dict[str, LocalProcess] = {}
+        self._lock = threading.Lock()
+
+    def start(self, spec: ProcessSpec) -> LocalProcess:
+        with self._lock:
+            if spec.name in self._procs:
+                raise ValueError(f"pod {spec.name} already has a process")
+            spec.cwd.mkdir(parents=True, exist_ok=True)
+            spec.termination_log.unlink(missing_ok=True)
+            with open(spec.log_path, "ab") as log:
+                popen = subprocess.Popen(
+                    list(spec.argv), env=dict(spec.env), cwd=spec.cwd, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            proc = LocalProcess(spec, popen, utc_now(), time.monotonic())
+            proc._watcher = threading.Thread(target=self._watch, args=(proc,), daemon=True,
+                                             name=f"watch-{spec.name}")
+            proc._watcher.start()
+            self._procs[spec.name] = proc
+            return proc
+
+    def _watch(self, proc: LocalProcess) -> None:
+        proc.popen.wait()
+        proc.finished_at = utc_now()
+        self.changed.set()
+
+    def get(self, name: str) -> LocalProcess | None:
+        with self._lock:
+            return self._procs.get(name)
+
+    def processes(self) -> dict[str, LocalProcess]:
+        with self._lock:
+            return dict(self._procs)
+
+    def stop(self, names: Iterable[str], grace: float = 5.0) -> None:
+        """SIGTERM each pod's whole process group, wait up to grace, SIGKILL what is left, forget them."""
+        with self._lock:
+            procs = [self._procs.pop(n) for n in names if n in self._procs]
+        for p in procs:
+            p.stop_requested = True
+            _signal_group(p.popen.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in procs:
+            # The leader may be gone while children it spawned live on in its group: kill the group.
+            _signal_group(p.popen.pid, signal.SIGKILL)
+            p.popen.wait()
+        if procs:
+            self.changed.set()
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        self.stop(list(self.processes()), grace)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> bool:
+        """Fault injection: signal a pod's process group without forgetting it (it shows as Failed)."""
+        p = self.get(name)
+        if p is None or p.exit_code is not None:
+            return False
+        _signal_group(p.popen.pid, sig)
+        return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pod_status(proc: LocalProcess | None, pod_ip: str) -> dict[str, Any]:
+    """The `status` a kubelet writes for a pod whose container is (or was) this process.
+
+    No process yet -> Pending; running -> Running; exit 0 -> Succeeded; else Failed with exitCode
+    and the termination message, which is what the planner classifies (65/78 permanent).
+    """
+    if proc is None:
+        return {"phase": "Pending"}
+    code = proc.exit_code
+    base = {"podIP": pod_ip, "hostIP": pod_ip, "startTime": proc.started_at}
+    if code is None:
+        state = {"running": {"startedAt": proc.started_at}}
+        return {**base, "phase": "Running",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [_container_status(state, ready=True)]}
+    terminated = {
+        "exitCode": code,
+        "reason": "Completed" if code == 0 else "Error",
+        "startedAt": proc.started_at,
+        "finishedAt": proc.finished_at or utc_now(),
+    }
+    message = proc.termination_message()
+    if message:
+        terminated["message"] = message
+    if code >= 128:
+        terminated["signal"] = code - 128
+    return {**base, "phase": "Succeeded" if code == 0 else "Failed",
+            "containerStatuses": [_container_status({"terminated": terminated}, ready=False)]}
+
+
+def _container_status(state: dict[str, Any], *, ready: bool) -> dict[str, Any]:
+    return {"name": constants.CONTAINER_NAME, "ready": ready, "restartCount": 0, "state": state,
+            "image": "local", "imageID": "", "started": ready}

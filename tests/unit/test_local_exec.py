@@ -1,0 +1,113 @@
+"""Pure parts of rlhf_operator.localexec: pod dict -> local process spec, process state -> pod status."""
+
+from pathlib import Path
+
+import pytest
+
+from rlhf_operator import localexec
+
+POD = {
+    "metadata": {"name": "j-actor-0", "namespace": "ns", "labels": {"rlhf.dev/role": "actor"}},
+    "spec": {"containers": [{
+        "name": "trainer", "command": ["python", "-m", "rlhf_trainer"],
+        "env": [
+            {"name": "RLHF_CONFIG", "value": "/etc/rlhf/config.json"},
+            {"name": "RLHF_CHECKPOINT_DIR", "value": "/checkpoints"},
+            {"name": "RLHF_ROLE_ADDRS", "value": "actor=j-actor-0.j.ns.svc:29500,critic=j-critic-0.j.ns.svc:29500"},
+            {"name": "RLHF_BRIDGE_ADDR", "value": "j-actor-0.j.ns.svc:29501"},
+            {"name": "RLHF_METRICS_PORT", "value": "9400"},
+            {"name": "RLHF_ROLE", "value": "actor"},
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        ],
+    }]},
+}
+
+
+def fake_resolver(host, port):
+    return "127.0.0.1", {"j-actor-0.j.ns.svc": 1000, "j-critic-0.j.ns.svc": 2000}[host] + port - 29500
+
+
+def translate(tmp_path, **kw):
+    return localexec.translate_pod(
+        POD, mounts={"/etc/rlhf": tmp_path / "cfg", "/checkpoints": tmp_path / "ck"},
+        resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path / "pod", metrics_port=0,
+        python="/py", base_env={"PATH": "/bin"}, **kw)
+
+
+def test_translate_pod_rewrites_mounts_addresses_and_downward_api(tmp_path):
+    spec = translate(tmp_path)
+    assert spec.argv == ("/py", "-m", "rlhf_trainer")
+    assert spec.env["RLHF_CONFIG"] == str(tmp_path / "cfg" / "config.json")
+    assert spec.env["RLHF_CHECKPOINT_DIR"] == str(tmp_path / "ck")
+    assert spec.env["RLHF_ROLE_ADDRS"] == "actor=127.0.0.1:1000,critic=127.0.0.1:2000"
+    assert spec.env["RLHF_BRIDGE_ADDR"] == "127.0.0.1:1001"
+    assert spec.env["RLHF_METRICS_PORT"] == "0"
+    assert spec.env["POD_IP"] == "127.0.0.1" and spec.env["ME"] == "j-actor-0"
+    assert spec.env["RLHF_ROLE"] == "actor" and spec.env["PATH"] == "/bin"
+    assert spec.env["RLHF_TERMINATION_LOG"] == str(tmp_path / "pod" / "termination-log")
+
+
+def test_translate_pod_command_override_for_tests(tmp_path):
+    assert translate(tmp_path, command=["/py", "fake.py"]).argv == ("/py", "fake.py")
+
+
+def test_unsupported_env_source_names_pod_and_var(tmp_path):
+    pod = {**POD, "spec": {"containers": [{"name": "trainer", "command": ["x"], "env": [
+        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}}
+    with pytest.raises(ValueError, match="j-actor-0.*TOKEN"):
+        localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1",
+                                pod_dir=tmp_path, metrics_port=0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("/etc/rlhf/config.json", "/L/cfg/config.json"),
+    ("/etc/rlhf", "/L/cfg"),
+    ("/etc/rlhfx", "/etc/rlhfx"),  # a prefix that is not a path component is no mount
+    ("/checkpoints/sub/x", "/L/ck/sub/x"),
+    ("tiny://llama", "tiny://llama"),
+])
+def test_rewrite_mount_path(value, expected):
+    mounts = {"/etc/rlhf": Path("/L/cfg"), "/checkpoints": Path("/L/ck")}
+    assert localexec.rewrite_mount_path(value, mounts) == expected
+
+
+def test_local_addresses_are_stable_within_an_attempt_and_fresh_across_attempts():
+    addrs = localexec.LocalAddresses()
+    a0, a0_again = addrs.resolver("0"), addrs.resolver("0")
+    first = a0("j-actor-0.j.ns.svc", 29500)
+    assert a0_again("j-actor-0.j.ns.svc", 29500) == first
+    assert a0("j-actor-0.j.ns.svc", 29501) != first
+    assert addrs.resolver("1")("j-actor-0.j.ns.svc", 29500) != first
+
+
+def test_rewrite_addresses_leaves_non_addresses():
+    assert localexec.rewrite_addresses("", fake_resolver) == ""
+    assert localexec.rewrite_addresses("nohost", fake_resolver) == "nohost"
+
+
+class FakeProc:
+    def __init__(self, code, message=""):
+        self.exit_code, self.started_at, self.finished_at = code, "t0", "t1"
+        self._message = message
+
+    def termination_message(self):
+        return self._message
+
+
+@pytest.mark.parametrize(("code", "phase", "reason"), [
+    (None, "Running", None), (0, "Succeeded", "Completed"), (65, "Failed", "Error"), (137, "Failed", "Error"),
+])
+def test_pod_status_phases(code, phase, reason):
+    status = localexec.pod_status(FakeProc(code, "data.jsonl:3: bad"), "127.0.0.1")
+    assert status["phase"] == phase and status["podIP"] == "127.0.0.1"
+    state = status["containerStatuses"][0]["state"]
+    if code is None:
+        assert "running" in state
+    else:
+        assert state["terminated"]["exitCode"] == code and state["terminated"]["reason"] == reason
+        assert state["terminated"]["message"] == "data.jsonl:3: bad"
+
+
+def test_pod_status_without_process_is_pending():
+    assert localexec.pod_status(None, "127.0.0.1") == {"phase": "Pending"}
