@@ -1,0 +1,59 @@
+"""Training progress from the trainer's /metrics text (docs/spec.md "Progress without API write access").
+
+Pure: text in, dict out. The kube shell fetches the text from the actor rank-0 pod; trainer pods
+never write to the API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+# status.progress key <- trainer series name, and the type the status stores.
+PROGRESS_SERIES: dict[str, tuple[str, type]] = {
+    "step": ("rlhf_trainer_step", int),
+    "rewardMean": ("rlhf_trainer_reward_mean", float),
+    "kl": ("rlhf_trainer_kl", float),
+    "lastCheckpointStep": ("rlhf_trainer_last_checkpoint_step", int),
+}
+
+
+def parse_progress(metrics_text: str) -> dict[str, Any]:
+    """{step, rewardMean, kl, lastCheckpointStep} found in a Prometheus text exposition.
+
+    Series that are absent (e.g. no checkpoint yet) or NaN are left out. When a series has several
+    samples (label sets), the largest value is taken: every label set of a rank-0 process counts the
+    same steps. Malformed text raises ValueError.
+    """
+    values: dict[str, float] = {}
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                if sample.value != sample.value:  # NaN: the trainer has not set it yet
+                    continue
+                if sample.name not in values or sample.value > values[sample.name]:
+                    values[sample.name] = sample.value
+    except (ValueError, TypeError, IndexError) as err:
+        raise ValueError(f"trainer /metrics is not Prometheus text: {err}") from err
+    progress: dict[str, Any] = {}
+    for key, (series, kind) in PROGRESS_SERIES.items():
+        if series in values:
+            progress[key] = kind(values[series])
+    return progress
+
+
+def merge_progress(previous: dict[str, Any] | None, scraped: dict[str, Any] | None, now: str) -> dict[str, Any] | None:
+    """status.progress for this pass: the scraped values with updatedAt moved only when a value changed.
+
+    Keeping updatedAt still while nothing moved keeps the status identical between passes, so an idle
+    job costs no status write (and no watch event that would trigger yet another pass).
+    No scrape (pod not running, endpoint down) keeps the previous progress.
+    """
+    if not scraped:
+        return dict(previous) if previous else None
+    old_values = {k: v for k, v in (previous or {}).items() if k != "updatedAt"}
+    merged = {**old_values, **scraped}
+    if previous and merged == old_values and "updatedAt" in previous:
+        return {**merged, "updatedAt": previous["updatedAt"]}
+    return {**merged, "updatedAt": now}
