@@ -1,0 +1,178 @@
+"""`rlhf-operator report DIR`: plot a run's per-step metrics into a PNG and print a text summary.
+
+DIR is a local run folder (runs/<job>, metrics under checkpoints/metrics/) or a checkpoint volume
+copied from a cluster (metrics/ directly under it). Each trainer process appends one JSON line per
+step to metrics/<role>-<rank>.jsonl (docs/spec.md); after a gang restart it resumes from a
+checkpoint, so a file's steps go back: that is how restarts and redone steps are counted here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Curves worth a panel each, in order; a panel is drawn only if some row has the key.
+PANELS = (
+    ("reward_mean", "reward (mean)"),
+    ("kl", "KL"),
+    ("loss", "loss"),
+    ("policy_loss", "policy loss"),
+    ("value_loss", "value loss"),
+    ("preference_accuracy", "preference accuracy"),
+    ("tokens_per_second", "tokens / s"),
+)
+MAIN_SERIES = "actor-0"
+
+
+class ReportError(ValueError):
+    """The folder holds no metrics, or a metrics line is not JSON (message names file and line)."""
+
+
+@dataclass(frozen=True)
+class RunHistory:
+    """One process's metrics file read as a run: the final trajectory plus its restarts."""
+
+    rows: list[dict[str, Any]]  # every line, in write order
+    final: list[dict[str, Any]]  # one row per step, the last written (what the finished model saw)
+    restarts: int  # times the step went back (a resume from a checkpoint)
+    steps_redone: list[int]  # per restart: steps computed again
+
+    @property
+    def last_step(self) -> int:
+        return self.final[-1]["step"] if self.final else 0
+
+
+def metrics_dir(run_dir: Path) -> Path:
+    for candidate in (run_dir / "checkpoints" / "metrics", run_dir / "metrics", run_dir):
+        if any(candidate.glob("*.jsonl")):
+            return candidate
+    raise ReportError(f"{run_dir}: no metrics *.jsonl under checkpoints/metrics/ or metrics/")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                # A process killed mid-write leaves a torn last line: skip it, name anything else.
+                if lineno == _count_lines(path):
+                    continue
+                raise ReportError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ReportError(f"{path}:{lineno}: expected an object with an integer 'step'")
+            rows.append(row)
+    return rows
+
+
+def _count_lines(path: Path) -> int:
+    with path.open() as f:
+        return sum(1 for _ in f)
+
+
+def history(rows: list[dict[str, Any]]) -> RunHistory:
+    """Split a metrics file at every step that goes back; keep the last row written per step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    redone: list[int] = []
+    previous = 0
+    for row in rows:
+        step = row["step"]
+        if step <= previous:
+            redone.append(previous - step + 1)
+        previous = step
+        by_step[step] = row
+    final = [by_step[s] for s in sorted(by_step)]
+    return RunHistory(rows, final, len(redone), redone)
+
+
+def load_run(run_dir: Path) -> dict[str, RunHistory]:
+    """`<role>-<rank>` -> its history, for every metrics file of the run."""
+    folder = metrics_dir(run_dir)
+    return {p.stem: history(read_jsonl(p)) for p in sorted(folder.glob("*.jsonl"))}
+
+
+def main_history(runs: dict[str, RunHistory]) -> tuple[str, RunHistory]:
+    name = MAIN_SERIES if MAIN_SERIES in runs else sorted(runs)[0]
+    return name, runs[name]
+
+
+def read_status(run_dir: Path) -> dict[str, Any]:
+    """The job status the local runner saved (status.json); {} for a bare checkpoint folder."""
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[str]:
+    name, main = main_history(runs)
+    lines = [f"series: {name} ({len(runs)} metric files: {', '.join(sorted(runs))})",
+             f"steps: {main.last_step}"]
+    if status.get("phase"):
+        lines.append(f"phase: {status['phase']}")
+    for key, label in PANELS[:2]:
+        values = [r[key] for r in main.final if isinstance(r.get(key), int | float)]
+        if values:
+            lines.append(f"{label}: first {_fmt(values[0])}, last {_fmt(values[-1])}")
+    restarts = status.get("restarts", main.restarts)
+    lines.append(f"restarts: {restarts} (resumes seen in metrics: {main.restarts}, "
+                 f"steps redone: {sum(main.steps_redone)})")
+    return lines
+
+
+def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, label) for k, label in PANELS
+              if any(isinstance(r.get(k), int | float) for h in runs.values() for r in h.final)]
+    panels = panels or [("step", "step")]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
+        for name, h in sorted(runs.items()):
+            points = [(r["step"], r[key]) for r in h.final if isinstance(r.get(key), int | float)]
+            if points:
+                xs, ys = zip(*points, strict=True)
+                ax.plot(xs, ys, marker=".", label=name)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title)
+    axes[0, 0].legend(fontsize="small")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> tuple[Path, list[str]]:
+    """Plot and summarise a run; returns the PNG path and the summary lines."""
+    runs = load_run(run_dir)
+    status = read_status(run_dir)
+    png = plot(runs, out or run_dir / "report.png", title=run_dir.resolve().name)
+    return png, summary_lines(runs, status)
+
+
+def main(args: Any) -> int:
+    run_dir = Path(args.run_dir)
+    try:
+        png, lines = write_report(run_dir, Path(args.out) if args.out else None)
+    except (ReportError, OSError) as e:
+        print(f"rlhf-operator report: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    print(f"report: {png}")
+    return 0

@@ -1,0 +1,60 @@
+"""rlhf_operator.report: restart accounting from metrics files, PNG, summary, clear errors."""
+
+import json
+
+import pytest
+from rlhf_operator import cli, report
+
+
+def rows(*steps):
+    return [{"step": s, "reward_mean": s / 10, "kl": 0.01 * s} for s in steps]
+
+
+def write_metrics(folder, name, steps, extra=""):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(*steps)) + extra)
+
+
+def test_history_counts_resumes_and_redone_steps_and_keeps_last_row_per_step():
+    data = rows(1, 2, 3, 4, 5) + rows(5, 6, 7) + rows(3, 4, 5, 6, 7, 8)
+    data[-1]["reward_mean"] = 0.99
+    h = report.history(data)
+    assert h.restarts == 2 and h.steps_redone == [1, 5]
+    assert [r["step"] for r in h.final] == list(range(1, 9))
+    assert h.final[-1]["reward_mean"] == 0.99 and h.last_step == 8
+
+
+def test_history_without_restarts():
+    h = report.history(rows(1, 2, 3))
+    assert h.restarts == 0 and h.steps_redone == [] and h.last_step == 3
+
+
+def test_report_on_run_dir_writes_png_and_summary(tmp_path, capsys):
+    write_metrics(tmp_path / "checkpoints" / "metrics", "actor-0", [1, 2, 3, 2, 3, 4])
+    write_metrics(tmp_path / "checkpoints" / "metrics", "critic-0", [1, 2, 3, 4])
+    (tmp_path / "status.json").write_text(json.dumps({"phase": "Succeeded", "restarts": 1}))
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 4" in out and "phase: Succeeded" in out
+    assert "reward (mean): first 0.1, last 0.4" in out
+    assert "restarts: 1 (resumes seen in metrics: 1, steps redone: 2)" in out
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_on_checkpoint_dir_with_out_path_and_torn_last_line(tmp_path):
+    write_metrics(tmp_path / "ck" / "metrics", "actor-0", [1, 2], extra='{"step": 3, "rew')
+    png, lines = report.write_report(tmp_path / "ck", tmp_path / "r" / "x.png")
+    assert png.exists() and "steps: 2" in lines
+
+
+def test_bad_line_in_the_middle_names_file_and_line(tmp_path):
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "actor-0.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(report.ReportError, match=r"actor-0.jsonl:2: not JSON"):
+        report.load_run(tmp_path)
+
+
+def test_missing_metrics_is_a_clear_cli_error(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "no metrics" in capsys.readouterr().err
