@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     local.add_argument("--workdir", default="runs", help="runs/<job>/ holds config, checkpoints, logs")
     local.add_argument("--fresh", action="store_true", help="delete an earlier run's folder first")
     local.add_argument("--no-progress", action="store_true", help="plain log lines instead of bars")
+    local.add_argument("--no-metrics-server", action="store_true",
+                       help="RLHF_METRICS_PORT=0: trainers serve no /metrics (the JSONL files still fill)")
+    local.add_argument("--suspend-after-step", type=int, default=0, metavar="N",
+                       help="test hook: suspend once step N is reached, resume when the pods are gone")
 
     report = sub.add_parser("report", help="plot a run's metrics (PNG) and print a summary")
     report.add_argument("run_dir", help="a run folder (runs/<job>) or a checkpoint directory")
