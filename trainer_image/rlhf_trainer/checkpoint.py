@@ -1,0 +1,184 @@
+"""Checkpoints on the shared volume: `$RLHF_CHECKPOINT_DIR/step-<N>/<role>/` plus a job-level COMPLETE.
+
+Layout of one step:
+
+    step-12/
+      actor/                 written as actor/.tmp then renamed: a crash never leaves a half role dir
+        engine/              DeepSpeed engine state (every rank writes its shards), if the role trains
+        state-rank0.pt       step, RNG states, data position, KL controller, ... of each rank
+        MANIFEST.json        size and sha256 of every file above
+      critic/ ...
+      COMPLETE               JSON {"step", "roles"}: written by actor rank 0 only after every role saved
+
+A restarted gang resumes from the newest step that has COMPLETE and whose files all match their
+manifests; every process decides that alone from the files, so all roles pick the same step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_trainer import distributed
+
+COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step-{step}"
+
+
+def list_steps(root: str | Path) -> list[int]:
+    """Step numbers that have a directory, ascending."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def is_complete(root: str | Path, step: int) -> bool:
+    return (step_dir(root, step) / COMPLETE).is_file()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(directory: Path) -> dict[str, dict[str, Any]]:
+    """Relative path -> {size, sha256} of every file under `directory` (the manifest excluded)."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            out[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    return out
+
+
+def role_dir_problem(directory: Path) -> str | None:
+    """Why a saved role directory cannot be trusted, or None when every file matches its manifest."""
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{directory / MANIFEST}: unreadable ({exc})"
+    for rel, want in manifest.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != want["size"]:
+            return f"{path}: {path.stat().st_size} bytes, manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{path}: checksum differs from the manifest"
+    return None
+
+
+def select_resume_step(root: str | Path, roles: list[str], log=print) -> int | None:
+    """The newest COMPLETE step whose role directories all verify; None if there is none."""
+    for step in reversed(list_steps(root)):
+        if not is_complete(root, step):
+            continue
+        problems = [p for role in roles if (p := role_dir_problem(step_dir(root, step) / role))]
+        if not problems:
+            return step
+        log(f"checkpoint step-{step} is marked COMPLETE but unusable, trying an older one: {problems[0]}")
+    return None
+
+
+def steps_to_prune(steps: list[int], complete: list[int], keep: int) -> list[int]:
+    """Step dirs to delete: complete ones beyond the newest `keep`, and anything older than those kept."""
+    kept = sorted(complete)[-keep:] if keep > 0 else []
+    if not kept:
+        return []
+    return sorted(s for s in steps if s not in kept and s < max(kept))
+
+
+def prune(root: str | Path, keep: int) -> list[int]:
+    steps = list_steps(root)
+    doomed = steps_to_prune(steps, [s for s in steps if is_complete(root, s)], keep)
+    for step in doomed:
+        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+    return doomed
+
+
+def mark_complete(root: str | Path, step: int, roles: list[str]) -> None:
+    write_json_atomic(step_dir(root, step) / COMPLETE, {"step": step, "roles": sorted(roles), "time": time.time()})
+
+
+def unmark_complete(root: str | Path, step: int) -> None:
+    """Before re-saving a step (after a restart), so a half-rewritten step never looks complete."""
+    (step_dir(root, step) / COMPLETE).unlink(missing_ok=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RoleCheckpointer:
+    """Saves and loads one role's part of a step; collective over the role's world.
+
+    `strategy` is the role's DeepSpeedStrategy, or None for a role without trainable state
+    (reference, reward): it still writes its state file, so COMPLETE means "every role answered".
+    """
+
+    def __init__(self, root: str | Path, role: str, strategy=None):
+        self.root, self.role, self.strategy = Path(root), role, strategy
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        rank = distributed.world_rank()
+        final = step_dir(self.root, step) / self.role
+        tmp = step_dir(self.root, step) / f".tmp-{self.role}"
+        if rank == 0:
+            # Left over from an attempt that crashed while saving this step.
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        distributed.role_barrier()
+        if self.strategy is not None:
+            self.strategy.save(str(tmp), {"step": step})
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / f"state-rank{rank}.pt")
+        distributed.role_barrier()
+        if rank == 0:
+            write_json_atomic(tmp / MANIFEST, file_manifest(tmp))
+            os.replace(tmp, final)
+        distributed.role_barrier()
+        return final
+
+    def load(self, step: int) -> dict[str, Any]:
+        """Restore engine + RNG; returns the saved state dict (step, data position, ...)."""
+        directory = step_dir(self.root, step) / self.role
+        if self.strategy is not None:
+            self.strategy.load(str(directory))
+        state = torch.load(directory / f"state-rank{distributed.world_rank()}.pt", weights_only=False)
+        set_rng_state(state["rng"])
+        return state

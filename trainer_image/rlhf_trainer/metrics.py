@@ -1,0 +1,107 @@
+"""Trainer metrics: Prometheus gauges on RLHF_METRICS_PORT and a per-step JSONL file.
+
+Series names are those of docs/spec.md ("Metric names"); the scrape adds job / role / rank labels,
+so the series carry none of their own (except the phase of `rlhf_trainer_phase_seconds`). The JSONL
+file `$RLHF_CHECKPOINT_DIR/metrics/<role>-<rank>.jsonl` gets one object per step with the same names
+minus the `rlhf_trainer_` prefix; `rlhf-operator report DIR` plots it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+
+PREFIX = "rlhf_trainer_"
+GAUGES = {
+    "step": "Optimizer steps done",
+    "reward_mean": "Mean score of this step's samples",
+    "reward_std": "Standard deviation of this step's scores",
+    "kl": "Mean per-sequence KL(policy || reference) of this step's samples (may be negative with k1)",
+    "kl_coef": "KL penalty coefficient in use",
+    "policy_loss": "Policy (or DPO / RM / SFT) loss",
+    "value_loss": "Critic value loss",
+    "loss": "Total loss of the step",
+    "clip_fraction": "Fraction of tokens whose PPO ratio was clipped",
+    "entropy": "Mean per-token entropy of the policy on its samples",
+    "response_length": "Mean response length in tokens",
+    "tokens_per_second": "Tokens (prompt + response) processed per second over the step",
+    "last_checkpoint_step": "Step of the newest checkpoint this process saved",
+    "preference_accuracy": "Fraction of pairs where the chosen answer scores above the rejected",
+}
+PHASES = ("generate", "score", "train", "sync")
+PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
+
+
+class TrainerMetrics:
+    """The Prometheus series and the JSONL file of one trainer process."""
+
+    def __init__(self, jsonl_path: str | Path | None = None):
+        self.registry = CollectorRegistry()
+        self.gauges = {name: Gauge(PREFIX + name, doc, registry=self.registry) for name, doc in GAUGES.items()}
+        self.phase_seconds = Histogram(
+            PREFIX + "phase_seconds",
+            "Seconds spent per phase of a step",
+            ["phase"],
+            buckets=PHASE_BUCKETS,
+            registry=self.registry,
+        )
+        self.jsonl_path = Path(jsonl_path) if jsonl_path else None
+        if self.jsonl_path:
+            self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+        self._server = None
+
+    def serve(self, port: int, host: str = "") -> int:
+        """Start the /metrics HTTP server (port 0 = disabled); returns the port or 0."""
+        if port == 0:
+            return 0
+        self._server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
+        return self._server.server_port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    @contextmanager
+    def phase(self, name: str, into: dict[str, float] | None = None):
+        """Time a block as one observation of `rlhf_trainer_phase_seconds{phase=name}`."""
+        if name not in PHASES:
+            raise ValueError(f"unknown phase {name!r}; expected one of {PHASES}")
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.phase_seconds.labels(phase=name).observe(elapsed)
+            if into is not None:
+                into[f"{name}_seconds"] = into.get(f"{name}_seconds", 0.0) + elapsed
+
+    def record_step(self, step: int, values: dict[str, float]) -> dict:
+        """Set the gauges named in `values` and append the step's line to the JSONL file.
+
+        Names outside GAUGES (e.g. `generate_seconds`) go to the JSONL file only. Non-finite values
+        are written as null so the file stays valid JSON.
+        """
+        self.gauges["step"].set(step)
+        for name, value in values.items():
+            if name in self.gauges and value is not None:
+                self.gauges[name].set(float(value))
+        row = {"step": step, "time": time.time()}
+        for name, value in values.items():
+            row[name] = float(value) if value is not None and math.isfinite(float(value)) else None
+        if self.jsonl_path:
+            with open(self.jsonl_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def set_checkpoint_step(self, step: int) -> None:
+        self.gauges["last_checkpoint_step"].set(step)
+
+
+def jsonl_path_for(checkpoint_dir: str | Path, role: str, rank: int) -> Path:
+    return Path(checkpoint_dir) / "metrics" / f"{role}-{rank}.jsonl"

@@ -1,0 +1,163 @@
+"""DeepSpeed behind one object: the algorithm loops never call `deepspeed.*` themselves.
+
+`build_ds_config()` is pure (tested as a table); `DeepSpeedStrategy` wraps one trainable model in a
+DeepSpeed engine with a torch AdamW (DeepSpeed's own CPU Adam needs a ~60 s compile) and does
+backward / step / save / load / export. The role's own torch.distributed world is
+started before (distributed.init_role_world).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from rlhf_trainer.config import DeepSpeedConfig
+
+
+def build_ds_config(
+    *,
+    zero_stage: int,
+    bf16: bool,
+    offload_optimizer: bool,
+    micro_batch_size: int,
+    grad_accum: int,
+    gradient_clipping: float = 1.0,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for one engine. Pure: same arguments, same dict.
+
+    The optimizer is NOT in the dict: the strategy passes a torch AdamW, so DeepSpeed never compiles
+    its CPU Adam. `train_batch_size` is given explicitly so DeepSpeed checks our arithmetic.
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"deepspeed.zero_stage: expected 0..3, got {zero_stage}")
+    if micro_batch_size < 1 or grad_accum < 1 or world_size < 1:
+        raise ValueError(
+            f"micro_batch_size, grad_accum and world_size must be >= 1, got {micro_batch_size}, {grad_accum}, {world_size}"
+        )
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("deepspeed.offload_optimizer needs zero_stage >= 1")
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        # pin_memory is pointless (and fails) without an accelerator.
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero_stage == 3:
+        # Tiny models: keep no parameter persistent, so every parameter really goes through ZeRO-3.
+        zero["stage3_param_persistence_threshold"] = 0
+        # export() needs the full 16-bit weights gathered on rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": gradient_clipping,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+class DeepSpeedStrategy:
+    """One trainable model in a DeepSpeed engine.
+
+    The loop computes each micro-batch loss already normalised over the whole optimizer step
+    (`num_tokens` in losses/), so `backward()` does not divide by the accumulation steps again.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        settings: DeepSpeedConfig,
+        *,
+        learning_rate: float,
+        micro_batch_size: int,
+        grad_accum: int,
+        gradient_clipping: float = 1.0,
+        weight_decay: float = 0.0,
+    ):
+        import deepspeed
+
+        self.settings = settings
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.config = build_ds_config(
+            zero_stage=settings.zero_stage,
+            bf16=settings.bf16,
+            offload_optimizer=settings.offload_optimizer,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            gradient_clipping=gradient_clipping,
+            world_size=self.world_size,
+        )
+        if settings.gradient_checkpointing:
+            set_gradient_checkpointing(model, True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Steps the optimizer at the accumulation boundary (DeepSpeed counts micro-batches)."""
+        self.engine.step()
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def save(self, directory: str, client_state: dict[str, Any]) -> None:
+        """Collective over the role's world: every rank writes its shard under `directory/engine`."""
+        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False)
+
+    def load(self, directory: str) -> dict[str, Any]:
+        """Collective; returns the client state given to save(). Raises if the files do not load."""
+        path, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        if path is None:
+            raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
+        return client_state or {}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+        if self.settings.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict()
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+    def optimizer_state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's optimizer moments and fp32 master weights, flattened, for equality checks."""
+        out: dict[str, torch.Tensor] = {}
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        for i, (param, state) in enumerate(inner.state.items()):
+            out[f"param.{i}"] = param.detach().float().cpu().clone()
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    out[f"state.{i}.{key}"] = value.detach().float().cpu().clone()
+        return out
+
+
+def set_gradient_checkpointing(model: torch.nn.Module, enabled: bool) -> None:
+    """Toggle activation checkpointing on a HF model or on a wrapper holding one as `.backbone`."""
+    target = model if hasattr(model, "gradient_checkpointing_enable") else getattr(model, "backbone", None)
+    if target is None or not hasattr(target, "gradient_checkpointing_enable"):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if enabled:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        target.gradient_checkpointing_disable()
