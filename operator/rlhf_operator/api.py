@@ -316,7 +316,7 @@ class _Fields:
         return _Fields(self.raw.get(key), self.at(key), self.errors)
 
     def string(self, key: str, default: str = "", *, required: bool = False, enum: tuple[str, ...] = (),
-               pattern: str = "") -> str:
+               pattern: str = "", max_length: int = 0) -> str:
         value = self._value(key, required)
         if value is _MISSING:
             return default
@@ -327,7 +327,9 @@ class _Fields:
             self.error(key, "must not be empty")
         elif enum and value not in enum:
             self.error(key, f"{_one_of(enum)} (got {value!r})")
-        elif pattern and value and not re.match(pattern, value):
+        elif max_length and len(value) > max_length:
+            self.error(key, f"must be at most {max_length} characters (got {len(value)})")
+        elif pattern and not re.match(pattern, value):
             self.error(key, f"must match {pattern} (got {value!r})")
         return value
 
@@ -419,7 +421,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.read.add("rewardModel")
     reward = _reward(top.obj("reward"))
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetSpec(path="")
-    roles = tuple(_role(_Fields(raw, f"roles[{i}]", errors)) for i, raw in enumerate(top.array("roles", required=True)))
+    raw_roles = top.array("roles", required=True)
+    if top.has("roles") and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
+        top.error("roles", f"must have 1 to {len(ROLE_NAMES)} roles (got {len(raw_roles)})")
+    roles = tuple(_role(_Fields(raw, f"roles[{i}]", errors)) for i, raw in enumerate(raw_roles))
     hyperparameters = _hyperparameters(top.obj("hyperparameters"))
     checkpoint = _checkpoint(top.obj("checkpoint"))
     scheduling = _scheduling(top.obj("scheduling"))
@@ -469,8 +474,8 @@ def _reward(fields: _Fields) -> RewardSpec:
     reward = RewardSpec(
         type=fields.string("type", "model", enum=REWARD_TYPES),
         rule=fields.string("rule", enum=REWARD_RULES),
-        pattern=fields.string("pattern"),
-        callable=fields.string("callable"),
+        pattern=fields.string("pattern", max_length=1024),
+        callable=fields.string("callable", max_length=253),
     )
     fields.done()
     if reward.type == "rule" and not reward.rule:
@@ -511,7 +516,7 @@ def _role(fields: _Fields) -> RoleSpec:
         node_selector=fields.string_map("nodeSelector"),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
                      for i, t in enumerate(fields.array("tolerations"))],
-        colocate_with=fields.string("colocateWith"),
+        colocate_with=fields.string("colocateWith", max_length=16),
         deepspeed=deepspeed,
     )
     fields.done()
@@ -554,8 +559,8 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
     interval = fields.integer("intervalSteps", 10, minimum=1)
     keep = fields.integer("keep", 3, minimum=1)
     vol = fields.obj("volume")
-    claim = vol.string("existingClaim")
-    size = vol.string("size", pattern=QUANTITY_PATTERN)
+    claim = vol.string("existingClaim", max_length=253)
+    size = vol.string("size", pattern=QUANTITY_PATTERN, max_length=64)
     volume = VolumeSpec(
         size=size or ("" if claim else DEFAULT_VOLUME_SIZE),
         storage_class_name=vol.string("storageClassName"),
