@@ -1,0 +1,70 @@
+"""Trainer metrics: spec'd series names, JSONL lines per step, the HTTP endpoint."""
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+from rlhf_trainer.metrics import PREFIX, TrainerMetrics, jsonl_path_for
+
+SPEC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
+
+
+def _spec_trainer_names() -> set[str]:
+    text = SPEC.read_text()
+    section = text[text.index("Trainer (`rlhf_trainer.metrics`") :]
+    return set(re.findall(r"`(rlhf_trainer_[a-z_]+)", section))
+
+
+def test_every_spec_metric_exists():
+    metrics = TrainerMetrics()
+    exposed = {m.name for m in metrics.registry.collect()}
+    spec_names = _spec_trainer_names()
+    assert spec_names, "no trainer metric names found in docs/spec.md"
+    assert spec_names <= exposed, spec_names - exposed
+
+
+def test_record_step_sets_gauges_and_appends_jsonl(tmp_path):
+    path = jsonl_path_for(tmp_path, "actor", 0)
+    metrics = TrainerMetrics(path)
+    metrics.record_step(1, {"reward_mean": 0.25, "kl": -0.01, "generate_seconds": 0.5})
+    metrics.record_step(2, {"reward_mean": 0.75, "loss": float("nan")})
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["kl"] == -0.01 and rows[0]["generate_seconds"] == 0.5
+    assert rows[1]["loss"] is None  # NaN is not JSON
+    assert metrics.registry.get_sample_value(PREFIX + "reward_mean") == 0.75
+    assert metrics.registry.get_sample_value(PREFIX + "step") == 2
+
+
+def test_phase_histogram_and_unknown_phase():
+    metrics = TrainerMetrics()
+    timings = {}
+    with metrics.phase("generate", timings):
+        pass
+    assert metrics.registry.get_sample_value(PREFIX + "phase_seconds_count", {"phase": "generate"}) == 1
+    assert timings["generate_seconds"] >= 0
+    with pytest.raises(ValueError, match="unknown phase"):
+        with metrics.phase("nap"):
+            pass
+
+
+def test_http_endpoint_serves_series():
+    metrics = TrainerMetrics()
+    assert metrics.serve(0) == 0  # disabled
+    port = metrics.serve(0 or _free_port(), "127.0.0.1")
+    try:
+        metrics.set_checkpoint_step(4)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "rlhf_trainer_last_checkpoint_step 4.0" in body
+    finally:
+        metrics.stop()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
