@@ -1,0 +1,461 @@
+"""Desired child objects of an RLHFJob, as plain dicts: pure functions, no API client (docs/spec.md).
+
+    job -> build_support_objects()  headless Service, ConfigMap (trainer config), PVC, PodGroup
+        -> build_gang(attempt)      one pod per (role without colocateWith, replica index)
+
+Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoints`,
+`<job>-<role>-<index>`), so a shell can "create what is missing" after any crash and treat
+409 AlreadyExists as success. Settings come in as an argument, never from a global.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+from rlhf_operator.api import Job, JobSpec, RoleSpec
+from rlhf_operator.constants import (
+    ANNOTATION_VOLCANO_GROUP,
+    API_VERSION,
+    BRIDGE_PORT,
+    CHECKPOINT_MOUNT,
+    CONFIG_FILE,
+    CONFIG_MOUNT,
+    CONTAINER_NAME,
+    KIND,
+    LABEL_COSCHEDULING_GROUP,
+    LABEL_JOB,
+    LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY,
+    LABEL_RESTART_ATTEMPT,
+    LABEL_ROLE,
+    LABEL_ROLE_INDEX,
+    MANAGED_BY,
+    METRICS_PORT,
+    ROLE_PORT,
+    TRAINER_COMMAND,
+    TRAINER_UID,
+)
+
+GPU_RESOURCE = "nvidia.com/gpu"
+VOLCANO_API_VERSION = "scheduling.volcano.sh/v1beta1"
+COSCHEDULING_API_VERSION = "scheduling.x-k8s.io/v1alpha1"
+# Without these two, Kueue admits plain pods one by one, which would break the gang.
+LABEL_KUEUE_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
+ANNOTATION_KUEUE_POD_GROUP_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
+# Most clusters (and every single-node test cluster) have only RWO storage; a multi-node job needs
+# an RWX class (NFS, CephFS, Filestore...) passed as storageClassName, or an existingClaim.
+CHECKPOINT_ACCESS_MODE = "ReadWriteOnce"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """Operator-wide choices that are not in the job spec (flags of `rlhf-operator operator`)."""
+
+    trainer_service_account: str = "rlhf-trainer"
+    cluster_domain: str = "cluster.local"
+    default_gang_scheduler: str = "none"  # used when spec.scheduling.gangScheduler == ""
+    metrics_port: int = METRICS_PORT
+    # The name the scheduler-plugins chart gives its second scheduler.
+    coscheduling_scheduler_name: str = "scheduler-plugins-scheduler"
+
+
+# --- names -----------------------------------------------------------------------------------
+
+
+def pod_name(job_name: str, role: str, index: int) -> str:
+    return f"{job_name}-{role}-{index}"
+
+
+def config_map_name(job_name: str) -> str:
+    return f"{job_name}-config"
+
+
+def pvc_name(job_name: str) -> str:
+    return f"{job_name}-checkpoints"
+
+
+def checkpoint_claim_name(job: Job) -> str:
+    """The claim the pods mount: the user's existing claim, or the one we create."""
+    return job.spec.checkpoint.volume.existing_claim or pvc_name(job.name)
+
+
+def gang_scheduler(job: Job, settings: BuildSettings) -> str:
+    """volcano | coscheduling | none: the job's choice, else the operator's default."""
+    return job.spec.scheduling.gang_scheduler or settings.default_gang_scheduler
+
+
+def gang_pod_names(job: Job) -> list[str]:
+    """Names of every pod of the gang, in creation order."""
+    return [pod_name(job.name, r.name, i) for r in job.spec.pod_roles() for i in range(r.replicas)]
+
+
+def host_role(spec: JobSpec, role: str) -> str:
+    """The role whose pods run `role` (itself unless colocated)."""
+    return spec.role(role).colocate_with or role
+
+
+# --- trainer config --------------------------------------------------------------------------
+
+
+def build_trainer_config(job: Job) -> dict[str, Any]:
+    """The trainer's config.json: the spec in snake_case with roles as a map (docs/spec.md)."""
+    spec = job.spec
+    return {
+        "job": job.name,
+        "namespace": job.namespace,
+        "algorithm": spec.algorithm,
+        "model": {"path": spec.model.path},
+        "reward_model": {"path": spec.reward_model.path} if spec.reward_model else None,
+        "reward": asdict(spec.reward),
+        "dataset": asdict(spec.dataset),
+        "roles": {
+            r.name: {
+                "replicas": r.replicas,
+                "colocate_with": r.colocate_with,
+                "deepspeed": asdict(r.deepspeed),
+            }
+            for r in spec.roles
+        },
+        "hyperparameters": asdict(spec.hyperparameters),
+        "checkpoint": {"interval_steps": spec.checkpoint.interval_steps, "keep": spec.checkpoint.keep},
+    }
+
+
+# --- addresses -------------------------------------------------------------------------------
+
+
+def pod_host(job: Job, role: str, index: int, settings: BuildSettings) -> str:
+    """Stable DNS name of a pod through the headless Service (hostname + subdomain)."""
+    return f"{pod_name(job.name, role, index)}.{job.name}.{job.namespace}.svc.{settings.cluster_domain}"
+
+
+def role_addrs(job: Job, settings: BuildSettings) -> dict[str, str]:
+    """role -> "host:port" of rank 0 of the role's own torch.distributed world.
+
+    Only roles with pods of their own have a world; a colocated role is served in-process by its
+    host role (RLHF_COLOCATED_ROLES) and has no address.
+    """
+    return {r.name: f"{pod_host(job, r.name, 0, settings)}:{ROLE_PORT}" for r in job.spec.pod_roles()}
+
+
+def bridge_addr(job: Job, settings: BuildSettings) -> str:
+    """The bridge TCPStore is hosted by the pod running actor rank 0."""
+    return f"{pod_host(job, host_role(job.spec, 'actor'), 0, settings)}:{BRIDGE_PORT}"
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+def owner_reference(job: Job) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.name,
+        "uid": job.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: bool = True) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": job.namespace,
+        "labels": {LABEL_JOB: job.name, LABEL_MANAGED_BY: MANAGED_BY, **(labels or {})},
+    }
+    if owned:
+        meta["ownerReferences"] = [owner_reference(job)]
+    return meta
+
+
+def kueue_pod_group_name(job: Job, attempt: int) -> str:
+    # One Kueue workload per gang attempt: Kueue finalizes a group once one of its pods failed.
+    return f"{job.name}-attempt-{attempt}"
+
+
+# --- pods ------------------------------------------------------------------------------------
+
+
+def role_resources(role: RoleSpec) -> dict[str, Any]:
+    """The role's resources with `gpus` added as nvidia.com/gpu to both requests and limits."""
+    resources = copy.deepcopy(role.resources) if role.resources else {}
+    if role.gpus > 0:
+        for section in ("requests", "limits"):
+            resources.setdefault(section, {})[GPU_RESOURCE] = str(role.gpus)
+    return resources
+
+
+def role_tolerations(role: RoleSpec) -> list[dict[str, Any]]:
+    tolerations = copy.deepcopy(role.tolerations)
+    gpu_toleration = {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+    if role.gpus > 0 and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        tolerations.append(gpu_toleration)
+    return tolerations
+
+
+def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings) -> list[dict]:
+    """The env contract of docs/spec.md, in its table's order."""
+    addrs = role_addrs(job, settings)
+    plain = {
+        "RLHF_JOB": job.name,
+        "RLHF_ROLE": role.name,
+        "RLHF_ROLE_RANK": str(index),
+        "RLHF_ROLE_REPLICAS": str(role.replicas),
+        "RLHF_COLOCATED_ROLES": ",".join(job.spec.colocated_into(role.name)),
+        "RLHF_CONFIG": f"{CONFIG_MOUNT}/{CONFIG_FILE}",
+        "RLHF_ROLE_ADDRS": ",".join(f"{name}={addr}" for name, addr in addrs.items()),
+        "RLHF_BRIDGE_ADDR": bridge_addr(job, settings),
+        "RLHF_CHECKPOINT_DIR": CHECKPOINT_MOUNT,
+        "RLHF_RESTART_ATTEMPT": str(attempt),
+        "RLHF_METRICS_PORT": str(settings.metrics_port),
+        # The root filesystem is read-only: caches (HF, torch extensions) must go somewhere writable.
+        "HOME": "/tmp",
+    }
+    env = [{"name": k, "value": v} for k, v in plain.items()]
+    env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    return env
+
+
+def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[dict[str, Any]]:
+    ports = [{"name": "role", "containerPort": ROLE_PORT, "protocol": "TCP"}]
+    if role.name == host_role(job.spec, "actor"):
+        ports.append({"name": "bridge", "containerPort": BRIDGE_PORT, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"})
+    return ports
+
+
+def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings) -> dict[str, str]:
+    labels = {
+        LABEL_ROLE: role.name,
+        LABEL_ROLE_INDEX: str(index),
+        LABEL_RESTART_ATTEMPT: str(attempt),
+    }
+    scheduler = gang_scheduler(job, settings)
+    if scheduler == "coscheduling":
+        labels[LABEL_COSCHEDULING_GROUP] = job.name
+    # With Volcano the queue is a Volcano queue (on the PodGroup), not a Kueue LocalQueue.
+    if job.spec.scheduling.queue and scheduler != "volcano":
+        labels[LABEL_KUEUE_QUEUE] = job.spec.scheduling.queue
+        labels[LABEL_KUEUE_POD_GROUP] = kueue_pod_group_name(job, attempt)
+    return labels
+
+
+def pod_annotations(job: Job, attempt: int, settings: BuildSettings) -> dict[str, str]:
+    annotations = {}
+    scheduler = gang_scheduler(job, settings)
+    if scheduler == "volcano":
+        annotations[ANNOTATION_VOLCANO_GROUP] = job.name
+    if job.spec.scheduling.queue and scheduler != "volcano":
+        annotations[ANNOTATION_KUEUE_POD_GROUP_TOTAL] = str(len(gang_pod_names(job)))
+    return annotations
+
+
+def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings) -> dict:
+    """Pod `<job>-<role>-<index>` of gang attempt `attempt`."""
+    name = pod_name(job.name, role.name, index)
+    metadata = _metadata(job, name, pod_labels(job, role, index, attempt, settings))
+    annotations = pod_annotations(job, attempt, settings)
+    if annotations:
+        metadata["annotations"] = annotations
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": role.image or job.spec.image,
+        "imagePullPolicy": job.spec.image_pull_policy,
+        "command": list(TRAINER_COMMAND),
+        "env": trainer_env(job, role, index, attempt, settings),
+        "ports": _container_ports(job, role, settings),
+        "resources": role_resources(role),
+        "volumeMounts": [
+            {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+            {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+            {"name": "dshm", "mountPath": "/dev/shm"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        # The trainer writes a permanent error's message to /dev/termination-log; logs otherwise.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True,
+        },
+    }
+    spec: dict[str, Any] = {
+        "hostname": name,
+        "subdomain": job.name,
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.trainer_service_account,
+        "automountServiceAccountToken": False,
+        # Trainer pods need no service env vars; a namespace with many services would flood them.
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": TRAINER_UID,
+            "runAsGroup": TRAINER_UID,
+            "fsGroup": TRAINER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": config_map_name(job.name)}},
+            {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job)}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if role.node_selector:
+        spec["nodeSelector"] = dict(role.node_selector)
+    tolerations = role_tolerations(role)
+    if tolerations:
+        spec["tolerations"] = tolerations
+    scheduler = gang_scheduler(job, settings)
+    if scheduler == "volcano":
+        spec["schedulerName"] = "volcano"
+    elif scheduler == "coscheduling":
+        spec["schedulerName"] = settings.coscheduling_scheduler_name
+    if job.spec.scheduling.priority_class_name:
+        spec["priorityClassName"] = job.spec.scheduling.priority_class_name
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def build_gang(job: Job, attempt: int, settings: BuildSettings) -> list[dict]:
+    """Every pod of the gang: each role without colocateWith, replicas pods each."""
+    return [
+        build_role_pod(job, role, index, attempt, settings)
+        for role in job.spec.pod_roles()
+        for index in range(role.replicas)
+    ]
+
+
+# --- support objects -------------------------------------------------------------------------
+
+
+def build_service(job: Job) -> dict:
+    """Headless Service `<job>`: gives each pod the DNS name `<pod>.<job>.<ns>.svc`."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, job.name),
+        "spec": {
+            "clusterIP": "None",
+            # Rendezvous happens before any pod is Ready.
+            "publishNotReadyAddresses": True,
+            "selector": {LABEL_JOB: job.name},
+            "ports": [
+                {"name": "role", "port": ROLE_PORT, "targetPort": ROLE_PORT, "protocol": "TCP"},
+                {"name": "bridge", "port": BRIDGE_PORT, "targetPort": BRIDGE_PORT, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_config_map(job: Job) -> dict:
+    """ConfigMap `<job>-config` holding the trainer config, mounted at /etc/rlhf."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, config_map_name(job.name)),
+        "data": {CONFIG_FILE: json.dumps(build_trainer_config(job), indent=2, sort_keys=True)},
+    }
+
+
+def build_pvc(job: Job) -> dict | None:
+    """PVC `<job>-checkpoints`, or None when the job mounts an existing claim.
+
+    A retained claim has no owner reference, so it outlives the job (and a job re-created with
+    the same name resumes from it).
+    """
+    volume = job.spec.checkpoint.volume
+    if volume.existing_claim:
+        return None
+    spec: dict[str, Any] = {
+        "accessModes": [CHECKPOINT_ACCESS_MODE],
+        "resources": {"requests": {"storage": volume.size}},
+    }
+    if volume.storage_class_name:
+        spec["storageClassName"] = volume.storage_class_name
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _metadata(job, pvc_name(job.name), owned=not volume.retain),
+        "spec": spec,
+    }
+
+
+def build_pod_group(job: Job, settings: BuildSettings) -> dict | None:
+    """PodGroup `<job>` for the gang scheduler; None when the scheduler is none."""
+    scheduler = gang_scheduler(job, settings)
+    if scheduler == "none":
+        return None
+    scheduling = job.spec.scheduling
+    spec: dict[str, Any] = {
+        "minMember": len(gang_pod_names(job)),
+        "minResources": gang_min_resources(job),
+    }
+    if scheduler == "volcano":
+        api_version = VOLCANO_API_VERSION
+        if scheduling.queue:
+            spec["queue"] = scheduling.queue
+        if scheduling.priority_class_name:
+            spec["priorityClassName"] = scheduling.priority_class_name
+    elif scheduler == "coscheduling":
+        api_version = COSCHEDULING_API_VERSION
+        spec["scheduleTimeoutSeconds"] = scheduling.gang_timeout_seconds
+    else:
+        raise ValueError(f"spec.scheduling.gangScheduler: unknown gang scheduler {scheduler!r}")
+    return {"apiVersion": api_version, "kind": "PodGroup", "metadata": _metadata(job, job.name), "spec": spec}
+
+
+def build_support_objects(job: Job, settings: BuildSettings) -> list[dict]:
+    """The non-pod children: Service, ConfigMap, PVC (unless existingClaim), PodGroup (if gang)."""
+    objects = [build_service(job), build_config_map(job), build_pvc(job), build_pod_group(job, settings)]
+    return [obj for obj in objects if obj is not None]
+
+
+# --- resource quantities (PodGroup.minResources) ---------------------------------------------
+
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+_DECIMAL_SUFFIXES = {"n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": 1,
+                     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18}
+
+
+def parse_quantity(text: str | int | float) -> Fraction:
+    """A Kubernetes resource quantity ("500m", "2Gi", "1e3", 4) as an exact number."""
+    raw = str(text).strip()
+    units = {**_BINARY_SUFFIXES, **_DECIMAL_SUFFIXES}
+    # Two-letter binary suffixes are tried before one-letter decimal ones ("Mi" before "M").
+    suffix = next((s for s in units if s and raw.endswith(s)), "")
+    number, factor = raw[: len(raw) - len(suffix)], units[suffix]
+    try:
+        return Fraction(number) * factor
+    except ValueError:
+        raise ValueError(f"resource quantity {text!r} is not a number with a unit (e.g. 500m, 2Gi)") from None
+
+
+def format_quantity(value: Fraction) -> str:
+    """The shortest exact spelling: "4Gi", "1500m", "3"."""
+    if value.denominator != 1:
+        milli = value * 1000
+        if milli.denominator == 1:
+            return f"{milli.numerator}m"
+        return str(float(value))
+    whole = value.numerator
+    if whole:
+        for suffix, factor in reversed(_BINARY_SUFFIXES.items()):
+            if whole % factor == 0:
+                return f"{whole // factor}{suffix}"
+    return str(whole)
+
+
+def gang_min_resources(job: Job) -> dict[str, str]:
+    """Sum of the effective requests of every gang pod (a request defaults to its limit)."""
+    totals: dict[str, Fraction] = {}
+    for role in job.spec.pod_roles():
+        resources = role_resources(role)
+        effective = {**resources.get("limits", {}), **resources.get("requests", {})}
+        for name, quantity in effective.items():
+            totals[name] = totals.get(name, Fraction(0)) + parse_quantity(quantity) * role.replicas
+    return {name: format_quantity(total) for name, total in sorted(totals.items())}
