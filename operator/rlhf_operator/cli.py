@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--trainer-metrics-port", type=int, default=9400,
                     help="port of the trainer's /metrics, read for status.progress")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")
+    op.add_argument("--progress-interval", type=float, default=15.0,
+                    help="seconds between progress reads of a running job's trainer")
+    op.add_argument("--workers", type=int, default=16, help="jobs reconciled concurrently")
+    op.add_argument("--api-concurrency", type=int, default=32, help="concurrent API requests")
     return parser
 
 

@@ -121,8 +121,10 @@ class OperatorMetrics:
         for phase in PHASES:
             self.jobs.labels(phase=phase).set(0)
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Serve /metrics in a background thread; returns the server (call .shutdown() to stop)."""
+        server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return server
 
     def record_status(self, namespace: str, name: str, old: dict[str, Any] | None, new: dict[str, Any],
                       created_at: str | None, now: datetime) -> Transition:

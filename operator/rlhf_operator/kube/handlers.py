@@ -1,0 +1,133 @@
+"""kopf registration only: indexes of jobs and their children, and events that enqueue a job.
+
+The reconcile itself is in reconciler.py. No handler here needs a finalizer (indexes and event
+handlers never do), so jobs carry none: their children go with them through owner references.
+Run with `rlhf-operator operator` (run.py), or `kopf run -m rlhf_operator.kube.handlers` with defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from rlhf_operator import api, constants
+from rlhf_operator.kube.executor import KubeApi
+from rlhf_operator.kube.observe import owning_job
+from rlhf_operator.kube.reconciler import Controller
+from rlhf_operator.kube.run import OperatorConfig
+from rlhf_operator.metrics import OperatorMetrics
+
+JOB = (constants.GROUP, constants.VERSION, constants.PLURAL)
+CHILD = {"labels": {constants.LABEL_JOB: kopf.PRESENT}}
+VOLCANO_PODGROUPS = ("scheduling.volcano.sh", "v1beta1", "podgroups")
+COSCHEDULING_PODGROUPS = ("scheduling.x-k8s.io", "v1alpha1", "podgroups")
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, rlhf_jobs: kopf.Index,
+                job_pods: kopf.Index, job_services: kopf.Index, job_configmaps: kopf.Index,
+                job_pvcs: kopf.Index, job_volcano_podgroups: kopf.Index,
+                job_coscheduling_podgroups: kopf.Index, **_: Any) -> None:
+    """When the operator starts, connect to the API, serve metrics and start the reconcile workers."""
+    config: OperatorConfig = memo.get("config") or OperatorConfig()
+    settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat it
+    settings.peering.standalone = True
+    metrics = OperatorMetrics()
+    memo.metrics_server = metrics.serve(config.metrics_port) if config.metrics_port else None
+    children = MergedIndex((job_services, job_configmaps, job_pvcs, job_volcano_podgroups,
+                            job_coscheduling_podgroups))
+    memo.controller = Controller(
+        api=KubeApi.connect(config.concurrency), settings=config.build_settings, metrics=metrics,
+        jobs=rlhf_jobs, pods=job_pods, children=children, trainer_metrics_port=config.trainer_metrics_port,
+        progress_interval=config.progress_interval, workers=config.workers)
+    memo.controller.start()
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    """When the operator stops, stop the workers, the API pool and the metrics server."""
+    if memo.get("controller"):
+        await memo.controller.stop()
+        memo.controller.api.close()
+    if memo.get("metrics_server"):
+        memo.metrics_server.shutdown()
+
+
+@kopf.index(*JOB)
+def rlhf_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+    """Index every job by (namespace, name): the reconcile reads the latest body here."""
+    return {(namespace, name): dict(body)}
+
+
+@kopf.index("", "v1", "pods", **CHILD)
+def job_pods(body: kopf.Body, **_: Any) -> dict:
+    """Index the operator's pods by (namespace, job)."""
+    return {owning_job(body): dict(body)}
+
+
+@kopf.index("", "v1", "services", **CHILD)
+def job_services(body: kopf.Body, **_: Any) -> dict:
+    return {owning_job(body): dict(body)}
+
+
+@kopf.index("", "v1", "configmaps", **CHILD)
+def job_configmaps(body: kopf.Body, **_: Any) -> dict:
+    return {owning_job(body): dict(body)}
+
+
+@kopf.index("", "v1", "persistentvolumeclaims", **CHILD)
+def job_pvcs(body: kopf.Body, **_: Any) -> dict:
+    return {owning_job(body): dict(body)}
+
+
+@kopf.index(*VOLCANO_PODGROUPS, **CHILD)
+def job_volcano_podgroups(body: kopf.Body, **_: Any) -> dict:
+    return {owning_job(body): dict(body)}
+
+
+@kopf.index(*COSCHEDULING_PODGROUPS, **CHILD)
+def job_coscheduling_podgroups(body: kopf.Body, **_: Any) -> dict:
+    return {owning_job(body): dict(body)}
+
+
+@kopf.on.event(*JOB)
+async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    """When a job is added or changed, reconcile it; when it is deleted, forget it."""
+    if event.get("type") == "DELETED":
+        memo.controller.forget((namespace, name))
+        return
+    memo.controller.enqueue((namespace, name))
+    if body.get("status", {}).get("phase") != "Failed":
+        try:
+            api.parse_spec(dict(body.get("spec") or {}))
+        except api.SpecError as err:  # the pass writes Failed + event; tell kopf not to retry
+            raise kopf.PermanentError(str(err)) from err
+
+
+@kopf.on.event("", "v1", "pods", **CHILD)
+@kopf.on.event("", "v1", "services", **CHILD, id="service_event")
+@kopf.on.event("", "v1", "configmaps", **CHILD, id="configmap_event")
+@kopf.on.event("", "v1", "persistentvolumeclaims", **CHILD, id="pvc_event")
+@kopf.on.event(*VOLCANO_PODGROUPS, **CHILD, id="volcano_podgroup_event")
+@kopf.on.event(*COSCHEDULING_PODGROUPS, **CHILD, id="coscheduling_podgroup_event")
+async def child_event(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """When a child pod (or support object) changes or goes, reconcile its job."""
+    key = owning_job(body)
+    if key and memo.get("controller"):
+        memo.controller.enqueue(key)
+
+
+class MergedIndex:
+    """Read-only union of several kopf indexes with the same keys (one per support-object kind)."""
+
+    def __init__(self, indexes: tuple[Any, ...]):
+        self._indexes = indexes
+
+    def __getitem__(self, key: Any) -> list:
+        values = [v for index in self._indexes if key in index for v in index[key]]
+        if not values:
+            raise KeyError(key)
+        return values
+

@@ -1,0 +1,45 @@
+"""What a reconcile pass sees: pure functions over the raw objects kopf's indexes hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlhf_operator import constants
+
+JobKey = tuple[str, str]  # (namespace, job name)
+
+
+def owning_job(obj: dict[str, Any]) -> JobKey | None:
+    """The job a child belongs to: its job label, else an RLHFJob owner reference; None for strangers."""
+    meta = obj.get("metadata") or {}
+    namespace = meta.get("namespace") or ""
+    job = (meta.get("labels") or {}).get(constants.LABEL_JOB)
+    if job:
+        return namespace, job
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == constants.KIND and str(ref.get("apiVersion", "")).startswith(constants.GROUP + "/"):
+            return namespace, ref.get("name", "")
+    return None
+
+
+def child_ref(obj: dict[str, Any]) -> tuple[str, str]:
+    """(kind, name) of a non-pod child, as the planner's Observed.existing holds them."""
+    return obj.get("kind", ""), (obj.get("metadata") or {}).get("name", "")
+
+
+def is_live(obj: dict[str, Any]) -> bool:
+    """False once deletion began: a terminating child is as good as gone for planning creates."""
+    return not (obj.get("metadata") or {}).get("deletionTimestamp")
+
+
+def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
+    """http://POD_IP:PORT/metrics of the running actor rank-0 pod, or None when there is none."""
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        status = pod.get("status") or {}
+        if (labels.get(constants.LABEL_ROLE) == "actor" and str(labels.get(constants.LABEL_ROLE_INDEX)) == "0"
+                and status.get("phase") == "Running" and status.get("podIP") and is_live(pod)):
+            host = status["podIP"]
+            host = f"[{host}]" if ":" in host else host
+            return f"http://{host}:{port}/metrics"
+    return None

@@ -1,0 +1,291 @@
+"""One level-based reconcile per job: a work queue fed by job and child-pod events.
+
+kopf's handlers (handlers.py) only keep the indexes current and enqueue the job key. Workers take a
+key, read the latest job, pods and support objects from the indexes, ask the pure planner what to do,
+execute the actions and write the status once. A key is never processed by two workers at once, and
+the events that arrive meanwhile collapse into one more pass. Timers and daemons are not used on
+jobs because kopf would put a finalizer on every job for them: owner references do the cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rlhf_operator import api, planner
+from rlhf_operator.builders import BuildSettings
+from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
+from rlhf_operator.kube.observe import JobKey, child_ref, is_live, progress_url
+from rlhf_operator.metrics import OperatorMetrics
+from rlhf_operator.progress import merge_progress, parse_progress
+
+log = logging.getLogger(__name__)
+
+# A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
+# before the event does not POST the same object again (it would get a 409: harmless but wasted).
+CREATE_EXPECTATION_SECONDS = 10.0
+# Retry delays after an API error: doubling from 0.5 s up to a minute.
+ERROR_BACKOFF_BASE = 0.5
+ERROR_BACKOFF_MAX = 60.0
+
+
+def stamp(now: datetime) -> str:
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def error_backoff(failures: int) -> float:
+    return min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_BASE * 2 ** max(0, failures - 1))
+
+
+class WorkQueue:
+    """Job keys waiting for a pass: each queued at most once, processed by one worker at a time."""
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[JobKey] = asyncio.Queue()
+        self._queued: set[JobKey] = set()
+        self._active: set[JobKey] = set()
+        self._dirty: set[JobKey] = set()
+        self._timers: dict[JobKey, tuple[float, asyncio.TimerHandle]] = {}
+
+    def add(self, key: JobKey) -> None:
+        if key in self._active:
+            self._dirty.add(key)  # one more pass once the running one ends
+        elif key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def add_after(self, key: JobKey, delay: float) -> None:
+        """Enqueue after `delay` seconds; an earlier pending wake-up wins over a later one."""
+        loop = asyncio.get_running_loop()
+        due = loop.time() + delay
+        pending = self._timers.get(key)
+        if pending and pending[0] <= due:
+            return
+        if pending:
+            pending[1].cancel()
+        self._timers[key] = (due, loop.call_at(due, self._wake, key))
+
+    def _wake(self, key: JobKey) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
+
+    async def get(self) -> JobKey:
+        key = await self._queue.get()
+        self._queued.discard(key)
+        self._active.add(key)
+        return key
+
+    def done(self, key: JobKey) -> None:
+        self._active.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    def forget(self, key: JobKey) -> None:
+        pending = self._timers.pop(key, None)
+        if pending:
+            pending[1].cancel()
+        self._dirty.discard(key)
+
+    def __len__(self) -> int:
+        return len(self._queued) + len(self._active)
+
+
+def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:
+    """The values a kopf index holds for key (a kopf Store), as a list; [] when none."""
+    try:
+        return list(index[key])
+    except KeyError:
+        return []
+
+
+@dataclass
+class Controller:
+    """The operator's state: API, settings, metrics, kopf's indexes, and the work queue's workers."""
+
+    api: KubeApi
+    settings: BuildSettings
+    metrics: OperatorMetrics
+    jobs: Mapping[JobKey, Any]  # kopf index: (namespace, name) -> the job body
+    pods: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> child pod bodies
+    children: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> support objects (service, ...)
+    trainer_metrics_port: int = 9400
+    progress_interval: float = 15.0  # re-read a running job's progress at least this often
+    workers: int = 16
+    fetch_text: Callable[[str], Awaitable[str | None]] | None = None
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    _tasks: list[asyncio.Task] = field(default_factory=list)
+    _failures: dict[JobKey, int] = field(default_factory=dict)
+    # (resourceVersion the status was patched from, the status written): the index lags our writes.
+    _written: dict[JobKey, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    _expected: dict[JobKey, dict[tuple[str, str], float]] = field(default_factory=dict)
+    _invalid: dict[JobKey, int] = field(default_factory=dict)  # generation already reported invalid
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(), name=f"reconcile-{i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def enqueue(self, key: JobKey) -> None:
+        self.queue.add(key)
+
+    def forget(self, key: JobKey) -> None:
+        """The job is gone: drop its per-job metrics and everything remembered about it."""
+        self.queue.forget(key)
+        for memory in (self._failures, self._written, self._expected, self._invalid):
+            memory.pop(key, None)
+        self.metrics.forget_job(*key)
+
+    async def _worker(self) -> None:
+        while True:
+            key = await self.queue.get()
+            delay: float | None = None
+            try:
+                delay = await self.reconcile(key)
+                self._failures.pop(key, None)
+            except ApiError as err:
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = error_backoff(failures)
+                log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+            except Exception:  # a bug must not kill the worker: log it and retry later
+                failures = self._failures[key] = self._failures.get(key, 0) + 1
+                delay = error_backoff(failures)
+                log.exception("reconcile %s/%s failed; retrying in %.1fs", *key, delay)
+            finally:
+                self.queue.done(key)
+            if delay is not None:
+                self.queue.add_after(key, max(0.0, delay))
+
+    # -- one pass ---------------------------------------------------------------------------------
+    async def reconcile(self, key: JobKey) -> float | None:
+        """Observe, plan, act, write status. Returns seconds until the next pass is due, or None."""
+        bodies = latest(self.jobs, key)
+        if not bodies:
+            return None
+        raw = bodies[-1]
+        if not is_live(raw):
+            return None
+        started = time.perf_counter()
+        now = datetime.now(UTC)
+        old_status = self._current_status(key, raw)
+        try:
+            job = api.parse_job({**raw, "status": old_status})
+        except api.SpecError as err:
+            await self._report_invalid(key, raw, old_status, err, now)
+            return None
+        self._invalid.pop(key, None)
+
+        pods = latest(self.pods, key)
+        existing = frozenset(child_ref(c) for c in latest(self.children, key) if is_live(c))
+        scraped = await self._scrape_progress(pods)
+        observed = planner.Observed(
+            pods=tuple(planner.observe_pod(p) for p in pods),
+            existing=existing,
+            progress=merge_progress(old_status.get("progress"), scraped, stamp(now)),
+        )
+        result = planner.plan(job, observed, now, self.settings)
+        await self._execute(key, raw, result.actions, pods, existing)
+        new_status = dict(result.status)
+        if new_status != old_status:
+            patch = status_merge_patch(old_status, new_status)
+            if not await self.api.patch_job_status(key[0], key[1], patch):
+                return None  # deleted meanwhile
+            self._written[key] = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
+        self.metrics.record_status(key[0], key[1], old_status, new_status,
+                                   (raw.get("metadata") or {}).get("creationTimestamp"), now)
+        self.metrics.reconcile.observe(time.perf_counter() - started)
+        delay = result.requeue_after
+        if new_status.get("phase") == "Running":
+            delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
+        return delay
+
+    def _current_status(self, key: JobKey, raw: dict[str, Any]) -> dict[str, Any]:
+        """The job's status, or the one we wrote last if the index has not seen that write yet."""
+        written = self._written.get(key)
+        rv = (raw.get("metadata") or {}).get("resourceVersion", "")
+        if written and written[0] == rv:
+            return dict(written[1])
+        self._written.pop(key, None)
+        return dict(raw.get("status") or {})
+
+    async def _report_invalid(self, key: JobKey, raw: dict[str, Any], old_status: dict[str, Any],
+                              err: api.SpecError, now: datetime) -> None:
+        """A bad spec: Failed/InvalidSpec status naming the fields, one Warning event, no retries."""
+        generation = int((raw.get("metadata") or {}).get("generation") or 1)
+        if self._invalid.get(key) == generation:
+            return
+        status = planner.invalid_spec_status(old_status, generation, str(err), now)
+        if status != old_status:
+            await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status))
+            self._written[key] = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+            await self.api.post_event(raw, "Warning", "InvalidSpec", str(err))
+        self.metrics.record_status(key[0], key[1], old_status, dict(status),
+                                   (raw.get("metadata") or {}).get("creationTimestamp"), now)
+        self._invalid[key] = generation
+        log.warning("job %s/%s has an invalid spec: %s", *key, err)
+
+    async def _scrape_progress(self, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+        url = progress_url(pods, self.trainer_metrics_port)
+        if url is None:
+            return None
+        fetch = self.fetch_text or self.api.fetch_text
+        text = await fetch(url)
+        if not text:
+            return None
+        try:
+            return parse_progress(text) or None
+        except ValueError as err:
+            log.info("ignoring unreadable trainer metrics at %s: %s", url, err)
+            return None
+
+    async def _execute(self, key: JobKey, raw: dict[str, Any], actions: tuple, pods: list[dict[str, Any]],
+                       existing: frozenset[tuple[str, str]]) -> None:
+        """Creates and deletes run concurrently; events follow; deleting the job comes last."""
+        namespace = key[0]
+        seen = existing | {("Pod", (p.get("metadata") or {}).get("name", "")) for p in pods}
+        expected = self._expected.setdefault(key, {})
+        clock = time.monotonic()
+        for ref in [r for r, t in expected.items() if r in seen or clock - t > CREATE_EXPECTATION_SECONDS]:
+            del expected[ref]
+        writes: list[Awaitable[Any]] = []
+        events: list[Any] = []
+        delete_job = False
+        for action in actions:
+            kind = type(action).__name__
+            if kind == "CreateObject":
+                ref = child_ref(action.obj)
+                if ref not in expected:
+                    expected[ref] = clock
+                    writes.append(self.api.create(action.obj))
+            elif kind == "DeletePods":
+                for name in action.names:
+                    expected.pop(("Pod", name), None)
+                    writes.append(self.api.delete("v1", "Pod", namespace, name))
+            elif kind == "DeleteObject":
+                expected.pop((action.kind, action.name), None)
+                writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
+            elif kind == "EmitEvent":
+                events.append(action)
+            elif kind == "DeleteJob":
+                delete_job = True
+            else:
+                raise TypeError(f"unknown planner action {action!r}")
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self._expected.pop(key, None)  # what failed must be retried for real
+            raise errors[0]
+        for event in events:
+            await self.api.post_event(raw, event.type, event.reason, event.message)
+        if delete_job:
+            await self.api.delete(raw["apiVersion"], raw["kind"], namespace, key[1])
