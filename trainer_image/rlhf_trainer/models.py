@@ -1,0 +1,243 @@
+"""Model and tokenizer loading: Hugging Face folders, or tiny random models for tests and CPU runs.
+
+    tok = load_tokenizer("tiny://llama")
+    policy = load_policy("tiny://llama", seed=0)        # AutoModelForCausalLM
+    critic = load_value_model("tiny://llama", seed=0)   # backbone + scalar value head per token
+    rm = load_reward_model("tiny://llama", seed=0)      # AutoModelForSequenceClassification, 1 label
+    save_pretrained(policy, tok, "export/")
+
+`path` is a local HF model folder (config.json + weights + tokenizer files) or `tiny://llama` /
+`tiny://qwen2`: 2 layers, hidden 64, random weights from `seed`, so every role that loads the same
+path and seed (actor and reference) starts from identical weights without sharing files. Nothing
+is ever downloaded: a path that is not a local folder is a ConfigError.
+
+The tiny tokenizer is byte-level BPE (any text encodes, nothing is unknown) whose merges are
+learned from the synthetic datasets' text by a small deterministic trainer below. Every process
+must build the same vocabulary, and the Rust BPE trainer breaks frequency ties by hash-map order,
+so the merges are computed here in Python with an explicit tie-break instead.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tok_models
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2ForSequenceClassification,
+)
+
+from rlhf_trainer.data import synthetic_corpus
+from rlhf_trainer.errors import ConfigError
+
+TINY_PREFIX = "tiny://"
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# 256 byte symbols + 3 special tokens + merges: a few hundred tokens keeps the tiny model's output
+# layer small, so sampling from a random init hits the short answers often enough to learn.
+TINY_MERGES = 200
+# The tiny architecture: big enough to learn the synthetic tasks, small enough for CPU tests.
+TINY_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512,
+)
+TINY_ARCHITECTURES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification),
+}
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------
+
+
+def learn_bpe_merges(words: collections.Counter[str], num_merges: int) -> list[tuple[str, str]]:
+    """Byte-pair merges in order: each round merges the most frequent adjacent pair.
+
+    Ties go to the lexicographically smallest pair, so the result depends only on `words`.
+    `words` are pre-tokenized byte-level strings (`ĠHello`) with their counts.
+    """
+    splits = {word: list(word) for word in words}
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, symbols in splits.items():
+            for pair in zip(symbols, symbols[1:], strict=False):
+                pairs[pair] += words[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for word, symbols in splits.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            splits[word] = merged
+    return merges
+
+
+@functools.cache
+def _tiny_tokenizer_json() -> str:
+    # Cached per process: the same string every call, ~0.1 s the first time.
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words: collections.Counter[str] = collections.Counter()
+    for text in synthetic_corpus():
+        words.update(piece for piece, _ in pre.pre_tokenize_str(text))
+    merges = learn_bpe_merges(words, TINY_MERGES)
+    vocab = {token: i for i, token in enumerate([PAD, BOS, EOS])}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = Tokenizer(tok_models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([PAD, BOS, EOS])
+    # Every encoded text starts with <s>, as with Llama's tokenizer; helpers that join a prompt
+    # and a response encode the response with add_special_tokens=False.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    return tok.to_str()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        pad_token=PAD, bos_token=BOS, eos_token=EOS,
+    )
+    tok.padding_side = "left"
+    return tok
+
+
+def _tiny_arch(path: str) -> str:
+    name = path[len(TINY_PREFIX):]
+    if name not in TINY_ARCHITECTURES:
+        raise ConfigError(f"model path {path!r}: unknown tiny model (choose from "
+                          f"{', '.join(TINY_PREFIX + n for n in TINY_ARCHITECTURES)})")
+    return name
+
+
+def _local_folder(path: str) -> Path:
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model path {path!r}: not a Hugging Face model folder (no config.json there); "
+                          f"models are never downloaded, mount them into the container")
+    return folder
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer for `path`, left-padding (prompts are generated from), with a pad token."""
+    if path.startswith(TINY_PREFIX):
+        _tiny_arch(path)
+        return tiny_tokenizer()
+    tok = AutoTokenizer.from_pretrained(_local_folder(path), local_files_only=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # common for causal LMs; masks come from attention_mask
+    tok.padding_side = "left"
+    return tok
+
+
+def _tiny_config(path: str, **extra):
+    config_cls = TINY_ARCHITECTURES[_tiny_arch(path)][0]
+    tok = tiny_tokenizer()
+    return config_cls(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **TINY_SHAPE, **extra,
+    )
+
+
+def _seeded(build, seed: int):
+    # A private RNG stream: the weights depend on `seed` only, not on what ran before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def load_policy(path: str, *, seed: int) -> PreTrainedModel:
+    """A causal LM (actor / reference). Same path and seed -> the same weights in every process."""
+    if path.startswith(TINY_PREFIX):
+        config = _tiny_config(path)
+        model_cls = TINY_ARCHITECTURES[_tiny_arch(path)][1]
+        return _seeded(lambda: model_cls(config), seed)
+    return AutoModelForCausalLM.from_pretrained(_local_folder(path), local_files_only=True)
+
+
+def load_reward_model(path: str, *, seed: int) -> PreTrainedModel:
+    """A sequence classifier with one label: the score of the last non-pad token of each row."""
+    if path.startswith(TINY_PREFIX):
+        config = _tiny_config(path, num_labels=1)
+        model_cls = TINY_ARCHITECTURES[_tiny_arch(path)][2]
+        return _seeded(lambda: model_cls(config), seed)
+    folder = _local_folder(path)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True)
+    if model.config.pad_token_id is None:
+        # Pooling finds the last real token through pad_token_id; borrow the tokenizer's.
+        model.config.pad_token_id = load_tokenizer(path).pad_token_id
+    return model
+
+
+class ValueModel(nn.Module):
+    """PPO critic: a causal LM's backbone and a linear head giving one value per token."""
+
+    def __init__(self, backbone: nn.Module, hidden_size: int):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(hidden_size, 1)
+        self.config = backbone.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T) values; values at padding positions are meaningless."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.value_head(hidden).squeeze(-1)
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.backbone.gradient_checkpointing_enable(**kwargs)
+
+
+def load_value_model(path: str, *, seed: int) -> ValueModel:
+    """The critic, initialised from the policy at `path` (its backbone) and a seeded value head."""
+    policy = load_policy(path, seed=seed)
+    hidden_size = policy.config.get_text_config().hidden_size
+
+    def build() -> ValueModel:
+        model = ValueModel(policy.base_model, hidden_size)
+        # Small head init (OpenRLHF uses std 1/(hidden+1)): initial values near 0, not noise.
+        nn.init.normal_(model.value_head.weight, std=1.0 / (hidden_size + 1))
+        nn.init.zeros_(model.value_head.bias)
+        return model
+
+    return _seeded(build, seed + 1)
+
+
+def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+                    *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (+ tokenizer) as an HF folder that load_policy / load_reward_model read back.
+
+    `state_dict` overrides the module's own tensors: under ZeRO-3 pass the consolidated weights.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+    return directory
