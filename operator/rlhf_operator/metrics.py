@@ -10,9 +10,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 
 from rlhf_operator.api import PHASES
+
+# No `*_created` timestamp series: the spec names the series the dashboard reads, nothing more.
+disable_created_metrics()
 
 METRIC_NAMES = (
     "rlhf_operator_jobs",

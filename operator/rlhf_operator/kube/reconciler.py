@@ -21,6 +21,7 @@ from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
 from rlhf_operator.kube.observe import JobKey, child_ref, is_live, progress_url
+from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
 from rlhf_operator.metrics import OperatorMetrics
 from rlhf_operator.progress import merge_progress, parse_progress
 
@@ -29,71 +30,8 @@ log = logging.getLogger(__name__)
 # A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
 # before the event does not POST the same object again (it would get a 409: harmless but wasted).
 CREATE_EXPECTATION_SECONDS = 10.0
-# Retry delays after an API error: doubling from 0.5 s up to a minute.
-ERROR_BACKOFF_BASE = 0.5
-ERROR_BACKOFF_MAX = 60.0
-
-
 def stamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def error_backoff(failures: int) -> float:
-    return min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_BASE * 2 ** max(0, failures - 1))
-
-
-class WorkQueue:
-    """Job keys waiting for a pass: each queued at most once, processed by one worker at a time."""
-
-    def __init__(self) -> None:
-        self._queue: asyncio.Queue[JobKey] = asyncio.Queue()
-        self._queued: set[JobKey] = set()
-        self._active: set[JobKey] = set()
-        self._dirty: set[JobKey] = set()
-        self._timers: dict[JobKey, tuple[float, asyncio.TimerHandle]] = {}
-
-    def add(self, key: JobKey) -> None:
-        if key in self._active:
-            self._dirty.add(key)  # one more pass once the running one ends
-        elif key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def add_after(self, key: JobKey, delay: float) -> None:
-        """Enqueue after `delay` seconds; an earlier pending wake-up wins over a later one."""
-        loop = asyncio.get_running_loop()
-        due = loop.time() + delay
-        pending = self._timers.get(key)
-        if pending and pending[0] <= due:
-            return
-        if pending:
-            pending[1].cancel()
-        self._timers[key] = (due, loop.call_at(due, self._wake, key))
-
-    def _wake(self, key: JobKey) -> None:
-        self._timers.pop(key, None)
-        self.add(key)
-
-    async def get(self) -> JobKey:
-        key = await self._queue.get()
-        self._queued.discard(key)
-        self._active.add(key)
-        return key
-
-    def done(self, key: JobKey) -> None:
-        self._active.discard(key)
-        if key in self._dirty:
-            self._dirty.discard(key)
-            self.add(key)
-
-    def forget(self, key: JobKey) -> None:
-        pending = self._timers.pop(key, None)
-        if pending:
-            pending[1].cancel()
-        self._dirty.discard(key)
-
-    def __len__(self) -> int:
-        return len(self._queued) + len(self._active)
 
 
 def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:

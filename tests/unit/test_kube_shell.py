@@ -1,0 +1,116 @@
+"""Pure parts of the kube shell: paths, patches, events, child ownership, the work queue."""
+
+import asyncio
+from datetime import UTC, datetime
+
+import pytest
+from rlhf_operator import constants
+from rlhf_operator.kube.executor import event_body, resource_path, status_merge_patch
+from rlhf_operator.kube.observe import child_ref, owning_job, progress_url
+from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
+
+
+@pytest.mark.parametrize(
+    ("args", "path"),
+    [
+        (("v1", "Pod", "ns"), "/api/v1/namespaces/ns/pods"),
+        (("v1", "Pod", "ns", "a-actor-0"), "/api/v1/namespaces/ns/pods/a-actor-0"),
+        (("v1", "PersistentVolumeClaim", "ns", "c"), "/api/v1/namespaces/ns/persistentvolumeclaims/c"),
+        (("scheduling.volcano.sh/v1beta1", "PodGroup", "ns", "a"),
+         "/apis/scheduling.volcano.sh/v1beta1/namespaces/ns/podgroups/a"),
+        (("scheduling.x-k8s.io/v1alpha1", "PodGroup", "ns"), "/apis/scheduling.x-k8s.io/v1alpha1/namespaces/ns/podgroups"),
+        ((constants.API_VERSION, constants.KIND, "ns", "a", "status"), "/apis/rlhf.dev/v1alpha1/namespaces/ns/rlhfjobs/a/status"),
+    ],
+)
+def test_resource_path(args, path):
+    assert resource_path(*args) == path
+
+
+def test_resource_path_names_an_unknown_kind():
+    with pytest.raises(ValueError, match="Deployment of apps/v1"):
+        resource_path("apps/v1", "Deployment", "ns")
+
+
+def test_status_merge_patch_sends_changes_and_nulls_removed_keys():
+    old = {"phase": "Running", "restarts": 0, "lastRestartTime": "t", "roles": {"actor": {"running": 1}}}
+    new = {"phase": "Running", "restarts": 1, "roles": {"actor": {"running": 0}}}
+    assert status_merge_patch(old, new) == {"restarts": 1, "roles": {"actor": {"running": 0}}, "lastRestartTime": None}
+    assert status_merge_patch(new, new) == {}
+
+
+def test_event_body_points_at_the_job():
+    job = {"metadata": {"name": "j", "namespace": "ns", "uid": "u1", "resourceVersion": "7"}}
+    event = event_body(job, "Warning", "InvalidSpec", "spec.roles: bad", datetime(2026, 1, 1, tzinfo=UTC))
+    assert event["involvedObject"] == {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "name": "j",
+                                       "namespace": "ns", "uid": "u1", "resourceVersion": "7"}
+    assert (event["type"], event["reason"], event["message"]) == ("Warning", "InvalidSpec", "spec.roles: bad")
+    assert event["metadata"] == {"generateName": "j.", "namespace": "ns"}
+    assert event["lastTimestamp"] == "2026-01-01T00:00:00Z"
+
+
+def test_owning_job_by_label_then_owner_reference():
+    labelled = {"metadata": {"namespace": "ns", "labels": {constants.LABEL_JOB: "a"}}}
+    owned = {"metadata": {"namespace": "ns", "ownerReferences": [
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x"},
+        {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "name": "b"}]}}
+    stranger = {"metadata": {"namespace": "ns", "labels": {"app": "x"}}}
+    assert owning_job(labelled) == ("ns", "a")
+    assert owning_job(owned) == ("ns", "b")
+    assert owning_job(stranger) is None
+    assert child_ref({"kind": "Service", "metadata": {"name": "a"}}) == ("Service", "a")
+
+
+def pod(role, index, phase, ip="10.0.0.5", deleting=False):
+    meta = {"name": f"j-{role}-{index}", "labels": {constants.LABEL_ROLE: role, constants.LABEL_ROLE_INDEX: str(index)}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "status": {"phase": phase, "podIP": ip}}
+
+
+@pytest.mark.parametrize(
+    ("pods", "url"),
+    [
+        ([pod("critic", 0, "Running"), pod("actor", 0, "Running")], "http://10.0.0.5:9400/metrics"),
+        ([pod("actor", 1, "Running"), pod("actor", 0, "Pending")], None),
+        ([pod("actor", 0, "Running", ip="")], None),
+        ([pod("actor", 0, "Running", deleting=True)], None),
+        ([pod("actor", 0, "Running", ip="fd00::1")], "http://[fd00::1]:9400/metrics"),
+    ],
+    ids=["actor-0-running", "actor-0-pending", "no-ip-yet", "terminating", "ipv6"],
+)
+def test_progress_url(pods, url):
+    assert progress_url(pods, 9400) == url
+
+
+def test_error_backoff_doubles_and_caps():
+    assert [error_backoff(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    assert error_backoff(50) == 60.0
+
+
+async def test_work_queue_coalesces_and_serialises_a_key():
+    q = WorkQueue()
+    q.add(("ns", "a"))
+    q.add(("ns", "a"))
+    q.add(("ns", "b"))
+    assert await q.get() == ("ns", "a")
+    q.add(("ns", "a"))  # arrives while "a" is being processed: remembered, not queued twice
+    assert await q.get() == ("ns", "b")
+    assert len(q) == 2
+    q.done(("ns", "b"))
+    q.done(("ns", "a"))  # the remembered event makes one more pass
+    assert await asyncio.wait_for(q.get(), 1) == ("ns", "a")
+    q.done(("ns", "a"))
+    assert len(q) == 0
+
+
+async def test_work_queue_add_after_keeps_the_earliest_wake_up():
+    q = WorkQueue()
+    q.add_after(("ns", "a"), 30)
+    q.add_after(("ns", "a"), 0.01)
+    q.add_after(("ns", "a"), 60)
+    assert await asyncio.wait_for(q.get(), 2) == ("ns", "a")
+    q.done(("ns", "a"))
+    q.add_after(("ns", "b"), 0.01)
+    q.forget(("ns", "b"))
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(q.get(), 0.1)

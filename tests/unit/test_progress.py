@@ -1,0 +1,64 @@
+"""parse_progress / merge_progress: trainer /metrics text -> status.progress."""
+
+import pytest
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from rlhf_operator.progress import merge_progress, parse_progress
+
+
+def trainer_exposition(**values: float) -> str:
+    """Render real Prometheus text the way the trainer's registry would (plus unrelated series)."""
+    registry = CollectorRegistry()
+    for name, value in values.items():
+        Gauge(f"rlhf_trainer_{name}", name, ["job", "role", "rank"], registry=registry).labels(
+            job="j", role="actor", rank="0").set(value)
+    Histogram("rlhf_trainer_phase_seconds", "phases", ["phase"], registry=registry).labels(phase="train").observe(0.2)
+    return generate_latest(registry).decode()
+
+
+def test_reads_the_four_progress_series_with_their_types():
+    text = trainer_exposition(step=7, reward_mean=0.25, kl=-0.01, last_checkpoint_step=5, entropy=1.5)
+    progress = parse_progress(text)
+    assert progress == {"step": 7, "rewardMean": 0.25, "kl": -0.01, "lastCheckpointStep": 5}
+    assert isinstance(progress["step"], int) and isinstance(progress["lastCheckpointStep"], int)
+
+
+def test_absent_and_nan_series_are_left_out():
+    text = trainer_exposition(step=3, reward_mean=float("nan"))
+    assert parse_progress(text) == {"step": 3}
+
+
+def test_no_trainer_series_gives_an_empty_dict():
+    assert parse_progress("# HELP up x\n# TYPE up gauge\nup 1\n") == {}
+
+
+def test_several_label_sets_take_the_largest_value():
+    text = ('rlhf_trainer_step{rank="0"} 4\n'
+            'rlhf_trainer_step{rank="1"} 6\n')
+    assert parse_progress(text) == {"step": 6}
+
+
+def test_malformed_text_raises_value_error():
+    with pytest.raises(ValueError, match="Prometheus"):
+        parse_progress('rlhf_trainer_step{rank="0" 4\n')
+
+
+NOW, LATER = "2026-01-01T00:00:10Z", "2026-01-01T00:00:20Z"
+
+
+@pytest.mark.parametrize(
+    ("previous", "scraped", "expected"),
+    [
+        pytest.param(None, None, None, id="nothing-yet"),
+        pytest.param(None, {"step": 1}, {"step": 1, "updatedAt": LATER}, id="first-scrape"),
+        pytest.param({"step": 1, "updatedAt": NOW}, {"step": 1}, {"step": 1, "updatedAt": NOW},
+                     id="unchanged-keeps-updatedAt"),
+        pytest.param({"step": 1, "updatedAt": NOW}, {"step": 2}, {"step": 2, "updatedAt": LATER},
+                     id="moved-updates-updatedAt"),
+        pytest.param({"step": 1, "kl": 0.1, "updatedAt": NOW}, None, {"step": 1, "kl": 0.1, "updatedAt": NOW},
+                     id="failed-scrape-keeps-previous"),
+        pytest.param({"step": 4, "lastCheckpointStep": 2, "updatedAt": NOW}, {"step": 5},
+                     {"step": 5, "lastCheckpointStep": 2, "updatedAt": LATER}, id="partial-scrape-keeps-other-keys"),
+    ],
+)
+def test_merge_progress(previous, scraped, expected):
+    assert merge_progress(previous, scraped, LATER) == expected
