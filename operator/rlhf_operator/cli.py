@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="RLHF_METRICS_PORT=0: trainers serve no /metrics (the JSONL files still fill)")
     local.add_argument("--suspend-after-step", type=int, default=0, metavar="N",
                        help="test hook: suspend once step N is reached, resume when the pods are gone")
+    local.add_argument("--trainer-command", default="", metavar="CMD",
+                       help="run CMD instead of the pods' `python -m rlhf_trainer` (e.g. a development trainer)")
 
     report = sub.add_parser("report", help="plot a run's metrics (PNG) and print a summary")
     report.add_argument("run_dir", help="a run folder (runs/<job>) or a checkpoint directory")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -417,7 +418,9 @@ def main(args: Any) -> int:
         manifest = load_manifest(Path(args.manifest))
         runner = LocalRunner(manifest, Path(args.workdir), fresh=args.fresh, display=display,
                              suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
-                             serve_metrics=not getattr(args, "no_metrics_server", False))
+                             serve_metrics=not getattr(args, "no_metrics_server", False),
+                             trainer_command=shlex.split(args.trainer_command) if getattr(args, "trainer_command", "")
+                             else None)
     except (LocalRunError, api.SpecError) as e:
         print(f"rlhf-operator run-local: {e}", file=sys.stderr)
         return 2

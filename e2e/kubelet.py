@@ -1,0 +1,187 @@
+"""A stand-in kubelet for the API emulator: runs each created pod's command as a local process group.
+
+The emulator stores pods but runs nothing. This watches pods of one namespace through the real
+API (kubernetes client), and for each new pod:
+
+- materialises its volumes: a configMap volume -> a folder with the ConfigMap's keys as files (read
+  from the API), a persistentVolumeClaim -> one shared folder per claim under <root>/volumes/, any
+  other volume -> a per-pod folder; env values under a mount path are rewritten to those folders;
+- stands in for cluster DNS: each pod gets its own loopback address 127.X.Y.Z as podIP (so the
+  trainer's /metrics on POD_IP:9400 is reachable by the operator exactly as in a cluster), while
+  rendezvous addresses in RLHF_ROLE_ADDRS / RLHF_BRIDGE_ADDR become 127.0.0.1 with a free port per
+  (restart attempt, name, port), because torch's TCPStore binds every interface and several pods
+  would collide on 29500 otherwise;
+- starts `python -m rlhf_trainer` with this interpreter (rlhf_operator.localexec), and patches the
+  pod's status subresource like a kubelet: Running with podIP, then Succeeded / Failed with
+  exitCode and the termination message;
+- kills the process group when the pod is deleted.
+
+Level-based: a watch wakes the loop, and a periodic list resyncs, so a missed event only delays.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import random
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+from rlhf_operator import constants, localexec
+
+log = logging.getLogger("e2e.kubelet")
+RESYNC_SECONDS = 1.0
+
+
+class PodIPs:
+    """Distinct loopback addresses, one per pod object (uid); a random /16 per kubelet instance so
+    two test sessions on one machine do not hand out the same address."""
+
+    def __init__(self) -> None:
+        self._base = random.randint(10, 250)
+        self._counter = itertools.count(2)
+        self._ips: dict[str, str] = {}
+
+    def ip_for(self, uid: str) -> str:
+        if uid not in self._ips:
+            n = next(self._counter)
+            self._ips[uid] = f"127.{self._base}.{n // 250}.{n % 250 + 2}"
+        return self._ips[uid]
+
+
+class StandInKubelet:
+    def __init__(self, kubeconfig: Path, root: Path, namespace: str = "default", stop_grace: float = 5.0):
+        self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+        self.root = Path(root)
+        self.namespace = namespace
+        self.stop_grace = stop_grace
+        self.supervisor = localexec.Supervisor()
+        self.addresses = localexec.LocalAddresses()
+        self.ips = PodIPs()
+        self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
+        self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
+        self.started = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> StandInKubelet:
+        for target in (self._watch_loop, self._sync_loop):
+            t = threading.Thread(target=target, daemon=True, name=f"kubelet-{target.__name__}")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.supervisor.changed.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        self.supervisor.stop_all(self.stop_grace)
+
+    def volume_dir(self, pod: dict[str, Any], volume: dict[str, Any]) -> Path:
+        if "persistentVolumeClaim" in volume:
+            return self.root / "volumes" / self.namespace / volume["persistentVolumeClaim"]["claimName"]
+        return self.root / "pods" / pod["metadata"]["uid"] / "volumes" / volume["name"]
+
+    def claim_dir(self, claim: str) -> Path:
+        return self.root / "volumes" / self.namespace / claim
+
+    # -- loops ----------------------------------------------------------------------------------
+    def _watch_loop(self) -> None:
+        """Wake the sync loop on any pod event (the resync catches anything a broken watch missed)."""
+        while not self._stop.is_set():
+            try:
+                for _ in watch.Watch().stream(self.api.list_namespaced_pod, self.namespace, timeout_seconds=5,
+                                              _request_timeout=10):
+                    self.supervisor.changed.set()
+                    if self._stop.is_set():
+                        return
+            except Exception as e:  # noqa: BLE001 - a broken watch only delays; the resync covers it
+                log.debug("pod watch restarts: %s", e)
+                self._stop.wait(0.2)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            self.supervisor.changed.clear()
+            try:
+                self.sync_once()
+            except Exception:  # noqa: BLE001 - keep playing the kubelet; the next pass retries
+                log.exception("kubelet sync failed")
+            self.supervisor.changed.wait(RESYNC_SECONDS)
+
+    def sync_once(self) -> None:
+        pods = {p["metadata"]["name"]: p for p in self._list_pods()}
+        gone = [n for n in self.known if n not in pods or pods[n]["metadata"]["uid"] != self.known[n]["metadata"]["uid"]]
+        if gone:
+            self.supervisor.stop(gone, self.stop_grace)
+            for name in gone:
+                self.known.pop(name, None)
+                self.reported.pop(name, None)
+        for name, pod in pods.items():
+            if name not in self.known and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+                self.known[name] = pod
+                self._start_pod(pod)
+        for name, pod in self.known.items():
+            status = localexec.pod_status(self.supervisor.get(name), self.ips.ip_for(pod["metadata"]["uid"]))
+            if status != self.reported.get(name):
+                self._patch_status(name, status)
+
+    def _list_pods(self) -> list[dict[str, Any]]:
+        result = self.api.list_namespaced_pod(self.namespace, label_selector=constants.LABEL_JOB,
+                                              _preload_content=False)
+        return [p for p in json.loads(result.data)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+    # -- one pod --------------------------------------------------------------------------------
+    def _start_pod(self, pod: dict[str, Any]) -> None:
+        name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        pod_dir = self.root / "pods" / uid
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        mounts: dict[str, Path] = {}
+        for m in localexec.trainer_container(pod).get("volumeMounts", []):
+            vol = volumes.get(m["name"], {"name": m["name"]})
+            folder = self.volume_dir(pod, vol)
+            folder.mkdir(parents=True, exist_ok=True)
+            if "configMap" in vol:
+                cm = self.api.read_namespaced_config_map(vol["configMap"]["name"], self.namespace)
+                for key, text in (cm.data or {}).items():
+                    (folder / key).write_text(text)
+            mounts[m["mountPath"]] = folder
+        metrics_port = next((int(e["value"]) for e in localexec.trainer_container(pod).get("env", [])
+                             if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
+        spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),
+                                       pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port)
+        self.supervisor.start(spec)
+        self.started += 1
+        log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
+
+    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+        try:
+            self.api.patch_namespaced_pod_status(name, self.namespace, {"status": status})
+            self.reported[name] = status
+        except ApiException as e:
+            if e.status != 404:  # a pod deleted meanwhile is stopped on the next pass
+                raise
+
+    # -- fault injection --------------------------------------------------------------------------
+    def running_pods(self) -> list[str]:
+        return [n for n, p in self.supervisor.processes().items() if p.exit_code is None]
+
+    def kill_pod_process(self, name: str) -> bool:
+        """SIGKILL a pod's process group, as an OOM kill or a node loss would (the pod turns Failed, 137)."""
+        killed = self.supervisor.kill(name)
+        self.supervisor.changed.set()
+        return killed
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(p.exit_code is None for p in self.supervisor.processes().values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError("stand-in kubelet: processes still running")
+            time.sleep(0.05)
