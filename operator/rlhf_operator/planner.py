@@ -1,0 +1,549 @@
+"""The reconcile decision for one RLHFJob: plan(job, observed children, now) -> actions + new status.
+
+Pure: no API client, no clock, no globals. The kopf shell and the local runner observe the job's
+children, call plan(), execute the actions in order, then write `Plan.status` once and wake up again
+after `Plan.requeue_after` seconds (or on the next child event).
+
+The life of a job:
+
+    Pending --gang created--> Creating --all pods Running--> Running --actor pods exit 0--> Succeeded
+                                 |  gang timeout                 |  a pod failed or vanished
+                                 v                               v
+                             Restarting <------------------------+   (after backoff, and once
+                                 |                                    the old pods are gone,
+                                 +--new gang--> Creating               a new gang is created)
+    any --spec.suspend--> Suspended --resume--> Pending
+    Failed: PermanentError (exit 65/78), ReachedMaxRestarts, DeadlineExceeded, InvalidSpec
+
+Timing state lives in conditions (`lastTransitionTime` of Created/Restarting), which the CRD's
+status schema keeps; `gangCreatedTime`, `gangTimeouts` and `runningTime` are written for people
+and metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from rlhf_operator.api import FINISHED_PHASES, Job
+from rlhf_operator.builders import (
+    BuildSettings,
+    build_gang,
+    build_pod_group,
+    build_support_objects,
+    gang_pod_names,
+    host_role,
+    pod_name,
+)
+from rlhf_operator.constants import (
+    LABEL_RESTART_ATTEMPT,
+    LABEL_ROLE,
+    LABEL_ROLE_INDEX,
+    MAX_BACKOFF_SECONDS,
+    PERMANENT_EXIT_CODES,
+)
+
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+# A pod created moments ago may not be in the shell's cache yet: missing pods count as vanished
+# (a gang failure) only this long after the gang was created.
+MISSING_POD_GRACE_SECONDS = 30.0
+# How much of a termination message goes into status and events (the kubelet keeps up to 4 KiB).
+MAX_MESSAGE_CHARS = 512
+
+
+# --- observation -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObservedPod:
+    """What the planner needs of one child pod."""
+
+    name: str
+    role: str
+    index: int
+    attempt: int  # -1 when the label is missing or garbled: such a pod is stale and gets deleted
+    phase: str  # Pending | Running | Succeeded | Failed | Unknown
+    exit_code: int | None = None
+    reason: str = ""
+    message: str = ""
+    terminating: bool = False
+    created_at: datetime | None = None
+
+    @property
+    def terminated(self) -> bool:
+        return self.phase in ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything the shell saw of the job's children in this pass."""
+
+    pods: tuple[ObservedPod, ...] = ()
+    existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of non-pod children present
+    progress: dict | None = None  # trainer progress scraped by the shell, copied into status.progress
+
+
+def _int_label(labels: dict[str, str], key: str) -> int:
+    try:
+        return int(labels.get(key, ""))
+    except ValueError:
+        return -1
+
+
+def observe_pod(pod: dict) -> ObservedPod:
+    """A pod object (API dict) -> ObservedPod: labels, phase, the trainer's termination state."""
+    meta = pod.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    status = pod.get("status") or {}
+    statuses = status.get("containerStatuses") or []
+    terminated = next(
+        ((s.get("state") or {}).get("terminated") for s in statuses if (s.get("state") or {}).get("terminated")),
+        None,
+    ) or {}
+    exit_code = terminated.get("exitCode")
+    return ObservedPod(
+        name=meta.get("name", ""),
+        role=labels.get(LABEL_ROLE, ""),
+        index=_int_label(labels, LABEL_ROLE_INDEX),
+        attempt=_int_label(labels, LABEL_RESTART_ATTEMPT),
+        phase=status.get("phase") or "Pending",
+        exit_code=int(exit_code) if exit_code is not None else None,
+        # An evicted pod has no container state, only a pod-level reason and message.
+        reason=terminated.get("reason") or status.get("reason") or "",
+        message=(terminated.get("message") or status.get("message") or "").strip(),
+        terminating=bool(meta.get("deletionTimestamp")),
+        created_at=parse_time(meta.get("creationTimestamp")),
+    )
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateObject:
+    obj: dict
+
+
+@dataclass(frozen=True)
+class DeletePods:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeleteObject:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    pass
+
+
+@dataclass(frozen=True)
+class EmitEvent:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple
+    status: dict  # the complete new .status
+    requeue_after: float | None  # seconds until a time-based decision is due; None = wait for events
+
+
+# --- small pure helpers ----------------------------------------------------------------------
+
+
+def format_time(moment: datetime) -> str:
+    return _utc(moment).strftime(TIME_FORMAT)
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """RFC3339 -> aware UTC datetime; None for a missing or unreadable value."""
+    if not text:
+        return None
+    try:
+        return _utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
+    except ValueError:
+        return None
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def backoff_seconds(base: float, attempt: int) -> float:
+    """Wait before gang attempt `attempt` (1 = first retry): base, 2*base, 4*base... capped."""
+    if attempt < 1:
+        return 0.0
+    return float(min(base * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
+
+
+def get_condition(status: dict, type_: str) -> dict | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == type_), None)
+
+
+def condition_is_true(status: dict, type_: str) -> bool:
+    return (get_condition(status, type_) or {}).get("status") == "True"
+
+
+def set_condition(status: dict, type_: str, value: bool, reason: str, message: str, now: datetime) -> None:
+    """Set a condition; lastTransitionTime changes only when its status flips."""
+    new_status = "True" if value else "False"
+    conditions = status.setdefault("conditions", [])
+    current = get_condition(status, type_)
+    since = current.get("lastTransitionTime") if current and current.get("status") == new_status else None
+    entry = {"type": type_, "status": new_status, "reason": reason, "message": message,
+             "lastTransitionTime": since or format_time(now)}
+    if current is None:
+        conditions.append(entry)
+    else:
+        conditions[conditions.index(current)] = entry
+
+
+def gang_created_at(status: dict) -> datetime | None:
+    """When the current gang was created; None when no gang is up (not created yet, or torn down)."""
+    created = get_condition(status, "Created")
+    if not created or created.get("status") != "True":
+        return None
+    return parse_time(created.get("lastTransitionTime"))
+
+
+def gang_not_before(status: dict, backoff_base: float) -> datetime | None:
+    """Earliest time the next gang may be created: after the backoff of a restart or gang timeout."""
+    restarting = get_condition(status, "Restarting")
+    if not restarting or restarting.get("status") != "True":
+        return None
+    since = parse_time(restarting.get("lastTransitionTime"))
+    if since is None:
+        return None
+    if restarting.get("reason") == "GangTimeout":
+        attempt = max(1, int(status.get("gangTimeouts") or 0))
+    else:
+        attempt = int(status.get("restarts") or 0)
+    return since + timedelta(seconds=backoff_seconds(backoff_base, attempt))
+
+
+def describe_failure(pod: ObservedPod) -> str:
+    """One line naming the pod, its exit code and its termination message."""
+    parts = [f"pod {pod.name} failed"]
+    if pod.exit_code is not None:
+        parts.append(f"with exit code {pod.exit_code}")
+    if pod.reason:
+        parts.append(f"({pod.reason})")
+    text = " ".join(parts)
+    if pod.message:
+        text += f": {pod.message[:MAX_MESSAGE_CHARS]}"
+    return text
+
+
+def role_counts(job: Job, pods: list[ObservedPod]) -> dict[str, dict[str, int]]:
+    """status.roles: desired and observed pod counts per role with pods of its own."""
+    bucket = {"Pending": "pending", "Unknown": "pending", "Running": "running",
+              "Succeeded": "succeeded", "Failed": "failed"}
+    counts = {r.name: {"desired": r.replicas, "pending": 0, "running": 0, "succeeded": 0, "failed": 0}
+              for r in job.spec.pod_roles()}
+    for pod in pods:
+        if pod.role in counts:
+            counts[pod.role][bucket.get(pod.phase, "pending")] += 1
+    return counts
+
+
+# --- the decision ----------------------------------------------------------------------------
+
+
+class _Pass:
+    """Accumulates one pass's actions, status and wake-up time (private to plan())."""
+
+    def __init__(self, job: Job, observed: Observed, now: datetime, settings: BuildSettings):
+        self.job, self.spec, self.observed, self.settings = job, job.spec, observed, settings
+        self.now = _utc(now)
+        self.status: dict[str, Any] = copy.deepcopy(job.status)
+        self.actions: list = []
+        self.doomed: set[str] = set()  # pods to delete
+        self.requeue_after: float | None = None
+
+    @property
+    def phase(self) -> str:
+        return self.status["phase"]
+
+    @property
+    def attempt(self) -> int:
+        return int(self.status.get("restarts") or 0)
+
+    def stamp(self) -> str:
+        return format_time(self.now)
+
+    def event(self, type_: str, reason: str, message: str) -> None:
+        self.actions.append(EmitEvent(type_, reason, message))
+
+    def condition(self, type_: str, value: bool, reason: str, message: str = "") -> None:
+        set_condition(self.status, type_, value, reason, message, self.now)
+
+    def clear_condition(self, type_: str, reason: str, message: str = "") -> None:
+        """Flip a condition to False if it is True (absent conditions stay absent)."""
+        if condition_is_true(self.status, type_):
+            self.condition(type_, False, reason, message)
+
+    def delete(self, pods) -> None:
+        """Delete pods that are not already on their way out."""
+        self.doomed.update(p.name for p in pods if not p.terminating)
+
+    def wake_at(self, moment: datetime) -> None:
+        seconds = (moment - self.now).total_seconds()
+        if seconds > 0 and (self.requeue_after is None or seconds < self.requeue_after):
+            self.requeue_after = seconds
+
+    def result(self) -> Plan:
+        actions = list(self.actions)
+        if self.doomed:
+            actions.insert(0, DeletePods(tuple(sorted(self.doomed))))
+        return Plan(tuple(actions), self.status, self.requeue_after)
+
+
+def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -> Plan:
+    """The next step for `job` given its observed children; see the module docstring."""
+    p = _Pass(job, observed, now, settings)
+    p.status.setdefault("phase", "Pending")
+    p.status.setdefault("restarts", 0)
+    p.status["observedGeneration"] = job.generation
+    if observed.progress is not None:
+        p.status["progress"] = dict(observed.progress)
+
+    failed = get_condition(p.status, "Failed")
+    if p.phase == "Failed" and failed and failed.get("reason") == "InvalidSpec":
+        _reopen_fixed_spec(p)
+
+    if p.phase in FINISHED_PHASES:
+        _after_finish(p)
+    elif job.spec.suspend:
+        _suspend(p)
+    else:
+        if p.phase == "Suspended":
+            _resume(p)
+        _create_missing_support_objects(p)
+        if not _deadline_exceeded(p):
+            _drive_gang(p)
+
+    current = [pod for pod in observed.pods if pod.attempt == p.attempt]
+    p.status["roles"] = role_counts(job, current)
+    return p.result()
+
+
+def invalid_spec_status(job_status: dict, generation: int, message: str, now: datetime) -> dict:
+    """The status of a job whose spec does not parse: Failed / InvalidSpec naming the bad fields."""
+    status = copy.deepcopy(job_status)
+    status["phase"] = "Failed"
+    status["observedGeneration"] = generation
+    set_condition(status, "Failed", True, "InvalidSpec", message, now)
+    return status
+
+
+def _reopen_fixed_spec(p: _Pass) -> None:
+    """The spec parses again after an InvalidSpec failure: start over as a new job."""
+    p.status["phase"] = "Pending"
+    p.status.pop("completionTime", None)
+    p.condition("Failed", False, "SpecFixed", "the spec is valid again")
+    for type_ in ("Created", "Running", "Restarting"):
+        p.clear_condition(type_, "SpecFixed")
+    p.event("Normal", "SpecFixed", "the spec is valid again; starting the job")
+
+
+def _create_missing_support_objects(p: _Pass) -> None:
+    for obj in build_support_objects(p.job, p.settings):
+        if (obj["kind"], obj["metadata"]["name"]) not in p.observed.existing:
+            p.actions.append(CreateObject(obj))
+
+
+def _deadline_exceeded(p: _Pass) -> bool:
+    """activeDeadlineSeconds, counted from startTime (reset on resume, like a Kubernetes Job)."""
+    deadline = p.spec.active_deadline_seconds
+    started = parse_time(p.status.get("startTime"))
+    if deadline <= 0 or started is None:
+        return False
+    due = started + timedelta(seconds=deadline)
+    if p.now < due:
+        p.wake_at(due)
+        return False
+    _finish(p, "Failed", "DeadlineExceeded",
+            f"the job ran longer than activeDeadlineSeconds ({deadline}s) since {p.status['startTime']}")
+    return True
+
+
+def _suspend(p: _Pass) -> None:
+    p.delete(p.observed.pods)
+    if p.phase == "Suspended":
+        return
+    p.status["phase"] = "Suspended"
+    p.status.pop("gangCreatedTime", None)
+    p.condition("Suspended", True, "Suspended", "spec.suspend is true: pods deleted")
+    for type_ in ("Created", "Running", "Restarting"):
+        p.clear_condition(type_, "Suspended")
+    p.event("Normal", "Suspended", f"deleted {len(p.observed.pods)} pods; checkpoints and config are kept")
+
+
+def _resume(p: _Pass) -> None:
+    p.status["phase"] = "Pending"
+    # Like a Kubernetes Job, the activeDeadlineSeconds clock starts again on resume.
+    p.status.pop("startTime", None)
+    p.condition("Suspended", False, "Resumed", "spec.suspend is false")
+    p.event("Normal", "Resumed", "creating a new gang; the trainer resumes from the last complete checkpoint")
+
+
+def _drive_gang(p: _Pass) -> None:
+    names = gang_pod_names(p.job)
+    current = {pod.name: pod for pod in p.observed.pods
+               if pod.attempt == p.attempt and pod.name in names and not pod.terminating}
+    # Pods of an older attempt (or no longer in the layout) are never part of the gang.
+    p.delete(pod for pod in p.observed.pods if pod.name not in current)
+    created_at = gang_created_at(p.status)
+    if created_at is None:
+        _start_gang(p, names, current)
+    else:
+        _watch_gang(p, names, current, created_at)
+
+
+def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> None:
+    """Create the whole gang at once, after any backoff and once no old pod holds one of its names."""
+    finished = [pod for pod in current.values() if pod.terminated]
+    p.delete(finished)
+    holders = {pod.name for pod in p.observed.pods if pod.name in names and pod.name not in current}
+    if finished or holders:
+        return  # the pods' deletion events wake the shell
+    not_before = gang_not_before(p.status, p.spec.failure_policy.backoff_seconds)
+    if not_before is not None and p.now < not_before:
+        p.wake_at(not_before)
+        return
+    # Pods of this attempt that already exist come from an interrupted pass: keep them.
+    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings) if pod["metadata"]["name"] not in current]
+    p.actions.extend(CreateObject(pod) for pod in missing)
+    stamp = p.stamp()
+    p.status["phase"] = "Creating"
+    p.status["gangCreatedTime"] = stamp
+    p.status.setdefault("startTime", stamp)
+    message = f"created {len(missing)} of {len(names)} pods of gang attempt {p.attempt}"
+    p.condition("Created", True, "GangCreated", message)
+    p.clear_condition("Restarting", "GangCreated", message)
+    p.event("Normal", "GangCreated", message)
+    p.wake_at(p.now + timedelta(seconds=p.spec.scheduling.gang_timeout_seconds))
+
+
+def _watch_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod], created_at: datetime) -> None:
+    actor_host = p.spec.role(host_role(p.spec, "actor"))
+    actor_pods = [pod_name(p.job.name, actor_host.name, i) for i in range(actor_host.replicas)]
+    if all(n in current and current[n].phase == "Succeeded" for n in actor_pods):
+        _finish(p, "Succeeded", "Succeeded", f"all {len(actor_pods)} actor pods exited 0")
+        return
+
+    failures = sorted((pod for pod in current.values() if pod.phase == "Failed"), key=lambda pod: pod.name)
+    permanent = [pod for pod in failures if pod.exit_code in PERMANENT_EXIT_CODES]
+    if permanent:
+        for pod in failures:
+            p.event("Warning", "PodFailed", describe_failure(pod))
+        _finish(p, "Failed", "PermanentError", f"{describe_failure(permanent[0])} (permanent error: not restarting)")
+        return
+
+    missing = [n for n in names if n not in current]
+    grace_end = created_at + timedelta(seconds=MISSING_POD_GRACE_SECONDS)
+    if failures or (missing and p.now >= grace_end):
+        _gang_failed(p, failures, missing)
+        return
+    if missing:
+        p.wake_at(grace_end)
+
+    started = not missing and all(pod.phase in ("Running", "Succeeded") for pod in current.values())
+    if started and p.phase != "Running":
+        stamp = p.stamp()
+        p.status["phase"] = "Running"
+        p.status.setdefault("runningTime", stamp)
+        message = f"all {len(names)} pods of gang attempt {p.attempt} are running"
+        p.condition("Running", True, "GangRunning", message)
+        p.event("Normal", "Running", message)
+    elif not started and p.phase != "Running":
+        timeout = p.spec.scheduling.gang_timeout_seconds
+        timeout_at = created_at + timedelta(seconds=timeout)
+        if p.now >= timeout_at:
+            _gang_timeout(p, names, current, timeout)
+        else:
+            p.wake_at(timeout_at)
+
+
+def _gang_failed(p: _Pass, failures: list[ObservedPod], missing: list[str]) -> None:
+    """A pod failed or vanished: restart the whole gang, or give up after maxRestarts."""
+    for pod in failures:
+        p.event("Warning", "PodFailed", describe_failure(pod))
+    if missing:
+        p.event("Warning", "PodFailed", f"pods disappeared: {', '.join(missing)}")
+    cause = describe_failure(failures[0]) if failures else f"pod {missing[0]} disappeared"
+    policy = p.spec.failure_policy
+    if p.attempt >= policy.max_restarts:
+        _finish(p, "Failed", "ReachedMaxRestarts",
+                f"the gang failed after {p.attempt} restarts (maxRestarts {policy.max_restarts}): {cause}")
+        return
+    p.delete(p.observed.pods)
+    restarts = p.attempt + 1
+    wait = backoff_seconds(policy.backoff_seconds, restarts)
+    stamp = p.stamp()
+    p.status.update(phase="Restarting", restarts=restarts, lastRestartTime=stamp)
+    p.status.pop("gangCreatedTime", None)
+    message = f"restart {restarts} of {policy.max_restarts} in {wait:g}s: {cause}"
+    p.condition("Restarting", True, "PodFailed" if failures else "PodMissing", message)
+    p.clear_condition("Created", "GangRestart", message)
+    p.clear_condition("Running", "GangRestart", message)
+    p.event("Warning", "GangRestart", message)
+    p.wake_at(p.now + timedelta(seconds=wait))
+
+
+def _gang_timeout(p: _Pass, names: list[str], current: dict[str, ObservedPod], timeout: int) -> None:
+    """Not every pod was Running within gangTimeoutSeconds: free the nodes and try again later."""
+    p.delete(p.observed.pods)
+    timeouts = int(p.status.get("gangTimeouts") or 0) + 1
+    wait = backoff_seconds(p.spec.failure_policy.backoff_seconds, timeouts)
+    waiting = sorted(n for n in names if n not in current or current[n].phase not in ("Running", "Succeeded"))
+    p.status.update(phase="Restarting", gangTimeouts=timeouts)
+    p.status.pop("gangCreatedTime", None)
+    message = (f"{len(waiting)} of {len(names)} pods not running within {timeout}s "
+               f"({', '.join(waiting)}); recreating the gang in {wait:g}s")
+    p.condition("Restarting", True, "GangTimeout", message)
+    p.clear_condition("Created", "GangTimeout", message)
+    p.event("Warning", "GangTimeout", message)
+    p.wake_at(p.now + timedelta(seconds=wait))
+
+
+def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:
+    p.status["phase"] = phase
+    p.status["completionTime"] = p.stamp()
+    p.status.pop("gangCreatedTime", None)
+    p.condition(phase, True, reason, message)
+    p.clear_condition("Running", reason, message)
+    p.clear_condition("Restarting", reason, message)
+    if phase == "Succeeded":
+        p.event("Normal", "Succeeded", message)
+    else:
+        p.event("Warning", "DeadlineExceeded" if reason == "DeadlineExceeded" else "Failed", message)
+    _after_finish(p)
+
+
+def _after_finish(p: _Pass) -> None:
+    """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
+    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
+    p.delete(pod for pod in p.observed.pods if not pod.terminated)
+    pod_group = build_pod_group(p.job, p.settings)
+    if pod_group and ("PodGroup", pod_group["metadata"]["name"]) in p.observed.existing:
+        p.actions.append(DeleteObject(pod_group["apiVersion"], "PodGroup", pod_group["metadata"]["name"]))
+    ttl = p.spec.ttl_seconds_after_finished
+    completed = parse_time(p.status.get("completionTime"))
+    if ttl <= 0 or completed is None:
+        return
+    due = completed + timedelta(seconds=ttl)
+    if p.now >= due:
+        p.actions.append(DeleteJob())
+        p.event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished")
+    else:
+        p.wake_at(due)
