@@ -27,6 +27,7 @@ import logging
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class StandInKubelet:
         self.ips = PodIPs()
         self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
         self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
-        self.started = 0
+        self.starts: Counter[str] = Counter()  # pod name -> processes started for it
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -158,7 +159,7 @@ class StandInKubelet:
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),
                                        pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port)
         self.supervisor.start(spec)
-        self.started += 1
+        self.starts[name] += 1
         log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
