@@ -287,7 +287,9 @@ class _Fields:
 
     def __init__(self, raw: Any, path: str, errors: list[tuple[str, str]]):
         self.path, self.errors, self.read = path, errors, set()
-        if raw is not None and not isinstance(raw, dict):
+        # A non-object is one error; its fields are then not also "required".
+        self.wrong_type = raw is not None and not isinstance(raw, dict)
+        if self.wrong_type:
             self.error("", f"must be an object, got {_kind(raw)}")
             raw = None
         self.raw: dict[str, Any] = raw or {}
@@ -306,7 +308,7 @@ class _Fields:
         self.read.add(key)
         value = self.raw.get(key)
         if value is None:
-            if required:
+            if required and not self.wrong_type:
                 self.error(key, "is required")
             return _MISSING
         return value
@@ -422,7 +424,8 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     reward = _reward(top.obj("reward"))
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetSpec(path="")
     raw_roles = top.array("roles", required=True)
-    if top.has("roles") and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
+    roles_given = isinstance(top.raw.get("roles"), list)
+    if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
         top.error("roles", f"must have 1 to {len(ROLE_NAMES)} roles (got {len(raw_roles)})")
     roles = tuple(_role(_Fields(raw, f"roles[{i}]", errors)) for i, raw in enumerate(raw_roles))
     hyperparameters = _hyperparameters(top.obj("hyperparameters"))
@@ -440,7 +443,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.done()
 
     errors.extend(_duplicate_role_errors(roles))
-    if algorithm in ALGORITHMS and top.has("roles"):
+    if algorithm in ALGORITHMS and roles_given:
         errors.extend(_role_set_errors(algorithm, reward.type, roles))
     errors.extend(_colocation_errors(roles))
     if algorithm in ONLINE_ALGORITHMS and reward.type == "model" and reward_model is None:

@@ -1,0 +1,70 @@
+"""RLHFJob test cases shared by test_api.py (parse_spec) and test_crd.py (the CRD's schema + CEL).
+
+A case is an example manifest from crds/examples/ with edits, written with the same paths as the
+errors (`roles[1].replicas`), in tests/unit/cases/rlhfjob_invalid.yaml and rlhfjob_valid.yaml.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "crds" / "examples"
+CRD = ROOT / "crds" / "rlhfjobs.yaml"
+CASES = Path(__file__).resolve().parent / "cases"
+
+_STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+
+
+def example_names() -> list[str]:
+    return sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
+
+
+def _steps(path: str) -> list[str | int]:
+    return [key if key else int(index) for key, index in _STEP.findall(path)]
+
+
+def set_path(obj: Any, path: str, value: Any) -> None:
+    *parents, last = _steps(path)
+    for step in parents:
+        obj = obj[step]
+    if isinstance(obj, list) and last == len(obj):
+        obj.append(value)  # roles[3] on three roles adds a fourth
+    else:
+        obj[last] = value
+
+
+def unset_path(obj: Any, path: str) -> None:
+    *parents, last = _steps(path)
+    for step in parents:
+        obj = obj[step]
+    del obj[last]
+
+
+def build(case: dict[str, Any]) -> dict[str, Any]:
+    """The whole manifest of a case: its base example with `set` and `unset` applied to spec."""
+    manifest = copy.deepcopy(example(case["base"]))
+    for path, value in (case.get("set") or {}).items():
+        set_path(manifest["spec"], path, copy.deepcopy(value))
+    for path in case.get("unset") or []:
+        unset_path(manifest["spec"], path)
+    return manifest
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    return yaml.safe_load((CASES / name).read_text())
+
+
+def params(name: str) -> list[Any]:
+    import pytest
+
+    return [pytest.param(case, id=case["id"]) for case in load(name)]

@@ -1,0 +1,244 @@
+"""parse_spec / parse_job / immutable_changes: defaults, every invalid case, all errors at once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import rlhfjob_cases as cases
+from rlhf_operator import api
+from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
+
+MINIMAL = {
+    "algorithm": "ppo",
+    "image": "trainer:1",
+    "model": {"path": "tiny://llama"},
+    "rewardModel": {"path": "/models/rm"},
+    "dataset": {"path": "synthetic://arithmetic"},
+    "roles": [{"name": "actor"}, {"name": "critic"}, {"name": "reference"}, {"name": "reward"}],
+}
+
+
+def errors_of(spec: object) -> list[tuple[str, str]]:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)  # type: ignore[arg-type]
+    return raised.value.errors
+
+
+# --- defaults ------------------------------------------------------------------------------------
+
+
+def test_minimal_spec_gets_every_default():
+    spec = parse_spec(MINIMAL)
+    assert spec.image_pull_policy == "IfNotPresent"
+    assert spec.reward == api.RewardSpec(type="model")
+    assert spec.reward_model == api.ModelSource(path="/models/rm")
+    assert spec.dataset == api.DatasetSpec(path="synthetic://arithmetic", format="prompts", eval_path="")
+    assert spec.hyperparameters == api.Hyperparameters()
+    assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
+    assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)
+    assert spec.failure_policy == api.FailurePolicy(max_restarts=3, backoff_seconds=10)
+    assert (spec.suspend, spec.active_deadline_seconds, spec.ttl_seconds_after_finished) == (False, 0, 0)
+    actor = spec.role("actor")
+    assert (actor.replicas, actor.gpus, actor.image, actor.colocate_with) == (1, 0, "", "")
+    assert (actor.resources, actor.node_selector, actor.tolerations) == ({}, {}, [])
+
+
+@pytest.mark.parametrize(("role", "zero_stage"), [
+    pytest.param("actor", 2, id="actor-trains-zero2"),
+    pytest.param("critic", 2, id="critic-trains-zero2"),
+    pytest.param("reward", 0, id="reward-frozen-zero0"),
+    pytest.param("reference", 0, id="reference-frozen-zero0"),
+])
+def test_zero_stage_default_depends_on_whether_the_role_trains(role, zero_stage):
+    assert parse_spec(MINIMAL).role(role).deepspeed == api.DeepSpeedSpec(zero_stage=zero_stage)
+
+
+def test_explicit_zero_stage_wins_over_the_role_default():
+    spec = dict(MINIMAL, roles=[{"name": "actor"}, {"name": "critic"}, {"name": "reward"},
+                                {"name": "reference", "deepspeed": {"zeroStage": 3, "bf16": True}}])
+    assert parse_spec(spec).role("reference").deepspeed == api.DeepSpeedSpec(zero_stage=3, bf16=True)
+
+
+@pytest.mark.parametrize(("volume", "expected"), [
+    pytest.param({}, api.VolumeSpec(size="10Gi"), id="nothing-new-10Gi-claim"),
+    pytest.param({"size": "50Gi", "storageClassName": "fast"},
+                 api.VolumeSpec(size="50Gi", storage_class_name="fast"), id="sized-claim"),
+    pytest.param({"existingClaim": "ckpt"}, api.VolumeSpec(size="", existing_claim="ckpt"), id="existing-claim-no-size"),
+    pytest.param({"retain": False}, api.VolumeSpec(retain=False), id="not-retained"),
+])
+def test_checkpoint_volume(volume, expected):
+    assert parse_spec(dict(MINIMAL, checkpoint={"volume": volume})).checkpoint.volume == expected
+
+
+@pytest.mark.parametrize(("algorithm", "reward", "roles"), [
+    pytest.param("ppo", "model", ("actor", "critic", "reference", "reward"), id="ppo-model"),
+    pytest.param("ppo", "rule", ("actor", "critic", "reference"), id="ppo-rule"),
+    pytest.param("grpo", "model", ("actor", "reference", "reward"), id="grpo-model"),
+    pytest.param("rloo", "rule", ("actor", "reference"), id="rloo-rule"),
+    pytest.param("dpo", "model", ("actor", "reference"), id="dpo-reward-type-irrelevant"),
+    pytest.param("rm", "model", ("actor",), id="rm"),
+    pytest.param("sft", "rule", ("actor",), id="sft"),
+])
+def test_required_roles(algorithm, reward, roles):
+    assert api.required_roles(algorithm, reward) == roles
+
+
+def test_hyperparameters_are_read_by_their_manifest_names():
+    given = {"maxSteps": 7, "learningRate": 3e-4, "klEstimator": "k3", "whitenAdvantages": False,
+             "lossType": "ipo", "labelSmoothing": 0.1, "dualClip": 3, "packing": True}
+    hp = parse_spec(dict(MINIMAL, hyperparameters=given)).hyperparameters
+    assert (hp.max_steps, hp.learning_rate, hp.kl_estimator, hp.whiten_advantages) == (7, 3e-4, "k3", False)
+    assert (hp.loss_type, hp.label_smoothing, hp.dual_clip, hp.packing) == ("ipo", 0.1, 3.0, True)
+    assert isinstance(hp.dual_clip, float)  # an integer in YAML is still a float field
+
+
+def test_camel_case_names_every_hyperparameter_as_the_spec_does():
+    names = {api.camel_case(f.name) for f in dataclasses.fields(api.Hyperparameters)}
+    assert {"maxSteps", "learningRate", "microBatchSize", "valueClipRange", "klHorizon"} <= names
+    assert set(api.HYPERPARAMETER_BOUNDS) <= names
+
+
+def test_role_fields_are_kept():
+    role = {"name": "actor", "replicas": 2, "image": "custom:2", "gpus": 8,
+            "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"nvidia.com/gpu": 8}},
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "deepspeed": {"zeroStage": 3, "bf16": True, "offloadOptimizer": True, "gradientCheckpointing": True}}
+    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role]})
+    actor = spec.role("actor")
+    assert (actor.replicas, actor.image, actor.gpus) == (2, "custom:2", 8)
+    assert actor.resources == role["resources"] and actor.node_selector == {"pool": "gpu"}
+    assert actor.tolerations == role["tolerations"]
+    assert actor.deepspeed == api.DeepSpeedSpec(3, True, True, True)
+
+
+def test_colocated_roles_have_no_pods_of_their_own():
+    roles = [{"name": "actor"}, {"name": "critic"}, {"name": "reference", "colocateWith": "actor"},
+             {"name": "reward", "colocateWith": "critic"}]
+    spec = parse_spec(dict(MINIMAL, roles=roles))
+    assert [r.name for r in spec.pod_roles()] == ["actor", "critic"]
+    assert spec.colocated_into("actor") == ("reference",) and spec.colocated_into("critic") == ("reward",)
+
+
+@pytest.mark.parametrize("name", cases.example_names())
+def test_every_example_parses(name):
+    manifest = cases.example(name)
+    job = parse_job(manifest)
+    assert job.name == manifest["metadata"]["name"]
+    assert {r.name for r in job.spec.roles} == set(api.required_roles(job.spec.algorithm, job.spec.reward.type))
+
+
+@pytest.mark.parametrize("case", cases.params("rlhfjob_valid.yaml"))
+def test_valid_variants_parse(case):
+    parse_spec(cases.build(case)["spec"])
+
+
+def test_null_is_unset():
+    spec = parse_spec({**MINIMAL, "hyperparameters": {"maxSteps": None}, "suspend": None})
+    assert spec.hyperparameters.max_steps == api.Hyperparameters().max_steps and spec.suspend is False
+
+
+# --- invalid specs ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid.yaml"))
+def test_invalid_spec_reports_every_error(case):
+    errors = errors_of(cases.build(case)["spec"])
+    expected = [tuple(e) for e in case["errors"]]
+    for path, fragment in expected:
+        assert any(p == path and fragment in m for p, m in errors), f"no {path}: {fragment!r} in {errors}"
+    assert len(errors) == len(expected), f"expected exactly {expected}, got {errors}"
+
+
+def test_the_invalid_table_is_large_and_names_fields():
+    table = cases.load("rlhfjob_invalid.yaml")
+    assert len(table) >= 25
+    assert len({c["id"] for c in table}) == len(table)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    pytest.param(None, "is required", id="none"),
+    pytest.param([], "must be an object, got array", id="list"),
+    pytest.param("ppo", "must be an object, got string", id="string"),
+])
+def test_spec_that_is_not_an_object(spec, message):
+    errors = errors_of(spec)
+    assert any(message in m for _, m in errors), errors
+
+
+def test_spec_error_message_names_every_field_with_spec_prefix():
+    spec = dict(MINIMAL, roles=[{"name": "actor", "replicas": 0}, {"name": "critic"}, {"name": "reference"},
+                                {"name": "reward", "gpus": -2}])
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)
+    text = str(raised.value)
+    assert "spec.roles[0].replicas: must be >= 1 (got 0)" in text
+    assert "spec.roles[3].gpus: must be >= 0 (got -2)" in text
+    assert isinstance(raised.value, ValueError)
+
+
+def test_unknown_field_message_lists_the_known_fields():
+    [(path, message)] = errors_of(dict(MINIMAL, checkpoint={"intervalStep": 5}))
+    assert path == "checkpoint.intervalStep"
+    assert "known fields: intervalSteps, keep, volume" in message
+
+
+# --- parse_job ---------------------------------------------------------------------------------------
+
+
+def test_parse_job_reads_identity_spec_and_status():
+    obj = {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob",
+           "metadata": {"name": "j", "namespace": "team-a", "uid": "u-1", "generation": 4,
+                        "creationTimestamp": "2026-01-01T00:00:00Z"},
+           "spec": MINIMAL, "status": {"phase": "Running", "restarts": 1}}
+    job = parse_job(obj)
+    assert (job.name, job.namespace, job.uid, job.generation) == ("j", "team-a", "u-1", 4)
+    assert job.creation_timestamp == "2026-01-01T00:00:00Z"
+    assert job.spec == parse_spec(MINIMAL)
+    assert job.status == {"phase": "Running", "restarts": 1}
+    job.status["phase"] = "Failed"
+    assert obj["status"]["phase"] == "Running"  # a copy: the planner may not write into the API object
+
+
+def test_parse_job_defaults_for_a_manifest_file():
+    job = parse_job({"metadata": {"name": "j"}, "spec": MINIMAL})
+    assert (job.namespace, job.uid, job.generation, job.creation_timestamp, job.status) == ("default", "", 1, "", {})
+
+
+def test_parse_job_reports_name_and_spec_errors_together():
+    with pytest.raises(SpecError) as raised:
+        parse_job({"metadata": {}, "spec": dict(MINIMAL, image="")})
+    assert raised.value.errors == [("metadata.name", "is required"), ("image", "must not be empty")]
+    assert str(raised.value) == "metadata.name: is required; spec.image: must not be empty"
+
+
+# --- immutable fields ---------------------------------------------------------------------------------
+
+BASE_ROLES = [{"name": "actor"}, {"name": "critic"}, {"name": "reference", "colocateWith": "actor"}]
+
+
+@pytest.mark.parametrize(("new", "paths"), [
+    pytest.param({"algorithm": "ppo", "roles": BASE_ROLES}, [], id="unchanged"),
+    pytest.param({"algorithm": "ppo", "roles": [{"name": "actor", "replicas": 4, "gpus": 8}, {"name": "critic"},
+                                                 {"name": "reference", "colocateWith": "actor"}]},
+                 [], id="replicas-and-gpus-may-change"),
+    pytest.param({"algorithm": "ppo", "roles": list(reversed(BASE_ROLES))}, [], id="order-is-not-layout"),
+    pytest.param({"algorithm": "grpo", "roles": BASE_ROLES}, ["algorithm"], id="algorithm"),
+    pytest.param({"algorithm": "ppo", "roles": BASE_ROLES[:2] + [{"name": "reference"}]},
+                 ["roles"], id="colocation-removed"),
+    pytest.param({"algorithm": "ppo", "roles": BASE_ROLES + [{"name": "reward"}]}, ["roles"], id="role-added"),
+    pytest.param({"algorithm": "dpo", "roles": [{"name": "actor"}, {"name": "reference"}]},
+                 ["algorithm", "roles"], id="both"),
+])
+def test_immutable_changes(new, paths):
+    old = {"algorithm": "ppo", "roles": BASE_ROLES}
+    changes = immutable_changes(old, new)
+    assert [p for p, _ in changes] == paths
+    assert all("immutable" in m for _, m in changes)
+
+
+def test_immutable_change_message_shows_old_and_new_layout():
+    [(_, message)] = immutable_changes({"algorithm": "sft", "roles": [{"name": "actor"}]},
+                                       {"algorithm": "sft", "roles": [{"name": "actor"}, {"name": "critic"}]})
+    assert "was actor, now actor, critic" in message
