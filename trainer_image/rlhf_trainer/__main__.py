@@ -1,0 +1,52 @@
+"""`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
+
+Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
+goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
+propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def write_termination_message(message: str, env: dict[str, str]) -> None:
+    """Best effort: the kubelet shows this file's content as the container's termination message."""
+    path = env.get("RLHF_TERMINATION_LOG", TERMINATION_LOG)
+    try:
+        with open(path, "w") as f:
+            f.write(message[:4000])  # the kubelet keeps at most 4096 bytes
+    except OSError:
+        pass
+
+
+def main(env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ) if env is None else env
+    try:
+        from rlhf_trainer.config import load_config
+        from rlhf_trainer.distributed import read_process_env
+
+        try:
+            process = read_process_env(env)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        config = load_config(process.config_path)
+        from rlhf_trainer.runtime import run
+
+        run(process, config)
+    except (ConfigError, DataError) as exc:
+        kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
+        message = f"rlhf_trainer: {kind} error: {exc}"
+        print(message, file=sys.stderr, flush=True)
+        write_termination_message(message, env)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

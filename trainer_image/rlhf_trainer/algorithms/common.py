@@ -1,0 +1,227 @@
+"""What every actor loop shares: the step driver (data, resume, checkpoints, metrics, export) and
+the rollout helpers of the online algorithms (generate, score, micro-batches).
+
+An algorithm is an object with `strategy`, `tokenizer`, `kind` (what records it consumes, see
+data.KIND_OF_ALGORITHM), `step(records, timings) -> dict of metrics`, and `state_dict()` /
+`load_state_dict()` for what it must carry over a restart (e.g. the KL controller).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_trainer import checkpoint, distributed, models
+from rlhf_trainer.data import (
+    Sampler,
+    encode_prompt_responses,
+    encode_prompts,
+    load_dataset,
+    position_ids_from_mask,
+    response_mask,
+    shard,
+)
+from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.runtime import Context, log, resume_step
+
+# Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
+AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
+            "response_length", "preference_accuracy")
+
+
+def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
+    for start in range(0, size, micro_batch_size):
+        yield slice(start, min(start + micro_batch_size, size))
+
+
+def global_normaliser(local_count: float) -> float:
+    """Tokens (or rows) of the whole actor batch divided by the world size.
+
+    DeepSpeed averages gradients over data-parallel ranks, so a rank whose loss is its own sum over
+    this normaliser ends with the gradient of the sum over the whole batch divided by its size.
+    """
+    return max(distributed.all_reduce_sum(local_count) / distributed.world_size(), 1e-8)
+
+
+def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
+    world = distributed.world_size()
+    if world == 1:
+        return stats
+    return {k: (distributed.all_reduce_sum(v) / world if k in AVERAGED else v) for k, v in stats.items()}
+
+
+@dataclass
+class Rollout:
+    """Sampled responses of one actor rank. T = prompt width + response width."""
+
+    sequences: torch.Tensor  # (B, T) left-padded prompt + response (+ padding after EOS)
+    attention_mask: torch.Tensor  # (B, T) 1 on real prompt and response tokens
+    action_mask: torch.Tensor  # (B, T-1) 1 where log-prob t belongs to a response token
+    ended: torch.Tensor  # (B,) bool: the response sampled an EOS within max_new_tokens
+    prompts: list[str]
+    responses: list[str]  # decoded, special tokens dropped
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], hp) -> Rollout:
+    enc = encode_prompts(tokenizer, prompts, hp.max_prompt_length)
+    dev = distributed.device()
+    out = model.generate(
+        input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+        do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
+        max_new_tokens=hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ).cpu()
+    width = enc["input_ids"].shape[1]
+    response_ids = out[:, width:]
+    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
+    action_mask = torch.cat([torch.zeros(len(prompts), width - 1, dtype=torch.long), mask], dim=1)
+    responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(out, attention_mask, action_mask, ended, list(prompts), responses)
+
+
+class Scorer:
+    """Scores responses with the rule reward in-process, or with the reward role's model."""
+
+    def __init__(self, ctx: Context):
+        self.rule = None
+        self.client = None
+        if ctx.cfg.reward.type == "rule":
+            from rlhf_trainer.rewards import build_reward_fn
+
+            self.rule = build_reward_fn(ctx.cfg.reward)
+        else:
+            self.client = ctx.client("reward")
+
+    def __call__(self, prompts: list[str], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+        if self.rule is not None:
+            return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
+        return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
+
+
+def policy_logprobs(strategy, sequences, attention_mask, temperature: float):
+    """Training forward of the policy: (B, T-1) log-probs of the sampled tokens and their logits."""
+    logits = strategy.forward(
+        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).logits[:, :-1].float() / temperature
+    return logprobs_from_logits(logits, sequences[:, 1:]), logits
+
+
+def encode_pairs(tokenizer, records, hp) -> dict[str, torch.Tensor]:
+    """Preference pairs -> one right-padded (2B, T) batch: rows 0..B-1 chosen, B..2B-1 rejected."""
+    prompts = [r.prompt for r in records]
+    lengths = {"max_prompt_length": hp.max_prompt_length, "max_response_length": hp.max_new_tokens + 1}
+    chosen = encode_prompt_responses(tokenizer, prompts, [r.chosen for r in records], **lengths)
+    rejected = encode_prompt_responses(tokenizer, prompts, [r.rejected for r in records], **lengths)
+    width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
+    pad = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "loss_mask": 0}
+    return {
+        key: torch.cat([torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=value)
+                        for part in (chosen, rejected)])
+        for key, value in pad.items()
+    }
+
+
+def pair_slices(num_pairs: int, micro_batch_size: int) -> Iterator[torch.Tensor]:
+    """Row indices of each micro-batch of pairs in an encode_pairs batch (chosen rows, then rejected)."""
+    for mb in micro_batches(num_pairs, micro_batch_size):
+        rows = torch.arange(mb.start, mb.stop)
+        yield torch.cat([rows, rows + num_pairs])
+
+
+def start_colocated(ctx: Context) -> None:
+    """Build the services of roles colocated in the actor's processes (RLHF_COLOCATED_ROLES)."""
+    from rlhf_trainer.runtime import build_service
+
+    for role in ctx.env.colocated_roles:
+        ctx.local_services[role] = build_service(ctx, role)
+
+
+def load_records(ctx: Context, kind: str):
+    return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)
+
+
+def _savers(ctx: Context, strategy) -> dict[str, checkpoint.RoleCheckpointer]:
+    root = ctx.env.checkpoint_dir
+    out = {"actor": checkpoint.RoleCheckpointer(root, "actor", strategy)}
+    for role in ctx.env.colocated_roles:
+        out[role] = checkpoint.RoleCheckpointer(root, role, ctx.strategies.get(role))
+    return out
+
+
+def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> None:
+    """Every role saves `step`; actor rank 0 then marks it COMPLETE and prunes old steps."""
+    root = ctx.env.checkpoint_dir
+    if distributed.world_rank() == 0:
+        checkpoint.unmark_complete(root, step)
+    distributed.role_barrier()
+    for dst in ctx.remote_hosts():
+        ctx.bridge.send(dst, "save", step=step)
+    for role, saver in savers.items():
+        saver.save(step, actor_state if role == "actor" else {})
+    for dst in ctx.remote_hosts():
+        ctx.bridge.recv(dst)  # "ok": that process has saved its roles
+    distributed.role_barrier()  # ... and so have the servers of every other actor rank
+    if distributed.world_rank() == 0:
+        checkpoint.mark_complete(root, step, sorted(ctx.cfg.roles))
+        checkpoint.prune(root, ctx.cfg.checkpoint.keep)
+    ctx.metrics.set_checkpoint_step(step)
+    log(f"checkpoint step-{step} complete")
+
+
+def export(ctx: Context, strategy, tokenizer) -> Path:
+    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
+    state = strategy.full_state_dict()  # collective under ZeRO-3
+    final = Path(ctx.env.checkpoint_dir) / "export"
+    if distributed.world_rank() == 0:
+        tmp = final.with_name(".export.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    distributed.role_barrier()
+    return final
+
+
+def drive(ctx: Context, algorithm) -> None:
+    """Run `algorithm` from the newest complete checkpoint (or step 0) to max_steps, then export."""
+    hp = ctx.hp
+    records = load_records(ctx, algorithm.kind)
+    sampler = Sampler(len(records), hp.batch_size, seed=hp.seed)
+    savers = _savers(ctx, algorithm.strategy)
+    start = resume_step(ctx) or 0
+    if start:
+        for role, saver in savers.items():
+            state = saver.load(start)
+            if role == "actor":
+                sampler.load_state_dict(state["data"])
+                algorithm.load_state_dict(state["algorithm"])
+        log(f"actor-{ctx.env.rank}: resumed from step {start}")
+    ranks = ctx.cfg.roles["actor"].replicas
+    for step in range(start + 1, hp.max_steps + 1):
+        batch = [records[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        stats = algorithm.step(batch, timings)
+        elapsed = time.perf_counter() - t0
+        stats = mean_over_ranks(stats)
+        tokens = distributed.all_reduce_sum(stats.pop("tokens", 0.0))
+        stats.update(timings, tokens_per_second=tokens / elapsed, step_seconds=elapsed)
+        ctx.metrics.record_step(step, stats)
+        if ctx.env.rank == 0:
+            log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
+        if step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps:
+            with ctx.metrics.phase("sync"):
+                save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
+    export(ctx, algorithm.strategy, algorithm.tokenizer)
+    for dst in ctx.remote_hosts():
+        ctx.bridge.send(dst, "stop")
+        ctx.bridge.recv(dst)
+    log(f"actor-{ctx.env.rank}: done")

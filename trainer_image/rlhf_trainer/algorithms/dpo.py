@@ -1,0 +1,84 @@
+"""DPO (Rafailov et al. 2023) and its variants: IPO (Azar et al. 2023), hinge (SLiC), cDPO label smoothing.
+
+One step: the reference role's log-probs of chosen and rejected responses, then per micro-batch the
+policy's log-probs and the preference loss on the difference of the two log-ratios. No sampling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_trainer import models
+from rlhf_trainer.algorithms.common import (
+    drive,
+    encode_pairs,
+    global_normaliser,
+    pair_slices,
+    start_colocated,
+)
+from rlhf_trainer.losses.dpo import dpo_loss
+from rlhf_trainer.roles import sequence_logprobs
+from rlhf_trainer.runtime import Context
+from rlhf_trainer.strategy import DeepSpeedStrategy
+
+
+def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """(R, T-1) token log-probs -> (R,) log-probability of each row's response."""
+    return (logprobs * loss_mask[:, 1:].to(logprobs.dtype)).sum(-1)
+
+
+class DPO:
+    kind = "pairs"
+
+    def __init__(self, ctx: Context):
+        hp = self.hp = ctx.hp
+        self.ctx = ctx
+        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.strategy = DeepSpeedStrategy(
+            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
+        )
+        self.reference = ctx.client("reference")
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def step(self, records, timings) -> dict[str, float]:
+        hp, metrics, n = self.hp, self.ctx.metrics, len(records)
+        batch = encode_pairs(self.tokenizer, records, hp)
+        ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        with metrics.phase("score", timings):
+            ref = summed_logprobs(
+                self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"], loss_mask
+            )
+        pairs_total = global_normaliser(n)
+        losses, correct, margins = [], 0.0, []
+        with metrics.phase("train", timings):
+            self.strategy.train()
+            for rows in pair_slices(n, hp.micro_batch_size):
+                logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+                half = len(rows) // 2
+                loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
+                    logp[:half], logp[half:], ref[rows][:half].to(logp.device), ref[rows][half:].to(logp.device),
+                    beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
+                )
+                # dpo_loss averages over its pairs; rescale to a share of the whole batch's mean.
+                loss = loss * half / pairs_total
+                self.strategy.backward(loss)
+                self.strategy.step()
+                losses.append(float(loss))
+                correct += float(accuracy) * half
+                margins.append(float((chosen_reward - rejected_reward).mean()))
+        return {
+            "policy_loss": sum(losses), "loss": sum(losses), "preference_accuracy": correct / n,
+            "reward_mean": sum(margins) / len(margins), "tokens": float(attn.sum()),
+        }
+
+
+def run(ctx: Context) -> None:
+    start_colocated(ctx)
+    drive(ctx, DPO(ctx))

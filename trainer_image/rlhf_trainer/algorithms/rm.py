@@ -1,0 +1,60 @@
+"""Reward model training: Bradley–Terry on preference pairs (Ouyang et al. 2022), optional margin (Llama 2).
+
+The actor role here is a one-label sequence classifier initialised from `model.path`; its score of a
+row is the output at the last real token. The export is a Hugging Face sequence-classification
+folder that a PPO / GRPO job's `rewardModel.path` can point at.
+"""
+
+from __future__ import annotations
+
+from rlhf_trainer import models
+from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, pair_slices
+from rlhf_trainer.losses.rm import bradley_terry_loss
+from rlhf_trainer.roles import sequence_scores
+from rlhf_trainer.runtime import Context
+from rlhf_trainer.strategy import DeepSpeedStrategy
+
+
+class RewardModelTraining:
+    kind = "pairs"
+
+    def __init__(self, ctx: Context):
+        hp = self.hp = ctx.hp
+        self.ctx = ctx
+        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.strategy = DeepSpeedStrategy(
+            models.load_reward_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
+        )
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def step(self, records, timings) -> dict[str, float]:
+        hp, n = self.hp, len(records)
+        batch = encode_pairs(self.tokenizer, records, hp)
+        pairs_total = global_normaliser(n)
+        losses, correct, chosen_scores = [], 0.0, []
+        with self.ctx.metrics.phase("train", timings):
+            self.strategy.train()
+            for rows in pair_slices(n, hp.micro_batch_size):
+                scores = sequence_scores(self.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows])
+                half = len(rows) // 2
+                loss = bradley_terry_loss(scores[:half], scores[half:], margin=hp.margin) * half / pairs_total
+                self.strategy.backward(loss)
+                self.strategy.step()
+                losses.append(float(loss))
+                correct += float((scores[:half] > scores[half:]).float().sum())
+                chosen_scores.append(float(scores[:half].detach().mean()))
+        return {
+            "loss": sum(losses), "policy_loss": sum(losses), "preference_accuracy": correct / n,
+            "reward_mean": sum(chosen_scores) / len(chosen_scores), "tokens": float(batch["attention_mask"].sum()),
+        }
+
+
+def run(ctx: Context) -> None:
+    drive(ctx, RewardModelTraining(ctx))

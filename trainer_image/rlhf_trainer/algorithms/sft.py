@@ -1,0 +1,71 @@
+"""Supervised fine-tuning: next-token cross-entropy on the response tokens only (prompt labels -100),
+optionally packing several examples into one row (positions restart and labels are masked at each
+example's boundary, so examples never attend to or predict each other).
+"""
+
+from __future__ import annotations
+
+from rlhf_trainer import models
+from rlhf_trainer.algorithms.common import drive, global_normaliser, micro_batches
+from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.losses.sft import pack_examples, sft_loss
+from rlhf_trainer.runtime import Context
+from rlhf_trainer.strategy import DeepSpeedStrategy
+
+
+class SFT:
+    kind = "sft"
+
+    def __init__(self, ctx: Context):
+        hp = self.hp = ctx.hp
+        self.ctx = ctx
+        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.strategy = DeepSpeedStrategy(
+            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
+        )
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def step(self, records, timings) -> dict[str, float]:
+        hp = self.hp
+        batch = encode_prompt_responses(
+            self.tokenizer, [r.prompt for r in records], [r.response for r in records],
+            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
+        )
+        labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
+        position_ids = position_ids_from_mask(batch["attention_mask"])
+        if hp.packing:
+            batch, labels, position_ids = pack_examples(batch, labels)
+        num_tokens = global_normaliser(float((labels[:, 1:] != -100).sum()))
+        losses = []
+        with self.ctx.metrics.phase("train", timings):
+            self.strategy.train()
+            # With packing there are fewer rows than examples; the accumulation steps stay fixed.
+            slices = list(micro_batches(labels.shape[0], hp.micro_batch_size))
+            for i in range(self.strategy.engine.gradient_accumulation_steps()):
+                mb = slices[i] if i < len(slices) else slice(0, 0)
+                if mb.stop == mb.start:
+                    # Keep DeepSpeed's micro-step count (and the collectives) aligned: a zero loss.
+                    mb = slice(0, 1)
+                    scale = 0.0
+                else:
+                    scale = 1.0
+                logits = self.strategy.forward(
+                    input_ids=batch["input_ids"][mb], attention_mask=batch["attention_mask"][mb],
+                    position_ids=position_ids[mb], use_cache=False,
+                ).logits
+                loss = sft_loss(logits, labels[mb], num_tokens=num_tokens) * scale
+                self.strategy.backward(loss)
+                self.strategy.step()
+                losses.append(float(loss))
+        return {"loss": sum(losses), "policy_loss": sum(losses), "tokens": float(batch["attention_mask"].sum())}
+
+
+def run(ctx: Context) -> None:
+    drive(ctx, SFT(ctx))

@@ -1,0 +1,180 @@
+"""The serving roles (reference, reward, critic) and how the actor reaches them.
+
+Each serving role is a small object with `handle(method, tensors, meta) -> (tensors, meta)`:
+
+| op                   | in                                        | out                       |
+|----------------------|-------------------------------------------|---------------------------|
+| reference.logprobs   | input_ids, attention_mask (B, T)          | logprobs (B, T-1)         |
+| reward.score         | meta prompts, responses (strings)         | scores (B,)               |
+| critic.values        | input_ids, attention_mask (B, T)          | values (B, T)             |
+| critic.train         | + old_values, returns, action_mask (B,T-1)| meta value_loss           |
+
+The actor calls them through a client: `LocalClient` when the role is colocated in the actor's own
+processes (RLHF_COLOCATED_ROLES), `RemoteClient` over the bridge otherwise. A process of a serving
+role runs `serve()`: it answers its actor ranks in a fixed order until each has said "stop"; "save"
+checkpoints every role hosted by the process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from rlhf_trainer import distributed
+from rlhf_trainer.bridge import Bridge
+from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.losses.ppo import value_loss
+from rlhf_trainer.losses.utils import logprobs_from_logits
+
+Tensors = dict[str, torch.Tensor]
+Reply = tuple[Tensors, dict[str, Any]]
+
+
+def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
+    """(B, T) sequences -> (B, T-1) log-probabilities of tokens 1..T-1 under `model`.
+
+    Logits are divided by the sampling temperature, so these are the probabilities the tokens were
+    actually sampled with. Positions count real tokens only (left padding), as in generation.
+    """
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+    ).logits[:, :-1].float()
+    return logprobs_from_logits(logits / temperature, input_ids[:, 1:])
+
+
+def _on_device(tensors: Tensors) -> Tensors:
+    dev = distributed.device()
+    return {k: v.to(dev) for k, v in tensors.items()}
+
+
+class ReferenceService:
+    """Frozen copy of the initial policy: log-probs for the KL penalty / DPO reference."""
+
+    def __init__(self, model, temperature: float):
+        self.model = model.to(distributed.device()).eval()
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        assert method == "logprobs", method
+        t = _on_device(tensors)
+        return {"logprobs": sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)}, {}
+
+
+class RewardService:
+    """A reward model scoring (prompt, response) texts; it tokenises them itself, so its tokenizer may
+    differ from the policy's. Rows are built as in RM training: prompt + response + EOS."""
+
+    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_response_length: int):
+        self.model = model.to(distributed.device()).eval()
+        self.tokenizer = tokenizer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_response_length": max_response_length}
+
+    @torch.no_grad()
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        assert method == "score", method
+        enc = encode_prompt_responses(self.tokenizer, meta["prompts"], meta["responses"], **self.lengths)
+        return {"scores": sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu()}, {}
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) scores of a one-label sequence classifier, which pools the last non-pad token."""
+    dev = distributed.device()
+    return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, 0].float()
+
+
+class CriticService:
+    """PPO critic: per-token values, and its own optimizer step on the actor's returns."""
+
+    def __init__(self, strategy, *, micro_batch_size: int, value_clip_range: float, normaliser: Callable):
+        self.strategy = strategy
+        self.micro_batch_size = micro_batch_size
+        self.value_clip_range = value_clip_range
+        self.normaliser = normaliser  # local token count -> the global batch's normaliser
+
+    def values(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.strategy.forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+        ).float()
+
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        t = _on_device(tensors)
+        if method == "values":
+            self.strategy.eval()
+            with torch.no_grad():
+                return {"values": self.values(t["input_ids"], t["attention_mask"])}, {}
+        assert method == "train", method
+        self.strategy.train()
+        num_tokens = self.normaliser(float(t["action_mask"].sum()))
+        total = 0.0
+        for start in range(0, t["input_ids"].shape[0], self.micro_batch_size):
+            mb = {k: v[start : start + self.micro_batch_size] for k, v in t.items()}
+            # Values of the states before each action: positions 0..T-2, aligned with log-probs.
+            new_values = self.values(mb["input_ids"], mb["attention_mask"])[:, :-1]
+            loss = value_loss(
+                new_values, mb["old_values"], mb["returns"], mb["action_mask"],
+                clip_range=self.value_clip_range, num_tokens=num_tokens,
+            )
+            self.strategy.backward(loss)
+            self.strategy.step()
+            total += float(loss)
+        return {}, {"value_loss": total}
+
+
+class LocalClient:
+    """A role colocated in this process: a plain method call."""
+
+    def __init__(self, service):
+        self.service = service
+
+    def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
+        out, out_meta = self.service.handle(method, tensors or {}, meta)
+        return {k: v.cpu() for k, v in out.items()}, out_meta
+
+
+class RemoteClient:
+    """A role in another process, reached over the bridge."""
+
+    def __init__(self, bridge: Bridge, role: str, dst: int):
+        self.bridge, self.role, self.dst = bridge, role, dst
+
+    def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
+        self.bridge.send(self.dst, f"{self.role}.{method}", tensors, **meta)
+        op, out, out_meta = self.bridge.recv(self.dst)
+        if op == "error":
+            raise RuntimeError(f"{self.role} (bridge rank {self.dst}) failed: {out_meta.get('message')}")
+        return out, out_meta
+
+
+def serve(bridge: Bridge, services: dict[str, Any], actor_bridge_ranks: list[int], save: Callable[[int], None]) -> None:
+    """Answer the given actor processes until each sent "stop".
+
+    Every actor rank issues the same sequence of calls per step, so answering them round-robin in a
+    fixed order never deadlocks, and collective work inside this role's world (a ZeRO step of the
+    critic, a checkpoint) happens on all of its ranks at the same time. `save(step)` runs once per
+    step, on the first actor's request; the others just get the acknowledgement.
+    """
+    active = list(actor_bridge_ranks)
+    saved_step = None
+    while active:
+        for src in list(active):
+            op, tensors, meta = bridge.recv(src)
+            if op == "stop":
+                bridge.send(src, "ok")
+                active.remove(src)
+                continue
+            if op == "save":
+                if saved_step != meta["step"]:
+                    save(meta["step"])
+                    saved_step = meta["step"]
+                bridge.send(src, "ok")
+                continue
+            role, _, method = op.partition(".")
+            if role not in services:
+                bridge.send(src, "error", message=f"this process serves {sorted(services)}, not {role!r}")
+                raise RuntimeError(f"bridge rank {src} asked for {op!r}; this process serves {sorted(services)}")
+            out, out_meta = services[role].handle(method, tensors, meta)
+            bridge.send(src, "ok", out, **out_meta)

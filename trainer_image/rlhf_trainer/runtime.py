@@ -1,0 +1,208 @@
+"""One trainer process from start to exit: worlds, bridge, metrics, then the actor loop or a server.
+
+    env = read_process_env(os.environ); cfg = load_config(env.config_path)
+    run(env, cfg)   # actor: the algorithm's loop; critic / reward / reference: serve the actor
+
+Everything a loop needs (clients of the other roles, metrics, checkpoints) is gathered in `Context`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhf_trainer import checkpoint, distributed
+from rlhf_trainer.bridge import (
+    Bridge,
+    RolePlacement,
+    bridge_ranks,
+    check_placements,
+    served_actor_ranks,
+    serving_rank,
+)
+from rlhf_trainer.config import TrainerConfig
+from rlhf_trainer.distributed import ProcessEnv
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+
+ONLINE = ("ppo", "grpo", "rloo")
+# algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO is GRPO's loop).
+ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "dpo": "dpo", "rm": "rm", "sft": "sft"}
+
+
+def log(*parts: Any) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def placements_of(cfg: TrainerConfig) -> dict[str, RolePlacement]:
+    return {name: RolePlacement(role.replicas, role.colocate_with) for name, role in cfg.roles.items()}
+
+
+def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
+    """The env must describe a process the config has; mismatches are config errors (exit 78)."""
+    placements = placements_of(cfg)
+    try:
+        check_placements(placements)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if env.role not in cfg.roles or cfg.roles[env.role].colocate_with:
+        raise ConfigError(f"RLHF_ROLE: {env.role!r} is not a role with pods of its own in the config")
+    if not 0 <= env.rank < cfg.roles[env.role].replicas or env.replicas != cfg.roles[env.role].replicas:
+        raise ConfigError(
+            f"RLHF_ROLE_RANK/RLHF_ROLE_REPLICAS: {env.rank}/{env.replicas} does not fit roles.{env.role}.replicas "
+            f"= {cfg.roles[env.role].replicas}"
+        )
+    expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
+    if sorted(env.colocated_roles) != expected:
+        raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
+    actors = cfg.roles["actor"].replicas
+    if cfg.hyperparameters.batch_size % actors:
+        raise ConfigError(
+            f"hyperparameters.batch_size: {cfg.hyperparameters.batch_size} is not divisible by roles.actor.replicas {actors}"
+        )
+
+
+@dataclass
+class Context:
+    env: ProcessEnv
+    cfg: TrainerConfig
+    placements: dict[str, RolePlacement]
+    bridge: Bridge | None
+    metrics: TrainerMetrics
+    # Services this process runs for colocated roles, by role name.
+    local_services: dict[str, Any] = field(default_factory=dict)
+    # Strategies of this process's trainable roles (for checkpoints), by role name.
+    strategies: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hp(self):
+        return self.cfg.hyperparameters
+
+    @property
+    def hosted_roles(self) -> list[str]:
+        return [self.env.role, *self.env.colocated_roles]
+
+    def client(self, role: str):
+        """How this actor process reaches `role`: in-process when colocated here, else over the bridge."""
+        from rlhf_trainer.roles import LocalClient, RemoteClient
+
+        if role in self.local_services:
+            return LocalClient(self.local_services[role])
+        host, rank = serving_rank(role, self.env.rank, self.placements)
+        return RemoteClient(self.bridge, role, bridge_ranks(self.placements)[(host, rank)])
+
+    def remote_hosts(self) -> list[int]:
+        """Bridge ranks of every serving process this actor rank talks to (each once)."""
+        ranks = bridge_ranks(self.placements)
+        hosts = {serving_rank(r, self.env.rank, self.placements) for r in self.placements if r != "actor"}
+        return sorted(ranks[h] for h in hosts if h[0] != "actor")
+
+    def rows_per_rank(self, rows_per_prompt: int = 1) -> int:
+        return self.hp.batch_size // self.cfg.roles["actor"].replicas * rows_per_prompt
+
+    def grad_accum(self, rows: int) -> int:
+        return max(1, math.ceil(rows / self.hp.micro_batch_size))
+
+
+def build_service(ctx: Context, role: str):
+    """The service object of a serving role (and register its strategy if it trains)."""
+    from rlhf_trainer import models
+    from rlhf_trainer.roles import CriticService, ReferenceService, RewardService
+    from rlhf_trainer.strategy import DeepSpeedStrategy
+
+    hp, cfg = ctx.hp, ctx.cfg
+    if role == "reference":
+        temperature = hp.temperature if cfg.algorithm in ONLINE else 1.0
+        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
+    if role == "reward":
+        path = cfg.reward_model.path
+        return RewardService(
+            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
+            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
+        )
+    if role == "critic":
+        rows = ctx.rows_per_rank()
+        strategy = DeepSpeedStrategy(
+            models.load_value_model(cfg.model.path, seed=hp.seed),
+            cfg.roles["critic"].deepspeed,
+            learning_rate=hp.learning_rate,
+            micro_batch_size=hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(rows),
+        )
+        ctx.strategies["critic"] = strategy
+        world = distributed.world_size()
+        return CriticService(
+            strategy,
+            micro_batch_size=hp.micro_batch_size,
+            value_clip_range=hp.value_clip_range,
+            normaliser=lambda n: distributed.all_reduce_sum(n) / world,
+        )
+    raise ValueError(f"no service for role {role!r}")
+
+
+def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
+    placements = placements_of(cfg)
+    host, port = env.role_addrs.get(env.role, ("127.0.0.1", 29500))
+    if env.role not in env.role_addrs and env.replicas > 1:
+        raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
+    distributed.init_role_world(master_addr=host, master_port=port, rank=env.rank, world_size=env.replicas)
+    ranks = bridge_ranks(placements)
+    bridge = None
+    if len(ranks) > 1:
+        if env.bridge_addr is None:
+            raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
+        bridge = Bridge.connect(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks))
+    metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
+    port = metrics.serve(env.metrics_port, env.pod_ip)
+    if port:
+        log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
+    return Context(env, cfg, placements, bridge, metrics)
+
+
+def resume_step(ctx: Context) -> int | None:
+    roles = sorted(ctx.cfg.roles)
+    return checkpoint.select_resume_step(ctx.env.checkpoint_dir, roles, log=log)
+
+
+def run_server(ctx: Context) -> None:
+    """A critic / reward / reference process: build its services, resume, answer its actors."""
+    for role in ctx.hosted_roles:
+        ctx.local_services[role] = build_service(ctx, role)
+    savers = {r: checkpoint.RoleCheckpointer(ctx.env.checkpoint_dir, r, ctx.strategies.get(r)) for r in ctx.hosted_roles}
+    step = resume_step(ctx)
+    if step is not None:
+        for saver in savers.values():
+            saver.load(step)
+        log(f"{ctx.env.role}-{ctx.env.rank}: resumed from step {step}")
+
+    def save(step: int) -> None:
+        for saver in savers.values():
+            saver.save(step, {})
+        ctx.metrics.set_checkpoint_step(step)
+
+    from rlhf_trainer.roles import serve
+
+    ranks = bridge_ranks(ctx.placements)
+    actors = [ranks[("actor", a)] for a in served_actor_ranks(ctx.env.role, ctx.env.rank, ctx.placements)]
+    log(f"{ctx.env.role}-{ctx.env.rank}: serving {ctx.hosted_roles} for actor bridge ranks {actors}")
+    serve(ctx.bridge, ctx.local_services, actors, save)
+
+
+def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
+    check_process(env, cfg)
+    torch.manual_seed(cfg.hyperparameters.seed)
+    ctx = connect(env, cfg)
+    try:
+        if env.role == "actor":
+            module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHM_MODULES[cfg.algorithm]}")
+            module.run(ctx)
+        else:
+            run_server(ctx)
+    finally:
+        ctx.metrics.stop()
