@@ -173,6 +173,7 @@ class LocalRunner:
         self.job_deleted = False
         self._suspend_hook_state = "armed" if suspend_after_step else "off"
         self._stop = threading.Event()
+        self._acted = False
 
     # -- paths ------------------------------------------------------------------------------------
     @property
@@ -199,6 +200,8 @@ class LocalRunner:
                     break
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"job {self.job.name} not finished after {timeout}s (phase {phase})")
+                if self._acted:
+                    continue  # pods just started or stopped: observe them at once, as a watch event would
                 wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.0), REFRESH_SECONDS)
                 self.supervisor.changed.wait(wait)
         finally:
@@ -214,11 +217,12 @@ class LocalRunner:
         progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
                                   localexec.utc_now())
         observed = planner.Observed(
-            pods=[planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods],
+            pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
             existing=self._existing(),
             progress=progress,
         )
         result = planner.plan(self.job, observed, datetime.datetime.now(datetime.UTC), self.settings)
+        self._acted = any(type(a).__name__ in ("CreateObject", "DeletePods") for a in result.actions)
         for action in result.actions:
             self.execute(action)
         self._set_status(result.status)
@@ -228,8 +232,8 @@ class LocalRunner:
     def observed_pod_dict(self, name: str) -> dict[str, Any]:
         return {**self.pods[name], "status": localexec.pod_status(self.supervisor.get(name), LOCAL_IP)}
 
-    def _existing(self) -> Any:
-        return {(obj.get("kind", ""), name) for (_, name), obj in self.objects.items()}
+    def _existing(self) -> frozenset[tuple[str, str]]:
+        return frozenset(self.objects)
 
     def _set_status(self, status: Mapping[str, Any]) -> None:
         old = self.job.status

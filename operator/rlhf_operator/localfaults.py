@@ -77,24 +77,24 @@ def run_with_kills(runner: LocalRunner, kills: int, rng: random.Random, *, max_d
     deadline = t0 + timeout
     kill_times: list[float] = []
     try:
-        for i in range(kills):
-            # The gang of attempt i is whole and has made progress: pick a random moment after that.
-            if not _wait(lambda i=i: gang_attempt(runner, gang_size) == i or not thread.is_alive(), deadline, poll):
+        while len(result.kills) < kills and thread.is_alive() and time.monotonic() < deadline:
+            attempt = len(result.kills)
+            # The gang of this attempt is whole, Running, and has made progress: then a random moment.
+            if not _wait(lambda attempt=attempt: (gang_attempt(runner, gang_size) == attempt
+                                  and runner.job.status.get("phase") == "Running") or not thread.is_alive(),
+                         deadline, poll):
                 break
             lines = count_lines(actor_metrics)
-            if not _wait(lambda lines=lines: count_lines(actor_metrics) > lines or not thread.is_alive(), deadline,
-                         poll):
+            if not _wait(lambda lines=lines: count_lines(actor_metrics) > lines or not thread.is_alive(), deadline, poll):
                 break
             time.sleep(rng.uniform(0, max_delay))
-            alive = [n for n, p in runner.supervisor.processes().items() if p.exit_code is None]
-            if not thread.is_alive() or runner.job.status.get("phase") != "Running" or len(alive) != gang_size:
-                break
-            victim = rng.choice(sorted(alive))
-            kill_times.append(time.monotonic())
+            if gang_attempt(runner, gang_size) != attempt or runner.job.status.get("phase") != "Running":
+                continue  # finished or failed meanwhile: the loop condition decides
+            victim = rng.choice(sorted(runner.supervisor.processes()))
+            kill_time = time.monotonic()
             if runner.supervisor.kill(victim):
                 result.kills.append(victim)
-            else:
-                kill_times.pop()
+                kill_times.append(kill_time)
         thread.join(max(0.0, deadline - time.monotonic()))
     finally:
         if thread.is_alive():

@@ -53,7 +53,7 @@ def test_job_runs_to_succeeded_with_complete_checkpoints_and_status(tmp_path):
 
 def test_random_kills_restart_the_gang_and_lose_at_most_one_interval(tmp_path):
     for trial in range(2):
-        r = runner(tmp_path / str(trial), manifest(max_steps=12, interval=3, max_restarts=3))
+        r = runner(tmp_path / str(trial), manifest(max_steps=30, interval=3, max_restarts=3))
         result = localfaults.run_with_kills(r, kills=2, rng=random.Random(trial), max_delay=0.3, timeout=120)
         assert result.error == "", result.error
         assert len(result.kills) == 2
@@ -81,7 +81,7 @@ def test_retryable_errors_stop_at_max_restarts(tmp_path):
 
 
 def test_suspend_mid_run_then_resume_continues_from_checkpoint(tmp_path):
-    r = runner(tmp_path, manifest(max_steps=10, interval=2), suspend_after_step=5)
+    r = runner(tmp_path, manifest(max_steps=10, interval=2), env={"FAKE_STEP_SECONDS": "0.2"}, suspend_after_step=5)
     status = r.run(timeout=60)
     assert status["phase"] == "Succeeded"
     phases = [d for _, w, d in r.timeline.entries if w == "phase"]
@@ -95,7 +95,6 @@ def test_suspend_mid_run_then_resume_continues_from_checkpoint(tmp_path):
 
 def test_suspend_control_file_holds_the_job(tmp_path):
     r = runner(tmp_path, manifest(max_steps=4))
-    (tmp_path / "fake-ppo").mkdir(parents=True)
     (tmp_path / "fake-ppo" / "SUSPEND").touch()
     for _ in range(6):
         r.reconcile_once()
