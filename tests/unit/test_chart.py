@@ -9,6 +9,7 @@ offline validation against the Kubernetes 1.36 schemas, and the CRD copy against
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -66,19 +67,24 @@ def grants(group: str, resources: list[str], verbs: list[str]) -> set[tuple[str,
     return {(group, r, v) for r in resources for v in verbs}
 
 
-# What the operator does against the API, from docs/spec.md and operator/rlhf_operator/kube/.
-CRUD = ["get", "list", "watch", "create", "delete"]
-NAMESPACED_APPLICATION = (
-    grants("rlhf.dev", ["rlhfjobs"], ["get", "list", "watch", "patch"])
-    | grants("rlhf.dev", ["rlhfjobs/status"], ["patch"])
-    | grants("", ["pods"], CRUD)
-    | grants("", ["services", "configmaps", "persistentvolumeclaims"], CRUD)
-    | grants("", ["events"], ["create", "patch"])
-    | grants("events.k8s.io", ["events"], ["create", "patch"])
+# What the operator does against the API (operator/rlhf_operator/kube/): kopf lists and watches
+# every kind it indexes; the executor creates, deletes and patches what the planner asks for.
+KOPF_WATCHED = (
+    grants("rlhf.dev", ["rlhfjobs"], ["list", "watch"])
+    | grants("", ["pods", "services", "configmaps", "persistentvolumeclaims"], ["list", "watch"])
 )
-VOLCANO = grants("scheduling.volcano.sh", ["podgroups"], CRUD)
-COSCHEDULING = grants("scheduling.x-k8s.io", ["podgroups"], CRUD)
+NAMESPACED_APPLICATION = (
+    KOPF_WATCHED
+    | grants("", ["events"], ["create"])  # kopf's handler warnings and the operator's job events
+    | grants("rlhf.dev", ["rlhfjobs/status"], ["patch"])  # status once per pass
+    | grants("rlhf.dev", ["rlhfjobs"], ["delete"])  # ttlSecondsAfterFinished
+    | grants("", ["pods"], ["create", "delete"])  # gang create / restart / finish
+    | grants("", ["services", "configmaps", "persistentvolumeclaims"], ["create"])  # owner refs delete them
+)
+VOLCANO = grants("scheduling.volcano.sh", ["podgroups"], ["list", "watch", "create", "delete"])
+COSCHEDULING = grants("scheduling.x-k8s.io", ["podgroups"], ["list", "watch", "create", "delete"])
 KOPF_CRD_SCAN = grants("apiextensions.k8s.io", ["customresourcedefinitions"], ["list", "watch"])
+# kopf's namespace observer lists/watches namespaces only when given a namespace list.
 KOPF_NAMESPACES = grants("", ["namespaces"], ["list", "watch"])
 
 
@@ -90,8 +96,7 @@ def test_helm_lint_strict_passes():
 def test_default_rbac_is_one_cluster_role_with_exactly_the_needed_rules():
     docs = render()
     role = one(docs, "ClusterRole")
-    assert rule_table(role["rules"]) == (
-        NAMESPACED_APPLICATION | VOLCANO | COSCHEDULING | KOPF_CRD_SCAN | KOPF_NAMESPACES)
+    assert rule_table(role["rules"]) == NAMESPACED_APPLICATION | VOLCANO | COSCHEDULING | KOPF_CRD_SCAN
     binding = one(docs, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
@@ -112,10 +117,43 @@ def test_watch_namespaces_gives_a_role_per_namespace_and_no_cluster_wide_job_or_
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["roleRef"]["name"] == roles[ns]["metadata"]["name"]
         assert binding["subjects"][0]["namespace"] == "rlhf-system"
-    # Cluster-wide: only kopf's CRD scan; not even namespaces (kopf watches the listed ones only).
-    assert rule_table(one(docs, "ClusterRole")["rules"]) == KOPF_CRD_SCAN
+    # Cluster-wide: only what kopf reads there (CRDs, and namespaces for its namespace observer).
+    assert rule_table(one(docs, "ClusterRole")["rules"]) == KOPF_CRD_SCAN | KOPF_NAMESPACES
     args = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert parse_operator_args(args).namespace == ["team-a", "team-b"]
+
+
+def test_every_rule_is_commented_framework_or_application():
+    lines = (CHART / "templates" / "rbac" / "_rules.tpl").read_text().splitlines()
+    comment_start = None  # first line of the latest comment paragraph
+    rules = 0
+    for i, line in enumerate(lines):
+        if line.startswith("#") and (i == 0 or not lines[i - 1].startswith("#")):
+            comment_start = line
+        if line.startswith("- apiGroups:"):
+            rules += 1
+            assert comment_start and comment_start.startswith(("# framework", "# application")), (i + 1, line)
+    assert rules >= 10
+
+
+def test_watch_rules_cover_every_kind_kopf_handlers_watch():
+    """kopf lists and watches each resource a handler of rlhf_operator.kube.handlers is registered for."""
+    import kopf
+    from rlhf_operator.kube import handlers  # noqa: F401  (registers into kopf's default registry)
+
+    registry = kopf.get_default_registry()
+    watched = {(h.selector.group, h.selector.plural or h.selector.any_name)
+               for sub in (registry._indexing, registry._watching) for h in sub.get_all_handlers()}
+    assert watched, "no kopf handlers registered"
+    table = rule_table(one(render(), "ClusterRole")["rules"])
+    for group, plural in watched:
+        assert {(group, plural, "list"), (group, plural, "watch")} <= table, (group, plural)
+    granted_watch = {(g, r) for g, r, v in table if v == "watch"} - {("apiextensions.k8s.io",
+                                                                    "customresourcedefinitions")}
+    assert granted_watch == watched, f"watch granted but not used: {granted_watch - watched}"
+    # Change-detecting handlers would make kopf patch jobs (finalizers, progress): none, so no patch.
+    assert not list(registry._changing.get_all_handlers()) and not list(registry._spawning.get_all_handlers())
+    assert ("rlhf.dev", "rlhfjobs", "patch") not in table
 
 
 def test_trainer_service_account_exists_per_watched_namespace_without_token_or_any_binding():
@@ -342,3 +380,28 @@ def test_chart_crd_is_a_byte_copy_of_crds_folder():
 def test_helm_installs_the_crd_from_the_chart():
     crds = of_kind(render(extra=("--include-crds",)), "CustomResourceDefinition")
     assert [c["metadata"]["name"] for c in crds] == ["rlhfjobs.rlhf.dev"]
+
+
+def test_pod_monitor_finds_the_metrics_port_and_labels_of_trainer_pods():
+    """The PodMonitor scrapes a named container port and relabels pod labels: the builders must set them."""
+    from rlhf_operator import api, builders, constants
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    manifest = yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text())
+    manifest["metadata"].setdefault("namespace", "team-a")
+    settings = builders.BuildSettings(metrics_port=values["trainer"]["metricsPort"])
+    pods = builders.build_gang(api.parse_job(manifest), 0, settings)
+    assert pods
+    for pod in pods:
+        container = next(c for c in pod["spec"]["containers"] if c["name"] == constants.CONTAINER_NAME)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports[values["metrics"]["podMonitor"]["portName"]] == values["trainer"]["metricsPort"]
+        labels = pod["metadata"]["labels"]
+        assert {constants.LABEL_JOB, constants.LABEL_ROLE, constants.LABEL_ROLE_INDEX} <= set(labels)
+    # Prometheus turns pod label rlhf.dev/role-index into __meta_kubernetes_pod_label_rlhf_dev_role_index.
+    monitor = one(render("metrics.podMonitor.enabled=true", api_versions=(MONITORING_API,)), "PodMonitor")
+    sources = {r["sourceLabels"][0] for r in monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]}
+    expected = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
+                for label in (constants.LABEL_JOB, constants.LABEL_ROLE, constants.LABEL_ROLE_INDEX)}
+    assert sources == expected
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["key"] == constants.LABEL_JOB

@@ -1,59 +1,81 @@
 {{/*
-The operator's API rights, one rule per line of need. "application" rules are what
-operator/rlhf_operator/kube/ calls; "framework" rules are what kopf itself needs. kopf runs
-standalone (replicas: 1), so there are no kopfpeerings rules. tests/unit/test_chart.py holds the
-expected table: change both together.
+The operator's API rights, exactly what it uses (operator/rlhf_operator/kube/):
+- "framework": what kopf itself does. Every kind the handlers index or watch (handlers.py) is listed
+  and watched; kopf posts Warning events for failing handlers; it scans CRDs; in namespaced mode it
+  observes namespaces. kopf runs standalone (replicas: 1), so there are no kopfpeerings rules, and
+  there are no on.create/update/delete handlers, so kopf never patches RLHFJobs (no finalizers, no
+  progress annotations).
+- "application": the raw REST writes of kube/executor.py as the planner asks for them.
+The reconcile reads everything from kopf's indexes, so there is no "get" anywhere.
+tests/unit/test_chart.py holds the expected table and checks it against kopf's handler registry.
 */}}
 
 {{/* Rules scoped to the namespaces holding jobs: a Role per watched namespace, or the ClusterRole. */}}
 {{- define "rlhf-operator.namespacedRules" -}}
-# application: watch and reconcile RLHFJobs; kopf (framework) also patches them for its finalizer
-# and progress annotations.
+# framework: kopf indexes and watches the jobs and every kind of child (handlers.py).
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
+- apiGroups: [""]
+  resources: ["pods", "services", "configmaps", "persistentvolumeclaims"]
+  verbs: ["list", "watch"]
+{{- if .Values.gangSchedulers.volcano.enabled }}
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["list", "watch"]
+{{- end }}
+{{- if .Values.gangSchedulers.coscheduling.enabled }}
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["list", "watch"]
+{{- end }}
+# framework: kopf posts Warning events about failing handlers; application: job events
+# (Created, Restarting, Failed, ...), both through core/v1.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
 # application: one status write per reconcile pass.
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs/status"]
   verbs: ["patch"]
-# application: the role pods of every gang (created, indexed, deleted on gang restart).
+# application: a finished job is deleted after spec.ttlSecondsAfterFinished.
+- apiGroups: ["rlhf.dev"]
+  resources: ["rlhfjobs"]
+  verbs: ["delete"]
+# application: the gang's pods, created per attempt, deleted on gang restart, suspend and finish.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# application: headless Service, trainer-config ConfigMap, checkpoint PVC of every job.
+  verbs: ["create", "delete"]
+# application: headless Service, trainer-config ConfigMap and checkpoint PVC of each job; they go
+# with the job through owner references (a retained PVC stays), so the operator never deletes them.
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
-  verbs: ["get", "list", "watch", "create", "delete"]
-# framework + application: kopf posts handler events; the operator posts job events.
-- apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create", "patch"]
-# application: job events through the events.k8s.io API.
-- apiGroups: ["events.k8s.io"]
-  resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if .Values.gangSchedulers.volcano.enabled }}
-# application: gang scheduling with Volcano (one PodGroup per job).
+# application: gang scheduling with Volcano, one PodGroup per job, deleted when
+# the job finishes (Volcano reserves its minResources).
 - apiGroups: ["scheduling.volcano.sh"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["create", "delete"]
 {{- end }}
 {{- if .Values.gangSchedulers.coscheduling.enabled }}
-# application: gang scheduling with scheduler-plugins coscheduling (one PodGroup per job).
+# application: gang scheduling with scheduler-plugins coscheduling, one PodGroup per job, deleted
+# when the job finishes.
 - apiGroups: ["scheduling.x-k8s.io"]
   resources: ["podgroups"]
-  verbs: ["get", "list", "watch", "create", "delete"]
+  verbs: ["create", "delete"]
 {{- end }}
 {{- end }}
 
 {{/* Rules that only exist cluster-wide. */}}
 {{- define "rlhf-operator.clusterRules" -}}
-# framework: kopf scans CRDs at startup and on changes to find the resources it serves.
+# framework: kopf scans CRDs at startup and follows them, to serve only the kinds that exist.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
   verbs: ["list", "watch"]
-{{- if not .Values.watchNamespaces }}
-# framework: kopf follows namespaces appearing and going when it watches all of them.
+{{- if .Values.watchNamespaces }}
+# framework: with a namespace list, kopf's namespace observer lists and watches namespaces (it
+# skips this when watching all namespaces).
 - apiGroups: [""]
   resources: ["namespaces"]
   verbs: ["list", "watch"]
