@@ -479,8 +479,8 @@ def _gang_failed(p: _Pass, failures: list[ObservedPod], missing: list[str]) -> N
     for pod in failures:
         p.event("Warning", "PodFailed", describe_failure(pod))
     if missing:
-        p.event("Warning", "PodFailed", f"pods disappeared: {', '.join(missing)}")
-    cause = describe_failure(failures[0]) if failures else f"pod {missing[0]} disappeared"
+        p.event("Warning", "PodFailed", f"deleted before the job finished: {', '.join(missing)}")
+    cause = describe_failure(failures[0]) if failures else f"pod {missing[0]} was deleted"
     policy = p.spec.failure_policy
     if p.attempt >= policy.max_restarts:
         _finish(p, "Failed", "ReachedMaxRestarts",

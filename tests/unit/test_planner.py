@@ -1,0 +1,619 @@
+"""planner: (job, observed children, now) -> actions + status, every branch as a named case."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from rlhf_operator import planner
+from rlhf_operator.api import parse_job
+from rlhf_operator.builders import BuildSettings
+from rlhf_operator.constants import LABEL_RESTART_ATTEMPT, MAX_BACKOFF_SECONDS
+from rlhf_operator.planner import (
+    CreateObject,
+    DeleteJob,
+    DeleteObject,
+    DeletePods,
+    EmitEvent,
+    Observed,
+    ObservedPod,
+)
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
+SETTINGS = BuildSettings()
+SUPPORT = frozenset({("Service", "j"), ("ConfigMap", "j-config"), ("PersistentVolumeClaim", "j-checkpoints")})
+GANG = ["j-actor-0", "j-critic-0"]
+
+
+def ts(seconds: float = 0) -> str:
+    return planner.format_time(T0 + timedelta(seconds=seconds))
+
+
+def make_job(status=None, roles=None, generation=1, **spec):
+    """A rule-reward PPO job `j`: actor + critic pods, reference colocated into the actor."""
+    body = {
+        "algorithm": "ppo",
+        "image": "trainer:1",
+        "model": {"path": "tiny://llama"},
+        "reward": {"type": "rule", "rule": "exact_match"},
+        "dataset": {"path": "synthetic://arithmetic"},
+        "roles": copy.deepcopy(roles or [{"name": "actor"}, {"name": "critic"},
+                                         {"name": "reference", "colocateWith": "actor"}]),
+    }
+    body.update(spec)
+    obj = {"metadata": {"name": "j", "namespace": "ns", "uid": "uid-j", "generation": generation},
+           "spec": body, "status": copy.deepcopy(status or {})}
+    return parse_job(obj)
+
+
+def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
+        message: str = "", reason: str = "", terminating: bool = False) -> ObservedPod:
+    _, role, index = name.split("-")
+    return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
+                       exit_code=exit_code, reason=reason, message=message, terminating=terminating)
+
+
+def running(*names: str, attempt: int = 0) -> tuple[ObservedPod, ...]:
+    return tuple(pod(n, attempt=attempt) for n in names)
+
+
+def status(phase: str = "Pending", restarts: int = 0, created: float | None = None, running_since: float | None = None,
+           restarting: tuple[str, float] | None = None, **extra: Any) -> dict:
+    """A status as the planner leaves it; times are seconds after T0."""
+    st: dict[str, Any] = {"phase": phase, "restarts": restarts, "conditions": []}
+    if created is not None:
+        st["gangCreatedTime"] = ts(created)
+        planner.set_condition(st, "Created", True, "GangCreated", "", T0 + timedelta(seconds=created))
+        st.setdefault("startTime", ts(created))
+    if running_since is not None:
+        planner.set_condition(st, "Running", True, "GangRunning", "", T0 + timedelta(seconds=running_since))
+    if restarting is not None:
+        reason, at = restarting
+        planner.set_condition(st, "Restarting", True, reason, "", T0 + timedelta(seconds=at))
+    st.update(extra)
+    return st
+
+
+CREATING = status("Creating", created=0)
+RUNNING = status("Running", created=0, running_since=10)
+
+
+def created_names(plan) -> list[str]:
+    return [a.obj["metadata"]["name"] for a in plan.actions if isinstance(a, CreateObject)]
+
+
+def deleted_names(plan) -> list[str]:
+    return [n for a in plan.actions if isinstance(a, DeletePods) for n in a.names]
+
+
+def event_reasons(plan) -> list[str]:
+    return [a.reason for a in plan.actions if isinstance(a, EmitEvent)]
+
+
+def condition(plan, type_: str) -> dict | None:
+    return planner.get_condition(plan.status, type_)
+
+
+@dataclass
+class Case:
+    status: dict
+    pods: tuple[ObservedPod, ...] = ()
+    at: float = 0  # seconds after T0
+    spec: dict = field(default_factory=dict)
+    existing: frozenset = SUPPORT
+    # expectations; None = not checked
+    phase: str | None = None
+    creates: list[str] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    events: list[str] = field(default_factory=list)
+    requeue: float | None = None
+    restarts: int | None = None
+    cond: tuple[str, str, str] | None = None  # (type, status, reason)
+    message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
+
+
+CASES: dict[str, Case] = {
+    # --- creating the gang
+    "new job: support objects and the whole gang in one pass": Case(
+        status={}, existing=frozenset(), phase="Creating",
+        creates=["j", "j-config", "j-checkpoints", *GANG], events=["GangCreated"], requeue=300,
+        cond=("Created", "True", "GangCreated")),
+    "support objects present: only the gang is created": Case(
+        status={}, phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    "a lost support object is recreated while running": Case(
+        status=RUNNING, pods=running(*GANG), at=50, existing=SUPPORT - {("ConfigMap", "j-config")},
+        phase="Running", creates=["j-config"]),
+    "volcano job: the PodGroup is created too": Case(
+        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Creating",
+        creates=["j", *GANG], events=["GangCreated"], requeue=300),
+    "gang timeout setting decides the first wake-up": Case(
+        status={}, spec={"scheduling": {"gangTimeoutSeconds": 45}}, phase="Creating",
+        creates=GANG, events=["GangCreated"], requeue=45),
+    "interrupted creation: only the missing pods are created": Case(
+        status={"phase": "Pending"}, pods=(pod("j-actor-0", "Pending"),), phase="Creating",
+        creates=["j-critic-0"], events=["GangCreated"], requeue=300),
+    "old attempt's pods still terminating: wait for them": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0), lastRestartTime=ts(0)),
+        pods=(pod("j-actor-0", terminating=True), pod("j-critic-0", "Failed", exit_code=1, terminating=True)),
+        at=60, phase="Restarting"),
+    "old attempt's pod not deleted yet: delete it, create nothing": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        pods=(pod("j-actor-0"),), at=60, phase="Restarting", deletes=["j-actor-0"]),
+    "a finished pod of the current attempt blocks its name: delete it first": Case(
+        status={"phase": "Pending"}, pods=(pod("j-actor-0", "Failed", exit_code=1),),
+        phase="Pending", deletes=["j-actor-0"]),
+    "backoff pending: wake when it is due": Case(
+        status=status("Restarting", restarts=2, restarting=("PodFailed", 0)), at=5,
+        phase="Restarting", requeue=15),  # 10 * 2**(2-1) = 20s after the restart
+    "backoff over: the new gang carries attempt = restarts": Case(
+        status=status("Restarting", restarts=2, restarting=("PodFailed", 0)), at=20,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300,
+        cond=("Restarting", "False", "GangCreated")),
+    "backoff is capped": Case(
+        status=status("Restarting", restarts=9, restarting=("PodFailed", 0)),
+        spec={"failurePolicy": {"maxRestarts": 20, "backoffSeconds": 100}}, at=10,
+        phase="Restarting", requeue=MAX_BACKOFF_SECONDS - 10),
+    # --- starting up
+    "some pods pending: still Creating, wake at the gang timeout": Case(
+        status=CREATING, pods=(pod("j-actor-0"), pod("j-critic-0", "Pending")), at=100,
+        phase="Creating", requeue=200),
+    "phase Unknown counts as not running": Case(
+        status=CREATING, pods=(pod("j-actor-0"), pod("j-critic-0", "Unknown")), at=100,
+        phase="Creating", requeue=200),
+    "every pod running: Running, announced once": Case(
+        status=CREATING, pods=running(*GANG), at=12, phase="Running", events=["Running"],
+        cond=("Running", "True", "GangRunning")),
+    "already Running: nothing to do": Case(
+        status=RUNNING, pods=running(*GANG), at=500, phase="Running"),
+    "a fast non-actor pod already done counts as started": Case(
+        status=CREATING, pods=(pod("j-actor-0"), pod("j-critic-0", "Succeeded", exit_code=0)), at=12,
+        phase="Running", events=["Running"]),
+    "gang timeout: delete the pods, retry after backoff without spending a restart": Case(
+        status=CREATING, pods=(pod("j-actor-0"), pod("j-critic-0", "Pending")), at=300,
+        phase="Restarting", restarts=0, deletes=GANG, events=["GangTimeout"], requeue=10,
+        cond=("Restarting", "True", "GangTimeout"), message_has=("j-critic-0", "300s")),
+    "after a gang timeout the next gang waits for its own backoff": Case(
+        status=status("Restarting", restarting=("GangTimeout", 400), gangTimeouts=2), at=410,
+        phase="Restarting", requeue=10),  # 10 * 2**(2-1) = 20s
+    "after a gang timeout and its backoff: same attempt again": Case(
+        status=status("Restarting", restarting=("GangTimeout", 400), gangTimeouts=2), at=420,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    # --- pods that vanish
+    "pod missing just after creation (cache lag): wait out the grace": Case(
+        status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
+        requeue=planner.MISSING_POD_GRACE_SECONDS - 5),
+    "pod missing after the grace: the gang failed, restart": Case(
+        status=CREATING, pods=(pod("j-actor-0"),), at=planner.MISSING_POD_GRACE_SECONDS,
+        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10,
+        cond=("Restarting", "True", "PodMissing"), message_has=("j-critic-0 was deleted",)),
+    "a running pod deleted by someone else: restart": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", terminating=True)), at=500,
+        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10),
+    # --- failures
+    "retryable exit code: delete every pod, restart after backoff": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, message="CUDA error")),
+        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10,
+        cond=("Restarting", "True", "PodFailed"), message_has=("j-critic-0", "exit code 1", "CUDA error")),
+    "OOM kill (137) is retryable": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=137, reason="OOMKilled"), pod("j-critic-0")),
+        at=500, phase="Restarting", restarts=1, deletes=GANG, message_has=("OOMKilled",),
+        cond=("Restarting", "True", "PodFailed"), events=["PodFailed", "GangRestart"], requeue=10),
+    "evicted pod without an exit code is retryable": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted",
+                                                    message="node low on memory")),
+        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10),
+    "second restart doubles the backoff": Case(
+        status=status("Running", restarts=1, created=0, running_since=10),
+        pods=(pod("j-actor-0", attempt=1), pod("j-critic-0", "Failed", exit_code=1, attempt=1)),
+        at=500, phase="Restarting", restarts=2, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=20),
+    "exit 78 (bad config) is permanent: Failed, no restart": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=78,
+                                                    message="hyperparameters.beta: must be > 0")),
+        at=500, phase="Failed", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"),
+        message_has=("j-critic-0", "exit code 78", "hyperparameters.beta: must be > 0")),
+    "exit 65 (bad data) is permanent": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=65, message="train.jsonl:7: no prompt"),
+                              pod("j-critic-0")),
+        at=500, phase="Failed", deletes=["j-critic-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-actor-0", "65", "train.jsonl:7")),
+    "a permanent error wins over a retryable one in the same pass": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=1), pod("j-critic-0", "Failed", exit_code=78)),
+        at=500, phase="Failed", events=["PodFailed", "PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-critic-0",)),
+    "maxRestarts reached: Failed": Case(
+        status=status("Running", restarts=3, created=0, running_since=10),
+        pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", exit_code=1, attempt=3)),
+        at=500, phase="Failed", restarts=3, deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "ReachedMaxRestarts"), message_has=("3 restarts", "j-critic-0")),
+    "maxRestarts 0: the first failure is final": Case(
+        status=RUNNING, spec={"failurePolicy": {"maxRestarts": 0}},
+        pods=(pod("j-actor-0", "Failed", exit_code=1), pod("j-critic-0")),
+        at=500, phase="Failed", restarts=0, deletes=["j-critic-0"], cond=("Failed", "True", "ReachedMaxRestarts"),
+        events=["PodFailed", "Failed"]),
+    # --- success
+    "actor exits 0: Succeeded, the other pods are deleted": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0")), at=900,
+        phase="Succeeded", deletes=["j-critic-0"], events=["Succeeded"], cond=("Succeeded", "True", "Succeeded")),
+    "one of two actor replicas done: keep running": Case(
+        status=RUNNING, spec={"roles": [{"name": "actor", "replicas": 2}, {"name": "critic"}, {"name": "reference"}]},
+        pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-actor-1"), pod("j-critic-0"),
+              pod("j-reference-0")), at=900, phase="Running"),
+    "success wins over a pod that failed as the actor left": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0", "Failed", exit_code=1)),
+        at=900, phase="Succeeded", events=["Succeeded"]),
+    "actor colocated into another role: that role's pods decide success": Case(
+        status=status("Running", created=0, running_since=10), spec={
+            "algorithm": "dpo", "dataset": {"path": "synthetic://pairs", "format": "pairs"},
+            "roles": [{"name": "actor", "colocateWith": "reference"}, {"name": "reference"}]},
+        pods=(pod("j-reference-0", "Succeeded", exit_code=0),), at=900, phase="Succeeded", events=["Succeeded"]),
+    # --- stale pods
+    "pods of an older attempt are deleted and never counted": Case(
+        status=status("Running", restarts=1, created=0, running_since=10),
+        pods=(*running(*GANG, attempt=1), pod("j-actor-1", attempt=0)), at=100,
+        phase="Running", deletes=["j-actor-1"]),
+    # --- suspend / resume
+    "suspend: pods deleted, support objects kept": Case(
+        status=RUNNING, spec={"suspend": True}, pods=running(*GANG), at=100,
+        phase="Suspended", deletes=GANG, events=["Suspended"], cond=("Suspended", "True", "Suspended")),
+    "suspended and quiet: nothing to do": Case(
+        status=status("Suspended"), spec={"suspend": True}, at=100, phase="Suspended"),
+    "created suspended: nothing is created": Case(
+        status={}, spec={"suspend": True}, existing=frozenset(), phase="Suspended", events=["Suspended"]),
+    "suspend while restarting cancels the restart": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)), spec={"suspend": True}, at=3,
+        phase="Suspended", events=["Suspended"], cond=("Restarting", "False", "Suspended")),
+    "resume: a new gang right away": Case(
+        status=status("Suspended", startTime=ts(0)), at=1000, phase="Creating", creates=GANG,
+        events=["Resumed", "GangCreated"], requeue=300, cond=("Suspended", "False", "Resumed")),
+    "resume while the pods are still terminating: wait": Case(
+        status=status("Suspended"), pods=(pod("j-actor-0", terminating=True),), at=1000,
+        phase="Pending", events=["Resumed"]),
+    # --- deadline
+    "deadline pending: wake at the deadline": Case(
+        status=RUNNING, spec={"activeDeadlineSeconds": 600}, pods=running(*GANG), at=100,
+        phase="Running", requeue=500),
+    "deadline before the gang timeout: the earlier wake-up wins": Case(
+        status=CREATING, spec={"activeDeadlineSeconds": 120}, pods=(pod("j-actor-0"), pod("j-critic-0", "Pending")),
+        at=100, phase="Creating", requeue=20),
+    "deadline exceeded: Failed, pods deleted": Case(
+        status=RUNNING, spec={"activeDeadlineSeconds": 600}, pods=running(*GANG), at=600,
+        phase="Failed", deletes=GANG, events=["DeadlineExceeded"], cond=("Failed", "True", "DeadlineExceeded"),
+        message_has=("600s",)),
+    "suspended jobs have no deadline": Case(
+        status=status("Suspended", startTime=ts(0)), spec={"suspend": True, "activeDeadlineSeconds": 10}, at=5000,
+        phase="Suspended"),
+    # --- finished jobs
+    "finished, TTL not due: wake when it is": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, spec={"ttlSecondsAfterFinished": 100}, at=40,
+        phase="Succeeded", requeue=60),
+    "finished, TTL due: delete the job": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"ttlSecondsAfterFinished": 100}, at=100,
+        phase="Failed", events=["TTLExpired"]),
+    "finished, no TTL: kept forever": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, at=10**6, phase="Succeeded"),
+    "finished: leftover live pods deleted, terminated ones kept for their logs": Case(
+        status={"phase": "Failed", "completionTime": ts(0)},
+        pods=(pod("j-actor-0", "Failed", exit_code=78), pod("j-critic-0")), at=5,
+        phase="Failed", deletes=["j-critic-0"]),
+    "finished: no support object is recreated": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, existing=frozenset(), at=5, phase="Succeeded"),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_plan(name):
+    case = CASES[name]
+    job = make_job(status=case.status, **case.spec)
+    plan = planner.plan(job, Observed(case.pods, case.existing), T0 + timedelta(seconds=case.at), SETTINGS)
+    if case.phase is not None:
+        assert plan.status["phase"] == case.phase
+    assert created_names(plan) == case.creates
+    assert sorted(deleted_names(plan)) == sorted(case.deletes)
+    assert event_reasons(plan) == case.events
+    assert plan.requeue_after == (None if case.requeue is None else pytest.approx(case.requeue))
+    if case.restarts is not None:
+        assert plan.status["restarts"] == case.restarts
+    if case.cond is not None:
+        type_, want_status, reason = case.cond
+        got = condition(plan, type_)
+        assert got is not None, f"no {type_} condition in {plan.status.get('conditions')}"
+        assert (got["status"], got["reason"]) == (want_status, reason)
+        for text in case.message_has:
+            assert text in got["message"]
+    assert plan.status["observedGeneration"] == 1
+    assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
+    assert job.status == case.status  # the input is never mutated
+
+
+# --- details that the table does not show ----------------------------------------------------
+
+
+def test_new_gang_pods_carry_the_restart_attempt():
+    job = make_job(status=status("Restarting", restarts=2, restarting=("PodFailed", 0)))
+    plan = planner.plan(job, Observed((), SUPPORT), T0 + timedelta(seconds=60), SETTINGS)
+    pods = [a.obj for a in plan.actions if isinstance(a, CreateObject)]
+    assert [p["metadata"]["labels"][LABEL_RESTART_ATTEMPT] for p in pods] == ["2", "2"]
+    for p in pods:
+        env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+        assert env["RLHF_RESTART_ATTEMPT"] == "2"
+    assert plan.status["gangCreatedTime"] == ts(60)
+
+
+def test_restart_records_time_and_keeps_first_running_time():
+    job = make_job(status=planner.plan(make_job(status=CREATING), Observed(running(*GANG), SUPPORT),
+                                       T0 + timedelta(seconds=12), SETTINGS).status)
+    assert job.status["runningTime"] == ts(12)
+    failed = (pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1))
+    plan = planner.plan(job, Observed(failed, SUPPORT), T0 + timedelta(seconds=99), SETTINGS)
+    assert plan.status["lastRestartTime"] == ts(99)
+    assert plan.status["runningTime"] == ts(12)
+    assert "gangCreatedTime" not in plan.status
+    assert condition(plan, "Created")["status"] == "False"
+    assert condition(plan, "Running")["status"] == "False"
+
+
+def test_finishing_sets_completion_time_and_deletes_the_pod_group():
+    job = make_job(status=RUNNING, scheduling={"gangScheduler": "volcano"})
+    pods = (pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0"))
+    plan = planner.plan(job, Observed(pods, SUPPORT | {("PodGroup", "j")}), T0 + timedelta(seconds=70), SETTINGS)
+    assert plan.status["completionTime"] == ts(70)
+    assert DeleteObject("scheduling.volcano.sh/v1beta1", "PodGroup", "j") in plan.actions
+
+
+def test_role_counts_cover_the_current_attempt_only():
+    job = make_job(status=status("Creating", restarts=1, created=0),
+                   roles=[{"name": "actor", "replicas": 2}, {"name": "critic"}, {"name": "reference"}])
+    pods = (pod("j-actor-0", attempt=1), pod("j-actor-1", "Pending", attempt=1), pod("j-critic-0", attempt=1),
+            pod("j-reference-0", "Pending", attempt=1), pod("j-critic-1", "Failed", exit_code=1, attempt=0))
+    plan = planner.plan(job, Observed(pods, SUPPORT), T0 + timedelta(seconds=5), SETTINGS)
+    assert plan.status["roles"] == {
+        "actor": {"desired": 2, "pending": 1, "running": 1, "succeeded": 0, "failed": 0},
+        "critic": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0},
+        "reference": {"desired": 1, "pending": 1, "running": 0, "succeeded": 0, "failed": 0},
+    }
+    assert deleted_names(plan) == ["j-critic-1"]
+
+
+def test_progress_is_copied_and_the_last_known_kept():
+    job = make_job(status={**RUNNING, "progress": {"step": 3}})
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT), T0, SETTINGS)
+    assert plan.status["progress"] == {"step": 3}
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4, "kl": 0.1}), T0, SETTINGS)
+    assert plan.status["progress"] == {"step": 4, "kl": 0.1}
+
+
+def test_observed_generation_follows_the_job():
+    plan = planner.plan(make_job(status=RUNNING, generation=7), Observed(running(*GANG), SUPPORT), T0, SETTINGS)
+    assert plan.status["observedGeneration"] == 7
+
+
+def test_invalid_spec_status_and_recovery_once_the_spec_is_fixed():
+    bad = planner.invalid_spec_status({"phase": "Running", "restarts": 1}, 4, "spec.roles[1].replicas: must be >= 1",
+                                      T0)
+    assert bad["phase"] == "Failed"
+    assert bad["observedGeneration"] == 4
+    assert bad["restarts"] == 1
+    failed = planner.get_condition(bad, "Failed")
+    assert (failed["status"], failed["reason"], failed["message"], failed["lastTransitionTime"]) == (
+        "True", "InvalidSpec", "spec.roles[1].replicas: must be >= 1", ts(0))
+
+    plan = planner.plan(make_job(status=bad, generation=5), Observed((), SUPPORT), T0 + timedelta(seconds=30),
+                        SETTINGS)
+    assert plan.status["phase"] == "Creating"
+    assert event_reasons(plan) == ["SpecFixed", "GangCreated"]
+    assert condition(plan, "Failed")["status"] == "False"
+
+
+def test_an_other_failure_stays_final():
+    job = make_job(status={"phase": "Failed", "completionTime": ts(0),
+                           "conditions": [{"type": "Failed", "status": "True", "reason": "PermanentError",
+                                           "message": "x", "lastTransitionTime": ts(0)}]})
+    plan = planner.plan(job, Observed((), SUPPORT), T0 + timedelta(seconds=30), SETTINGS)
+    assert plan.status["phase"] == "Failed"
+    assert plan.actions == ()
+
+
+def test_condition_transition_time_changes_only_when_the_status_flips():
+    st: dict = {}
+    planner.set_condition(st, "Running", True, "A", "first", T0)
+    planner.set_condition(st, "Running", True, "B", "second", T0 + timedelta(seconds=5))
+    assert st["conditions"] == [{"type": "Running", "status": "True", "reason": "B", "message": "second",
+                                 "lastTransitionTime": ts(0)}]
+    planner.set_condition(st, "Running", False, "C", "", T0 + timedelta(seconds=9))
+    assert st["conditions"][0]["lastTransitionTime"] == ts(9)
+    planner.set_condition(st, "Failed", True, "D", "", T0)
+    assert [c["type"] for c in st["conditions"]] == ["Running", "Failed"]
+
+
+BACKOFFS = {
+    "no restart yet": (10, 0, 0),
+    "first restart": (10, 1, 10),
+    "third restart": (10, 3, 40),
+    "capped": (10, 20, MAX_BACKOFF_SECONDS),
+    "zero base": (0, 5, 0),
+}
+
+
+@pytest.mark.parametrize("name", BACKOFFS)
+def test_backoff_seconds(name):
+    base, attempt, want = BACKOFFS[name]
+    assert planner.backoff_seconds(base, attempt) == want
+
+
+def test_times_are_rfc3339_utc_and_naive_now_means_utc():
+    assert planner.format_time(T0) == "2026-03-01T12:00:00Z"
+    assert planner.parse_time("2026-03-01T12:00:00Z") == T0
+    assert planner.parse_time("2026-03-01T13:00:00+01:00") == T0
+    assert planner.parse_time("yesterday") is None
+    naive = planner.plan(make_job(), Observed((), SUPPORT), T0.replace(tzinfo=None), SETTINGS)
+    assert naive.status["startTime"] == ts(0)
+
+
+# --- observe_pod -----------------------------------------------------------------------------
+
+LABELS = {"rlhf.dev/job": "j", "rlhf.dev/role": "critic", "rlhf.dev/role-index": "1", "rlhf.dev/restart-attempt": "2"}
+
+OBSERVE_CASES = {
+    "just created, no status yet": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS, "creationTimestamp": "2026-03-01T12:00:00Z"}},
+        dict(phase="Pending", exit_code=None, reason="", message="", terminating=False, created_at=T0),
+    ),
+    "running": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}},
+        dict(phase="Running", exit_code=None, created_at=None),
+    ),
+    "failed with a termination message": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+             "exitCode": 78, "reason": "Error", "message": "bad config\n"}}}]}},
+        dict(phase="Failed", exit_code=78, reason="Error", message="bad config"),
+    ),
+    "evicted: only a pod-level reason": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
+        dict(phase="Failed", exit_code=None, reason="Evicted", message="The node was low on resource: memory."),
+    ),
+    "being deleted": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
+         "status": {"phase": "Running"}},
+        dict(phase="Running", terminating=True),
+    ),
+    "garbled labels make a stale pod": (
+        {"metadata": {"name": "j-critic-1", "labels": {**LABELS, "rlhf.dev/restart-attempt": "x",
+                                                        "rlhf.dev/role-index": ""}}},
+        dict(attempt=-1, index=-1),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", OBSERVE_CASES)
+def test_observe_pod(name):
+    obj, want = OBSERVE_CASES[name]
+    observed = planner.observe_pod(obj)
+    assert observed.name == "j-critic-1"
+    assert observed.role == "critic"
+    defaults = dict(index=1, attempt=2)
+    for key, value in {**defaults, **want}.items():
+        assert getattr(observed, key) == value, key
+
+
+# --- idempotency and a whole life ------------------------------------------------------------
+
+
+def test_planning_twice_on_one_observation_gives_the_same_plan():
+    for case in CASES.values():
+        job = make_job(status=case.status, **case.spec)
+        observed = Observed(case.pods, case.existing)
+        now = T0 + timedelta(seconds=case.at)
+        assert planner.plan(job, observed, now, SETTINGS) == planner.plan(job, observed, now, SETTINGS)
+
+
+def test_a_lost_status_write_creates_only_what_is_missing():
+    """The shell created the pods but crashed before writing status: no pod is created twice."""
+    job = make_job()
+    first = planner.plan(job, Observed((), frozenset()), T0, SETTINGS)
+    made = frozenset((a.obj["kind"], a.obj["metadata"]["name"]) for a in first.actions
+                     if isinstance(a, CreateObject) and a.obj["kind"] != "Pod")
+    again = planner.plan(job, Observed((pod("j-actor-0", "Pending"),), made), T0 + timedelta(seconds=1), SETTINGS)
+    assert created_names(again) == ["j-critic-0"]
+    settled = planner.plan(make_job(status=again.status), Observed((pod("j-actor-0", "Pending"),), made),
+                           T0 + timedelta(seconds=2), SETTINGS)
+    assert created_names(settled) == []
+
+
+class FakeCluster:
+    """Executes plans like a shell would and plays the kubelet, to check whole lifecycles."""
+
+    def __init__(self, job):
+        self.job = job
+        self.pods: dict[str, ObservedPod] = {}
+        self.existing: set[tuple[str, str]] = set()
+        self.events: list[str] = []
+        self.created_pods: list[tuple[str, int]] = []
+        self.deleted = False
+
+    def reconcile(self, now):
+        plan = planner.plan(self.job, Observed(tuple(self.pods.values()), frozenset(self.existing)), now, SETTINGS)
+        for action in plan.actions:
+            if isinstance(action, CreateObject):
+                meta = action.obj["metadata"]
+                if action.obj["kind"] == "Pod":
+                    assert meta["name"] not in self.pods, f"{meta['name']} created twice"
+                    attempt = int(meta["labels"][LABEL_RESTART_ATTEMPT])
+                    self.pods[meta["name"]] = pod(meta["name"], "Pending", attempt=attempt)
+                    self.created_pods.append((meta["name"], attempt))
+                else:
+                    self.existing.add((action.obj["kind"], meta["name"]))
+            elif isinstance(action, DeletePods):
+                for name in action.names:  # deletion is immediate here
+                    self.pods.pop(name)
+            elif isinstance(action, DeleteJob):
+                self.deleted = True
+            elif isinstance(action, EmitEvent):
+                self.events.append(action.reason)
+        self.job = dataclasses.replace(self.job, status=plan.status)
+        return plan
+
+    def set_phase(self, name, phase, exit_code=None):
+        self.pods[name] = dataclasses.replace(self.pods[name], phase=phase, exit_code=exit_code)
+
+
+def test_whole_life_with_one_failure_resumes_and_succeeds():
+    cluster = FakeCluster(make_job(ttlSecondsAfterFinished=60))
+    now = T0
+    cluster.reconcile(now)
+    assert sorted(cluster.pods) == GANG
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    cluster.reconcile(now := now + timedelta(seconds=5))
+    assert cluster.job.status["phase"] == "Running"
+
+    cluster.set_phase("j-critic-0", "Failed", exit_code=137)
+    plan = cluster.reconcile(now := now + timedelta(seconds=100))
+    assert (cluster.job.status["phase"], cluster.pods) == ("Restarting", {})
+    assert plan.requeue_after == 10
+    plan = cluster.reconcile(now := now + timedelta(seconds=3))  # woken early by the deletion events
+    assert cluster.pods == {} and plan.requeue_after == pytest.approx(7)
+    cluster.reconcile(now := now + timedelta(seconds=7))
+    assert {cluster.pods[n].attempt for n in GANG} == {1}
+
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    cluster.reconcile(now := now + timedelta(seconds=5))
+    cluster.set_phase("j-actor-0", "Succeeded", exit_code=0)
+    plan = cluster.reconcile(now := now + timedelta(seconds=500))
+    assert cluster.job.status["phase"] == "Succeeded"
+    assert list(cluster.pods) == ["j-actor-0"]  # the critic was deleted, the actor kept for its logs
+    assert plan.requeue_after == 60
+    cluster.reconcile(now + timedelta(seconds=60))
+    assert cluster.deleted
+    assert cluster.events == ["GangCreated", "Running", "PodFailed", "GangRestart", "GangCreated", "Running",
+                              "Succeeded", "TTLExpired"]
+    assert cluster.created_pods == [("j-actor-0", 0), ("j-critic-0", 0), ("j-actor-0", 1), ("j-critic-0", 1)]
+    assert cluster.job.status["restarts"] == 1
+
+
+def test_whole_life_that_keeps_failing_stops_at_max_restarts():
+    cluster = FakeCluster(make_job(failurePolicy={"maxRestarts": 2, "backoffSeconds": 1}))
+    now = T0
+    for _ in range(20):
+        plan = cluster.reconcile(now)
+        if cluster.job.status["phase"] == "Failed":
+            break
+        if cluster.pods:  # a gang is up: it runs, then its actor crashes
+            for name in list(cluster.pods):
+                cluster.set_phase(name, "Running")
+            cluster.reconcile(now)
+            cluster.set_phase("j-actor-0", "Failed", exit_code=1)
+        now += timedelta(seconds=plan.requeue_after or 1)
+    assert cluster.job.status["phase"] == "Failed"
+    assert planner.get_condition(cluster.job.status, "Failed")["reason"] == "ReachedMaxRestarts"
+    assert cluster.job.status["restarts"] == 2
+    assert [a for _, a in cluster.created_pods] == [0, 0, 1, 1, 2, 2]
+    assert cluster.events.count("GangRestart") == 2
