@@ -1,8 +1,7 @@
 """What every actor loop shares: the step driver (data, resume, checkpoints, metrics, export) and
 the rollout helpers of the online algorithms (generate, score, micro-batches).
 
-An algorithm is an object with `strategy`, `tokenizer`, `kind` (what records it consumes, see
-data.KIND_OF_ALGORITHM), `step(records, timings) -> dict of metrics`, and `state_dict()` /
+An algorithm is an object with `strategy`, `tokenizer`, `step(records, timings) -> dict of metrics`, and `state_dict()` /
 `load_state_dict()` for what it must carry over a restart (e.g. the KL controller).
 """
 
@@ -19,6 +18,7 @@ import torch
 
 from rlhf_trainer import checkpoint, distributed, models
 from rlhf_trainer.data import (
+    KIND_OF_ALGORITHM,
     Sampler,
     encode_prompt_responses,
     encode_prompts,
@@ -144,7 +144,9 @@ def start_colocated(ctx: Context) -> None:
         ctx.local_services[role] = build_service(ctx, role)
 
 
-def load_records(ctx: Context, kind: str):
+def load_records(ctx: Context):
+    """The training records, read before any model is built so bad data fails fast (exit 65)."""
+    kind = KIND_OF_ALGORITHM[ctx.cfg.algorithm]
     return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)
 
 
@@ -190,10 +192,9 @@ def export(ctx: Context, strategy, tokenizer) -> Path:
     return final
 
 
-def drive(ctx: Context, algorithm) -> None:
-    """Run `algorithm` from the newest complete checkpoint (or step 0) to max_steps, then export."""
+def drive(ctx: Context, algorithm, records) -> None:
+    """Run `algorithm` on `records` from the newest complete checkpoint (or step 0) to max_steps, then export."""
     hp = ctx.hp
-    records = load_records(ctx, algorithm.kind)
     sampler = Sampler(len(records), hp.batch_size, seed=hp.seed)
     savers = _savers(ctx, algorithm.strategy)
     start = resume_step(ctx) or 0

@@ -13,6 +13,7 @@ from rlhf_trainer.algorithms.common import (
     drive,
     encode_pairs,
     global_normaliser,
+    load_records,
     pair_slices,
     start_colocated,
 )
@@ -28,8 +29,6 @@ def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
 
 
 class DPO:
-    kind = "pairs"
-
     def __init__(self, ctx: Context):
         hp = self.hp = ctx.hp
         self.ctx = ctx
@@ -80,5 +79,6 @@ class DPO:
 
 
 def run(ctx: Context) -> None:
+    records = load_records(ctx)
     start_colocated(ctx)
-    drive(ctx, DPO(ctx))
+    drive(ctx, DPO(ctx), records)

@@ -17,6 +17,7 @@ from rlhf_trainer.algorithms.common import (
     drive,
     generate,
     global_normaliser,
+    load_records,
     micro_batches,
     policy_logprobs,
     start_colocated,
@@ -31,8 +32,6 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class GroupPolicyGradient:
-    kind = "prompts"
-
     def __init__(self, ctx: Context, variant: str):
         hp = self.hp = ctx.hp
         self.ctx, self.variant = ctx, variant
@@ -100,5 +99,6 @@ class GroupPolicyGradient:
 
 
 def run(ctx: Context) -> None:
+    records = load_records(ctx)
     start_colocated(ctx)
-    drive(ctx, GroupPolicyGradient(ctx, ctx.cfg.algorithm))
+    drive(ctx, GroupPolicyGradient(ctx, ctx.cfg.algorithm), records)

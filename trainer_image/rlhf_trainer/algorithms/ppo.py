@@ -18,6 +18,7 @@ from rlhf_trainer.algorithms.common import (
     drive,
     generate,
     global_normaliser,
+    load_records,
     micro_batches,
     policy_logprobs,
     start_colocated,
@@ -32,8 +33,6 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class PPO:
-    kind = "prompts"
-
     def __init__(self, ctx: Context):
         hp = self.hp = ctx.hp
         self.ctx = ctx
@@ -107,5 +106,6 @@ class PPO:
 
 
 def run(ctx: Context) -> None:
+    records = load_records(ctx)
     start_colocated(ctx)
-    drive(ctx, PPO(ctx))
+    drive(ctx, PPO(ctx), records)

@@ -8,7 +8,7 @@ folder that a PPO / GRPO job's `rewardModel.path` can point at.
 from __future__ import annotations
 
 from rlhf_trainer import models
-from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, pair_slices
+from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, load_records, pair_slices
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
@@ -16,8 +16,6 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class RewardModelTraining:
-    kind = "pairs"
-
     def __init__(self, ctx: Context):
         hp = self.hp = ctx.hp
         self.ctx = ctx
@@ -57,4 +55,5 @@ class RewardModelTraining:
 
 
 def run(ctx: Context) -> None:
-    drive(ctx, RewardModelTraining(ctx))
+    records = load_records(ctx)
+    drive(ctx, RewardModelTraining(ctx), records)

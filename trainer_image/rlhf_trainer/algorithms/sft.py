@@ -6,7 +6,7 @@ example's boundary, so examples never attend to or predict each other).
 from __future__ import annotations
 
 from rlhf_trainer import models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, micro_batches
+from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
 from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
@@ -14,8 +14,6 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class SFT:
-    kind = "sft"
-
     def __init__(self, ctx: Context):
         hp = self.hp = ctx.hp
         self.ctx = ctx
@@ -68,4 +66,5 @@ class SFT:
 
 
 def run(ctx: Context) -> None:
-    drive(ctx, SFT(ctx))
+    records = load_records(ctx)
+    drive(ctx, SFT(ctx), records)
