@@ -1,0 +1,165 @@
+"""The operator <-> trainer contract (docs/spec.md): what the operator renders, the trainer accepts.
+
+The operator and the trainer never import each other (import-linter), so only this test holds
+them together: the config JSON, the env contract, the shared spec fields and the exit codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rlhf_operator import api, builders, constants
+from rlhf_operator.builders import BuildSettings
+from rlhf_trainer import config as trainer_config
+from rlhf_trainer import errors as trainer_errors
+from rlhf_trainer.distributed import read_process_env
+from rlhf_trainer.runtime import check_process
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
+SETTINGS = BuildSettings()
+
+
+def load_example(path: Path) -> api.Job:
+    manifest = yaml.safe_load(path.read_text())
+    manifest["metadata"].setdefault("namespace", "default")
+    manifest["metadata"].setdefault("uid", "uid-example")
+    return api.parse_job(manifest)
+
+
+def rendered_config(job: api.Job) -> trainer_config.TrainerConfig:
+    """The config exactly as a pod reads it: the ConfigMap's text, parsed by the trainer."""
+    text = builders.build_config_map(job)["data"][constants.CONFIG_FILE]
+    return trainer_config.parse_config(json.loads(text))
+
+
+def pod_env(pod: dict) -> dict[str, str]:
+    """A pod's env as its process sees it (the downward-API POD_IP filled in)."""
+    env = {}
+    for entry in pod["spec"]["containers"][0]["env"]:
+        env[entry["name"]] = entry["value"] if "value" in entry else "10.1.2.3"
+    return env
+
+
+def assert_config_matches_spec(job: api.Job, cfg: trainer_config.TrainerConfig) -> None:
+    spec = job.spec
+    assert (cfg.job, cfg.namespace, cfg.algorithm) == (job.name, job.namespace, spec.algorithm)
+    assert cfg.model.path == spec.model.path
+    assert (cfg.reward_model.path if cfg.reward_model else None) == (spec.reward_model.path if spec.reward_model else None)
+    assert dataclasses.asdict(cfg.reward) == dataclasses.asdict(spec.reward)
+    assert dataclasses.asdict(cfg.dataset) == dataclasses.asdict(spec.dataset)
+    assert dataclasses.asdict(cfg.hyperparameters) == dataclasses.asdict(spec.hyperparameters)
+    assert (cfg.checkpoint.interval_steps, cfg.checkpoint.keep) == (spec.checkpoint.interval_steps, spec.checkpoint.keep)
+    assert set(cfg.roles) == {r.name for r in spec.roles}
+    for role in spec.roles:
+        got = cfg.roles[role.name]
+        assert (got.replicas, got.colocate_with) == (role.replicas, role.colocate_with)
+        assert dataclasses.asdict(got.deepspeed) == dataclasses.asdict(role.deepspeed)
+
+
+def test_there_is_an_example_for_every_algorithm():
+    algorithms = {yaml.safe_load(p.read_text())["spec"]["algorithm"] for p in EXAMPLES}
+    assert algorithms == set(api.ALGORITHMS)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_config_parses_in_the_trainer(path):
+    job = load_example(path)
+    assert_config_matches_spec(job, rendered_config(job))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_pods_env_fits_the_rendered_config(path):
+    """Every pod's env names a process the config has (the trainer's own startup check)."""
+    job = load_example(path)
+    cfg = rendered_config(job)
+    for pod in builders.build_gang(job, 3, SETTINGS):
+        env = read_process_env(pod_env(pod))
+        check_process(env, cfg)
+        assert env.config_path == f"{constants.CONFIG_MOUNT}/{constants.CONFIG_FILE}"
+        assert env.checkpoint_dir == constants.CHECKPOINT_MOUNT
+        assert env.restart_attempt == 3
+        assert env.metrics_port == constants.METRICS_PORT
+        assert env.pod_ip == "10.1.2.3"
+        addrs = {role: f"{host}:{port}" for role, (host, port) in env.role_addrs.items()}
+        assert addrs == builders.role_addrs(job, SETTINGS)
+        assert env.bridge_addr == (f"{job.name}-actor-0.{job.name}.{job.namespace}.svc.cluster.local",
+                                   constants.BRIDGE_PORT)
+
+
+# Spec shapes the examples may not cover.
+SPEC_VARIANTS = {
+    "ppo with a reward model and every knob": {
+        "algorithm": "ppo", "model": {"path": "/models/policy"}, "rewardModel": {"path": "/models/rm"},
+        "reward": {"type": "model"}, "dataset": {"path": "/data/prompts.jsonl", "evalPath": "/data/eval.jsonl"},
+        "roles": [{"name": "actor", "replicas": 2, "deepspeed": {"zeroStage": 3, "bf16": True}},
+                  {"name": "critic", "deepspeed": {"offloadOptimizer": True, "gradientCheckpointing": True}},
+                  {"name": "reward", "colocateWith": "critic"}, {"name": "reference", "colocateWith": "actor"}],
+        "hyperparameters": {"maxSteps": 3, "dualClip": 3.0, "klTarget": 6.0, "klEstimator": "k3",
+                            "whitenAdvantages": False, "ppoEpochs": 2},
+    },
+    "grpo with a regex rule": {
+        "algorithm": "grpo", "model": {"path": "tiny://qwen2"}, "reward": {"type": "rule", "rule": "regex",
+                                                                          "pattern": "^4$"},
+        "dataset": {"path": "synthetic://arithmetic"}, "roles": [{"name": "actor"}, {"name": "reference"}],
+        "hyperparameters": {"groupSize": 8},
+    },
+    "rloo with a callable rule": {
+        "algorithm": "rloo", "model": {"path": "tiny://llama"},
+        "reward": {"type": "rule", "rule": "callable", "callable": "my_pkg.rewards:score"},
+        "dataset": {"path": "synthetic://arithmetic"}, "roles": [{"name": "actor"}, {"name": "reference"}],
+    },
+    "dpo ipo loss with label smoothing": {
+        "algorithm": "dpo", "model": {"path": "tiny://llama"}, "dataset": {"path": "/d.jsonl", "format": "pairs"},
+        "roles": [{"name": "actor"}, {"name": "reference", "colocateWith": "actor"}],
+        "hyperparameters": {"lossType": "ipo", "labelSmoothing": 0.1, "beta": 0.5},
+    },
+    "sft with packing": {
+        "algorithm": "sft", "model": {"path": "tiny://llama"}, "dataset": {"path": "/d.jsonl", "format": "instruction"},
+        "roles": [{"name": "actor", "replicas": 2}], "hyperparameters": {"packing": True},
+    },
+}
+
+
+@pytest.mark.parametrize("name", SPEC_VARIANTS)
+def test_spec_variant_renders_a_config_and_env_the_trainer_accepts(name):
+    spec = {"image": "trainer:1", **SPEC_VARIANTS[name]}
+    job = api.parse_job({"metadata": {"name": "v", "namespace": "ns", "uid": "u"}, "spec": spec})
+    cfg = rendered_config(job)
+    assert_config_matches_spec(job, cfg)
+    for pod in builders.build_gang(job, 0, SETTINGS):
+        check_process(read_process_env(pod_env(pod)), cfg)
+
+
+SHARED_DATACLASSES = {
+    "hyperparameters": (api.Hyperparameters, trainer_config.Hyperparameters),
+    "deepspeed": (api.DeepSpeedSpec, trainer_config.DeepSpeedConfig),
+    "reward": (api.RewardSpec, trainer_config.RewardConfig),
+    "dataset": (api.DatasetSpec, trainer_config.DatasetConfig),
+}
+
+
+@pytest.mark.parametrize("name", SHARED_DATACLASSES)
+def test_spec_and_trainer_share_field_names_and_defaults(name):
+    spec_cls, trainer_cls = SHARED_DATACLASSES[name]
+
+    def fields(cls):
+        return {f.name: (f.default, f.type) for f in dataclasses.fields(cls)}
+
+    assert fields(spec_cls) == fields(trainer_cls)
+
+
+def test_roles_per_algorithm_agree():
+    for algorithm in api.ALGORITHMS:
+        for reward_type in api.REWARD_TYPES:
+            assert api.required_roles(algorithm, reward_type) == trainer_config.required_roles(algorithm, reward_type)
+
+
+def test_permanent_exit_codes_agree():
+    assert trainer_errors.EXIT_DATA_ERROR == constants.EXIT_DATA_ERROR == 65
+    assert trainer_errors.EXIT_CONFIG_ERROR == constants.EXIT_CONFIG_ERROR == 78
+    assert constants.PERMANENT_EXIT_CODES == {trainer_errors.EXIT_DATA_ERROR, trainer_errors.EXIT_CONFIG_ERROR}
