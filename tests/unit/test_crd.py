@@ -326,6 +326,9 @@ def test_invalid_cases_are_rejected_by_the_api_server_where_parse_spec_rejects_t
     assert crd, "the CRD accepts what parse_spec rejects"
     for path, message in raised.value.errors:
         assert any(related(path, p) for p, _ in crd), f"parse_spec {path}: {message} has no CRD twin in {crd}"
+    known = [p for p, _ in raised.value.errors] + case.get("crd_extra", [])
+    for path, message in crd:
+        assert any(related(path, p) for p in known), f"CRD {path}: {message} has no parse_spec twin"
 
 
 def test_cel_rule_messages_name_the_allowed_values():
@@ -370,6 +373,7 @@ def test_status_written_by_the_operator_validates():
     obj["status"] = {
         "phase": "Running", "observedGeneration": 2, "restarts": 1,
         "startTime": "2026-01-01T00:00:00Z", "lastRestartTime": "2026-01-01T00:05:00Z",
+        "gangCreatedTime": "2026-01-01T00:05:10Z", "gangTimeouts": 1, "runningTime": "2026-01-01T00:01:00Z",
         "roles": {"actor": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}},
         "progress": {"step": 3, "rewardMean": 0.4, "kl": 0.01, "lastCheckpointStep": 2,
                      "updatedAt": "2026-01-01T00:06:00Z"},
