@@ -405,3 +405,18 @@ def test_pod_monitor_finds_the_metrics_port_and_labels_of_trainer_pods():
                 for label in (constants.LABEL_JOB, constants.LABEL_ROLE, constants.LABEL_ROLE_INDEX)}
     assert sources == expected
     assert monitor["spec"]["selector"]["matchExpressions"][0]["key"] == constants.LABEL_JOB
+
+
+def test_kubernetes_validate_cli_passes_every_default_object(tmp_path):
+    """The same check as the command line CI users run: kubernetes-validate --strict -k 1.36."""
+    result = render_raw(extra=("--include-crds",))
+    assert result.returncode == 0, result.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(result.stdout)
+    cli = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) or "kubernetes-validate"
+    check = subprocess.run([cli, "--strict", "-k", "1.36", str(rendered)], capture_output=True, text=True,
+                           timeout=120)
+    output = check.stdout + check.stderr
+    assert check.returncode == 0, output
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert output.count("passed for resource") == len(documents), output
