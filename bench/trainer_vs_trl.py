@@ -1,0 +1,358 @@
+"""Our trainer's DPO / GRPO / PPO step against TRL's on the same tiny model, data and batch.
+
+    python bench/trainer_vs_trl.py                      # CPU, writes bench/RESULTS.md "Trainer vs TRL"
+    python bench/trainer_vs_trl.py --device cuda --repeats 5 --steps 20
+    python bench/trainer_vs_trl.py --only dpo --no-write
+
+Each measurement is a fresh subprocess (`--one SIDE-ALGO`) that builds the model, runs `--warmup`
+steps, then times `--steps` steps and prints one JSON line. The driver interleaves ours and TRL's
+(A B A B ...) `--repeats` times, because this machine's speed drifts by several times over minutes,
+and compares medians.
+
+What is compared, per algorithm (same tiny Llama from `tiny://llama`, same tokenizer and prompts):
+- dpo: 8 pairs per step of synthetic://preferences, reference model forward each step, beta 0.1.
+- grpo: 8 prompts x 4 samples of synthetic://arithmetic, 8 new tokens, exact-match rule reward,
+  k3 KL to the reference (beta 0.05), one update per batch.
+- ppo: 8 prompts, 8 new tokens, tiny reward model (TRL's PPOTrainer takes only a model reward),
+  critic initialised from the policy, one PPO epoch, one mini-batch. TRL's PPOTrainer exists only in
+  trl 1.12 (`trl.experimental.ppo`), which wants its own environment: `--trl-ppo-python` (default
+  bench/out/trl112/bin/python) runs that side.
+
+Ours runs in-process with every role colocated (one process, world of one), i.e. the same work as
+TRL's single-process trainers; the multi-process bridge path is covered by the tests, not timed here.
+On a GPU it also reports tokens/s and an approximate training MFU (6 x params x trained tokens per
+second over the device's dense bf16 peak, `--peak-tflops`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ALGOS = ("dpo", "grpo", "ppo")
+PROMPTS, GROUP, NEW_TOKENS, PROMPT_LEN, LR = 8, 4, 8, 16, 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- our side ---------------------------------------------------------------------------------------
+
+
+def _our_context(algorithm: str, device: str):
+    from rlhf_trainer.config import parse_config
+    from rlhf_trainer.distributed import ProcessEnv, init_role_world
+    from rlhf_trainer.metrics import TrainerMetrics
+    from rlhf_trainer.runtime import Context, placements_of
+
+    roles = {"actor": {}, "reference": {"colocate_with": "actor"}}
+    reward = {"type": "rule", "rule": "exact_match"}
+    reward_model = None
+    if algorithm == "ppo":
+        roles.update(critic={"colocate_with": "actor"}, reward={"colocate_with": "actor"})
+        reward, reward_model = {"type": "model"}, {"path": "tiny://llama"}
+    dataset = "synthetic://preferences" if algorithm == "dpo" else "synthetic://arithmetic"
+    micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
+    cfg = parse_config({
+        "job": "bench", "algorithm": algorithm, "model": {"path": "tiny://llama"}, "reward_model": reward_model,
+        "reward": reward, "dataset": {"path": dataset}, "roles": roles,
+        "hyperparameters": {
+            "batch_size": PROMPTS, "micro_batch_size": micro, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
+            "max_prompt_length": PROMPT_LEN, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
+        },
+    })
+    colocated = tuple(r for r in roles if r != "actor")
+    env = ProcessEnv("bench", "actor", 0, 1, colocated, "", {}, None, str(HERE / "out" / "ckpt"), 0, 0, "")
+    init_role_world(master_addr="127.0.0.1", master_port=_free_port(), rank=0, world_size=1)
+    return Context(env, cfg, placements_of(cfg), None, TrainerMetrics(None))
+
+
+def run_ours(algorithm: str, steps: int, warmup: int, device: str) -> dict:
+    import torch
+
+    from rlhf_trainer.algorithms.common import load_records, start_colocated
+    from rlhf_trainer.data import Sampler
+
+    ctx = _our_context(algorithm, device)
+    records = load_records(ctx)
+    start_colocated(ctx)
+    if algorithm == "dpo":
+        from rlhf_trainer.algorithms.dpo import DPO as Algo
+    elif algorithm == "grpo":
+        from rlhf_trainer.algorithms.grpo import GroupPolicyGradient
+
+        def Algo(c):  # noqa: N802 (a factory in the place of a class)
+            return GroupPolicyGradient(c, "grpo")
+    else:
+        from rlhf_trainer.algorithms.ppo import PPO as Algo
+    algo = Algo(ctx)
+    sampler = Sampler(len(records), PROMPTS, seed=0)
+    times, tokens = [], 0.0
+    for i in range(warmup + steps):
+        batch = [records[j] for j in sampler.next_batch()]
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        stats = algo.step(batch, {})
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens += stats["tokens"]
+    params = sum(p.numel() for p in algo.strategy.module.parameters())
+    return _result("ours", algorithm, times, tokens, params)
+
+
+# ---- TRL's side -------------------------------------------------------------------------------------
+
+
+class _StepTimer:
+    """A transformers TrainerCallback timing each optimizer step (built lazily: transformers import)."""
+
+    def __new__(cls, warmup: int, device: str):
+        from transformers import TrainerCallback
+
+        class Timer(TrainerCallback):
+            def __init__(self):
+                self.times, self._t0 = [], 0.0
+
+            def on_step_begin(self, args, state, control, **kw):
+                if device == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                self._t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if device == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize()
+                if state.global_step > warmup:
+                    self.times.append(time.perf_counter() - self._t0)
+
+        return Timer()
+
+
+def _trl_common(steps: int, warmup: int, device: str, out: Path) -> dict:
+    return dict(
+        output_dir=str(out), max_steps=warmup + steps, learning_rate=LR, logging_steps=10**6, save_strategy="no",
+        report_to=[], use_cpu=(device == "cpu"), dataloader_num_workers=0, disable_dropout=True, seed=0,
+    )
+
+
+def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
+    from datasets import Dataset
+
+    from rlhf_trainer import models
+    from rlhf_trainer.data import synthetic_arithmetic, synthetic_preferences
+    from rlhf_trainer.rewards import build_reward_fn
+
+    tok = models.load_tokenizer("tiny://llama")
+    policy = models.load_policy("tiny://llama", seed=0)
+    out = HERE / "out" / f"trl-{algorithm}"
+    timer = _StepTimer(warmup, device)
+    if algorithm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        rows = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in synthetic_preferences()]
+        args = DPOConfig(**_trl_common(steps, warmup, device, out), per_device_train_batch_size=PROMPTS, beta=0.1,
+                         max_length=PROMPT_LEN + NEW_TOKENS + 1)
+        trainer = DPOTrainer(model=policy, ref_model=models.load_policy("tiny://llama", seed=0), args=args,
+                             train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
+        samples_per_step = PROMPTS
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        from rlhf_trainer.config import RewardConfig
+
+        rule = build_reward_fn(RewardConfig(type="rule", rule="exact_match"))
+
+        def exact_match(prompts, completions, answer, **_):
+            return rule(prompts, completions, answer)
+
+        rows = [{"prompt": r.prompt, "answer": r.answer} for r in synthetic_arithmetic()]
+        args = GRPOConfig(**_trl_common(steps, warmup, device, out), per_device_train_batch_size=PROMPTS * GROUP,
+                          num_generations=GROUP, generation_batch_size=PROMPTS * GROUP, steps_per_generation=1,
+                          max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
+                          num_iterations=1)
+        trainer = GRPOTrainer(model=policy, reward_funcs=exact_match, args=args, train_dataset=Dataset.from_list(rows),
+                              processing_class=tok, callbacks=[timer])
+        samples_per_step = PROMPTS * GROUP
+    trainer.train()
+    params = sum(p.numel() for p in policy.parameters())
+    tokens = samples_per_step * (PROMPT_LEN + NEW_TOKENS) * len(timer.times)  # an upper bound, for tokens/s
+    return _result("trl", algorithm, timer.times, tokens, params)
+
+
+TRL_PPO_SCRIPT = r'''
+import json, sys, time, os
+sys.path.insert(0, os.environ["RLHF_TRAINER_PATH"])
+from datasets import Dataset
+from transformers import TrainerCallback
+from trl.experimental.ppo import PPOConfig, PPOTrainer
+from rlhf_trainer import models
+from rlhf_trainer.data import synthetic_arithmetic
+steps, warmup, device, P, N, L = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                                  int(sys.argv[5]), int(sys.argv[6]))
+tok = models.load_tokenizer("tiny://llama")
+tok.padding_side = "left"
+ds = Dataset.from_list([{"input_ids": tok(r.prompt)["input_ids"][-L:]} for r in synthetic_arithmetic()])
+class Timer(TrainerCallback):
+    times = []
+    def on_step_begin(self, *a, **k): self.t0 = time.perf_counter()
+    def on_step_end(self, args, state, *a, **k):
+        if state.global_step > warmup: self.times.append(time.perf_counter() - self.t0)
+timer = Timer()
+args = PPOConfig(output_dir=os.environ["OUT"], per_device_train_batch_size=P, gradient_accumulation_steps=1,
+                 num_ppo_epochs=1, num_mini_batches=1, total_episodes=P * (steps + warmup), response_length=N,
+                 local_rollout_forward_batch_size=P, learning_rate=1e-5, report_to=[], save_strategy="no",
+                 use_cpu=(device == "cpu"), kl_coef=0.05, missing_eos_penalty=1.0, stop_token="eos",
+                 num_sample_generations=0, logging_steps=10**6, seed=0)
+trainer = PPOTrainer(args=args, processing_class=tok, model=models.load_policy("tiny://llama", seed=0),
+                     ref_model=models.load_policy("tiny://llama", seed=0),
+                     reward_model=models.load_reward_model("tiny://llama", seed=0),
+                     value_model=models.load_reward_model("tiny://llama", seed=0),
+                     train_dataset=ds, callbacks=[timer])
+trainer.train()
+print("RESULT " + json.dumps({"times": timer.times}))
+'''
+
+
+def run_trl_ppo(steps: int, warmup: int, device: str, python: str) -> dict:
+    env = {**os.environ, "RLHF_TRAINER_PATH": str(HERE.parent / "trainer_image"), "OUT": str(HERE / "out" / "trl-ppo")}
+    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS), str(PROMPT_LEN)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"TRL PPO failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    times = json.loads(lines[-1][len("RESULT "):])["times"]
+    return _result("trl", "ppo", times, PROMPTS * (PROMPT_LEN + NEW_TOKENS) * len(times), 0)
+
+
+def _result(side: str, algorithm: str, times: list[float], tokens: float, params: int) -> dict:
+    samples = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
+    step = statistics.median(times)
+    return {"side": side, "algorithm": algorithm, "step_s": step, "samples_per_s": samples / step,
+            "tokens_per_s": tokens / sum(times), "params": params, "steps": len(times)}
+
+
+# ---- driver -----------------------------------------------------------------------------------------
+
+
+def one(args) -> None:
+    side, algorithm = args.one.split("-")
+    if side == "ours":
+        result = run_ours(algorithm, args.steps, args.warmup, args.device)
+    elif algorithm == "ppo":
+        result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python)
+    else:
+        result = run_trl(algorithm, args.steps, args.warmup, args.device)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--device", args.device, "--trl-ppo-python", args.trl_ppo_python]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"{torch.cuda.get_device_name()} ({platform.machine()}, {os.cpu_count()} CPU cores)"
+    return f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
+
+
+def write_results(text: str, path: Path) -> None:
+    """Replace (or append) the "Trainer vs TRL" section of bench/RESULTS.md, leaving the others."""
+    title = "## Trainer vs TRL"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if title in old:
+        start = old.index(title)
+        nxt = old.find("\n## ", start + len(title))
+        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
+    path.write_text(old.rstrip() + "\n\n" + text.rstrip() + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", choices=ALGOS, action="append")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
+    p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
+    p.add_argument("--no-write", action="store_true")
+    p.add_argument("--one", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        return one(args)
+    algos = args.only or list(ALGOS)
+    results: dict[tuple[str, str], list[dict]] = {}
+    for rep in range(args.repeats):
+        for algorithm in algos:
+            for side in (("ours", "trl") if rep % 2 == 0 else ("trl", "ours")):  # alternate who goes first
+                try:
+                    r = measure(f"{side}-{algorithm}", args)
+                except RuntimeError as exc:
+                    print(f"{side}-{algorithm}: {exc}", file=sys.stderr)
+                    continue
+                results.setdefault((side, algorithm), []).append(r)
+                print(f"rep {rep} {side:4} {algorithm:4} step {r['step_s']:.4f}s  {r['samples_per_s']:.1f} samples/s",
+                      flush=True)
+    lines = [
+        "## Trainer vs TRL",
+        "",
+        f"Command: `python bench/trainer_vs_trl.py --device {args.device} --repeats {args.repeats} "
+        f"--steps {args.steps} --warmup {args.warmup}`  ",
+        f"Machine: {machine(args.device)}; {time.strftime('%Y-%m-%d')}.  ",
+        f"Setup: tiny Llama (`tiny://llama`), {PROMPTS} prompts/pairs per step, GRPO {GROUP} samples per prompt, "
+        f"{NEW_TOKENS} new tokens; fresh process per measurement, ours and TRL interleaved; medians over "
+        "repeats of each run's median step time.",
+        "",
+        "| algorithm | ours samples/s | TRL samples/s | ours / TRL | ours tokens/s |"
+        + (" ours MFU |" if args.device == "cuda" else ""),
+        "|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
+    ]
+    for algorithm in algos:
+        ours, trl = results.get(("ours", algorithm), []), results.get(("trl", algorithm), [])
+        if not ours:
+            lines.append(f"| {algorithm} | failed | | | |")
+            continue
+        o = statistics.median(r["samples_per_s"] for r in ours)
+        tok = statistics.median(r["tokens_per_s"] for r in ours)
+        t = statistics.median(r["samples_per_s"] for r in trl) if trl else float("nan")
+        row = f"| {algorithm} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {tok:.0f} |" if trl else \
+            f"| {algorithm} | {o:.1f} | failed | | {tok:.0f} |"
+        if args.device == "cuda":
+            mfu = 6 * ours[0]["params"] * tok / (args.peak_tflops * 1e12)
+            row += f" {100 * mfu:.2f}% |"
+        lines.append(row)
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_results(text, HERE / "RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
