@@ -9,14 +9,18 @@ ports instead of 8080/8081), exactly what the image's entry point would receive.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.kube_emulator import harness
-
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `tests.kube_emulator` is imported from the repository root
+    sys.path.insert(0, str(REPO))
+
+from tests.kube_emulator import harness  # noqa: E402
+
 CHART = REPO / "charts" / "rlhf-operator"
 RELEASE, RELEASE_NS, JOB_NS, OTHER_NS = "rlhf-operator", "rlhf-system", "team-a", "team-b"
 TRAINER_SA = "rlhf-trainer"
