@@ -8,6 +8,7 @@ offline validation against the Kubernetes 1.36 schemas, and the CRD copy against
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -32,6 +33,7 @@ def helm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120)
 
 
+@functools.cache  # several tests render the same values; helm is the slow part
 def render_raw(*sets: str, api_versions: tuple[str, ...] = (), namespace: str = "rlhf-system",
                extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     args = ["template", "rel", str(CHART), "--namespace", namespace, *extra]
