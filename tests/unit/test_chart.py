@@ -422,3 +422,10 @@ def test_kubernetes_validate_cli_passes_every_default_object(tmp_path):
     assert check.returncode == 0, output
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     assert output.count("passed for resource") == len(documents), output
+
+
+def test_rbac_and_operator_service_account_can_be_brought_by_the_cluster_admin():
+    docs = render("rbac.create=false", "serviceAccount.create=false", "serviceAccount.name=ops-rlhf")
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    assert [sa["metadata"]["name"] for sa in of_kind(docs, "ServiceAccount")] == ["rlhf-trainer"]
+    assert one(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "ops-rlhf"
