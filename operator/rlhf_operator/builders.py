@@ -415,6 +415,17 @@ def build_support_objects(job: Job, settings: BuildSettings) -> list[dict]:
     return [obj for obj in objects if obj is not None]
 
 
+def support_object_refs(job: Job, settings: BuildSettings) -> list[tuple[str, str]]:
+    """(kind, name) of each object build_support_objects() returns, without building them
+    (the planner checks these every pass; rendering the config each time is wasted work)."""
+    refs = [("Service", job.name), ("ConfigMap", config_map_name(job.name))]
+    if not job.spec.checkpoint.volume.existing_claim:
+        refs.append(("PersistentVolumeClaim", pvc_name(job.name)))
+    if gang_scheduler(job, settings) != "none":
+        refs.append(("PodGroup", job.name))
+    return refs
+
+
 # --- resource quantities (PodGroup.minResources) ---------------------------------------------
 
 _BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}

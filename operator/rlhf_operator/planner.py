@@ -36,6 +36,7 @@ from rlhf_operator.builders import (
     gang_pod_names,
     host_role,
     pod_name,
+    support_object_refs,
 )
 from rlhf_operator.constants import (
     LABEL_RESTART_ATTEMPT,
@@ -356,6 +357,8 @@ def _reopen_fixed_spec(p: _Pass) -> None:
 
 
 def _create_missing_support_objects(p: _Pass) -> None:
+    if set(support_object_refs(p.job, p.settings)) <= p.observed.existing:
+        return
     for obj in build_support_objects(p.job, p.settings):
         if (obj["kind"], obj["metadata"]["name"]) not in p.observed.existing:
             p.actions.append(CreateObject(obj))

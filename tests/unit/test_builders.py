@@ -267,8 +267,10 @@ def test_gang_scheduler_choice(case):
     coscheduling = pod_group_api == "scheduling.x-k8s.io/v1alpha1"
     assert (pod["metadata"].get("annotations", {}).get(ANNOTATION_VOLCANO_GROUP) == "ppo-tiny") is volcano
     assert (pod["metadata"]["labels"].get(LABEL_COSCHEDULING_GROUP) == "ppo-tiny") is coscheduling
-    kinds = [o["kind"] for o in builders.build_support_objects(job, settings)]
-    assert kinds == ["Service", "ConfigMap", "PersistentVolumeClaim"] + ["PodGroup"] * (pod_group is not None)
+    support = builders.build_support_objects(job, settings)
+    assert [o["kind"] for o in support] == ["Service", "ConfigMap", "PersistentVolumeClaim"] + ["PodGroup"] * (
+        pod_group is not None)
+    assert builders.support_object_refs(job, settings) == [(o["kind"], o["metadata"]["name"]) for o in support]
 
 
 def test_volcano_pod_group_carries_queue_priority_and_summed_requests():
@@ -370,7 +372,9 @@ def test_checkpoint_claim(case):
 def test_existing_claim_is_mounted_and_no_claim_is_created():
     job = make_job(checkpoint={"volume": {"existingClaim": "shared-ckpt"}})
     assert builders.build_pvc(job) is None
-    assert "PersistentVolumeClaim" not in [o["kind"] for o in builders.build_support_objects(job, SETTINGS)]
+    support = builders.build_support_objects(job, SETTINGS)
+    assert "PersistentVolumeClaim" not in [o["kind"] for o in support]
+    assert builders.support_object_refs(job, SETTINGS) == [(o["kind"], o["metadata"]["name"]) for o in support]
     pod = builders.build_gang(job, 0, SETTINGS)[0]
     claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "checkpoints")
     assert claim["persistentVolumeClaim"] == {"claimName": "shared-ckpt"}
