@@ -211,7 +211,7 @@ def _qualified(path: str) -> str:
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo")
 # Roles that hold no optimizer: ZeRO stage 0 is their default (the CRD leaves zeroStage unset).
 FROZEN_ROLES = ("reward", "reference")
-DEFAULT_VOLUME_SIZE = "10Gi"
+DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
 # "module:function" of a reward callable (the same pattern is in the CRD's CEL rule).
@@ -417,10 +417,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top = _Fields(spec, "", errors)
     algorithm = top.string("algorithm", required=True, enum=ALGORITHMS)
     image = top.string("image", required=True)
-    pull_policy = top.string("imagePullPolicy", "IfNotPresent", enum=PULL_POLICIES)
+    pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
     model = _model(top.obj("model")) if _present(top, "model") else ModelSource(path="")
+    top.read.add("rewardModel")  # known even when null
     reward_model = _model(top.obj("rewardModel")) if top.has("rewardModel") else None
-    top.read.add("rewardModel")
     reward = _reward(top.obj("reward"))
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetSpec(path="")
     raw_roles = top.array("roles", required=True)
@@ -433,13 +433,13 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     scheduling = _scheduling(top.obj("scheduling"))
     failure = top.obj("failurePolicy")
     failure_policy = FailurePolicy(
-        max_restarts=failure.integer("maxRestarts", 3, minimum=0),
-        backoff_seconds=failure.integer("backoffSeconds", 10, minimum=1),
+        max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
+        backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
     )
     failure.done()
-    suspend = top.boolean("suspend", False)
-    deadline = top.integer("activeDeadlineSeconds", 0, minimum=0)
-    ttl = top.integer("ttlSecondsAfterFinished", 0, minimum=0)
+    suspend = top.boolean("suspend", JobSpec.suspend)
+    deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
+    ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
     top.done()
 
     errors.extend(_duplicate_role_errors(roles))
@@ -475,7 +475,7 @@ def _model(fields: _Fields) -> ModelSource:
 
 def _reward(fields: _Fields) -> RewardSpec:
     reward = RewardSpec(
-        type=fields.string("type", "model", enum=REWARD_TYPES),
+        type=fields.string("type", RewardSpec.type, enum=REWARD_TYPES),
         rule=fields.string("rule", enum=REWARD_RULES),
         pattern=fields.string("pattern", max_length=1024),
         callable=fields.string("callable", max_length=253),
@@ -493,7 +493,7 @@ def _reward(fields: _Fields) -> RewardSpec:
 def _dataset(fields: _Fields) -> DatasetSpec:
     dataset = DatasetSpec(
         path=fields.string("path", required=True),
-        format=fields.string("format", "prompts", enum=DATASET_FORMATS),
+        format=fields.string("format", DatasetSpec.format, enum=DATASET_FORMATS),
         eval_path=fields.string("evalPath"),
     )
     fields.done()
@@ -504,15 +504,16 @@ def _role(fields: _Fields) -> RoleSpec:
     name = fields.string("name", required=True, enum=ROLE_NAMES)
     ds = fields.obj("deepspeed")
     deepspeed = DeepSpeedSpec(
-        zero_stage=ds.integer("zeroStage", 0 if name in FROZEN_ROLES else 2, minimum=0, maximum=3),
-        bf16=ds.boolean("bf16", False),
-        offload_optimizer=ds.boolean("offloadOptimizer", False),
-        gradient_checkpointing=ds.boolean("gradientCheckpointing", False),
+        zero_stage=ds.integer("zeroStage", 0 if name in FROZEN_ROLES else DeepSpeedSpec.zero_stage,
+                              minimum=0, maximum=3),
+        bf16=ds.boolean("bf16", DeepSpeedSpec.bf16),
+        offload_optimizer=ds.boolean("offloadOptimizer", DeepSpeedSpec.offload_optimizer),
+        gradient_checkpointing=ds.boolean("gradientCheckpointing", DeepSpeedSpec.gradient_checkpointing),
     )
     ds.done()
     role = RoleSpec(
         name=name,
-        replicas=fields.integer("replicas", 1, minimum=1),
+        replicas=fields.integer("replicas", RoleSpec.replicas, minimum=1),
         image=fields.string("image"),
         gpus=fields.integer("gpus", 0, minimum=0),
         resources=_resources(fields.obj("resources")),
@@ -549,9 +550,9 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
 def _hyperparameters(fields: _Fields) -> Hyperparameters:
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Hyperparameters):
-        key, bounds = camel_case(f.name), dict(HYPERPARAMETER_BOUNDS.get(camel_case(f.name), {}))
+        key = camel_case(f.name)
         read = {"int": fields.integer, "float": fields.number, "bool": fields.boolean, "str": fields.string}[f.type]
-        values[f.name] = read(key, f.default, **bounds)
+        values[f.name] = read(key, f.default, **HYPERPARAMETER_BOUNDS.get(key, {}))
     fields.done()
     if values["dual_clip"] != 0 and values["dual_clip"] <= 1:
         fields.error("dualClip", f"must be 0 (off) or > 1 (got {values['dual_clip']})")
@@ -559,8 +560,8 @@ def _hyperparameters(fields: _Fields) -> Hyperparameters:
 
 
 def _checkpoint(fields: _Fields) -> CheckpointSpec:
-    interval = fields.integer("intervalSteps", 10, minimum=1)
-    keep = fields.integer("keep", 3, minimum=1)
+    interval = fields.integer("intervalSteps", CheckpointSpec.interval_steps, minimum=1)
+    keep = fields.integer("keep", CheckpointSpec.keep, minimum=1)
     vol = fields.obj("volume")
     claim = vol.string("existingClaim", max_length=253)
     size = vol.string("size", pattern=QUANTITY_PATTERN, max_length=64)
@@ -568,7 +569,7 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
         size=size or ("" if claim else DEFAULT_VOLUME_SIZE),
         storage_class_name=vol.string("storageClassName"),
         existing_claim=claim,
-        retain=vol.boolean("retain", True),
+        retain=vol.boolean("retain", VolumeSpec.retain),
     )
     vol.done()
     fields.done()
@@ -582,7 +583,7 @@ def _scheduling(fields: _Fields) -> SchedulingSpec:
         gang_scheduler=fields.string("gangScheduler", enum=GANG_SCHEDULERS),
         queue=fields.string("queue"),
         priority_class_name=fields.string("priorityClassName"),
-        gang_timeout_seconds=fields.integer("gangTimeoutSeconds", 300, minimum=1),
+        gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1),
     )
     fields.done()
     return scheduling
