@@ -6,10 +6,11 @@ Typical use (tests/integration/conftest.py does this once per session):
     emu = harness.start_emulator(tmp_dir)        # subprocess; writes tmp_dir/kubeconfig
     os.environ["KUBECONFIG"] = str(emu.kubeconfig)  # before anything imports `kubernetes`
     harness.install_crds(emu, [harness.VOLCANO_CRD, harness.COSCHEDULING_CRD, "crds/rlhfjobs.yaml"])
-    harness.kubectl(emu, "apply", "-f", "crds/examples/ppo-tiny.yaml")
+    harness.kubectl(emu, "apply", "--validate=false", "-f", "crds/examples/ppo-tiny.yaml")  # no OpenAPI served
     pods = harness.wait_for(lambda: harness.get_json(emu, "pods", "-l", "rlhf.dev/job=ppo-tiny"))
+    op = harness.start_operator(emu, tmp_dir / "operator.log")   # `rlhf-operator operator` subprocess
     harness.helm(emu, "install", "demo", "charts/rlhf-operator", "--disable-openapi-validation")
-    harness.stop_emulator(emu)
+    op.stop(); harness.stop_emulator(emu)
 
 The emulator schedules nothing and runs no kubelet: tests play the kubelet with set_pod_phase /
 set_pod_exit. Its garbage collector cascades a DELETE to dependents by ownerReferences uid.
@@ -20,9 +21,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +96,63 @@ def stop_emulator(emu: Emulator) -> None:
         emu.process.wait()
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS says is free now (a small race remains)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Operator:
+    """`rlhf-operator operator` running as a subprocess against an emulator."""
+
+    process: subprocess.Popen
+    metrics_url: str
+    log_path: Path
+
+    def scrape(self) -> str:
+        """The operator's /metrics text."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return response.read().decode()
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text()[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_operator(emu: Emulator, log_path: Path, *args: str, timeout: float = 30.0) -> Operator:
+    """Start the operator (all namespaces unless args say otherwise) and wait until /metrics answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "rlhf_operator.cli", "operator", "--metrics-port", str(port),
+           "--liveness", f"http://127.0.0.1:{free_port()}/healthz", *args]
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, env=emu.env(), stdout=log, stderr=subprocess.STDOUT)
+    op = Operator(process=proc, metrics_url=f"http://127.0.0.1:{port}/metrics", log_path=Path(log_path))
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"operator exited with {proc.returncode}:\n{op.log_tail()}")
+        try:
+            return bool(op.scrape())
+        except OSError:
+            return False
+
+    wait_for(answers, timeout=timeout, interval=0.1, what="the operator's /metrics")
+    return op
+
+
 def _tool(name: str) -> str:
     found = shutil.which(name, path=str(_BIN)) or shutil.which(name)
     if not found:
@@ -122,10 +183,25 @@ def get_json(emu: Emulator, *args: str) -> Any:
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 
+def api_request(emu: Emulator, method: str, path: str, body: Any = None,
+                content_type: str = "application/json") -> Any:
+    """One raw API request (much faster than a kubectl process); the JSON answer, None on 404."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(emu.url + path, data=data, method=method,
+                                     headers={"Content-Type": content_type, "Authorization": "Bearer emulator"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise AssertionError(f"{method} {path}: HTTP {err.code}: {err.read()[:500]!r}") from err
+
+
 def install_crds(emu: Emulator, paths: list[str | Path], timeout: str = "20s") -> None:
     """kubectl apply each CRD file and wait until every one is Established."""
     for path in paths:
-        kubectl(emu, "apply", "-f", str(path))
+        kubectl(emu, "apply", "--validate=false", "-f", str(path))
     names = []
     for path in paths:
         out = kubectl(emu, "get", "-f", str(path), "-o", "jsonpath={.metadata.name}").stdout.split()
@@ -167,5 +243,5 @@ def pod_status_patch(phase: str, pod_ip: str = "", exit_code: int | None = None,
 def set_pod_status(emu: Emulator, pod: str, phase: str, pod_ip: str = "", exit_code: int | None = None,
                    namespace: str = "default") -> None:
     """Patch one pod's status subresource like a kubelet (phase Running, or Succeeded/Failed + exit code)."""
-    body = json.dumps({"status": pod_status_patch(phase, pod_ip, exit_code)})
-    kubectl(emu, "patch", "pod", pod, "-n", namespace, "--subresource=status", "--type=merge", "-p", body)
+    api_request(emu, "PATCH", f"/api/v1/namespaces/{namespace}/pods/{pod}/status",
+                {"status": pod_status_patch(phase, pod_ip, exit_code)}, "application/merge-patch+json")

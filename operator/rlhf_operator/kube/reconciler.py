@@ -132,6 +132,8 @@ class Controller:
             progress=merge_progress(old_status.get("progress"), scraped, stamp(now)),
         )
         result = planner.plan(job, observed, now, self.settings)
+        log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
+                  [type(a).__name__ for a in result.actions], result.status.get("phase"))
         await self._execute(key, raw, result.actions, pods, existing)
         new_status = dict(result.status)
         if new_status != old_status:

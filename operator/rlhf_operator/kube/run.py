@@ -40,8 +40,9 @@ def main(args: argparse.Namespace) -> int:
 
     from rlhf_operator.kube import handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kopf.configure(verbose=False)
+    # kopf says "Handler succeeded" at INFO for every watch event; keep its warnings and errors only.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     memo = kopf.Memo(config=OperatorConfig.from_args(args))
     asyncio.run(kopf.operator(
         standalone=True,
