@@ -383,3 +383,34 @@ def test_status_written_by_the_operator_validates():
     assert api_server_errors(obj) == []
     obj["status"]["phase"] = "Exploded"
     assert [p for p, _, _ in schema_errors(obj)] == ["status.phase"]
+
+
+# --- the role matrix: CEL role rules == required_roles() ------------------------------------------------
+
+
+def _role_matrix():
+    for algorithm in api.ALGORITHMS:
+        for reward_type in api.REWARD_TYPES:
+            required = api.required_roles(algorithm, reward_type)
+            yield pytest.param(algorithm, reward_type, list(required), True, id=f"{algorithm}-{reward_type}-exact")
+            for name in api.ROLE_NAMES:
+                toggled = [r for r in required if r != name] if name in required else [*required, name]
+                verb = "without" if name in required else "with"
+                yield pytest.param(algorithm, reward_type, toggled, False, id=f"{algorithm}-{reward_type}-{verb}-{name}")
+
+
+@pytest.mark.parametrize(("algorithm", "reward_type", "role_names", "valid"), list(_role_matrix()))
+def test_role_rules_match_required_roles(algorithm, reward_type, role_names, valid):
+    reward = {"type": reward_type, **({"rule": "exact_match"} if reward_type == "rule" else {})}
+    manifest = {"apiVersion": constants.API_VERSION, "kind": constants.KIND, "metadata": {"name": "m"},
+                "spec": {"algorithm": algorithm, "image": "trainer:1", "model": {"path": "tiny://llama"},
+                         "rewardModel": {"path": "/models/rm"}, "reward": reward,
+                         "dataset": {"path": "synthetic://arithmetic"},
+                         "roles": [{"name": n} for n in role_names]}}
+    crd = api_server_errors(manifest)
+    try:
+        parse_spec(manifest["spec"])
+        parsed = []
+    except SpecError as e:
+        parsed = e.errors
+    assert (not crd) == (not parsed) == valid, (crd, parsed)
