@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from rlhf_operator import planner
-from rlhf_operator.api import parse_job
+from rlhf_operator.api import PHASES, parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import LABEL_RESTART_ATTEMPT, MAX_BACKOFF_SECONDS
 from rlhf_operator.planner import (
@@ -617,3 +617,75 @@ def test_whole_life_that_keeps_failing_stops_at_max_restarts():
     assert cluster.job.status["restarts"] == 2
     assert [a for _, a in cluster.created_pods] == [0, 0, 1, 1, 2, 2]
     assert cluster.events.count("GangRestart") == 2
+
+
+def _set_suspend(job, value: bool):
+    return dataclasses.replace(job, spec=dataclasses.replace(job.spec, suspend=value))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_histories_keep_the_invariants(seed):
+    """Random kubelet outcomes, slow deletions, cache lag and suspend toggles, then a healthy
+    finale: no pod is created twice, pods always belong to the current attempt, restarts stay
+    within maxRestarts, and the job always ends."""
+    import random
+
+    rng = random.Random(seed)
+    max_restarts = rng.choice([0, 1, 3])
+    cluster = FakeCluster(make_job(
+        roles=[{"name": "actor", "replicas": 2}, {"name": "critic"}, {"name": "reference", "colocateWith": "actor"}],
+        failurePolicy={"maxRestarts": max_restarts, "backoffSeconds": rng.choice([1, 10, 30])},
+        scheduling={"gangTimeoutSeconds": 60}))
+    terminating: set[str] = set()
+    now = T0
+    finished_at = None
+    for step in range(160):
+        healthy = step >= 100  # the finale: nothing goes wrong any more
+        # the kubelet: slow deletions finish, pods start, fail, succeed, get deleted by others
+        for name in list(terminating):
+            if rng.random() < 0.6:
+                cluster.pods.pop(name, None)
+                terminating.discard(name)
+        for name, p in list(cluster.pods.items()):
+            if name in terminating:
+                continue
+            roll = rng.random()
+            if p.phase == "Pending" and roll < 0.7:
+                cluster.set_phase(name, "Running")
+            elif p.phase == "Running" and not healthy and roll < 0.05:
+                cluster.set_phase(name, "Failed", exit_code=rng.choice([1, 137, 1, 78]))
+            elif p.phase == "Running" and not healthy and roll < 0.07:
+                cluster.pods[name] = dataclasses.replace(p, terminating=True)
+                terminating.add(name)
+            elif p.phase == "Running" and p.role == "actor" and (healthy or roll < 0.1) and rng.random() < 0.5:
+                cluster.set_phase(name, "Succeeded", exit_code=0)
+        if not healthy and rng.random() < 0.05:
+            cluster.job = _set_suspend(cluster.job, not cluster.job.spec.suspend)
+        if healthy and cluster.job.spec.suspend:
+            cluster.job = _set_suspend(cluster.job, False)
+
+        # deletions of this pass happen slowly: mark the pods terminating instead of removing them
+        before = dict(cluster.pods)
+        plan = cluster.reconcile(now)
+        for name in set(before) - set(cluster.pods):
+            cluster.pods[name] = dataclasses.replace(before[name], terminating=True)
+            terminating.add(name)
+
+        st = cluster.job.status
+        assert st["phase"] in PHASES
+        assert st["restarts"] <= max_restarts
+        assert plan.requeue_after is None or plan.requeue_after > 0
+        live = [p for p in cluster.pods.values() if not p.terminating]
+        if st["phase"] in ("Creating", "Running"):
+            assert {p.attempt for p in live} <= {st["restarts"]}
+        counted = sum(sum(v for k, v in counts.items() if k != "desired") for counts in st["roles"].values())
+        assert counted <= len(cluster.pods)
+        if finished_at is not None:
+            assert st["phase"] == finished_at, "a finished job never changes phase"
+        elif st["phase"] in ("Succeeded", "Failed"):
+            finished_at = st["phase"]
+        now += timedelta(seconds=plan.requeue_after if plan.requeue_after and rng.random() < 0.5
+                         else rng.choice([0.5, 5, 30]))
+    assert finished_at in ("Succeeded", "Failed"), cluster.job.status
+    attempts = [a for _, a in cluster.created_pods]
+    assert attempts == sorted(attempts), "gangs are created in attempt order"
