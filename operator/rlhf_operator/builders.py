@@ -49,6 +49,16 @@ ANNOTATION_KUEUE_POD_GROUP_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
 # Most clusters (and every single-node test cluster) have only RWO storage; a multi-node job needs
 # an RWX class (NFS, CephFS, Filestore...) passed as storageClassName, or an existingClaim.
 CHECKPOINT_ACCESS_MODE = "ReadWriteOnce"
+SCRATCH_MOUNT = "/tmp"
+# The root filesystem is read-only, so every cache the image points into its home (Hugging Face,
+# Triton, DeepSpeed's JIT ops) is redirected to the writable emptyDir at /tmp.
+SCRATCH_ENV = {
+    "HOME": SCRATCH_MOUNT,
+    "XDG_CACHE_HOME": f"{SCRATCH_MOUNT}/.cache",
+    "HF_HOME": f"{SCRATCH_MOUNT}/.cache/huggingface",
+    "TRITON_CACHE_DIR": f"{SCRATCH_MOUNT}/.cache/triton",
+    "TORCH_EXTENSIONS_DIR": f"{SCRATCH_MOUNT}/.cache/torch_extensions",
+}
 
 
 @dataclass(frozen=True)
@@ -212,8 +222,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         "RLHF_CHECKPOINT_DIR": CHECKPOINT_MOUNT,
         "RLHF_RESTART_ATTEMPT": str(attempt),
         "RLHF_METRICS_PORT": str(settings.metrics_port),
-        # The root filesystem is read-only: caches (HF, torch extensions) must go somewhere writable.
-        "HOME": "/tmp",
+        **SCRATCH_ENV,
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
     env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
@@ -244,7 +253,7 @@ def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bui
     return labels
 
 
-def pod_annotations(job: Job, attempt: int, settings: BuildSettings) -> dict[str, str]:
+def pod_annotations(job: Job, settings: BuildSettings) -> dict[str, str]:
     annotations = {}
     scheduler = gang_scheduler(job, settings)
     if scheduler == "volcano":
@@ -258,7 +267,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
     """Pod `<job>-<role>-<index>` of gang attempt `attempt`."""
     name = pod_name(job.name, role.name, index)
     metadata = _metadata(job, name, pod_labels(job, role, index, attempt, settings))
-    annotations = pod_annotations(job, attempt, settings)
+    annotations = pod_annotations(job, settings)
     if annotations:
         metadata["annotations"] = annotations
     container: dict[str, Any] = {
@@ -273,7 +282,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
             {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
             {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
             {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tmp", "mountPath": SCRATCH_MOUNT},
         ],
         # The trainer writes a permanent error's message to /dev/termination-log; logs otherwise.
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -115,6 +115,10 @@ def test_env_contract_of_an_actor_pod_with_a_colocated_reference():
         "RLHF_RESTART_ATTEMPT": "2",
         "RLHF_METRICS_PORT": "9400",
         "HOME": "/tmp",
+        "XDG_CACHE_HOME": "/tmp/.cache",
+        "HF_HOME": "/tmp/.cache/huggingface",
+        "TRITON_CACHE_DIR": "/tmp/.cache/triton",
+        "TORCH_EXTENSIONS_DIR": "/tmp/.cache/torch_extensions",
         "POD_IP": {"fieldRef": {"fieldPath": "status.podIP"}},
     }
     assert pod["metadata"]["labels"][LABEL_RESTART_ATTEMPT] == "2"
