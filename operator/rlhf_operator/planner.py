@@ -388,7 +388,7 @@ def _suspend(p: _Pass) -> None:
     p.condition("Suspended", True, "Suspended", "spec.suspend is true: pods deleted")
     for type_ in ("Created", "Running", "Restarting"):
         p.clear_condition(type_, "Suspended")
-    p.event("Normal", "Suspended", f"deleted {len(p.observed.pods)} pods; checkpoints and config are kept")
+    p.event("Normal", "Suspended", f"deleting {len(p.doomed)} pods; checkpoints and config are kept")
 
 
 def _resume(p: _Pass) -> None:
