@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from fractions import Fraction
 
@@ -67,9 +68,9 @@ GANG_CASES = {
         ["ppo-tiny-actor-0", "ppo-tiny-critic-0", "ppo-tiny-reference-0", "ppo-tiny-reward-0"],
     ),
     "dpo": (
-        dict(algorithm="dpo", roles=[{"name": "actor"}, {"name": "reference", "replicas": 2}],
+        dict(algorithm="dpo", roles=[{"name": "actor", "replicas": 2}, {"name": "reference", "replicas": 2}],
              dataset={"path": "synthetic://pairs", "format": "pairs"}),
-        ["ppo-tiny-actor-0", "ppo-tiny-reference-0", "ppo-tiny-reference-1"],
+        ["ppo-tiny-actor-0", "ppo-tiny-actor-1", "ppo-tiny-reference-0", "ppo-tiny-reference-1"],
     ),
     "sft with three replicas": (
         dict(algorithm="sft", roles=[{"name": "actor", "replicas": 3}],
@@ -149,8 +150,11 @@ def test_settings_change_addresses_service_account_and_metrics_port():
 
 
 def test_bridge_lives_with_the_role_hosting_a_colocated_actor():
-    job = make_job(algorithm="dpo", roles=[{"name": "actor", "colocateWith": "reference"}, {"name": "reference"}],
+    # The trainer refuses this layout (the actor must have pods); the builders still stay consistent.
+    job = make_job(algorithm="dpo", roles=[{"name": "actor"}, {"name": "reference"}],
                    dataset={"path": "synthetic://pairs", "format": "pairs"})
+    roles = (dataclasses.replace(job.spec.role("actor"), colocate_with="reference"), job.spec.role("reference"))
+    job = dataclasses.replace(job, spec=dataclasses.replace(job.spec, roles=roles))
     assert builders.gang_pod_names(job) == ["ppo-tiny-reference-0"]
     pod = builders.build_gang(job, 0, SETTINGS)[0]
     assert env_of(pod)["RLHF_BRIDGE_ADDR"].startswith("ppo-tiny-reference-0.")

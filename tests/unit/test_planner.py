@@ -246,11 +246,6 @@ CASES: dict[str, Case] = {
     "success wins over a pod that failed as the actor left": Case(
         status=RUNNING, pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0", "Failed", exit_code=1)),
         at=900, phase="Succeeded", events=["Succeeded"]),
-    "actor colocated into another role: that role's pods decide success": Case(
-        status=status("Running", created=0, running_since=10), spec={
-            "algorithm": "dpo", "dataset": {"path": "synthetic://pairs", "format": "pairs"},
-            "roles": [{"name": "actor", "colocateWith": "reference"}, {"name": "reference"}]},
-        pods=(pod("j-reference-0", "Succeeded", exit_code=0),), at=900, phase="Succeeded", events=["Succeeded"]),
     # --- stale pods
     "pods of an older attempt are deleted and never counted": Case(
         status=status("Running", restarts=1, created=0, running_since=10),
