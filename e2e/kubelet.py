@@ -67,6 +67,7 @@ class StandInKubelet:
         self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
         self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
         self.starts: Counter[str] = Counter()  # pod name -> processes started for it
+        self.logs: dict[str, list[Path]] = {}  # pod name -> log files of every process run for it
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -158,8 +159,12 @@ class StandInKubelet:
                              if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),
                                        pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port)
+        spec.cwd.mkdir(parents=True, exist_ok=True)
+        with open(spec.log_path, "a") as log_file:
+            log_file.write(f"--- {localexec.utc_now()} start {name} attempt {attempt}: {' '.join(spec.argv)}\n")
         self.supervisor.start(spec)
         self.starts[name] += 1
+        self.logs.setdefault(name, []).append(spec.log_path)
         log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:

@@ -12,14 +12,13 @@ JOB_TIMEOUT = 420
 
 def diagnostics(cluster, operator, name):
     """What to read when a job does not succeed: its status, the operator log, the pods' logs."""
-    parts = [f"job: {cluster.job(name)}"]
+    parts = [f"status: {((cluster.job(name) or {}).get('status'))}"]
     if operator is not None:
         parts.append(f"operator log:\n{operator.log_tail()}")
     if cluster.kubelet is not None:
-        for log in sorted(cluster.kubelet.root.glob("pods/*/log.txt")):
-            text = log.read_text()
-            if name in text[:400]:
-                parts.append(f"{log}:\n{text[-3000:]}")
+        for pod, logs in sorted(cluster.kubelet.logs.items()):
+            if pod.startswith(name + "-"):
+                parts.append(f"{pod}: {logs[-1].read_text()[-3000:]}")
     return "\n".join(parts)
 
 
