@@ -154,6 +154,18 @@ def _match_fields(obj: dict[str, Any], selector: str) -> bool:
     return True
 
 
+def _schema_error(error) -> str:
+    """One schema violation the way the API server words it: `spec.roles[0].name: Required value`."""
+    path = ''.join(f'[{p}]' if isinstance(p, int) else f'.{p}' for p in error.path).lstrip('.')
+    if error.validator == 'required' and isinstance(error.instance, dict):
+        missing = [p for p in error.validator_value if p not in error.instance]
+        return '; '.join(f"{path + '.' if path else ''}{p}: Required value" for p in missing)
+    if error.validator == 'enum':
+        allowed = ', '.join(f'"{v}"' for v in error.validator_value)
+        return f'{path}: Unsupported value: {error.instance!r}: supported values: {allowed}'
+    return f"{path or '<root>'}: Invalid value: {error.message}"
+
+
 class RealisticEmulator(kmock.KubernetesEmulator):
     _rv = itertools.count(1)
 
@@ -426,7 +438,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         errors = sorted(jsonschema.Draft7Validator(schema).iter_errors(obj), key=lambda e: list(e.path))
         if not errors:
             return None
-        msgs = [f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors]
+        msgs = [_schema_error(e) for e in errors]
         kind = self.resources[resource].kind if resource in self.resources else str(resource)
         name = (obj.get('metadata') or {}).get('name')
         return self._status(422, 'Invalid', f'{kind}.{resource.group} "{name}" is invalid: ' + '; '.join(msgs))

@@ -9,7 +9,6 @@ run on a thread pool so that one pass sends its creates concurrently.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from typing import Any
 from urllib.parse import quote
 
 import kubernetes
+import urllib3
 
 from rlhf_operator import constants
 
@@ -125,8 +125,11 @@ class KubeApi:
                       query: Iterable[tuple[str, str]] = (), ok: tuple[int, ...] = ()) -> int:
         """Send one request; 2xx and the statuses in `ok` return the status, any other raises ApiError."""
         loop = asyncio.get_running_loop()
-        status, data = await loop.run_in_executor(
-            self.pool, lambda: self._request(method, path, body, content_type, tuple(query)))
+        try:
+            status, data = await loop.run_in_executor(
+                self.pool, lambda: self._request(method, path, body, content_type, tuple(query)))
+        except (urllib3.exceptions.HTTPError, OSError) as err:  # API server unreachable: retry later
+            raise ApiError(method, path, 0, str(err)) from err
         if 200 <= status < 300 or status in ok:
             return status
         raise ApiError(method, path, status, data.decode("utf-8", "replace"))
@@ -169,6 +172,3 @@ class KubeApi:
                 return None
         return await asyncio.get_running_loop().run_in_executor(self.pool, get)
 
-
-def decode(data: bytes) -> Any:
-    return json.loads(data) if data else None

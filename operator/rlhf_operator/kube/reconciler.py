@@ -63,6 +63,10 @@ class Controller:
     _written: dict[JobKey, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _expected: dict[JobKey, dict[tuple[str, str], float]] = field(default_factory=dict)
     _invalid: dict[JobKey, int] = field(default_factory=dict)  # generation already reported invalid
+    # The spec the children were built from; a later edit of an immutable field is refused. (The
+    # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
+    _accepted: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+    _refused: dict[JobKey, int] = field(default_factory=dict)  # generation already refused
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -80,7 +84,7 @@ class Controller:
     def forget(self, key: JobKey) -> None:
         """The job is gone: drop its per-job metrics and everything remembered about it."""
         self.queue.forget(key)
-        for memory in (self._failures, self._written, self._expected, self._invalid):
+        for memory in (self._failures, self._written, self._expected, self._invalid, self._accepted, self._refused):
             memory.pop(key, None)
         self.metrics.forget_job(*key)
 
@@ -116,12 +120,14 @@ class Controller:
         started = time.perf_counter()
         now = datetime.now(UTC)
         old_status = self._current_status(key, raw)
+        raw = await self._refuse_immutable_changes(key, raw)
         try:
             job = api.parse_job({**raw, "status": old_status})
         except api.SpecError as err:
             await self._report_invalid(key, raw, old_status, err, now)
             return None
         self._invalid.pop(key, None)
+        self._accepted.setdefault(key, raw.get("spec") or {})
 
         pods = latest(self.pods, key)
         existing = frozenset(child_ref(c) for c in latest(self.children, key) if is_live(c))
@@ -157,6 +163,25 @@ class Controller:
             return dict(written[1])
         self._written.pop(key, None)
         return dict(raw.get("status") or {})
+
+    async def _refuse_immutable_changes(self, key: JobKey, raw: dict[str, Any]) -> dict[str, Any]:
+        """The job to reconcile: with the accepted spec when an edit changed an immutable field
+        (one Warning event per offending generation), else as it is."""
+        accepted = self._accepted.get(key)
+        if accepted is None:
+            return raw
+        changes = api.immutable_changes(accepted, raw.get("spec") or {})
+        if not changes:
+            self._accepted[key] = raw.get("spec") or {}
+            return raw
+        generation = int((raw.get("metadata") or {}).get("generation") or 1)
+        if self._refused.get(key) != generation:
+            self._refused[key] = generation
+            message = "; ".join(f"spec.{path}: {msg}" for path, msg in changes)
+            await self.api.post_event(raw, "Warning", "ImmutableFieldChanged",
+                                      f"{message}; still running the spec of the job as created")
+            log.warning("job %s/%s: refused an immutable change: %s", *key, message)
+        return {**raw, "spec": accepted}
 
     async def _report_invalid(self, key: JobKey, raw: dict[str, Any], old_status: dict[str, Any],
                               err: api.SpecError, now: datetime) -> None:
