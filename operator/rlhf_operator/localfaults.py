@@ -111,28 +111,30 @@ def run_with_kills(runner: LocalRunner, kills: int, rng: random.Random, *, max_d
     except (OSError, report.ReportError):
         pass
     starts = runner.timeline.times("pod_started")
+    gang_started = []
     for k in kill_times:
         after = [s for s in starts if s > k]
         if len(after) >= gang_size:
             result.gang_restart_s.append(after[gang_size - 1] - k)
-    result.resume_s = _resume_latencies(actor_metrics, kill_times)
+            gang_started.append((k, after[gang_size - 1]))
+    result.resume_s = _resume_latencies(actor_metrics, gang_started)
     return result
 
 
-def _resume_latencies(metrics: Path, kill_times: list[float]) -> list[float]:
-    """Kill -> the first metrics line written after it (training going again), per kill."""
+def _resume_latencies(metrics: Path, restarts: list[tuple[float, float]]) -> list[float]:
+    """Per (kill, next gang started): kill -> the actor's first metrics line written by that gang."""
     try:
         rows = report.read_jsonl(metrics)
     except (OSError, report.ReportError):
         return []
-    # Rows carry wall-clock `time`; kill times are monotonic: convert through one shared offset.
+    # Rows carry wall-clock `time`; the timeline is monotonic: convert through one shared offset.
     offset = time.time() - time.monotonic()
     times = sorted(r["time"] for r in rows if isinstance(r.get("time"), int | float))
     out = []
-    for k in kill_times:
-        after = [t for t in times if t > k + offset]
+    for killed, started in restarts:
+        after = [t for t in times if t > started + offset]
         if after:
-            out.append(after[0] - (k + offset))
+            out.append(after[0] - (killed + offset))
     return out
 
 
