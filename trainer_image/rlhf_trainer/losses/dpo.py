@@ -1,0 +1,57 @@
+"""Direct preference optimisation losses, from sequence log-probs of policy and reference.
+
+With h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)):
+    sigmoid  Rafailov et al. 2023, "Direct Preference Optimization", eq. 7:  -log sigmoid(beta h)
+    cDPO     Mitchell 2023, "A note on DPO with noisy preferences": with label smoothing e,
+             -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
+    ipo      Azar et al. 2023, "A General Theoretical Paradigm ...", eq. 17:  (h - 1/(2 beta))^2
+             (use sequence_logprobs(..., average=True) for IPO, as in the paper's token-averaged
+             log-likelihoods and TRL)
+    hinge    Zhao et al. 2023, "SLiC-HF", eq. 1 with beta = 1/delta:  max(0, 1 - beta h)
+Implicit rewards beta * (log pi - log pi_ref) of chosen and rejected are returned for metrics;
+accuracy is the share of pairs whose chosen reward is higher.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_trainer.losses.utils import masked_sum
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOOutput:
+    loss: torch.Tensor  # scalar, mean over pairs
+    chosen_rewards: torch.Tensor  # (B,) detached
+    rejected_rewards: torch.Tensor  # (B,) detached
+    accuracy: torch.Tensor  # scalar in [0, 1]
+
+
+def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """(B, T) token log-probs -> (B,) sum (or mean) over the response tokens in `mask`."""
+    total = masked_sum(logprobs, mask, dim=-1)
+    return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0) -> DPOOutput:
+    """All inputs (B,) sequence log-probs; `label_smoothing` applies to the sigmoid loss (cDPO)."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r} ({' | '.join(LOSS_TYPES)})")
+    chosen_rewards = (beta * (policy_chosen - ref_chosen)).detach()
+    rejected_rewards = (beta * (policy_rejected - ref_rejected)).detach()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean()
+    return DPOOutput(losses.mean(), chosen_rewards, rejected_rewards, accuracy)

@@ -1,0 +1,58 @@
+"""PPO per-token rewards and Generalized Advantage Estimation.
+
+Rewards (Ziegler et al. 2019; Stiennon et al. 2020, eq. 1): every response token t gets
+    r_t = -beta * KL_t
+and the LAST REAL token additionally gets the sequence score, clipped to [-reward_clip, reward_clip].
+A truncated response (no EOS within max_new_tokens) is not given a forced EOS: its score is
+reduced by `truncation_penalty` instead, so rambling is discouraged without inventing tokens.
+
+GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE", eq. 16):
+    delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = sum_l (gamma * lam)^l * delta_{t+l}
+with V = 0 after the last real token (the episode ends there); returns R_t = A_t + V_t are the
+critic's targets.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_trainer.losses.kl import kl_estimate
+from rlhf_trainer.losses.utils import last_token_index
+
+
+def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                  mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1",
+                  reward_clip: float = 10.0, truncated: torch.Tensor | None = None,
+                  truncation_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores (B,), logprobs/ref_logprobs/mask (B, T), truncated (B,) bool ->
+    (rewards (B, T), kl (B, T)); both are 0 outside `mask`."""
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask
+    rewards = -kl_coef * kl
+    final = scores.clamp(-reward_clip, reward_clip)
+    if truncated is not None:
+        final = final - truncation_penalty * truncated.to(final.dtype)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last_token_index(mask)] += final.to(rewards.dtype)
+    return rewards, kl
+
+
+def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards, values, mask (B, T) -> (advantages (B, T), returns (B, T)), 0 outside `mask`.
+
+    The mask must be contiguous per row (left or right padding); padding after the last real
+    token has V = 0 and r = 0, so the last real token bootstraps from nothing.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    next_value = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        # Padding before a row's first real token must not carry anything into earlier steps.
+        running = running * mask[:, t]
+        advantages[:, t] = running
+        next_value = values[:, t]
+    returns = (advantages + values) * mask
+    return advantages, returns

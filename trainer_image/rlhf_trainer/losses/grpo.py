@@ -1,0 +1,61 @@
+"""Critic-free advantages from groups of samples per prompt, and the GRPO loss.
+
+GRPO (Shao et al. 2024, "DeepSeekMath", eq. 3 and section 4.1.2): G responses per prompt,
+    A_i = (r_i - mean(r_1..r_G)) / (std(r_1..r_G) + eps)      (unbiased std, as TRL)
+given to every token of response i, and a KL penalty added to the loss (not the reward) with
+the k3 estimator:
+    L = L_clip(A) + beta * k3(pi, pi_ref)
+RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", eq. 6):
+    A_i = r_i - 1/(G-1) * sum_{j != i} r_j
+Scores are laid out prompt-major: rows [p0 s0, p0 s1, ..., p0 s{G-1}, p1 s0, ...].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_trainer.losses.kl import kl_k3
+from rlhf_trainer.losses.ppo import policy_loss
+from rlhf_trainer.losses.utils import masked_mean
+
+
+def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size} (>= 2)")
+    return scores.float().view(-1, group_size)
+
+
+def grpo_advantages(scores: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
+                    eps: float = 1e-4) -> torch.Tensor:
+    """(B*G,) scores -> (B*G,) group-normalised advantages (a group of equal scores gives 0)."""
+    groups = _groups(scores, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.view(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B*G,) scores -> (B*G,) score minus the mean of the other G-1 scores of its prompt."""
+    groups = _groups(scores, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).view(-1)
+
+
+def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+              advantages: torch.Tensor, mask: torch.Tensor, *, clip_range: float, kl_coef: float,
+              num_tokens: float | torch.Tensor | None = None,
+              dual_clip: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """logprobs/old/ref/mask (B, T), advantages (B,) -> (loss, stats: policy_loss, kl, clip_fraction).
+
+    The KL term uses the same global-token normaliser as the clipped term.
+    """
+    token_advantages = advantages.unsqueeze(-1).expand_as(logprobs)
+    pg_loss, clip_fraction = policy_loss(logprobs, old_logprobs, token_advantages, mask,
+                                         clip_range=clip_range, dual_clip=dual_clip, num_tokens=num_tokens)
+    kl = kl_k3(logprobs, ref_logprobs)
+    norm = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+    loss = pg_loss + kl_coef * (kl * mask).sum() / norm
+    stats = {"policy_loss": pg_loss.detach(), "kl": masked_mean(kl.detach(), mask),
+             "clip_fraction": clip_fraction}
+    return loss, stats

@@ -1,0 +1,60 @@
+"""PPO clipped policy loss (with optional dual clip) and clipped value loss.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 (written as a loss):
+    L_clip = max(-A * rho, -A * clip(rho, 1 - eps, 1 + eps)),   rho = exp(logp - logp_old)
+Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5): for
+A < 0 the loss is also bounded by -c * A (c > 1), so a huge ratio on a bad action cannot blow up:
+    L = min(L_clip, -c * A)  where A < 0
+Value loss, clipped around the rollout's values like OpenAI baselines' PPO2:
+    L_V = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+
+Token-level averaging over the GLOBAL batch: every micro-batch divides its token sum by
+`num_tokens`, the number of response tokens in the whole step's batch (all micro-batches, all
+data-parallel ranks), so accumulated gradients equal those of one big batch regardless of how it
+was split and of how long each response is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_trainer.losses.utils import masked_mean
+
+
+def _normaliser(mask: torch.Tensor, num_tokens: float | torch.Tensor | None) -> torch.Tensor | float:
+    return mask.sum().clamp(min=1) if num_tokens is None else num_tokens
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, *, clip_range: float, dual_clip: float = 0.0,
+                num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (B, T) -> (loss: sum of per-token losses / num_tokens, clip_fraction over `mask`).
+
+    `dual_clip` 0 turns the dual clip off; otherwise it must be > 1. clip_fraction is the share of
+    tokens whose ratio lies outside [1 - eps, 1 + eps] (a statistic, not differentiated).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip:
+        if dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be 0 (off) or > 1, got {dual_clip}")
+        per_token = torch.where(advantages < 0, torch.minimum(per_token, -dual_clip * advantages), per_token)
+    loss = (per_token * mask).sum() / _normaliser(mask, num_tokens)
+    with torch.no_grad():
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask)
+    return loss, clip_fraction
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               *, clip_range: float, num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """All (B, T) -> 0.5 * (clipped) squared error summed over `mask`, divided by num_tokens.
+
+    clip_range 0 means no clipping.
+    """
+    per_token = (values - returns) ** 2
+    if clip_range > 0:
+        clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+        per_token = torch.maximum(per_token, (clipped_values - returns) ** 2)
+    return 0.5 * (per_token * mask).sum() / _normaliser(mask, num_tokens)

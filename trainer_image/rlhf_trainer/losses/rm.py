@@ -1,0 +1,28 @@
+"""Reward-model training: Bradley-Terry pairwise loss on the score of each sequence's last token.
+
+Bradley & Terry 1952; as used by Ouyang et al. 2022 (InstructGPT, eq. 1) and with a margin by
+Touvron et al. 2023 (Llama 2, eq. 2):
+    L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)
+The sequence score r is the head's output at the last real (non-padding) token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlhf_trainer.losses.utils import last_token_index
+
+
+def last_token_scores(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) per-token scores -> (B,) score at each row's last real token (left or right padding)."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, last_token_index(mask)]
+
+
+def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
+                       margin: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) scores -> (mean loss, accuracy: share of pairs scored chosen > rejected)."""
+    loss = -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
+    accuracy = (chosen_scores > rejected_scores).float().mean().detach()
+    return loss, accuracy
