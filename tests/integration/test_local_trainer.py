@@ -1,0 +1,101 @@
+"""The local runner with the real trainer (`python -m rlhf_trainer`, tiny CPU models): the README's
+first command as a new user runs it, a random kill resumes from the newest complete checkpoint, a
+corrupt newest checkpoint falls back to the previous complete one, permanent errors fail once."""
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from rlhf_operator import local, localfaults, report
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+RUN_TIMEOUT = 600
+
+
+def manifest(example="ppo-tiny.yaml", max_steps=4, interval=2, keep=3, **spec):
+    obj = yaml.safe_load((REPO / "crds" / "examples" / example).read_text())
+    obj["spec"]["hyperparameters"]["maxSteps"] = max_steps
+    obj["spec"]["checkpoint"].update(intervalSteps=interval, keep=keep)
+    obj["spec"].update(spec)
+    return obj
+
+
+def run(obj, workdir):
+    runner = local.LocalRunner(obj, workdir, serve_metrics=False)
+    return runner, runner.run(timeout=RUN_TIMEOUT)
+
+
+def pod_logs(runner):
+    return "\n".join(f"== {p.name}\n{p.read_text()[-2500:]}" for p in sorted(runner.run_dir.glob("pods/*/log.txt")))
+
+
+def readme_first_command() -> list[str]:
+    """`run-local MANIFEST` from the first bash block of README.md (what a new user copies)."""
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    return re.search(r"rlhf-operator (run-local \S+)", block).group(1).split()
+
+
+def test_readme_first_command_as_a_new_user(tmp_path):
+    args = readme_first_command()
+    shutil.copytree(REPO / "crds", tmp_path / "crds")  # a fresh clone's files, nothing else
+    exe = Path(sys.executable).with_name("rlhf-operator")
+    done = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    name = yaml.safe_load((tmp_path / args[1]).read_text())["metadata"]["name"]
+    run_dir = tmp_path / "runs" / name
+    logs = "\n".join(p.read_text()[-2000:] for p in run_dir.glob("pods/*/log.txt"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + logs
+    assert json.loads((run_dir / "status.json").read_text())["phase"] == "Succeeded"
+    assert (run_dir / "report.png").read_bytes()[:8] == PNG
+    assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
+    assert (run_dir / "checkpoints" / "export" / "config.json").exists()
+
+
+def test_random_kill_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    runner = local.LocalRunner(manifest(max_steps=6, interval=2), tmp_path, serve_metrics=False)
+    result = localfaults.run_with_kills(runner, kills=1, rng=random.Random(3), max_delay=1.0, timeout=RUN_TIMEOUT)
+    assert result.ok(), f"{result}\n{pod_logs(runner)}"
+    assert result.steps_redone and result.steps_redone[0] <= 2
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path):
+    runner, status = run(manifest(max_steps=4, interval=2), tmp_path)
+    assert status["phase"] == "Succeeded", pod_logs(runner)
+    ckpt = runner.checkpoint_dir
+    assert (ckpt / "step-2" / "COMPLETE").exists() and (ckpt / "step-4" / "COMPLETE").exists()
+    # Truncate the biggest file of the actor's newest checkpoint, as a crash mid-copy would.
+    files = [p for p in (ckpt / "step-4" / "actor").rglob("*") if p.is_file() and p.name != "MANIFEST.json"]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    # The same job asked for more steps: it must resume from step 2, not from the corrupt step 4.
+    runner, status = run(manifest(max_steps=6, interval=2), tmp_path)
+    assert status["phase"] == "Succeeded", pod_logs(runner)
+    steps = [r["step"] for r in report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl")]
+    assert steps == [1, 2, 3, 4, 3, 4, 5, 6], steps
+    assert "unusable" in (runner.run_dir / "pods" / "ppo-tiny-actor-0" / "log.txt").read_text()
+
+
+@pytest.mark.parametrize(("case", "exit_reason", "needle"), [
+    ("data", "PermanentError", "prompts.jsonl:2"),
+    ("config", "PermanentError", "reward.callable"),
+])
+def test_permanent_error_fails_once_and_names_where(tmp_path, case, exit_reason, needle):
+    if case == "data":
+        data = tmp_path / "prompts.jsonl"
+        data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n{not json\n")
+        obj = manifest(dataset={"path": str(data), "format": "prompts"})
+    else:
+        obj = manifest(reward={"type": "rule", "rule": "callable", "callable": "no_such_module_here:score"})
+    runner, status = run(obj, tmp_path / "runs")
+    assert status["phase"] == "Failed", pod_logs(runner)
+    assert status.get("restarts", 0) == 0
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == exit_reason and needle in failed["message"], failed
+    assert len(runner.timeline.times("pod_started")) == 3  # one gang, no restart loop
