@@ -6,8 +6,9 @@ sum by `num_tokens`, the count of learned tokens in the global batch, as the PPO
 
 Packing concatenates several examples into one row; `position_ids` restart at 0 for each example
 and the first token of every example gets IGNORE_INDEX, so nothing is learned across a boundary.
-Hugging Face models given position_ids and no attention_mask detect the restarts and keep each
-example's attention inside itself (block-diagonal causal mask).
+Hugging Face models (transformers >= 5) given position_ids, NO attention_mask and use_cache=False
+detect the restarts and keep each example's attention inside itself (block-diagonal causal
+mask); with an attention_mask or a cache they silently attend across examples.
 """
 
 from __future__ import annotations
