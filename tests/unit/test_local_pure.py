@@ -1,0 +1,75 @@
+"""Pure helpers of the local runner: progress from metrics lines, bars, manifest loading, volumes."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from rlhf_operator import api, builders, local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_progress_from_row_maps_names_and_drops_nan_and_missing():
+    row = {"step": 3, "reward_mean": 0.5, "kl": float("nan"), "last_checkpoint_step": 2, "loss": 1.0}
+    assert local.progress_from_row(row) == {"step": 3, "rewardMean": 0.5, "lastCheckpointStep": 2}
+    assert local.progress_from_row(None) == {}
+
+
+def test_last_json_line_skips_a_torn_tail(tmp_path):
+    path = tmp_path / "m.jsonl"
+    assert local.last_json_line(path) is None
+    path.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + '\n{"step": 3, "kl"')
+    assert local.last_json_line(path) == {"step": 2}
+
+
+def test_progress_bar_and_line():
+    row = {"step": 5, "reward_mean": 0.25, "kl": 0.0123}
+    assert local.format_progress_bar("actor-0", row, 10, width=10) == \
+        "actor-0      [#####.....] 5/10  reward 0.25  kl 0.0123"
+    assert local.format_progress_line("actor-0", row, 10) == "actor-0      step 5/10  reward 0.25  kl 0.0123"
+
+
+def test_plain_progress_prints_only_rank0_step_changes():
+    out = io.StringIO()
+    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
+    progress = local.Progress(out, bars=False)
+    rows = {"actor-0": {"step": 1}, "critic-0": {"step": 1}, "actor-1": {"step": 1}}
+    progress.update(job, rows)
+    progress.update(job, rows)
+    progress.update(job, {**rows, "actor-0": {"step": 2}})
+    assert out.getvalue().splitlines() == [
+        "actor-0      step 1/20", "critic-0     step 1/20", "actor-0      step 2/20"]
+
+
+def test_bars_redraw_in_place():
+    out = io.StringIO()
+    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
+    progress = local.Progress(out, bars=True)
+    progress.update(job, {"actor-0": {"step": 1}})
+    progress.update(job, {"actor-0": {"step": 2}})
+    assert out.getvalue().count("\x1b[2F\x1b[J") == 1 and "2/20" in out.getvalue()
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "exactly one RLHFJob"),
+    ("apiVersion: v1\nkind: RLHFJob\n", "apiVersion must be rlhf.dev/v1alpha1"),
+    ("a: [", "not YAML"),
+])
+def test_load_manifest_errors(tmp_path, text, match):
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(local.LocalRunError, match=match):
+        local.load_manifest(path)
+
+
+def test_every_built_pod_volume_maps_to_a_local_folder(tmp_path):
+    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
+    pods = builders.build_gang(job, 0, builders.BuildSettings())
+    for pod in pods:
+        pod_dir = tmp_path / "pods" / pod["metadata"]["name"]
+        mounts = local.pod_mounts(pod, lambda path, vol, pod_dir=pod_dir: local.volume_dir(tmp_path, pod_dir, path, vol))
+        assert mounts["/checkpoints"] == tmp_path / "checkpoints"
+        assert mounts["/etc/rlhf"] == tmp_path / "config"
+        assert all(str(p).startswith(str(tmp_path)) for p in mounts.values())
