@@ -95,6 +95,10 @@ def summary(args: argparse.Namespace, results: list[localfaults.TrialResult]) ->
         f"| resume latency: kill -> first new metrics line | {fmt(resume)} |",
         f"| wall time per trial | {fmt([r.wall_s for r in results])} |",
         "",
+        "A restart can start sooner than backoffSeconds after the kill: the planner counts the backoff from",
+        "the Restarting condition's lastTransitionTime, an RFC3339 time with 1 s resolution. Steps redone",
+        "are counted from the actor's metrics file (a resume that lands exactly on a checkpoint redoes none).",
+        "",
     ])
 
 
