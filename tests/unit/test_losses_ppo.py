@@ -173,11 +173,10 @@ def test_value_loss_matches_the_elementwise_formula(clip):
 
 def test_score_lands_on_the_last_real_token_with_left_and_right_padding():
     logp, ref = rand(3, 6, seed=12), rand(3, 6, seed=13)
+    k = kl.kl_estimate(logp, ref, "k1") * MASK
     scores = torch.tensor([1.0, 20.0, -3.0], dtype=torch.float64)
-    rewards, k = gae.token_rewards(scores, logp, ref, MASK, kl_coef=0.1, reward_clip=10.0)
-    expected_kl = (logp - ref) * MASK
-    assert torch.allclose(k, expected_kl)
-    expected = -0.1 * expected_kl
+    rewards = gae.token_rewards(k, scores, MASK, kl_coef=0.1, reward_clip=10.0)
+    expected = -0.1 * (logp - ref) * MASK
     expected[0, 3] += 1.0
     expected[1, 5] += 10.0  # clipped
     expected[2, 4] += -3.0  # left padding in front, right padding after
@@ -187,18 +186,13 @@ def test_score_lands_on_the_last_real_token_with_left_and_right_padding():
 
 def test_truncated_responses_pay_the_penalty_not_a_forced_eos():
     zeros = torch.zeros(2, 3, dtype=torch.float64)
-    mask = torch.ones(2, 3, dtype=torch.float64)
-    rewards, _ = gae.token_rewards(torch.tensor([1.0, 1.0], dtype=torch.float64), zeros, zeros, mask,
-                                   kl_coef=0.1, truncated=torch.tensor([False, True]), truncation_penalty=0.5)
-    assert rewards.tolist() == [[0, 0, 1.0], [0, 0, 0.5]]
-
-
-def test_k3_rewards_use_the_k3_estimator():
-    logp, ref = rand(1, 4, seed=14), rand(1, 4, seed=15)
-    mask = torch.ones(1, 4, dtype=torch.float64)
-    rewards, k = gae.token_rewards(torch.zeros(1, dtype=torch.float64), logp, ref, mask,
-                                   kl_coef=0.5, kl_estimator="k3")
-    assert torch.allclose(k, kl.kl_k3(logp, ref)) and torch.allclose(rewards, -0.5 * k)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]], dtype=torch.float64)  # row 0 ended (EOS at 1)
+    scores = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    ended = torch.tensor([True, False])
+    rewards = gae.token_rewards(zeros, scores, mask, kl_coef=0.1, ended=ended, truncation_penalty=0.5)
+    assert rewards.tolist() == [[0, 1.0, 0], [0, 0, 0.5]]  # no token was appended to row 1
+    default = gae.token_rewards(zeros, scores, mask, kl_coef=0.1, ended=ended)
+    assert default[1, 2].item() == 1.0 - gae.TRUNCATION_PENALTY
 
 
 def naive_gae(rewards, values, gamma, lam):

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 import torch
-from rlhf_trainer.losses import dpo, grpo, kl, ppo, rm, sft
+from rlhf_trainer.losses import dpo, grpo, rm, sft
 
 
 def rand(*shape, seed=0):
@@ -23,7 +23,7 @@ def logsigmoid(x):
 
 def test_grpo_advantages_normalise_within_each_group():
     scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.1, 0.1, 0.1, 0.1, 3.0, 1.0, 2.0, 0.0])
-    got = grpo.grpo_advantages(scores, 4).tolist()
+    got = grpo.group_advantages(scores, 4).tolist()
     for g in range(3):
         group = scores[4 * g:4 * g + 4].tolist()
         mean, std = statistics.mean(group), statistics.stdev(group)
@@ -33,7 +33,7 @@ def test_grpo_advantages_normalise_within_each_group():
 
 def test_grpo_advantages_without_std_scaling_only_centre():
     scores = torch.tensor([1.0, 3.0, 0.0, 2.0])
-    assert grpo.grpo_advantages(scores, 2, scale_by_std=False).tolist() == [-1.0, 1.0, -1.0, 1.0]
+    assert grpo.group_advantages(scores, 2, scale_by_std=False).tolist() == [-1.0, 1.0, -1.0, 1.0]
 
 
 def test_rloo_baseline_leaves_one_out():
@@ -45,25 +45,26 @@ def test_rloo_baseline_leaves_one_out():
         want += [s - (sum(group) - s) / 2 for s in group]
     assert got == pytest.approx(want)
     # RLOO advantages equal G/(G-1) times the group-centred scores
-    assert got == pytest.approx((1.5 * grpo.grpo_advantages(scores, 3, scale_by_std=False)).tolist())
+    assert got == pytest.approx((1.5 * grpo.group_advantages(scores, 3, scale_by_std=False)).tolist())
 
 
 def test_groups_must_divide_the_batch():
     with pytest.raises(ValueError, match="groups of 4"):
-        grpo.grpo_advantages(torch.zeros(6), 4)
+        grpo.group_advantages(torch.zeros(6), 4)
     with pytest.raises(ValueError, match=">= 2"):
         grpo.rloo_advantages(torch.zeros(4), 1)
 
 
-def test_grpo_loss_is_clipped_surrogate_plus_k3_penalty():
-    logp, old, ref = rand(4, 5, seed=1) * 0.1, rand(4, 5, seed=2) * 0.1, rand(4, 5, seed=3) * 0.1
-    adv = torch.tensor([1.0, -0.5, 0.0, 2.0], dtype=torch.float64)
+def test_k3_kl_loss_sums_k3_over_the_mask_per_global_token():
+    logp, ref = rand(4, 5, seed=1) * 0.1, rand(4, 5, seed=3) * 0.1
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], dtype=torch.float64)
-    loss, stats = grpo.grpo_loss(logp, old, ref, adv, mask, clip_range=0.2, kl_coef=0.04, num_tokens=20)
-    pg, _ = ppo.policy_loss(logp, old, adv[:, None].expand(4, 5), mask, clip_range=0.2, num_tokens=20)
-    k3 = kl.kl_k3(logp, ref)
-    assert loss.item() == pytest.approx(pg.item() + 0.04 * (k3 * mask).sum().item() / 20)
-    assert stats["kl"].item() == pytest.approx((k3 * mask).sum().item() / mask.sum().item())
+    total = 0.0
+    for a, b, m in zip(logp.flatten().tolist(), ref.flatten().tolist(), mask.flatten().tolist(), strict=True):
+        r = math.exp(b - a)
+        total += m * (r - 1 - math.log(r))
+    assert grpo.k3_kl_loss(logp, ref, mask, num_tokens=20).item() == pytest.approx(total / 20)
+    assert grpo.k3_kl_loss(logp, ref, mask).item() == pytest.approx(total / 11)
+    assert grpo.k3_kl_loss(ref, ref, mask).item() == 0.0
 
 
 # ---- DPO --------------------------------------------------------------------------------------------
@@ -91,10 +92,11 @@ def test_dpo_losses_match_the_papers(loss_type, smoothing, formula):
 
 
 def test_dpo_rewards_and_accuracy():
-    out = dpo.dpo_loss(PC, PR, RC, RR)  # beta 0.1 default
-    assert out.chosen_rewards.tolist() == pytest.approx([0.05, 0.0, 0.1])
-    assert out.rejected_rewards.tolist() == pytest.approx([-0.05, 0.05, -0.1])
-    assert out.accuracy.item() == pytest.approx(2 / 3)
+    loss, chosen, rejected, accuracy = dpo.dpo_loss(PC, PR, RC, RR)  # beta 0.1 default
+    assert chosen.tolist() == pytest.approx([0.05, 0.0, 0.1])
+    assert rejected.tolist() == pytest.approx([-0.05, 0.05, -0.1])
+    assert accuracy.item() == pytest.approx(2 / 3)
+    assert not chosen.requires_grad
 
 
 def test_dpo_sigmoid_gradient_raises_the_chosen_log_prob():
@@ -121,11 +123,11 @@ def test_sequence_logprobs_sum_or_average_over_the_mask():
 def test_bradley_terry_with_margin():
     chosen = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
     rejected = torch.tensor([1.0, 0.5, 1.0], dtype=torch.float64)
-    loss, acc = rm.bradley_terry_loss(chosen, rejected, margin=0.5)
+    loss = rm.bradley_terry_loss(chosen, rejected, margin=0.5)
     want = statistics.mean(-logsigmoid(c - r - 0.5) for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True))
     assert loss.item() == pytest.approx(want)
-    assert acc.item() == pytest.approx(1 / 3)
-    no_margin, _ = rm.bradley_terry_loss(chosen, rejected)
+    assert rm.preference_accuracy(chosen, rejected).item() == pytest.approx(1 / 3)
+    no_margin = rm.bradley_terry_loss(chosen, rejected)
     assert no_margin.item() < loss.item()
 
 
@@ -154,7 +156,7 @@ def test_sft_loss_ignores_prompt_tokens_and_shifts():
 def test_packing_restarts_positions_and_masks_boundaries():
     examples = [([1, 10, 11], [-100, 10, 11]), ([1, 20], [-100, 20]), ([1, 30, 31, 32], [-100, -100, 31, 32]),
                 ([1, 40, 41, 42, 43, 44, 45], [-100, 40, 41, 42, 43, 44, 45])]
-    packed = sft.pack_examples(examples, max_length=6, pad_token_id=0)
+    packed = sft.pack_sequences(examples, max_length=6, pad_token_id=0)
     assert packed["input_ids"].tolist() == [[1, 10, 11, 1, 20, 0], [1, 30, 31, 32, 0, 0], [1, 40, 41, 42, 43, 44]]
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1], [0, 1, 2, 3, 4, 5]]
     assert packed["labels"].tolist() == [[-100, 10, 11, -100, 20, -100], [-100, -100, 31, 32, -100, -100],
@@ -171,11 +173,14 @@ def test_packed_rows_give_the_same_logits_as_separate_rows():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     a, b = [1, 5, 6, 7], [1, 8, 9]
-    packed = sft.pack_examples([(a, a), (b, b)], max_length=8, pad_token_id=0)
+    batch = {"input_ids": torch.tensor([a, b + [0]]), "attention_mask": torch.tensor([[1] * 4, [1, 1, 1, 0]])}
+    labels = torch.tensor([[-100, 5, 6, 7], [-100, 8, 9, -100]])
+    packed, packed_labels, position_ids = sft.pack_examples(batch, labels, max_length=8)
+    assert packed_labels.tolist() == [[-100, 5, 6, 7, -100, 8, 9, -100]]
+    assert set(packed) == {"input_ids"}  # no attention_mask on purpose
     with torch.no_grad():
         # no attention_mask and no cache: the model reads example boundaries from position_ids
-        together = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
-                         use_cache=False).logits[0]
+        together = model(input_ids=packed["input_ids"], position_ids=position_ids, use_cache=False).logits[0]
         alone_a = model(input_ids=torch.tensor([a])).logits[0]
         alone_b = model(input_ids=torch.tensor([b])).logits[0]
     torch.testing.assert_close(together[:4], alone_a, atol=1e-5, rtol=1e-4)

@@ -14,7 +14,7 @@ accuracy is the share of pairs whose chosen reward is higher.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,7 @@ from rlhf_trainer.losses.utils import masked_sum
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
-@dataclass
-class DPOOutput:
+class DPOOutput(NamedTuple):
     loss: torch.Tensor  # scalar, mean over pairs
     chosen_rewards: torch.Tensor  # (B,) detached
     rejected_rewards: torch.Tensor  # (B,) detached

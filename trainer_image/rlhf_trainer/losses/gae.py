@@ -1,7 +1,7 @@
 """PPO per-token rewards and Generalized Advantage Estimation.
 
 Rewards (Ziegler et al. 2019; Stiennon et al. 2020, eq. 1): every response token t gets
-    r_t = -beta * KL_t
+    r_t = -beta * KL_t          (KL_t from losses.kl.kl_estimate, k1 or k3)
 and the LAST REAL token additionally gets the sequence score, clipped to [-reward_clip, reward_clip].
 A truncated response (no EOS within max_new_tokens) is not given a forced EOS: its score is
 reduced by `truncation_penalty` instead, so rambling is discouraged without inventing tokens.
@@ -16,24 +16,30 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.utils import last_token_index
 
+# Subtracted from the score of a response that hit max_new_tokens without an EOS. Rule rewards
+# lie in [0, 1], so 1.0 makes "right but never stops" no better than "wrong and stops".
+TRUNCATION_PENALTY = 1.0
 
-def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                  mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1",
-                  reward_clip: float = 10.0, truncated: torch.Tensor | None = None,
-                  truncation_penalty: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """scores (B,), logprobs/ref_logprobs/mask (B, T), truncated (B,) bool ->
-    (rewards (B, T), kl (B, T)); both are 0 outside `mask`."""
-    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator) * mask
-    rewards = -kl_coef * kl
-    final = scores.clamp(-reward_clip, reward_clip)
-    if truncated is not None:
-        final = final - truncation_penalty * truncated.to(final.dtype)
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, *, kl_coef: float,
+                  reward_clip: float | None = None, ended: torch.Tensor | None = None,
+                  truncation_penalty: float = TRUNCATION_PENALTY) -> torch.Tensor:
+    """kl, mask (B, T) per-token KL estimate (kl_estimate) and response mask; scores (B,);
+    ended (B,) bool, False for truncated responses -> rewards (B, T), 0 outside `mask`.
+
+    `reward_clip` None means the caller already clipped the scores.
+    """
+    rewards = -kl_coef * kl * mask
+    final = scores.to(rewards.dtype)
+    if reward_clip is not None:
+        final = final.clamp(-reward_clip, reward_clip)
+    if ended is not None:
+        final = final - truncation_penalty * (~ended.bool()).to(final.dtype)
     rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_token_index(mask)] += final.to(rewards.dtype)
-    return rewards, kl
+    rewards[rows, last_token_index(mask)] += final
+    return rewards
 
 
 def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,

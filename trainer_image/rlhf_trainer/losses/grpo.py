@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 
 from rlhf_trainer.losses.kl import kl_k3
-from rlhf_trainer.losses.ppo import policy_loss
-from rlhf_trainer.losses.utils import masked_mean
 
 
 def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -25,7 +23,7 @@ def _groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return scores.float().view(-1, group_size)
 
 
-def grpo_advantages(scores: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
+def group_advantages(scores: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
                     eps: float = 1e-4) -> torch.Tensor:
     """(B*G,) scores -> (B*G,) group-normalised advantages (a group of equal scores gives 0)."""
     groups = _groups(scores, group_size)
@@ -42,20 +40,12 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (groups - baseline).view(-1)
 
 
-def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-              advantages: torch.Tensor, mask: torch.Tensor, *, clip_range: float, kl_coef: float,
-              num_tokens: float | torch.Tensor | None = None,
-              dual_clip: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """logprobs/old/ref/mask (B, T), advantages (B,) -> (loss, stats: policy_loss, kl, clip_fraction).
+def k3_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
+               num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO's KL term: k3(pi, pi_ref) summed over `mask` / num_tokens (the policy loss's normaliser).
 
-    The KL term uses the same global-token normaliser as the clipped term.
+    The loop adds `kl_coef * k3_kl_loss(...)` to ppo.policy_loss(...) with the row's advantage
+    broadcast over its tokens.
     """
-    token_advantages = advantages.unsqueeze(-1).expand_as(logprobs)
-    pg_loss, clip_fraction = policy_loss(logprobs, old_logprobs, token_advantages, mask,
-                                         clip_range=clip_range, dual_clip=dual_clip, num_tokens=num_tokens)
-    kl = kl_k3(logprobs, ref_logprobs)
     norm = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
-    loss = pg_loss + kl_coef * (kl * mask).sum() / norm
-    stats = {"policy_loss": pg_loss.detach(), "kl": masked_mean(kl.detach(), mask),
-             "clip_fraction": clip_fraction}
-    return loss, stats
+    return (kl_k3(logprobs, ref_logprobs) * mask).sum() / norm

@@ -21,8 +21,11 @@ def last_token_scores(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,
-                       margin: float | torch.Tensor = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,) scores -> (mean loss, accuracy: share of pairs scored chosen > rejected)."""
-    loss = -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
-    accuracy = (chosen_scores > rejected_scores).float().mean().detach()
-    return loss, accuracy
+                       margin: float | torch.Tensor = 0.0) -> torch.Tensor:
+    """(B,) scores of the chosen and rejected responses -> mean loss over the pairs."""
+    return -F.logsigmoid(chosen_scores - rejected_scores - margin).mean()
+
+
+def preference_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:
+    """Share of pairs whose chosen response scores higher (ties count as wrong)."""
+    return (chosen_scores > rejected_scores).float().mean().detach()

@@ -36,8 +36,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *,
     return total / norm
 
 
-def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
-                  pad_token_id: int) -> dict[str, torch.Tensor]:
+def pack_sequences(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, max_length: int,
+                   pad_token_id: int) -> dict[str, torch.Tensor]:
     """(input_ids, labels) examples -> rows (N, max_length) of input_ids, labels, position_ids.
 
     Examples are placed in order, a new row starting when the next one does not fit; an example
@@ -68,3 +68,18 @@ def pack_examples(examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, ma
         out["labels"][i] = torch.tensor(row_labels + [IGNORE_INDEX] * pad)
         out["position_ids"][i] = torch.tensor(row_positions + list(range(pad)))
     return out
+
+
+def pack_examples(batch: dict[str, torch.Tensor], labels: torch.Tensor, *, max_length: int | None = None,
+                  pad_token_id: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Pack a right-padded batch (data.encode_prompt_responses) and its (B, T) labels.
+
+    Returns ({"input_ids": (N, L)}, labels (N, L), position_ids (N, L)) with L = max_length or T.
+    There is deliberately no attention_mask: call the model with attention_mask=None,
+    position_ids=position_ids, use_cache=False, or examples would attend to each other.
+    """
+    width = max_length or batch["input_ids"].shape[1]
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    examples = [(batch["input_ids"][i, :n].tolist(), labels[i, :n].tolist()) for i, n in enumerate(lengths)]
+    packed = pack_sequences(examples, max_length=width, pad_token_id=pad_token_id)
+    return {"input_ids": packed["input_ids"]}, packed["labels"], packed["position_ids"]
