@@ -145,6 +145,10 @@ def launch(config: dict, workdir: Path, *, checkpoint_dir: Path | None = None, r
                         _kill_all(running, run)
             time.sleep(0.1)
     finally:
+        if running:  # timed out: have each one print where it waits, then kill
+            for proc in running.values():
+                proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
         _kill_all(running, run)
         for f in files.values():
             f.close()

@@ -7,7 +7,9 @@ propagates (exit 1): the operator retries the gang from the last complete checkp
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
@@ -27,6 +29,8 @@ def write_termination_message(message: str, env: dict[str, str]) -> None:
 
 def main(env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
+    # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         from rlhf_trainer.config import load_config
         from rlhf_trainer.distributed import read_process_env

@@ -6,6 +6,7 @@ so roles talk to each other only over the bridge (bridge.py).
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -94,10 +95,10 @@ def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size
         }
     )
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
 
     # On CPU DeepSpeed compiles a shared-memory all-reduce op on first init (~33 s); gloo suffices.
-    ds_torch_comm.build_shm_op = lambda: None
+    # (importlib: `import deepspeed.comm.torch as m` would bind the real torch, re-exported by the package.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=default_backend(), timeout=timedelta(seconds=timeout_s), verbose=False)

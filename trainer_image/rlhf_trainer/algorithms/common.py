@@ -164,13 +164,14 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
     if distributed.world_rank() == 0:
         checkpoint.unmark_complete(root, step)
     distributed.role_barrier()
+    # Wait for each reply before any collective of the actor's world: a server answering actor
+    # ranks in turn could otherwise block on a rank that waits in a barrier for this one.
     for dst in ctx.remote_hosts():
         ctx.bridge.send(dst, "save", step=step)
+        ctx.bridge.recv(dst)  # "ok": that process has saved its roles
     for role, saver in savers.items():
         saver.save(step, actor_state if role == "actor" else {})
-    for dst in ctx.remote_hosts():
-        ctx.bridge.recv(dst)  # "ok": that process has saved its roles
-    distributed.role_barrier()  # ... and so have the servers of every other actor rank
+    distributed.role_barrier()  # every actor rank has heard from its servers
     if distributed.world_rank() == 0:
         checkpoint.mark_complete(root, step, sorted(ctx.cfg.roles))
         checkpoint.prune(root, ctx.cfg.checkpoint.keep)
