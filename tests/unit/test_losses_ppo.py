@@ -221,3 +221,27 @@ def test_gae_with_lambda_one_and_gamma_one_is_return_minus_value():
     adv, ret = gae.gae_advantages(r, v, torch.ones(1, 3), gamma=1.0, lam=1.0)
     assert ret.tolist()[0] == pytest.approx([0.9, 0.8, 1.0])  # reward-to-go
     assert adv.tolist()[0] == pytest.approx([0.4, 0.4, 0.7])
+
+
+# ---- experience ---------------------------------------------------------------------------------------
+
+
+def test_experience_splits_rows_and_counts_response_tokens():
+    from rlhf_trainer.experience import Experience
+
+    rows, prompt, response = 5, 3, 4
+    action_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    exp = Experience(
+        sequences=torch.arange(rows * 7).view(rows, 7), attention_mask=torch.ones(rows, 7, dtype=torch.long),
+        position_ids=torch.arange(7).expand(rows, 7), action_mask=action_mask,
+        old_logprobs=rand(rows, response), ref_logprobs=rand(rows, response, seed=1),
+        scores=torch.arange(rows, dtype=torch.float), truncated=torch.tensor([False, True, False, False, True]),
+        values=rand(rows, response, seed=2), info={"reward_mean": 0.5},
+    )
+    assert exp.prompt_length == prompt and exp.num_tokens == 14
+    parts = exp.split(2)
+    assert [p.sequences.shape[0] for p in parts] == [2, 2, 1]
+    assert torch.equal(torch.cat([p.values for p in parts]), exp.values)
+    assert parts[2].scores.tolist() == [4.0] and parts[2].returns is None
+    assert sum(p.num_tokens for p in parts) == exp.num_tokens
+    assert exp.to("cpu").info == {"reward_mean": 0.5}
