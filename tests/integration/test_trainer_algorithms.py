@@ -18,8 +18,10 @@ CASES = {
         {"reward_model": "tiny://llama"},
     ),
     "grpo: reference colocated in the actor": ("grpo", {"actor": {}, "reference": {"colocate_with": "actor"}}, {}),
-    "rloo: two actor ranks (ZeRO-2) served by one reference": (
-        "rloo", {"actor": {"replicas": 2}, "reference": {}}, {}),
+    # A model reward: distinct scores within a group, so the advantages (and the update) are not zero.
+    "rloo: two actor ranks (ZeRO-2) served by one reference + reward process": (
+        "rloo", {"actor": {"replicas": 2}, "reference": {}, "reward": {"colocate_with": "reference"}},
+        {"reward_model": "tiny://llama"}),
     "dpo: reference in its own process": ("dpo", None, {}),
     "rm: Bradley-Terry reward model": ("rm", None, {}),
     "sft: packed examples, ZeRO-3": (

@@ -5,9 +5,13 @@ Each serving role is a small object with `handle(method, tensors, meta) -> (tens
 | op                   | in                                        | out                       |
 |----------------------|-------------------------------------------|---------------------------|
 | reference.logprobs   | input_ids, attention_mask (B, T)          | logprobs (B, T-1)         |
+|                      | + meta response_length R                  | logprobs (B, R)           |
 | reward.score         | meta prompts, responses (strings)         | scores (B,)               |
-| critic.values        | input_ids, attention_mask (B, T)          | values (B, T)             |
-| critic.train         | + old_values, returns, action_mask (B,T-1)| meta value_loss           |
+| critic.values        | input_ids, attention_mask (B, T), meta R  | values (B, R)             |
+| critic.train         | + old_values, returns, action_mask (B, R) | meta value_loss           |
+
+Response-aligned (B, R) tensors cover the last R columns: entry t is about token T-R+t, predicted
+(log-prob) or valued (critic) from the state that ends at column T-R+t-1.
 
 The actor calls them through a client: `LocalClient` when the role is colocated in the actor's own
 processes (RLHF_COLOCATED_ROLES), `RemoteClient` over the bridge otherwise. A process of a serving
@@ -61,7 +65,10 @@ class ReferenceService:
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "logprobs", method
         t = _on_device(tensors)
-        return {"logprobs": sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)}, {}
+        logprobs = sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)
+        if meta.get("response_length"):
+            logprobs = logprobs[:, -meta["response_length"]:]
+        return {"logprobs": logprobs}, {}
 
 
 class RewardService:
@@ -95,32 +102,34 @@ class CriticService:
         self.value_clip_range = value_clip_range
         self.normaliser = normaliser  # local token count -> the global batch's normaliser
 
-    def values(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.strategy.forward(
+    def values(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
+        """(B, R) values of the states before each response token."""
+        values = self.strategy.forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-        ).float()
+        )
+        return values[:, -response_length - 1:-1].float()
 
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         t = _on_device(tensors)
         if method == "values":
             self.strategy.eval()
             with torch.no_grad():
-                return {"values": self.values(t["input_ids"], t["attention_mask"])}, {}
+                return {"values": self.values(t["input_ids"], t["attention_mask"], meta["response_length"])}, {}
         assert method == "train", method
         self.strategy.train()
+        t["action_mask"] = t["action_mask"].float()
         num_tokens = self.normaliser(float(t["action_mask"].sum()))
         total = 0.0
         for start in range(0, t["input_ids"].shape[0], self.micro_batch_size):
             mb = {k: v[start : start + self.micro_batch_size] for k, v in t.items()}
-            # Values of the states before each action: positions 0..T-2, aligned with log-probs.
-            new_values = self.values(mb["input_ids"], mb["attention_mask"])[:, :-1]
+            new_values = self.values(mb["input_ids"], mb["attention_mask"], mb["action_mask"].shape[1])
             loss = value_loss(
                 new_values, mb["old_values"], mb["returns"], mb["action_mask"],
                 clip_range=self.value_clip_range, num_tokens=num_tokens,
             )
             self.strategy.backward(loss)
             self.strategy.step()
-            total += float(loss)
+            total += loss.item()
         return {}, {"value_loss": total}
 
 

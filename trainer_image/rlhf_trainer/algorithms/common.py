@@ -58,12 +58,12 @@ def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
 
 @dataclass
 class Rollout:
-    """Sampled responses of one actor rank. T = prompt width + response width."""
+    """Sampled responses of one actor rank (B rows, P prompt columns, R response columns), on CPU."""
 
-    sequences: torch.Tensor  # (B, T) left-padded prompt + response (+ padding after EOS)
-    attention_mask: torch.Tensor  # (B, T) 1 on real prompt and response tokens
-    action_mask: torch.Tensor  # (B, T-1) 1 where log-prob t belongs to a response token
-    ended: torch.Tensor  # (B,) bool: the response sampled an EOS within max_new_tokens
+    sequences: torch.Tensor  # (B, P + R) left-padded prompt + response (+ padding after EOS)
+    attention_mask: torch.Tensor  # (B, P + R) 1 on real prompt and response tokens
+    action_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
+    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
     prompts: list[str]
     responses: list[str]  # decoded, special tokens dropped
 
@@ -77,13 +77,23 @@ def generate(model, tokenizer, prompts: list[str], hp) -> Rollout:
         do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
         max_new_tokens=hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ).cpu()
-    width = enc["input_ids"].shape[1]
-    response_ids = out[:, width:]
+    response_ids = out[:, enc["input_ids"].shape[1]:]
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
-    action_mask = torch.cat([torch.zeros(len(prompts), width - 1, dtype=torch.long), mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, action_mask, ended, list(prompts), responses)
+    return Rollout(out, attention_mask, mask, ~ended, list(prompts), responses)
+
+
+def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
+    """(B, R) log-probs of the response tokens (the last R columns) and their (B, R, V) logits.
+
+    Logits are divided by the sampling temperature: the probabilities the tokens were sampled with.
+    """
+    logits = model(
+        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).logits[:, -response_length - 1:-1].float() / temperature
+    return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
 
 
 class Scorer:
@@ -103,15 +113,6 @@ class Scorer:
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
         return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
-
-
-def policy_logprobs(strategy, sequences, attention_mask, temperature: float):
-    """Training forward of the policy: (B, T-1) log-probs of the sampled tokens and their logits."""
-    logits = strategy.forward(
-        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
-        position_ids=position_ids_from_mask(attention_mask),
-    ).logits[:, :-1].float() / temperature
-    return logprobs_from_logits(logits, sequences[:, 1:]), logits
 
 
 def encode_pairs(tokenizer, records, hp) -> dict[str, torch.Tensor]:

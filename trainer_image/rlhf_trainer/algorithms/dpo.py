@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import models
+from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     drive,
     encode_pairs,
@@ -48,12 +48,11 @@ class DPO:
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
-        batch = encode_pairs(self.tokenizer, records, hp)
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         with metrics.phase("score", timings):
-            ref = summed_logprobs(
-                self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"], loss_mask
-            )
+            ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
+            ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
         pairs_total = global_normaliser(n)
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
@@ -62,14 +61,14 @@ class DPO:
                 logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
                 half = len(rows) // 2
                 loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
-                    logp[:half], logp[half:], ref[rows][:half].to(logp.device), ref[rows][half:].to(logp.device),
+                    logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],
                     beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
                 )
                 # dpo_loss averages over its pairs; rescale to a share of the whole batch's mean.
                 loss = loss * half / pairs_total
                 self.strategy.backward(loss)
                 self.strategy.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 correct += float(accuracy) * half
                 margins.append(float((chosen_reward - rejected_reward).mean()))
         return {

@@ -11,22 +11,22 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import models
+from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     Scorer,
     drive,
     generate,
     global_normaliser,
     load_records,
-    micro_batches,
-    policy_logprobs,
+    response_logprobs,
     start_colocated,
 )
+from rlhf_trainer.data import position_ids_from_mask
+from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
 from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean
-from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -51,51 +51,63 @@ class GroupPolicyGradient:
         pass
 
     def step(self, records, timings) -> dict[str, float]:
-        hp, metrics, group = self.hp, self.ctx.metrics, self.hp.group_size
+        hp, metrics, group, dev = self.hp, self.ctx.metrics, self.hp.group_size, distributed.device()
         # 1. rollout: each prompt `group` times, consecutive rows
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
             roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
-        seq, attn, mask = roll.sequences, roll.attention_mask, roll.action_mask.float()
         # 2. score
         with metrics.phase("score", timings), torch.no_grad():
-            old_logprobs = sequence_logprobs(self.strategy.module, seq, attn, hp.temperature).cpu()
-            ref_logprobs = self.reference.call("logprobs", {"input_ids": seq, "attention_mask": attn})[0]["logprobs"]
-            scores = self.score(roll.prompts, roll.responses, [r.answer for r in records])
-        # 3. advantages, one per response
-        seq_kl = (kl_estimate(old_logprobs, ref_logprobs, "k1") * mask).sum(-1)
+            exp = self.experience(roll, [r.answer for r in records]).to(dev)
+        # 3. advantages, one per response, repeated over its tokens
+        mask = exp.action_mask.float()
+        exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
         if self.variant == "rloo":
-            advantages = rloo_advantages(scores - hp.kl_coef * seq_kl, group)
+            advantages = rloo_advantages(exp.scores - hp.kl_coef * exp.kl.sum(-1), group)
         else:
-            advantages = group_advantages(scores, group)
-        token_advantages = advantages[:, None] * mask
+            advantages = group_advantages(exp.scores, group)
+        exp.advantages = advantages[:, None] * mask
         # 4. update
-        num_tokens = global_normaliser(float(mask.sum()))
+        num_tokens = global_normaliser(exp.num_tokens)
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
-                losses, clipped, entropy = [], [], []
-                for mb in micro_batches(len(records), hp.micro_batch_size):
-                    logprobs, logits = policy_logprobs(self.strategy, seq[mb], attn[mb], hp.temperature)
+                stats = []
+                for mb in exp.split(hp.micro_batch_size):
+                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                         mb.action_mask.shape[1], hp.temperature)
                     loss, clip_fraction = policy_loss(
-                        logprobs, old_logprobs[mb], token_advantages[mb], mask[mb],
+                        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
                     if self.variant == "grpo":
-                        loss = loss + hp.kl_coef * k3_kl_loss(logprobs, ref_logprobs[mb], mask[mb], num_tokens=num_tokens)
+                        loss = loss + hp.kl_coef * k3_kl_loss(logprobs, mb.ref_logprobs, mb.action_mask,
+                                                              num_tokens=num_tokens)
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    losses.append(float(loss))
-                    clipped.append(float(clip_fraction))
-                    entropy.append(float(masked_mean(entropy_from_logits(logits.detach()), mask[mb])))
-        policy = sum(losses)
+                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+        policy = sum(s[0] for s in stats)
         return {
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-            "kl": float(seq_kl.mean()), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
-            "clip_fraction": sum(clipped) / len(clipped), "entropy": sum(entropy) / len(entropy),
-            "response_length": float(mask.sum(-1).mean()), "tokens": float(attn.sum()),
+            "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
+            "kl": float(exp.kl.sum(-1).mean()), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
+            "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),
+            "response_length": float(mask.sum(-1).mean()), "tokens": float(exp.attention_mask.sum()),
         }
+
+    def experience(self, roll, answers) -> Experience:
+        hp, R, dev = self.hp, roll.action_mask.shape[1], distributed.device()
+        seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
+        old_logprobs, _ = response_logprobs(self.strategy.module, roll.sequences.to(dev),
+                                            roll.attention_mask.to(dev), R, hp.temperature)
+        return Experience(
+            sequences=roll.sequences, attention_mask=roll.attention_mask,
+            position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
+            old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
+            ref_logprobs=self.reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
+            scores=self.score(roll.prompts, roll.responses, answers),
+        )
 
 
 def run(ctx: Context) -> None:

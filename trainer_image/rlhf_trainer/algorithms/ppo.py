@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import models
+from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     Scorer,
     drive,
     generate,
     global_normaliser,
     load_records,
-    micro_batches,
-    policy_logprobs,
+    response_logprobs,
     start_colocated,
 )
+from rlhf_trainer.data import position_ids_from_mask
+from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
 from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean, masked_whiten
-from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -53,56 +53,68 @@ class PPO:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     def step(self, records, timings) -> dict[str, float]:
-        hp, metrics = self.hp, self.ctx.metrics
+        hp, metrics, dev = self.hp, self.ctx.metrics, distributed.device()
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
             roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
-        seq, attn, mask = roll.sequences, roll.attention_mask, roll.action_mask.float()
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
-            old_logprobs = sequence_logprobs(self.strategy.module, seq, attn, hp.temperature).cpu()
-            ref_logprobs = self.reference.call("logprobs", {"input_ids": seq, "attention_mask": attn})[0]["logprobs"]
-            values = self.critic.call("values", {"input_ids": seq, "attention_mask": attn})[0]["values"][:, :-1]
-            scores = self.score(roll.prompts, roll.responses, [r.answer for r in records])
+            exp = self.experience(roll, [r.answer for r in records]).to(dev)
         # 3. advantages
-        kl = kl_estimate(old_logprobs, ref_logprobs, hp.kl_estimator) * mask
-        rewards = token_rewards(kl, scores.clamp(-hp.reward_clip, hp.reward_clip), mask,
-                                kl_coef=self.kl_ctl.value, ended=roll.ended)
-        advantages, returns = gae_advantages(rewards, values, mask, gamma=hp.gamma, lam=hp.lam)
+        mask = exp.action_mask.float()
+        exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
+        exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value,
+                                    reward_clip=hp.reward_clip, ended=~exp.truncated)
+        exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            exp.advantages = masked_whiten(exp.advantages, mask)
         # 4. update: the policy here, the critic on its role
-        num_tokens = global_normaliser(float(mask.sum()))
+        num_tokens = global_normaliser(exp.num_tokens)
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
-                losses, clipped, entropy = [], [], []
-                for mb in micro_batches(len(records), hp.micro_batch_size):
-                    logprobs, logits = policy_logprobs(self.strategy, seq[mb], attn[mb], hp.temperature)
+                stats = []
+                for mb in exp.split(hp.micro_batch_size):
+                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                         mb.action_mask.shape[1], hp.temperature)
                     loss, clip_fraction = policy_loss(
-                        logprobs, old_logprobs[mb], advantages[mb], mask[mb],
+                        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    losses.append(float(loss))
-                    clipped.append(float(clip_fraction))
-                    entropy.append(float(masked_mean(entropy_from_logits(logits.detach()), mask[mb])))
-                critic_out = self.critic.call("train", {
-                    "input_ids": seq, "attention_mask": attn, "old_values": values,
-                    "returns": returns, "action_mask": mask,
-                })[1]
-        mean_kl = float((kl.sum(-1)).mean())
+                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+                value_loss = self.critic.call("train", {
+                    "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
+                    "returns": exp.returns, "action_mask": exp.action_mask,
+                })[1]["value_loss"]
+        mean_kl = float(exp.kl.sum(-1).mean())
         self.kl_ctl.update(mean_kl, len(records))
-        policy = sum(losses)
+        policy = sum(s[0] for s in stats)
         return {
-            "reward_mean": float(scores.mean()), "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl": mean_kl, "kl_coef": self.kl_ctl.value, "policy_loss": policy,
-            "value_loss": critic_out["value_loss"], "loss": policy + hp.vf_coef * critic_out["value_loss"],
-            "clip_fraction": sum(clipped) / len(clipped), "entropy": sum(entropy) / len(entropy),
-            "response_length": float(mask.sum(-1).mean()), "tokens": float(attn.sum()),
+            "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(records) > 1 else 0.0,
+            "kl": mean_kl, "kl_coef": self.kl_ctl.value, "policy_loss": policy, "value_loss": value_loss,
+            "loss": policy + hp.vf_coef * value_loss, "clip_fraction": sum(s[1] for s in stats) / len(stats),
+            "entropy": sum(s[2] for s in stats) / len(stats), "response_length": float(mask.sum(-1).mean()),
+            "tokens": float(exp.attention_mask.sum()),
         }
+
+    def experience(self, roll, answers) -> Experience:
+        """Everything the update needs about a rollout, from this process and the other roles."""
+        hp, R = self.hp, roll.action_mask.shape[1]
+        seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
+        old_logprobs, _ = response_logprobs(self.strategy.module, roll.sequences.to(distributed.device()),
+                                            roll.attention_mask.to(distributed.device()), R, hp.temperature)
+        return Experience(
+            sequences=roll.sequences, attention_mask=roll.attention_mask,
+            position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
+            old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
+            ref_logprobs=self.reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
+            values=self.critic.call("values", seqs, response_length=R)[0]["values"],
+            scores=self.score(roll.prompts, roll.responses, answers),
+        )
 
 
 def run(ctx: Context) -> None:

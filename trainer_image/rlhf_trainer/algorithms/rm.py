@@ -7,7 +7,7 @@ folder that a PPO / GRPO job's `rewardModel.path` can point at.
 
 from __future__ import annotations
 
-from rlhf_trainer import models
+from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, load_records, pair_slices
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.roles import sequence_scores
@@ -34,7 +34,7 @@ class RewardModelTraining:
 
     def step(self, records, timings) -> dict[str, float]:
         hp, n = self.hp, len(records)
-        batch = encode_pairs(self.tokenizer, records, hp)
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
         pairs_total = global_normaliser(n)
         losses, correct, chosen_scores = [], 0.0, []
         with self.ctx.metrics.phase("train", timings):
@@ -45,7 +45,7 @@ class RewardModelTraining:
                 loss = bradley_terry_loss(scores[:half], scores[half:], margin=hp.margin) * half / pairs_total
                 self.strategy.backward(loss)
                 self.strategy.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 correct += float((scores[:half] > scores[half:]).float().sum())
                 chosen_scores.append(float(scores[:half].detach().mean()))
         return {

@@ -5,7 +5,7 @@ example's boundary, so examples never attend to or predict each other).
 
 from __future__ import annotations
 
-from rlhf_trainer import models
+from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
 from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
@@ -39,7 +39,11 @@ class SFT:
         labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
         position_ids = position_ids_from_mask(batch["attention_mask"])
         if hp.packing:
-            batch, labels, position_ids = pack_examples(batch, labels)
+            # Packed rows have no attention mask: positions restart per example instead.
+            batch, labels, position_ids = pack_examples(batch, labels, pad_token_id=self.tokenizer.pad_token_id)
+        dev = distributed.device()
+        ids, labels, position_ids = batch["input_ids"].to(dev), labels.to(dev), position_ids.to(dev)
+        attention = batch["attention_mask"].to(dev) if "attention_mask" in batch else None
         num_tokens = global_normaliser(float((labels[:, 1:] != -100).sum()))
         losses = []
         with self.ctx.metrics.phase("train", timings):
@@ -55,14 +59,15 @@ class SFT:
                 else:
                     scale = 1.0
                 logits = self.strategy.forward(
-                    input_ids=batch["input_ids"][mb], attention_mask=batch["attention_mask"][mb],
+                    input_ids=ids[mb], attention_mask=None if attention is None else attention[mb],
                     position_ids=position_ids[mb], use_cache=False,
                 ).logits
                 loss = sft_loss(logits, labels[mb], num_tokens=num_tokens) * scale
                 self.strategy.backward(loss)
                 self.strategy.step()
-                losses.append(float(loss))
-        return {"loss": sum(losses), "policy_loss": sum(losses), "tokens": float(batch["attention_mask"].sum())}
+                losses.append(loss.item())
+        tokens = float((ids != self.tokenizer.pad_token_id).sum())
+        return {"loss": sum(losses), "policy_loss": sum(losses), "tokens": tokens}
 
 
 def run(ctx: Context) -> None:
