@@ -83,7 +83,7 @@ class StandInKubelet:
         self._stop.set()
         self.supervisor.changed.set()
         for t in self._threads:
-            t.join(timeout=10)
+            t.join(timeout=1)  # daemon threads: a watch blocked in a read ends with the process
         self.supervisor.stop_all(self.stop_grace)
 
     def volume_dir(self, pod: dict[str, Any], volume: dict[str, Any]) -> Path:

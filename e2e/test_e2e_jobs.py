@@ -11,14 +11,19 @@ JOB_TIMEOUT = 420
 
 
 def diagnostics(cluster, operator, name):
-    """What to read when a job does not succeed: its status, the operator log, the pods' logs."""
+    """What to read when a job misbehaves: its status, events, the operator log, every pod run's log."""
     parts = [f"status: {((cluster.job(name) or {}).get('status'))}"]
+    events = cluster.kubectl("get", "events", "-o", "custom-columns=REASON:.reason,MESSAGE:.message",
+                             "--field-selector", f"involvedObject.name={name}", check=False).stdout
+    parts.append(f"events:\n{events[-3000:]}")
     if operator is not None:
         parts.append(f"operator log:\n{operator.log_tail()}")
     if cluster.kubelet is not None:
         for pod, logs in sorted(cluster.kubelet.logs.items()):
             if pod.startswith(name + "-"):
-                parts.append(f"{pod}: {logs[-1].read_text()[-3000:]}")
+                for log in logs:
+                    lines = [x for x in log.read_text().splitlines() if not x.startswith("[rank0]:   ")]
+                    parts.append(f"{pod}: " + "\n".join(lines[-8:])[-2000:])
     return "\n".join(parts)
 
 
