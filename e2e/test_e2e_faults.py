@@ -81,16 +81,18 @@ def test_operator_killed_mid_reconcile_makes_no_duplicates_or_orphans(cluster, o
 
 @pytest.mark.skipif(REAL, reason="the malformed dataset file lives on this machine, not on a cluster node")
 def test_malformed_dataset_line_fails_once_naming_file_and_line(cluster, operator, tmp_path):
-    data = tmp_path / "prompts.jsonl"
-    data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n{not json\n")
-    name = unique("ppo-baddata")
-    obj = example("ppo-tiny.yaml", name, maxSteps=4)
-    obj["spec"]["dataset"] = {"path": str(data), "format": "prompts"}
+    data = tmp_path / "instructions.jsonl"
+    data.write_text(json.dumps({"instruction": "add", "input": "1+1", "output": "2"}) + "\n{not json\n")
+    name = unique("sft-baddata")
+    obj = example("sft-tiny.yaml", name, maxSteps=4)
+    obj["spec"]["dataset"] = {"path": str(data), "format": "instruction"}
     cluster.apply(obj)
     job = cluster.wait_phase(name, timeout=180)
     status = job["status"]
     assert status["phase"] == "Failed", diagnostics(cluster, operator, name)
-    assert status.get("restarts", 0) == 0
+    assert status.get("restarts", 0) == 0, diagnostics(cluster, operator, name)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "PermanentError"
-    assert "prompts.jsonl:2" in failed["message"], failed
+    assert "instructions.jsonl:2" in failed["message"], failed
+    if not REAL:
+        assert cluster.kubelet.starts[f"{name}-actor-0"] == 1

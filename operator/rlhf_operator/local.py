@@ -152,7 +152,8 @@ class LocalRunner:
     ):
         self.job = api.parse_job(dict(manifest))
         self.settings = settings if settings is not None else builders.BuildSettings()
-        self.run_dir = Path(workdir) / self.job.name
+        # Absolute: every pod process runs in its own folder, and the env hands them these paths.
+        self.run_dir = (Path(workdir) / self.job.name).resolve()
         if fresh and self.run_dir.exists():
             shutil.rmtree(self.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
