@@ -8,7 +8,7 @@ import random
 import time
 
 import pytest
-from conftest import REAL, example, unique
+from conftest import NAMESPACE, REAL, example, unique
 from rlhf_operator import report
 from test_e2e_jobs import JOB_TIMEOUT, complete_steps, diagnostics
 
@@ -96,3 +96,24 @@ def test_malformed_dataset_line_fails_once_naming_file_and_line(cluster, operato
     assert "instructions.jsonl:2" in failed["message"], failed
     if not REAL:
         assert cluster.kubelet.starts[f"{name}-actor-0"] == 1
+
+
+def test_suspend_mid_run_then_resume_continues_from_checkpoint(cluster, operator):
+    name, steps, interval = unique("ppo-suspend"), 80, 5
+    cluster.apply(example("ppo-tiny.yaml", name, maxSteps=steps, checkpoint={"intervalSteps": interval}))
+    # past the first checkpoint, well before the end
+    harness.wait_for(lambda: actor_step(cluster, name) > interval + 1, timeout=180, interval=0.05, what="progress")
+    cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    cluster.wait_phase(name, ("Suspended",), timeout=60)
+    harness.wait_for(lambda: not cluster.pods(name), timeout=60, what="pods deleted on suspend")
+    if not REAL:
+        harness.wait_for(lambda: not [n for n in cluster.kubelet.running_pods() if n.startswith(name + "-")],
+                         timeout=30, what="processes stopped on suspend")
+    cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
+    assert job["status"]["phase"] == "Succeeded", diagnostics(cluster, operator, name)
+    history = report.history(report.read_jsonl(cluster.checkpoint_dir(name) / "metrics" / "actor-0.jsonl"))
+    assert history.last_step == steps
+    # It went on from a checkpoint: at most one interval redone, never back to step 1.
+    assert history.restarts <= 1 and all(r <= interval for r in history.steps_redone), history.steps_redone
+    assert [r["step"] for r in history.rows].count(1) == 1

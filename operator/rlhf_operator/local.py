@@ -16,6 +16,8 @@ runs/<job>/ holds config/config.json (the ConfigMap), checkpoints/ (the volume: 
 metrics/, export/), pods/<pod>/log.txt, events.log, status.json and report.png.
 Suspend like `kubectl patch --type=merge -p '{"spec":{"suspend":true}}'`: create runs/<job>/SUSPEND;
 remove it to resume. `--suspend-after-step N` does both once (a test hook).
+Running the same manifest again (without --fresh) resumes from runs/<job>/checkpoints, as a job
+recreated on a retained checkpoint volume does. Ctrl-C or SIGTERM stops every process group.
 """
 
 from __future__ import annotations
