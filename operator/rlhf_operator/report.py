@@ -135,6 +135,7 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [(k, label) for k, label in PANELS
               if any(isinstance(r.get(k), int | float) for h in runs.values() for r in h.final)]
@@ -151,6 +152,7 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
     axes[0, 0].set_title(title)
     axes[0, 0].legend(fontsize="small")
     axes[-1, 0].set_xlabel("step")
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
