@@ -8,7 +8,7 @@ import random
 import time
 
 import pytest
-from conftest import NAMESPACE, REAL, example, unique
+from e2e_support import NAMESPACE, REAL, example, unique
 from rlhf_operator import report
 from test_e2e_jobs import JOB_TIMEOUT, complete_steps, diagnostics
 

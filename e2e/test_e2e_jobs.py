@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REAL, example, unique
+from e2e_support import REAL, example, unique
 
 JOB_TIMEOUT = 420
 
