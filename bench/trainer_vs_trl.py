@@ -125,23 +125,25 @@ class _StepTimer:
         from transformers import TrainerCallback
 
         class Timer(TrainerCallback):
+            # From one step's end to the next's: the whole step, data loading and generation included.
             def __init__(self):
-                self.times, self._t0 = [], 0.0
+                self.times, self._last = [], 0.0
 
-            def on_step_begin(self, args, state, control, **kw):
+            def _now(self):
                 if device == "cuda":
                     import torch
 
                     torch.cuda.synchronize()
-                self._t0 = time.perf_counter()
+                return time.perf_counter()
+
+            def on_train_begin(self, args, state, control, **kw):
+                self._last = self._now()
 
             def on_step_end(self, args, state, control, **kw):
-                if device == "cuda":
-                    import torch
-
-                    torch.cuda.synchronize()
+                now = self._now()
                 if state.global_step > warmup:
-                    self.times.append(time.perf_counter() - self._t0)
+                    self.times.append(now - self._last)
+                self._last = now
 
         return Timer()
 
@@ -185,10 +187,12 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
 
         rows = [{"prompt": r.prompt, "answer": r.answer} for r in synthetic_arithmetic()]
         args = GRPOConfig(**_trl_common(steps, warmup, device, out), per_device_train_batch_size=PROMPTS * GROUP,
-                          num_generations=GROUP, generation_batch_size=PROMPTS * GROUP, steps_per_generation=1,
+                          num_generations=GROUP, steps_per_generation=1,
                           max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
                           num_iterations=1)
-        trainer = GRPOTrainer(model=policy, reward_funcs=exact_match, args=args, train_dataset=Dataset.from_list(rows),
+        # GRPOTrainer builds its reference model from the policy's path: give it a folder.
+        folder = models.save_pretrained(policy, tok, out / "tiny-llama")
+        trainer = GRPOTrainer(model=str(folder), reward_funcs=exact_match, args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS * GROUP
     trainer.train()
@@ -211,10 +215,13 @@ tok = models.load_tokenizer("tiny://llama")
 tok.padding_side = "left"
 ds = Dataset.from_list([{"input_ids": tok(r.prompt)["input_ids"][-L:]} for r in synthetic_arithmetic()])
 class Timer(TrainerCallback):
+    # PPOTrainer's own loop calls no on_step_begin: time from one step's end to the next's.
     times = []
-    def on_step_begin(self, *a, **k): self.t0 = time.perf_counter()
+    def on_train_begin(self, *a, **k): self.last = time.perf_counter()
     def on_step_end(self, args, state, *a, **k):
-        if state.global_step > warmup: self.times.append(time.perf_counter() - self.t0)
+        now = time.perf_counter()
+        if state.global_step > warmup: self.times.append(now - self.last)
+        self.last = now
 timer = Timer()
 args = PPOConfig(output_dir=os.environ["OUT"], per_device_train_batch_size=P, gradient_accumulation_steps=1,
                  num_ppo_epochs=1, num_mini_batches=1, total_episodes=P * (steps + warmup), response_length=N,
