@@ -27,7 +27,7 @@ from rlhf_operator import local, localfaults
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_TRAINER = REPO / "tests" / "integration" / "local_fake_trainer.py"
-SECTION = "## Fault injection"
+SECTION = "## Fault injection"  # one section per trainer: "## Fault injection — real trainer"
 
 
 def manifest(path: Path, max_steps: int, interval: int, kills: int) -> dict:
@@ -79,7 +79,7 @@ def summary(args: argparse.Namespace, results: list[localfaults.TrialResult]) ->
     trainer = "fake trainer (tests/integration/local_fake_trainer.py, 0.05 s/step)" if args.trainer == "fake" \
         else f"real trainer, {Path(args.manifest).name}"
     return "\n".join([
-        SECTION,
+        f"{SECTION} — {args.trainer} trainer",
         "",
         f"`python bench/faults.py --trainer {args.trainer} --trials {args.trials} --kills {args.kills} "
         f"--max-steps {args.max_steps} --interval {args.interval}` — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -103,13 +103,14 @@ def summary(args: argparse.Namespace, results: list[localfaults.TrialResult]) ->
 
 
 def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the Fault injection section; other engineers' sections stay as they are."""
+    """Replace (or append) this trainer's Fault injection section; every other section stays as is."""
+    heading = text.splitlines()[0]
     old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(SECTION)
+    start = old.find(heading + "\n")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
-        end = old.find("\n## ", start + len(SECTION))
+        end = old.find("\n## ", start + len(heading))
         new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
     path.write_text(new)
 
@@ -120,8 +121,8 @@ def main() -> int:
     parser.add_argument("--trainer", choices=["real", "fake"], default="real")
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--kills", type=int, default=3)
-    parser.add_argument("--max-steps", type=int, default=12)
-    parser.add_argument("--interval", type=int, default=3)
+    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--max-delay", type=float, default=2.0, help="random wait after progress, seconds")
     parser.add_argument("--timeout", type=float, default=900)
     parser.add_argument("--seed", type=int, default=0)
