@@ -50,6 +50,10 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # A pod created moments ago may not be in the shell's cache yet: missing pods count as vanished
 # (a gang failure) only this long after the gang was created.
 MISSING_POD_GRACE_SECONDS = 30.0
+# The peers of a pod that failed often fail a moment later because it went away (the bridge
+# closed), and may be seen first. Wait this long after the first failure for the rest of the gang
+# to stop, so that a permanent exit code (bad config or data) that lands last still decides.
+FAILURE_SETTLE_SECONDS = 10.0
 # How much of a termination message goes into status and events (the kubelet keeps up to 4 KiB).
 MAX_MESSAGE_CHARS = 512
 
@@ -71,6 +75,7 @@ class ObservedPod:
     message: str = ""
     terminating: bool = False
     created_at: datetime | None = None
+    finished_at: datetime | None = None  # the container's terminated.finishedAt
 
     @property
     def terminated(self) -> bool:
@@ -116,6 +121,7 @@ def observe_pod(pod: dict) -> ObservedPod:
         message=(terminated.get("message") or status.get("message") or "").strip(),
         terminating=bool(meta.get("deletionTimestamp")),
         created_at=parse_time(meta.get("creationTimestamp")),
+        finished_at=parse_time(terminated.get("finishedAt")),
     )
 
 
@@ -229,6 +235,15 @@ def gang_not_before(status: dict, backoff_base: float) -> datetime | None:
     else:
         attempt = int(status.get("restarts") or 0)
     return since + timedelta(seconds=backoff_seconds(backoff_base, attempt))
+
+
+def failure_settle_deadline(failures: list[ObservedPod], pods) -> datetime | None:
+    """Until when to wait before classifying a gang failure: pods of the gang still live and the
+    first failure less than FAILURE_SETTLE_SECONDS old. None = decide now."""
+    finished = [pod.finished_at for pod in failures if pod.finished_at is not None]
+    if not finished or all(pod.terminated for pod in pods):
+        return None
+    return min(finished) + timedelta(seconds=FAILURE_SETTLE_SECONDS)
 
 
 def describe_failure(pod: ObservedPod) -> str:
@@ -450,6 +465,11 @@ def _watch_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod], cre
         for pod in failures:
             p.event("Warning", "PodFailed", describe_failure(pod))
         _finish(p, "Failed", "PermanentError", f"{describe_failure(permanent[0])} (permanent error: not restarting)")
+        return
+
+    settle_until = failure_settle_deadline(failures, current.values())
+    if settle_until is not None and p.now < settle_until:
+        p.wake_at(settle_until)
         return
 
     missing = [n for n in names if n not in current]

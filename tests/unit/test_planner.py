@@ -51,10 +51,13 @@ def make_job(status=None, roles=None, generation=1, **spec):
 
 
 def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
-        message: str = "", reason: str = "", terminating: bool = False) -> ObservedPod:
+        message: str = "", reason: str = "", terminating: bool = False,
+        finished: float | None = None) -> ObservedPod:
     _, role, index = name.split("-")
+    finished_at = T0 + timedelta(seconds=finished) if finished is not None else None
     return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
-                       exit_code=exit_code, reason=reason, message=message, terminating=terminating)
+                       exit_code=exit_code, reason=reason, message=message, terminating=terminating,
+                       finished_at=finished_at)
 
 
 def running(*names: str, attempt: int = 0) -> tuple[ObservedPod, ...]:
@@ -225,6 +228,23 @@ CASES: dict[str, Case] = {
         status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=1), pod("j-critic-0", "Failed", exit_code=78)),
         at=500, phase="Failed", events=["PodFailed", "PodFailed", "Failed"],
         cond=("Failed", "True", "PermanentError"), message_has=("j-critic-0",)),
+    "a retryable failure while peers still run: wait for the gang to settle": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, finished=498)),
+        at=500, phase="Running", restarts=0, events=[], requeue=planner.FAILURE_SETTLE_SECONDS - 2),
+    "the settle window over and a peer still runs: restart": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, finished=490)),
+        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10),
+    "every pod stopped within the window: decide at once": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=143, finished=499),
+                              pod("j-critic-0", "Failed", exit_code=1, finished=498)),
+        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "PodFailed", "GangRestart"],
+        requeue=10),
+    "a permanent code landing after its peer's retryable one still fails the job": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=78, finished=499,
+                                  message="reward.callable: no module"),
+                              pod("j-critic-0", "Failed", exit_code=1, finished=497)),
+        at=500, phase="Failed", restarts=0, events=["PodFailed", "PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-actor-0", "reward.callable")),
     "maxRestarts reached: Failed": Case(
         status=status("Running", restarts=3, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", exit_code=1, attempt=3)),
