@@ -21,14 +21,21 @@ give their output as the answer), dpo/rm take preference pairs, sft takes prompt
 Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ignored for them):
 
 - `synthetic://arithmetic` (prompts): "3+4=" -> answer "7". Operands are 0..`max_operand`
-  (default 4), so there are 25 distinct prompts and 9 possible answers, each a single token of the
-  tiny tokenizer. A randomly initialised tiny model rarely starts its response with a digit, let
-  alone the right one (mean exact_match reward ~0.05); a wrong number still earns 0.1 under
-  exact_match, so RL first learns "answer with a number, then stop" and then the sums, from a
-  handful of tokens of context. `size` rows (default 512) are drawn with `seed` (default 0).
+  (default 4): 25 distinct prompts, 9 possible answers, each one digit token of the tiny
+  tokenizer. A randomly initialised tiny://llama almost never starts with a digit (mean
+  exact_match reward ~0.01). Measured on CPU with a plain group-baseline policy gradient (GRPO
+  without clipping or KL; AdamW lr 1e-3, 32 prompts x 8 samples per step, 1 new token): mean
+  reward 0.01 -> 0.25 by step 75 (it answers with a digit, mostly the same one for every
+  prompt), 0.57 by step 150 and 0.80 by step 300, with greedy accuracy over the 25 sums 0.76,
+  so the sums themselves are learned, not a constant. With 8 x 4 samples per step the policy
+  collapses onto one digit (reward ~0.2) and stays there for hundreds of steps: RL from a random
+  init needs many samples per step. Each extra new token can turn a right digit into a wrong
+  number ("77"), which EOS-stopping and the PPO truncation penalty must then undo.
+  `size` rows (default 512) are drawn with `seed` (default 0).
 - `synthetic://preferences` (pairs): the same sums; chosen is the right answer, rejected is a wrong
-  number for half the rows (needs the sum) and a word for the other half (learnable at once), so
-  preference accuracy rises quickly from 0.5 and keeps rising as the sums are learned.
+  number for half the rows (telling them apart needs the sum) and a word for the other half
+  (separable by surface form alone), so preference accuracy has an easy first step above 0.5
+  and a harder second one. (Designed so; not measured here.)
 - `synthetic://instructions` (instruction): add two numbers, repeat a word, next letter of the
   alphabet; a quarter of the rows carry a one-turn history.
 """
