@@ -165,16 +165,18 @@ def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:
 _TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
 
 
+def _is_type(value: Any, expected: type) -> bool:
+    # bool is an int subclass in Python; JSON true must not pass as 1 (nor 1 as true). A float
+    # field takes integers too (JSON writes 1e-05 but also 1).
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
+
+
 def _check_scalar(value: Any, expected: type, path: str, errors: list[str]) -> Any:
-    # bool is an int subclass in Python; JSON true must not pass as 1 (nor 1 as true).
-    ok = (
-        isinstance(value, bool)
-        if expected is bool
-        else isinstance(value, expected) and not isinstance(value, bool)
-        if expected in (str, int)
-        else isinstance(value, int | float) and not isinstance(value, bool)
-    )
-    if not ok:
+    if not _is_type(value, expected):
         errors.append(f"{path}: expected {_TYPE_WORDS[expected]}, got {json.dumps(value)}")
         return None
     return float(value) if expected is float else value
