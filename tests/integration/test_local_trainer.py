@@ -58,15 +58,9 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()
 
 
-def test_random_kill_resumes_from_the_newest_complete_checkpoint(tmp_path):
-    # A tiny PPO step takes about 0.1 s: 40 steps give the kill a window in the middle of training.
-    runner = local.LocalRunner(manifest(max_steps=40, interval=5), tmp_path, serve_metrics=False)
-    result = localfaults.run_with_kills(runner, kills=1, rng=random.Random(3), max_delay=1.0, timeout=RUN_TIMEOUT)
-    assert result.ok(), f"{result}\n{pod_logs(runner)}"
-    assert len(result.kills) == 1 and all(r <= 5 for r in result.steps_redone)
-
-
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path):
+def test_corrupt_checkpoint_falls_back_then_a_random_kill_resumes(tmp_path):
+    """Two faults, one job: the newest checkpoint is truncated between runs (fall back to the previous
+    complete one), then a role process is SIGKILLed mid-run (the gang restarts from the newest one)."""
     runner, status = run(manifest(max_steps=4, interval=2), tmp_path)
     assert status["phase"] == "Succeeded", pod_logs(runner)
     ckpt = runner.checkpoint_dir
@@ -75,12 +69,14 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_p
     files = [p for p in (ckpt / "step-4" / "actor").rglob("*") if p.is_file() and p.name != "MANIFEST.json"]
     victim = max(files, key=lambda p: p.stat().st_size)
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    # The same job asked for more steps: it must resume from step 2, not from the corrupt step 4.
-    runner, status = run(manifest(max_steps=6, interval=2), tmp_path)
-    assert status["phase"] == "Succeeded", pod_logs(runner)
+    # The same job asked for more steps (a tiny PPO step takes ~0.1 s: 40 leave room for a kill).
+    runner = local.LocalRunner(manifest(max_steps=40, interval=5), tmp_path, serve_metrics=False)
+    result = localfaults.run_with_kills(runner, kills=1, rng=random.Random(3), max_delay=1.0, timeout=RUN_TIMEOUT)
+    assert result.ok(), f"{result}\n{pod_logs(runner)}"
     steps = [r["step"] for r in report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl")]
-    assert steps == [1, 2, 3, 4, 3, 4, 5, 6], steps
+    assert steps[:5] == [1, 2, 3, 4, 3], steps  # resumed from step 2, not from the corrupt step 4
     assert "unusable" in (runner.run_dir / "pods" / "ppo-tiny-actor-0" / "log.txt").read_text()
+    assert len(result.kills) == 1 and result.restarts == 1 and all(r <= 5 for r in result.steps_redone)
 
 
 def assert_failed_once(runner, status, needle, pods):
