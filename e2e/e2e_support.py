@@ -123,10 +123,11 @@ def copy_volume_out(cluster: Cluster, job: str, dest: Path) -> Path:
                      "volumes": [{"name": "ck", "persistentVolumeClaim": {"claimName": f"{job}-checkpoints"}}]}}
     cluster.apply(spec)
     cluster.kubectl("wait", "--for=condition=Ready", f"pod/{pod}", "-n", NAMESPACE, "--timeout=120s")
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     cluster.kubectl("cp", f"{NAMESPACE}/{pod}:/checkpoints", str(dest))
     cluster.kubectl("delete", "pod", pod, "-n", NAMESPACE, "--wait=false")
-    return dest
+    # kubectl cp nests the folder when dest already existed; accept both layouts
+    return dest / "checkpoints" if (dest / "checkpoints").is_dir() else dest
 
 
 class OperatorProcess:
