@@ -81,7 +81,6 @@ def _our_context(algorithm: str, device: str):
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str) -> dict:
     import torch
-
     from rlhf_trainer.algorithms.common import load_records, start_colocated
     from rlhf_trainer.data import Sampler
 
@@ -157,7 +156,6 @@ def _trl_common(steps: int, warmup: int, device: str, out: Path) -> dict:
 
 def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
     from datasets import Dataset
-
     from rlhf_trainer import models
     from rlhf_trainer.data import synthetic_arithmetic, synthetic_preferences
     from rlhf_trainer.rewards import build_reward_fn
@@ -176,9 +174,8 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS
     else:
-        from trl import GRPOConfig, GRPOTrainer
-
         from rlhf_trainer.config import RewardConfig
+        from trl import GRPOConfig, GRPOTrainer
 
         rule = build_reward_fn(RewardConfig(type="rule", rule="exact_match"))
 
@@ -289,15 +286,22 @@ def machine(device: str) -> str:
     return f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
 
 
-def write_results(text: str, path: Path) -> None:
-    """Replace (or append) the "Trainer vs TRL" section of bench/RESULTS.md, leaving the others."""
-    title = "## Trainer vs TRL"
+def write_results(text: str, path: Path, device: str) -> None:
+    """Replace (or add) this device's subsection of the "Trainer vs TRL" section of bench/RESULTS.md."""
+    title, sub = "## Trainer vs TRL", f"### {device}"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if title in old:
-        start = old.index(title)
-        nxt = old.find("\n## ", start + len(title))
-        old = old[:start] + (old[nxt + 1:] if nxt >= 0 else "")
-    path.write_text(old.rstrip() + "\n\n" + text.rstrip() + "\n")
+    if title not in old:
+        old = old.rstrip() + f"\n\n{title}\n\nWritten by bench/trainer_vs_trl.py, one subsection per device.\n"
+    start = old.index(title)
+    end = old.find("\n## ", start + len(title))
+    section = old[start:] if end < 0 else old[start:end + 1]
+    if sub in section:
+        s0 = section.index(sub)
+        s1 = section.find("\n### ", s0 + len(sub))
+        section = section[:s0] + (section[s1 + 1:] if s1 >= 0 else "")
+    section = section.rstrip() + "\n\n" + text.rstrip() + "\n"
+    rest = "" if end < 0 else old[end + 1:]
+    path.write_text(old[:start] + section + ("\n" + rest if rest else ""))
 
 
 def main() -> None:
@@ -328,7 +332,7 @@ def main() -> None:
                 print(f"rep {rep} {side:4} {algorithm:4} step {r['step_s']:.4f}s  {r['samples_per_s']:.1f} samples/s",
                       flush=True)
     lines = [
-        "## Trainer vs TRL",
+        f"### {args.device}",
         "",
         f"Command: `python bench/trainer_vs_trl.py --device {args.device} --repeats {args.repeats} "
         f"--steps {args.steps} --warmup {args.warmup}`  ",
@@ -353,12 +357,12 @@ def main() -> None:
             f"| {algorithm} | {o:.1f} | failed | | {tok:.0f} |"
         if args.device == "cuda":
             mfu = 6 * ours[0]["params"] * tok / (args.peak_tflops * 1e12)
-            row += f" {100 * mfu:.2f}% |"
+            row += f" {100 * mfu:.2g}% |"
         lines.append(row)
     text = "\n".join(lines)
     print(text)
     if not args.no_write:
-        write_results(text, HERE / "RESULTS.md")
+        write_results(text, HERE / "RESULTS.md", args.device)
 
 
 if __name__ == "__main__":
