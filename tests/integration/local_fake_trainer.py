@@ -4,7 +4,8 @@ torch, so supervisor / loop / fault tests run in seconds. Never used by the prod
 Behaviour: resumes from the newest step-N/COMPLETE under RLHF_CHECKPOINT_DIR, runs to
 hyperparameters.max_steps appending one metrics JSON line per step, checkpoints every
 checkpoint.interval_steps (every role writes step-N/<role>-<rank>/, actor rank 0 writes COMPLETE once
-all roles did), actor rank 0 writes export/config.json at the end.
+all roles did), actor rank 0 writes export/config.json at the end. Like the real trainer's bridge,
+the gang is coupled: a process whose peer died (pid files under .fake-gang/<attempt>/) exits 1.
 Knobs (env): FAKE_STEP_SECONDS (default 0.05); FAKE_EXIT_CODE + FAKE_EXIT_MESSAGE (exit at start
 with that code after writing the message to RLHF_TERMINATION_LOG); FAKE_CHILD_PIDFILE (spawn a
 sleeping grandchild and write its pid there, to prove whole process groups die).
@@ -23,6 +24,24 @@ def newest_complete(ckpt: Path) -> int:
     return max(steps, default=0)
 
 
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def lost_peer(gang: Path, wanted: list[str]) -> str | None:
+    """A peer that started and is gone without finishing (what a broken bridge tells the real one)."""
+    for name in wanted:
+        pidfile = gang / name
+        if pidfile.exists() and pidfile.read_text() and not (gang / f"{name}.done").exists():
+            if not alive(int(pidfile.read_text())):
+                return name
+    return None
+
+
 def main() -> int:
     role, rank = os.environ["RLHF_ROLE"], int(os.environ["RLHF_ROLE_RANK"])
     config = json.loads(Path(os.environ["RLHF_CONFIG"]).read_text())
@@ -37,11 +56,18 @@ def main() -> int:
     interval = config["checkpoint"]["interval_steps"]
     replicas = {name: r["replicas"] for name, r in config["roles"].items() if not r.get("colocate_with")}
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
+    wanted = [f"{r}-{i}" for r, n in replicas.items() for i in range(n)]
+    gang = ckpt / ".fake-gang" / os.environ["RLHF_RESTART_ATTEMPT"]
+    gang.mkdir(parents=True, exist_ok=True)
+    (gang / f"{role}-{rank}").write_text(str(os.getpid()))
     metrics = ckpt / "metrics" / f"{role}-{rank}.jsonl"
     metrics.parent.mkdir(parents=True, exist_ok=True)
     start = newest_complete(ckpt)
     for step in range(start + 1, max_steps + 1):
         time.sleep(step_seconds)
+        if lost := lost_peer(gang, wanted):
+            print(f"peer {lost} is gone", file=sys.stderr)
+            return 1
         row = {"step": step, "time": time.time(), "reward_mean": step / max_steps, "kl": 0.01 * step,
                "loss": 1.0 / step, "restart_attempt": int(os.environ["RLHF_RESTART_ATTEMPT"])}
         with metrics.open("a") as f:
@@ -51,13 +77,13 @@ def main() -> int:
             mine.mkdir(parents=True, exist_ok=True)
             (mine / "state.json").write_text(json.dumps({"step": step}))
             if role == "actor" and rank == 0:
-                wanted = [f"{r}-{i}" for r, n in replicas.items() for i in range(n)]
                 deadline = time.monotonic() + 30
                 while not all((ckpt / f"step-{step}" / w).is_dir() for w in wanted):
-                    if time.monotonic() > deadline:
+                    if time.monotonic() > deadline or lost_peer(gang, wanted):
                         return 1
                     time.sleep(0.01)
                 (ckpt / f"step-{step}" / "COMPLETE").write_text(json.dumps({"step": step}))
+    (gang / f"{role}-{rank}.done").touch()
     if role == "actor" and rank == 0:
         (ckpt / "export").mkdir(exist_ok=True)
         (ckpt / "export" / "config.json").write_text(json.dumps({"model_type": "fake"}))
