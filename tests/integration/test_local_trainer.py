@@ -103,12 +103,9 @@ def test_permanent_error_fails_once_and_names_where(tmp_path, case):
     assert_failed_once(runner, status, needle, pods=1)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "race between parts: when the actor exits 78, its peers see the bridge close and exit 1, often "
-    "before the actor's own exit is observed; the planner then restarts on the retryable code. Needs "
-    "the trainer to exit at once on ConfigError/DataError and/or the planner to let a failing gang "
-    "settle before classifying (see the local-runner report)."))
 def test_permanent_error_in_a_multi_role_gang_is_not_retried(tmp_path):
+    """The actor exits 78; its peers see the bridge close and exit 1, often before the actor's own
+    exit shows. The planner lets a failing gang settle, so the permanent code still decides."""
     obj = manifest(reward={"type": "rule", "rule": "callable", "callable": "no_such_module_here:score"},
                    failurePolicy={"maxRestarts": 1, "backoffSeconds": 1})  # a lost race costs one gang, not three
     runner, status = run(obj, tmp_path / "runs")
