@@ -205,7 +205,7 @@ class LocalRunner:
                     raise TimeoutError(f"job {self.job.name} not finished after {timeout}s (phase {phase})")
                 if self._acted:
                     continue  # pods just started or stopped: observe them at once, as a watch event would
-                wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.0), REFRESH_SECONDS)
+                wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.01), REFRESH_SECONDS)
                 self.supervisor.changed.wait(wait)
         finally:
             self.supervisor.stop_all(self.stop_grace)
