@@ -27,6 +27,7 @@ from rlhf_trainer.data import (
     response_mask,
     shard,
 )
+from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.utils import logprobs_from_logits
 from rlhf_trainer.runtime import Context, log, resume_step
 
@@ -94,6 +95,22 @@ def response_logprobs(model, sequences, attention_mask, response_length: int, te
         position_ids=position_ids_from_mask(attention_mask),
     ).logits[:, -response_length - 1:-1].float() / temperature
     return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
+
+
+@torch.no_grad()
+def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, critic=None) -> Experience:
+    """A rollout's Experience: the policy's own log-probs here, the other roles' answers over their clients."""
+    dev, R = distributed.device(), roll.action_mask.shape[1]
+    seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
+    old_logprobs, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+    return Experience(
+        sequences=roll.sequences, attention_mask=roll.attention_mask,
+        position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
+        old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
+        ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
+        values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
+        scores=score(roll.prompts, roll.responses, answers),
+    )
 
 
 class Scorer:
@@ -206,6 +223,8 @@ def drive(ctx: Context, algorithm, records) -> None:
             if role == "actor":
                 sampler.load_state_dict(state["data"])
                 algorithm.load_state_dict(state["algorithm"])
+        ctx.metrics.set_checkpoint_step(start)
+        ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
     ranks = ctx.cfg.roles["actor"].replicas
     for step in range(start + 1, hp.max_steps + 1):

@@ -14,6 +14,7 @@ import torch
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     Scorer,
+    collect_experience,
     drive,
     generate,
     global_normaliser,
@@ -21,8 +22,6 @@ from rlhf_trainer.algorithms.common import (
     response_logprobs,
     start_colocated,
 )
-from rlhf_trainer.data import position_ids_from_mask
-from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
@@ -59,7 +58,8 @@ class GroupPolicyGradient:
             roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
         # 2. score
         with metrics.phase("score", timings), torch.no_grad():
-            exp = self.experience(roll, [r.answer for r in records]).to(dev)
+            exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
+                                     reference=self.reference, score=self.score).to(dev)
         # 3. advantages, one per response, repeated over its tokens
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
@@ -95,19 +95,6 @@ class GroupPolicyGradient:
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),
             "response_length": float(mask.sum(-1).mean()), "tokens": float(exp.attention_mask.sum()),
         }
-
-    def experience(self, roll, answers) -> Experience:
-        hp, R, dev = self.hp, roll.action_mask.shape[1], distributed.device()
-        seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
-        old_logprobs, _ = response_logprobs(self.strategy.module, roll.sequences.to(dev),
-                                            roll.attention_mask.to(dev), R, hp.temperature)
-        return Experience(
-            sequences=roll.sequences, attention_mask=roll.attention_mask,
-            position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
-            old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
-            ref_logprobs=self.reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
-            scores=self.score(roll.prompts, roll.responses, answers),
-        )
 
 
 def run(ctx: Context) -> None:

@@ -15,6 +15,7 @@ import torch
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     Scorer,
+    collect_experience,
     drive,
     generate,
     global_normaliser,
@@ -22,8 +23,6 @@ from rlhf_trainer.algorithms.common import (
     response_logprobs,
     start_colocated,
 )
-from rlhf_trainer.data import position_ids_from_mask
-from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
@@ -60,7 +59,8 @@ class PPO:
             roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
-            exp = self.experience(roll, [r.answer for r in records]).to(dev)
+            exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
+                                     reference=self.reference, score=self.score, critic=self.critic).to(dev)
         # 3. advantages
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
@@ -100,21 +100,6 @@ class PPO:
             "entropy": sum(s[2] for s in stats) / len(stats), "response_length": float(mask.sum(-1).mean()),
             "tokens": float(exp.attention_mask.sum()),
         }
-
-    def experience(self, roll, answers) -> Experience:
-        """Everything the update needs about a rollout, from this process and the other roles."""
-        hp, R = self.hp, roll.action_mask.shape[1]
-        seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
-        old_logprobs, _ = response_logprobs(self.strategy.module, roll.sequences.to(distributed.device()),
-                                            roll.attention_mask.to(distributed.device()), R, hp.temperature)
-        return Experience(
-            sequences=roll.sequences, attention_mask=roll.attention_mask,
-            position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
-            old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
-            ref_logprobs=self.reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
-            values=self.critic.call("values", seqs, response_length=R)[0]["values"],
-            scores=self.score(roll.prompts, roll.responses, answers),
-        )
 
 
 def run(ctx: Context) -> None:
