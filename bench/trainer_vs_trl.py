@@ -18,8 +18,8 @@ What is compared, per algorithm (same tiny Llama from `tiny://llama`, same token
   trl 1.12 (`trl.experimental.ppo`), which wants its own environment: `--trl-ppo-python` (default
   bench/out/trl112/bin/python) runs that side.
 
-Ours runs in-process with every role colocated (one process, world of one), i.e. the same work as
-TRL's single-process trainers; the multi-process bridge path is covered by the tests, not timed here.
+Ours runs in-process with every role colocated (one process, world of one, ZeRO stage 0), i.e. the
+same work as TRL's single-process trainers; the multi-process bridge path is covered by the tests, not timed here.
 On a GPU it also reports tokens/s and an approximate training MFU (6 x params x trained tokens per
 second over the device's dense bf16 peak, `--peak-tflops`).
 """
@@ -57,11 +57,13 @@ def _our_context(algorithm: str, device: str):
     from rlhf_trainer.metrics import TrainerMetrics
     from rlhf_trainer.runtime import Context, placements_of
 
-    roles = {"actor": {}, "reference": {"colocate_with": "actor"}}
+    # One process: ZeRO has nothing to shard, so stage 0 (DeepSpeed engine, no partitioning bookkeeping).
+    zero0 = {"deepspeed": {"zero_stage": 0}}
+    roles = {"actor": zero0, "reference": {"colocate_with": "actor"}}
     reward = {"type": "rule", "rule": "exact_match"}
     reward_model = None
     if algorithm == "ppo":
-        roles.update(critic={"colocate_with": "actor"}, reward={"colocate_with": "actor"})
+        roles.update(critic={"colocate_with": "actor", **zero0}, reward={"colocate_with": "actor"})
         reward, reward_model = {"type": "model"}, {"path": "tiny://llama"}
     dataset = "synthetic://preferences" if algorithm == "dpo" else "synthetic://arithmetic"
     micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS

@@ -134,14 +134,13 @@ class CriticService:
 
 
 class LocalClient:
-    """A role colocated in this process: a plain method call."""
+    """A role colocated in this process: a plain method call (replies stay on the device)."""
 
     def __init__(self, service):
         self.service = service
 
     def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
-        out, out_meta = self.service.handle(method, tensors or {}, meta)
-        return {k: v.cpu() for k, v in out.items()}, out_meta
+        return self.service.handle(method, tensors or {}, meta)
 
 
 class RemoteClient:

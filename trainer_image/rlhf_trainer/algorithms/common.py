@@ -98,15 +98,21 @@ def response_logprobs(model, sequences, attention_mask, response_length: int, te
 
 
 @torch.no_grad()
-def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, critic=None) -> Experience:
-    """A rollout's Experience: the policy's own log-probs here, the other roles' answers over their clients."""
+def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, critic=None,
+                       old_logprobs: bool = True) -> Experience:
+    """A rollout's Experience: the policy's own log-probs here, the other roles' answers over their clients.
+
+    old_logprobs=False leaves them None: the loop takes them from its first training forward.
+    """
     dev, R = distributed.device(), roll.action_mask.shape[1]
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
-    old_logprobs, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+    old = None
+    if old_logprobs:
+        old, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
-        old_logprobs=old_logprobs.cpu(), truncated=roll.truncated,
+        old_logprobs=old, truncated=roll.truncated,
         ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
         values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
         scores=score(roll.prompts, roll.responses, answers),

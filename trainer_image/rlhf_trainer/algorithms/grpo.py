@@ -56,13 +56,18 @@ class GroupPolicyGradient:
         with metrics.phase("generate", timings):
             self.strategy.eval()
             roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
-        # 2. score
+        # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
+        # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
+        reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
-                                     reference=self.reference, score=self.score).to(dev)
+                                     reference=self.reference, score=self.score, old_logprobs=not reuse).to(dev)
         # 3. advantages, one per response, repeated over its tokens
         mask = exp.action_mask.float()
-        exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
+        kl_total = 0.0
+        if not reuse:
+            exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
+            kl_total = float(exp.kl.sum())
         if self.variant == "rloo":
             advantages = rloo_advantages(exp.scores - hp.kl_coef * exp.kl.sum(-1), group)
         else:
@@ -77,6 +82,9 @@ class GroupPolicyGradient:
                 for mb in exp.split(hp.micro_batch_size):
                     logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
                                                          mb.action_mask.shape[1], hp.temperature)
+                    if reuse:
+                        mb.old_logprobs = logprobs.detach()
+                        kl_total += float((kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask).sum())
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
@@ -91,7 +99,7 @@ class GroupPolicyGradient:
         policy = sum(s[0] for s in stats)
         return {
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
-            "kl": float(exp.kl.sum(-1).mean()), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
+            "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),
             "response_length": float(mask.sum(-1).mean()), "tokens": float(exp.attention_mask.sum()),
         }
