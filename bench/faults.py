@@ -91,7 +91,7 @@ def summary(args: argparse.Namespace, results: list[localfaults.TrialResult]) ->
         f"| kills / gang restarts | {kills} / {sum(r.restarts for r in results)} |",
         f"| steps redone per resume (interval {args.interval}) | "
         f"{'max ' + str(max(redone)) + ', mean ' + format(statistics.mean(redone), '.2f') if redone else 'none'} |",
-        f"| restart latency: kill -> next gang's pods all started (includes the planner's backoff) | {fmt(restart)} |",
+        f"| restart latency: kill -> next gang's pods all started (backoff + the planner's settle wait for the other pods to exit) | {fmt(restart)} |",
         f"| resume latency: kill -> first new metrics line | {fmt(resume)} |",
         f"| wall time per trial | {fmt([r.wall_s for r in results])} |",
         "",
