@@ -68,8 +68,9 @@ def test_operator_killed_mid_reconcile_makes_no_duplicates_or_orphans(cluster, o
     job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
     assert job["status"]["phase"] == "Succeeded", diagnostics(cluster, operator, name)
     assert job["status"].get("restarts", 0) == 0  # an operator crash is not a gang failure
-    pods = cluster.pods(name)
-    assert sorted(p["metadata"]["name"] for p in pods) == [f"{name}-actor-0", f"{name}-critic-0", f"{name}-reference-0"]
+    # no pod beyond the gang's deterministic names (serving roles may be gone once the actor finished)
+    assert {p["metadata"]["name"] for p in cluster.pods(name)} <= {
+        f"{name}-actor-0", f"{name}-critic-0", f"{name}-reference-0"}
     if not REAL:
         # each pod was created (and run) once: the restarted operator adopted what existed
         assert {n: c for n, c in cluster.kubelet.starts.items() if n.startswith(name + "-")} == {
