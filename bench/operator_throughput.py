@@ -1,0 +1,214 @@
+"""Operator throughput: time from applying RLHFJobs to all their pods existing, against a bare loop.
+
+    .venv/bin/python bench/operator_throughput.py [--repeats 3] [--write]
+
+Two scenarios, each on a fresh API emulator (tests/kube_emulator) with a fresh operator subprocess:
+  one-big:    1 job of 64 pods (sft, actor replicas 64)
+  many-small: 200 jobs of 4 pods (grpo, actor replicas 3 + reference)
+Operator: the RLHFJobs are POSTed in a loop; the clock stops when a watch has seen every pod ADDED.
+Bare: the same pods (built by the same builders) POSTed one by one with the kubernetes client
+(no model deserialisation) to the same kind of emulator, timed the same way. The two alternate in
+each repeat (which one goes first alternates too); medians are reported. ratio = bare / operator
+(1.0 = as fast as a client that does nothing but create the pods; goal >= 0.7).
+--write replaces the "Operator throughput" section of bench/RESULTS.md.
+
+KNOWN LIMIT (not yet fixed): the emulator itself slows down with the number of stored objects
+(cProfile: kmock's filter `__contains__` in kmock/_internal/apps.py scans every stored object per
+request; ~100 ms per create at 400 pods on the 2-core machine), so many-small does not finish in
+reasonable time yet and the operator hits its 30 s missing-pod grace. Fix the emulator's lookup first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.kube_emulator import harness  # noqa: E402
+
+RESULTS = REPO / "bench" / "RESULTS.md"
+SECTION = "## Operator throughput"
+
+
+def manifest(example: str, name: str, namespace: str, replicas: dict[str, int]) -> dict:
+    obj = yaml.safe_load((REPO / "crds" / "examples" / example).read_text())
+    obj["metadata"] = {"name": name, "namespace": namespace}
+    for role in obj["spec"]["roles"]:
+        role["replicas"] = replicas.get(role["name"], role.get("replicas", 1))
+    obj["spec"]["scheduling"] = {"gangScheduler": "none"}
+    return obj
+
+
+SCENARIOS = {
+    "one-big (1 job x 64 pods)": lambda ns: [manifest("sft-tiny.yaml", "big", ns, {"actor": 64})],
+    "many-small (200 jobs x 4 pods)": lambda ns: [manifest("grpo-tiny.yaml", f"small-{i:03d}", ns, {"actor": 3})
+                                                  for i in range(200)],
+}
+
+
+def pods_of(jobs: list[dict]) -> list[dict]:
+    """The pods the operator will create for these jobs (same builders), for the bare loop."""
+    from rlhf_operator import api, builders
+
+    pods = []
+    for obj in jobs:
+        job = api.parse_job({**obj, "metadata": {**obj["metadata"], "uid": "bare"}})
+        for pod in builders.build_gang(job, 0, builders.BuildSettings()):
+            pod = copy.deepcopy(pod)
+            pod["metadata"].pop("ownerReferences", None)
+            pod["metadata"]["name"] = "bare-" + pod["metadata"]["name"]
+            pod["metadata"]["labels"]["rlhf.dev/job"] = "bare-" + obj["metadata"]["name"]
+            pods.append(pod)
+    return pods
+
+
+class PodCounter:
+    """A raw watch on a namespace's pods in a thread: `wait(n)` returns when n pods were ADDED."""
+
+    def __init__(self, emu: harness.Emulator, namespace: str):
+        self.count = 0
+        self.last_added = 0.0
+        self._done = threading.Condition()
+        url = f"{emu.url}/api/v1/namespaces/{namespace}/pods?watch=true"
+        self._response = urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer x"}))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self._response:
+            line = line.strip()
+            if line and json.loads(line).get("type") == "ADDED":
+                with self._done:
+                    self.count += 1
+                    self.last_added = time.perf_counter()
+                    self._done.notify_all()
+
+    def wait(self, n: int, timeout: float = 600) -> float:
+        with self._done:
+            if not self._done.wait_for(lambda: self.count >= n, timeout):
+                raise TimeoutError(f"only {self.count} of {n} pods after {timeout}s")
+            return self.last_added
+
+
+def run_operator(emu: harness.Emulator, client, jobs: list[dict], n_pods: int) -> float:
+    from kubernetes.client import CustomObjectsApi
+
+    namespace = jobs[0]["metadata"]["namespace"]
+    counter = PodCounter(emu, namespace)
+    custom = CustomObjectsApi(client)
+    start = time.perf_counter()
+    for obj in jobs:
+        custom.create_namespaced_custom_object("rlhf.dev", "v1alpha1", namespace, "rlhfjobs", obj,
+                                               _preload_content=False)
+    return counter.wait(n_pods) - start
+
+
+def run_bare(emu: harness.Emulator, client, pods: list[dict], namespace: str) -> float:
+    from kubernetes.client import CoreV1Api
+
+    counter = PodCounter(emu, namespace)
+    core = CoreV1Api(client)
+    start = time.perf_counter()
+    for pod in pods:
+        core.create_namespaced_pod(namespace, {**pod, "metadata": {**pod["metadata"], "namespace": namespace}},
+                                   _preload_content=False)
+    return counter.wait(len(pods)) - start
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process, MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def one_round(scenario: str, bare_first: bool, workdir: Path) -> dict:
+    """Fresh emulator + operator; bare loop and operator on separate namespaces, in the given order."""
+    emu = harness.start_emulator(workdir)
+    os.environ["KUBECONFIG"] = str(emu.kubeconfig)
+    import kubernetes
+
+    harness.install_crds(emu, [REPO / "crds" / "rlhfjobs.yaml"])
+    op = harness.start_operator(emu, workdir / "operator.log")
+    try:
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(config_file=str(emu.kubeconfig), client_configuration=config)
+        client = kubernetes.client.ApiClient(config)
+        jobs = SCENARIOS[scenario]("op")
+        bare_pods = pods_of(SCENARIOS[scenario]("bare"))
+        result = {}
+        for which in (["bare", "operator"] if bare_first else ["operator", "bare"]):
+            if which == "bare":
+                result["bare"] = run_bare(emu, client, bare_pods, "bare")
+            else:
+                result["operator"] = run_operator(emu, client, jobs, len(bare_pods))
+        result["rss"], result["peak_rss"] = rss_mib(op.process.pid)
+        return result
+    finally:
+        op.stop()
+        harness.stop_emulator(emu)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
+    args = parser.parse_args()
+    rows = []
+    for scenario in SCENARIOS:
+        runs = []
+        for r in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
+                runs.append(one_round(scenario, bare_first=r % 2 == 0, workdir=Path(tmp)))
+            last = runs[-1]
+            print(f"{scenario} #{r + 1}: bare {last['bare']:.2f}s operator {last['operator']:.2f}s "
+                  f"ratio {last['bare'] / last['operator']:.2f} rss {last['rss']:.0f} MiB", flush=True)
+        bare = statistics.median(x["bare"] for x in runs)
+        oper = statistics.median(x["operator"] for x in runs)
+        ratios = [x["bare"] / x["operator"] for x in runs]
+        rows.append((scenario, bare, oper, statistics.median(ratios), min(ratios), max(ratios),
+                     max(x["peak_rss"] for x in runs)))
+    table = ["| scenario | bare loop (median) | operator (median) | ratio bare/operator (median, min-max) | operator peak RSS |",
+             "|---|---|---|---|---|"]
+    for scenario, bare, oper, ratio, lo, hi, rss in rows:
+        table.append(f"| {scenario} | {bare:.2f} s | {oper:.2f} s | {ratio:.2f} ({lo:.2f}-{hi:.2f}) | {rss:.0f} MiB |")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    text = "\n".join([
+        SECTION, "",
+        "Time from POSTing the RLHFJobs to a watch having seen every pod ADDED, against a bare loop",
+        "creating the same pods with the same client on the same emulator (goal: ratio >= 0.7).",
+        "", f"Command: `.venv/bin/python bench/operator_throughput.py --repeats {args.repeats} --write`",
+        f"Machine: {machine}; a fresh emulator + operator per repeat; bare and operator alternate.", "",
+        *table, ""])
+    print("\n" + text)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others alone."""
+    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    start = old.find(SECTION)
+    if start < 0:
+        new = old.rstrip() + "\n\n" + text
+    else:
+        nxt = old.find("\n## ", start + len(SECTION))
+        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
+    RESULTS.write_text(new.rstrip() + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
