@@ -211,6 +211,14 @@ def _qualified(path: str) -> str:
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo")
 # Roles that hold no optimizer: ZeRO stage 0 is their default (the CRD leaves zeroStage unset).
 FROZEN_ROLES = ("reward", "reference")
+TRAINED_ROLES = ("actor", "critic")
+# Algorithms that learn from preference pairs, and the dataset formats that hold pairs.
+PAIR_ALGORITHMS = ("dpo", "rm")
+PAIR_FORMATS = ("pairs", "ranked", "pair_list")
+SYNTHETIC_PREFIX = "synthetic://"
+# Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters): 50 leaves room for
+# "-reference-" and a two-digit index (the CRD's root rule says the same).
+MAX_JOB_NAME_LENGTH = 50
 DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -442,12 +450,18 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
     top.done()
 
+    # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
+    bad = {path for path, _ in errors}
     errors.extend(_duplicate_role_errors(roles))
     if algorithm in ALGORITHMS and roles_given:
         errors.extend(_role_set_errors(algorithm, reward.type, roles))
     errors.extend(_colocation_errors(roles))
     if algorithm in ONLINE_ALGORITHMS and reward.type == "model" and reward_model is None:
         errors.append(("rewardModel", "is required when reward.type is model (algorithms ppo, grpo, rloo)"))
+    errors.extend(_gang_shape_errors(roles, hyperparameters.batch_size, bad))
+    errors.extend(_offload_errors(roles, bad))
+    if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
+        errors.extend(_dataset_format_errors(algorithm, dataset))
     if errors:
         raise SpecError(errors)
     return JobSpec(
@@ -622,7 +636,9 @@ def _colocation_errors(roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
         host = role.colocate_with
         if not host:
             continue
-        if host == role.name:
+        if role.name == "actor":
+            problem = "must be unset on the actor: the actor needs pods of its own"
+        elif host == role.name:
             problem = "must name another role, not the role itself"
         elif host not in by_name:
             problem = f"must name a role of this job ({', '.join(by_name)})"
@@ -634,6 +650,58 @@ def _colocation_errors(roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
     return errors
 
 
+def _gang_shape_errors(roles: tuple[RoleSpec, ...], batch_size: int, bad: set[str]) -> list[tuple[str, str]]:
+    """The trainer's startup checks of the process layout (it exits 78 on either): actor rank i is
+    served by rank i mod n of each other role, so a role with pods may not have more replicas than
+    the actor (its extra ranks would idle and hang their world); and every actor rank takes an equal
+    share of hyperparameters.batchSize."""
+    index = next((i for i, r in enumerate(roles) if r.name == "actor"), None)
+    if index is None or f"roles[{index}].replicas" in bad:
+        return []
+    actors = roles[index].replicas
+    errors = [
+        (f"roles[{i}].replicas", f"must be at most the actor's replicas ({actors}): each rank of a role with pods "
+                                 f"serves actor ranks (got {role.replicas})")
+        for i, role in enumerate(roles)
+        if role.name != "actor" and not role.colocate_with and f"roles[{i}].replicas" not in bad
+        and role.replicas > actors
+    ]
+    if "hyperparameters.batchSize" not in bad and batch_size % actors:
+        errors.append(("hyperparameters.batchSize", f"must be divisible by the actor's replicas ({actors}): every "
+                                                    f"actor rank takes an equal share (got {batch_size})"))
+    return errors
+
+
+def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[str, str]]:
+    """Optimizer offload is a ZeRO feature: the trainer's DeepSpeed config refuses it at stage 0 for
+    the roles that hold an optimizer (the frozen roles never build one)."""
+    return [
+        (f"roles[{i}].deepspeed.offloadOptimizer",
+         f"needs deepspeed.zeroStage >= 1 on the {role.name} (got zeroStage 0)")
+        for i, role in enumerate(roles)
+        if role.name in TRAINED_ROLES and role.deepspeed.offload_optimizer and role.deepspeed.zero_stage == 0
+        and f"roles[{i}].deepspeed.zeroStage" not in bad
+    ]
+
+
+def _dataset_format_errors(algorithm: str, dataset: DatasetSpec) -> list[tuple[str, str]]:
+    """dpo and rm learn from preference pairs: a JSONL file must be in a pair format (the trainer
+    exits 78 otherwise). A synthetic:// dataset brings its own format, so `format` is not read."""
+    if algorithm not in PAIR_ALGORITHMS or dataset.path.startswith(SYNTHETIC_PREFIX):
+        return []
+    if dataset.format in PAIR_FORMATS:
+        return []
+    return [("dataset.format", f"must be one of {', '.join(PAIR_FORMATS)} for algorithm {algorithm}, which learns "
+                               f"from preference pairs (got {dataset.format!r})")]
+
+
+def _job_name_errors(name: str) -> list[tuple[str, str]]:
+    if len(name) <= MAX_JOB_NAME_LENGTH:
+        return []
+    return [("metadata.name", f"must be at most {MAX_JOB_NAME_LENGTH} characters (got {len(name)}): pod names "
+                              f"<job>-<role>-<index> are hostnames, at most 63 characters")]
+
+
 def parse_job(obj: dict[str, Any]) -> Job:
     """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid."""
     errors: list[tuple[str, str]] = []
@@ -641,6 +709,8 @@ def parse_job(obj: dict[str, Any]) -> Job:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         errors.append(("metadata.name", "is required"))
+    else:
+        errors.extend(_job_name_errors(name))
     spec: JobSpec | None = None
     try:
         spec = parse_spec(obj.get("spec"))

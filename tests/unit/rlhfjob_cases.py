@@ -2,6 +2,8 @@
 
 A case is an example manifest from crds/examples/ with edits, written with the same paths as the
 errors (`roles[1].replicas`), in tests/unit/cases/rlhfjob_invalid.yaml and rlhfjob_valid.yaml.
+Cases about metadata (the job name) are in rlhfjob_invalid_metadata.yaml: the integration test that
+applies rlhfjob_invalid.yaml renames every job, so they cannot live there.
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def unset_path(obj: Any, path: str) -> None:
 
 
 def build(case: dict[str, Any]) -> dict[str, Any]:
-    """The whole manifest of a case: its base example with `set` and `unset` applied to spec."""
+    """The whole manifest of a case: its base example with `set` and `unset` applied to spec, and
+    `name` (if given) as metadata.name."""
     manifest = copy.deepcopy(example(case["base"]))
+    if "name" in case:
+        manifest["metadata"]["name"] = case["name"]
     for path, value in (case.get("set") or {}).items():
         set_path(manifest["spec"], path, copy.deepcopy(value))
     for path in case.get("unset") or []:

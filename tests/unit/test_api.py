@@ -142,9 +142,11 @@ def test_null_is_unset():
 # --- invalid specs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid.yaml"))
-def test_invalid_spec_reports_every_error(case):
-    errors = errors_of(cases.build(case)["spec"])
+@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid.yaml") + cases.params("rlhfjob_invalid_metadata.yaml"))
+def test_invalid_job_reports_every_error(case):
+    with pytest.raises(SpecError) as raised:
+        parse_job(cases.build(case))
+    errors = raised.value.errors
     expected = [tuple(e) for e in case["errors"]]
     for path, fragment in expected:
         assert any(p == path and fragment in m for p, m in errors), f"no {path}: {fragment!r} in {errors}"
@@ -204,6 +206,44 @@ def test_parse_job_reads_identity_spec_and_status():
 def test_parse_job_defaults_for_a_manifest_file():
     job = parse_job({"metadata": {"name": "j"}, "spec": MINIMAL})
     assert (job.namespace, job.uid, job.generation, job.creation_timestamp, job.status) == ("default", "", 1, "", {})
+
+
+@pytest.mark.parametrize(("length", "valid"), [(1, True), (50, True), (51, False), (253, False)])
+def test_job_name_length_limit_keeps_pod_names_within_63_characters(length, valid):
+    name = "j" * length
+    if valid:
+        assert parse_job({"metadata": {"name": name}, "spec": MINIMAL}).name == name
+        # the longest pod name: the longest role and a two-digit index
+        assert len(f"{name}-reference-99") <= 63
+    else:
+        with pytest.raises(SpecError) as raised:
+            parse_job({"metadata": {"name": name}, "spec": MINIMAL})
+        assert raised.value.errors == [("metadata.name", f"must be at most 50 characters (got {length}): pod names "
+                                                         "<job>-<role>-<index> are hostnames, at most 63 characters")]
+
+
+def test_parse_spec_alone_does_not_see_the_name():
+    """The local runner and the kopf event handler parse a spec without metadata."""
+    parse_spec(MINIMAL)
+
+
+@pytest.mark.parametrize(("roles", "batch_size", "paths"), [
+    pytest.param([1, 1, 1, 1], 8, [], id="one-each"),
+    pytest.param([4, 4, 2, 1], 8, [], id="others-fewer-or-equal"),
+    pytest.param([2, 3, 1, 1], 8, ["roles[1].replicas"], id="critic-more"),
+    pytest.param([2, 3, 3, 3], 8, ["roles[1].replicas", "roles[2].replicas", "roles[3].replicas"], id="all-more"),
+    pytest.param([3, 1, 1, 1], 9, [], id="nine-over-three"),
+    pytest.param([3, 1, 1, 1], 8, ["hyperparameters.batchSize"], id="eight-over-three"),
+    pytest.param([4, 5, 1, 1], 6, ["roles[1].replicas", "hyperparameters.batchSize"], id="both"),
+    pytest.param([0, 2, 1, 1], 8, ["roles[0].replicas"], id="bad-actor-replicas-no-comparison"),
+])
+def test_gang_shape_matches_the_trainer_startup_checks(roles, batch_size, paths):
+    spec = dict(MINIMAL, roles=[{"name": n, "replicas": r} for n, r in zip(api.ROLE_NAMES, roles, strict=True)],
+                hyperparameters={"batchSize": batch_size})
+    if not paths:
+        parse_spec(spec)
+        return
+    assert [p for p, _ in errors_of(spec)] == paths
 
 
 def test_parse_job_reports_name_and_spec_errors_together():

@@ -19,7 +19,7 @@ import pytest
 import rlhfjob_cases as cases
 import yaml
 from rlhf_operator import api, constants
-from rlhf_operator.api import SpecError, immutable_changes, parse_spec
+from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
 
 CRD = yaml.safe_load(cases.CRD.read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -329,6 +329,23 @@ def test_invalid_cases_are_rejected_by_the_api_server_where_parse_spec_rejects_t
     known = [p for p, _ in raised.value.errors] + case.get("crd_extra", [])
     for path, message in crd:
         assert any(related(path, p) for p in known), f"CRD {path}: {message} has no parse_spec twin"
+
+
+@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid_metadata.yaml"))
+def test_long_job_names_are_rejected_by_the_api_server_as_by_parse_job(case):
+    manifest = cases.build(case)
+    crd = api_server_errors(manifest)
+    with pytest.raises(SpecError) as raised:
+        parse_job(manifest)
+    # A root rule reports no field path: its message names metadata.name instead.
+    name_errors = [m for p, m in crd if p == "" and m.startswith("metadata.name must be at most 50 characters")]
+    assert bool(name_errors) == any(p == "metadata.name" for p, _ in raised.value.errors), crd
+    spec_paths = [p for p, _ in raised.value.errors if p != "metadata.name"]
+    assert sorted(p for p, _ in crd if p) == sorted(spec_paths)
+
+
+def test_a_fifty_character_job_name_passes_the_api_server():
+    assert api_server_errors(cases.build({"base": "sft-tiny", "name": "j" * 50})) == []
 
 
 def test_cel_rule_messages_name_the_allowed_values():
