@@ -23,15 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_trainer.config import required_roles
+
 ROLE_ORDER = ("actor", "critic", "reward", "reference")
-ROLES_OF = {
-    "ppo": ("actor", "critic", "reference"),
-    "grpo": ("actor", "reference"),
-    "rloo": ("actor", "reference"),
-    "dpo": ("actor", "reference"),
-    "rm": ("actor",),
-    "sft": ("actor",),
-}
 DATASET_OF = {
     "ppo": "synthetic://arithmetic", "grpo": "synthetic://arithmetic", "rloo": "synthetic://arithmetic",
     "dpo": "synthetic://preferences", "rm": "synthetic://preferences", "sft": "synthetic://instructions",
@@ -60,7 +54,7 @@ def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters
         "reward_model": {"path": reward_model} if reward_model else None,
         "reward": {"type": "model" if reward_model else "rule", "rule": "" if reward_model else "exact_match"},
         "dataset": {"path": DATASET_OF[algorithm], "format": "prompts"},
-        "roles": roles or {r: {"replicas": 1} for r in ROLES_OF[algorithm] + (("reward",) if reward_model else ())},
+        "roles": roles or {r: {"replicas": 1} for r in required_roles(algorithm, "model" if reward_model else "rule")},
         "hyperparameters": {**FAST_HYPERPARAMETERS, **(hyperparameters or {})},
         "checkpoint": {"interval_steps": 1, "keep": 2},
     }
