@@ -103,6 +103,7 @@ class Hyperparameters:
     kl_horizon: int = 10000
     kl_estimator: str = "k1"
     reward_clip: float = 10.0
+    truncation_penalty: float = 1.0
     whiten_advantages: bool = True
     # grpo / rloo
     group_size: int = 4
@@ -250,6 +251,7 @@ HYPERPARAMETER_BOUNDS: dict[str, dict[str, Any]] = {
     "klHorizon": {"minimum": 1},
     "klEstimator": {"enum": KL_ESTIMATORS},
     "rewardClip": {"gt": 0},
+    "truncationPenalty": {"minimum": 0},
     "groupSize": {"minimum": 2},
     "beta": {"gt": 0},
     "lossType": {"enum": LOSS_TYPES},

@@ -193,6 +193,14 @@ def test_truncated_responses_pay_the_penalty_not_a_forced_eos():
     assert rewards.tolist() == [[0, 1.0, 0], [0, 0, 0.5]]  # no token was appended to row 1
     default = gae.token_rewards(zeros, scores, mask, kl_coef=0.1, ended=ended)
     assert default[1, 2].item() == 1.0 - gae.TRUNCATION_PENALTY
+    off = gae.token_rewards(zeros, scores, mask, kl_coef=0.1, ended=ended, truncation_penalty=0.0)
+    assert off[1, 2].item() == 1.0  # a complete answer at max_new_tokens keeps its score
+
+
+def test_the_default_truncation_penalty_is_the_hyperparameter_default():
+    from rlhf_trainer.config import Hyperparameters
+
+    assert Hyperparameters().truncation_penalty == gae.TRUNCATION_PENALTY
 
 
 def naive_gae(rewards, values, gamma, lam):

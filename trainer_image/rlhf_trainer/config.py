@@ -102,6 +102,7 @@ class Hyperparameters:
     kl_horizon: int = 10000  # adaptive controller horizon (Ziegler et al. 2019)
     kl_estimator: str = "k1"  # k1 | k3 (Schulman, "Approximating KL divergence")
     reward_clip: float = 10.0  # scores are clipped to [-x, x]
+    truncation_penalty: float = 1.0  # taken off the score of a response with no EOS (TRL: missing_eos_penalty)
     whiten_advantages: bool = True
     # grpo / rloo
     group_size: int = 4  # samples per prompt
@@ -248,6 +249,7 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("kl_horizon", lambda v: v >= 1, "at least 1"),
     ("kl_estimator", lambda v: v in KL_ESTIMATORS, f"one of {', '.join(KL_ESTIMATORS)}"),
     ("reward_clip", lambda v: v > 0, "greater than 0"),
+    ("truncation_penalty", lambda v: v >= 0, "at least 0"),
     ("group_size", lambda v: v >= 2, "at least 2"),
     ("beta", lambda v: v > 0, "greater than 0"),
     ("loss_type", lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),

@@ -64,8 +64,8 @@ class PPO:
         # 3. advantages
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
-        exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value,
-                                    reward_clip=hp.reward_clip, ended=~exp.truncated)
+        exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value, reward_clip=hp.reward_clip,
+                                    ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
         exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask)

@@ -18,8 +18,9 @@ import torch
 
 from rlhf_trainer.losses.utils import last_token_index
 
-# Subtracted from the score of a response that hit max_new_tokens without an EOS. Rule rewards
-# lie in [0, 1], so 1.0 makes "right but never stops" no better than "wrong and stops".
+# Subtracted from the score of a response that hit max_new_tokens without an EOS (the default of
+# hyperparameters.truncation_penalty). Rule rewards lie in [0, 1], so 1.0 makes "right but never
+# stops" no better than "wrong and stops". 0 suits answers that are complete at max_new_tokens.
 TRUNCATION_PENALTY = 1.0
 
 
