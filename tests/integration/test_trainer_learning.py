@@ -66,7 +66,7 @@ def test_ppo_raises_the_rule_reward(tmp_path):
 
     Measured: ~0.01, then a dip while the policy first learns to stop at once (an empty answer
     scores 0, an unfinished one -1), then digit + EOS by ~step 110 and a plateau around 0.42: the
-    most frequent sum for every prompt. That plateau is not PPO's: GRPO with two new tokens stalls
+    most frequent sum for every prompt (last-10 means 0.425 / 0.435 / 0.434 for seeds 0, 1, 2). That plateau is not PPO's: GRPO with two new tokens stalls
     there too, and neither a larger critic learning rate, more PPO epochs, larger batches, lower
     learning rates, lam, an entropy bonus or a KL penalty moved it (mostly seed 0, some seeds 1 and
     2, up to 800 steps). So the bound here is "clearly up"; test_ppo_learns_the_sums checks the sums.
@@ -80,7 +80,8 @@ def test_ppo_raises_the_rule_reward(tmp_path):
     assert run.ok, run.describe()
     rows = run.metrics()
     assert _mean(rows[:5], "reward_mean") < 0.1
-    assert _mean(rows[-10:], "reward_mean") > 0.25, [round(r["reward_mean"], 2) for r in rows[::10]]
+    assert _mean(rows[-10:], "reward_mean") > 0.35, [round(r["reward_mean"], 2) for r in rows[::10]]
+    assert _mean(rows[-10:], "response_length") > 1.9  # a digit, then EOS
     assert all(r["value_loss"] is not None for r in rows)
 
 
