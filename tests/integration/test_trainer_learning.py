@@ -65,11 +65,12 @@ def test_ppo_raises_the_rule_reward(tmp_path):
     """Two new tokens and the truncation penalty: PPO learns to answer with a number and stop (EOS).
 
     Measured: ~0.01, then a dip while the policy first learns to stop at once (an empty answer
-    scores 0, an unfinished one -1), then digit + EOS by ~step 110 and a plateau around 0.42: the
-    most frequent sum for every prompt (last-10 means 0.425 / 0.435 / 0.434 for seeds 0, 1, 2). That plateau is not PPO's: GRPO with two new tokens stalls
-    there too, and neither a larger critic learning rate, more PPO epochs, larger batches, lower
-    learning rates, lam, an entropy bonus or a KL penalty moved it (mostly seed 0, some seeds 1 and
-    2, up to 800 steps). So the bound here is "clearly up"; test_ppo_learns_the_sums checks the sums.
+    scores 0, an unfinished one -1), then digit + EOS by ~step 110 and a plateau around 0.43: the
+    most frequent sum for every prompt (last-10 means 0.425 / 0.435 / 0.434 for seeds 0, 1, 2).
+    That plateau is not PPO's: GRPO with two new tokens stalls there too, and neither a larger
+    critic learning rate, more PPO epochs, larger batches, lower learning rates, lam, an entropy
+    bonus or a KL penalty moved it (mostly seed 0, some seeds 1 and 2, up to 800 steps). So the
+    bound here is "clearly up"; test_ppo_learns_the_sums checks the sums.
     """
     config = trainer_config(
         "ppo", roles=PPO_ROLES, dataset=ARITHMETIC, checkpoint=NO_CHECKPOINTS,
