@@ -39,38 +39,42 @@ PPO_ROLES = {"actor": {}, "critic": {"colocate_with": "actor"}, "reference": {"c
 
 
 @pytest.mark.slow
-def test_ppo_learns_the_sums(tmp_path):
-    """GRPO's task (one-token answers, no EOS needed, so no truncation penalty): most samples correct.
+def test_ppo_learns_the_sums_and_to_stop(tmp_path):
+    """PPO learns to answer with a digit and stop (EOS), and the right digit for most prompts.
 
-    Measured (CPU, mean reward per 10 steps, seed 0): 0.02 0.07 0.19 0.31 0.48 0.66 0.77 0.82 0.86
-    0.88 0.89 0.90 0.90 0.90 0.89. Last-10 means over seeds 0, 1, 2, 4, 5: 0.89 / 0.82 / 0.92 /
-    0.90 / 0.82, greedy answers right on 7 or 8 of the 9 sums. With 128 prompts per step seeds 4
-    and 5 reach only 0.61 / 0.64 (a few prompts settle on a frequent wrong sum), hence 256.
+    Measured (CPU, mean reward per 10 steps, seed 0): 0.03 0.09 0.14 0.18 0.25 0.42 0.54 0.62 0.71
+    0.78 0.81 0.82 0.82 0.82 0.82, every response a digit + EOS from ~step 100. Last-10 means for
+    seeds 0..4: 0.82 / 0.89 / 0.73 / 0.87 / 0.72, greedy answers right on 5 to 8 of the 9 sums.
+    What it takes: 256 prompts per step (with 64 or 128, 4 of 5 runs end on the most frequent sum
+    for every prompt, ~0.43) and a small truncation penalty (0.5 or 1.0 end there too, at 256; see
+    test_ppo_raises_the_rule_reward).
     """
     config = trainer_config(
         "ppo", roles=PPO_ROLES, dataset=ARITHMETIC, checkpoint=NO_CHECKPOINTS,
-        hyperparameters={"max_steps": 150, "batch_size": 256, "micro_batch_size": 256, "max_new_tokens": 1,
-                         "learning_rate": 2e-3, "kl_coef": 0.0, "truncation_penalty": 0.0},
+        hyperparameters={"max_steps": 150, "batch_size": 256, "micro_batch_size": 256, "max_new_tokens": 2,
+                         "learning_rate": 2e-3, "kl_coef": 0.0, "truncation_penalty": 0.2},
     )
     run = launch(config, tmp_path)
     assert run.ok, run.describe()
     rows = run.metrics()
     assert _mean(rows[:5], "reward_mean") < 0.1
-    assert _mean(rows[-10:], "reward_mean") > 0.7, [round(r["reward_mean"], 2) for r in rows[::10]]
+    assert _mean(rows[-10:], "reward_mean") > 0.6, [round(r["reward_mean"], 2) for r in rows[::10]]
+    assert _mean(rows[-10:], "response_length") > 1.9  # a digit, then EOS
     assert all(r["value_loss"] is not None for r in rows)
 
 
 @pytest.mark.slow
 def test_ppo_raises_the_rule_reward(tmp_path):
-    """Two new tokens and the truncation penalty: PPO learns to answer with a number and stop (EOS).
+    """The default truncation penalty (1.0): PPO learns to answer with a number and stop (EOS).
 
     Measured: ~0.01, then a dip while the policy first learns to stop at once (an empty answer
     scores 0, an unfinished one -1), then digit + EOS by ~step 110 and a plateau around 0.43: the
     most frequent sum for every prompt (last-10 means 0.425 / 0.435 / 0.434 for seeds 0, 1, 2).
-    That plateau is not PPO's: GRPO with two new tokens stalls there too, and neither a larger
-    critic learning rate, more PPO epochs, larger batches, lower learning rates, lam, an entropy
-    bonus or a KL penalty moved it (mostly seed 0, some seeds 1 and 2, up to 800 steps). So the
-    bound here is "clearly up"; test_ppo_learns_the_sums checks the sums.
+    Digits come back only after that detour, from a low-entropy policy, and one of them takes every
+    prompt. Not a PPO bug: with one new token PPO learns the sums like GRPO, and GRPO with two new
+    tokens stalls at 0.42 too. Neither a larger critic learning rate, more PPO epochs, 256 prompts
+    per step, lower learning rates, lam, an entropy bonus nor a KL penalty moved it (mostly seed 0,
+    up to 800 steps); a penalty of 0.2 with 256 prompts per step does (the test above).
     """
     config = trainer_config(
         "ppo", roles=PPO_ROLES, dataset=ARITHMETIC, checkpoint=NO_CHECKPOINTS,
