@@ -19,7 +19,11 @@ Adds what kopf 1.45 / kubectl 1.37 / helm 4 need and kmock 0.8 lacks (each was o
   * 404 for undeclared resources; fixes for kmock bugs: '/api/v1/namespaces[/x]' parsing, core
     discovery groupVersion '/v1', binary bodies crashing the request parser;
   * protobuf request bodies for Secret/ConfigMap (helm release storage, `kubectl create secret`), see k8spb.py;
-  * mini garbage collector: direct DELETE of an owner cascades to dependents by ownerReferences uid.
+  * mini garbage collector: direct DELETE of an owner cascades to dependents by ownerReferences uid;
+  * request cost independent of history: kmock routes by replaying every past request through each reaction's
+    filters and finds objects by scanning all of them; here routing checks the one request and objects are
+    indexed per resource (get/create/patch/delete: one dict lookup; list/watch: the objects of that resource).
+    Still linear: the cascade on DELETE (scans all objects) and kmock's request log (memory only).
 Not emulated: scheduling/kubelet/controllers, RBAC/admission, managedFields, strategic-merge list semantics, OpenAPI.
 """
 import asyncio
@@ -35,11 +39,12 @@ import uuid
 from typing import Any
 
 import aiohttp.web
+import attrs
 import jsonpatch
 import jsonschema
 import kmock
 import yaml
-from kmock._internal import dicts, enums, parsing
+from kmock._internal import dicts, dsl, enums, k8s_views, parsing
 from kmock._internal import rendering as _rendering
 
 # Run as a script (harness.py starts it as a subprocess): its sibling module is importable by name.
@@ -100,6 +105,70 @@ async def _request_parse(cls, raw_request, *, id: int = 0):
 
 
 _rendering.Request._parse = classmethod(_request_parse)
+
+# --- kmock 0.8 routes a request by asking each reaction `request in view`, which replays the whole request
+# history through the view's filters (cost grows with every request ever served: ~100 ms per request after a
+# few hundred pod creates). For the three views on our reactions' chains, answer for the one request instead;
+# identical for a request, since View.__contains__ means "the view's iteration yields this very object". ---
+_orig_contains = dsl.View.__contains__
+
+
+def _root_contains(self, item) -> bool:
+    if type(item) is not _rendering.Request:
+        return _orig_contains(self, item)
+    return any(r is item for r in reversed(self._requests))  # the request being served is at the end
+
+
+def _priority_contains(self, item) -> bool:
+    if type(self) is not dsl.Priority or type(item) is not _rendering.Request:
+        return _orig_contains(self, item)
+    return item in self._source  # Priority iterates its source unchanged
+
+
+def _filter_contains(self, item) -> bool:
+    if type(self) is not dsl.Filter or type(item) is not _rendering.Request:
+        return _orig_contains(self, item)
+    return item in self._source and bool(self.criteria(item))  # Filter yields the source's matches
+
+
+dsl.Root.__contains__ = _root_contains
+dsl.Priority.__contains__ = _priority_contains
+dsl.Filter.__contains__ = _filter_contains
+
+
+@attrs.frozen(eq=False, order=False)
+class IndexedObjects(k8s_views.ObjectsArray):
+    """kmock's object store plus an index of keys per resource (in store order), so that a lookup, list or
+    watch touches the objects of its resource only, not every stored object."""
+
+    _keys_by_resource: dict[Any, dict[Any, None]] = attrs.field(factory=dict, init=False)
+
+    def __setitem__(self, key, value, /) -> None:
+        super().__setitem__(key, value)
+        if len(key) == 3:
+            resource = k8s_views._parse_resource(key[0])
+            self._keys_by_resource.setdefault(resource, {})[(resource, key[1], key[2])] = None
+
+    def __delitem__(self, key, /) -> None:
+        super().__delitem__(key)
+        if len(key) == 3:
+            resource = k8s_views._parse_resource(key[0])
+            keys = self._keys_by_resource.get(resource, {})
+            keys.pop((resource, key[1], key[2]), None)
+            if not keys:
+                self._keys_by_resource.pop(resource, None)
+
+    def clear(self) -> None:
+        super().clear()
+        self._keys_by_resource.clear()
+
+    def resources(self) -> list[Any]:
+        """Every resource with at least one stored key (deleted objects included, as kmock counts them)."""
+        return list(self._keys_by_resource)
+
+    def items_of(self, resource) -> list[tuple[Any, Any]]:
+        """(key, object) of one resource, in store order (a copy: safe across awaits)."""
+        return [(key, self._objects[key]) for key in self._keys_by_resource.get(resource, ())]
 
 
 def _now() -> str:
@@ -170,6 +239,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
     _rv = itertools.count(1)
 
     def __attrs_post_init__(self) -> None:
+        self._objects = IndexedObjects()
         super().__attrs_post_init__()
         # Watch streams must be served as JSON (kubectl/client-go reject application/octet-stream).
         (self.fallback ** 1)[enums.action.WATCH] << kmock.headers({'Content-Type': 'application/json'}) << self._serve_watch
@@ -186,6 +256,20 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             if res == resource:
                 return self.resources[res].namespaced is not False
         return True
+
+    # kmock's lookup for fetch/create/update/delete/list/watch (name-mangled private method, overridden by its
+    # mangled name): the same matching rules, over the index of the request's resource instead of every object.
+    def _KubernetesEmulator__get_objs(self, request, strict: bool) -> list:
+        if request.name is not None and (strict or request.namespace is not None):
+            obj = self._objects._objects.get((request.resource, request.namespace, request.name))
+            return [] if obj is None else [obj]
+        return [obj for (_res, ns, name), obj in self._objects.items_of(request.resource)
+                if (ns == request.namespace if strict else request.namespace is None or ns == request.namespace)
+                and (request.name is None or name == request.name)]
+
+    def _get_resources(self) -> list:
+        # kmock adds the resource of every stored object by walking all of them; the index has that set.
+        return list(set(super(kmock.KubernetesEmulator, self)._get_resources()) | set(self._objects.resources()))
 
     def _next_rv(self) -> str:
         return str(next(self._rv))
@@ -486,8 +570,8 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         bus = self._buses[request.resource]
         async with self._lock:
             mark = await bus.mark()
-            snapshot = [obj.raw for (res, ns, name), obj in self.objects.items()
-                        if res == request.resource and not obj.deleted
+            snapshot = [obj.raw for (_res, ns, name), obj in self._objects.items_of(request.resource)
+                        if not obj.deleted
                         and (request.namespace is None or ns == request.namespace)
                         and (request.name is None or name == request.name)]
         try:
