@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
+import http.client
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -49,6 +51,8 @@ def manifest(example: str, name: str, namespace: str, replicas: dict[str, int]) 
     obj["metadata"] = {"name": name, "namespace": namespace}
     for role in obj["spec"]["roles"]:
         role["replicas"] = replicas.get(role["name"], role.get("replicas", 1))
+    hyper = obj["spec"]["hyperparameters"]  # every actor rank takes an equal share of the batch
+    hyper["batchSize"] = replicas.get("actor", 1) * hyper.get("microBatchSize", 1)
     obj["spec"]["scheduling"] = {"gangScheduler": "none"}
     return obj
 
@@ -62,7 +66,7 @@ SCENARIOS = {
 
 def pods_of(jobs: list[dict]) -> list[dict]:
     """The pods the operator will create for these jobs (same builders), for the bare loop."""
-    from rlhf_operator import api, builders
+    from rlhf_operator import api, builders, constants
 
     pods = []
     for obj in jobs:
@@ -71,7 +75,8 @@ def pods_of(jobs: list[dict]) -> list[dict]:
             pod = copy.deepcopy(pod)
             pod["metadata"].pop("ownerReferences", None)
             pod["metadata"]["name"] = "bare-" + pod["metadata"]["name"]
-            pod["metadata"]["labels"]["rlhf.dev/job"] = "bare-" + obj["metadata"]["name"]
+            # Same labels, but not the job label: the operator must not take these pods for its own.
+            pod["metadata"]["labels"]["bench/job"] = pod["metadata"]["labels"].pop(constants.LABEL_JOB)
             pods.append(pod)
     return pods
 
@@ -83,24 +88,36 @@ class PodCounter:
         self.count = 0
         self.last_added = 0.0
         self._done = threading.Condition()
-        url = f"{emu.url}/api/v1/namespaces/{namespace}/pods?watch=true"
-        self._response = urllib.request.urlopen(urllib.request.Request(url, headers={"Authorization": "Bearer x"}))
+        address = urllib.parse.urlsplit(emu.url)
+        connection = http.client.HTTPConnection(address.hostname, address.port)
+        connection.connect()
+        self._socket = connection.sock  # shut down by wait(): that ends the reader's blocking read
+        connection.request("GET", f"/api/v1/namespaces/{namespace}/pods?watch=true",
+                           headers={"Authorization": "Bearer x"})
+        self._response = connection.getresponse()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
-        for line in self._response:
-            line = line.strip()
-            if line and json.loads(line).get("type") == "ADDED":
-                with self._done:
-                    self.count += 1
-                    self.last_added = time.perf_counter()
-                    self._done.notify_all()
+        try:
+            for line in self._response:
+                line = line.strip()
+                if line and json.loads(line).get("type") == "ADDED":
+                    with self._done:
+                        self.count += 1
+                        self.last_added = time.perf_counter()
+                        self._done.notify_all()
+        except (OSError, ValueError, AttributeError):
+            pass  # wait() closed the watch
 
     def wait(self, n: int, timeout: float = 600) -> float:
-        with self._done:
-            if not self._done.wait_for(lambda: self.count >= n, timeout):
-                raise TimeoutError(f"only {self.count} of {n} pods after {timeout}s")
-            return self.last_added
+        """The clock time of the n-th ADDED event; closes the watch."""
+        try:
+            with self._done:
+                if not self._done.wait_for(lambda: self.count >= n, timeout):
+                    raise TimeoutError(f"only {self.count} of {n} pods after {timeout}s")
+                return self.last_added
+        finally:
+            self._socket.shutdown(socket.SHUT_RDWR)
 
 
 def run_operator(emu: harness.Emulator, client, jobs: list[dict], n_pods: int) -> float:
@@ -134,30 +151,28 @@ def rss_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
-def one_round(scenario: str, bare_first: bool, workdir: Path) -> dict:
-    """Fresh emulator + operator; bare loop and operator on separate namespaces, in the given order."""
+def one_round(scenario: str, which: str, workdir: Path) -> dict:
+    """One timed run on a fresh emulator: the bare loop alone, or a fresh operator and its jobs.
+    The bare loop runs with no operator beside it: the operator's watches and CPU are its own cost."""
     emu = harness.start_emulator(workdir)
     os.environ["KUBECONFIG"] = str(emu.kubeconfig)
     import kubernetes
 
     harness.install_crds(emu, [REPO / "crds" / "rlhfjobs.yaml"])
-    op = harness.start_operator(emu, workdir / "operator.log")
+    op = harness.start_operator(emu, workdir / "operator.log") if which == "operator" else None
     try:
         config = kubernetes.client.Configuration()
         kubernetes.config.load_kube_config(config_file=str(emu.kubeconfig), client_configuration=config)
         client = kubernetes.client.ApiClient(config)
-        jobs = SCENARIOS[scenario]("op")
         bare_pods = pods_of(SCENARIOS[scenario]("bare"))
-        result = {}
-        for which in (["bare", "operator"] if bare_first else ["operator", "bare"]):
-            if which == "bare":
-                result["bare"] = run_bare(emu, client, bare_pods, "bare")
-            else:
-                result["operator"] = run_operator(emu, client, jobs, len(bare_pods))
-        result["rss"], result["peak_rss"] = rss_mib(op.process.pid)
-        return result
+        if op is None:
+            return {"bare": run_bare(emu, client, bare_pods, "bare")}
+        seconds = run_operator(emu, client, SCENARIOS[scenario]("op"), len(bare_pods))
+        rss, peak_rss = rss_mib(op.process.pid)
+        return {"operator": seconds, "rss": rss, "peak_rss": peak_rss}
     finally:
-        op.stop()
+        if op is not None:
+            op.stop()
         harness.stop_emulator(emu)
 
 
@@ -170,8 +185,11 @@ def main() -> int:
     for scenario in SCENARIOS:
         runs = []
         for r in range(args.repeats):
-            with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
-                runs.append(one_round(scenario, bare_first=r % 2 == 0, workdir=Path(tmp)))
+            run: dict = {}
+            for which in (["bare", "operator"] if r % 2 == 0 else ["operator", "bare"]):
+                with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
+                    run.update(one_round(scenario, which, Path(tmp)))
+            runs.append(run)
             last = runs[-1]
             print(f"{scenario} #{r + 1}: bare {last['bare']:.2f}s operator {last['operator']:.2f}s "
                   f"ratio {last['bare'] / last['operator']:.2f} rss {last['rss']:.0f} MiB", flush=True)
