@@ -118,3 +118,26 @@ async def test_list_get_and_watch_see_their_namespace_in_creation_order(emu):
             if line:
                 added.append(json.loads(line)["object"]["metadata"]["name"])
     assert added == ["p1", "p2", "p3"]  # the snapshot: namespace a only, soft-deleted p2 back in place
+
+
+async def test_deleting_an_owner_removes_it_before_its_dependents(emu):
+    _, owner = await call(emu, "POST", "/api/v1/namespaces/a/pods", pod("owner"))
+    child = pod("child")
+    child["metadata"]["ownerReferences"] = [{"apiVersion": "v1", "kind": "Pod", "name": "owner",
+                                             "uid": owner["metadata"]["uid"]}]
+    await call(emu, "POST", "/api/v1/namespaces/a/pods", child)
+    await call(emu, "POST", "/api/v1/namespaces/a/pods", pod("bystander"))
+    async with emu.get("/api/v1/namespaces/a/pods?watch=true") as response:
+        seen = []
+        while len(seen) < 3:  # the three ADDED of the snapshot
+            if (await response.content.readline()).strip():
+                seen.append(1)
+        await call(emu, "DELETE", "/api/v1/namespaces/a/pods/owner")
+        deleted = []
+        while len(deleted) < 2:
+            line = (await response.content.readline()).strip()
+            if line:
+                event = json.loads(line)
+                deleted.append((event["type"], event["object"]["metadata"]["name"]))
+    assert deleted == [("DELETED", "owner"), ("DELETED", "child")]  # background propagation order
+    assert (await call(emu, "GET", "/api/v1/namespaces/a/pods/bystander"))[0] == 200

@@ -19,7 +19,8 @@ Adds what kopf 1.45 / kubectl 1.37 / helm 4 need and kmock 0.8 lacks (each was o
   * 404 for undeclared resources; fixes for kmock bugs: '/api/v1/namespaces[/x]' parsing, core
     discovery groupVersion '/v1', binary bodies crashing the request parser;
   * protobuf request bodies for Secret/ConfigMap (helm release storage, `kubectl create secret`), see k8spb.py;
-  * mini garbage collector: direct DELETE of an owner cascades to dependents by ownerReferences uid;
+  * mini garbage collector: direct DELETE of an owner cascades to dependents by ownerReferences uid,
+    after the owner is gone (background propagation: watchers see the owner's DELETED first);
   * request cost independent of history: kmock routes by replaying every past request through each reaction's
     filters and finds objects by scanning all of them; here routing checks the one request and objects are
     indexed per resource (get/create/patch/delete: one dict lookup; list/watch: the objects of that resource).
@@ -337,7 +338,13 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             if err is not None:
                 return err
         elif request.action == enums.action.DELETE and request.name is not None:
-            await self._cascade(request)
+            # Background propagation, as kubectl asks by default: the owner goes first (its watchers see
+            # DELETED before any dependent's), then the garbage collector takes the dependents.
+            owner_uid = self._cascading_uid(request)
+            response = await super()._handle(request)
+            if owner_uid and response.status < 300:
+                await self._cascade(owner_uid)
+            return response
 
         try:
             return await super()._handle(request)
@@ -462,14 +469,15 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             await self._buses[request.resource].put({'type': 'MODIFIED', 'object': obj.raw})
             return aiohttp.web.json_response(obj.raw)
 
-    async def _cascade(self, request) -> None:
-        """Mini garbage-collector: delete dependents whose ownerReferences point to the deleted uid."""
+    def _cascading_uid(self, request) -> str | None:
+        """The uid whose dependents a DELETE removes: only on the real removal (no finalizers pending)."""
         obj = self._current(request)
-        if obj is None:
-            return
-        uid = obj.get('metadata', {}).get('uid')
-        if not uid or obj.get('metadata', {}).get('finalizers'):
-            return  # cascade only on the real removal (no finalizers pending)
+        if obj is None or obj.get('metadata', {}).get('finalizers'):
+            return None
+        return obj.get('metadata', {}).get('uid') or None
+
+    async def _cascade(self, uid: str) -> None:
+        """Mini garbage-collector: delete dependents whose ownerReferences point to the deleted uid."""
         async with self._lock:
             for (res, _ns, _name), child in list(self.objects.items()):
                 if child.deleted:
