@@ -114,3 +114,75 @@ async def test_work_queue_add_after_keeps_the_earliest_wake_up():
     q.forget(("ns", "b"))
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(q.get(), 0.1)
+
+
+# -- create expectations: a job's pass waits for the children its last pass created ------------------
+
+def test_arrival_completes_only_when_the_last_expected_child_arrives():
+    from rlhf_operator.kube.reconciler import CREATE_EXPECTATION_SECONDS, arrival_completes
+
+    expected = {("Pod", "a"): 100.0, ("Pod", "b"): 100.0, ("Service", "s"): 100.0 - CREATE_EXPECTATION_SECONDS - 1}
+    assert not arrival_completes(expected, ("Pod", "a"), now=101.0)
+    assert ("Pod", "a") not in expected
+    assert arrival_completes(expected, ("Pod", "b"), now=101.0)  # the expired Service no longer holds it
+    assert arrival_completes({}, ("Pod", "x"), now=0.0)
+
+
+def controller():
+    from rlhf_operator.builders import BuildSettings
+    from rlhf_operator.kube.reconciler import Controller
+    from rlhf_operator.metrics import OperatorMetrics
+
+    return Controller(api=None, settings=BuildSettings(), metrics=OperatorMetrics(), jobs={}, pods={}, children={})
+
+
+def obj(kind, name, generation=1, **meta):
+    return {"kind": kind, "metadata": {"name": name, "generation": generation, **meta}}
+
+
+def test_child_added_while_its_siblings_are_on_their_way_does_not_enqueue():
+    import time
+
+    c = controller()
+    key = ("ns", "job")
+    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic(), ("ConfigMap", "job-config"): time.monotonic()}
+    c.child_changed(key, obj("Pod", "job-actor-0"), "ADDED")
+    assert len(c.queue) == 0
+    c.child_changed(key, obj("Pod", "stranger"), "ADDED")  # not one we created: reconcile now
+    assert len(c.queue) == 1
+
+
+def test_last_expected_child_and_other_child_changes_enqueue():
+    import time
+
+    c = controller()
+    key = ("ns", "job")
+    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
+    c.child_changed(key, obj("Pod", "job-actor-0"), "ADDED")
+    assert len(c.queue) == 1
+    c2 = controller()
+    c2._expected[key] = {("Pod", "job-actor-0"): time.monotonic(), ("Pod", "job-actor-1"): time.monotonic()}
+    c2.child_changed(key, obj("Pod", "job-actor-0"), "MODIFIED")  # a phase change always counts
+    assert len(c2.queue) == 1
+
+
+def test_job_status_change_waits_for_pending_creates_but_a_spec_change_does_not():
+    import time
+
+    key = ("ns", "job")
+    c = controller()
+    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
+    c._planned[key] = 1
+    c.job_changed(key, obj("RLHFJob", "job", generation=1), "MODIFIED")
+    assert len(c.queue) == 0
+    c.job_changed(key, obj("RLHFJob", "job", generation=2), "MODIFIED")
+    assert len(c.queue) == 1
+    c2 = controller()
+    c2._planned[key] = 1
+    c2.job_changed(key, obj("RLHFJob", "job", generation=1), "MODIFIED")  # nothing pending: reconcile
+    assert len(c2.queue) == 1
+    c3 = controller()
+    c3._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
+    c3._planned[key] = 1
+    c3.job_changed(key, obj("RLHFJob", "job", deletionTimestamp="2026-01-01T00:00:00Z"), "MODIFIED")
+    assert len(c3.queue) == 1

@@ -30,6 +30,15 @@ log = logging.getLogger(__name__)
 # A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
 # before the event does not POST the same object again (it would get a 409: harmless but wasted).
 CREATE_EXPECTATION_SECONDS = 10.0
+
+
+def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, str], now: float) -> bool:
+    """A child we created was seen: forget its expectation. True when nothing else we created is still on
+    its way (expired expectations do not count), i.e. when the job is due its next pass."""
+    expected.pop(ref, None)
+    return not any(now - t <= CREATE_EXPECTATION_SECONDS for t in expected.values())
+
+
 def stamp(now: datetime) -> str:
     return now.strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -67,6 +76,7 @@ class Controller:
     # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
     _accepted: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
     _refused: dict[JobKey, int] = field(default_factory=dict)  # generation already refused
+    _planned: dict[JobKey, int] = field(default_factory=dict)  # generation of the last pass that planned
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -81,10 +91,30 @@ class Controller:
     def enqueue(self, key: JobKey) -> None:
         self.queue.add(key)
 
+    def job_changed(self, key: JobKey, obj: dict[str, Any], event_type: str | None) -> None:
+        """Reconcile a job that changed; but not for a change of its status or metadata alone (our own status
+        write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
+        generation = int((obj.get("metadata") or {}).get("generation") or 1)
+        if (event_type == "MODIFIED" and self._expected.get(key) and is_live(obj)
+                and self._planned.get(key) == generation):
+            return
+        self.enqueue(key)
+
+    def child_changed(self, key: JobKey, obj: dict[str, Any], event_type: str | None) -> None:
+        """Reconcile the job of a child that changed; but a child we just created only counts once all of
+        that pass's creates have arrived (as the ReplicaSet controller's expectations): one pass then sees
+        the whole gang, instead of one pass and one status write per arriving child."""
+        expected = self._expected.get(key)
+        if (event_type in ("ADDED", None) and expected and child_ref(obj) in expected
+                and not arrival_completes(expected, child_ref(obj), time.monotonic())):
+            return
+        self.enqueue(key)
+
     def forget(self, key: JobKey) -> None:
         """The job is gone: drop its per-job metrics and everything remembered about it."""
         self.queue.forget(key)
-        for memory in (self._failures, self._written, self._expected, self._invalid, self._accepted, self._refused):
+        for memory in (self._failures, self._written, self._expected, self._invalid, self._accepted, self._refused,
+                       self._planned):
             memory.pop(key, None)
         self.metrics.forget_job(*key)
 
@@ -128,6 +158,7 @@ class Controller:
             return None
         self._invalid.pop(key, None)
         self._accepted.setdefault(key, raw.get("spec") or {})
+        self._planned[key] = job.generation
 
         pods = latest(self.pods, key)
         existing = frozenset(child_ref(c) for c in latest(self.children, key) if is_live(c))
@@ -151,6 +182,8 @@ class Controller:
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
         self.metrics.reconcile.observe(time.perf_counter() - started)
         delay = result.requeue_after
+        if self._expected.get(key):  # creates on their way: a pass is due when they expire, at the latest
+            delay = CREATE_EXPECTATION_SECONDS if delay is None else min(delay, CREATE_EXPECTATION_SECONDS)
         if new_status.get("phase") == "Running":
             delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
         return delay
