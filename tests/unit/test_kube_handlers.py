@@ -1,6 +1,7 @@
 """kopf registration (kube/handlers.py): what the operator's kopf settings rely on."""
 
 import kopf
+import pytest
 from rlhf_operator.kube import handlers
 
 
@@ -21,3 +22,26 @@ def test_no_diffbase_builds_and_stores_nothing():
     assert storage.build(body=body) is None and storage.fetch(body=body) is None
     storage.store(body=body, patch=patch, essence={"spec": {"x": 2}})
     assert not patch
+
+
+def _job_body(generation: int, phase: str = "", **spec):
+    return kopf.Body({"metadata": {"name": "j", "namespace": "ns", "generation": generation},
+                      "spec": spec, "status": {"phase": phase} if phase else {}})
+
+
+def test_a_spec_is_checked_once_per_generation(monkeypatch):
+    parsed = []
+    monkeypatch.setattr(handlers.api, "parse_spec", parsed.append)
+    seen: dict = {}
+    for generation in (1, 1, 1, 2, 2):  # status writes keep the generation; a spec edit bumps it
+        handlers.check_spec_once(seen, ("ns", "j"), _job_body(generation, algorithm="sft"))
+    assert len(parsed) == 2 and seen == {("ns", "j"): 2}
+
+
+def test_a_bad_spec_is_a_permanent_error_on_every_event_until_failed():
+    seen: dict = {}
+    for _ in range(2):
+        with pytest.raises(kopf.PermanentError, match="algorithm"):
+            handlers.check_spec_once(seen, ("ns", "j"), _job_body(1, algorithm="nope"))
+    assert seen == {}
+    handlers.check_spec_once(seen, ("ns", "j"), _job_body(1, "Failed", algorithm="nope"))  # the pass reported it

@@ -98,13 +98,23 @@ async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, mem
     """When a job is added or changed, reconcile it; when it is deleted, forget it."""
     if event.get("type") == "DELETED":
         memo.controller.forget((namespace, name))
+        memo.get("valid_generations", {}).pop((namespace, name), None)
         return
     memo.controller.job_changed((namespace, name), dict(body), event.get("type"))
-    if body.get("status", {}).get("phase") != "Failed":
-        try:
-            api.parse_spec(dict(body.get("spec") or {}))
-        except api.SpecError as err:  # the pass writes Failed + event; tell kopf not to retry
-            raise kopf.PermanentError(str(err)) from err
+    check_spec_once(memo.setdefault("valid_generations", {}), (namespace, name), body)
+
+
+def check_spec_once(valid_generations: dict[tuple[str, str], int], key: tuple[str, str], body: kopf.Body) -> None:
+    """kopf.PermanentError for a bad spec (the pass writes Failed + an event). A spec is checked once per
+    generation: most events of a job are its own status writes, which leave the spec as it was."""
+    generation = (body.get("metadata") or {}).get("generation")
+    if body.get("status", {}).get("phase") == "Failed" or valid_generations.get(key) == generation:
+        return
+    try:
+        api.parse_spec(dict(body.get("spec") or {}))
+    except api.SpecError as err:  # tell kopf not to retry
+        raise kopf.PermanentError(str(err)) from err
+    valid_generations[key] = generation
 
 
 @kopf.on.event("", "v1", "pods", **CHILD)
