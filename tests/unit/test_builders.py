@@ -73,7 +73,7 @@ GANG_CASES = {
         ["ppo-tiny-actor-0", "ppo-tiny-actor-1", "ppo-tiny-reference-0", "ppo-tiny-reference-1"],
     ),
     "sft with three replicas": (
-        dict(algorithm="sft", roles=[{"name": "actor", "replicas": 3}],
+        dict(algorithm="sft", roles=[{"name": "actor", "replicas": 3}], hyperparameters={"batchSize": 9},
              dataset={"path": "synthetic://instructions", "format": "instruction"}),
         ["ppo-tiny-actor-0", "ppo-tiny-actor-1", "ppo-tiny-actor-2"],
     ),
