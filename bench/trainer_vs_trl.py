@@ -16,7 +16,7 @@ What is compared, per algorithm (same tiny Llama from `tiny://llama`, same token
 - ppo: 8 prompts, 8 new tokens, tiny reward model (TRL's PPOTrainer takes only a model reward),
   critic initialised from the policy, one PPO epoch, one mini-batch. TRL's PPOTrainer exists only in
   trl 1.12 (`trl.experimental.ppo`), which wants its own environment: `--trl-ppo-python` (default
-  bench/out/trl112/bin/python) runs that side.
+  bench/out/trl112/bin/python) runs that side. `bash bench/setup_trl.sh` installs both TRL versions.
 
 Ours runs in-process with every role colocated (one process, world of one, ZeRO stage 0), i.e. the
 same work as TRL's single-process trainers; the multi-process bridge path is covered by the tests, not timed here.
