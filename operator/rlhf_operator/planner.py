@@ -259,8 +259,10 @@ def describe_failure(pod: ObservedPod) -> str:
     return text
 
 
-def role_counts(job: Job, pods: list[ObservedPod]) -> dict[str, dict[str, int]]:
-    """status.roles: desired and observed pod counts per role with pods of its own."""
+def role_counts(job: Job, pods: list[ObservedPod], creating: tuple[dict, ...] = ()) -> dict[str, dict[str, int]]:
+    """status.roles: desired and observed pod counts per role with pods of its own. Pods this pass
+    creates count as pending: the status is written after the creates succeed, so it says what the
+    next pass observes, and that pass has no status to write (one status write per gang creation)."""
     bucket = {"Pending": "pending", "Unknown": "pending", "Running": "running",
               "Succeeded": "succeeded", "Failed": "failed"}
     counts = {r.name: {"desired": r.replicas, "pending": 0, "running": 0, "succeeded": 0, "failed": 0}
@@ -268,6 +270,10 @@ def role_counts(job: Job, pods: list[ObservedPod]) -> dict[str, dict[str, int]]:
     for pod in pods:
         if pod.role in counts:
             counts[pod.role][bucket.get(pod.phase, "pending")] += 1
+    for obj in creating:
+        role = obj["metadata"]["labels"].get(LABEL_ROLE, "")
+        if role in counts:
+            counts[role]["pending"] += 1
     return counts
 
 
@@ -348,7 +354,8 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
             _drive_gang(p)
 
     current = [pod for pod in observed.pods if pod.attempt == p.attempt]
-    p.status["roles"] = role_counts(job, current)
+    creating = tuple(a.obj for a in p.actions if isinstance(a, CreateObject) and a.obj.get("kind") == "Pod")
+    p.status["roles"] = role_counts(job, current, creating)
     return p.result()
 
 

@@ -394,6 +394,18 @@ def test_role_counts_cover_the_current_attempt_only():
     assert deleted_names(plan) == ["j-critic-1"]
 
 
+def test_pods_a_pass_creates_count_as_pending_so_their_arrival_changes_no_status():
+    job = make_job(roles=[{"name": "actor", "replicas": 2}, {"name": "critic"},
+                          {"name": "reference", "colocateWith": "actor"}])
+    first = planner.plan(job, Observed((), SUPPORT), T0, SETTINGS)
+    assert created_names(first) == ["j-actor-0", "j-actor-1", "j-critic-0"]
+    assert {role: c["pending"] for role, c in first.status["roles"].items()} == {"actor": 2, "critic": 1}
+    arrived = tuple(pod(n, "Pending") for n in created_names(first))
+    second = planner.plan(dataclasses.replace(job, status=first.status), Observed(arrived, SUPPORT),
+                          T0 + timedelta(seconds=1), SETTINGS)
+    assert second.actions == () and second.status == first.status
+
+
 def test_progress_is_copied_and_the_last_known_kept():
     job = make_job(status={**RUNNING, "progress": {"step": 3}})
     plan = planner.plan(job, Observed(running(*GANG), SUPPORT), T0, SETTINGS)
