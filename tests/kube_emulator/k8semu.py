@@ -536,6 +536,10 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         return self._status(422, 'Invalid', f'{kind}.{resource.group} "{name}" is invalid: ' + '; '.join(msgs))
 
     # ------------------------------------------------------------ discovery
+    async def _serve_server_version(self, request):  # type: ignore[override]
+        # kmock says v1.26; the CRD's CEL fieldPath needs 1.29 and the chart declares kubeVersion >= 1.29.
+        return {**await super()._serve_server_version(request), 'minor': '30', 'gitVersion': 'v1.30.0+kmock'}
+
     async def _serve_version(self, request):  # type: ignore[override]
         result = await super()._serve_version(request)
         result['groupVersion'] = result['groupVersion'].lstrip('/')  # kmock 0.8 says '/v1' for core

@@ -95,6 +95,14 @@ def test_helm_lint_strict_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(("version", "ok"), [("1.28.9", False), ("1.29.0", True), ("1.33.1", True)])
+def test_chart_refuses_clusters_older_than_the_crds_cel_rules_need(version, ok):
+    result = render_raw(extra=("--kube-version", version))
+    assert (result.returncode == 0) == ok, result.stderr
+    if not ok:
+        assert "kubeVersion" in result.stderr
+
+
 def test_default_rbac_is_one_cluster_role_with_exactly_the_needed_rules():
     docs = render()
     role = one(docs, "ClusterRole")
