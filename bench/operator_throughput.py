@@ -15,8 +15,8 @@ that does nothing but create the pods; goal >= 0.7). Operator RSS is read from /
 --write replaces the "Operator throughput" section of bench/RESULTS.md.
 
 What bounds the ratio here: the emulator is one Python process spending 1 to 1.5 ms of CPU per
-request, and the operator sends ~2.75 requests per pod in many-small (the job itself, its Service,
-ConfigMap, PVC and Event, its status writes, besides the pods) while the bare loop sends one; on 2 cores
+request, and the operator's run sends ~2.5 requests per pod in many-small (the job itself, its Service,
+ConfigMap, PVC and Event, one status write, besides the pods) while the bare loop sends one; on 2 cores
 the operator and the emulator also compete for CPU. The CPU seconds of both are reported for that.
 """
 

@@ -172,6 +172,16 @@ class IndexedObjects(k8s_views.ObjectsArray):
         return [(key, self._objects[key]) for key in self._keys_by_resource.get(resource, ())]
 
 
+def _in_scope(request, namespace, name, strict: bool = False) -> bool:
+    """Whether a stored object's namespace and name fall under a request's; `strict`: a cluster-wide
+    request (no namespace) matches only cluster-scoped objects, as kmock's strict lookup does."""
+    if strict:
+        same_namespace = namespace == request.namespace
+    else:
+        same_namespace = request.namespace is None or namespace == request.namespace
+    return same_namespace and (request.name is None or name == request.name)
+
+
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.UTC).strftime('%Y-%m-%dT%H:%M:%SZ')
 
@@ -265,8 +275,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
             obj = self._objects._objects.get((request.resource, request.namespace, request.name))
             return [] if obj is None else [obj]
         return [obj for (_res, ns, name), obj in self._objects.items_of(request.resource)
-                if (ns == request.namespace if strict else request.namespace is None or ns == request.namespace)
-                and (request.name is None or name == request.name)]
+                if _in_scope(request, ns, name, strict)]
 
     def _get_resources(self) -> list:
         # kmock adds the resource of every stored object by walking all of them; the index has that set.
@@ -583,9 +592,7 @@ class RealisticEmulator(kmock.KubernetesEmulator):
         async with self._lock:
             mark = await bus.mark()
             snapshot = [obj.raw for (_res, ns, name), obj in self._objects.items_of(request.resource)
-                        if not obj.deleted
-                        and (request.namespace is None or ns == request.namespace)
-                        and (request.name is None or name == request.name)]
+                        if not obj.deleted and _in_scope(request, ns, name)]
         try:
             since = int(request.params.get('resourceVersion') or 0)
         except ValueError:
