@@ -253,7 +253,7 @@ def main() -> int:
         "", f"Command: `.venv/bin/python bench/operator_throughput.py --repeats {args.repeats} --write`",
         f"Machine: {machine} (shared with other work: noisy); a fresh emulator per run, a fresh operator",
         "per operator run; bare and operator alternate. Operator RSS: peak resident memory of the operator",
-        "process (kopf, its indexes of the jobs and pods, the API thread pool).", "",
+        "process (kopf, its indexes of the jobs and pods, the API session).", "",
         *table, "", *repeats, "", *NOTES, ""])
     print("\n" + text)
     if args.write:

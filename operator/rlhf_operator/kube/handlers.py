@@ -51,45 +51,45 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     """When the operator stops, stop the workers, the API pool and the metrics server."""
     if memo.get("controller"):
         await memo.controller.stop()
-        memo.controller.api.close()
+        await memo.controller.api.close()
     if memo.get("metrics_server"):
         memo.metrics_server.shutdown()
 
 
 @kopf.index(*JOB)
-def rlhf_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
+async def rlhf_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
     """Index every job by (namespace, name): the reconcile reads the latest body here."""
     return {(namespace, name): dict(body)}
 
 
 @kopf.index("", "v1", "pods", **CHILD)
-def job_pods(body: kopf.Body, **_: Any) -> dict:
+async def job_pods(body: kopf.Body, **_: Any) -> dict:
     """Index the operator's pods by (namespace, job)."""
     return {owning_job(body): dict(body)}
 
 
 @kopf.index("", "v1", "services", **CHILD)
-def job_services(body: kopf.Body, **_: Any) -> dict:
+async def job_services(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 
 @kopf.index("", "v1", "configmaps", **CHILD)
-def job_configmaps(body: kopf.Body, **_: Any) -> dict:
+async def job_configmaps(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 
 @kopf.index("", "v1", "persistentvolumeclaims", **CHILD)
-def job_pvcs(body: kopf.Body, **_: Any) -> dict:
+async def job_pvcs(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 
 @kopf.index(*VOLCANO_PODGROUPS, **CHILD)
-def job_volcano_podgroups(body: kopf.Body, **_: Any) -> dict:
+async def job_volcano_podgroups(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 
 @kopf.index(*COSCHEDULING_PODGROUPS, **CHILD)
-def job_coscheduling_podgroups(body: kopf.Body, **_: Any) -> dict:
+async def job_coscheduling_podgroups(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 

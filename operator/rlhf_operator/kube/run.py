@@ -19,7 +19,7 @@ class OperatorConfig:
     trainer_metrics_port: int = 9400
     progress_interval: float = 15.0
     workers: int = 16  # concurrent job reconciles
-    concurrency: int = 32  # concurrent API requests (thread pool and connection pool size)
+    concurrency: int = 32  # concurrent API requests (connections of the aiohttp session)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OperatorConfig:
