@@ -14,6 +14,7 @@ from pathlib import Path
 import aiohttp.web
 import kubernetes
 import pytest
+from rlhf_operator.kube import executor
 from rlhf_operator.kube.executor import ApiError, KubeApi, auth_headers
 
 OPENSSL = shutil.which("openssl")
@@ -165,10 +166,10 @@ async def test_unreachable_server_is_a_retryable_api_error():
     assert err.value.status == 0 and "POST /api/v1/namespaces/ns/pods" in str(err.value)
 
 
-async def test_token_is_refreshed_and_never_sent_to_trainer_pods(pki, https_server):
+async def test_token_is_refreshed_and_never_sent_to_trainer_pods(pki, https_server, monkeypatch):
     fake, host = https_server
     config = client_config(pki, host)
-    tokens = iter(["token-2", "token-3"])
+    tokens = iter(["token-2", "token-3", "token-4"])
 
     def refresh(cfg: kubernetes.client.Configuration) -> None:  # as load_incluster_config's hook does
         cfg.api_key["authorization"] = next(tokens)
@@ -188,10 +189,13 @@ async def test_token_is_refreshed_and_never_sent_to_trainer_pods(pki, https_serv
     api = KubeApi(config=config)
     try:
         assert await api.create(POD) is True
+        assert await api.create(POD) is True  # within AUTH_RECHECK_SECONDS: the same token
+        monkeypatch.setattr(executor, "AUTH_RECHECK_SECONDS", -1.0)
+        assert await api.create(POD) is True  # re-read: the hook's next token
         assert json.loads(await api.fetch_text(f"http://127.0.0.1:{port}/metrics")) == {"step": 3}
         assert await api.fetch_text(f"http://127.0.0.1:{port}/nothing") is None  # 404: no progress, no error
     finally:
         await api.close()
         await runner.cleanup()
-    assert fake.seen[0]["headers"]["Authorization"] == "Bearer token-3"
+    assert [s["headers"]["Authorization"] for s in fake.seen] == ["Bearer token-3", "Bearer token-3", "Bearer token-4"]
     assert "Authorization" not in plain.seen[0]["headers"]

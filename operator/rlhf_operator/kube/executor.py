@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import ssl
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -85,6 +86,11 @@ def event_body(job: dict[str, Any], type_: str, reason: str, message: str, now: 
     }
 
 
+# How often the token (and server URL) are re-read from the client configuration. Projected service
+# account tokens are rotated by the kubelet long before they expire (80% of an hour or more).
+AUTH_RECHECK_SECONDS = 10.0
+
+
 def load_client_config() -> kubernetes.client.Configuration:
     """In-cluster service account when present, else $KUBECONFIG / ~/.kube/config."""
     config = kubernetes.client.Configuration()
@@ -122,10 +128,19 @@ class KubeApi:
     concurrency: int = 32  # connections to the API server at most
     timeout: float = 10.0
     _session: aiohttp.ClientSession | None = field(default=None, init=False, repr=False)
+    _auth: tuple[float, str, dict[str, str]] | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def connect(cls, concurrency: int = 32) -> KubeApi:
         return cls(config=load_client_config(), concurrency=concurrency)
+
+    def endpoint(self) -> tuple[str, dict[str, str]]:
+        """(server URL, auth headers), read from the configuration at most every AUTH_RECHECK_SECONDS:
+        the refresh hooks re-set the whole configuration on every read, which cost more than a request."""
+        now = time.monotonic()
+        if self._auth is None or now - self._auth[0] > AUTH_RECHECK_SECONDS:
+            self._auth = (now, self.config.host, auth_headers(self.config))
+        return self._auth[1], self._auth[2]
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -142,12 +157,14 @@ class KubeApi:
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                       query: Iterable[tuple[str, str]] = (), ok: tuple[int, ...] = ()) -> int:
         """Send one request; 2xx and the statuses in `ok` return the status, any other raises ApiError."""
-        headers = {"Content-Type": content_type, "Accept": "application/json", **auth_headers(self.config)}
+        host, auth = self.endpoint()
+        headers = {"Content-Type": content_type, "Accept": "application/json", **auth}
         data = None if body is None else json.dumps(body)
         try:
             async with self.session().request(
-                    method, self.config.host + path, data=data, params=list(query), headers=headers,
-                    proxy=self.config.proxy or None, timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
+                    method, host + path, data=data, params=list(query), headers=headers,
+                    proxy=self.config.proxy or None, server_hostname=self.config.tls_server_name or None,
+                    timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
                 status, text = response.status, await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as err:  # API server unreachable: retry later
             raise ApiError(method, path, 0, str(err) or type(err).__name__) from err
