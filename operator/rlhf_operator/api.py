@@ -704,8 +704,9 @@ def _job_name_errors(name: str) -> list[tuple[str, str]]:
                               f"<job>-<role>-<index> are hostnames, at most 63 characters")]
 
 
-def parse_job(obj: dict[str, Any]) -> Job:
-    """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid."""
+def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
+    """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid.
+    `spec`: the already parsed obj["spec"], when the caller has it (it is not parsed again)."""
     errors: list[tuple[str, str]] = []
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     name = meta.get("name")
@@ -713,11 +714,11 @@ def parse_job(obj: dict[str, Any]) -> Job:
         errors.append(("metadata.name", "is required"))
     else:
         errors.extend(_job_name_errors(name))
-    spec: JobSpec | None = None
-    try:
-        spec = parse_spec(obj.get("spec"))
-    except SpecError as e:
-        errors.extend(e.errors)
+    if spec is None:
+        try:
+            spec = parse_spec(obj.get("spec"))
+        except SpecError as e:
+            errors.extend(e.errors)
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")

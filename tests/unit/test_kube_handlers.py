@@ -2,7 +2,8 @@
 
 import kopf
 import pytest
-from rlhf_operator.kube import handlers
+from rlhf_operator import api
+from rlhf_operator.kube import handlers, observe
 
 
 def test_no_registered_handler_needs_kopfs_diffbase():
@@ -24,24 +25,31 @@ def test_no_diffbase_builds_and_stores_nothing():
     assert not patch
 
 
-def _job_body(generation: int, phase: str = "", **spec):
-    return kopf.Body({"metadata": {"name": "j", "namespace": "ns", "generation": generation},
-                      "spec": spec, "status": {"phase": phase} if phase else {}})
+def _job_body(generation: int, phase: str = "", uid: str = "u1", **spec) -> dict:
+    return {"metadata": {"name": "j", "namespace": "ns", "generation": generation, "uid": uid},
+            "spec": spec, "status": {"phase": phase} if phase else {}}
 
 
-def test_a_spec_is_checked_once_per_generation(monkeypatch):
+def test_a_spec_is_parsed_once_per_generation_of_a_job(monkeypatch):
     parsed = []
-    monkeypatch.setattr(handlers.api, "parse_spec", parsed.append)
-    seen: dict = {}
-    for generation in (1, 1, 1, 2, 2):  # status writes keep the generation; a spec edit bumps it
-        handlers.check_spec_once(seen, ("ns", "j"), _job_body(generation, algorithm="sft"))
-    assert len(parsed) == 2 and seen == {("ns", "j"): 2}
+    monkeypatch.setattr(observe.api, "parse_spec", lambda spec: parsed.append(spec) or len(parsed))
+    specs = observe.SpecCache()
+    # status writes keep the generation; a spec edit bumps it; a job deleted and created again under
+    # the same name has a new uid and starts at generation 1 again
+    for generation, uid in ((1, "u1"), (1, "u1"), (1, "u1"), (2, "u1"), (2, "u1"), (1, "u2")):
+        specs.spec_of(("ns", "j"), _job_body(generation, uid=uid, algorithm="sft"))
+    assert len(parsed) == 3
+    assert specs.spec_of(("ns", "j"), _job_body(1, uid="u2")) == 3  # the cached parse is returned
+    specs.forget(("ns", "j"))
+    specs.spec_of(("ns", "j"), _job_body(1, uid="u2"))
+    assert len(parsed) == 4
 
 
 def test_a_bad_spec_is_a_permanent_error_on_every_event_until_failed():
-    seen: dict = {}
+    specs = observe.SpecCache()
     for _ in range(2):
         with pytest.raises(kopf.PermanentError, match="algorithm"):
-            handlers.check_spec_once(seen, ("ns", "j"), _job_body(1, algorithm="nope"))
-    assert seen == {}
-    handlers.check_spec_once(seen, ("ns", "j"), _job_body(1, "Failed", algorithm="nope"))  # the pass reported it
+            handlers.check_spec(specs, ("ns", "j"), _job_body(1, algorithm="nope"))
+    handlers.check_spec(specs, ("ns", "j"), _job_body(1, "Failed", algorithm="nope"))  # the pass reported it
+    with pytest.raises(api.SpecError):  # a bad spec is never cached as good
+        specs.spec_of(("ns", "j"), _job_body(1, algorithm="nope"))

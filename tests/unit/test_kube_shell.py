@@ -133,7 +133,7 @@ def controller():
     from rlhf_operator.kube.reconciler import Controller
     from rlhf_operator.metrics import OperatorMetrics
 
-    return Controller(api=None, settings=BuildSettings(), metrics=OperatorMetrics(), jobs={}, pods={}, children={})
+    return Controller(api=None, settings=BuildSettings(), metrics=OperatorMetrics(), pods={}, children={})
 
 
 def obj(kind, name, generation=1, **meta):

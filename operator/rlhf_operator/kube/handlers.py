@@ -1,4 +1,4 @@
-"""kopf registration only: indexes of jobs and their children, and events that enqueue a job.
+"""kopf registration only: indexes of the jobs' children, and events that enqueue a job.
 
 The reconcile itself is in reconciler.py. No handler here needs a finalizer (indexes and event
 handlers never do), so jobs carry none: their children go with them through owner references.
@@ -14,7 +14,7 @@ import kopf
 
 from rlhf_operator import api, constants
 from rlhf_operator.kube.executor import KubeApi
-from rlhf_operator.kube.observe import owning_job
+from rlhf_operator.kube.observe import SpecCache, owning_job
 from rlhf_operator.kube.reconciler import Controller
 from rlhf_operator.kube.run import OperatorConfig
 from rlhf_operator.metrics import OperatorMetrics
@@ -26,8 +26,7 @@ COSCHEDULING_PODGROUPS = ("scheduling.x-k8s.io", "v1alpha1", "podgroups")
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, rlhf_jobs: kopf.Index,
-                job_pods: kopf.Index, job_services: kopf.Index, job_configmaps: kopf.Index,
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf.Index, job_services: kopf.Index, job_configmaps: kopf.Index,
                 job_pvcs: kopf.Index, job_volcano_podgroups: kopf.Index,
                 job_coscheduling_podgroups: kopf.Index, **_: Any) -> None:
     """When the operator starts, connect to the API, serve metrics and start the reconcile workers."""
@@ -41,7 +40,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, rlhf_jobs: kop
                             job_coscheduling_podgroups))
     memo.controller = Controller(
         api=KubeApi.connect(config.concurrency), settings=config.build_settings, metrics=metrics,
-        jobs=rlhf_jobs, pods=job_pods, children=children, trainer_metrics_port=config.trainer_metrics_port,
+        pods=job_pods, children=children, trainer_metrics_port=config.trainer_metrics_port,
         progress_interval=config.progress_interval, workers=config.workers)
     memo.controller.start()
 
@@ -54,12 +53,6 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         await memo.controller.api.close()
     if memo.get("metrics_server"):
         memo.metrics_server.shutdown()
-
-
-@kopf.index(*JOB)
-async def rlhf_jobs(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict:
-    """Index every job by (namespace, name): the reconcile reads the latest body here."""
-    return {(namespace, name): dict(body)}
 
 
 @kopf.index("", "v1", "pods", **CHILD)
@@ -93,28 +86,29 @@ async def job_coscheduling_podgroups(body: kopf.Body, **_: Any) -> dict:
     return {owning_job(body): dict(body)}
 
 
+# Jobs have no kopf index: job_event sees every event of a job (DELETED too) and keeps the controller's
+# store of job bodies, so each job event costs one handler call instead of two. (The pod index still
+# holds every handler back until the pods are listed at startup, which is what the passes need.)
 @kopf.on.event(*JOB)
 async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """When a job is added or changed, reconcile it; when it is deleted, forget it."""
     if event.get("type") == "DELETED":
         memo.controller.forget((namespace, name))
-        memo.get("valid_generations", {}).pop((namespace, name), None)
         return
-    memo.controller.job_changed((namespace, name), dict(body), event.get("type"))
-    check_spec_once(memo.setdefault("valid_generations", {}), (namespace, name), body)
+    job = dict(body)
+    memo.controller.job_changed((namespace, name), job, event.get("type"))
+    check_spec(memo.controller.specs, (namespace, name), job)
 
 
-def check_spec_once(valid_generations: dict[tuple[str, str], int], key: tuple[str, str], body: kopf.Body) -> None:
-    """kopf.PermanentError for a bad spec (the pass writes Failed + an event). A spec is checked once per
-    generation: most events of a job are its own status writes, which leave the spec as it was."""
-    generation = (body.get("metadata") or {}).get("generation")
-    if body.get("status", {}).get("phase") == "Failed" or valid_generations.get(key) == generation:
+def check_spec(specs: SpecCache, key: tuple[str, str], job: dict[str, Any]) -> None:
+    """kopf.PermanentError for a bad spec (the pass writes Failed + an event). The parse is cached per
+    generation and shared with the reconcile pass: most events of a job are its own status writes."""
+    if (job.get("status") or {}).get("phase") == "Failed":
         return
     try:
-        api.parse_spec(dict(body.get("spec") or {}))
+        specs.spec_of(key, job)
     except api.SpecError as err:  # tell kopf not to retry
         raise kopf.PermanentError(str(err)) from err
-    valid_generations[key] = generation
 
 
 @kopf.on.event("", "v1", "pods", **CHILD)

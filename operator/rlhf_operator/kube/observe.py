@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlhf_operator import constants
+from rlhf_operator import api, constants
 
 JobKey = tuple[str, str]  # (namespace, job name)
 
@@ -43,3 +43,25 @@ def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
             host = f"[{host}]" if ":" in host else host
             return f"http://{host}:{port}/metrics"
     return None
+
+
+class SpecCache:
+    """Parsed specs by job, each valid for the (uid, generation) it was parsed at: the API server bumps
+    the generation on every change of the spec, and most events of a job are status writes."""
+
+    def __init__(self) -> None:
+        self._specs: dict[JobKey, tuple[tuple[str, int], api.JobSpec]] = {}
+
+    def spec_of(self, key: JobKey, obj: dict[str, Any]) -> api.JobSpec:
+        """The job's parsed spec; api.SpecError (never cached) when it is invalid."""
+        meta = obj.get("metadata") or {}
+        stamp = (str(meta.get("uid") or ""), int(meta.get("generation") or 1))
+        cached = self._specs.get(key)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        spec = api.parse_spec(obj.get("spec"))
+        self._specs[key] = (stamp, spec)
+        return spec
+
+    def forget(self, key: JobKey) -> None:
+        self._specs.pop(key, None)

@@ -20,7 +20,7 @@ from typing import Any
 from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
-from rlhf_operator.kube.observe import JobKey, child_ref, is_live, progress_url
+from rlhf_operator.kube.observe import JobKey, SpecCache, child_ref, is_live, progress_url
 from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
 from rlhf_operator.metrics import OperatorMetrics
 from rlhf_operator.progress import merge_progress, parse_progress
@@ -58,7 +58,6 @@ class Controller:
     api: KubeApi
     settings: BuildSettings
     metrics: OperatorMetrics
-    jobs: Mapping[JobKey, Any]  # kopf index: (namespace, name) -> the job body
     pods: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> child pod bodies
     children: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> support objects (service, ...)
     trainer_metrics_port: int = 9400
@@ -66,6 +65,9 @@ class Controller:
     workers: int = 16
     fetch_text: Callable[[str], Awaitable[str | None]] | None = None
     queue: WorkQueue = field(default_factory=WorkQueue)
+    # The latest body of every job, from the job's own watch events (job_changed / forget).
+    jobs: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+    specs: SpecCache = field(default_factory=SpecCache)
     _tasks: list[asyncio.Task] = field(default_factory=list)
     _failures: dict[JobKey, int] = field(default_factory=dict)
     # (resourceVersion the status was patched from, the status written): the index lags our writes.
@@ -94,6 +96,7 @@ class Controller:
     def job_changed(self, key: JobKey, obj: dict[str, Any], event_type: str | None) -> None:
         """Reconcile a job that changed; but not for a change of its status or metadata alone (our own status
         write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
+        self.jobs[key] = obj
         generation = int((obj.get("metadata") or {}).get("generation") or 1)
         if (event_type == "MODIFIED" and self._expected.get(key) and is_live(obj)
                 and self._planned.get(key) == generation):
@@ -113,6 +116,8 @@ class Controller:
     def forget(self, key: JobKey) -> None:
         """The job is gone: drop its per-job metrics and everything remembered about it."""
         self.queue.forget(key)
+        self.jobs.pop(key, None)
+        self.specs.forget(key)
         for memory in (self._failures, self._written, self._expected, self._invalid, self._accepted, self._refused,
                        self._planned):
             memory.pop(key, None)
@@ -141,18 +146,17 @@ class Controller:
     # -- one pass ---------------------------------------------------------------------------------
     async def reconcile(self, key: JobKey) -> float | None:
         """Observe, plan, act, write status. Returns seconds until the next pass is due, or None."""
-        bodies = latest(self.jobs, key)
-        if not bodies:
-            return None
-        raw = bodies[-1]
-        if not is_live(raw):
+        raw = self.jobs.get(key)
+        if raw is None or not is_live(raw):
             return None
         started = time.perf_counter()
         now = datetime.now(UTC)
         old_status = self._current_status(key, raw)
-        raw = await self._refuse_immutable_changes(key, raw)
+        accepted = await self._refuse_immutable_changes(key, raw)
+        cached = accepted is raw  # a refused edit runs the accepted spec: parsed here, not cached
+        raw = accepted
         try:
-            job = api.parse_job({**raw, "status": old_status})
+            job = api.parse_job({**raw, "status": old_status}, self.specs.spec_of(key, raw) if cached else None)
         except api.SpecError as err:
             await self._report_invalid(key, raw, old_status, err, now)
             return None
