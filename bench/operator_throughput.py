@@ -14,8 +14,8 @@ goes first alternates too); medians are reported. ratio = bare / operator (1.0 =
 that does nothing but create the pods; goal >= 0.7). Operator RSS is read from /proc after the run.
 --write replaces the "Operator throughput" section of bench/RESULTS.md.
 
-What bounds the ratio here: the emulator is one Python process spending 1 to 1.5 ms of CPU per
-request, and the operator's run sends ~2.5 requests per pod in many-small (the job itself, its Service,
+What bounds the ratio here: the emulator is one Python process spending about 1 ms of CPU per request,
+and the operator's run sends ~2.5 requests per pod in many-small (the job itself, its Service,
 ConfigMap, PVC and Event, one status write, besides the pods) while the bare loop sends one; on 2 cores
 the operator and the emulator also compete for CPU. The CPU seconds of both are reported for that.
 """
@@ -189,17 +189,17 @@ def one_round(scenario: str, which: str, workdir: Path) -> dict:
 
 
 NOTES = [
-    "What the numbers mean: the emulator is one single-threaded Python process (1 to 1.5 ms of CPU per",
+    "What the numbers mean: the emulator is one single-threaded Python process (about 1 ms of CPU per",
     "request), and it, the operator and the client share the 2 cores. The bare loop sends one request per",
     "pod. The operator's run also carries the jobs' own POSTs (validated against the CRD schema) and, per",
     "job, a Service, ConfigMap, PVC and Event and one validated status write: about 10 requests per job",
-    "of 4 pods in many-small, so the emulator spends a multiple of the bare run's CPU. The ceiling column,",
+    "of 4 pods in many-small, so the emulator spends about twice the bare run's CPU. The ceiling column,",
     "bare time / emulator CPU of the operator run, is the ratio a zero-cost operator could reach on this",
-    "emulator; where it is near or under 0.7 the goal is out of reach here short of sending fewer requests.",
-    "The operator's own CPU (most of it kopf handling about 8 watch events per job) competes with the",
-    "emulator for the 2 cores on top of that. Other work on the machine inflates single repeats (see the",
-    "per-repeat times); the CPU seconds are less sensitive to it than the wall times. A real API server",
-    "(Go, many cores) has another per-request cost: these are emulator numbers, not cluster numbers.",
+    "emulator. In many-small the emulator is the bottleneck of the operator run: the client's job POSTs",
+    "queue behind the operator's requests (the last POST returns at about 2.1 s, the last pod follows",
+    "0.1-0.4 s later). Other work on the machine inflates single repeats (see the per-repeat times); the",
+    "CPU seconds are less sensitive to it than the wall times. A real API server (Go, many cores) has",
+    "another per-request cost: these are emulator numbers, not cluster numbers.",
 ]
 
 
