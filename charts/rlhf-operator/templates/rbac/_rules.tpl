@@ -12,7 +12,7 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 
 {{/* Rules scoped to the namespaces holding jobs: a Role per watched namespace, or the ClusterRole. */}}
 {{- define "rlhf-operator.namespacedRules" -}}
-# framework: kopf indexes and watches the jobs and every kind of child (handlers.py).
+# framework: kopf watches the jobs and indexes and watches every kind of child (handlers.py).
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs"]
   verbs: ["list", "watch"]
