@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between progress reads of a running job's trainer")
     op.add_argument("--workers", type=int, default=16, help="jobs reconciled concurrently")
     op.add_argument("--api-concurrency", type=int, default=32, help="concurrent API requests")
+    op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                    help="the operator's own log level (debug: one line per reconcile pass and its actions)")
     return parser
 
 

@@ -153,7 +153,7 @@ def test_progress_comes_from_the_actor_rank0_metrics(emulator, trainer_metrics, 
                             b'rlhf_trainer_last_checkpoint_step{role="actor",rank="0"} 10\n')
     port = trainer_metrics.server_address[1]
     op = harness.start_operator(emulator, tmp_path / "operator.log", "--trainer-metrics-port", str(port),
-                                "--progress-interval", "0.5")
+                                "--progress-interval", "0.5", "--log-level", "debug")
     try:
         name = "life-progress"
         apply(emulator, example("dpo-tiny.yaml", name))
@@ -167,6 +167,7 @@ def test_progress_comes_from_the_actor_rank0_metrics(emulator, trainer_metrics, 
         _TrainerMetrics.body = b'rlhf_trainer_step{role="actor",rank="0"} 13\n'
         harness.wait_for(lambda: job(emulator, name)["status"]["progress"]["step"] == 13, what="step 13 (periodic re-read)")
         assert metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13
+        assert f"pass {NS}/{name}: 0 pods, 0 children -> ['CreateObject'" in op.log_tail(10**6)  # --log-level debug
     finally:
         op.stop()
         harness.kubectl(emulator, "delete", "rlhfjob", "life-progress", "-n", NS, "--wait=false", check=False)
@@ -193,6 +194,7 @@ def test_jobs_carry_no_finalizer(emulator, operator):
     apply(emulator, example("rm-tiny.yaml", name))
     wait_pods(emulator, name, 1)
     assert not job(emulator, name)["metadata"].get("finalizers")
+    assert f"pass {NS}/{name}:" not in operator.log_tail(10**6)  # one line per pass only at --log-level debug
     harness.kubectl(emulator, "delete", "rlhfjob", name, "-n", NS)
     assert job(emulator, name) is None
 

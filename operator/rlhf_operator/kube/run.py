@@ -35,14 +35,20 @@ class OperatorConfig:
         )
 
 
+def configure_logging(level: str) -> None:
+    """The operator's loggers at `level`. kopf says "Handler succeeded" at INFO for every watch event:
+    its per-object lines stay at warnings and errors, whatever the level."""
+    logging.getLogger("rlhf_operator").setLevel(level.upper())
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+
+
 def main(args: argparse.Namespace) -> int:
     import kopf
 
     from rlhf_operator.kube import handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=False)
-    # kopf says "Handler succeeded" at INFO for every watch event; keep its warnings and errors only.
-    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    configure_logging(getattr(args, "log_level", "info"))
     memo = kopf.Memo(config=OperatorConfig.from_args(args))
     asyncio.run(kopf.operator(
         standalone=True,
