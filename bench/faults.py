@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_md import write_section
 from rlhf_operator import local, localfaults
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,19 +101,6 @@ def summary(args: argparse.Namespace, results: list[localfaults.TrialResult]) ->
         "are counted from the actor's metrics file (a resume that lands exactly on a checkpoint redoes none).",
         "",
     ])
-
-
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) this trainer's Fault injection section; every other section stays as is."""
-    heading = text.splitlines()[0]
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    start = old.find(heading + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = old.find("\n## ", start + len(heading))
-        new = old[:start] + text + (old[end + 1:] if end >= 0 else "")
-    path.write_text(new)
 
 
 def main() -> int:

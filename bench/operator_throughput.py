@@ -42,6 +42,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from results_md import write_section  # noqa: E402
+
 from tests.kube_emulator import harness  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
@@ -260,20 +262,8 @@ def main() -> int:
         *table, "", *repeats, "", *NOTES, ""])
     print("\n" + text)
     if args.write:
-        write_section(text)
+        write_section(RESULTS, text)
     return 0
-
-
-def write_section(text: str) -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others alone."""
-    old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = old.find(SECTION)
-    if start < 0:
-        new = old.rstrip() + "\n\n" + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + (old[nxt + 1:] if nxt >= 0 else "")
-    RESULTS.write_text(new.rstrip() + "\n")
 
 
 if __name__ == "__main__":

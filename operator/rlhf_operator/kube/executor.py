@@ -2,9 +2,9 @@
 
 Idempotent by name: a create that meets 409 AlreadyExists and a delete that meets 404 NotFound both
 count as done, so a pass can be repeated after any crash. Writes are raw JSON requests on an aiohttp
-session in the operator's event loop (no model (de)serialisation, no thread hop: measured 0.25 ms of
-CPU per request against 0.55 ms through the official client on a thread pool), so that one pass sends
-its creates concurrently. The official client only loads the connection settings (in-cluster service
+session in the operator's event loop, so that one pass sends its creates concurrently: no model
+(de)serialisation and no thread hop, 0.29 ms of client CPU per request against 0.63 ms through the
+official client on a thread pool (bench/api_client_cost.py). The official client only loads the connection settings (in-cluster service
 account or kubeconfig) and refreshes the token.
 """
 
