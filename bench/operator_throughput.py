@@ -258,7 +258,7 @@ def main() -> int:
         "", f"Command: `.venv/bin/python bench/operator_throughput.py --repeats {args.repeats} --write`",
         f"Machine: {machine} (shared with other work: noisy); a fresh emulator per run, a fresh operator",
         "per operator run; bare and operator alternate. Operator RSS: peak resident memory of the operator",
-        "process (kopf, its indexes of the jobs and pods, the API session).", "",
+        "process (kopf, the jobs and its indexes of their children, the API session).", "",
         *table, "", *repeats, "", *NOTES, ""])
     print("\n" + text)
     if args.write:

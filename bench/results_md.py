@@ -8,6 +8,7 @@ from pathlib import Path
 def write_section(path: Path, text: str) -> None:
     """Replace (or append) the section whose heading is text's first line; every other section stays."""
     heading = text.splitlines()[0]
+    text = text.rstrip("\n") + "\n\n"  # one blank line before the next section
     old = path.read_text() if path.exists() else "# Benchmark results\n"
     start = old.find(heading + "\n")
     if start < 0:
