@@ -26,9 +26,9 @@ COSCHEDULING_PODGROUPS = ("scheduling.x-k8s.io", "v1alpha1", "podgroups")
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf.Index, job_services: kopf.Index, job_configmaps: kopf.Index,
-                job_pvcs: kopf.Index, job_volcano_podgroups: kopf.Index,
-                job_coscheduling_podgroups: kopf.Index, **_: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf.Index,
+                job_services: kopf.Index, job_configmaps: kopf.Index, job_pvcs: kopf.Index,
+                job_volcano_podgroups: kopf.Index, job_coscheduling_podgroups: kopf.Index, **_: Any) -> None:
     """When the operator starts, connect to the API, serve metrics and start the reconcile workers."""
     config: OperatorConfig = memo.get("config") or OperatorConfig()
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat it
@@ -47,7 +47,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    """When the operator stops, stop the workers, the API pool and the metrics server."""
+    """When the operator stops, stop the workers, the API session and the metrics server."""
     if memo.get("controller"):
         await memo.controller.stop()
         await memo.controller.api.close()

@@ -153,10 +153,10 @@ class Controller:
         now = datetime.now(UTC)
         old_status = self._current_status(key, raw)
         accepted = await self._refuse_immutable_changes(key, raw)
-        cached = accepted is raw  # a refused edit runs the accepted spec: parsed here, not cached
+        spec = self._valid_spec(key, raw) if accepted is raw else None  # a refused edit: parsed below
         raw = accepted
         try:
-            job = api.parse_job({**raw, "status": old_status}, self.specs.spec_of(key, raw) if cached else None)
+            job = api.parse_job({**raw, "status": old_status}, spec)
         except api.SpecError as err:
             await self._report_invalid(key, raw, old_status, err, now)
             return None
@@ -191,6 +191,14 @@ class Controller:
         if new_status.get("phase") == "Running":
             delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
         return delay
+
+    def _valid_spec(self, key: JobKey, raw: dict[str, Any]) -> api.JobSpec | None:
+        """The cached parse of the job's spec; None when it is invalid (parse_job then names every bad
+        field, the metadata's too)."""
+        try:
+            return self.specs.spec_of(key, raw)
+        except api.SpecError:
+            return None
 
     def _current_status(self, key: JobKey, raw: dict[str, Any]) -> dict[str, Any]:
         """The job's status, or the one we wrote last if the index has not seen that write yet."""
