@@ -55,34 +55,14 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
         memo.metrics_server.shutdown()
 
 
-@kopf.index("", "v1", "pods", **CHILD)
-async def job_pods(body: kopf.Body, **_: Any) -> dict:
-    """Index the operator's pods by (namespace, job)."""
-    return {owning_job(body): dict(body)}
-
-
-@kopf.index("", "v1", "services", **CHILD)
-async def job_services(body: kopf.Body, **_: Any) -> dict:
-    return {owning_job(body): dict(body)}
-
-
-@kopf.index("", "v1", "configmaps", **CHILD)
-async def job_configmaps(body: kopf.Body, **_: Any) -> dict:
-    return {owning_job(body): dict(body)}
-
-
-@kopf.index("", "v1", "persistentvolumeclaims", **CHILD)
-async def job_pvcs(body: kopf.Body, **_: Any) -> dict:
-    return {owning_job(body): dict(body)}
-
-
-@kopf.index(*VOLCANO_PODGROUPS, **CHILD)
-async def job_volcano_podgroups(body: kopf.Body, **_: Any) -> dict:
-    return {owning_job(body): dict(body)}
-
-
-@kopf.index(*COSCHEDULING_PODGROUPS, **CHILD)
-async def job_coscheduling_podgroups(body: kopf.Body, **_: Any) -> dict:
+@kopf.index("", "v1", "pods", **CHILD, id="job_pods")
+@kopf.index("", "v1", "services", **CHILD, id="job_services")
+@kopf.index("", "v1", "configmaps", **CHILD, id="job_configmaps")
+@kopf.index("", "v1", "persistentvolumeclaims", **CHILD, id="job_pvcs")
+@kopf.index(*VOLCANO_PODGROUPS, **CHILD, id="job_volcano_podgroups")
+@kopf.index(*COSCHEDULING_PODGROUPS, **CHILD, id="job_coscheduling_podgroups")
+async def child_index(body: kopf.Body, **_: Any) -> dict:
+    """Index the operator's children of each kind by (namespace, job); kopf names each index by its id."""
     return {owning_job(body): dict(body)}
 
 
