@@ -15,7 +15,12 @@ ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "rm", "sft")
 ROLE_NAMES = ("actor", "critic", "reward", "reference")
 REWARD_TYPES = ("model", "rule")
 REWARD_RULES = ("exact_match", "regex", "callable")
-DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
+DATASET_FORMATS = ("auto", "prompts", "pairs", "instruction", "ranked", "pair_list", "completion", "messages")
+# dataset.template: these words, or a Jinja chat template (any text holding "{{" or "{%").
+DATASET_TEMPLATES = ("auto", "chat", "raw")
+# Names dataset.fields may map to a dataset's own columns (rlhf_trainer.formats.FIELD_NAMES).
+DATASET_FIELDS = ("prompt", "query", "answer", "chosen", "rejected", "completion", "messages", "instruction",
+                  "input", "output", "history", "outputs")
 GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
@@ -55,8 +60,10 @@ class RewardSpec:
 @dataclass(frozen=True)
 class DatasetSpec:
     path: str
-    format: str = "prompts"
+    format: str = "auto"
     eval_path: str = ""
+    template: str = "auto"
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,10 @@ class Hyperparameters:
     learning_rate: float = 1e-5
     batch_size: int = 8
     micro_batch_size: int = 4
-    max_prompt_length: int = 64
+    max_prompt_length: int = 512
     max_new_tokens: int = 16
+    max_length: int = 1024
+    max_truncated_share: float = 0.1
     temperature: float = 1.0
     seed: int = 0
     # ppo
@@ -237,6 +246,8 @@ HYPERPARAMETER_BOUNDS: dict[str, dict[str, Any]] = {
     "microBatchSize": {"minimum": 1},
     "maxPromptLength": {"minimum": 1},
     "maxNewTokens": {"minimum": 1},
+    "maxLength": {"minimum": 2},
+    "maxTruncatedShare": {"minimum": 0, "maximum": 1},
     "temperature": {"gt": 0},
     "seed": {"minimum": 0},
     "ppoEpochs": {"minimum": 1},
@@ -511,9 +522,22 @@ def _dataset(fields: _Fields) -> DatasetSpec:
         path=fields.string("path", required=True),
         format=fields.string("format", DatasetSpec.format, enum=DATASET_FORMATS),
         eval_path=fields.string("evalPath"),
+        template=fields.string("template", DatasetSpec.template, max_length=65536),
+        fields=fields.string_map("fields"),
     )
     fields.done()
+    if not template_ok(dataset.template):
+        fields.error("template", f"{_one_of(DATASET_TEMPLATES)}, or a Jinja chat template "
+                                 f"(got {dataset.template[:40]!r})")
+    for name in dataset.fields:
+        if name not in DATASET_FIELDS:
+            fields.error(f"fields.{name}", f"unknown field; {_one_of(DATASET_FIELDS)}")
     return dataset
+
+
+def template_ok(template: str) -> bool:
+    """A dataset.template is a known word or holds Jinja syntax (the CRD's CEL rule says the same)."""
+    return template in DATASET_TEMPLATES or "{{" in template or "{%" in template
 
 
 def _role(fields: _Fields) -> RoleSpec:
@@ -687,13 +711,14 @@ def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[st
 
 
 def _dataset_format_errors(algorithm: str, dataset: DatasetSpec) -> list[tuple[str, str]]:
-    """dpo and rm learn from preference pairs: a JSONL file must be in a pair format (the trainer
-    exits 78 otherwise). A synthetic:// dataset brings its own format, so `format` is not read."""
+    """dpo and rm learn from preference pairs: a dataset file must be in a pair format (the trainer
+    exits 78 otherwise). A synthetic:// dataset brings its own format, so `format` is not read;
+    `auto` is told from the file's columns by the trainer."""
     if algorithm not in PAIR_ALGORITHMS or dataset.path.startswith(SYNTHETIC_PREFIX):
         return []
-    if dataset.format in PAIR_FORMATS:
+    if dataset.format in (*PAIR_FORMATS, "auto"):
         return []
-    return [("dataset.format", f"must be one of {', '.join(PAIR_FORMATS)} for algorithm {algorithm}, which learns "
+    return [("dataset.format", f"must be one of {', '.join(('auto', *PAIR_FORMATS))} for algorithm {algorithm}, which learns "
                                f"from preference pairs (got {dataset.format!r})")]
 
 

@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.formats import ROW_FORMATS, check_field_map
 
 ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "rm", "sft")
 ROLE_NAMES = ("actor", "critic", "reward", "reference")
 REWARD_TYPES = ("model", "rule")
 REWARD_RULES = ("exact_match", "regex", "callable")
-DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
+DATASET_FORMATS = ROW_FORMATS
+# dataset.template: these words, or a Jinja chat template (any text holding "{{" or "{%").
+DATASET_TEMPLATES = ("auto", "chat", "raw")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
 # Algorithms that sample responses and score them (the others learn from fixed data).
@@ -53,11 +56,13 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Training data: a JSONL file or `synthetic://NAME`, in one of DATASET_FORMATS."""
+    """Training data: a dataset file / save_to_disk folder or `synthetic://NAME` (rlhf_trainer.formats)."""
 
     path: str
-    format: str = "prompts"
-    eval_path: str = ""  # optional held-out JSONL in the same format
+    format: str = "auto"  # one of DATASET_FORMATS; auto = told from the column names
+    eval_path: str = ""  # optional held-out set in the same format
+    template: str = "auto"  # auto | chat | raw | a Jinja chat template (rlhf_trainer.chat)
+    fields: dict[str, str] = field(default_factory=dict)  # format field name -> the dataset's column
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,10 @@ class Hyperparameters:
     learning_rate: float = 1e-5
     batch_size: int = 8  # prompts (or pairs) per step, global
     micro_batch_size: int = 4  # per process per forward/backward
-    max_prompt_length: int = 64  # tokens; longer prompts are truncated from the left
+    max_prompt_length: int = 512  # tokens; longer prompts are truncated from the left
     max_new_tokens: int = 16  # response length cap when sampling
+    max_length: int = 1024  # dpo/rm/sft: prompt + response tokens per row; longer responses are cut
+    max_truncated_share: float = 0.1  # fail at startup when a larger share of rows would be truncated
     temperature: float = 1.0  # sampling temperature (also used to scale logits for log-probs)
     seed: int = 0
     # ppo
@@ -235,6 +242,8 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("micro_batch_size", lambda v: v >= 1, "at least 1"),
     ("max_prompt_length", lambda v: v >= 1, "at least 1"),
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+    ("max_length", lambda v: v >= 2, "at least 2"),
+    ("max_truncated_share", lambda v: 0 <= v <= 1, "between 0 and 1"),
     ("temperature", lambda v: v > 0, "greater than 0"),
     ("seed", lambda v: v >= 0, "at least 0"),
     ("ppo_epochs", lambda v: v >= 1, "at least 1"),
@@ -270,6 +279,11 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         errors.append("model.path: must not be empty")
     if not cfg.dataset.path:
         errors.append("dataset.path: must not be empty")
+    template = cfg.dataset.template
+    if not (template in DATASET_TEMPLATES or "{{" in template or "{%" in template):
+        errors.append(f"dataset.template: {json.dumps(template[:40])} is not one of {', '.join(DATASET_TEMPLATES)} "
+                      f"nor a Jinja chat template")
+    errors.extend(check_field_map(cfg.dataset.fields))
     hp = cfg.hyperparameters
     for name, ok, must_be in _HYPERPARAMETER_RULES:
         value = getattr(hp, name)
