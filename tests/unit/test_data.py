@@ -16,16 +16,6 @@ def write_jsonl(path, rows):
     return path
 
 
-class FakeTokenizer:
-    """Whitespace tokenizer with the HF call shape the helpers use: ids are word lengths + 10."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = [10 + len(w) for w in text.split()]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-
 # ---- conversion for algorithms -----------------------------------------------------------------
 
 
@@ -119,19 +109,14 @@ def test_shards_cover_the_batch_in_order(n, world):
 # ---- tokenisation --------------------------------------------------------------------------------
 
 
-def test_encode_prompts_left_pads_and_keeps_the_end_of_long_prompts():
-    enc = data.encode_prompts(FakeTokenizer(), ["a bb", "a bb ccc dddd"], max_length=3)
-    assert enc["input_ids"].tolist() == [[1, 11, 12], [12, 13, 14]]
-    assert enc["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
-    enc = data.encode_prompts(FakeTokenizer(), ["a", "a bb ccc"], max_length=8)
+def test_pad_left_aligns_prompts_at_the_end():
+    enc = data.pad_left([[1, 11], [1, 11, 12, 13]], pad_token_id=0)
     assert enc["input_ids"].tolist() == [[0, 0, 1, 11], [1, 11, 12, 13]]
     assert enc["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
 
 
-def test_encode_prompt_responses_masks_the_prompt_and_appends_eos():
-    enc = data.encode_prompt_responses(FakeTokenizer(), ["a", "a bb"], ["ccc", "dddd eeeee ffffff"],
-                                       max_prompt_length=8, max_response_length=3)
-    # the second response is cut to 3 tokens, losing its EOS
+def test_pad_right_masks_the_prompt_and_pads_after_the_response():
+    enc = data.pad_right([[1, 11], [1, 11, 12]], [[13, 2], [14, 15, 16]], pad_token_id=0)
     assert enc["input_ids"].tolist() == [[1, 11, 13, 2, 0, 0], [1, 11, 12, 14, 15, 16]]
     assert enc["loss_mask"].tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]]
     assert enc["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]
@@ -142,6 +127,14 @@ def test_response_mask_stops_after_the_first_eos():
     responses = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 7, 0], [5, 6, 7, 8, 9]])
     mask, ended = data.response_mask(responses, eos)
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert ended.tolist() == [True, True, False]
+
+
+def test_response_mask_stops_at_any_of_several_stop_ids():
+    # Llama 3 style: <|eot_id|> (9) ends a chat turn, <|end_of_text|> (2) a document
+    responses = torch.tensor([[5, 9, 7, 2], [5, 6, 2, 9], [5, 6, 7, 8]])
+    mask, ended = data.response_mask(responses, (2, 9))
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
     assert ended.tolist() == [True, True, False]
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from rlhf_trainer.chat import RAW_GENERATION_PROMPT, raw_block
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.formats import PAIR_FORMATS, read_records
 from rlhf_trainer.records import PairRecord, PromptRecord, Record, SFTRecord
@@ -57,13 +58,11 @@ KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts",
 def format_instruction(instruction: str, input_text: str = "", history: Sequence[Sequence[str]] = ()) -> str:
     """Alpaca-style prompt; earlier turns come first as instruction/response blocks.
 
-    The text of the synthetic instruction set, and (without `input_text`) how the `raw` template
-    writes a conversation (rlhf_trainer.chat)."""
-    turns = [f"### Instruction:\n{q}\n### Response:\n{a}\n" for q, a in history]
-    body = f"### Instruction:\n{instruction}\n"
-    if input_text:
-        body += f"### Input:\n{input_text}\n"
-    return "".join(turns) + body + "### Response:\n"
+    The text of the synthetic instruction set; the blocks are those the `raw` template writes a
+    conversation with (rlhf_trainer.chat.raw_block)."""
+    turns = [raw_block("user", q) + raw_block("assistant", a) for q, a in history]
+    body = raw_block("user", instruction) + (raw_block("input", input_text) if input_text else "")
+    return "".join(turns) + body + RAW_GENERATION_PROMPT
 
 
 # ---- synthetic datasets -------------------------------------------------------------------------
@@ -264,11 +263,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for generation; too long ones keep their last `max_length` tokens."""
-    rows = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+def pad_left(rows: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Prompt token rows -> left-padded input_ids and attention_mask (B, T), as generation wants them."""
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -277,36 +275,31 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def encode_prompt_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                            max_prompt_length: int, max_response_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded `prompt + response + EOS` rows for DPO / RM / SFT.
+def pad_right(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + response` rows for DPO / RM / SFT (rlhf_trainer.tokenized makes the rows).
 
-    Returns input_ids, attention_mask and loss_mask (1 on response tokens incl. EOS), all (B, T);
-    SFT labels are `input_ids.masked_fill(loss_mask == 0, -100)`. Prompts keep their last tokens,
-    responses their first ones (EOS is kept only when the response fits).
+    Returns input_ids, attention_mask and loss_mask (1 on response tokens), all (B, T); SFT labels
+    are `input_ids.masked_fill(loss_mask == 0, -100)`.
     """
-    rows, masks = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt)["input_ids"][-max_prompt_length:]
-        r = (tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-        r = r[:max_response_length]
-        rows.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
-        loss_mask[i, :len(row)] = torch.tensor(mask)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor([*p, *r])
+        attention_mask[i, :len(p) + len(r)] = 1
+        loss_mask[i, len(p):len(p) + len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled responses (B, R) -> (mask (B, R): tokens up to and including the first EOS,
-    ended (B,): whether an EOS was sampled at all; responses without one were truncated)."""
-    is_eos = response_ids == eos_token_id
+def response_mask(response_ids: torch.Tensor, stop_ids: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses (B, R) -> (mask (B, R): tokens up to and including the first stop token,
+    ended (B,): whether a stop token was sampled at all; responses without one were truncated).
+
+    `stop_ids` are every id that ends a response (a model may have several EOS ids)."""
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=response_ids.dtype)
+    is_eos = torch.isin(response_ids, stops)
     # Count EOS seen strictly before each position: a token is real while none was seen.
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return (eos_before == 0).long(), is_eos.any(-1)

@@ -13,9 +13,10 @@ from rlhf_trainer.algorithms.common import (
     drive,
     encode_pairs,
     global_normaliser,
-    load_records,
+    load_rows,
     pair_slices,
     start_colocated,
+    text_pipeline,
 )
 from rlhf_trainer.losses.dpo import dpo_loss
 from rlhf_trainer.roles import sequence_logprobs
@@ -29,10 +30,10 @@ def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
 
 
 class DPO:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, tokenizer):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer = tokenizer
         self.strategy = DeepSpeedStrategy(
             models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
@@ -48,7 +49,7 @@ class DPO:
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
-        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         with metrics.phase("score", timings):
             ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
@@ -78,6 +79,7 @@ class DPO:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
+    tokenizer, renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
     start_colocated(ctx)
-    drive(ctx, DPO(ctx), records)
+    drive(ctx, DPO(ctx, tokenizer), rows)

@@ -18,9 +18,10 @@ from rlhf_trainer.algorithms.common import (
     drive,
     generate,
     global_normaliser,
-    load_records,
+    load_rows,
     response_logprobs,
     start_colocated,
+    text_pipeline,
 )
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
@@ -31,10 +32,10 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class GroupPolicyGradient:
-    def __init__(self, ctx: Context, variant: str):
+    def __init__(self, ctx: Context, variant: str, tokenizer, stop_ids):
         hp = self.hp = ctx.hp
         self.ctx, self.variant = ctx, variant
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
         rows = ctx.rows_per_rank(hp.group_size)
         self.strategy = DeepSpeedStrategy(
             models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
@@ -55,7 +56,7 @@ class GroupPolicyGradient:
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
@@ -106,6 +107,7 @@ class GroupPolicyGradient:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
+    tokenizer, renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
     start_colocated(ctx)
-    drive(ctx, GroupPolicyGradient(ctx, ctx.cfg.algorithm), records)
+    drive(ctx, GroupPolicyGradient(ctx, ctx.cfg.algorithm, tokenizer, renderer.stop_ids), rows)

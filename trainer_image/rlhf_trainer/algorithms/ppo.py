@@ -19,9 +19,10 @@ from rlhf_trainer.algorithms.common import (
     drive,
     generate,
     global_normaliser,
-    load_records,
+    load_rows,
     response_logprobs,
     start_colocated,
+    text_pipeline,
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
@@ -32,10 +33,10 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class PPO:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, tokenizer, stop_ids):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer, self.stop_ids = tokenizer, stop_ids
         rows = ctx.rows_per_rank()
         self.strategy = DeepSpeedStrategy(
             models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
@@ -56,7 +57,7 @@ class PPO:
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
@@ -103,6 +104,7 @@ class PPO:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
+    tokenizer, renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
     start_colocated(ctx)
-    drive(ctx, PPO(ctx), records)
+    drive(ctx, PPO(ctx, tokenizer, renderer.stop_ids), rows)

@@ -8,7 +8,14 @@ folder that a PPO / GRPO job's `rewardModel.path` can point at.
 from __future__ import annotations
 
 from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, load_records, pair_slices
+from rlhf_trainer.algorithms.common import (
+    drive,
+    encode_pairs,
+    global_normaliser,
+    load_rows,
+    pair_slices,
+    text_pipeline,
+)
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
@@ -16,10 +23,10 @@ from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class RewardModelTraining:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, tokenizer):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer = tokenizer
         self.strategy = DeepSpeedStrategy(
             models.load_reward_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
@@ -34,7 +41,7 @@ class RewardModelTraining:
 
     def step(self, records, timings) -> dict[str, float]:
         hp, n = self.hp, len(records)
-        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         pairs_total = global_normaliser(n)
         losses, correct, chosen_scores = [], 0.0, []
         with self.ctx.metrics.phase("train", timings):
@@ -55,5 +62,6 @@ class RewardModelTraining:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, RewardModelTraining(ctx), records)
+    tokenizer, renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
+    drive(ctx, RewardModelTraining(ctx, tokenizer), rows)

@@ -6,18 +6,18 @@ example's boundary, so examples never attend to or predict each other).
 from __future__ import annotations
 
 from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.algorithms.common import drive, global_normaliser, load_rows, micro_batches, text_pipeline
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 class SFT:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, tokenizer):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer = tokenizer
         self.strategy = DeepSpeedStrategy(
             models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
@@ -32,10 +32,7 @@ class SFT:
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
-        batch = encode_prompt_responses(
-            self.tokenizer, [r.prompt for r in records], [r.response for r in records],
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        batch = pad_right([r.prompt for r in records], [r.response for r in records], self.tokenizer.pad_token_id)
         labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
         position_ids = position_ids_from_mask(batch["attention_mask"])
         if hp.packing:
@@ -71,5 +68,6 @@ class SFT:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, SFT(ctx), records)
+    tokenizer, renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
+    drive(ctx, SFT(ctx, tokenizer), rows)
