@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rlhf_contract import wire
 
 from rlhf_operator import api, builders, constants, localexec, planner, report
 from rlhf_operator.progress import merge_progress
@@ -110,7 +111,7 @@ def volume_dir(run_dir: Path, pod_dir: Path, mount_path: str, volume: Mapping[st
     """Local folder standing in for a pod volume: the config, the shared checkpoint volume, scratch."""
     if "configMap" in volume:
         return run_dir / "config"
-    if mount_path == constants.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
+    if mount_path == wire.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
         return run_dir / "checkpoints"
     return pod_dir / "volumes" / volume["name"]
 
@@ -285,7 +286,7 @@ class LocalRunner:
 
     def start_pod(self, pod: Mapping[str, Any]) -> None:
         name = pod["metadata"]["name"]
-        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.pod_dir(name)
         mounts = pod_mounts(pod, lambda path, vol: volume_dir(self.run_dir, pod_dir, path, vol))
         for folder in mounts.values():

@@ -4,6 +4,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from rlhf_contract import wire
 from rlhf_operator import constants
 from rlhf_operator.kube.executor import event_body, resource_path, status_merge_patch
 from rlhf_operator.kube.observe import child_ref, owning_job, progress_url
@@ -49,7 +50,7 @@ def test_event_body_points_at_the_job():
 
 
 def test_owning_job_by_label_then_owner_reference():
-    labelled = {"metadata": {"namespace": "ns", "labels": {constants.LABEL_JOB: "a"}}}
+    labelled = {"metadata": {"namespace": "ns", "labels": {wire.LABEL_JOB: "a"}}}
     owned = {"metadata": {"namespace": "ns", "ownerReferences": [
         {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x"},
         {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "name": "b"}]}}
@@ -61,7 +62,7 @@ def test_owning_job_by_label_then_owner_reference():
 
 
 def pod(role, index, phase, ip="10.0.0.5", deleting=False):
-    meta = {"name": f"j-{role}-{index}", "labels": {constants.LABEL_ROLE: role, constants.LABEL_ROLE_INDEX: str(index)}}
+    meta = {"name": f"j-{role}-{index}", "labels": {wire.LABEL_ROLE: role, wire.LABEL_ROLE_INDEX: str(index)}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "status": {"phase": phase, "podIP": ip}}

@@ -198,7 +198,7 @@ def test_truncated_responses_pay_the_penalty_not_a_forced_eos():
 
 
 def test_the_default_truncation_penalty_is_the_hyperparameter_default():
-    from rlhf_trainer.config import Hyperparameters
+    from rlhf_contract.config import Hyperparameters
 
     assert Hyperparameters().truncation_penalty == gae.TRUNCATION_PENALTY
 

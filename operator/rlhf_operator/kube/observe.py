@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_contract import wire
+
 from rlhf_operator import api, constants
 
 JobKey = tuple[str, str]  # (namespace, job name)
@@ -13,7 +15,7 @@ def owning_job(obj: dict[str, Any]) -> JobKey | None:
     """The job a child belongs to: its job label, else an RLHFJob owner reference; None for strangers."""
     meta = obj.get("metadata") or {}
     namespace = meta.get("namespace") or ""
-    job = (meta.get("labels") or {}).get(constants.LABEL_JOB)
+    job = (meta.get("labels") or {}).get(wire.LABEL_JOB)
     if job:
         return namespace, job
     for ref in meta.get("ownerReferences") or []:
@@ -37,7 +39,7 @@ def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         status = pod.get("status") or {}
-        if (labels.get(constants.LABEL_ROLE) == "actor" and str(labels.get(constants.LABEL_ROLE_INDEX)) == "0"
+        if (labels.get(wire.LABEL_ROLE) == "actor" and str(labels.get(wire.LABEL_ROLE_INDEX)) == "0"
                 and status.get("phase") == "Running" and status.get("podIP") and is_live(pod)):
             host = status["podIP"]
             host = f"[{host}]" if ":" in host else host

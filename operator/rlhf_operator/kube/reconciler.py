@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from rlhf_contract import wire
+
 from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
@@ -39,10 +41,6 @@ def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, st
     return not any(now - t <= CREATE_EXPECTATION_SECONDS for t in expected.values())
 
 
-def stamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:
     """The values a kopf index holds for key (a kopf Store), as a list; [] when none."""
     try:
@@ -60,7 +58,6 @@ class Controller:
     metrics: OperatorMetrics
     pods: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> child pod bodies
     children: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> support objects (service, ...)
-    trainer_metrics_port: int = 9400
     progress_interval: float = 15.0  # re-read a running job's progress at least this often
     workers: int = 16
     fetch_text: Callable[[str], Awaitable[str | None]] | None = None
@@ -170,7 +167,7 @@ class Controller:
         observed = planner.Observed(
             pods=tuple(planner.observe_pod(p) for p in pods),
             existing=existing,
-            progress=merge_progress(old_status.get("progress"), scraped, stamp(now)),
+            progress=merge_progress(old_status.get("progress"), scraped, wire.format_time(now)),
         )
         result = planner.plan(job, observed, now, self.settings)
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
@@ -245,7 +242,7 @@ class Controller:
         log.warning("job %s/%s has an invalid spec: %s", *key, err)
 
     async def _scrape_progress(self, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-        url = progress_url(pods, self.trainer_metrics_port)
+        url = progress_url(pods, self.settings.trainer_metrics_port)
         if url is None:
             return None
         fetch = self.fetch_text or self.api.fetch_text

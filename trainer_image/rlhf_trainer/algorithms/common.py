@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models
 from rlhf_trainer.data import (
-    KIND_OF_ALGORITHM,
     Sampler,
     encode_prompt_responses,
     encode_prompts,
@@ -170,7 +170,7 @@ def start_colocated(ctx: Context) -> None:
 
 def load_records(ctx: Context):
     """The training records, read before any model is built so bad data fails fast (exit 65)."""
-    kind = KIND_OF_ALGORITHM[ctx.cfg.algorithm]
+    kind = ALGORITHMS[ctx.cfg.algorithm].data
     return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)
 
 
