@@ -120,6 +120,8 @@ class Hyperparameters:
                             minimum=0, algorithms=ONLINE,
                             rule=Rule(_dual_clip_ok, "self == 0.0 || self > 1.0", "must be 0 (off) or > 1"))
     value_clip_range: float = knob(0.2, "Value clip range (0 = no value clipping).", minimum=0, algorithms=PPO)
+    entropy_coef: float = knob(0.0, "Entropy bonus: the policy loss minus this times the mean entropy of the "
+                                    "response tokens (0 = off).", minimum=0, algorithms=PPO)
     vf_coef: float = knob(0.1, "Value loss coefficient (in the reported total loss).", minimum=0, algorithms=PPO)
     gamma: float = knob(1.0, "Discount factor, 0..1.", minimum=0, maximum=1, algorithms=PPO)
     lam: float = knob(0.95, "GAE lambda, 0..1.", minimum=0, maximum=1, algorithms=PPO)

@@ -101,7 +101,7 @@ SPEC_VARIANTS = {
         "roles": [{"name": "actor", "replicas": 2, "deepspeed": {"zeroStage": 3, "bf16": True}},
                   {"name": "critic", "deepspeed": {"offloadOptimizer": True, "gradientCheckpointing": True}},
                   {"name": "reward", "colocateWith": "critic"}, {"name": "reference", "colocateWith": "actor"}],
-        "hyperparameters": {"maxSteps": 3, "dualClip": 3.0, "klTarget": 6.0, "klEstimator": "k3",
+        "hyperparameters": {"maxSteps": 3, "dualClip": 3.0, "klTarget": 6.0, "klEstimator": "k3", "entropyCoef": 0.01,
                             "whitenAdvantages": False, "ppoEpochs": 2},
     },
     "grpo with a regex rule": {

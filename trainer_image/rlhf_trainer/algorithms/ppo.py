@@ -25,8 +25,8 @@ from rlhf_trainer.algorithms.common import (
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
-from rlhf_trainer.losses.ppo import policy_loss
-from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean, masked_whiten
+from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
+from rlhf_trainer.losses.utils import masked_whiten
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -82,9 +82,10 @@ class PPO:
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
+                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens)
+                    loss = loss + bonus
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
