@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import shlex
 import shutil
@@ -226,7 +227,7 @@ class LocalRunner:
             progress=progress,
         )
         result = planner.plan(self.job, observed, datetime.datetime.now(datetime.UTC), self.settings)
-        self._acted = any(type(a).__name__ in ("CreateObject", "DeletePods") for a in result.actions)
+        self._acted = any(isinstance(a, planner.CreateObject | planner.DeletePods) for a in result.actions)
         for action in result.actions:
             self.execute(action)
         self._set_status(result.status)
@@ -251,25 +252,34 @@ class LocalRunner:
             tmp.replace(self.run_dir / "status.json")
 
     # -- actions ----------------------------------------------------------------------------------
-    def execute(self, action: Any) -> None:
-        kind = type(action).__name__
-        if kind == "CreateObject":
-            self.create(action.obj)
-        elif kind == "DeletePods":
-            names = [n for n in action.names if n in self.pods]
-            self.supervisor.stop(names, self.stop_grace)
-            for n in names:
-                del self.pods[n]
-            if names:
-                self.timeline.add("pods_deleted", ",".join(names))
-        elif kind == "DeleteObject":
-            self.objects.pop((action.kind, action.name), None)
-        elif kind == "DeleteJob":
-            self.job_deleted = True
-        elif kind == "EmitEvent":
-            self.event(action.type, action.reason, action.message)
-        else:
-            raise TypeError(f"local runner: unknown planner action {action!r}")
+    @functools.singledispatchmethod
+    def execute(self, action: object) -> None:
+        raise TypeError(f"local runner: unknown planner action {action!r}")
+
+    @execute.register
+    def _(self, action: planner.CreateObject) -> None:
+        self.create(action.obj)
+
+    @execute.register
+    def _(self, action: planner.DeletePods) -> None:
+        names = [n for n in action.names if n in self.pods]
+        self.supervisor.stop(names, self.stop_grace)
+        for n in names:
+            del self.pods[n]
+        if names:
+            self.timeline.add("pods_deleted", ",".join(names))
+
+    @execute.register
+    def _(self, action: planner.DeleteObject) -> None:
+        self.objects.pop((action.kind, action.name), None)
+
+    @execute.register
+    def _(self, action: planner.DeleteJob) -> None:
+        self.job_deleted = True
+
+    @execute.register
+    def _(self, action: planner.EmitEvent) -> None:
+        self.event(action.type, action.reason, action.message)
 
     def create(self, obj: Mapping[str, Any]) -> None:
         obj = stamp_new_object(dict(obj), self.job.namespace)

@@ -78,16 +78,16 @@ async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, mem
         return
     job = dict(body)
     memo.controller.job_changed((namespace, name), job, event.get("type"))
-    check_spec(memo.controller.specs, (namespace, name), job)
+    check_spec(memo.controller.record((namespace, name)).specs, job)
 
 
-def check_spec(specs: SpecCache, key: tuple[str, str], job: dict[str, Any]) -> None:
+def check_spec(specs: SpecCache, job: dict[str, Any]) -> None:
     """kopf.PermanentError for a bad spec (the pass writes Failed + an event). The parse is cached per
     generation and shared with the reconcile pass: most events of a job are its own status writes."""
     if (job.get("status") or {}).get("phase") == "Failed":
         return
     try:
-        specs.spec_of(key, job)
+        specs.spec_of(job)
     except api.SpecError as err:  # tell kopf not to retry
         raise kopf.PermanentError(str(err)) from err
 

@@ -48,22 +48,18 @@ def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
 
 
 class SpecCache:
-    """Parsed specs by job, each valid for the (uid, generation) it was parsed at: the API server bumps
-    the generation on every change of the spec, and most events of a job are status writes."""
+    """One job's parsed spec, valid for the (uid, generation) it was parsed at: the API server bumps the
+    generation on every change of the spec, and most events of a job are status writes."""
 
     def __init__(self) -> None:
-        self._specs: dict[JobKey, tuple[tuple[str, int], api.JobSpec]] = {}
+        self._parsed: tuple[tuple[str, int], api.JobSpec] | None = None
 
-    def spec_of(self, key: JobKey, obj: dict[str, Any]) -> api.JobSpec:
+    def spec_of(self, obj: dict[str, Any]) -> api.JobSpec:
         """The job's parsed spec; api.SpecError (never cached) when it is invalid."""
         meta = obj.get("metadata") or {}
         stamp = (str(meta.get("uid") or ""), int(meta.get("generation") or 1))
-        cached = self._specs.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        if self._parsed is not None and self._parsed[0] == stamp:
+            return self._parsed[1]
         spec = api.parse_spec(obj.get("spec"))
-        self._specs[key] = (stamp, spec)
+        self._parsed = (stamp, spec)
         return spec
-
-    def forget(self, key: JobKey) -> None:
-        self._specs.pop(key, None)
