@@ -40,7 +40,6 @@ CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
 PPO = ("ppo",)
 GROUP = ("grpo", "rloo")
-ONLINE_ALGORITHMS = ONLINE
 
 
 class ConfigError(ValueError):

@@ -61,10 +61,6 @@ def format_time(moment: datetime) -> str:
     return moment.strftime(TIME_FORMAT)
 
 
-def format_addr(host: str, port: int) -> str:
-    return f"{host}:{port}"
-
-
 def parse_addr(addr: str, name: str) -> tuple[str, int]:
     """`HOST:PORT` -> (host, port); ValueError naming `name` (the env variable) otherwise."""
     host, sep, port = addr.rpartition(":")

@@ -424,12 +424,6 @@ def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width
     return f"{name:<12} [{'#' * filled}{'.' * (width - filled)}] {step}/{max_steps}  {_metric_text(row)}".rstrip()
 
 
-def run_manifest(path: Path, workdir: Path, **kwargs: Any) -> tuple[LocalRunner, dict[str, Any]]:
-    manifest = load_manifest(path)
-    runner = LocalRunner(manifest, workdir, **kwargs)
-    return runner, runner.run()
-
-
 def main(args: Any) -> int:
     display = Progress(sys.stdout, bars=False if args.no_progress else None)
     try:

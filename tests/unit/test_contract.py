@@ -181,3 +181,10 @@ def test_the_contract_imports_only_the_standard_library():
             for name in names:
                 top = name.split(".")[0]
                 assert top == "rlhf_contract" or top in sys.stdlib_module_names, f"{path.name} imports {name}"
+
+
+def test_every_algorithm_row_is_complete_and_has_its_module():
+    for a in algorithms.TABLE:
+        assert a.roles[0] == "actor" and set(a.roles) <= set(algorithms.ROLE_NAMES), a.name
+        assert a.data in algorithms.DATA_KINDS, a.name
+        assert (REPO / "trainer_image" / "rlhf_trainer" / "algorithms" / f"{a.module}.py").exists(), a.name

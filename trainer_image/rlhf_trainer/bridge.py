@@ -1,6 +1,6 @@
 """The bridge: one process group joining every process of every role, separate from the roles' worlds.
 
-Each role trains in its own torch.distributed world (strategy.init_role_world); batches travel
+Each role trains in its own torch.distributed world (distributed.init_role_world); batches travel
 between roles over this group (gloo on CPU, NCCL on GPU), built on its own TCPStore hosted by actor
 rank 0 at RLHF_BRIDGE_ADDR. Bridge ranks are assigned deterministically from the config's roles
 (rlhf_contract.layout.bridge_ranks), so every process computes the same layout without talking to anyone.
