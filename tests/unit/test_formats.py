@@ -194,12 +194,11 @@ def test_field_map_naming_a_missing_column_lists_the_columns(tmp_path):
         formats.read_records(path, "auto", fields={"prompt": "text"})
 
 
-def test_field_map_names_are_checked():
-    assert formats.check_field_map({"prompt": "q", "answer": "a"}) == []
-    assert formats.check_field_map({"promt": "q", "answer": ""}) == [
-        f"dataset.fields.promt: unknown field (map one of {', '.join(formats.FIELD_NAMES)})",
-        "dataset.fields.answer: the column name must not be empty",
-    ]
+def test_the_field_names_are_the_contracts():
+    from rlhf_contract.config import DatasetFields
+
+    assert formats.FIELD_NAMES == tuple(DatasetFields().__dict__)
+    assert DatasetFields(prompt="question", answer="solution").mapping() == {"prompt": "question", "answer": "solution"}
 
 
 def test_auto_names_the_columns_it_could_not_place(tmp_path):

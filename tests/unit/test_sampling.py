@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rlhf_contract.config import Hyperparameters
 from rlhf_trainer import models
 from rlhf_trainer.algorithms.common import generate
-from rlhf_trainer.config import Hyperparameters
 from rlhf_trainer.sampling import sampling_config, stop_token_ids
 from rlhf_trainer.tokenized import PromptRow
 from transformers import GenerationConfig

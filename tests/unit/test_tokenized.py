@@ -123,7 +123,7 @@ def test_lengths_hold_for_any_pairs(pairs, max_prompt_length, max_length):
 
 
 def test_long_pairs_train_at_their_real_length_with_the_defaults():
-    from rlhf_trainer.config import Hyperparameters
+    from rlhf_contract.config import Hyperparameters
 
     hp = Hyperparameters()
     records = load_dataset(str(CASES / "long_pairs.jsonl"), "pairs", kind="pairs")

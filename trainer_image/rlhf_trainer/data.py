@@ -1,6 +1,6 @@
 """Datasets: loading for an algorithm, synthetic tasks, a resumable sampler, and tokenisation helpers.
 
-    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=KIND_OF_ALGORITHM[cfg.algorithm])
+    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=ALGORITHMS[cfg.algorithm].data)
     sampler = Sampler(len(records), cfg.hyperparameters.batch_size, seed=cfg.hyperparameters.seed)
     batch = [records[i] for i in sampler.next_batch()]
 
@@ -41,16 +41,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from rlhf_contract.config import PAIR_FORMATS, SYNTHETIC_PREFIX
 
 from rlhf_trainer.chat import RAW_GENERATION_PROMPT, raw_block
 from rlhf_trainer.errors import ConfigError, DataError
-from rlhf_trainer.formats import PAIR_FORMATS, read_records
+from rlhf_trainer.formats import read_records
 from rlhf_trainer.records import PairRecord, PromptRecord, Record, SFTRecord
-
-SYNTHETIC_PREFIX = "synthetic://"
-KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts",
-                     "dpo": "pairs", "rm": "pairs", "sft": "sft"}
-
 
 # ---- instruction template -----------------------------------------------------------------------
 
@@ -194,7 +190,7 @@ def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
 
 def load_dataset(path: str, fmt: str, *, kind: str, fields: dict[str, str] | None = None) -> list[Record]:
     """Read a dataset file / folder (rlhf_trainer.formats) or a synthetic dataset and convert it for
-    `kind` (see KIND_OF_ALGORITHM); `fields` maps format names to the file's columns."""
+    `kind` (rlhf_contract.algorithms: each algorithm's `data`); `fields` maps format names to the file's columns."""
     if path.startswith(SYNTHETIC_PREFIX):
         records = synthetic_dataset(path)
         fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction"}[type(records[0])]

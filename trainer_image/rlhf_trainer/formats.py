@@ -32,11 +32,14 @@ once more line by line to name the first bad line (invalid JSON, or a column who
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rlhf_contract.config import DATASET_FORMATS, DatasetFields
 
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.records import Conversation, PairRecord, Prompt, PromptRecord, Record, SFTRecord
@@ -52,11 +55,8 @@ DETECTION = (
     ("prompts", ("prompt",)),
     ("prompts", ("query",)),
 )
-ROW_FORMATS = ("auto", "prompts", "pairs", "instruction", "ranked", "pair_list", "completion", "messages")
-PAIR_FORMATS = ("pairs", "ranked", "pair_list")
-# Names `dataset.fields` may map (the columns the row formats read).
-FIELD_NAMES = ("prompt", "query", "answer", "chosen", "rejected", "completion", "messages", "instruction",
-               "input", "output", "history", "outputs")
+# Names `dataset.fields` may map (the columns the row formats read): rlhf_contract.config.DatasetFields.
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(DatasetFields))
 PROMPT_ALIASES = ("prompt", "query")  # `query` is read when a row has no `prompt`
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
@@ -204,17 +204,6 @@ def read_table(path: str | Path) -> tuple[list[dict[str, Any]], Callable[[int], 
 
 
 # ---- field mapping and detection ----------------------------------------------------------------
-
-
-def check_field_map(fields: dict[str, str]) -> list[str]:
-    """Errors of a `dataset.fields` mapping (unknown names, empty columns), as config paths."""
-    errors = []
-    for name, column in fields.items():
-        if name not in FIELD_NAMES:
-            errors.append(f"dataset.fields.{name}: unknown field (map one of {', '.join(FIELD_NAMES)})")
-        elif not column:
-            errors.append(f"dataset.fields.{name}: the column name must not be empty")
-    return errors
 
 
 def map_fields(rows: list[dict[str, Any]], fields: dict[str, str], file: str) -> list[dict[str, Any]]:
@@ -403,7 +392,7 @@ def parse_row(row: Any, fmt: str, where: str) -> list[Record]:
         if len(output) != 2:
             raise DataError(f"{where}: field 'output' must be [chosen, rejected], got {len(output)} responses")
         return [PairRecord(_prompt(row, where), output[0], output[1], where)]
-    raise ConfigError(f"dataset.format: unknown format {fmt!r} (choose from {', '.join(ROW_FORMATS)})")
+    raise ConfigError(f"dataset.format: unknown format {fmt!r} (choose from {', '.join(DATASET_FORMATS)})")
 
 
 def read_records(path: str | Path, fmt: str, fields: dict[str, str] | None = None) -> tuple[list[Record], str]:

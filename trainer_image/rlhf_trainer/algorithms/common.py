@@ -1,8 +1,10 @@
-"""What every actor loop shares: the step driver (data, resume, checkpoints, metrics, export) and
-the rollout helpers of the online algorithms (generate, score, micro-batches).
+"""What every actor loop shares: the algorithm base (model, tokenizer, DeepSpeed strategy), the step
+driver (data, resume, checkpoints, metrics, export) and the rollout helpers of the online algorithms
+(generate, score, micro-batches).
 
-An algorithm is an object with `strategy`, `tokenizer`, `step(records, timings) -> dict of metrics`, and `state_dict()` /
-`load_state_dict()` for what it must carry over a restart (e.g. the KL controller).
+An algorithm is an ActorAlgorithm with `step(records, timings) -> dict of metrics`, and `state_dict()` /
+`load_state_dict()` for what it must carry over a restart (e.g. the KL controller). Its module's
+`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models
 from rlhf_trainer.chat import Renderer
 from rlhf_trainer.data import (
-    KIND_OF_ALGORITHM,
     Sampler,
     load_dataset,
     pad_left,
@@ -34,6 +36,7 @@ from rlhf_trainer.losses.utils import logprobs_from_logits
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
+from rlhf_trainer.strategy import DeepSpeedStrategy
 from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, truncation_error
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
@@ -41,6 +44,47 @@ AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "los
             "response_length", "preference_accuracy")
 # Keys of a step's stats that are sums over the actor ranks.
 SUMMED = ("tokens", "truncated_rows")
+
+
+class ActorAlgorithm:
+    """The actor's trained model behind a DeepSpeed strategy, its tokenizer, and the hyperparameters.
+
+    renderer: how prompts and responses become the model's tokens (text_pipeline; its stop_ids end
+    sampled responses);
+    load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
+    rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
+    rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    """
+
+    def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
+                 rows_per_sample: int = 1):
+        hp = self.hp = ctx.hp
+        self.ctx = ctx
+        self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
+        self.strategy = DeepSpeedStrategy(
+            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
+        )
+
+    def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the algorithm carries over a restart besides the model (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> None:
+    """An actor loop from start to export: tokenizer and data first (bad data and lengths fail fast),
+    colocated roles, then drive()."""
+    renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
+    start_colocated(ctx)
+    drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
@@ -170,21 +214,21 @@ def start_colocated(ctx: Context) -> None:
         ctx.local_services[role] = build_service(ctx, role)
 
 
-def text_pipeline(ctx: Context):
-    """(the policy's tokenizer, its Renderer): how prompts and responses become tokens (dataset.template),
+def text_pipeline(ctx: Context) -> Renderer:
+    """The policy tokenizer's Renderer: how prompts and responses become its tokens (dataset.template),
     with every EOS id of the model as a stop token."""
     path = ctx.cfg.model.path
     tokenizer = models.load_tokenizer(path)
     stops = stop_token_ids(tokenizer, *models.generation_settings(path))
-    return tokenizer, Renderer(tokenizer, ctx.cfg.dataset.template, stop_ids=stops)
+    return Renderer(tokenizer, ctx.cfg.dataset.template, stop_ids=stops)
 
 
 def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
     """The training rows, read and tokenized before any model is built, so bad data fails fast (exit 65)
     and so does a dataset the length settings would truncate too much (exit 78, rlhf_trainer.tokenized)."""
     cfg, hp = ctx.cfg, ctx.hp
-    kind = KIND_OF_ALGORITHM[cfg.algorithm]
-    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields)
+    kind = ALGORITHMS[cfg.algorithm].data
+    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields.mapping())
     limits = {"max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
     rows, report = tokenize_records(records, renderer, kind, **limits)
     if ctx.env.rank == 0:

@@ -9,35 +9,21 @@ from __future__ import annotations
 
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
-    drive,
+    ActorAlgorithm,
     encode_pairs,
     global_normaliser,
-    load_rows,
     pair_slices,
-    text_pipeline,
+    run_algorithm,
 )
-from rlhf_trainer.losses.rm import bradley_terry_loss
+from rlhf_trainer.losses.rm import bradley_terry_loss, preference_accuracy
 from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class RewardModelTraining:
-    def __init__(self, ctx: Context, tokenizer):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = tokenizer
-        self.strategy = DeepSpeedStrategy(
-            models.load_reward_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+class RewardModelTraining(ActorAlgorithm):
+    def __init__(self, ctx: Context, renderer):
+        # a one-label sequence classifier; a pair is two rows: chosen and rejected
+        super().__init__(ctx, renderer, load_model=models.load_reward_model, rows_per_sample=2)
 
     def step(self, records, timings) -> dict[str, float]:
         hp, n = self.hp, len(records)
@@ -53,7 +39,7 @@ class RewardModelTraining:
                 self.strategy.backward(loss)
                 self.strategy.step()
                 losses.append(loss.item())
-                correct += float((scores[:half] > scores[half:]).float().sum())
+                correct += float(preference_accuracy(scores[:half], scores[half:])) * half
                 chosen_scores.append(float(scores[:half].detach().mean()))
         return {
             "loss": sum(losses), "policy_loss": sum(losses), "preference_accuracy": correct / n,
@@ -62,6 +48,4 @@ class RewardModelTraining:
 
 
 def run(ctx: Context) -> None:
-    tokenizer, renderer = text_pipeline(ctx)
-    rows = load_rows(ctx, renderer)
-    drive(ctx, RewardModelTraining(ctx, tokenizer), rows)
+    run_algorithm(ctx, RewardModelTraining)

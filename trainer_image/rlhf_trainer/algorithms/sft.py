@@ -5,30 +5,19 @@ example's boundary, so examples never attend to or predict each other).
 
 from __future__ import annotations
 
-from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, load_rows, micro_batches, text_pipeline
+from rlhf_trainer import distributed
+from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
+    global_normaliser,
+    micro_batches,
+    run_algorithm,
+)
 from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class SFT:
-    def __init__(self, ctx: Context, tokenizer):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = tokenizer
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+class SFT(ActorAlgorithm):
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
@@ -68,6 +57,4 @@ class SFT:
 
 
 def run(ctx: Context) -> None:
-    tokenizer, renderer = text_pipeline(ctx)
-    rows = load_rows(ctx, renderer)
-    drive(ctx, SFT(ctx, tokenizer), rows)
+    run_algorithm(ctx, SFT)
