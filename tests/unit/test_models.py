@@ -132,6 +132,22 @@ def test_save_with_an_explicit_state_dict(tmp_path, tok):
     assert float(loaded.model.embed_tokens.weight.detach().abs().sum()) == 0.0
 
 
+def test_tied_weights_in_an_explicit_state_dict_are_saved_once(tmp_path, tok):
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    clones = {k: v.clone() for k, v in model.state_dict().items()}  # as a consolidated ZeRO-3 state dict
+    assert "lm_head.weight" in clones
+    models.save_pretrained(model, tok, tmp_path, state_dict=clones)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    loaded = models.load_policy(str(tmp_path), seed=0)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 @pytest.mark.parametrize("path", ["tiny://gpt5", "meta-llama/Llama-3-8B", "/nonexistent/model"])
 def test_unknown_or_remote_paths_are_config_errors(path):
     with pytest.raises(ConfigError, match="model path"):

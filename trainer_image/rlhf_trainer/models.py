@@ -268,10 +268,18 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
                     *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (+ tokenizer) as an HF folder that load_policy / load_reward_model read back.
 
-    `state_dict` overrides the module's own tensors: under ZeRO-3 pass the consolidated weights.
+    `state_dict` overrides the module's own tensors: under ZeRO-3 pass the consolidated weights. Its
+    tied weights (a model with tie_word_embeddings: lm_head = the input embeddings) arrive as separate
+    copies; they are made one tensor again so the file holds them once, as a live model's save does
+    (SmolLM2-135M: 538 MB instead of 651 MB).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        state_dict = dict(state_dict)
+        for tied, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+            if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+                state_dict[tied] = state_dict[source]
     model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     return directory
