@@ -6,6 +6,7 @@ has no API server) rejects exactly what a cluster rejects, with every bad field 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,7 +104,9 @@ class JobSpec:
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
+        """Role name -> placement (computed once: the builders ask for every pod)."""
         return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
@@ -111,7 +114,7 @@ class JobSpec:
         return tuple(r for r in self.roles if not r.colocate_with)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
-        return layout.colocated_into(self.placements(), host)
+        return layout.colocated_into(self.placements, host)
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _bounds(bounds: dict[str, Any]) -> Knob | None:
+    """The rules of a Kubernetes-only number field (`minimum=0`), in the contract's Knob shape."""
+    return Knob("", **bounds) if bounds else None
+
+
 def _one_of(allowed: tuple[str, ...]) -> str:
     return "must be one of: " + ", ".join(allowed)
 
@@ -231,8 +239,8 @@ class _Fields:
             return default
         if required and not value:
             self.error(key, "must not be empty")
-        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length)) and pattern \
-                and not re.match(pattern, value):
+        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length) if enum or max_length else None) \
+                and pattern and not re.match(pattern, value):
             self.error(key, f"must match {pattern} (got {value!r})")
         return value
 
@@ -245,7 +253,7 @@ class _Fields:
             return default
         return value
 
-    def integer(self, key: str, default: int, **bounds: Any) -> int:
+    def integer(self, key: str, default: int, knob: Knob | None = None, **bounds: Any) -> int:
         value = self._value(key, False)
         if value is _MISSING:
             return default
@@ -254,19 +262,19 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"must be an integer, got {_kind(value)}")
             return default
-        return value if self._valid(key, value, Knob("", **bounds)) else default
+        return value if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def number(self, key: str, default: float, **bounds: Any) -> float:
+    def number(self, key: str, default: float, knob: Knob | None = None, **bounds: Any) -> float:
         value = self._value(key, False)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"must be a number, got {_kind(value)}")
             return default
-        return float(value) if self._valid(key, value, Knob("", **bounds)) else default
+        return float(value) if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def _valid(self, key: str, value: Any, knob: Knob) -> bool:
-        problems = knob.problems(value)
+    def _valid(self, key: str, value: Any, knob: Knob | None) -> bool:
+        problems = knob.problems(value) if knob else []
         for problem in problems:
             self.error(key, problem)
         return not problems
@@ -281,7 +289,7 @@ class _Fields:
         if s.type is bool:
             return self.boolean(s.camel, default)
         read = self.integer if s.type is int else self.number
-        return read(s.camel, default, minimum=k.minimum, maximum=k.maximum, gt=k.gt, lt=k.lt, rule=k.rule)
+        return read(s.camel, default, k)
 
     def settings(self, cls: type, **defaults: Any) -> dict[str, Any]:
         """Every knob of a contract dataclass (`defaults` overrides some defaults), as constructor kwargs."""
