@@ -170,6 +170,9 @@ class LocalRunner:
         self.supervisor = localexec.Supervisor()
         self.addresses = localexec.LocalAddresses(LOCAL_IP)
         self.pods: dict[str, dict[str, Any]] = {}
+        # Pods deleted by the last pass, with their final status, shown to the next pass only (as a watch
+        # shows a deleted pod terminated before its DELETED event): an exit during the grace period counts.
+        self.departed: dict[str, dict[str, Any]] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.timeline = Timeline()
         self.passes = 0
@@ -219,8 +222,10 @@ class LocalRunner:
         rows = self._latest_rows()
         progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
                                   localexec.utc_now())
+        departed, self.departed = self.departed, {}
         observed = planner.Observed(
-            pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+            pods=(*(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+                  *(planner.observe_pod(pod) for name, pod in departed.items() if name not in self.pods)),
             existing=self._existing(),
             progress=progress,
         )
@@ -256,7 +261,11 @@ class LocalRunner:
             self.create(action.obj)
         elif kind == "DeletePods":
             names = [n for n in action.names if n in self.pods]
-            self.supervisor.stop(names, self.stop_grace)
+            for proc in self.supervisor.stop(names, self.stop_grace):
+                pod = self.pods[proc.spec.name]
+                self.departed[proc.spec.name] = {
+                    **pod, "metadata": {**pod["metadata"], "deletionTimestamp": localexec.utc_now()},
+                    "status": localexec.pod_status(proc, LOCAL_IP)}
             for n in names:
                 del self.pods[n]
             if names:

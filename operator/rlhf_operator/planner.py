@@ -23,6 +23,7 @@ and metrics.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -428,10 +429,58 @@ def _drive_gang(p: _Pass) -> None:
     # Pods of an older attempt (or no longer in the layout) are never part of the gang.
     p.delete(pod for pod in p.observed.pods if pod.name not in current)
     created_at = gang_created_at(p.status)
+    if created_at is not None and _actors_succeeded(p, current):
+        return
+    if _failed_permanently(p, current):
+        return
     if created_at is None:
         _start_gang(p, names, current)
     else:
         _watch_gang(p, names, current, created_at)
+
+
+def permanent_failures(pods: Iterable[ObservedPod], attempt: int) -> list[ObservedPod]:
+    """The pods whose exit decides that gang attempt `attempt` failed for good: a pod of this attempt
+    or of the one before it (the gang whose failure started this attempt) that terminated with a
+    permanent exit code, terminating or not, first to finish first.
+
+    Every pod's exit counts, however late it comes: a peer deleted in a gang restart may still exit 65/78
+    in its grace period, after the restart was decided; until the new gang exists, that exit turns the
+    restart into a permanent failure (issue 18, part 6).
+    """
+    late = datetime.max.replace(tzinfo=UTC)
+    return sorted((pod for pod in pods
+                   if pod.attempt in (attempt, attempt - 1) and pod.terminated
+                   and pod.exit_code in PERMANENT_EXIT_CODES),
+                  key=lambda pod: (pod.finished_at or late, pod.name))
+
+
+def _actors_succeeded(p: _Pass, current: dict[str, ObservedPod]) -> bool:
+    """Every actor pod exited 0: the job is done (a peer that failed as the actor left does not count)."""
+    actor_host = p.spec.role(host_role(p.spec, "actor"))
+    actor_pods = [pod_name(p.job.name, actor_host.name, i) for i in range(actor_host.replicas)]
+    if not all(n in current and current[n].phase == "Succeeded" for n in actor_pods):
+        return False
+    _finish(p, "Succeeded", "Succeeded", f"all {len(actor_pods)} actor pods exited 0")
+    return True
+
+
+def _failed_permanently(p: _Pass, current: dict[str, ObservedPod]) -> bool:
+    """A permanent exit code among the gang's pods: Failed/PermanentError, whatever else failed first
+    and whether or not a restart was already decided."""
+    permanent = permanent_failures(p.observed.pods, p.attempt)
+    if not permanent:
+        return False
+    # The running gang's failures have not been reported yet; a late permanent exit neither.
+    reported = {pod.name: pod for pod in current.values() if pod.phase == "Failed"}
+    reported.update((pod.name, pod) for pod in permanent if pod.name not in reported)
+    for name in sorted(reported):
+        p.event("Warning", "PodFailed", describe_failure(reported[name]))
+    message = f"{describe_failure(permanent[0])} (permanent error: not restarting)"
+    if p.phase == "Restarting":
+        message += "; the pending gang restart is cancelled"
+    _finish(p, "Failed", "PermanentError", message)
+    return True
 
 
 def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> None:
@@ -460,20 +509,7 @@ def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> 
 
 
 def _watch_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod], created_at: datetime) -> None:
-    actor_host = p.spec.role(host_role(p.spec, "actor"))
-    actor_pods = [pod_name(p.job.name, actor_host.name, i) for i in range(actor_host.replicas)]
-    if all(n in current and current[n].phase == "Succeeded" for n in actor_pods):
-        _finish(p, "Succeeded", "Succeeded", f"all {len(actor_pods)} actor pods exited 0")
-        return
-
     failures = sorted((pod for pod in current.values() if pod.phase == "Failed"), key=lambda pod: pod.name)
-    permanent = [pod for pod in failures if pod.exit_code in PERMANENT_EXIT_CODES]
-    if permanent:
-        for pod in failures:
-            p.event("Warning", "PodFailed", describe_failure(pod))
-        _finish(p, "Failed", "PermanentError", f"{describe_failure(permanent[0])} (permanent error: not restarting)")
-        return
-
     settle_until = failure_settle_deadline(failures, current.values())
     if settle_until is not None and p.now < settle_until:
         p.wake_at(settle_until)

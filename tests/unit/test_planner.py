@@ -245,6 +245,38 @@ CASES: dict[str, Case] = {
                               pod("j-critic-0", "Failed", exit_code=1, finished=497)),
         at=500, phase="Failed", restarts=0, events=["PodFailed", "PodFailed", "Failed"],
         cond=("Failed", "True", "PermanentError"), message_has=("j-actor-0", "reward.callable")),
+    # --- a permanent exit decides, however late it comes (issue 18, part 6)
+    "a permanent exit after the restart was decided cancels the restart": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True,
+                  message="dataset.format: must be pairs"),),
+        at=16, phase="Failed", restarts=1, events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError"),
+        message_has=("j-actor-0", "exit code 78", "dataset.format", "restart is cancelled")),
+    "a permanent exit seen only once the backoff is over still beats the new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        pods=(pod("j-actor-0", "Failed", exit_code=65, finished=3, terminating=True),), at=60,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit of a pod someone else is deleting is permanent": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=78, terminating=True)),
+        at=500, phase="Failed", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-critic-0",)),
+    "a permanent exit of a gang that timed out is permanent": Case(
+        status=status("Restarting", restarting=("GangTimeout", 300), gangTimeouts=1),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=301),), at=302,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit long after the settle window, while peers still ran, fails the job": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 520)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=530, terminating=True),
+              pod("j-critic-0", "Failed", exit_code=1, finished=500, terminating=True)),
+        at=531, phase="Failed", events=["PodFailed", "Failed"], message_has=("j-actor-0",)),
+    "a retryable exit of the old gang after the restart changes nothing": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=143, finished=15, terminating=True),), at=16,
+        phase="Restarting", restarts=1),
+    "a pod two attempts old does not decide this gang": Case(
+        status=status("Restarting", restarts=2, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True, attempt=0),), at=16,
+        phase="Restarting", restarts=2),
     "maxRestarts reached: Failed": Case(
         status=status("Running", restarts=3, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", exit_code=1, attempt=3)),
