@@ -11,12 +11,13 @@ Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoi
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
-from rlhf_operator.api import Job, JobSpec, RoleSpec
+from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, RoleSpec
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     API_VERSION,
@@ -182,9 +183,19 @@ def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: 
     return meta
 
 
+def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
+    """`text` when it has at most `limit` characters; else its head, '-' and 10 hex digits of its
+    SHA-256, so that distinct texts stay distinct (as the names Kubernetes controllers generate)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
-    # One Kueue workload per gang attempt: Kueue finalizes a group once one of its pods failed.
-    return f"{job.name}-attempt-{attempt}"
+    """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
+    Kueue finalizes a group once one of its pods failed."""
+    return fit_label(f"{job.name}-attempt-{attempt}")
 
 
 # --- pods ------------------------------------------------------------------------------------

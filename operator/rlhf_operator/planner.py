@@ -340,7 +340,9 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
         p.status["progress"] = dict(observed.progress)
 
     failed = get_condition(p.status, "Failed")
-    if p.phase == "Failed" and failed and failed.get("reason") == "InvalidSpec":
+    if p.phase == "Failed" and failed and (
+            failed.get("reason") == "InvalidSpec"
+            or (failed.get("reason") == REASON_CHILD_REJECTED and job.generation != job.status.get("observedGeneration"))):
         _reopen_fixed_spec(p)
 
     if p.phase in FINISHED_PHASES:
@@ -358,6 +360,23 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     creating = tuple(a.obj for a in p.actions if isinstance(a, CreateObject) and a.obj.get("kind") == "Pod")
     p.status["roles"] = role_counts(job, current, creating)
     return p.result()
+
+
+# Failed because the API server refused a child the builders made (422): the job's message says which.
+REASON_CHILD_REJECTED = "ChildRejected"
+
+
+def child_rejected_status(job_status: dict, generation: int, message: str, now: datetime) -> dict:
+    """The status of a job one of whose children the API server refused as invalid: Failed with the API's
+    message. An edit of the spec (a new generation) tries again, as after InvalidSpec."""
+    status = copy.deepcopy(job_status)
+    status.update(phase="Failed", observedGeneration=generation, completionTime=format_time(now))
+    status.pop("gangCreatedTime", None)
+    set_condition(status, "Failed", True, REASON_CHILD_REJECTED, message[:MAX_MESSAGE_CHARS * 2], now)
+    for type_ in ("Running", "Restarting"):
+        if condition_is_true(status, type_):
+            set_condition(status, type_, False, REASON_CHILD_REJECTED, message[:MAX_MESSAGE_CHARS], now)
+    return status
 
 
 def invalid_spec_status(job_status: dict, generation: int, message: str, now: datetime) -> dict:

@@ -748,3 +748,17 @@ def test_random_histories_keep_the_invariants(seed):
     assert finished_at in ("Succeeded", "Failed"), cluster.job.status
     attempts = [a for _, a in cluster.created_pods]
     assert attempts == sorted(attempts), "gangs are created in attempt order"
+
+
+def test_a_child_rejected_failure_holds_until_the_spec_is_edited():
+    rejected = planner.child_rejected_status({"phase": "Creating", "restarts": 0}, 1,
+                                             "the API server refused Service j: invalid", T0)
+    assert rejected["phase"] == "Failed" and rejected["completionTime"] == ts(0)
+    assert condition(planner.Plan((), rejected, None), "Failed")["reason"] == planner.REASON_CHILD_REJECTED
+    same = planner.plan(make_job(status=rejected), Observed((pod("j-actor-0"),), SUPPORT), T0 + timedelta(seconds=5),
+                        SETTINGS)
+    assert same.status["phase"] == "Failed" and created_names(same) == [] and deleted_names(same) == ["j-actor-0"]
+    edited = planner.plan(make_job(status=rejected, generation=2), Observed((), SUPPORT), T0 + timedelta(seconds=9),
+                          SETTINGS)
+    assert edited.status["phase"] == "Creating"
+    assert event_reasons(edited) == ["SpecFixed", "GangCreated"]

@@ -19,13 +19,21 @@ from typing import Any
 
 from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
-from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
+from rlhf_operator.kube.executor import HTTP_UNPROCESSABLE, ApiError, KubeApi, status_merge_patch
 from rlhf_operator.kube.observe import JobKey, SpecCache, child_ref, is_live, progress_url
 from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
 from rlhf_operator.metrics import OperatorMetrics
 from rlhf_operator.progress import merge_progress, parse_progress
 
 log = logging.getLogger(__name__)
+
+
+class ChildRefused(Exception):
+    """The API server refused a child as invalid (422): the job fails instead of retrying the create."""
+
+    def __init__(self, kind: str, name: str, message: str):
+        self.kind, self.name, self.message = kind, name, message
+        super().__init__(f"the API server refused {kind} {name}: {message}")
 
 # A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
 # before the event does not POST the same object again (it would get a 409: harmless but wasted).
@@ -175,7 +183,11 @@ class Controller:
         result = planner.plan(job, observed, now, self.settings)
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
                   [type(a).__name__ for a in result.actions], result.status.get("phase"))
-        await self._execute(key, raw, result.actions, pods, existing)
+        try:
+            await self._execute(key, raw, result.actions, pods, existing)
+        except ChildRefused as refused:
+            await self._report_refused_child(key, raw, old_status, refused, now)
+            return 0.0  # the next pass deletes what the failed job still holds
         new_status = dict(result.status)
         if new_status != old_status:
             patch = status_merge_patch(old_status, new_status)
@@ -244,6 +256,30 @@ class Controller:
         self._invalid[key] = generation
         log.warning("job %s/%s has an invalid spec: %s", *key, err)
 
+    async def _report_refused_child(self, key: JobKey, raw: dict[str, Any], old_status: dict[str, Any],
+                                    refused: ChildRefused, now: datetime) -> None:
+        """A child the API server refused: Failed/ChildRejected with the API's message, one Warning event."""
+        generation = int((raw.get("metadata") or {}).get("generation") or 1)
+        status = planner.child_rejected_status(old_status, generation, str(refused), now)
+        patch = status_merge_patch(old_status, status)
+        if not await self.api.patch_job_status(key[0], key[1], patch):
+            return
+        self._written[key] = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+        await self.api.post_event(raw, "Warning", planner.REASON_CHILD_REJECTED, str(refused))
+        self.metrics.record_status(key[0], key[1], old_status, dict(status),
+                                   (raw.get("metadata") or {}).get("creationTimestamp"), now)
+        log.warning("job %s/%s failed: %s", *key, refused)
+
+    async def _create(self, obj: dict[str, Any]) -> bool:
+        """Create a child; ChildRefused when the API server finds it invalid (no retry can help)."""
+        try:
+            return await self.api.create(obj)
+        except ApiError as err:
+            if err.status != HTTP_UNPROCESSABLE:
+                raise
+            kind, name = child_ref(obj)
+            raise ChildRefused(kind, name, err.api_message) from err
+
     async def _scrape_progress(self, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         url = progress_url(pods, self.trainer_metrics_port)
         if url is None:
@@ -276,7 +312,7 @@ class Controller:
                 ref = child_ref(action.obj)
                 if ref not in expected:
                     expected[ref] = clock
-                    writes.append(self.api.create(action.obj))
+                    writes.append(self._create(action.obj))
             elif kind == "DeletePods":
                 for name in action.names:
                     expected.pop(("Pod", name), None)
@@ -294,7 +330,7 @@ class Controller:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             self._expected.pop(key, None)  # what failed must be retried for real
-            raise errors[0]
+            raise next((e for e in errors if isinstance(e, ChildRefused)), errors[0])
         for event in events:
             await self.api.post_event(raw, event.type, event.reason, event.message)
         if delete_job:
