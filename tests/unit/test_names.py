@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings, target
 from hypothesis import strategies as st
+from rlhf_contract import algorithms
 from rlhf_operator import api, builders
 from rlhf_operator.api import SpecError, parse_job
 from test_crd import api_server_errors
@@ -148,11 +149,11 @@ MAX_RESTARTS = st.one_of(st.sampled_from([0, 3, 9, 10, 99, 10**4, 10**6, 10**9])
 
 @st.composite
 def manifests(draw: st.DrawFn) -> dict[str, Any]:
-    algorithm = draw(st.sampled_from(api.ALGORITHMS))
-    reward_type = draw(st.sampled_from(api.REWARD_TYPES)) if algorithm in api.ONLINE_ALGORITHMS else "model"
+    algorithm = draw(st.sampled_from(algorithms.NAMES))
+    reward_type = draw(st.sampled_from(algorithms.REWARD_TYPES)) if algorithm in algorithms.ONLINE else "model"
     actor_replicas = draw(REPLICAS)
     roles: list[dict[str, Any]] = [{"name": "actor", "replicas": actor_replicas}]
-    for name in api.required_roles(algorithm, reward_type)[1:]:
+    for name in algorithms.required_roles(algorithm, reward_type)[1:]:
         role: dict[str, Any] = {"name": name, "replicas": draw(st.sampled_from([1, actor_replicas]))}
         if draw(st.booleans()):
             role["colocateWith"] = "actor"
@@ -168,7 +169,7 @@ def manifests(draw: st.DrawFn) -> dict[str, Any]:
                        "priorityClassName": draw(st.one_of(st.just(""), dns_names(), ODD_NAMES))},
         "failurePolicy": {"maxRestarts": draw(MAX_RESTARTS)},
     }
-    if algorithm in api.ONLINE_ALGORITHMS:
+    if algorithm in algorithms.ONLINE:
         spec["reward"] = {"type": reward_type, **({"rule": "exact_match"} if reward_type == "rule" else {})}
         if reward_type == "model":
             spec["rewardModel"] = {"path": "/models/rm"}
