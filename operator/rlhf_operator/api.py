@@ -80,6 +80,8 @@ class SchedulingSpec:
 class FailurePolicy:
     max_restarts: int = 3
     backoff_seconds: int = 10
+    # Gangs recreated after not running within gangTimeoutSeconds; one more timeout fails the job.
+    max_gang_timeouts: int = 5
 
 
 @dataclass(frozen=True)
@@ -389,6 +391,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     failure_policy = FailurePolicy(
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
         backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
+        max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)

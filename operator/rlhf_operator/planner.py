@@ -60,6 +60,16 @@ MISSING_POD_GRACE_SECONDS = 30.0
 FAILURE_SETTLE_SECONDS = 10.0
 # How much of a termination message goes into status and events (the kubelet keeps up to 4 KiB).
 MAX_MESSAGE_CHARS = 512
+# Container waiting reasons of a pod on its way up (not worth a word).
+NORMAL_WAITING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
+# Why a pod may never start (issue 18, part 7): the kubelet's container waiting reasons for an image it
+# cannot pull or a container it cannot create, and the scheduler's PodScheduled reason. The gang timeout
+# still decides (a registry or a node may come back); these are reported in status and events meanwhile.
+CANNOT_START_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                                  "CreateContainerConfigError", "CreateContainerError", "Unschedulable"})
+# A pod held by a scheduling gate (Kueue holds a workload's pods until it is admitted) waits in a queue:
+# that wait is not a gang timeout.
+GATED_REASON = "SchedulingGated"
 
 
 # --- observation -----------------------------------------------------------------------------
@@ -80,6 +90,10 @@ class ObservedPod:
     terminating: bool = False
     created_at: datetime | None = None
     finished_at: datetime | None = None  # the container's terminated.finishedAt
+    # Why a pod that is not running yet waits: a container's waiting reason (ErrImagePull...) or the
+    # scheduler's (PodScheduled False: Unschedulable, SchedulingGated), with the kubelet's message.
+    waiting_reason: str = ""
+    waiting_message: str = ""
 
     @property
     def terminated(self) -> bool:
@@ -113,6 +127,7 @@ def observe_pod(pod: dict) -> ObservedPod:
         None,
     ) or {}
     exit_code = terminated.get("exitCode")
+    waiting_reason, waiting_message = _waiting(status)
     return ObservedPod(
         name=meta.get("name", ""),
         role=labels.get(LABEL_ROLE, ""),
@@ -126,7 +141,22 @@ def observe_pod(pod: dict) -> ObservedPod:
         terminating=bool(meta.get("deletionTimestamp")),
         created_at=parse_time(meta.get("creationTimestamp")),
         finished_at=parse_time(terminated.get("finishedAt")),
+        waiting_reason=waiting_reason,
+        waiting_message=waiting_message,
     )
+
+
+def _waiting(status: dict) -> tuple[str, str]:
+    """(reason, message) of the first container (init containers first) waiting with a reason other than
+    the normal ones, else of a PodScheduled=False condition; ("", "") otherwise."""
+    for container in (*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])):
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") and waiting["reason"] not in NORMAL_WAITING_REASONS:
+            return waiting["reason"], (waiting.get("message") or "").strip()
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            return cond.get("reason") or "Unschedulable", (cond.get("message") or "").strip()
+    return "", ""
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -359,6 +389,8 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
         if not _deadline_exceeded(p):
             _drive_gang(p)
 
+    if p.phase != "Creating":
+        p.status.pop("podsNotStarting", None)  # only a gang on its way up has pods that cannot start
     current = [pod for pod in observed.pods if pod.attempt == p.attempt]
     creating = tuple(a.obj for a in p.actions if isinstance(a, CreateObject) and a.obj.get("kind") == "Pod")
     p.status["roles"] = role_counts(job, current, creating)
@@ -554,12 +586,50 @@ def _watch_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod], cre
         p.condition("Running", True, "GangRunning", message)
         p.event("Normal", "Running", message)
     elif not started and p.phase != "Running":
+        waiting = [pod for pod in current.values() if pod.phase not in ("Running", "Succeeded")]
+        _report_blocked(p, waiting)
         timeout = p.spec.scheduling.gang_timeout_seconds
         timeout_at = created_at + timedelta(seconds=timeout)
-        if p.now >= timeout_at:
-            _gang_timeout(p, names, current, timeout)
-        else:
+        if p.now < timeout_at:
             p.wake_at(timeout_at)
+        elif waiting and all(pod.waiting_reason == GATED_REASON for pod in waiting):
+            # Waiting for admission (Kueue): look again one gang timeout later.
+            p.wake_at(p.now + timedelta(seconds=timeout))
+        else:
+            _gang_timeout(p, names, current, timeout)
+
+
+def blocked_pods(pods: Iterable[ObservedPod]) -> list[ObservedPod]:
+    """Pods that wait for a reason that may never go away (CANNOT_START_REASONS), by name."""
+    return sorted((pod for pod in pods if pod.waiting_reason in CANNOT_START_REASONS), key=lambda pod: pod.name)
+
+
+def describe_blocked(pods: list[ObservedPod]) -> str:
+    """`pod j-actor-0: ImagePullBackOff: Back-off pulling image "x"; pod ...`, the kubelet's words."""
+    parts = [f"pod {pod.name}: {pod.waiting_reason}" + (f": {pod.waiting_message}" if pod.waiting_message else "")
+             for pod in pods]
+    return "; ".join(parts)[:MAX_MESSAGE_CHARS]
+
+
+def _blocked_kind(reason: str) -> str:
+    """ErrImagePull and ImagePullBackOff alternate while the kubelet retries: one kind, one event."""
+    return "ImagePull" if reason in ("ErrImagePull", "ImagePullBackOff") else reason
+
+
+def _report_blocked(p: _Pass, waiting: list[ObservedPod]) -> None:
+    """Pods that cannot start: status.podsNotStarting lists them with the kubelet's reason and message, the
+    Running condition (False) says the same; a Warning event when the pods or the kind of block change."""
+    blocked = blocked_pods(waiting)
+    before = [(entry.get("name"), _blocked_kind(entry.get("reason", ""))) for entry in p.status.get("podsNotStarting") or []]
+    if not blocked:
+        p.status.pop("podsNotStarting", None)
+        return
+    p.status["podsNotStarting"] = [{"name": pod.name, "reason": pod.waiting_reason,
+                                    "message": pod.waiting_message[:MAX_MESSAGE_CHARS]} for pod in blocked]
+    message = describe_blocked(blocked)
+    p.condition("Running", False, blocked[0].waiting_reason, message)
+    if before != [(pod.name, _blocked_kind(pod.waiting_reason)) for pod in blocked]:
+        p.event("Warning", "PodsCannotStart", message)
 
 
 def _gang_failed(p: _Pass, failures: list[ObservedPod], missing: list[str]) -> None:
@@ -589,19 +659,33 @@ def _gang_failed(p: _Pass, failures: list[ObservedPod], missing: list[str]) -> N
 
 
 def _gang_timeout(p: _Pass, names: list[str], current: dict[str, ObservedPod], timeout: int) -> None:
-    """Not every pod was Running within gangTimeoutSeconds: free the nodes and try again later."""
-    p.delete(p.observed.pods)
+    """Not every pod was Running within gangTimeoutSeconds: free the nodes and try again later, or fail
+    once failurePolicy.maxGangTimeouts timeouts were retried."""
     timeouts = int(p.status.get("gangTimeouts") or 0) + 1
-    wait = backoff_seconds(p.spec.failure_policy.backoff_seconds, timeouts)
     waiting = sorted(n for n in names if n not in current or current[n].phase not in ("Running", "Succeeded"))
-    p.status.update(phase="Restarting", gangTimeouts=timeouts)
+    blocked = blocked_pods(current.values())
+    why = f": {describe_blocked(blocked)}" if blocked else ""
+    p.status["gangTimeouts"] = timeouts
+    limit = p.spec.failure_policy.max_gang_timeouts
+    if timeouts > limit:
+        _finish(p, "Failed", "ReachedMaxGangTimeouts",
+                f"{len(waiting)} of {len(names)} pods not running within {timeout}s for the {_ordinal(timeouts)} "
+                f"time (maxGangTimeouts {limit}){why}")
+        return
+    p.delete(p.observed.pods)
+    wait = backoff_seconds(p.spec.failure_policy.backoff_seconds, timeouts)
+    p.status["phase"] = "Restarting"
     p.status.pop("gangCreatedTime", None)
     message = (f"{len(waiting)} of {len(names)} pods not running within {timeout}s "
-               f"({', '.join(waiting)}); recreating the gang in {wait:g}s")
+               f"({', '.join(waiting)}); recreating the gang in {wait:g}s (gang timeout {timeouts} of {limit}){why}")
     p.condition("Restarting", True, "GangTimeout", message)
     p.clear_condition("Created", "GangTimeout", message)
     p.event("Warning", "GangTimeout", message)
     p.wake_at(p.now + timedelta(seconds=wait))
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:

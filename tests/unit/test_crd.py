@@ -377,6 +377,7 @@ def test_status_written_by_the_operator_validates():
         "phase": "Running", "observedGeneration": 2, "restarts": 1,
         "startTime": "2026-01-01T00:00:00Z", "lastRestartTime": "2026-01-01T00:05:00Z",
         "gangCreatedTime": "2026-01-01T00:05:10Z", "gangTimeouts": 1, "runningTime": "2026-01-01T00:01:00Z",
+        "podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": "Back-off pulling"}],
         "roles": {"actor": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}},
         "progress": {"step": 3, "rewardMean": 0.4, "kl": 0.01, "lastCheckpointStep": 2,
                      "updatedAt": "2026-01-01T00:06:00Z"},

@@ -53,12 +53,21 @@ def make_job(status=None, roles=None, generation=1, **spec):
 
 def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
         message: str = "", reason: str = "", terminating: bool = False,
-        finished: float | None = None) -> ObservedPod:
+        finished: float | None = None, waiting: tuple[str, str] = ("", "")) -> ObservedPod:
     _, role, index = name.split("-")
     finished_at = T0 + timedelta(seconds=finished) if finished is not None else None
     return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
                        exit_code=exit_code, reason=reason, message=message, terminating=terminating,
-                       finished_at=finished_at)
+                       finished_at=finished_at, waiting_reason=waiting[0], waiting_message=waiting[1])
+
+
+def waiting(name: str, reason: str, message: str = "") -> ObservedPod:
+    """A Pending pod of attempt 0 whose container (or scheduling) waits for `reason`."""
+    return pod(name, "Pending", waiting=(reason, message))
+
+
+PULL_BACKOFF = 'Back-off pulling image "registry.example/trainer:nope"'
+BLOCKED_ACTOR = [{"name": "j-actor-0", "reason": "ErrImagePull", "message": PULL_BACKOFF}]
 
 
 def running(*names: str, attempt: int = 0) -> tuple[ObservedPod, ...]:
@@ -118,6 +127,7 @@ class Case:
     restarts: int | None = None
     cond: tuple[str, str, str] | None = None  # (type, status, reason)
     message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
+    status_has: dict = field(default_factory=dict)  # status keys and their values (None = absent)
 
 
 CASES: dict[str, Case] = {
@@ -186,6 +196,57 @@ CASES: dict[str, Case] = {
     "after a gang timeout and its backoff: same attempt again": Case(
         status=status("Restarting", restarting=("GangTimeout", 400), gangTimeouts=2), at=420,
         phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    # --- pods that can never start (issue 18, part 7)
+    "an image that cannot be pulled: status, Running condition and one event in the kubelet's words": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=100,
+        phase="Creating", events=["PodsCannotStart"], requeue=200, cond=("Running", "False", "ImagePullBackOff"),
+        message_has=("pod j-actor-0: ImagePullBackOff: Back-off pulling image",),
+        status_has={"podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": PULL_BACKOFF}]}),
+    "the kubelet alternating ErrImagePull and ImagePullBackOff: no second event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=150,
+        phase="Creating", events=[], requeue=150),
+    "another pod blocked too: a new event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ErrImagePull", PULL_BACKOFF),
+              waiting("j-critic-0", "CreateContainerConfigError", 'secret "hf-token" not found')), at=150,
+        phase="Creating", events=["PodsCannotStart"], requeue=150, cond=("Running", "False", "ErrImagePull"),
+        message_has=("j-actor-0", 'j-critic-0: CreateContainerConfigError: secret "hf-token" not found')),
+    "an invalid image name is reported": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "InvalidImageName", 'couldn\'t parse image name "Trainer:1"'),
+                               pod("j-critic-0")), at=10,
+        phase="Creating", events=["PodsCannotStart"], requeue=290, cond=("Running", "False", "InvalidImageName")),
+    "an unschedulable pod is reported with the scheduler's message": Case(
+        status=CREATING, pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable",
+                                                         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")),
+        at=60, phase="Creating", events=["PodsCannotStart"], requeue=240, cond=("Running", "False", "Unschedulable"),
+        message_has=("Insufficient nvidia.com/gpu",)),
+    "a container being created is no block": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ContainerCreating"), pod("j-critic-0")), at=10,
+        phase="Creating", events=[], requeue=290, status_has={"podsNotStarting": None}),
+    "the gang runs at last: the block is cleared": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR}, pods=running(*GANG), at=200, phase="Running",
+        events=["Running"], cond=("Running", "True", "GangRunning"), status_has={"podsNotStarting": None}),
+    "gang timeout of a blocked gang: the kubelet's reason is in the message": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Restarting", deletes=GANG, events=["GangTimeout"], requeue=10,
+        cond=("Restarting", "True", "GangTimeout"), message_has=("gang timeout 1 of 5", "ImagePullBackOff"),
+        status_has={"gangTimeouts": 1, "podsNotStarting": None}),
+    "the gang timeout after maxGangTimeouts fails the job": Case(
+        status={**CREATING, "gangTimeouts": 5, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Failed", deletes=GANG, events=["Failed"], cond=("Failed", "True", "ReachedMaxGangTimeouts"),
+        message_has=("6th time", "maxGangTimeouts 5", "Back-off pulling image"), status_has={"gangTimeouts": 6}),
+    "maxGangTimeouts 0: the first gang timeout fails the job": Case(
+        status=CREATING, spec={"failurePolicy": {"maxGangTimeouts": 0}},
+        pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable", "0/1 nodes are available")), at=300,
+        phase="Failed", deletes=GANG, events=["PodsCannotStart", "Failed"],
+        cond=("Failed", "True", "ReachedMaxGangTimeouts"), message_has=("1st time",)),
+    "pods held by Kueue's scheduling gate wait in the queue: no gang timeout": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "SchedulingGated", "Scheduling is blocked due to non-empty "
+                                       "scheduling gates"), waiting("j-critic-0", "SchedulingGated")), at=300,
+        phase="Creating", events=[], requeue=300, status_has={"gangTimeouts": None}),
     # --- pods that vanish
     "pod missing just after creation (cache lag): wait out the grace": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
@@ -373,6 +434,8 @@ def test_plan(name):
         assert (got["status"], got["reason"]) == (want_status, reason)
         for text in case.message_has:
             assert text in got["message"]
+    for key, value in case.status_has.items():
+        assert plan.status.get(key) == value, key
     assert plan.status["observedGeneration"] == 1
     assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
     assert job.status == case.status  # the input is never mutated
@@ -538,6 +601,32 @@ OBSERVE_CASES = {
         {"metadata": {"name": "j-critic-1", "labels": LABELS},
          "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
         dict(phase="Failed", exit_code=None, reason="Evicted", message="The node was low on resource: memory."),
+    ),
+    "an image that cannot be pulled": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\"\n"}}}]}},
+        dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_message='Back-off pulling image "x"'),
+    ),
+    "an init container that cannot start comes first": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending",
+                    "initContainerStatuses": [{"name": "fetch", "state": {"waiting": {
+                        "reason": "CreateContainerConfigError", "message": "secret \"s\" not found"}}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}]}},
+        dict(waiting_reason="CreateContainerConfigError", waiting_message='secret "s" not found'),
+    ),
+    "unschedulable: the scheduler's condition": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                        "reason": "Unschedulable", "message": "0/2 nodes"}]}},
+        dict(waiting_reason="Unschedulable", waiting_message="0/2 nodes"),
+    ),
+    "a container being created is no reason": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ContainerCreating"}}}]}},
+        dict(waiting_reason="", waiting_message=""),
     ),
     "being deleted": (
         {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
