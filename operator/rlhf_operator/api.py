@@ -82,6 +82,9 @@ class FailurePolicy:
     backoff_seconds: int = 10
     # Gangs recreated after not running within gangTimeoutSeconds; one more timeout fails the job.
     max_gang_timeouts: int = 5
+    # Gang restarts after disruptions (eviction, preemption, node loss, a pod deleted by someone else),
+    # counted apart from maxRestarts; one more disruption fails the job.
+    max_disruptions: int = 10
 
 
 @dataclass(frozen=True)
@@ -392,6 +395,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
         backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
         max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
+        max_disruptions=failure.integer("maxDisruptions", FailurePolicy.max_disruptions, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)

@@ -13,7 +13,13 @@ The life of a job:
                                  |                                    the old pods are gone,
                                  +--new gang--> Creating               a new gang is created)
     any --spec.suspend--> Suspended --resume--> Pending
-    Failed: PermanentError (exit 65/78), ReachedMaxRestarts, DeadlineExceeded, InvalidSpec
+    Failed: PermanentError (exit 65/78), ReachedMaxRestarts, ReachedMaxDisruptions, ReachedMaxGangTimeouts,
+            DeadlineExceeded, InvalidSpec, ChildRejected
+
+A gang restart is a failure restart (counted in `restarts`, bounded by maxRestarts) unless a pod of the
+gang was disrupted: evicted, preempted, lost with its node, or deleted by someone else. Such a restart
+counts in `disruptions` (bounded by maxDisruptions), as JobSet and Kubeflow Trainer keep the two apart.
+Every new gang gets the next `attempt` (RLHF_RESTART_ATTEMPT), whatever the cause.
 
 Timing state lives in conditions (`lastTransitionTime` of Created/Restarting), which the CRD's
 status schema keeps; `gangCreatedTime`, `gangTimeouts` and `runningTime` are written for people
@@ -67,6 +73,10 @@ NORMAL_WAITING_REASONS = frozenset({"ContainerCreating", "PodInitializing"})
 # still decides (a registry or a node may come back); these are reported in status and events meanwhile.
 CANNOT_START_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
                                   "CreateContainerConfigError", "CreateContainerError", "Unschedulable"})
+# Pod-level reasons (status.reason) of a pod the node or the cluster took away: the kubelet's eviction
+# under node pressure, preemption, a node shutdown. Newer clusters also set the DisruptionTarget condition.
+DISRUPTION_REASONS = frozenset({"Evicted", "Preempting", "NodeLost", "NodeShutdown", "Shutdown", "Terminated",
+                                "UnexpectedAdmissionError"})
 # A pod held by a scheduling gate (Kueue holds a workload's pods until it is admitted) waits in a queue:
 # that wait is not a gang timeout.
 GATED_REASON = "SchedulingGated"
@@ -90,6 +100,9 @@ class ObservedPod:
     terminating: bool = False
     created_at: datetime | None = None
     finished_at: datetime | None = None  # the container's terminated.finishedAt
+    # Why a disruption (not the trainer) ended the pod: its DisruptionTarget condition's reason, or a
+    # pod-level reason of DISRUPTION_REASONS ("" when none).
+    disruption: str = ""
     # Why a pod that is not running yet waits: a container's waiting reason (ErrImagePull...) or the
     # scheduler's (PodScheduled False: Unschedulable, SchedulingGated), with the kubelet's message.
     waiting_reason: str = ""
@@ -128,6 +141,10 @@ def observe_pod(pod: dict) -> ObservedPod:
     ) or {}
     exit_code = terminated.get("exitCode")
     waiting_reason, waiting_message = _waiting(status)
+    target = next((c for c in status.get("conditions") or [] if c.get("type") == "DisruptionTarget"
+                   and c.get("status") == "True"), None)
+    disruption = (target.get("reason") or "DisruptionTarget") if target else (
+        status.get("reason") if status.get("reason") in DISRUPTION_REASONS else "")
     return ObservedPod(
         name=meta.get("name", ""),
         role=labels.get(LABEL_ROLE, ""),
@@ -137,7 +154,8 @@ def observe_pod(pod: dict) -> ObservedPod:
         exit_code=int(exit_code) if exit_code is not None else None,
         # An evicted pod has no container state, only a pod-level reason and message.
         reason=terminated.get("reason") or status.get("reason") or "",
-        message=(terminated.get("message") or status.get("message") or "").strip(),
+        message=(terminated.get("message") or status.get("message") or (target or {}).get("message") or "").strip(),
+        disruption=disruption,
         terminating=bool(meta.get("deletionTimestamp")),
         created_at=parse_time(meta.get("creationTimestamp")),
         finished_at=parse_time(terminated.get("finishedAt")),
@@ -199,6 +217,11 @@ class Plan:
 
 
 # --- small pure helpers ----------------------------------------------------------------------
+
+
+def gang_attempt(status: dict) -> int:
+    """The attempt number of the status's current gang (see _Pass.attempt)."""
+    return int(status.get("attempt", status.get("restarts")) or 0)
 
 
 def format_time(moment: datetime) -> str:
@@ -266,6 +289,8 @@ def gang_not_before(status: dict, backoff_base: float) -> datetime | None:
         return None
     if restarting.get("reason") == "GangTimeout":
         attempt = max(1, int(status.get("gangTimeouts") or 0))
+    elif restarting.get("reason") == REASON_DISRUPTED:
+        attempt = 1  # a disruption is no sign of trouble with the job: the base backoff, not doubled
     else:
         attempt = int(status.get("restarts") or 0)
     return since + timedelta(seconds=backoff_seconds(backoff_base, attempt))
@@ -281,8 +306,8 @@ def failure_settle_deadline(failures: list[ObservedPod], pods) -> datetime | Non
 
 
 def describe_failure(pod: ObservedPod) -> str:
-    """One line naming the pod, its exit code and its termination message."""
-    parts = [f"pod {pod.name} failed"]
+    """One line naming the pod, its exit code (or disruption) and its termination message."""
+    parts = [f"pod {pod.name} was disrupted ({pod.disruption})" if pod.disruption else f"pod {pod.name} failed"]
     if pod.exit_code is not None:
         parts.append(f"with exit code {pod.exit_code}")
     if pod.reason:
@@ -331,7 +356,9 @@ class _Pass:
 
     @property
     def attempt(self) -> int:
-        return int(self.status.get("restarts") or 0)
+        """The current gang's attempt (RLHF_RESTART_ATTEMPT): restarts of any cause. Statuses written
+        before disruptions were counted apart have no `attempt`: it was `restarts` then."""
+        return gang_attempt(self.status)
 
     def stamp(self) -> str:
         return format_time(self.now)
@@ -368,6 +395,7 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     p = _Pass(job, observed, now, settings)
     p.status.setdefault("phase", "Pending")
     p.status.setdefault("restarts", 0)
+    p.status.setdefault("attempt", gang_attempt(p.status))
     p.status["observedGeneration"] = job.generation
     if observed.progress is not None:
         p.status["progress"] = dict(observed.progress)
@@ -397,6 +425,8 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     return p.result()
 
 
+# A gang restart caused by a disruption (the Restarting condition's reason).
+REASON_DISRUPTED = "Disrupted"
 # Failed because the API server refused a child the builders made (422): the job's message says which.
 REASON_CHILD_REJECTED = "ChildRejected"
 
@@ -633,28 +663,42 @@ def _report_blocked(p: _Pass, waiting: list[ObservedPod]) -> None:
 
 
 def _gang_failed(p: _Pass, failures: list[ObservedPod], missing: list[str]) -> None:
-    """A pod failed or vanished: restart the whole gang, or give up after maxRestarts."""
+    """A pod failed or vanished: restart the whole gang, or give up after maxRestarts (maxDisruptions when a
+    pod was disrupted: its peers' failures that follow are the disruption's, not the job's)."""
     for pod in failures:
         p.event("Warning", "PodFailed", describe_failure(pod))
     if missing:
         p.event("Warning", "PodFailed", f"deleted before the job finished: {', '.join(missing)}")
-    cause = describe_failure(failures[0]) if failures else f"pod {missing[0]} was deleted"
+    disrupted = [pod for pod in failures if pod.disruption]
     policy = p.spec.failure_policy
-    if p.attempt >= policy.max_restarts:
-        _finish(p, "Failed", "ReachedMaxRestarts",
-                f"the gang failed after {p.attempt} restarts (maxRestarts {policy.max_restarts}): {cause}")
-        return
+    if disrupted or missing:
+        cause = describe_failure(disrupted[0]) if disrupted else f"pod {missing[0]} was deleted"
+        done, limit, counter, reason = int(p.status.get("disruptions") or 0), policy.max_disruptions, "disruptions", \
+            REASON_DISRUPTED
+        if done >= limit:
+            _finish(p, "Failed", "ReachedMaxDisruptions",
+                    f"the gang was disrupted after {done} disruptions (maxDisruptions {limit}): {cause}")
+            return
+    else:
+        cause = describe_failure(failures[0])
+        done, limit, counter, reason = int(p.status.get("restarts") or 0), policy.max_restarts, "restarts", "PodFailed"
+        if done >= limit:
+            _finish(p, "Failed", "ReachedMaxRestarts",
+                    f"the gang failed after {done} restarts (maxRestarts {limit}): {cause}")
+            return
     p.delete(p.observed.pods)
-    restarts = p.attempt + 1
-    wait = backoff_seconds(policy.backoff_seconds, restarts)
-    stamp = p.stamp()
-    p.status.update(phase="Restarting", restarts=restarts, lastRestartTime=stamp)
+    wait = backoff_seconds(policy.backoff_seconds, 1 if reason == REASON_DISRUPTED else done + 1)
+    p.status.update({"phase": "Restarting", counter: done + 1, "attempt": p.attempt + 1,
+                     "lastRestartTime": p.stamp()})
     p.status.pop("gangCreatedTime", None)
-    message = f"restart {restarts} of {policy.max_restarts} in {wait:g}s: {cause}"
-    p.condition("Restarting", True, "PodFailed" if failures else "PodMissing", message)
+    if reason == REASON_DISRUPTED:
+        message = f"disruption {done + 1} of {limit} (not counted in maxRestarts), new gang in {wait:g}s: {cause}"
+    else:
+        message = f"restart {done + 1} of {limit} in {wait:g}s: {cause}"
+    p.condition("Restarting", True, reason, message)
     p.clear_condition("Created", "GangRestart", message)
     p.clear_condition("Running", "GangRestart", message)
-    p.event("Warning", "GangRestart", message)
+    p.event("Warning", "GangDisrupted" if reason == REASON_DISRUPTED else "GangRestart", message)
     p.wake_at(p.now + timedelta(seconds=wait))
 
 

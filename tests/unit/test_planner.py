@@ -53,12 +53,13 @@ def make_job(status=None, roles=None, generation=1, **spec):
 
 def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
         message: str = "", reason: str = "", terminating: bool = False,
-        finished: float | None = None, waiting: tuple[str, str] = ("", "")) -> ObservedPod:
+        finished: float | None = None, waiting: tuple[str, str] = ("", ""), disruption: str = "") -> ObservedPod:
     _, role, index = name.split("-")
     finished_at = T0 + timedelta(seconds=finished) if finished is not None else None
     return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
                        exit_code=exit_code, reason=reason, message=message, terminating=terminating,
-                       finished_at=finished_at, waiting_reason=waiting[0], waiting_message=waiting[1])
+                       finished_at=finished_at, waiting_reason=waiting[0], waiting_message=waiting[1],
+                       disruption=disruption)
 
 
 def waiting(name: str, reason: str, message: str = "") -> ObservedPod:
@@ -251,13 +252,15 @@ CASES: dict[str, Case] = {
     "pod missing just after creation (cache lag): wait out the grace": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
         requeue=planner.MISSING_POD_GRACE_SECONDS - 5),
-    "pod missing after the grace: the gang failed, restart": Case(
+    "pod missing after the grace: deleted by someone else, a disruption": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=planner.MISSING_POD_GRACE_SECONDS,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10,
-        cond=("Restarting", "True", "PodMissing"), message_has=("j-critic-0 was deleted",)),
-    "a running pod deleted by someone else: restart": Case(
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was deleted", "disruption 1 of 10"),
+        status_has={"disruptions": 1, "attempt": 1}),
+    "a running pod deleted by someone else: a disruption, not a failure": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", terminating=True)), at=500,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10),
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "attempt": 1}),
     # --- failures
     "retryable exit code: delete every pod, restart after backoff": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, message="CUDA error")),
@@ -267,10 +270,45 @@ CASES: dict[str, Case] = {
         status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=137, reason="OOMKilled"), pod("j-critic-0")),
         at=500, phase="Restarting", restarts=1, deletes=GANG, message_has=("OOMKilled",),
         cond=("Restarting", "True", "PodFailed"), events=["PodFailed", "GangRestart"], requeue=10),
-    "evicted pod without an exit code is retryable": Case(
-        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted",
+    # --- disruptions are not failures (issue 18, part 5)
+    "an evicted pod: a disruption, restarts untouched": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted", disruption="Evicted",
                                                     message="node low on memory")),
-        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was disrupted (Evicted)", "node low"),
+        status_has={"disruptions": 1, "attempt": 1, "restarts": 0}),
+    "a preempted pod and its peer's failure that followed: one disruption": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=1, finished=498),
+                              pod("j-critic-0", "Failed", exit_code=143, finished=497,
+                                  disruption="PreemptionByScheduler")),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "PodFailed", "GangDisrupted"],
+        requeue=10, status_has={"disruptions": 1, "restarts": 0}),
+    "a disruption after failures: the base backoff, the failure count kept": Case(
+        status=status("Running", restarts=2, created=0, running_since=10, attempt=2),
+        pods=(pod("j-actor-0", attempt=2),
+              pod("j-critic-0", "Failed", exit_code=143, attempt=2, disruption="DeletionByTaintManager")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 2, "attempt": 3}),
+    "a disruption when maxRestarts is used up still restarts": Case(
+        status=status("Running", restarts=3, created=0, running_since=10, attempt=3),
+        pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", attempt=3, disruption="EvictionByEvictionAPI")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 3, "attempt": 4}),
+    "maxDisruptions reached: Failed": Case(
+        status=status("Running", created=0, running_since=10, attempt=2, disruptions=2),
+        spec={"failurePolicy": {"maxDisruptions": 2}},
+        pods=(pod("j-actor-0", attempt=2), pod("j-critic-0", "Failed", attempt=2, disruption="Evicted")),
+        at=500, phase="Failed", deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "ReachedMaxDisruptions"), message_has=("maxDisruptions 2",)),
+    "the new gang after a disruption carries the next attempt": Case(
+        status=status("Restarting", restarting=("Disrupted", 0), attempt=1, disruptions=1), at=10,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300, status_has={"attempt": 1}),
+    "a disruption waits the base backoff only": Case(
+        status=status("Restarting", restarts=3, restarting=("Disrupted", 0), attempt=5, disruptions=2),
+        spec={"failurePolicy": {"maxRestarts": 5}}, at=4, phase="Restarting", requeue=6),
+    "a status written before attempts were counted apart: attempt = restarts": Case(
+        status=status("Running", restarts=2, created=0, running_since=10),
+        pods=running(*GANG, attempt=2), at=100, phase="Running", status_has={"attempt": 2}),
     "second restart doubles the backoff": Case(
         status=status("Running", restarts=1, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=1), pod("j-critic-0", "Failed", exit_code=1, attempt=1)),
@@ -628,6 +666,26 @@ OBSERVE_CASES = {
              "reason": "ContainerCreating"}}}]}},
         dict(waiting_reason="", waiting_message=""),
     ),
+    "preempted: the DisruptionTarget condition names the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [
+             {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+              "message": "default-scheduler: preempting to accommodate a higher priority pod"}],
+             "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 143}}}]}},
+        dict(phase="Failed", exit_code=143, disruption="PreemptionByScheduler",
+             message="default-scheduler: preempting to accommodate a higher priority pod"),
+    ),
+    "evicted by the kubelet: the pod's reason is the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
+        dict(disruption="Evicted"),
+    ),
+    "a failure is no disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "False"}],
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}},
+        dict(exit_code=1, disruption=""),
+    ),
     "being deleted": (
         {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
          "status": {"phase": "Running"}},
@@ -826,7 +884,7 @@ def test_random_histories_keep_the_invariants(seed):
         assert plan.requeue_after is None or plan.requeue_after > 0
         live = [p for p in cluster.pods.values() if not p.terminating]
         if st["phase"] in ("Creating", "Running"):
-            assert {p.attempt for p in live} <= {st["restarts"]}
+            assert {p.attempt for p in live} <= {st["attempt"]}
         counted = sum(sum(v for k, v in counts.items() if k != "desired") for counts in st["roles"].values())
         assert counted <= len(cluster.pods)
         if finished_at is not None:
