@@ -104,6 +104,9 @@ class JobSpec:
     suspend: bool = False
     active_deadline_seconds: int = 0
     ttl_seconds_after_finished: int = 0
+    # The pods' terminationGracePeriodSeconds (Kubernetes' default): SIGTERM to SIGKILL, the time a
+    # stopped trainer has to save a last checkpoint (RLHF_TERMINATION_GRACE_SECONDS).
+    termination_grace_period_seconds: int = 30
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
@@ -401,6 +404,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     suspend = top.boolean("suspend", JobSpec.suspend)
     deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
     ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
+    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
     top.done()
 
     # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
@@ -427,7 +431,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
-        ttl_seconds_after_finished=ttl,
+        ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
     )
 
 

@@ -235,6 +235,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_CHECKPOINT_DIR: CHECKPOINT_MOUNT,
         wire.ENV_RESTART_ATTEMPT: str(attempt),
         wire.ENV_METRICS_PORT: str(settings.trainer_metrics_port),
+        wire.ENV_TERMINATION_GRACE: str(job.spec.termination_grace_period_seconds),
         **SCRATCH_ENV,
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
@@ -309,6 +310,8 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
         "hostname": name,
         "subdomain": job.name,
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the trainer saves a last checkpoint in it when one fits.
+        "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
         # Trainer pods need no service env vars; a namespace with many services would flood them.
