@@ -26,6 +26,7 @@ from rlhf_contract.config import (
     REWARD_RULES,
     CheckpointConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,
@@ -331,8 +332,11 @@ class _Fields:
         default = s.default if default is _MISSING else default
         k = s.knob
         if s.type is str:
-            return self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
-                               max_length=k.max_length)
+            value = self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
+                                max_length=k.max_length)
+            if k.rule is not None and self.has(s.camel) and isinstance(value, str) and not k.rule.check(value):
+                self.error(s.camel, f"{k.rule.message} (got {value[:40]!r})")
+            return value
         if s.type is bool:
             return self.boolean(s.camel, default)
         read = self.integer if s.type is int else self.number
@@ -392,7 +396,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.read.add("rewardModel")  # known even when null
     reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
-    dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
+    dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
     if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
@@ -456,6 +460,13 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _dataset(fields: _Fields) -> DatasetConfig:
+    column_map = _settings(fields.obj("fields"), DatasetFields)
+    dataset = DatasetConfig(**fields.settings(DatasetConfig), fields=column_map)
+    fields.done()
+    return dataset
 
 
 def _reward(fields: _Fields) -> RewardConfig:
