@@ -49,6 +49,17 @@ REPO = Path(__file__).resolve().parents[2]
 GO_MODULE = REPO / "e2e" / "controlplane"
 BUILD_SCRIPT = GO_MODULE / "build.sh"
 HERE = Path(__file__).resolve().parent
+
+
+def _pinned_version() -> str:
+    """The Kubernetes release build.sh builds (its K8S_VERSION line: the one place it is written)."""
+    for line in BUILD_SCRIPT.read_text().splitlines():
+        if line.startswith("K8S_VERSION="):
+            return line.split("=", 1)[1].split()[0]
+    raise RuntimeError(f"{BUILD_SCRIPT}: no K8S_VERSION= line")
+
+
+K8S_VERSION = _pinned_version()
 VOLCANO_CRD = HERE / "crds" / "podgroups-volcano.yaml"  # Volcano's PodGroup (schema trimmed), no Volcano scheduler
 SCHEDULER_NAME = "scheduler-plugins-scheduler"  # the coscheduling profile; = builders.BuildSettings' default
 STORAGE_CLASS = "standard"  # default StorageClass (as kind ships), served by provisioner.py

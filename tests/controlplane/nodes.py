@@ -26,12 +26,14 @@ from typing import Any
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from tests.controlplane.cluster import K8S_VERSION
+
 log = logging.getLogger("controlplane.nodes")
 GPU = "nvidia.com/gpu"
 LEASE_NAMESPACE = "kube-node-lease"
 LEASE_SECONDS = 40  # the kubelet's default nodeLeaseDurationSeconds
 LEASE_RENEW_SECONDS = 10.0  # the kubelet renews at a quarter of the lease duration
-KUBELET_VERSION = "v1.34.4"  # the control plane's release (e2e/controlplane/build.sh)
+KUBELET_VERSION = K8S_VERSION  # nodes report the control plane's release
 DEFAULT_CAPACITY = {"cpu": "64", "memory": "256Gi", "pods": "110", "ephemeral-storage": "1Ti", GPU: "8"}
 
 
