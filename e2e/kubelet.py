@@ -41,7 +41,8 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-from rlhf_operator import constants, localexec
+from rlhf_contract import wire
+from rlhf_operator import localexec
 
 from tests.controlplane import nodes
 
@@ -170,7 +171,7 @@ class StandInKubelet:
 
     def _list_pods(self) -> list[dict[str, Any]]:
         result = self.api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node_name}",
-                                                      label_selector=constants.LABEL_JOB, _preload_content=False)
+                                                      label_selector=wire.LABEL_JOB, _preload_content=False)
         return json.loads(result.data)["items"]
 
     # -- one pod --------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ class StandInKubelet:
 
     def _start_pod(self, pod: dict[str, Any]) -> None:
         name, uid, namespace = pod["metadata"]["name"], pod["metadata"]["uid"], pod["metadata"]["namespace"]
-        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.root / "pods" / uid
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, Path] = {}

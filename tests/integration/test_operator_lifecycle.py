@@ -60,7 +60,7 @@ def test_every_example_gets_its_children(cluster, operator, file):
         assert pod["spec"]["restartPolicy"] == "Never"
     service = get(cluster, "services", name)
     assert service["spec"]["clusterIP"] == "None"
-    assert config_json(cluster, name) == builders.build_trainer_config(expected)
+    assert config_json(cluster, name) == builders.build_trainer_config(expected).to_dict()
     claim = expected.spec.checkpoint.volume
     pvc = get(cluster, "persistentvolumeclaims", f"{name}-checkpoints")
     assert (pvc is None) == bool(claim.existing_claim)
