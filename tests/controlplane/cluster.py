@@ -124,6 +124,8 @@ def binaries(log: Path | None = None) -> Path:
     """The folder holding kube-apiserver, kube-controller-manager, kube-scheduler and etcd, built by
     e2e/controlplane/build.sh when its cache misses (tens of minutes cold on 2 cores, see
     e2e/README.md) and reused after. Raises ControlPlaneError when the build fails."""
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     try:
         result = subprocess.run(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=out, text=True)
@@ -369,6 +371,8 @@ def _start_all(cp: ControlPlane, tied: bool, timeout: float, scheduler: bool) ->
         f"--service-cluster-ip-range={SERVICE_CIDR}", f"--service-account-issuer={ISSUER}",
         f"--service-account-key-file={p.sa_pub}", f"--service-account-signing-key-file={p.sa_key}",
         f"--cert-dir={w / 'apiserver-certs'}", "--profiling=false",
+        # The `kubernetes` Service's endpoints would be 127.0.0.1, which Endpoints validation refuses.
+        "--endpoint-reconciler-type=none",
     ], tied)
     context = cp.ssl_context()
     wait_ready(cp, "kube-apiserver", lambda: _https_ok(f"{cp.url}/readyz", context), timeout)

@@ -14,20 +14,31 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # `tests.controlplane` is imported from the repository root
     sys.path.insert(0, str(REPO))
 
-from operator_kube import NODE_POOL, NS  # noqa: E402
+from operator_kube import EXAMPLES, NODE_POOL, NS  # noqa: E402
 
 from tests.controlplane import kube  # noqa: E402
 from tests.controlplane.fixtures import TRAINER_SA  # noqa: E402
 
 
+def priority_classes() -> list[dict]:
+    """The PriorityClasses the examples name (a cluster admin creates them; admission refuses pods
+    naming a class that does not exist)."""
+    names = sorted({p for f in EXAMPLES.glob("*.yaml")
+                    if (p := yaml.safe_load(f.read_text())["spec"].get("scheduling", {}).get("priorityClassName"))})
+    return [{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": n}, "value": 1000}
+            for n in names]
+
+
 @pytest.fixture(scope="session")
 def cluster(control_plane, rlhf_release):
-    """The control plane, with the chart installed and the job namespace NS prepared."""
+    """The control plane, with the chart installed, the examples' PriorityClasses and the job namespace NS."""
+    kube.kubectl(control_plane, "apply", "-f", "-", input=yaml.safe_dump_all(priority_classes()))
     kube.create_namespace(control_plane, NS, node_selector=NODE_POOL, service_accounts=[TRAINER_SA])
     return control_plane
 

@@ -6,6 +6,7 @@ collector), and the metrics that follow them."""
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import threading
 
@@ -162,14 +163,15 @@ def test_progress_comes_from_the_actor_rank0_metrics(cluster, rlhf_release, trai
         apply(cluster, example("dpo-tiny.yaml", name))
         names = wait_pods(cluster, name, 2)
         set_all(cluster, names, "Running", pod_ip="127.0.0.1")
-        got = kube.wait_for(lambda: (j := job(cluster, name)) and j["status"].get("progress", {}).get("step") == 12 and j,
+        got = kube.wait_for(lambda: (j := job(cluster, name)) and j.get("status", {}).get("progress", {}).get("step") == 12 and j,
                                what="progress step 12")
         progress = got["status"]["progress"]
         assert (progress["rewardMean"], progress["kl"], progress["lastCheckpointStep"]) == (0.75, 0.02, 10)
         assert progress["updatedAt"]
         _TrainerMetrics.body = b'rlhf_trainer_step{role="actor",rank="0"} 13\n'
         kube.wait_for(lambda: job(cluster, name)["status"]["progress"]["step"] == 13, what="step 13 (periodic re-read)")
-        assert metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13
+        # The gauge follows the status write of the same pass.
+        kube.wait_for(lambda: metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13, what="job_step 13")
         # --log-level debug: a line per pass (the module's operator may have created the pods first)
         assert re.search(rf"DEBUG .* pass {NS}/{name}: \d+ pods, \d+ children -> \[.*\], phase ", op.log_tail(10**6))
     finally:
@@ -210,3 +212,22 @@ def test_a_finished_job_is_deleted_after_its_ttl(cluster, operator):
     names = wait_pods(cluster, name, 1)
     set_all(cluster, names, "Succeeded", exit_code=0)
     kube.wait_for(lambda: job(cluster, name) is None, what="job deleted by its TTL")
+
+
+def test_pods_refused_by_admission_show_as_a_warning_event_on_the_job(cluster, operator):
+    name = "life-refused"
+    apply(cluster, example("rm-tiny.yaml", name, scheduling={"priorityClassName": "no-such-class"}))
+    event = kube.wait_for(lambda: next((e for e in events(cluster, name) if e["reason"] == "RequestRefused"), None),
+                          timeout=30, what="a RequestRefused event")
+    assert event["type"] == "Warning" and "no PriorityClass with name no-such-class" in event["message"], event
+    assert not pods(cluster, name)
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
+
+
+def test_the_job_namespace_refuses_a_pod_that_breaks_pod_security_restricted(cluster, operator):
+    """The gang pods above were admitted under `restricted`; a root pod with no seccomp profile is not."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-pod"},
+           "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "command": ["sleep", "1"]}]}}
+    result = kube.kubectl(cluster, "apply", "-n", NS, "-f", "-", input=json.dumps(pod), check=False)
+    assert result.returncode != 0 and 'violates PodSecurity "restricted:latest"' in result.stderr, result.stderr
+    assert get(cluster, "pods", "root-pod") is None
