@@ -25,6 +25,7 @@ from rlhf_trainer import checkpoint, distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+from rlhf_trainer.stopping import Stopped, StopRequest
 
 
 def log(*parts: Any) -> None:
@@ -58,6 +59,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
+    stop: StopRequest | None = None
 
     @property
     def hp(self):
@@ -149,6 +152,13 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     return Context(env, cfg, placements, bridge, metrics)
 
 
+def install_stop(env: ProcessEnv) -> StopRequest:
+    """From now on SIGTERM asks the gang to stop after its step instead of killing this process."""
+    stop = StopRequest(env.checkpoint_dir, env.restart_attempt, env.termination_grace)
+    stop.install()
+    return stop
+
+
 def resume_step(ctx: Context) -> int | None:
     roles = sorted(ctx.cfg.roles)
     return checkpoint.select_resume_step(ctx.env.checkpoint_dir, roles, log=log)
@@ -181,12 +191,16 @@ def run_server(ctx: Context) -> None:
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     check_process(env, cfg)
     torch.manual_seed(cfg.hyperparameters.seed)
+    stop = install_stop(env)
     ctx = connect(env, cfg)
+    ctx.stop = stop
     try:
         if env.role == "actor":
             module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)
+            if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
+                raise Stopped()
     finally:
         ctx.metrics.stop()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rlhf_contract.algorithms import ALGORITHMS
 
-from rlhf_trainer import checkpoint, distributed, models
+from rlhf_trainer import checkpoint, distributed, models, stopping
 from rlhf_trainer.chat import Renderer
 from rlhf_trainer.data import (
     Sampler,
@@ -36,6 +36,7 @@ from rlhf_trainer.losses.utils import logprobs_from_logits
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
+from rlhf_trainer.stopping import Stopped
 from rlhf_trainer.strategy import DeepSpeedStrategy
 from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, truncation_error
 
@@ -301,6 +302,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
     ranks = ctx.cfg.roles["actor"].replicas
+    last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
         batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
         timings: dict[str, float] = {}
@@ -315,11 +317,41 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
-        if step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps:
+        saved = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
+        state = {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()}
+        if saved:
+            t_save = time.perf_counter()
             with ctx.metrics.phase("sync"):
-                save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
+                save_step(ctx, step, savers, state)
+            last_save = time.perf_counter() - t_save
+        if step < hp.max_steps and stop_requested(ctx):
+            saved = saved or save_before_stop(ctx, step, savers, state, last_save)
+            stop_servers(ctx)
+            raise Stopped(step, saved)
     export(ctx, algorithm.strategy, algorithm.tokenizer)
+    stop_servers(ctx)
+    log(f"actor-{ctx.env.rank}: done")
+
+
+def stop_servers(ctx: Context) -> None:
+    """Tell every serving process this actor rank talks to that it is done."""
     for dst in ctx.remote_hosts():
         ctx.bridge.send(dst, "stop")
         ctx.bridge.recv(dst)
-    log(f"actor-{ctx.env.rank}: done")
+
+
+def stop_requested(ctx: Context) -> bool:
+    """Any actor rank was told to stop (its own SIGTERM or another pod's marker): all ranks agree."""
+    mine = ctx.stop is not None and ctx.stop.requested()
+    return distributed.all_reduce_sum(1.0 if mine else 0.0) > 0
+
+
+def save_before_stop(ctx: Context, step: int, savers, state: dict[str, Any], last_save: float | None) -> bool:
+    """The last checkpoint of a stopped gang, when every actor rank finds it fits in its grace left."""
+    fits = ctx.stop is None or stopping.can_save(ctx.stop.seconds_left(), last_save)
+    if distributed.all_reduce_sum(1.0 if fits else 0.0) < distributed.world_size():
+        log(f"actor-{ctx.env.rank}: told to stop after step {step}; no time left to save it")
+        return False
+    log(f"actor-{ctx.env.rank}: told to stop after step {step}; saving it first")
+    save_step(ctx, step, savers, state)
+    return True
