@@ -152,3 +152,19 @@ def test_tied_weights_in_an_explicit_state_dict_are_saved_once(tmp_path, tok):
 def test_unknown_or_remote_paths_are_config_errors(path):
     with pytest.raises(ConfigError, match="model path"):
         models.load_policy(path, seed=0)
+
+
+def test_a_critic_from_a_reward_model_starts_with_its_scores(tmp_path, tok):
+    rm = models.load_reward_model("tiny://llama", seed=4).eval()
+    folder = models.save_pretrained(rm, tok, tmp_path / "rm")
+    assert models.is_sequence_classifier(str(folder)) and not models.is_sequence_classifier("tiny://llama")
+    critic = models.load_value_model(str(folder), seed=0, init="reward").eval()
+    assert torch.equal(critic.value_head.weight, rm.score.weight)
+    enc = encode_prompts(tok, ["1+1=2", "3+4=7 and more"], max_length=16)
+    with torch.no_grad():
+        values = critic(enc["input_ids"], enc["attention_mask"])
+        scores = rm(**enc).logits[:, 0]
+    # left-padded rows end at the last column: the value there is the reward model's score
+    torch.testing.assert_close(values[:, -1], scores, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown critic init"):
+        models.load_value_model("tiny://llama", seed=0, init="random")
