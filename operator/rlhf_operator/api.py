@@ -6,6 +6,7 @@ has no API server) rejects exactly what a cluster rejects, with every bad field 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from rlhf_contract.config import (
     REWARD_RULES,
     CheckpointConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,
@@ -111,7 +113,9 @@ class JobSpec:
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
+        """Role name -> placement (computed once: the builders ask for every pod)."""
         return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
@@ -119,7 +123,7 @@ class JobSpec:
         return tuple(r for r in self.roles if not r.colocate_with)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
-        return layout.colocated_into(self.placements(), host)
+        return layout.colocated_into(self.placements, host)
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,11 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _bounds(bounds: dict[str, Any]) -> Knob | None:
+    """The rules of a Kubernetes-only number field (`minimum=0`), in the contract's Knob shape."""
+    return Knob("", **bounds) if bounds else None
+
+
 def _one_of(allowed: tuple[str, ...]) -> str:
     return "must be one of: " + ", ".join(allowed)
 
@@ -278,8 +287,8 @@ class _Fields:
             return default
         if required and not value:
             self.error(key, "must not be empty")
-        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length)) and pattern and value \
-                and not re.match(pattern, value):
+        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length) if enum or max_length else None) \
+                and pattern and value and not re.match(pattern, value):
             self.error(key, f"must be {rule} (got {value!r})" if rule else f"must match {pattern} (got {value!r})")
         return value
 
@@ -292,7 +301,7 @@ class _Fields:
             return default
         return value
 
-    def integer(self, key: str, default: int, **bounds: Any) -> int:
+    def integer(self, key: str, default: int, knob: Knob | None = None, **bounds: Any) -> int:
         value = self._value(key, False)
         if value is _MISSING:
             return default
@@ -301,19 +310,19 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"must be an integer, got {_kind(value)}")
             return default
-        return value if self._valid(key, value, Knob("", **bounds)) else default
+        return value if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def number(self, key: str, default: float, **bounds: Any) -> float:
+    def number(self, key: str, default: float, knob: Knob | None = None, **bounds: Any) -> float:
         value = self._value(key, False)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"must be a number, got {_kind(value)}")
             return default
-        return float(value) if self._valid(key, value, Knob("", **bounds)) else default
+        return float(value) if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def _valid(self, key: str, value: Any, knob: Knob) -> bool:
-        problems = knob.problems(value)
+    def _valid(self, key: str, value: Any, knob: Knob | None) -> bool:
+        problems = knob.problems(value) if knob else []
         for problem in problems:
             self.error(key, problem)
         return not problems
@@ -323,12 +332,15 @@ class _Fields:
         default = s.default if default is _MISSING else default
         k = s.knob
         if s.type is str:
-            return self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
-                               max_length=k.max_length)
+            value = self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
+                                max_length=k.max_length)
+            if k.rule is not None and self.has(s.camel) and isinstance(value, str) and not k.rule.check(value):
+                self.error(s.camel, f"{k.rule.message} (got {value[:40]!r})")
+            return value
         if s.type is bool:
             return self.boolean(s.camel, default)
         read = self.integer if s.type is int else self.number
-        return read(s.camel, default, minimum=k.minimum, maximum=k.maximum, gt=k.gt, lt=k.lt, rule=k.rule)
+        return read(s.camel, default, k)
 
     def settings(self, cls: type, **defaults: Any) -> dict[str, Any]:
         """Every knob of a contract dataclass (`defaults` overrides some defaults), as constructor kwargs."""
@@ -384,7 +396,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.read.add("rewardModel")  # known even when null
     reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
-    dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
+    dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
     if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
@@ -448,6 +460,13 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _dataset(fields: _Fields) -> DatasetConfig:
+    column_map = _settings(fields.obj("fields"), DatasetFields)
+    dataset = DatasetConfig(**fields.settings(DatasetConfig), fields=column_map)
+    fields.done()
+    return dataset
 
 
 def _reward(fields: _Fields) -> RewardConfig:

@@ -110,7 +110,7 @@ def gang_pod_names(job: Job) -> list[str]:
 
 def host_role(spec: JobSpec, role: str) -> str:
     """The role whose pods run `role` (itself unless colocated)."""
-    return layout.host_role(role, spec.placements())
+    return layout.host_role(role, spec.placements)
 
 
 # --- trainer config --------------------------------------------------------------------------

@@ -68,6 +68,26 @@ def load_manifest(path: Path) -> dict[str, Any]:
     return jobs[0]
 
 
+# Manifest fields that name files: run-local reads a relative one against the manifest's folder.
+LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
+
+
+def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the manifest with relative model / dataset paths made absolute against `base`.
+
+    In a cluster these are paths inside the container (absolute); locally each pod runs in its own
+    folder, so `dataset: {path: pairs.jsonl}` next to the manifest would not be found. Values with a
+    scheme (`tiny://`, `synthetic://`) and absolute paths are kept as they are.
+    """
+    spec = dict(obj.get("spec") or {})
+    for section, key in LOCAL_PATH_FIELDS:
+        part = spec.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            spec[section] = {**part, key: str((base / value).resolve())}
+    return {**obj, "spec": spec}
+
+
 def stamp_new_object(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     """What the API server adds on create: uid, creationTimestamp, namespace, generation."""
     meta = dict(obj.get("metadata", {}))
@@ -445,7 +465,7 @@ def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width
 def main(args: Any) -> int:
     display = Progress(sys.stdout, bars=False if args.no_progress else None)
     try:
-        manifest = load_manifest(Path(args.manifest))
+        manifest = resolve_local_paths(load_manifest(Path(args.manifest)), Path(args.manifest).resolve().parent)
         runner = LocalRunner(manifest, Path(args.workdir), fresh=args.fresh, display=display,
                              suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
                              serve_metrics=not getattr(args, "no_metrics_server", False),

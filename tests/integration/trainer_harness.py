@@ -31,7 +31,7 @@ DATASET_OF = {
 }
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
-    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 16, "max_new_tokens": 4,
+    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 48, "max_new_tokens": 4,
     "learning_rate": 1e-3, "group_size": 2,
 }
 

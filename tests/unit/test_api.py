@@ -37,7 +37,7 @@ def test_minimal_spec_gets_every_default():
     assert spec.image_pull_policy == "IfNotPresent"
     assert spec.reward == RewardConfig(type="model")
     assert spec.reward_model == ModelConfig(path="/models/rm")
-    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="prompts", eval_path="")
+    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
     assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
     assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)

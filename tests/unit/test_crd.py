@@ -21,6 +21,7 @@ from rlhf_contract import algorithms, config
 from rlhf_contract.config import Hyperparameters
 from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
+from rlhfjob_cases import related
 
 CRD = yaml.safe_load(cases.CRD.read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -154,12 +155,6 @@ def api_server_errors(manifest: dict[str, Any], old: dict[str, Any] | None = Non
         errors += cel_errors(SCHEMA, obj, "", old)
     # Paths under spec as parse_spec writes them; status paths keep their prefix.
     return [(p.removeprefix("spec.").removeprefix("spec"), m) for p, m in errors]
-
-
-def related(a: str, b: str) -> bool:
-    """One path lies inside the other (`roles` and `roles[1].colocateWith`, `` and anything)."""
-    short, long = sorted((a, b), key=len)
-    return not short or long == short or long.startswith((short + ".", short + "["))
 
 
 # --- the CRD's shape ------------------------------------------------------------------------------------

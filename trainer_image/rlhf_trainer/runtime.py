@@ -103,11 +103,16 @@ def build_service(ctx: Context, role: str):
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
     if role == "reward":
+        from rlhf_trainer.chat import Renderer
+        from rlhf_trainer.sampling import stop_token_ids
+
         path = cfg.reward_model.path
-        return RewardService(
-            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        tokenizer = models.load_tokenizer(path)
+        # The reward model's own chat template when it has one (dataset.template is the policy's).
+        renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
+                            setting="rewardModel")
+        return RewardService(models.load_reward_model(path, seed=hp.seed), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(

@@ -41,6 +41,10 @@ class ChildRefused(Exception):
 # A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
 # before the event does not POST the same object again (it would get a 409: harmless but wasted).
 CREATE_EXPECTATION_SECONDS = 10.0
+# Statuses of a write the API server refused for what it is (admission, RBAC, validation), not for
+# its load: the pass is still retried, and the job gets one Warning event per streak of refusals so
+# that `kubectl describe` shows why its pods do not appear (as the Job controller's FailedCreate).
+REFUSED = (400, 403, 422)
 
 
 def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, str], now: float) -> bool:
@@ -164,6 +168,8 @@ class Controller:
                 record.failures += 1
                 delay = error_backoff(record.failures)
                 log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+                if err.status in REFUSED and record.failures == 1 and record.body is not None:
+                    await self.api.post_event(record.body, "Warning", "RequestRefused", str(err))
             except Exception:  # a bug must not kill the worker: log it and retry later
                 record.failures += 1
                 delay = error_backoff(record.failures)
