@@ -298,3 +298,20 @@ def test_an_unknown_action_type_is_refused():
 
     with pytest.raises(TypeError, match="unknown planner action"):
         controller()._stage(object(), _Writes(), JobRecord(), "ns", 0.0)
+
+
+def test_marking_pods_not_retriable_is_one_merge_patch_per_pod():
+    from rlhf_operator import planner
+    from rlhf_operator.kube.reconciler import JobRecord, _Writes
+
+    class AnnotatingApi:
+        def annotate(self, api_version, kind, namespace, name, annotations):
+            return ("annotate", kind, namespace, name, annotations)
+
+    c = controller()
+    c.api = AnnotatingApi()
+    staged = _Writes()
+    action = planner.AnnotatePods(("job-actor-0", "job-critic-0"), (("kueue.x-k8s.io/retriable-in-group", "false"),))
+    c._stage(action, staged, JobRecord(), "ns", 0.0)
+    assert staged.writes == [("annotate", "Pod", "ns", n, {"kueue.x-k8s.io/retriable-in-group": "false"})
+                             for n in ("job-actor-0", "job-critic-0")]

@@ -204,6 +204,15 @@ class KubeApi:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         return await self.request("DELETE", path, body, ok=(404,)) != 404
 
+    async def annotate(self, api_version: str, kind: str, namespace: str, name: str,
+                       annotations: dict[str, str]) -> bool:
+        """Merge annotations into an object's metadata; False when it is gone (404)."""
+        path = resource_path(api_version, kind, namespace, name)
+        status = await self.request("PATCH", path, {"metadata": {"annotations": annotations}},
+                                    content_type="application/merge-patch+json",
+                                    query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
+        return status != 404
+
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch the job's status subresource; False when the job is gone (404)."""
         path = resource_path(constants.API_VERSION, constants.KIND, namespace, name, "status")

@@ -365,6 +365,12 @@ class Controller:
         staged.writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
 
     @_stage.register
+    def _(self, action: planner.AnnotatePods, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        for name in action.names:
+            staged.writes.append(self.api.annotate("v1", "Pod", namespace, name, dict(action.annotations)))
+
+    @_stage.register
     def _(self, action: planner.EmitEvent, staged: _Writes, record: JobRecord, namespace: str,
           clock: float) -> None:
         staged.events.append(action)
