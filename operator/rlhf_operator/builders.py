@@ -195,6 +195,11 @@ def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
     return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
 
 
+def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
+    """The gang is a Kueue pod group: a queue is set and Volcano (whose queue it would be) is not used."""
+    return bool(job.spec.scheduling.queue) and gang_scheduler(job, settings) != "volcano"
+
+
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
     """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
     Kueue finalizes a group once one of its pods failed."""
@@ -262,7 +267,7 @@ def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bui
     if scheduler == "coscheduling":
         labels[LABEL_COSCHEDULING_GROUP] = job.name
     # With Volcano the queue is a Volcano queue (on the PodGroup), not a Kueue LocalQueue.
-    if job.spec.scheduling.queue and scheduler != "volcano":
+    if uses_kueue_pod_group(job, settings):
         labels[LABEL_KUEUE_QUEUE] = job.spec.scheduling.queue
         labels[LABEL_KUEUE_POD_GROUP] = kueue_pod_group_name(job, attempt)
     return labels

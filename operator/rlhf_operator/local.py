@@ -301,6 +301,13 @@ class LocalRunner:
             self.timeline.add("pods_deleted", ",".join(names))
 
     @execute.register
+    def _(self, action: planner.AnnotatePods) -> None:
+        for name in action.names:
+            if name in self.pods:
+                meta = self.pods[name]["metadata"]
+                meta["annotations"] = {**(meta.get("annotations") or {}), **dict(action.annotations)}
+
+    @execute.register
     def _(self, action: planner.DeleteObject) -> None:
         self.objects.pop((action.kind, action.name), None)
 

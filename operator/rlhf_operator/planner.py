@@ -52,8 +52,10 @@ from rlhf_operator.builders import (
     host_role,
     pod_name,
     support_object_refs,
+    uses_kueue_pod_group,
 )
 from rlhf_operator.constants import (
+    ANNOTATION_KUEUE_RETRIABLE,
     MAX_BACKOFF_SECONDS,
 )
 
@@ -100,6 +102,7 @@ class ObservedPod:
     terminating: bool = False
     created_at: datetime | None = None
     finished_at: datetime | None = None  # the container's terminated.finishedAt
+    not_retriable: bool = False  # carries Kueue's retriable-in-group: "false"
     # Why a disruption (not the trainer) ended the pod: its DisruptionTarget condition's reason, or a
     # pod-level reason of DISRUPTION_REASONS ("" when none).
     disruption: str = ""
@@ -161,6 +164,7 @@ def observe_pod(pod: dict) -> ObservedPod:
         finished_at=parse_time(terminated.get("finishedAt")),
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
+        not_retriable=(meta.get("annotations") or {}).get(ANNOTATION_KUEUE_RETRIABLE) == "false",
     )
 
 
@@ -200,6 +204,14 @@ class DeleteObject:
 @dataclass(frozen=True)
 class DeleteJob:
     pass
+
+
+@dataclass(frozen=True)
+class AnnotatePods:
+    """Merge these annotations into the pods' metadata (a pod that is gone is skipped)."""
+
+    names: tuple[str, ...]
+    annotations: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -488,6 +500,7 @@ def _deadline_exceeded(p: _Pass) -> bool:
 
 def _suspend(p: _Pass) -> None:
     p.delete(p.observed.pods)
+    _release_pod_group(p)  # a Volcano PodGroup keeps its minResources reserved while it exists
     if p.phase == "Suspended":
         return
     p.status["phase"] = "Suspended"
@@ -577,6 +590,11 @@ def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> 
     not_before = gang_not_before(p.status, p.spec.failure_policy.backoff_seconds)
     if not_before is not None and p.now < not_before:
         p.wake_at(not_before)
+        return
+    pod_group = ("PodGroup", p.job.name)
+    if pod_group in support_object_refs(p.job, p.settings) and pod_group not in p.observed.existing:
+        # A pod created before its PodGroup is scheduled alone (coscheduling) or held by a group that
+        # does not exist (Volcano): the gang waits for its PodGroup's creation event.
         return
     # Pods of this attempt that already exist come from an interrupted pass: keep them.
     missing = [pod for pod in build_gang(p.job, p.attempt, p.settings) if pod["metadata"]["name"] not in current]
@@ -746,13 +764,31 @@ def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:
     _after_finish(p)
 
 
-def _after_finish(p: _Pass) -> None:
-    """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
-    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
-    p.delete(pod for pod in p.observed.pods if not pod.terminated)
+def _release_pod_group(p: _Pass) -> None:
+    """Delete the gang scheduler's PodGroup if it exists (resume and a new gang recreate it)."""
     pod_group = build_pod_group(p.job, p.settings)
     if pod_group and ("PodGroup", pod_group["metadata"]["name"]) in p.observed.existing:
         p.actions.append(DeleteObject(pod_group["apiVersion"], "PodGroup", pod_group["metadata"]["name"]))
+
+
+def _give_back_kueue_quota(p: _Pass) -> bool:
+    """A failed job's Kueue pod group holds its quota while Kueue waits for replacement pods: mark the pods
+    not retriable first (retriable-in-group: "false"). True while marks are on their way; the pods are
+    deleted in the pass that sees them marked (the writes of one pass run concurrently)."""
+    if p.phase != "Failed" or not uses_kueue_pod_group(p.job, p.settings):
+        return False
+    unmarked = sorted(pod.name for pod in p.observed.pods if not pod.not_retriable and not pod.terminating)
+    if unmarked:
+        p.actions.append(AnnotatePods(tuple(unmarked), ((ANNOTATION_KUEUE_RETRIABLE, "false"),)))
+    return bool(unmarked)
+
+
+def _after_finish(p: _Pass) -> None:
+    """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
+    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
+    if not _give_back_kueue_quota(p):
+        p.delete(pod for pod in p.observed.pods if not pod.terminated)
+    _release_pod_group(p)
     ttl = p.spec.ttl_seconds_after_finished
     completed = parse_time(p.status.get("completionTime"))
     if ttl <= 0 or completed is None:

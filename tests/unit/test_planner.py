@@ -129,6 +129,7 @@ class Case:
     cond: tuple[str, str, str] | None = None  # (type, status, reason)
     message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
     status_has: dict = field(default_factory=dict)  # status keys and their values (None = absent)
+    annotates: list[str] = field(default_factory=list)  # pods marked retriable-in-group: "false"
 
 
 CASES: dict[str, Case] = {
@@ -142,9 +143,34 @@ CASES: dict[str, Case] = {
     "a lost support object is recreated while running": Case(
         status=RUNNING, pods=running(*GANG), at=50, existing=SUPPORT - {("ConfigMap", "j-config")},
         phase="Running", creates=["j-config"]),
-    "volcano job: the PodGroup is created too": Case(
-        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Creating",
-        creates=["j", *GANG], events=["GangCreated"], requeue=300),
+    # --- release what holds cluster resources (issue 18, part 8)
+    "volcano job: the PodGroup first, the gang once it exists": Case(
+        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Pending", creates=["j"]),
+    "volcano job whose PodGroup exists: the gang is created": Case(
+        status={"phase": "Pending"}, spec={"scheduling": {"gangScheduler": "volcano"}},
+        existing=SUPPORT | {("PodGroup", "j")}, phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    "coscheduling: a lost PodGroup is recreated before any new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        spec={"scheduling": {"gangScheduler": "coscheduling"}}, at=60, phase="Restarting", creates=["j"]),
+    "suspend deletes the PodGroup too": Case(
+        status=RUNNING, spec={"suspend": True, "scheduling": {"gangScheduler": "volcano"}}, pods=running(*GANG),
+        existing=SUPPORT | {("PodGroup", "j")}, at=100, phase="Suspended", deletes=GANG, events=["Suspended"]),
+    "resume recreates the PodGroup, then the gang": Case(
+        status=status("Suspended", startTime=ts(0)), spec={"scheduling": {"gangScheduler": "volcano"}}, at=1000,
+        phase="Pending", creates=["j"], events=["Resumed"]),
+    "a failed Kueue gang: its pods are marked not retriable before they go": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Failed", exit_code=78), pod("j-critic-0")), at=1, phase="Failed",
+        annotates=["j-actor-0", "j-critic-0"]),
+    "a failed Kueue gang whose pods are marked: the live ones are deleted": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(dataclasses.replace(pod("j-actor-0", "Failed", exit_code=78), not_retriable=True),
+              dataclasses.replace(pod("j-critic-0"), not_retriable=True)), at=2, phase="Failed",
+        deletes=["j-critic-0"]),
+    "a succeeded Kueue gang is not marked": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0")), at=1, phase="Succeeded",
+        deletes=["j-critic-0"]),
     "gang timeout setting decides the first wake-up": Case(
         status={}, spec={"scheduling": {"gangTimeoutSeconds": 45}}, phase="Creating",
         creates=GANG, events=["GangCreated"], requeue=45),
@@ -472,6 +498,9 @@ def test_plan(name):
         assert (got["status"], got["reason"]) == (want_status, reason)
         for text in case.message_has:
             assert text in got["message"]
+    marked = [a for a in plan.actions if isinstance(a, planner.AnnotatePods)]
+    assert [n for a in marked for n in a.names] == case.annotates
+    assert all(a.annotations == (("kueue.x-k8s.io/retriable-in-group", "false"),) for a in marked)
     for key, value in case.status_has.items():
         assert plan.status.get(key) == value, key
     assert plan.status["observedGeneration"] == 1
