@@ -138,7 +138,7 @@ class DeepSpeedStrategy:
         config = self.engine._config  # DeepSpeed reads the flag from its config at load time
         config.load_universal_checkpoint = True
         try:
-            path, _ = self.engine.load_checkpoint(directory)
+            path, _ = self.engine.load_checkpoint(directory, load_module_strict=not self.frozen)
         finally:
             config.load_universal_checkpoint = False
         if path is None:
