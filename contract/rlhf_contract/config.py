@@ -148,6 +148,29 @@ class DeepSpeedConfig:
     gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
 
 
+LORA_EXPORTS = ("merged", "adapter")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A role's LoRA adapters (Hu et al. 2021) trained with peft instead of every weight (`rank` > 0)."""
+
+    rank: int = knob(0, "LoRA rank r; 0 = no adapters, every weight trains.", minimum=0)
+    alpha: float = knob(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", gt=0)
+    dropout: float = knob(0.0, "Dropout on the adapters' input, 0 <= x < 1.", minimum=0, lt=1)
+    target_modules: str = knob("all-linear", "Modules that get adapters: all-linear, or comma-separated names "
+                                             "(q_proj,v_proj).", max_length=1024)
+    export: str = knob("merged", "The exported folder: merged (a plain model, adapters folded in) or adapter "
+                                 "(peft's adapter folder, for the base model).", enum=LORA_EXPORTS)
+
+
+def lora_problem(role: str, lora: LoraConfig) -> str | None:
+    """Only the actor trains adapters (the critic trains every weight; reward and reference are frozen)."""
+    if lora.rank and role != "actor":
+        return f"only the actor trains LoRA adapters (got rank {lora.rank} on the {role})"
+    return None
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """One role's process world: how many ranks, and where it runs if colocated."""
@@ -157,6 +180,7 @@ class RoleConfig:
     colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
                                   "processes.", max_length=16)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _dual_clip_ok(value: float) -> bool:
@@ -352,6 +376,10 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
         _check_knobs(role, f"roles.{name}", errors)
         _check_knobs(role.deepspeed, f"roles.{name}.deepspeed", errors)
+        _check_knobs(role.lora, f"roles.{name}.lora", errors)
+        problem = lora_problem(name, role.lora)
+        if problem:
+            errors.append(f"roles.{name}.lora.rank: {problem}")
     _check_reward(cfg, errors)
     if errors:
         return  # the layout rules read replicas and names that must be valid first

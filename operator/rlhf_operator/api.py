@@ -30,11 +30,13 @@ from rlhf_contract.config import (
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
     critic_problem,
     dataset_format_problem,
+    lora_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -493,10 +495,15 @@ def _role(fields: _Fields) -> RoleSpec:
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
+    lora = _settings(fields.obj("lora"), LoraConfig)
+    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
+    if problem:
+        fields.error("lora.rank", problem)
     role = RoleSpec(
         name=name,
         **fields.settings(RoleConfig),
         deepspeed=deepspeed,
+        lora=lora,
         image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
         gpus=fields.integer("gpus", 0, minimum=0),
         resources=_resources(fields.obj("resources")),

@@ -56,17 +56,34 @@ def _on_device(tensors: Tensors) -> Tensors:
 
 
 class ReferenceService:
-    """Frozen copy of the initial policy: log-probs for the KL penalty / DPO reference."""
+    """The initial policy: log-probs for the KL penalty / DPO reference.
 
-    def __init__(self, model, temperature: float):
-        self.model = model.to(distributed.device()).eval()
+    Either a frozen copy, or (adapters_off) a LoRA actor's own model run with its adapters disabled:
+    its frozen base weights are the initial policy (rlhf_trainer.lora). That model keeps training, so
+    its train/eval mode is restored after each call.
+    """
+
+    def __init__(self, model, temperature: float, *, adapters_off: bool = False):
+        self.adapters_off = adapters_off
+        self.model = model if adapters_off else model.to(distributed.device()).eval()
         self.temperature = temperature
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "logprobs", method
         t = _on_device(tensors)
-        logprobs = sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)
+        if self.adapters_off:
+            from rlhf_trainer.lora import adapters_off
+
+            training = self.model.training
+            self.model.eval()
+            try:
+                with adapters_off(self.model):
+                    logprobs = sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)
+            finally:
+                self.model.train(training)
+        else:
+            logprobs = sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)
         if meta.get("response_length"):
             logprobs = logprobs[:, -meta["response_length"]:]
         return {"logprobs": logprobs}, {}

@@ -59,6 +59,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # The actor's trained model in an actor process (set before colocated roles start).
+    actor_model: Any = None
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
 
@@ -101,6 +103,12 @@ def build_service(ctx: Context, role: str):
     hp, cfg = ctx.hp, ctx.cfg
     if role == "reference":
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
+        from rlhf_trainer import lora
+
+        if ctx.actor_model is not None and lora.is_lora(ctx.actor_model):
+            # Colocated with a LoRA actor: its frozen base IS the initial policy; no second copy.
+            log("reference: the actor's base model with its adapters disabled")
+            return ReferenceService(ctx.actor_model, temperature, adapters_off=True)
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
     if role == "reward":
         from rlhf_trainer.chat import Renderer

@@ -95,6 +95,8 @@ class DeepSpeedStrategy:
         if settings.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         params = [p for p in model.parameters() if p.requires_grad]
+        # A LoRA model's frozen base is not saved in checkpoints (it is the model folder's).
+        self.frozen = len(params) < len(list(model.parameters()))
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
 
@@ -120,11 +122,12 @@ class DeepSpeedStrategy:
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         """Collective over the role's world: every rank writes its shard under `directory/engine`."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: str) -> dict[str, Any]:
         """Collective; returns the client state given to save(). Raises if the files do not load."""
-        path, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        path, client_state = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not self.frozen)
         if path is None:
             raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
         return client_state or {}
@@ -135,7 +138,7 @@ class DeepSpeedStrategy:
         config = self.engine._config  # DeepSpeed reads the flag from its config at load time
         config.load_universal_checkpoint = True
         try:
-            path, _ = self.engine.load_checkpoint(directory)
+            path, _ = self.engine.load_checkpoint(directory, load_module_strict=not self.frozen)
         finally:
             config.load_universal_checkpoint = False
         if path is None:

@@ -55,6 +55,9 @@ class ActorAlgorithm:
     load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
     rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
     rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    With roles.actor.lora.rank > 0 the model trains LoRA adapters (rlhf_trainer.lora). The roles
+    colocated in this process start once the model exists: a reference can then share a LoRA
+    actor's base weights.
     """
 
     def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
@@ -62,11 +65,21 @@ class ActorAlgorithm:
         hp = self.hp = ctx.hp
         self.ctx = ctx
         self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
+        self.classifier = load_model is models.load_reward_model
+        self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
+        model = self.load_base()
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            model = lora.with_lora(model, adapters, classifier=self.classifier)
         self.strategy = DeepSpeedStrategy(
-            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            model, ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
             grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
         )
+        ctx.actor_model = self.strategy.module
+        start_colocated(ctx)
 
     def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
@@ -84,7 +97,6 @@ def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> 
     colocated roles, then drive()."""
     renderer = text_pipeline(ctx)
     rows = load_rows(ctx, renderer)
-    start_colocated(ctx)
     drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
@@ -272,14 +284,28 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
     log(f"checkpoint step-{step} complete")
 
 
-def export(ctx: Context, strategy, tokenizer) -> Path:
-    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
+def export(ctx: Context, algorithm) -> Path:
+    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes).
+
+    A LoRA actor exports its adapters folded into a fresh base (roles.actor.lora.export merged) or
+    peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
+    strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
     final = Path(ctx.env.checkpoint_dir) / "export"
     if distributed.world_rank() == 0:
         tmp = final.with_name(".export.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            merged = lora.write_export(state, adapters, algorithm.load_base, classifier=algorithm.classifier, folder=tmp)
+            if merged is None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                models.save_pretrained(merged, tokenizer, tmp)
+        else:
+            models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     distributed.role_barrier()
@@ -328,7 +354,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
-    export(ctx, algorithm.strategy, algorithm.tokenizer)
+    export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
 
