@@ -118,6 +118,27 @@ class DatasetConfig:
     fields: DatasetFields = field(default_factory=DatasetFields)
 
 
+# critic.model: these words, or a model folder (any other value).
+CRITIC_SOURCES = ("auto", "policy", "reward")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """Where the PPO critic starts from (the `critic` section)."""
+
+    model: str = knob("auto", "The critic's initial weights: policy (the policy's backbone and a new value "
+                              "head), reward (the reward model's backbone and score head, as InstructGPT and "
+                              "OpenRLHF do), auto (reward when reward.type is model, else policy), or a model "
+                              "folder; its tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
+
+
+def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> str | None:
+    """critic.model reward needs a reward model to start from."""
+    if algorithm == "ppo" and critic.model == "reward" and reward_type != "model":
+        return "reward needs a reward model (reward.type model); use policy or a model folder"
+    return None
+
+
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = knob(2, "ZeRO stage 0..3; unset = 2, or 0 for reward and reference (no optimizer).",
@@ -212,6 +233,7 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
         """Roles served inside `host`'s processes."""
@@ -324,6 +346,7 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     _check_knobs(cfg.reward, "reward", errors)
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)
+    _check_knobs(cfg.critic, "critic", errors)
     for name, role in cfg.roles.items():
         if name not in ROLE_NAMES:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
@@ -341,6 +364,9 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = dataset_format_problem(cfg.algorithm, cfg.dataset)
         if problem:
             errors.append(f"dataset.format: {problem}")
+        problem = critic_problem(cfg.algorithm, cfg.reward.type, cfg.critic)
+        if problem:
+            errors.append(f"critic.model: {problem}")
     if "actor" in cfg.roles:
         problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
         if problem:

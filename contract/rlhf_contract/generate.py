@@ -23,6 +23,7 @@ from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
@@ -118,6 +119,10 @@ def algorithm_rules() -> list[dict[str, str]]:
                  f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",
          "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
+        {"rule": "!(self.algorithm == 'ppo' && has(self.critic) && has(self.critic.model) && "
+                 "self.critic.model == 'reward') || self.reward.type == 'model'",
+         "message": "critic.model reward needs a reward model (reward.type model); use policy or a model folder",
+         "fieldPath": ".critic.model"},
     ]
     return rules
 
@@ -138,6 +143,7 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "deepspeed": lambda: properties_of(DeepSpeedConfig),
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
+    "critic": lambda: properties_of(CriticConfig),
 }
 
 

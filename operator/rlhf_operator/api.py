@@ -25,6 +25,7 @@ from rlhf_contract.config import (
     CALLABLE_PATTERN,
     REWARD_RULES,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
@@ -32,6 +33,7 @@ from rlhf_contract.config import (
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    critic_problem,
     dataset_format_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
@@ -99,6 +101,7 @@ class JobSpec:
     image_pull_policy: str = "IfNotPresent"
     reward_model: ModelConfig | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
@@ -396,6 +399,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.read.add("rewardModel")  # known even when null
     reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
+    critic = _settings(top.obj("critic"), CriticConfig)
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
@@ -430,6 +434,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
         errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+    if algorithm in ALGORITHMS and "critic.model" not in bad:
+        problem = critic_problem(algorithm, reward.type, critic)
+        if problem:
+            errors.append(("critic.model", problem))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -440,7 +448,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         raise SpecError(errors)
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
-        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
+        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward, critic=critic,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,

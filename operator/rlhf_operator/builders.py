@@ -127,6 +127,7 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         model=spec.model,
         reward_model=spec.reward_model,
         reward=spec.reward,
+        critic=spec.critic,
         dataset=spec.dataset,
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,

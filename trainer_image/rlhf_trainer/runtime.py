@@ -115,8 +115,16 @@ def build_service(ctx: Context, role: str):
                              max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
     if role == "critic":
         rows = ctx.rows_per_rank()
+        path, init = critic_source(cfg, models.is_sequence_classifier)
+        if path != cfg.model.path and not same_vocabulary(models.load_tokenizer(path), models.load_tokenizer(cfg.model.path)):
+            if cfg.critic.model != "auto":
+                raise ConfigError(f"critic.model: the tokenizer of {path} differs from the policy's; the critic reads "
+                                  f"the policy's tokens, so it must start from a model with the same vocabulary")
+            log("critic: the reward model's tokenizer differs from the policy's; starting from the policy")
+            path, init = cfg.model.path, "policy"
+        log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.load_value_model(cfg.model.path, seed=hp.seed),
+            models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,
@@ -131,6 +139,29 @@ def build_service(ctx: Context, role: str):
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
         )
     raise ValueError(f"no service for role {role!r}")
+
+
+def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
+    """(model path, init) the PPO critic starts from (critic.model; rlhf_trainer.models.load_value_model).
+
+    auto = the reward model when reward.type is model, else the policy; a folder is read as a reward
+    model when `is_classifier(path)` says it holds a sequence classifier, else as a policy.
+    """
+    choice = cfg.critic.model
+    if choice == "auto":
+        choice = "reward" if cfg.reward.type == "model" and cfg.reward_model is not None else "policy"
+    if choice == "policy":
+        return cfg.model.path, "policy"
+    if choice == "reward":
+        if cfg.reward_model is None:
+            raise ConfigError("critic.model: reward needs a reward model (reward.type model)")
+        return cfg.reward_model.path, "reward"
+    return choice, "reward" if is_classifier(choice) else "policy"
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (a critic must read the policy's ids)."""
+    return a.get_vocab() == b.get_vocab()
 
 
 def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
