@@ -182,6 +182,8 @@ QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 IMAGE_PATTERN = r"^\S(.*\S)?$"
 MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
 MAX_SUBDOMAIN_LENGTH = 253
+# A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
+MAX_SELECTOR_ENTRIES = 32
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
 # so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
 MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
@@ -374,6 +376,8 @@ class _Fields:
                 self.error(f"{key}.{k}", f"must be {expected}, got {_kind(v)}")
             elif labels:
                 self.errors.extend((self.at(f"{key}.{k}"), m) for m in label_errors(k, v))
+        if labels and len(value) > MAX_SELECTOR_ENTRIES:
+            self.error(key, f"must have at most {MAX_SELECTOR_ENTRIES} entries (got {len(value)})")
         return dict(value)
 
     def done(self) -> None:
