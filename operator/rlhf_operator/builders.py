@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
@@ -391,6 +392,13 @@ def build_config_map(job: Job) -> dict:
         "metadata": _metadata(job, config_map_name(job.name)),
         "data": {CONFIG_FILE: dump_config(build_trainer_config(job))},
     }
+
+
+def rollout_hash(job: Job, settings: BuildSettings) -> str:
+    """A digest of what a gang is built from: the trainer config and the pod templates (as gang attempt 0).
+    Two specs with the same digest need no rollout; an edit that changes it restarts the gang."""
+    parts = [dump_config(build_trainer_config(job)), build_gang(job, 0, settings)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_pvc(job: Job) -> dict | None:

@@ -82,6 +82,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self.settings = settings
+        self.learning_rate = learning_rate
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.config = build_ds_config(
             zero_stage=settings.zero_stage,
@@ -130,7 +131,16 @@ class DeepSpeedStrategy:
         path, client_state = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not self.frozen)
         if path is None:
             raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
+        self.apply_learning_rate()
         return client_state or {}
+
+    def apply_learning_rate(self) -> None:
+        """The configured learning rate over the one a checkpoint restored with the optimizer state: an edit
+        of hyperparameters.learningRate, rolled out as a gang restart, takes effect (there is no schedule)."""
+        inner = getattr(self.optimizer, "optimizer", None)
+        for optimizer in (self.optimizer, inner):
+            for group in getattr(optimizer, "param_groups", None) or []:
+                group["lr"] = self.learning_rate
 
     def load_universal(self, directory: str) -> None:
         """Collective: load a DeepSpeed universal checkpoint (checkpoint.to_universal's output) saved under
@@ -143,6 +153,7 @@ class DeepSpeedStrategy:
             config.load_universal_checkpoint = False
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed universal checkpoint")
+        self.apply_learning_rate()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""

@@ -52,6 +52,10 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
   verbs: ["create"]
+# application: a spec edit rolled out rewrites the trainer-config ConfigMap.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["patch"]
 {{- if .Values.gangSchedulers.volcano.enabled }}
 # application: gang scheduling with Volcano, one PodGroup per job, deleted when
 # the job finishes (Volcano reserves its minResources).
