@@ -86,10 +86,12 @@ class Hyperparameters:
     learning_rate: float = 1e-5
     batch_size: int = 8
     micro_batch_size: int = 4
+    inference_chunk_size: int = 8
     max_prompt_length: int = 64
     max_new_tokens: int = 16
     temperature: float = 1.0
     seed: int = 0
+    distributed_timeout_seconds: int = 1800
     # ppo
     ppo_epochs: int = 1
     clip_range: float = 0.2
@@ -235,10 +237,12 @@ HYPERPARAMETER_BOUNDS: dict[str, dict[str, Any]] = {
     "learningRate": {"gt": 0},
     "batchSize": {"minimum": 1},
     "microBatchSize": {"minimum": 1},
+    "inferenceChunkSize": {"minimum": 1},
     "maxPromptLength": {"minimum": 1},
     "maxNewTokens": {"minimum": 1},
     "temperature": {"gt": 0},
     "seed": {"minimum": 0},
+    "distributedTimeoutSeconds": {"minimum": 60},
     "ppoEpochs": {"minimum": 1},
     "clipRange": {"gt": 0},
     "dualClip": {"minimum": 0},  # and 0 or > 1: a rule of its own

@@ -85,10 +85,12 @@ class Hyperparameters:
     learning_rate: float = 1e-5
     batch_size: int = 8  # prompts (or pairs) per step, global
     micro_batch_size: int = 4  # per process per forward/backward
+    inference_chunk_size: int = 8  # rows per no-grad pass: generation, old/reference log-probs, values, scores
     max_prompt_length: int = 64  # tokens; longer prompts are truncated from the left
     max_new_tokens: int = 16  # response length cap when sampling
     temperature: float = 1.0  # sampling temperature (also used to scale logits for log-probs)
     seed: int = 0
+    distributed_timeout_seconds: int = 1800  # a collective or bridge message waits this long, then fails
     # ppo
     ppo_epochs: int = 1  # passes over each rollout batch
     clip_range: float = 0.2  # PPO ratio clip epsilon
@@ -233,10 +235,12 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("learning_rate", lambda v: v > 0, "greater than 0"),
     ("batch_size", lambda v: v >= 1, "at least 1"),
     ("micro_batch_size", lambda v: v >= 1, "at least 1"),
+    ("inference_chunk_size", lambda v: v >= 1, "at least 1"),
     ("max_prompt_length", lambda v: v >= 1, "at least 1"),
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
     ("temperature", lambda v: v > 0, "greater than 0"),
     ("seed", lambda v: v >= 0, "at least 0"),
+    ("distributed_timeout_seconds", lambda v: v >= 60, "at least 60"),
     ("ppo_epochs", lambda v: v >= 1, "at least 1"),
     ("clip_range", lambda v: v > 0, "greater than 0"),
     ("dual_clip", lambda v: v == 0 or v > 1, "0 (off) or greater than 1"),
