@@ -119,12 +119,14 @@ def build_service(ctx: Context, role: str):
     hp, cfg = ctx.hp, ctx.cfg
     if role == "reference":
         temperature = hp.temperature if cfg.algorithm in ONLINE else 1.0
-        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
+        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature,
+                                chunk_size=hp.inference_chunk_size)
     if role == "reward":
         path = cfg.reward_model.path
         return RewardService(
             models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
             max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
+            chunk_size=hp.inference_chunk_size,
         )
     if role == "critic":
         rows = ctx.rows_per_rank()
@@ -140,6 +142,7 @@ def build_service(ctx: Context, role: str):
         return CriticService(
             strategy,
             micro_batch_size=hp.micro_batch_size,
+            chunk_size=hp.inference_chunk_size,
             value_clip_range=hp.value_clip_range,
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
         )

@@ -28,7 +28,7 @@ from rlhf_trainer.data import (
     shard,
 )
 from rlhf_trainer.experience import Experience
-from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.forward import chunked_token_logprobs, row_slices
 from rlhf_trainer.runtime import Context, log, resume_step
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
@@ -37,8 +37,7 @@ AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "los
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
-    for start in range(0, size, micro_batch_size):
-        yield slice(start, min(start + micro_batch_size, size))
+    yield from row_slices(size, micro_batch_size)
 
 
 def global_normaliser(local_count: float) -> float:
@@ -70,31 +69,34 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], hp) -> Rollout:
+def generate(model, tokenizer, prompts: list[str], hp, *, synced_gpus: bool = False) -> Rollout:
+    """Sample one response per prompt, `hp.inference_chunk_size` prompts per `generate` call.
+
+    Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
+    longest. `synced_gpus` keeps every rank of the world stepping until all ranks are done
+    (transformers' flag; needed under ZeRO-3, where each step gathers parameters collectively and
+    a rank that stopped early would leave the others waiting forever). Every rank must then make
+    the same number of calls: the same number of prompts per rank.
+    """
     enc = encode_prompts(tokenizer, prompts, hp.max_prompt_length)
-    dev = distributed.device()
-    out = model.generate(
-        input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-        do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
-        max_new_tokens=hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ).cpu()
-    response_ids = out[:, enc["input_ids"].shape[1]:]
+    dev, width = distributed.device(), enc["input_ids"].shape[1]
+    pieces = []
+    for s in row_slices(len(prompts), hp.inference_chunk_size):
+        out = model.generate(
+            input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
+            do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0, max_new_tokens=hp.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
+        )
+        pieces.append(out[:, width:].cpu())
+    longest = max(p.shape[1] for p in pieces)
+    # A chunk whose rows all ended early is shorter: its padding comes after every row's EOS.
+    response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
+                              for p in pieces])
     mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, mask, ~ended, list(prompts), responses)
-
-
-def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
-    """(B, R) log-probs of the response tokens (the last R columns) and their (B, R, V) logits.
-
-    Logits are divided by the sampling temperature: the probabilities the tokens were sampled with.
-    """
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
-        position_ids=position_ids_from_mask(attention_mask),
-    ).logits[:, -response_length - 1:-1].float() / temperature
-    return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
+    return Rollout(sequences, attention_mask, mask, ~ended, list(prompts), responses)
 
 
 @torch.no_grad()
@@ -108,7 +110,8 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
     old = None
     if old_logprobs:
-        old, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+        old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
+                                     chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,

@@ -17,8 +17,8 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     start_colocated,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.dpo import dpo_loss
-from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -58,7 +58,7 @@ class DPO:
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+                logp = summed_logprobs(token_logprobs(self.strategy.forward, ids[rows], attn[rows])[0], loss_mask[rows])
                 half = len(rows) // 2
                 loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
                     logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],

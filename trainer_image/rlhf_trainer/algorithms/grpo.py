@@ -19,9 +19,9 @@ from rlhf_trainer.algorithms.common import (
     generate,
     global_normaliser,
     load_records,
-    response_logprobs,
     start_colocated,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
@@ -80,8 +80,8 @@ class GroupPolicyGradient:
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
                         kl_total += float((kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask).sum())
@@ -94,7 +94,7 @@ class GroupPolicyGradient:
                                                               num_tokens=num_tokens)
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
         policy = sum(s[0] for s in stats)
         return {

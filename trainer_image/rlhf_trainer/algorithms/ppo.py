@@ -20,9 +20,9 @@ from rlhf_trainer.algorithms.common import (
     generate,
     global_normaliser,
     load_records,
-    response_logprobs,
     start_colocated,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
@@ -76,15 +76,15 @@ class PPO:
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,

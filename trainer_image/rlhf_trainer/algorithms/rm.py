@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, load_records, pair_slices
+from rlhf_trainer.forward import sequence_scores
 from rlhf_trainer.losses.rm import bradley_terry_loss
-from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
