@@ -3,7 +3,7 @@
 import pytest
 import torch
 from rlhf_trainer.config import DeepSpeedConfig
-from rlhf_trainer.strategy import DeepSpeedStrategy, build_ds_config
+from rlhf_trainer.strategy import DeepSpeedStrategy, build_ds_config, needs_synced_generation
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 
 BASE = dict(zero_stage=2, bf16=False, offload_optimizer=False, micro_batch_size=4, grad_accum=2)
@@ -44,6 +44,22 @@ def test_zero3_gathers_weights_for_export():
     zero = build_ds_config(**{**BASE, "zero_stage": 3})["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+SYNCED_GENERATION = {
+    # name: (zero stage, world size, ranks kept in step while sampling)
+    "zero3, two ranks: every forward gathers parameters collectively": (3, 2, True),
+    "zero3, eight ranks": (3, 8, True),
+    "zero3 alone in its world: nobody to wait for": (3, 1, False),
+    "zero2 holds whole parameters on every rank": (2, 8, False),
+    "zero0": (0, 4, False),
+}
+
+
+@pytest.mark.parametrize("name", SYNCED_GENERATION)
+def test_synced_generation_cases(name):
+    stage, world, expected = SYNCED_GENERATION[name]
+    assert needs_synced_generation(stage, world) is expected
 
 
 @pytest.mark.parametrize(

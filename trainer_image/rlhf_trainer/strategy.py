@@ -62,6 +62,17 @@ def build_ds_config(
     return config
 
 
+def needs_synced_generation(zero_stage: int, world_size: int) -> bool:
+    """Whether sampling must keep the ranks of a world in step until all are done.
+
+    Under ZeRO-3 every forward gathers each layer's parameters with a collective of the whole
+    world, so a rank whose samples all ended must keep running forwards while another still
+    samples (transformers' `generate(synced_gpus=True)`, which DeepSpeed-Chat and OpenRLHF pass
+    under ZeRO-3); stages 0-2 hold whole parameters on every rank and need no such lockstep.
+    """
+    return zero_stage == 3 and world_size > 1
+
+
 class DeepSpeedStrategy:
     """One trainable model in a DeepSpeed engine.
 
@@ -102,6 +113,11 @@ class DeepSpeedStrategy:
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def synced_generation(self) -> bool:
+        """Pass as generate's synced_gpus (needs_synced_generation for this engine's world)."""
+        return needs_synced_generation(self.settings.zero_stage, self.world_size)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)

@@ -55,7 +55,8 @@ class GroupPolicyGradient:
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp,
+                            synced_gpus=self.strategy.synced_generation)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
