@@ -77,8 +77,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size: int, timeout_s: float = 1800) -> None:
+def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size: int,
+                    timeout: timedelta = timedelta(minutes=30)) -> None:
     """Start this role's own torch.distributed world through DeepSpeed (idempotent).
+
+    A collective that waits longer than `timeout` fails the process (hyperparameters.
+    distributed_timeout_seconds; torch's own NCCL default, 10 minutes, is shorter than a long phase).
 
     DeepSpeed reads RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* from the environment (else it goes
     looking for MPI), so they are set here from the RLHF env contract.
@@ -101,7 +105,7 @@ def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=default_backend(), timeout=timedelta(seconds=timeout_s), verbose=False)
+    deepspeed.init_distributed(dist_backend=default_backend(), timeout=timeout, verbose=False)
 
 
 def world_rank() -> int:

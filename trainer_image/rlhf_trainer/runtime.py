@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -149,18 +150,42 @@ def build_service(ctx: Context, role: str):
     raise ValueError(f"no service for role {role!r}")
 
 
-def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
-    placements = placements_of(cfg)
-    host, port = env.role_addrs.get(env.role, ("127.0.0.1", 29500))
+@dataclass(frozen=True)
+class GroupPlan:
+    """How this process joins one process group: rank `rank` of `size`, rendezvous at `addr`."""
+
+    addr: tuple[str, int]
+    rank: int
+    size: int
+    timeout: timedelta  # a collective / message waiting longer fails the process (a retryable exit)
+
+
+def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPlan | None]:
+    """(this role's world, the bridge or None when every role runs in this one process). Pure.
+
+    Both groups wait hyperparameters.distributed_timeout_seconds. ConfigError when the env lacks
+    an address the layout needs.
+    """
+    timeout = timedelta(seconds=cfg.hyperparameters.distributed_timeout_seconds)
     if env.role not in env.role_addrs and env.replicas > 1:
         raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
-    distributed.init_role_world(master_addr=host, master_port=port, rank=env.rank, world_size=env.replicas)
-    ranks = bridge_ranks(placements)
+    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", 29500)), env.rank, env.replicas, timeout)
+    ranks = bridge_ranks(placements_of(cfg))
+    if len(ranks) == 1:
+        return world, None
+    if env.bridge_addr is None:
+        raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
+    return world, GroupPlan(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks), timeout)
+
+
+def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
+    world, bridge_plan = plan_groups(env, cfg)
+    distributed.init_role_world(master_addr=world.addr[0], master_port=world.addr[1], rank=world.rank,
+                                world_size=world.size, timeout=world.timeout)
     bridge = None
-    if len(ranks) > 1:
-        if env.bridge_addr is None:
-            raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
-        bridge = Bridge.connect(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks))
+    if bridge_plan is not None:
+        bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
+    placements = placements_of(cfg)
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
