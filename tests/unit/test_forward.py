@@ -227,3 +227,24 @@ def test_generation_in_chunks_pads_shorter_chunks_after_their_eos():
     assert roll.truncated.tolist() == [False, False, True]
     assert roll.responses == ["7", "", "7777"]
     assert roll.sequences[0, -2:].tolist() == [pad, pad]
+
+
+def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.algorithms.dpo import response_columns, summed_logprobs
+    from rlhf_trainer.config import Hyperparameters
+    from rlhf_trainer.data import synthetic_preferences
+
+    tok = models.load_tokenizer("tiny://llama")
+    model = models.load_policy("tiny://llama", seed=0).eval()
+    batch = encode_pairs(tok, synthetic_preferences()[:6], Hyperparameters(max_prompt_length=16, max_new_tokens=8))
+    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    R = response_columns(loss_mask)
+    assert R < ids.shape[1] - 1  # the prompts' columns are skipped
+    assert loss_mask[:, :-R].sum() == 0  # and hold no response token
+    with torch.no_grad():
+        every = (token_logprobs(model, ids, attn)[0] * loss_mask[:, 1:]).sum(-1)
+        tail = summed_logprobs(token_logprobs(model, ids, attn, response_length=R)[0], loss_mask)
+    torch.testing.assert_close(tail, every, rtol=1e-5, atol=1e-5)
+    assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0

@@ -118,14 +118,16 @@ def build_service(ctx: Context, role: str):
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
     hp, cfg = ctx.hp, ctx.cfg
+    # A frozen role has no optimizer: its `deepspeed.bf16` setting is the dtype of its weights.
+    frozen_dtype = torch.bfloat16 if cfg.roles[role].deepspeed.bf16 else torch.float32
     if role == "reference":
         temperature = hp.temperature if cfg.algorithm in ONLINE else 1.0
-        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature,
+        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed).to(frozen_dtype), temperature,
                                 chunk_size=hp.inference_chunk_size)
     if role == "reward":
         path = cfg.reward_model.path
         return RewardService(
-            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
+            models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), models.load_tokenizer(path),
             max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
             chunk_size=hp.inference_chunk_size,
         )
