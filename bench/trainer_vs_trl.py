@@ -95,10 +95,10 @@ def _free_port() -> int:
 
 
 def _our_context(algorithm: str, model: str, bf16: bool = False):
-    from rlhf_trainer.config import parse_config
+    from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
-    from rlhf_trainer.runtime import Context, placements_of
+    from rlhf_trainer.runtime import Context
 
     # One process: ZeRO has nothing to shard, so stage 0 (DeepSpeed engine, no partitioning bookkeeping).
     zero0 = {"deepspeed": {"zero_stage": 0, "bf16": bf16}}
@@ -125,27 +125,28 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
     colocated = tuple(r for r in roles if r != "actor")
     env = ProcessEnv("bench", "actor", 0, 1, colocated, "", {}, None, str(HERE / "out" / "ckpt"), 0, 0, "")
     init_role_world(master_addr="127.0.0.1", master_port=_free_port(), rank=0, world_size=1)
-    return Context(env, cfg, placements_of(cfg), None, TrainerMetrics(None))
+    return Context(env, cfg, cfg.placements(), None, TrainerMetrics(None))
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:
     import torch
-    from rlhf_trainer.algorithms.common import load_records, start_colocated
+    from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
     ctx = _our_context(algorithm, model, bf16)
-    records = load_records(ctx)
+    renderer = text_pipeline(ctx)
+    records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
     if algorithm == "dpo":
         from rlhf_trainer.algorithms.dpo import DPO as Algo
     elif algorithm == "grpo":
         from rlhf_trainer.algorithms.grpo import GroupPolicyGradient
 
-        def Algo(c):  # noqa: N802 (a factory in the place of a class)
-            return GroupPolicyGradient(c, "grpo")
+        def Algo(c, r):  # noqa: N802 (a factory in the place of a class)
+            return GroupPolicyGradient(c, r, "grpo")
     else:
         from rlhf_trainer.algorithms.ppo import PPO as Algo
-    algo = Algo(ctx)
+    algo = Algo(ctx, renderer)
     sampler = Sampler(len(records), PROMPTS, seed=0)
     times, cpu, tokens, phases = [], [], 0.0, {}
     for i in range(warmup + steps):
@@ -232,7 +233,7 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS
     else:
-        from rlhf_trainer.config import RewardConfig
+        from rlhf_contract.config import RewardConfig
         from trl import GRPOConfig, GRPOTrainer
 
         rule = build_reward_fn(RewardConfig(type="rule", rule="exact_match"))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import shlex
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rlhf_contract import wire
 
 from rlhf_operator import api, builders, constants, localexec, planner, report
 from rlhf_operator.progress import merge_progress
@@ -64,6 +66,26 @@ def load_manifest(path: Path) -> dict[str, Any]:
     if jobs[0].get("apiVersion") != constants.API_VERSION:
         raise LocalRunError(f"{path}: apiVersion must be {constants.API_VERSION}")
     return jobs[0]
+
+
+# Manifest fields that name files: run-local reads a relative one against the manifest's folder.
+LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
+
+
+def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the manifest with relative model / dataset paths made absolute against `base`.
+
+    In a cluster these are paths inside the container (absolute); locally each pod runs in its own
+    folder, so `dataset: {path: pairs.jsonl}` next to the manifest would not be found. Values with a
+    scheme (`tiny://`, `synthetic://`) and absolute paths are kept as they are.
+    """
+    spec = dict(obj.get("spec") or {})
+    for section, key in LOCAL_PATH_FIELDS:
+        part = spec.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            spec[section] = {**part, key: str((base / value).resolve())}
+    return {**obj, "spec": spec}
 
 
 def stamp_new_object(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
@@ -110,7 +132,7 @@ def volume_dir(run_dir: Path, pod_dir: Path, mount_path: str, volume: Mapping[st
     """Local folder standing in for a pod volume: the config, the shared checkpoint volume, scratch."""
     if "configMap" in volume:
         return run_dir / "config"
-    if mount_path == constants.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
+    if mount_path == wire.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
         return run_dir / "checkpoints"
     return pod_dir / "volumes" / volume["name"]
 
@@ -149,7 +171,7 @@ class LocalRunner:
         extra_env: Mapping[str, str] | None = None,
         serve_metrics: bool = True,
         suspend_after_step: int = 0,
-        stop_grace: float = 5.0,
+        stop_grace: float | None = None,
         settings: Any = None,
     ):
         self.job = api.parse_job(dict(manifest))
@@ -166,10 +188,15 @@ class LocalRunner:
         self.extra_env = dict(extra_env or {})
         self.serve_metrics = serve_metrics
         self.suspend_after_step = suspend_after_step
+        # Seconds from SIGTERM to SIGKILL when pods are deleted; None = each pod's terminationGracePeriodSeconds
+        # (spec.terminationGracePeriodSeconds), in which a stopped trainer saves a last checkpoint.
         self.stop_grace = stop_grace
         self.supervisor = localexec.Supervisor()
         self.addresses = localexec.LocalAddresses(LOCAL_IP)
         self.pods: dict[str, dict[str, Any]] = {}
+        # Pods deleted by the last pass, with their final status, shown to the next pass only (as a watch
+        # shows a deleted pod terminated before its DELETED event): an exit during the grace period counts.
+        self.departed: dict[str, dict[str, Any]] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.timeline = Timeline()
         self.passes = 0
@@ -208,7 +235,7 @@ class LocalRunner:
                 wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.01), REFRESH_SECONDS)
                 self.supervisor.changed.wait(wait)
         finally:
-            self.supervisor.stop_all(self.stop_grace)
+            self.supervisor.stop_all(self.grace_of(list(self.pods)))
             self.display.close()
         return self.job.status
 
@@ -219,13 +246,15 @@ class LocalRunner:
         rows = self._latest_rows()
         progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
                                   localexec.utc_now())
+        departed, self.departed = self.departed, {}
         observed = planner.Observed(
-            pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+            pods=(*(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+                  *(planner.observe_pod(pod) for name, pod in departed.items() if name not in self.pods)),
             existing=self._existing(),
             progress=progress,
         )
         result = planner.plan(self.job, observed, datetime.datetime.now(datetime.UTC), self.settings)
-        self._acted = any(type(a).__name__ in ("CreateObject", "DeletePods") for a in result.actions)
+        self._acted = any(isinstance(a, planner.CreateObject | planner.DeletePods) for a in result.actions)
         for action in result.actions:
             self.execute(action)
         self._set_status(result.status)
@@ -250,25 +279,45 @@ class LocalRunner:
             tmp.replace(self.run_dir / "status.json")
 
     # -- actions ----------------------------------------------------------------------------------
-    def execute(self, action: Any) -> None:
-        kind = type(action).__name__
-        if kind == "CreateObject":
-            self.create(action.obj)
-        elif kind == "DeletePods":
-            names = [n for n in action.names if n in self.pods]
-            self.supervisor.stop(names, self.stop_grace)
-            for n in names:
-                del self.pods[n]
-            if names:
-                self.timeline.add("pods_deleted", ",".join(names))
-        elif kind == "DeleteObject":
-            self.objects.pop((action.kind, action.name), None)
-        elif kind == "DeleteJob":
-            self.job_deleted = True
-        elif kind == "EmitEvent":
-            self.event(action.type, action.reason, action.message)
-        else:
-            raise TypeError(f"local runner: unknown planner action {action!r}")
+    @functools.singledispatchmethod
+    def execute(self, action: object) -> None:
+        raise TypeError(f"local runner: unknown planner action {action!r}")
+
+    @execute.register
+    def _(self, action: planner.CreateObject) -> None:
+        self.create(action.obj)
+
+    @execute.register
+    def _(self, action: planner.DeletePods) -> None:
+        names = [n for n in action.names if n in self.pods]
+        for proc in self.supervisor.stop(names, self.grace_of(names)):
+            pod = self.pods[proc.spec.name]
+            self.departed[proc.spec.name] = {
+                **pod, "metadata": {**pod["metadata"], "deletionTimestamp": localexec.utc_now()},
+                "status": localexec.pod_status(proc, LOCAL_IP)}
+        for n in names:
+            del self.pods[n]
+        if names:
+            self.timeline.add("pods_deleted", ",".join(names))
+
+    @execute.register
+    def _(self, action: planner.DeleteObject) -> None:
+        self.objects.pop((action.kind, action.name), None)
+
+    @execute.register
+    def _(self, action: planner.DeleteJob) -> None:
+        self.job_deleted = True
+
+    @execute.register
+    def _(self, action: planner.EmitEvent) -> None:
+        self.event(action.type, action.reason, action.message)
+
+    def grace_of(self, names: list[str]) -> float:
+        """SIGTERM-to-SIGKILL seconds for deleting these pods: the runner's setting, else theirs (as a kubelet)."""
+        if self.stop_grace is not None:
+            return self.stop_grace
+        return float(max((self.pods[n]["spec"].get("terminationGracePeriodSeconds", 30) for n in names
+                          if n in self.pods), default=0))
 
     def create(self, obj: Mapping[str, Any]) -> None:
         obj = stamp_new_object(dict(obj), self.job.namespace)
@@ -285,7 +334,7 @@ class LocalRunner:
 
     def start_pod(self, pod: Mapping[str, Any]) -> None:
         name = pod["metadata"]["name"]
-        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.pod_dir(name)
         mounts = pod_mounts(pod, lambda path, vol: volume_dir(self.run_dir, pod_dir, path, vol))
         for folder in mounts.values():
@@ -413,16 +462,10 @@ def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width
     return f"{name:<12} [{'#' * filled}{'.' * (width - filled)}] {step}/{max_steps}  {_metric_text(row)}".rstrip()
 
 
-def run_manifest(path: Path, workdir: Path, **kwargs: Any) -> tuple[LocalRunner, dict[str, Any]]:
-    manifest = load_manifest(path)
-    runner = LocalRunner(manifest, workdir, **kwargs)
-    return runner, runner.run()
-
-
 def main(args: Any) -> int:
     display = Progress(sys.stdout, bars=False if args.no_progress else None)
     try:
-        manifest = load_manifest(Path(args.manifest))
+        manifest = resolve_local_paths(load_manifest(Path(args.manifest)), Path(args.manifest).resolve().parent)
         runner = LocalRunner(manifest, Path(args.workdir), fresh=args.fresh, display=display,
                              suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
                              serve_metrics=not getattr(args, "no_metrics_server", False),
@@ -437,7 +480,7 @@ def main(args: Any) -> int:
     try:
         status = runner.run()
     except KeyboardInterrupt:
-        runner.supervisor.stop_all(runner.stop_grace)
+        runner.supervisor.stop_all(runner.grace_of(list(runner.pods)))
         print(f"\n{runner.job.name}: interrupted; processes stopped, checkpoints kept in {runner.checkpoint_dir}")
         return 130
     finally:

@@ -6,6 +6,10 @@ import dataclasses
 
 import pytest
 import rlhfjob_cases as cases
+import yaml
+from rlhf_contract import algorithms
+from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
+from rlhf_contract.knobs import camel_case, settings_of
 from rlhf_operator import api
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
 
@@ -31,10 +35,10 @@ def errors_of(spec: object) -> list[tuple[str, str]]:
 def test_minimal_spec_gets_every_default():
     spec = parse_spec(MINIMAL)
     assert spec.image_pull_policy == "IfNotPresent"
-    assert spec.reward == api.RewardSpec(type="model")
-    assert spec.reward_model == api.ModelSource(path="/models/rm")
-    assert spec.dataset == api.DatasetSpec(path="synthetic://arithmetic", format="prompts", eval_path="")
-    assert spec.hyperparameters == api.Hyperparameters()
+    assert spec.reward == RewardConfig(type="model")
+    assert spec.reward_model == ModelConfig(path="/models/rm")
+    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
+    assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
     assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)
     assert spec.failure_policy == api.FailurePolicy(max_restarts=3, backoff_seconds=10)
@@ -51,13 +55,13 @@ def test_minimal_spec_gets_every_default():
     pytest.param("reference", 0, id="reference-frozen-zero0"),
 ])
 def test_zero_stage_default_depends_on_whether_the_role_trains(role, zero_stage):
-    assert parse_spec(MINIMAL).role(role).deepspeed == api.DeepSpeedSpec(zero_stage=zero_stage)
+    assert parse_spec(MINIMAL).role(role).deepspeed == DeepSpeedConfig(zero_stage=zero_stage)
 
 
 def test_explicit_zero_stage_wins_over_the_role_default():
     spec = dict(MINIMAL, roles=[{"name": "actor"}, {"name": "critic"}, {"name": "reward"},
                                 {"name": "reference", "deepspeed": {"zeroStage": 3, "bf16": True}}])
-    assert parse_spec(spec).role("reference").deepspeed == api.DeepSpeedSpec(zero_stage=3, bf16=True)
+    assert parse_spec(spec).role("reference").deepspeed == DeepSpeedConfig(zero_stage=3, bf16=True)
 
 
 @pytest.mark.parametrize(("volume", "expected"), [
@@ -81,7 +85,7 @@ def test_checkpoint_volume(volume, expected):
     pytest.param("sft", "rule", ("actor",), id="sft"),
 ])
 def test_required_roles(algorithm, reward, roles):
-    assert api.required_roles(algorithm, reward) == roles
+    assert algorithms.required_roles(algorithm, reward) == roles
 
 
 def test_hyperparameters_are_read_by_their_manifest_names():
@@ -94,9 +98,9 @@ def test_hyperparameters_are_read_by_their_manifest_names():
 
 
 def test_camel_case_names_every_hyperparameter_as_the_spec_does():
-    names = {api.camel_case(f.name) for f in dataclasses.fields(api.Hyperparameters)}
+    names = {camel_case(s.name) for s in settings_of(Hyperparameters)}
     assert {"maxSteps", "learningRate", "microBatchSize", "valueClipRange", "klHorizon"} <= names
-    assert set(api.HYPERPARAMETER_BOUNDS) <= names
+    assert len(names) == len(dataclasses.fields(Hyperparameters))  # every field is a knob
 
 
 def test_role_fields_are_kept():
@@ -110,7 +114,7 @@ def test_role_fields_are_kept():
     assert (actor.replicas, actor.image, actor.gpus) == (2, "custom:2", 8)
     assert actor.resources == role["resources"] and actor.node_selector == {"pool": "gpu"}
     assert actor.tolerations == role["tolerations"]
-    assert actor.deepspeed == api.DeepSpeedSpec(3, True, True, True)
+    assert actor.deepspeed == DeepSpeedConfig(3, True, True, True)
 
 
 def test_colocated_roles_have_no_pods_of_their_own():
@@ -126,7 +130,7 @@ def test_every_example_parses(name):
     manifest = cases.example(name)
     job = parse_job(manifest)
     assert job.name == manifest["metadata"]["name"]
-    assert {r.name for r in job.spec.roles} == set(api.required_roles(job.spec.algorithm, job.spec.reward.type))
+    assert {r.name for r in job.spec.roles} == set(algorithms.required_roles(job.spec.algorithm, job.spec.reward.type))
 
 
 @pytest.mark.parametrize("case", cases.params("rlhfjob_valid.yaml"))
@@ -136,7 +140,7 @@ def test_valid_variants_parse(case):
 
 def test_null_is_unset():
     spec = parse_spec({**MINIMAL, "hyperparameters": {"maxSteps": None}, "suspend": None})
-    assert spec.hyperparameters.max_steps == api.Hyperparameters().max_steps and spec.suspend is False
+    assert spec.hyperparameters.max_steps == Hyperparameters().max_steps and spec.suspend is False
 
 
 # --- invalid specs ---------------------------------------------------------------------------------
@@ -208,18 +212,30 @@ def test_parse_job_defaults_for_a_manifest_file():
     assert (job.namespace, job.uid, job.generation, job.creation_timestamp, job.status) == ("default", "", 1, "", {})
 
 
-@pytest.mark.parametrize(("length", "valid"), [(1, True), (50, True), (51, False), (253, False)])
+@pytest.mark.parametrize(("length", "valid"), [(1, True), (51, True), (56, False), (253, False)])
 def test_job_name_length_limit_keeps_pod_names_within_63_characters(length, valid):
     name = "j" * length
     if valid:
         assert parse_job({"metadata": {"name": name}, "spec": MINIMAL}).name == name
-        # the longest pod name: the longest role and a two-digit index
-        assert len(f"{name}-reference-99") <= 63
+        assert len(f"{name}-reference-0") <= 63
     else:
         with pytest.raises(SpecError) as raised:
             parse_job({"metadata": {"name": name}, "spec": MINIMAL})
-        assert raised.value.errors == [("metadata.name", f"must be at most 50 characters (got {length}): pod names "
-                                                         "<job>-<role>-<index> are hostnames, at most 63 characters")]
+        assert raised.value.errors == [("metadata.name", f"must be at most 55 characters (got {length}): pod names "
+                                                         "<job>-<role>-<index> are hostnames, at most 63 characters, "
+                                                         "and the first is <job>-actor-0")]
+
+
+@pytest.mark.parametrize("path", sorted((cases.CASES / "user_reports").glob("job-*.yaml")), ids=lambda p: p.stem)
+def test_user_reported_job_names_are_refused_naming_metadata_name_and_the_rule(path):
+    """Names users applied that a cluster then refused for the job's Service (422, a retry loop)."""
+    manifest = yaml.safe_load(path.read_text())
+    with pytest.raises(SpecError) as raised:
+        parse_job(manifest)
+    [(field_path, message)] = raised.value.errors
+    assert field_path == "metadata.name"
+    assert message.startswith("must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter")
+    assert repr(manifest["metadata"]["name"]) in message
 
 
 def test_parse_spec_alone_does_not_see_the_name():
@@ -238,7 +254,7 @@ def test_parse_spec_alone_does_not_see_the_name():
     pytest.param([0, 2, 1, 1], 8, ["roles[0].replicas"], id="bad-actor-replicas-no-comparison"),
 ])
 def test_gang_shape_matches_the_trainer_startup_checks(roles, batch_size, paths):
-    spec = dict(MINIMAL, roles=[{"name": n, "replicas": r} for n, r in zip(api.ROLE_NAMES, roles, strict=True)],
+    spec = dict(MINIMAL, roles=[{"name": n, "replicas": r} for n, r in zip(algorithms.ROLE_NAMES, roles, strict=True)],
                 hyperparameters={"batchSize": batch_size})
     if not paths:
         parse_spec(spec)

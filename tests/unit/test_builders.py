@@ -9,17 +9,19 @@ from fractions import Fraction
 
 import kubernetes_validate
 import pytest
+from rlhf_contract.wire import (
+    LABEL_JOB,
+    LABEL_RESTART_ATTEMPT,
+    LABEL_ROLE,
+    LABEL_ROLE_INDEX,
+)
 from rlhf_operator import builders
 from rlhf_operator.api import parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     LABEL_COSCHEDULING_GROUP,
-    LABEL_JOB,
     LABEL_KUEUE_QUEUE,
-    LABEL_RESTART_ATTEMPT,
-    LABEL_ROLE,
-    LABEL_ROLE_INDEX,
 )
 
 SETTINGS = BuildSettings()
@@ -95,6 +97,7 @@ def test_gang_has_one_pod_per_replica_of_each_role_with_pods(case):
         assert pod["spec"]["hostname"] == pod["metadata"]["name"]
         assert pod["spec"]["subdomain"] == "ppo-tiny"
         assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 30
         assert pod["metadata"]["namespace"] == "team-a"
 
 
@@ -115,6 +118,7 @@ def test_env_contract_of_an_actor_pod_with_a_colocated_reference():
         "RLHF_CHECKPOINT_DIR": "/checkpoints",
         "RLHF_RESTART_ATTEMPT": "2",
         "RLHF_METRICS_PORT": "9400",
+        "RLHF_TERMINATION_GRACE_SECONDS": "30",
         "HOME": "/tmp",
         "XDG_CACHE_HOME": "/tmp/.cache",
         "HF_HOME": "/tmp/.cache/huggingface",
@@ -136,7 +140,7 @@ def test_critic_pod_serves_no_colocated_role_and_has_no_bridge_port():
 
 
 def test_settings_change_addresses_service_account_and_metrics_port():
-    settings = BuildSettings(trainer_service_account="sa-x", cluster_domain="k8s.example", metrics_port=9999)
+    settings = BuildSettings(trainer_service_account="sa-x", cluster_domain="k8s.example", trainer_metrics_port=9999)
     job = make_job()
     pod = builders.build_role_pod(job, job.spec.role("actor"), 0, 0, settings)
     env = env_of(pod)
@@ -341,7 +345,7 @@ def test_config_map_holds_the_trainer_config_as_sorted_json():
     assert cm["metadata"]["name"] == "ppo-tiny-config"
     text = cm["data"]["config.json"]
     config = json.loads(text)
-    assert config == builders.build_trainer_config(job)
+    assert config == builders.build_trainer_config(job).to_dict()
     assert text == json.dumps(config, indent=2, sort_keys=True)
     assert config["hyperparameters"]["max_steps"] == 7
     assert config["hyperparameters"]["clip_range"] == 0.3
@@ -450,3 +454,11 @@ def test_quantity_parse_and_format(case):
 def test_bad_quantity_names_the_value():
     with pytest.raises(ValueError, match="'lots'"):
         builders.parse_quantity("lots")
+
+
+def test_the_termination_grace_period_reaches_the_pod_and_the_trainer():
+    job = make_job(terminationGracePeriodSeconds=600)
+    for pod in builders.build_gang(job, 0, SETTINGS):
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 600
+        assert env["RLHF_TERMINATION_GRACE_SECONDS"] == "600"

@@ -9,7 +9,6 @@ with cel-python (skipped when there are type errors, which block CEL in the API 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from typing import Any
 
@@ -18,8 +17,11 @@ import jsonschema
 import pytest
 import rlhfjob_cases as cases
 import yaml
+from rlhf_contract import algorithms, config
+from rlhf_contract.config import Hyperparameters
 from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
+from rlhfjob_cases import related
 
 CRD = yaml.safe_load(cases.CRD.read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -155,12 +157,6 @@ def api_server_errors(manifest: dict[str, Any], old: dict[str, Any] | None = Non
     return [(p.removeprefix("spec.").removeprefix("spec"), m) for p, m in errors]
 
 
-def related(a: str, b: str) -> bool:
-    """One path lies inside the other (`roles` and `roles[1].colocateWith`, `` and anything)."""
-    short, long = sorted((a, b), key=len)
-    return not short or long == short or long.startswith((short + ".", short + "["))
-
-
 # --- the CRD's shape ------------------------------------------------------------------------------------
 
 
@@ -221,7 +217,7 @@ def test_every_cel_rule_compiles_and_has_a_message():
 def test_cel_cost_is_bounded_strings_in_list_rules_have_max_length():
     """The API server estimates rule cost from maxLength/maxItems; unbounded strings inside list
     rules blow the budget and the CRD is refused."""
-    assert SPEC["properties"]["roles"]["maxItems"] == len(api.ROLE_NAMES)
+    assert SPEC["properties"]["roles"]["maxItems"] == len(algorithms.ROLE_NAMES)
     for field in ("name", "colocateWith"):
         assert ROLE["properties"][field]["maxLength"] <= 64
 
@@ -232,20 +228,20 @@ def test_transition_rules_guard_algorithm_and_role_layout():
     assert any("oldSelf" in r["rule"] for r in SPEC["properties"]["roles"]["x-kubernetes-validations"])
 
 
-# --- drift against rlhf_operator.api -----------------------------------------------------------------------
+# --- drift against rlhf_operator.api and rlhf_contract (generated blocks: tests/unit/test_contract.py) ---
 
 
 @pytest.mark.parametrize(("node", "constant"), [
-    pytest.param(SPEC["properties"]["algorithm"], api.ALGORITHMS, id="algorithm"),
-    pytest.param(ROLE["properties"]["name"], api.ROLE_NAMES, id="role-name"),
-    pytest.param(SPEC["properties"]["reward"]["properties"]["type"], api.REWARD_TYPES, id="reward-type"),
-    pytest.param(SPEC["properties"]["reward"]["properties"]["rule"], api.REWARD_RULES, id="reward-rule"),
-    pytest.param(SPEC["properties"]["dataset"]["properties"]["format"], api.DATASET_FORMATS, id="dataset-format"),
+    pytest.param(SPEC["properties"]["algorithm"], algorithms.NAMES, id="algorithm"),
+    pytest.param(ROLE["properties"]["name"], algorithms.ROLE_NAMES, id="role-name"),
+    pytest.param(SPEC["properties"]["reward"]["properties"]["type"], algorithms.REWARD_TYPES, id="reward-type"),
+    pytest.param(SPEC["properties"]["reward"]["properties"]["rule"], config.REWARD_RULES, id="reward-rule"),
+    pytest.param(SPEC["properties"]["dataset"]["properties"]["format"], config.DATASET_FORMATS, id="dataset-format"),
     pytest.param(SPEC["properties"]["scheduling"]["properties"]["gangScheduler"], api.GANG_SCHEDULERS,
                  id="gang-scheduler"),
     pytest.param(SPEC["properties"]["imagePullPolicy"], api.PULL_POLICIES, id="pull-policy"),
-    pytest.param(HYPERPARAMETERS["lossType"], api.LOSS_TYPES, id="loss-type"),
-    pytest.param(HYPERPARAMETERS["klEstimator"], api.KL_ESTIMATORS, id="kl-estimator"),
+    pytest.param(HYPERPARAMETERS["lossType"], config.LOSS_TYPES, id="loss-type"),
+    pytest.param(HYPERPARAMETERS["klEstimator"], config.KL_ESTIMATORS, id="kl-estimator"),
     pytest.param(SCHEMA["properties"]["status"]["properties"]["phase"], api.PHASES, id="phase"),
     pytest.param(ROLE["properties"]["tolerations"]["items"]["properties"]["operator"], api.TOLERATION_OPERATORS,
                  id="toleration-operator"),
@@ -254,33 +250,11 @@ def test_enums_match_the_api_constants(node, constant):
     assert tuple(node["enum"]) == constant
 
 
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
-
-
-def test_hyperparameter_names_types_and_defaults_match_the_dataclass():
-    fields = {api.camel_case(f.name): f for f in dataclasses.fields(api.Hyperparameters)}
-    assert list(HYPERPARAMETERS) == list(fields)
-    for name, f in fields.items():
-        assert HYPERPARAMETERS[name]["type"] == _JSON_TYPES[f.type], name
-        assert HYPERPARAMETERS[name]["default"] == f.default, name
-
-
-def test_hyperparameter_bounds_match_parse_spec():
-    for name, node in HYPERPARAMETERS.items():
-        bounds = api.HYPERPARAMETER_BOUNDS.get(name, {})
-        assert node.get("minimum") == bounds.get("minimum"), name
-        assert node.get("maximum") == bounds.get("maximum"), name
-        assert tuple(node.get("enum", ())) == tuple(bounds.get("enum", ())), name
-        rules = [r["rule"] for r in node.get("x-kubernetes-validations", [])]
-        assert ("gt" in bounds) == (f"self > {float(bounds.get('gt', 0))}" in rules), name
-        assert ("lt" in bounds) == (f"self < {float(bounds.get('lt', 0))}" in rules), name
-
-
 def test_patterns_match_parse_spec():
     volume = SPEC["properties"]["checkpoint"]["properties"]["volume"]
     assert volume["properties"]["size"]["pattern"] == api.QUANTITY_PATTERN
     [callable_rule] = [r for r in SPEC["properties"]["reward"]["x-kubernetes-validations"] if "callable" in r["rule"]]
-    assert f"matches('{api.CALLABLE_PATTERN}')" in callable_rule["rule"]
+    assert f"matches('{config.CALLABLE_PATTERN}')" in callable_rule["rule"]
 
 
 @pytest.mark.parametrize("name", cases.example_names())
@@ -297,7 +271,7 @@ def test_defaulting_an_empty_spec_fills_every_section():
     obj = {"spec": {"roles": [{"name": "actor"}]}}
     apply_defaults(SCHEMA, obj)
     spec = obj["spec"]
-    assert spec["hyperparameters"]["maxSteps"] == api.Hyperparameters().max_steps
+    assert spec["hyperparameters"]["maxSteps"] == Hyperparameters().max_steps
     assert spec["checkpoint"]["volume"] == {"retain": True}  # no size: existingClaim XOR size
     assert spec["reward"] == {"type": "model"}
     assert spec["roles"][0]["deepspeed"] == {"bf16": False, "offloadOptimizer": False, "gradientCheckpointing": False}
@@ -338,14 +312,21 @@ def test_long_job_names_are_rejected_by_the_api_server_as_by_parse_job(case):
     with pytest.raises(SpecError) as raised:
         parse_job(manifest)
     # A root rule reports no field path: its message names metadata.name instead.
-    name_errors = [m for p, m in crd if p == "" and m.startswith("metadata.name must be at most 50 characters")]
+    name_errors = [m for p, m in crd if p == "" and m.startswith("metadata.name ")]
     assert bool(name_errors) == any(p == "metadata.name" for p, _ in raised.value.errors), crd
     spec_paths = [p for p, _ in raised.value.errors if p != "metadata.name"]
     assert sorted(p for p, _ in crd if p) == sorted(spec_paths)
 
 
-def test_a_fifty_character_job_name_passes_the_api_server():
-    assert api_server_errors(cases.build({"base": "sft-tiny", "name": "j" * 50})) == []
+def test_a_fifty_five_character_job_name_passes_the_api_server():
+    assert api_server_errors(cases.build({"base": "sft-tiny", "name": "j" * 55})) == []
+
+
+@pytest.mark.parametrize("path", sorted((cases.CASES / "user_reports").glob("job-*.yaml")), ids=lambda p: p.stem)
+def test_user_reported_job_names_are_refused_by_the_api_server(path):
+    errors = api_server_errors(yaml.safe_load(path.read_text()))
+    assert [p for p, _ in errors] == [""]
+    assert errors[0][1].startswith("metadata.name must be a DNS-1035 label")
 
 
 def test_cel_rule_messages_name_the_allowed_values():
@@ -391,6 +372,7 @@ def test_status_written_by_the_operator_validates():
         "phase": "Running", "observedGeneration": 2, "restarts": 1,
         "startTime": "2026-01-01T00:00:00Z", "lastRestartTime": "2026-01-01T00:05:00Z",
         "gangCreatedTime": "2026-01-01T00:05:10Z", "gangTimeouts": 1, "runningTime": "2026-01-01T00:01:00Z",
+        "podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": "Back-off pulling"}],
         "roles": {"actor": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}},
         "progress": {"step": 3, "rewardMean": 0.4, "kl": 0.01, "lastCheckpointStep": 2,
                      "updatedAt": "2026-01-01T00:06:00Z"},
@@ -406,11 +388,11 @@ def test_status_written_by_the_operator_validates():
 
 
 def _role_matrix():
-    for algorithm in api.ALGORITHMS:
-        for reward_type in api.REWARD_TYPES:
-            required = api.required_roles(algorithm, reward_type)
+    for algorithm in algorithms.NAMES:
+        for reward_type in algorithms.REWARD_TYPES:
+            required = algorithms.required_roles(algorithm, reward_type)
             yield pytest.param(algorithm, reward_type, list(required), True, id=f"{algorithm}-{reward_type}-exact")
-            for name in api.ROLE_NAMES:
+            for name in algorithms.ROLE_NAMES:
                 toggled = [r for r in required if r != name] if name in required else [*required, name]
                 verb = "without" if name in required else "with"
                 yield pytest.param(algorithm, reward_type, toggled, False, id=f"{algorithm}-{reward_type}-{verb}-{name}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rlhf_trainer.forward import chunked, chunked_token_logprobs, row_slices, sequence_scores, token_logprobs
+from rlhf_trainer.forward import chunked, chunked_token_logprobs, row_slices, token_logprobs
 from rlhf_trainer.losses.utils import entropy_from_logits, logit_chunks, logprobs_from_logits
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 
@@ -161,27 +161,26 @@ def test_chunked_logprobs_equal_one_pass(tiny_causal_lm, chunk_size):  # noqa: F
 @pytest.mark.parametrize("chunk_size", [1, 3, 16])
 def test_chunked_reward_scores_equal_one_pass(chunk_size):
     from rlhf_trainer import models
+    from rlhf_trainer.chat import Renderer
     from rlhf_trainer.roles import RewardService
 
     tok = models.load_tokenizer("tiny://llama")
     rm = models.load_reward_model("tiny://llama", seed=0).eval()
     prompts = ["1+2=", "3+4=", "0+0=", "4+4=", "2+1="]
     responses = ["3", "seven", "0", "8 is the sum", ""]
-    service = RewardService(rm, tok, max_prompt_length=16, max_response_length=8, chunk_size=chunk_size)
-    scores = service.handle("score", {}, {"prompts": prompts, "responses": responses})[0]["scores"]
-    from rlhf_trainer.data import encode_prompt_responses
-
-    enc = encode_prompt_responses(tok, prompts, responses, max_prompt_length=16, max_response_length=8)
-    with torch.no_grad():
-        whole = sequence_scores(rm, enc["input_ids"], enc["attention_mask"])
+    meta = {"prompts": prompts, "responses": responses}
+    service = RewardService(rm, Renderer(tok, "auto"), max_prompt_length=16, max_length=32, chunk_size=chunk_size)
+    scores = service.handle("score", {}, meta)[0]["scores"]
+    whole = RewardService(rm, Renderer(tok, "auto"), max_prompt_length=16, max_length=32, chunk_size=len(prompts))
     assert scores.shape == (5,)
-    torch.testing.assert_close(scores, whole, rtol=1e-5, atol=1e-5)
+    assert len(set(scores.tolist())) == 5  # different rows, different scores: the rows were not mixed up
+    torch.testing.assert_close(scores, whole.handle("score", {}, meta)[0]["scores"], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 5])
 def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: F811
+    from rlhf_contract.config import DeepSpeedConfig
     from rlhf_trainer import models
-    from rlhf_trainer.config import DeepSpeedConfig
     from rlhf_trainer.roles import CriticService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -202,27 +201,28 @@ class ScriptedGenerator:
 
     def __init__(self, responses):
         self.responses, self.calls = list(responses), []
+        self.generation_config = None  # set aside by sampling.only_these_settings during the calls
 
-    def generate(self, *, input_ids, attention_mask, synced_gpus, **_):
+    def generate(self, *, input_ids, attention_mask, synced_gpus, generation_config, **_):
         self.calls.append((input_ids.shape[0], synced_gpus))
         return torch.cat([input_ids, self.responses.pop(0)], dim=1)
 
 
 def test_generation_in_chunks_pads_shorter_chunks_after_their_eos():
+    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import generate
-    from rlhf_trainer.config import Hyperparameters
-    from rlhf_trainer.data import encode_prompts
+    from rlhf_trainer.tokenized import PromptRow
 
     tok = models.load_tokenizer("tiny://llama")
     eos, pad, x = tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("7")
+    rows = [PromptRow(tok(p)["input_ids"], False, p, None, "") for p in ("1+1=", "2+2=", "3+3=")]
     # Chunk 1 stopped after 2 tokens (both rows ended), chunk 2 ran to max_new_tokens = 4.
     gen = ScriptedGenerator([torch.tensor([[x, eos], [eos, pad]]), torch.tensor([[x, x, x, x]])])
     hp = Hyperparameters(inference_chunk_size=2, max_new_tokens=4, max_prompt_length=8)
-    roll = generate(gen, tok, ["1+1=", "2+2=", "3+3="], hp, synced_gpus=True)
+    roll = generate(gen, tok, rows, hp, (eos,), synced_gpus=True)
     assert gen.calls == [(2, True), (1, True)]
-    prompt_width = encode_prompts(tok, ["1+1=", "2+2=", "3+3="], 8)["input_ids"].shape[1]
-    assert roll.sequences.shape[1] == roll.attention_mask.shape[1] == prompt_width + 4
+    assert roll.sequences.shape[1] == roll.attention_mask.shape[1] == len(rows[0].ids) + 4
     assert roll.action_mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
     assert roll.truncated.tolist() == [False, False, True]
     assert roll.responses == ["7", "", "7777"]
@@ -233,18 +233,24 @@ def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
     from rlhf_trainer.algorithms.dpo import response_columns, summed_logprobs
-    from rlhf_trainer.config import Hyperparameters
-    from rlhf_trainer.data import synthetic_preferences
+    from rlhf_trainer.tokenized import PairRow
 
     tok = models.load_tokenizer("tiny://llama")
     model = models.load_policy("tiny://llama", seed=0).eval()
-    batch = encode_pairs(tok, synthetic_preferences()[:6], Hyperparameters(max_prompt_length=16, max_new_tokens=8))
-    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+
+    def ids(text, special=True):
+        return tok(text, add_special_tokens=special)["input_ids"]
+
+    pairs = [("1+2=", "3", "4"), ("12+30=", "42", "forty-two"), ("9=", "nine", "8")]
+    rows = [PairRow(ids(p), ids(c, False) + [tok.eos_token_id], ids(r, False) + [tok.eos_token_id], False, "")
+            for p, c, r in pairs]
+    batch = encode_pairs(rows, tok.pad_token_id)
+    ids_, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     R = response_columns(loss_mask)
-    assert R < ids.shape[1] - 1  # the prompts' columns are skipped
+    assert R < ids_.shape[1] - 1  # the prompts' columns are skipped
     assert loss_mask[:, :-R].sum() == 0  # and hold no response token
     with torch.no_grad():
-        every = (token_logprobs(model, ids, attn)[0] * loss_mask[:, 1:]).sum(-1)
-        tail = summed_logprobs(token_logprobs(model, ids, attn, response_length=R)[0], loss_mask)
+        every = (token_logprobs(model, ids_, attn)[0] * loss_mask[:, 1:]).sum(-1)
+        tail = summed_logprobs(token_logprobs(model, ids_, attn, response_length=R)[0], loss_mask)
     torch.testing.assert_close(tail, every, rtol=1e-5, atol=1e-5)
     assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0

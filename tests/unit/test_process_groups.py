@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
-from rlhf_trainer.config import parse_config
+from rlhf_contract.config import parse_config
 from rlhf_trainer.distributed import read_process_env
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.runtime import plan_groups

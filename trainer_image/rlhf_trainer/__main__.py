@@ -1,8 +1,9 @@
 """`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
 
 Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
-goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
-propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
+(SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
+else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import os
 import signal
 import sys
 
-from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_contract import wire
 
-TERMINATION_LOG = "/dev/termination-log"
+from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_trainer.stopping import Stopped
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
     """Best effort: the kubelet shows this file's content as the container's termination message."""
-    path = env.get("RLHF_TERMINATION_LOG", TERMINATION_LOG)
+    path = env.get(wire.ENV_TERMINATION_LOG, wire.TERMINATION_LOG)
     try:
         with open(path, "w") as f:
             f.write(message[:4000])  # the kubelet keeps at most 4096 bytes
@@ -32,7 +34,8 @@ def main(env: dict[str, str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        from rlhf_trainer.config import load_config
+        from rlhf_contract.config import load_config
+
         from rlhf_trainer.distributed import read_process_env
 
         try:
@@ -43,6 +46,9 @@ def main(env: dict[str, str] | None = None) -> int:
         from rlhf_trainer.runtime import run
 
         run(process, config)
+    except Stopped as exc:
+        print(f"rlhf_trainer: {exc}", file=sys.stderr, flush=True)
+        return wire.EXIT_STOPPED
     except (ConfigError, DataError) as exc:
         kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
         message = f"rlhf_trainer: {kind} error: {exc}"

@@ -28,9 +28,10 @@ import torch
 
 from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.forward import chunked, chunked_token_logprobs, sequence_scores
 from rlhf_trainer.losses.ppo import value_loss
+from rlhf_trainer.tokenized import truncate_row
 
 Tensors = dict[str, torch.Tensor]
 Reply = tuple[Tensors, dict[str, Any]]
@@ -59,19 +60,29 @@ class ReferenceService:
 
 
 class RewardService:
-    """A reward model scoring (prompt, response) texts; it tokenises them itself, so its tokenizer may
-    differ from the policy's. Rows are built as in RM training: prompt + response + EOS."""
+    """A reward model scoring (prompt, response) pairs. It renders them itself with its own tokenizer
+    (which may differ from the policy's) and its own chat template when it has one (`renderer`, an
+    rlhf_trainer.chat.Renderer with template auto): rows are built as in RM training, prompt ids then
+    response ids ending with a stop token, cut to max_prompt_length / max_length
+    (rlhf_trainer.tokenized.truncate_row)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_response_length: int, chunk_size: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int, chunk_size: int):
         self.model = model.to(distributed.device()).eval()
-        self.tokenizer = tokenizer
-        self.lengths = {"max_prompt_length": max_prompt_length, "max_response_length": max_response_length}
-        self.chunk_size = chunk_size
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
+        self.chunk_size = chunk_size  # rows per forward
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "score", method
-        t = _on_device(encode_prompt_responses(self.tokenizer, meta["prompts"], meta["responses"], **self.lengths))
+        prompts, responses = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
+            p, r, _ = truncate_row(self.renderer.prompt_ids(prompt), self.renderer.response_ids(prompt, response),
+                                   **self.lengths)
+            prompts.append(p)
+            responses.append(r)
+        t = _on_device(pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id))
         scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s]),
                          rows=t["input_ids"].shape[0], chunk_size=self.chunk_size)
         return {"scores": scores.cpu()}, {}

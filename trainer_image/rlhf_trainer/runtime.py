@@ -17,41 +17,26 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+from rlhf_contract import wire
+from rlhf_contract.algorithms import ALGORITHMS
+from rlhf_contract.config import ConfigError, TrainerConfig
+from rlhf_contract.layout import Placement, bridge_ranks, served_actor_ranks, serving_rank
 
 from rlhf_trainer import checkpoint, distributed
-from rlhf_trainer.bridge import (
-    Bridge,
-    RolePlacement,
-    bridge_ranks,
-    check_placements,
-    served_actor_ranks,
-    serving_rank,
-)
-from rlhf_trainer.config import TrainerConfig
+from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
-from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
-
-ONLINE = ("ppo", "grpo", "rloo")
-# algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO is GRPO's loop).
-ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "dpo": "dpo", "rm": "rm", "sft": "sft"}
+from rlhf_trainer.stopping import Stopped, StopRequest
 
 
 def log(*parts: Any) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 
 
-def placements_of(cfg: TrainerConfig) -> dict[str, RolePlacement]:
-    return {name: RolePlacement(role.replicas, role.colocate_with) for name, role in cfg.roles.items()}
-
-
 def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
-    """The env must describe a process the config has; mismatches are config errors (exit 78)."""
-    placements = placements_of(cfg)
-    try:
-        check_placements(placements)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    """The env must describe a process the config has; mismatches are config errors (exit 78).
+    (The config's own layout rules were checked when it was loaded.)"""
+    placements = cfg.placements()
     if env.role not in cfg.roles or cfg.roles[env.role].colocate_with:
         raise ConfigError(f"RLHF_ROLE: {env.role!r} is not a role with pods of its own in the config")
     if not 0 <= env.rank < cfg.roles[env.role].replicas or env.replicas != cfg.roles[env.role].replicas:
@@ -62,24 +47,21 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
-    actors = cfg.roles["actor"].replicas
-    if cfg.hyperparameters.batch_size % actors:
-        raise ConfigError(
-            f"hyperparameters.batch_size: {cfg.hyperparameters.batch_size} is not divisible by roles.actor.replicas {actors}"
-        )
 
 
 @dataclass
 class Context:
     env: ProcessEnv
     cfg: TrainerConfig
-    placements: dict[str, RolePlacement]
+    placements: dict[str, Placement]
     bridge: Bridge | None
     metrics: TrainerMetrics
     # Services this process runs for colocated roles, by role name.
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
+    stop: StopRequest | None = None
 
     @property
     def hp(self):
@@ -121,16 +103,21 @@ def build_service(ctx: Context, role: str):
     # A frozen role has no optimizer: its `deepspeed.bf16` setting is the dtype of its weights.
     frozen_dtype = torch.bfloat16 if cfg.roles[role].deepspeed.bf16 else torch.float32
     if role == "reference":
-        temperature = hp.temperature if cfg.algorithm in ONLINE else 1.0
+        temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed).to(frozen_dtype), temperature,
                                 chunk_size=hp.inference_chunk_size)
     if role == "reward":
+        from rlhf_trainer.chat import Renderer
+        from rlhf_trainer.sampling import stop_token_ids
+
         path = cfg.reward_model.path
-        return RewardService(
-            models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), models.load_tokenizer(path),
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-            chunk_size=hp.inference_chunk_size,
-        )
+        tokenizer = models.load_tokenizer(path)
+        # The reward model's own chat template when it has one (dataset.template is the policy's).
+        renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
+                            setting="rewardModel")
+        return RewardService(models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length,
+                             chunk_size=hp.inference_chunk_size)
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(
@@ -171,8 +158,8 @@ def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPl
     timeout = timedelta(seconds=cfg.hyperparameters.distributed_timeout_seconds)
     if env.role not in env.role_addrs and env.replicas > 1:
         raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
-    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", 29500)), env.rank, env.replicas, timeout)
-    ranks = bridge_ranks(placements_of(cfg))
+    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT)), env.rank, env.replicas, timeout)
+    ranks = bridge_ranks(cfg.placements())
     if len(ranks) == 1:
         return world, None
     if env.bridge_addr is None:
@@ -187,12 +174,19 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     bridge = None
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
-    placements = placements_of(cfg)
+    placements = cfg.placements()
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
     return Context(env, cfg, placements, bridge, metrics)
+
+
+def install_stop(env: ProcessEnv) -> StopRequest:
+    """From now on SIGTERM asks the gang to stop after its step instead of killing this process."""
+    stop = StopRequest(env.checkpoint_dir, env.restart_attempt, env.termination_grace)
+    stop.install()
+    return stop
 
 
 def resume_step(ctx: Context) -> int | None:
@@ -227,12 +221,16 @@ def run_server(ctx: Context) -> None:
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     check_process(env, cfg)
     torch.manual_seed(cfg.hyperparameters.seed)
+    stop = install_stop(env)
     ctx = connect(env, cfg)
+    ctx.stop = stop
     try:
         if env.role == "actor":
-            module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHM_MODULES[cfg.algorithm]}")
+            module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)
+            if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
+                raise Stopped()
     finally:
         ctx.metrics.stop()

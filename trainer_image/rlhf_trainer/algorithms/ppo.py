@@ -12,35 +12,27 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import distributed, models
+from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
     Scorer,
     collect_experience,
-    drive,
     generate,
     global_normaliser,
-    load_records,
-    start_colocated,
+    run_algorithm,
 )
 from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
-from rlhf_trainer.losses.ppo import policy_loss
-from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean, masked_whiten
+from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
+from rlhf_trainer.losses.utils import masked_whiten
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class PPO:
-    def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        rows = ctx.rows_per_rank()
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size, grad_accum=ctx.grad_accum(rows),
-        )
+class PPO(ActorAlgorithm):
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer)
+        hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
         self.score = Scorer(ctx)
         self.kl_ctl = build_kl_controller(hp.kl_coef, hp.kl_target, hp.kl_horizon)
@@ -56,7 +48,7 @@ class PPO:
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp,
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
                             synced_gpus=self.strategy.synced_generation)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
@@ -83,9 +75,11 @@ class PPO:
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
+                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens,
+                                                   temperature=hp.temperature)
+                    loss = loss + bonus
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
@@ -104,6 +98,4 @@ class PPO:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    start_colocated(ctx)
-    drive(ctx, PPO(ctx), records)
+    run_algorithm(ctx, PPO)

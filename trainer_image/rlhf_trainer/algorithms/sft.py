@@ -5,37 +5,23 @@ example's boundary, so examples never attend to or predict each other).
 
 from __future__ import annotations
 
-from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer import distributed
+from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
+    global_normaliser,
+    micro_batches,
+    run_algorithm,
+)
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class SFT:
-    def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+class SFT(ActorAlgorithm):
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
-        batch = encode_prompt_responses(
-            self.tokenizer, [r.prompt for r in records], [r.response for r in records],
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        batch = pad_right([r.prompt for r in records], [r.response for r in records], self.tokenizer.pad_token_id)
         labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
         position_ids = position_ids_from_mask(batch["attention_mask"])
         if hp.packing:
@@ -71,5 +57,4 @@ class SFT:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, SFT(ctx), records)
+    run_algorithm(ctx, SFT)

@@ -114,10 +114,14 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, *,
                         chunk_elements: int = LOGIT_CHUNK_ELEMENTS) -> torch.Tensor:
     """(B, T, V) -> (B, T) entropy of softmax(logits / T): logsumexp(z) - sum(softmax(z) * z).
 
-    A statistic (the loops pass detached logits): computed without grad, chunk by chunk as
-    logprobs_from_logits, so no float32 copy of the whole batch's logits is made.
+    Without grad (a statistic) it is computed chunk by chunk as logprobs_from_logits, so no float32
+    copy of the whole batch's logits is made; differentiable (an entropy bonus) when the logits
+    require grad and grad is enabled, then over the whole batch at once.
     """
     dtype = _compute_dtype(logits)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        z = logits.to(dtype) / temperature
+        return torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
     out = torch.empty(logits.shape[:-1], dtype=dtype, device=logits.device)
     with torch.no_grad():
         for rows, cols in logit_chunks(*logits.shape, chunk_elements):
