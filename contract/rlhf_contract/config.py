@@ -131,8 +131,10 @@ class DeepSpeedConfig:
 class RoleConfig:
     """One role's process world: how many ranks, and where it runs if colocated."""
 
-    replicas: int = knob(1, "Processes (pods, unless colocated) of this role: its data-parallel world size.",
-                         minimum=1)
+    replicas: int = knob(1, "Pods of this role (unless colocated); its data-parallel world is replicas x "
+                            "processesPerPod ranks.", minimum=1)
+    processes_per_pod: int = knob(1, "Trainer processes each pod starts, one per GPU (torchrun's nproc-per-node); "
+                                     "unset = gpus when gpus > 0, else 1.", minimum=1, crd_default=False)
     colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
                                   "processes.", max_length=16)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -225,7 +227,8 @@ class TrainerConfig:
         return layout.colocated_into(self.placements(), host)
 
     def placements(self) -> dict[str, layout.Placement]:
-        return {name: layout.Placement(role.replicas, role.colocate_with) for name, role in self.roles.items()}
+        return {name: layout.Placement(role.replicas, role.colocate_with, role.processes_per_pod)
+                for name, role in self.roles.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form parse_config() reads back."""
@@ -349,7 +352,7 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         if problem:
             errors.append(f"dataset.format: {problem}")
     if "actor" in cfg.roles:
-        problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
+        problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:
             errors.append(f"hyperparameters.batch_size: {problem}")
 

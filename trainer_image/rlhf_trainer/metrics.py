@@ -22,6 +22,7 @@ from rlhf_trainer.memory import PeakMemory
 PREFIX = "rlhf_trainer_"
 GAUGES = {
     "step": "Optimizer steps done",
+    "rank": "This process's rank in its role's world: pod index x processesPerPod + local rank",
     "reward_mean": "Mean score of this step's samples",
     "reward_std": "Standard deviation of this step's scores",
     "kl": "Mean per-sequence KL(policy || reference) of this step's samples (may be negative with k1)",

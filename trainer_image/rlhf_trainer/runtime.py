@@ -39,11 +39,15 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     placements = cfg.placements()
     if env.role not in cfg.roles or cfg.roles[env.role].colocate_with:
         raise ConfigError(f"RLHF_ROLE: {env.role!r} is not a role with pods of its own in the config")
-    if not 0 <= env.rank < cfg.roles[env.role].replicas or env.replicas != cfg.roles[env.role].replicas:
+    role = cfg.roles[env.role]
+    if not 0 <= env.pod_index < role.replicas or env.pods != role.replicas:
         raise ConfigError(
-            f"RLHF_ROLE_RANK/RLHF_ROLE_REPLICAS: {env.rank}/{env.replicas} does not fit roles.{env.role}.replicas "
-            f"= {cfg.roles[env.role].replicas}"
+            f"RLHF_ROLE_RANK/RLHF_ROLE_REPLICAS: {env.pod_index}/{env.pods} does not fit roles.{env.role}.replicas "
+            f"= {role.replicas}"
         )
+    if env.processes_per_pod != role.processes_per_pod:
+        raise ConfigError(f"{wire.ENV_PROCESSES_PER_POD}: {env.processes_per_pod} but roles.{env.role}."
+                          f"processes_per_pod = {role.processes_per_pod}")
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
@@ -87,7 +91,7 @@ class Context:
         return sorted(ranks[h] for h in hosts if h[0] != "actor")
 
     def rows_per_rank(self, rows_per_prompt: int = 1) -> int:
-        return self.hp.batch_size // self.cfg.roles["actor"].replicas * rows_per_prompt
+        return self.hp.batch_size // self.placements["actor"].ranks * rows_per_prompt
 
     def grad_accum(self, rows: int) -> int:
         return max(1, math.ceil(rows / self.hp.micro_batch_size))
@@ -156,9 +160,9 @@ def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPl
     an address the layout needs.
     """
     timeout = timedelta(seconds=cfg.hyperparameters.distributed_timeout_seconds)
-    if env.role not in env.role_addrs and env.replicas > 1:
+    if env.role not in env.role_addrs and env.world_size > 1:
         raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
-    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT)), env.rank, env.replicas, timeout)
+    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT)), env.rank, env.world_size, timeout)
     ranks = bridge_ranks(cfg.placements())
     if len(ranks) == 1:
         return world, None
@@ -170,12 +174,13 @@ def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPl
 def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     world, bridge_plan = plan_groups(env, cfg)
     distributed.init_role_world(master_addr=world.addr[0], master_port=world.addr[1], rank=world.rank,
-                                world_size=world.size, timeout=world.timeout)
+                                world_size=world.size, local_rank=env.local_rank, timeout=world.timeout)
     bridge = None
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
     placements = cfg.placements()
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
+    metrics.gauges["rank"].set(env.rank)
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")

@@ -303,7 +303,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.set_checkpoint_step(start)
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
-    ranks = ctx.cfg.roles["actor"].replicas
+    ranks = ctx.placements["actor"].ranks
     last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
         batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
