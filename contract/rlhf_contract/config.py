@@ -175,8 +175,10 @@ def lora_problem(role: str, lora: LoraConfig) -> str | None:
 class RoleConfig:
     """One role's process world: how many ranks, and where it runs if colocated."""
 
-    replicas: int = knob(1, "Processes (pods, unless colocated) of this role: its data-parallel world size.",
-                         minimum=1)
+    replicas: int = knob(1, "Pods of this role (unless colocated); its data-parallel world is replicas x "
+                            "processesPerPod ranks.", minimum=1)
+    processes_per_pod: int = knob(1, "Trainer processes each pod starts, one per GPU (torchrun's nproc-per-node); "
+                                     "unset = gpus when gpus > 0, else 1.", minimum=1, crd_default=False)
     colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
                                   "processes.", max_length=16)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -195,6 +197,9 @@ class Hyperparameters:
     learning_rate: float = knob(1e-5, "Peak learning rate of the actor (and critic).", gt=0)
     batch_size: int = knob(8, "Prompts (or pairs) per step, global across replicas.", minimum=1)
     micro_batch_size: int = knob(4, "Samples per forward/backward pass on one process.", minimum=1)
+    inference_chunk_size: int = knob(8, "Rows per pass that needs no gradient (generation, old and reference "
+                                        "log-probs, critic values, reward scores) on one process: bounds those "
+                                        "phases' memory.", minimum=1)
     max_prompt_length: int = knob(512, "Prompt tokens kept (left-truncated).", minimum=1)
     max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=ONLINE)
     max_length: int = knob(1024, "Prompt + response tokens per row; longer responses are cut (counted as "
@@ -204,6 +209,10 @@ class Hyperparameters:
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
                               algorithms=ONLINE)
     seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
+    distributed_timeout_seconds: int = knob(1800, "Seconds a collective of a role's world or a bridge message may "
+                                                  "wait before the process fails (and the gang restarts); longer "
+                                                  "than the longest phase, e.g. a serving role waiting through the "
+                                                  "actor's update.", minimum=60)
     ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
     clip_range: float = knob(0.2, "Policy ratio clip epsilon.", gt=0, algorithms=ONLINE)
     dual_clip: float = knob(0.0, "Dual-clip bound c for negative advantages; 0 = off, else > 1 (e.g. 3).",
@@ -264,7 +273,8 @@ class TrainerConfig:
         return layout.colocated_into(self.placements(), host)
 
     def placements(self) -> dict[str, layout.Placement]:
-        return {name: layout.Placement(role.replicas, role.colocate_with) for name, role in self.roles.items()}
+        return {name: layout.Placement(role.replicas, role.colocate_with, role.processes_per_pod)
+                for name, role in self.roles.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form parse_config() reads back."""
@@ -396,7 +406,7 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         if problem:
             errors.append(f"critic.model: {problem}")
     if "actor" in cfg.roles:
-        problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
+        problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:
             errors.append(f"hyperparameters.batch_size: {problem}")
 

@@ -90,6 +90,13 @@ def _needing(role: str) -> tuple[str, ...]:
     return tuple(a.name for a in TABLE if role in a.roles)
 
 
+def cel_ranks(role: str) -> str:
+    """CEL for the ranks of the role item `role`: replicas x processesPerPod, where an unset
+    processesPerPod is gpus when > 0, else 1 (layout.Placement.ranks; rlhf_operator.api._role)."""
+    per_pod = f"(has({role}.processesPerPod) ? {role}.processesPerPod : (has({role}.gpus) && {role}.gpus > 0 ? {role}.gpus : 1))"
+    return f"{role}.replicas * {per_pod}"
+
+
 def algorithm_rules() -> list[dict[str, str]]:
     """The spec-level CEL rules: roles per algorithm, the reward model, the batch split, pair formats.
     Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem."""
@@ -112,9 +119,10 @@ def algorithm_rules() -> list[dict[str, str]]:
          "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
-                 "self.hyperparameters.batchSize % a.replicas != 0)",
-         "message": "hyperparameters.batchSize must be divisible by the actor's replicas: every actor rank takes "
-                    "an equal share", "fieldPath": ".hyperparameters.batchSize"},
+                 "(!has(a.processesPerPod) || a.processesPerPod >= 1) && "
+                 f"self.hyperparameters.batchSize % ({cel_ranks('a')}) != 0)",
+         "message": "hyperparameters.batchSize must be divisible by the actor's ranks (replicas x processesPerPod): "
+                    "every actor rank takes an equal share", "fieldPath": ".hyperparameters.batchSize"},
         {"rule": f"!(self.algorithm in {_cel_list(PAIR_ALGORITHMS)}) || !has(self.dataset) || "
                  f"!has(self.dataset.path) || self.dataset.path.startsWith('{SYNTHETIC_PREFIX}') || "
                  f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",

@@ -121,7 +121,7 @@ class JobSpec:
     @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
         """Role name -> placement (computed once: the builders ask for every pod)."""
-        return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
+        return {r.name: layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
         """Roles that get pods of their own (colocated roles run inside their host's pods)."""
@@ -436,7 +436,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = role_set_problem(algorithm, reward.type, [r.name for r in roles if r.name in ROLE_NAMES])
         if problem:
             errors.append(("roles", problem))
-    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with)) for r in roles]
+    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
         errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
@@ -503,13 +503,15 @@ def _role(fields: _Fields) -> RoleSpec:
     problem = lora_problem(name, lora) if name in ROLE_NAMES else None
     if problem:
         fields.error("lora.rank", problem)
+    gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,
-        **fields.settings(RoleConfig),
+        # One process per GPU unless processesPerPod says otherwise (the CRD leaves it unset).
+        **fields.settings(RoleConfig, processes_per_pod=max(gpus, 1)),
         deepspeed=deepspeed,
         lora=lora,
         image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
-        gpus=fields.integer("gpus", 0, minimum=0),
+        gpus=gpus,
         resources=_resources(fields.obj("resources")),
         node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
@@ -589,7 +591,7 @@ def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layo
         return []
     errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
               if f"roles[{i}].replicas" not in bad]
-    problem = layout.batch_problem(roles[index].replicas, batch_size)
+    problem = layout.batch_problem(placed[index][1], batch_size)
     if "hyperparameters.batchSize" not in bad and problem:
         errors.append(("hyperparameters.batchSize", problem))
     return errors

@@ -61,6 +61,28 @@ def build_ds_config(
     return config
 
 
+def needs_synced_generation(zero_stage: int, world_size: int) -> bool:
+    """Whether sampling must keep the ranks of a world in step until all are done.
+
+    Under ZeRO-3 every forward gathers each layer's parameters with a collective of the whole
+    world, so a rank whose samples all ended must keep running forwards while another still
+    samples (transformers' `generate(synced_gpus=True)`, which DeepSpeed-Chat and OpenRLHF pass
+    under ZeRO-3); stages 0-2 hold whole parameters on every rank and need no such lockstep.
+    """
+    return zero_stage == 3 and world_size > 1
+
+
+def needs_gradient_allreduce(zero_stage: int, world_size: int) -> bool:
+    """Whether DeepSpeed's backward must run its gradient all-reduce.
+
+    Alone in its world at ZeRO stage 0 there is nothing to average, yet DeepSpeed still flattens
+    every gradient into buckets, "all-reduces" them and copies them back (a third of a 135M
+    model's optimizer step on CPU, bench/RESULTS.md); stages 1-3 reduce inside their optimizer,
+    which also moves gradients into its partitions, so they always keep it.
+    """
+    return not (zero_stage == 0 and world_size == 1)
+
+
 class DeepSpeedStrategy:
     """One trainable model in a DeepSpeed engine.
 
@@ -98,12 +120,20 @@ class DeepSpeedStrategy:
         params = [p for p in model.parameters() if p.requires_grad]
         # A LoRA model's frozen base is not saved in checkpoints (it is the model folder's).
         self.frozen = len(params) < len(list(model.parameters()))
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+        # fused: one kernel over all parameters instead of ~10 ops per tensor (CPU and CUDA).
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95),
+                                      fused=all(p.is_floating_point() for p in params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.engine.enable_backward_allreduce = needs_gradient_allreduce(settings.zero_stage, self.world_size)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def synced_generation(self) -> bool:
+        """Pass as generate's synced_gpus (needs_synced_generation for this engine's world)."""
+        return needs_synced_generation(self.settings.zero_stage, self.world_size)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)

@@ -32,7 +32,7 @@ from rlhf_trainer.data import (
 )
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.experience import Experience
-from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.forward import chunked_token_logprobs, row_slices
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
@@ -101,8 +101,7 @@ def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> 
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
-    for start in range(0, size, micro_batch_size):
-        yield slice(start, min(start + micro_batch_size, size))
+    yield from row_slices(size, micro_batch_size)
 
 
 def global_normaliser(local_count: float) -> float:
@@ -134,33 +133,35 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids) -> Rollout:
+def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False) -> Rollout:
     """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
-    at the first of `stop_ids` or after hp.max_new_tokens."""
+    at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call.
+
+    Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
+    longest. `synced_gpus` keeps every rank of the world stepping until all ranks are done
+    (transformers' flag; needed under ZeRO-3, where each step gathers parameters collectively and
+    a rank that stopped early would leave the others waiting forever). Every rank must then make
+    the same number of calls: the same number of prompts per rank.
+    """
     enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
-    dev = distributed.device()
+    dev, width = distributed.device(), enc["input_ids"].shape[1]
     config = sampling_config(temperature=hp.temperature, max_new_tokens=hp.max_new_tokens, stop_ids=stop_ids,
                              pad_token_id=tokenizer.pad_token_id)
+    pieces = []
     with only_these_settings(model):
-        out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                             generation_config=config).cpu()
-    response_ids = out[:, enc["input_ids"].shape[1]:]
+        for s in row_slices(len(rows), hp.inference_chunk_size):
+            out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
+                                 generation_config=config, synced_gpus=synced_gpus)
+            pieces.append(out[:, width:].cpu())
+    longest = max(p.shape[1] for p in pieces)
+    # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
+    response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
+                              for p in pieces])
     mask, ended = response_mask(response_ids, stop_ids)
+    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
-
-
-def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
-    """(B, R) log-probs of the response tokens (the last R columns) and their (B, R, V) logits.
-
-    Logits are divided by the sampling temperature: the probabilities the tokens were sampled with.
-    """
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
-        position_ids=position_ids_from_mask(attention_mask),
-    ).logits[:, -response_length - 1:-1].float() / temperature
-    return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
+    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
 
 
 @torch.no_grad()
@@ -174,7 +175,8 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
     old = None
     if old_logprobs:
-        old, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+        old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
+                                     chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
@@ -327,7 +329,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.set_checkpoint_step(start)
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
-    ranks = ctx.cfg.roles["actor"].replicas
+    ranks = ctx.placements["actor"].ranks
     last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
         batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]

@@ -16,14 +16,24 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.dpo import dpo_loss
-from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
 
 
 def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(R, T-1) token log-probs -> (R,) log-probability of each row's response."""
-    return (logprobs * loss_mask[:, 1:].to(logprobs.dtype)).sum(-1)
+    """(N, R) log-probs of each row's last R tokens, (N, T) loss mask -> (N,) log-probability of each response."""
+    return (logprobs * loss_mask[:, -logprobs.shape[1]:].to(logprobs.dtype)).sum(-1)
+
+
+def response_columns(loss_mask: torch.Tensor) -> int:
+    """(N, T) right-padded loss mask -> R: the last R columns hold every row's response tokens.
+
+    Log-probs (and the vocabulary-wide logits behind them) are computed for those columns only,
+    not for the prompts before them; at least 1 and at most T - 1 (token 0 is never predicted).
+    """
+    first = int(loss_mask.long().argmax(-1).min())
+    return min(max(loss_mask.shape[1] - first, 1), loss_mask.shape[1] - 1)
 
 
 class DPO(ActorAlgorithm):
@@ -35,15 +45,18 @@ class DPO(ActorAlgorithm):
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
         batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        R = response_columns(loss_mask)
         with metrics.phase("score", timings):
-            ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
+            ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
+                                               response_length=R)[0]["logprobs"]
             ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
         pairs_total = global_normaliser(n)
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+                logprobs = token_logprobs(self.strategy.forward, ids[rows], attn[rows], response_length=R)[0]
+                logp = summed_logprobs(logprobs, loss_mask[rows])
                 half = len(rows) // 2
                 loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
                     logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],

@@ -19,9 +19,9 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
-    response_logprobs,
     run_algorithm,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
@@ -48,7 +48,8 @@ class PPO(ActorAlgorithm):
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
+                            synced_gpus=self.strategy.synced_generation)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
@@ -68,13 +69,14 @@ class PPO(ActorAlgorithm):
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
-                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens)
+                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens,
+                                                   temperature=hp.temperature)
                     loss = loss + bonus
                     self.strategy.backward(loss)
                     self.strategy.step()
