@@ -6,8 +6,6 @@ policy's log-probs and the preference loss on the difference of the two log-rati
 
 from __future__ import annotations
 
-import torch
-
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import (
     drive,
@@ -17,15 +15,10 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     start_colocated,
 )
-from rlhf_trainer.losses.dpo import dpo_loss
+from rlhf_trainer.losses.dpo import dpo_loss, preference_logprobs
 from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
-
-
-def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(R, T-1) token log-probs -> (R,) log-probability of each row's response."""
-    return (logprobs * loss_mask[:, 1:].to(logprobs.dtype)).sum(-1)
 
 
 class DPO:
@@ -52,13 +45,14 @@ class DPO:
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         with metrics.phase("score", timings):
             ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
-            ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
+            ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, hp.loss_type)
         pairs_total = global_normaliser(n)
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+                token_logprobs = sequence_logprobs(self.strategy.forward, ids[rows], attn[rows])
+                logp = preference_logprobs(token_logprobs, loss_mask[rows], hp.loss_type)
                 half = len(rows) // 2
                 loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
                     logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],

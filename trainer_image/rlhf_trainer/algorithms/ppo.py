@@ -26,7 +26,7 @@ from rlhf_trainer.algorithms.common import (
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
-from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean, masked_whiten
+from rlhf_trainer.losses.utils import entropy_from_logits, global_mean, masked_mean, masked_whiten
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -68,7 +68,7 @@ class PPO:
                                     ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
         exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
-            exp.advantages = masked_whiten(exp.advantages, mask)
+            exp.advantages = masked_whiten(exp.advantages, mask, reduce=distributed.all_reduce_tensor)
         # 4. update: the policy here, the critic on its role
         num_tokens = global_normaliser(exp.num_tokens)
         with metrics.phase("train", timings):
@@ -90,8 +90,9 @@ class PPO:
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
                     "returns": exp.returns, "action_mask": exp.action_mask,
                 })[1]["value_loss"]
-        mean_kl = float(exp.kl.sum(-1).mean())
-        self.kl_ctl.update(mean_kl, len(records))
+        # The controller steers every rank's loss: feed it the whole batch's mean KL and size.
+        mean_kl = global_mean(exp.kl.sum(-1), reduce=distributed.all_reduce_tensor)
+        self.kl_ctl.update(mean_kl, hp.batch_size)
         policy = sum(s[0] for s in stats)
         return {
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(records) > 1 else 0.0,
