@@ -23,7 +23,7 @@ from rlhf_trainer.losses.utils import masked_sum
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 # Losses whose sequence log-prob is the mean over the response tokens, not the sum.
-TOKEN_AVERAGED = ("ipo",)
+TOKEN_AVERAGED = ("ipo", "simpo", "orpo")
 
 
 class DPOOutput(NamedTuple):

@@ -18,7 +18,8 @@ import torch
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _identity(t: torch.Tensor) -> torch.Tensor:
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """The `reduce` of one process: the local sums are the global sums."""
     return t
 
 
@@ -33,7 +34,7 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, *,
-                          reduce: Reduce = _identity) -> tuple[torch.Tensor, torch.Tensor]:
+                          reduce: Reduce = identity) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and unbiased variance of the masked entries of `values` on ALL ranks (scalars).
 
     Two reductions in float64: [sum, count], then the sum of squared deviations from the global
@@ -47,7 +48,7 @@ def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, *,
     return mean.to(values.dtype), var.to(values.dtype)
 
 
-def global_mean(values: torch.Tensor, *, reduce: Reduce = _identity) -> float:
+def global_mean(values: torch.Tensor, *, reduce: Reduce = identity) -> float:
     """Mean of all entries of `values` over all ranks (ranks may hold different counts)."""
     sums = reduce(torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
                                                                    device=values.device)]))
@@ -55,7 +56,7 @@ def global_mean(values: torch.Tensor, *, reduce: Reduce = _identity) -> float:
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8, *, reduce: Reduce = _identity) -> torch.Tensor:
+                  eps: float = 1e-8, *, reduce: Reduce = identity) -> torch.Tensor:
     """Normalise to unit variance (and zero mean) over the masked entries of all ranks; masked-out -> 0.
 
     With `reduce` summing over the ranks, the whitened batch is the one a single process holding
