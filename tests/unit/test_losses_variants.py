@@ -181,3 +181,22 @@ def test_orpo_odds_ratio_matches_trls_formula():
 
 def test_orpo_log_odds_stay_finite_at_probability_one():
     assert torch.isfinite(orpo.log_odds(torch.tensor([0.0, -1e-9]))).all()
+
+
+# ---- PPO-ptx ----------------------------------------------------------------------------------------
+
+
+def test_ptx_loss_is_gamma_times_the_mean_next_token_nll_by_hand():
+    from rlhf_trainer.losses import ptx
+
+    ids = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    attention = torch.tensor([[1, 1, 1], [1, 1, 0]])  # row 1: one padding token
+    labels = ptx.lm_labels(ids, attention)
+    assert labels.tolist() == [[0, 1, 2], [2, 1, -100]]
+    # Uniform logits over 4 tokens except row 0 predicting token 1 with logits (0, log 3, 0, 0):
+    # p = 3/6. Learned positions: row 0 -> tokens 1, 2; row 1 -> token 1. NLL = log 2 + 2 log 4.
+    logits = torch.zeros(2, 3, 4)
+    logits[0, 0, 1] = math.log(3.0)
+    want = 0.5 * (math.log(2.0) + 2 * math.log(4.0)) / 3
+    assert ptx.ptx_loss(logits, labels, coef=0.5).item() == pytest.approx(want)
+    assert ptx.ptx_loss(logits, labels, coef=0.5, num_tokens=6).item() == pytest.approx(want / 2)

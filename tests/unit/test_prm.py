@@ -1,0 +1,111 @@
+"""Process reward models: loss against TRL's cross-entropy, scores, metrics, dense rewards, and the
+step helpers (splitting, TRL's encoding, the binary search of the first wrong step)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from rlhf_trainer import stepwise
+from rlhf_trainer.losses import prm
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---- loss, scores, metrics -----------------------------------------------------------------------
+
+
+def test_boolean_labels_give_trls_token_classification_loss():
+    logits = rand(2, 5, 2)
+    hard = torch.tensor([[-100, 1, -100, 0, 1], [-100, -100, 0, -100, -100]])
+    targets = hard.to(torch.float64).masked_fill(hard == -100, prm.IGNORE)
+    want = F.cross_entropy(logits.view(-1, 2), hard.view(-1), ignore_index=-100)  # mean over the 4 labels
+    assert prm.prm_loss(logits, targets).item() == pytest.approx(want.item())
+    assert prm.prm_loss(logits, targets, num_labels=8).item() == pytest.approx(want.item() / 2)
+
+
+def test_soft_targets_by_hand():
+    # One labelled position, logits (0, log 3): p = 3/4; label 0 in [-1, 1] -> target 1/2:
+    # loss = -(1/2 log 3/4 + 1/2 log 1/4).
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])
+    assert prm.label_target(0.0) == 0.5 and prm.label_target(True) == 1.0 and prm.label_target(-1) == 0.0
+    got = prm.prm_loss(logits, torch.tensor([[0.5]])).item()
+    assert got == pytest.approx(-(0.5 * math.log(0.75) + 0.5 * math.log(0.25)))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        prm.label_target(2)
+
+
+def test_step_score_is_two_p_minus_one():
+    logits = rand(3, 2)
+    p = torch.softmax(logits, -1)[:, 1]
+    assert prm.step_scores(logits).tolist() == pytest.approx((2 * p - 1).tolist())
+
+
+def test_metrics_count_steps_and_first_wrong_steps():
+    scores = [[0.9, 0.2, -0.5], [0.3, 0.4], [-0.1, 0.8]]
+    targets = [[1.0, 1.0, 0.0], [1.0, 0.0], [1.0, 1.0]]
+    got = prm.step_metrics(scores, targets)
+    # steps right: 3/3, 1/2, 1/2 -> 5 of 7; first wrong: (2, 2) yes, (2, 1) no, (0, 2) no -> 1 of 3
+    assert got == {"steps": 7, "steps_correct": 5, "examples": 3, "first_wrong_correct": 1}
+
+
+def test_dense_rewards_put_weighted_scores_at_step_ends():
+    rewards = prm.dense_step_rewards([[0.5, -1.0, 0.25], [1.0]], [[1, 3, 4], [0]], [[1, 0, 1], [1]], 6,
+                                     normalise=False)
+    assert rewards.tolist() == [[0, 0.5, 0, 0, 0.25, 0], [1.0, 0, 0, 0, 0, 0]]
+    normalised = prm.dense_step_rewards([[0.5, -1.0, 0.25]], [[1, 3, 4]], [[1, 0, 1]], 6, normalise=True)
+    assert normalised.tolist() == [[0, 0.25, 0, 0, 0.125, 0]]  # two weighted steps: each halved
+    with pytest.raises(ValueError, match="outside the 6 response tokens"):
+        prm.dense_step_rewards([[1.0]], [[6]], [[1]], 6, normalise=False)
+
+
+# ---- steps -----------------------------------------------------------------------------------------
+
+
+def test_split_steps_skips_blank_lines_and_records_ends():
+    text = "7\n\n11\n  \n13"
+    steps = stepwise.split_steps(text)
+    assert [(s.text, s.end) for s in steps] == [("7", 1), ("11", 5), ("13", 11)]
+    assert [s.text for s in stepwise.split_steps("a;;b;", ";;")] == ["a", "b;"]
+    with pytest.raises(ValueError, match="separator"):
+        stepwise.split_steps("x", "")
+
+
+def test_encode_steps_labels_each_separator_like_trl():
+    from rlhf_trainer.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    ids, positions = stepwise.encode_steps(tok, "3+4+4=", ["7", "11"], "\n", max_prompt_length=16,
+                                           max_completion_length=16)
+    prompt = tok("3+4+4=")["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    assert ids == prompt + tok("7", add_special_tokens=False)["input_ids"] + newline \
+        + tok("11", add_special_tokens=False)["input_ids"] + newline
+    assert positions == [len(prompt) + 1, len(prompt) + 4]  # "7" "\n" | "1" "1" "\n"
+    assert all(ids[p] == newline[-1] for p in positions)
+    cut, cut_positions = stepwise.encode_steps(tok, "3+4+4=", ["7", "11"], "\n", max_prompt_length=16,
+                                               max_completion_length=4)
+    assert len(cut) == len(prompt) + 4 and cut_positions == positions[:1]  # step 2's separator cut off
+
+
+@pytest.mark.parametrize("wrong", [0, 1, 4, 6])
+def test_binary_search_finds_the_first_wrong_step_in_log_checks(wrong):
+    n, calls = 7, []
+
+    def completable(k):
+        calls.append(k)
+        return k <= wrong  # prefixes holding only correct steps can be completed
+
+    assert stepwise.first_wrong_step(n, completable, response_correct=False) == wrong
+    assert len(calls) <= 1 + math.ceil(math.log2(n))
+    assert stepwise.labels_from_first_wrong(n, wrong) == [i < wrong for i in range(n)]
+
+
+def test_binary_search_edge_cases():
+    assert stepwise.first_wrong_step(5, lambda k: pytest.fail("no check needed"), response_correct=True) == 5
+    assert stepwise.first_wrong_step(5, lambda k: False, response_correct=False) is None  # prompt unsolvable
+    assert stepwise.first_wrong_step(1, lambda k: True, response_correct=False) == 0
