@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_trainer.config import required_roles
+from rlhf_trainer.data import KIND_OF_ALGORITHM
 
 ROLE_ORDER = ("actor", "critic", "reward", "reference")
-DATASET_OF = {
-    "ppo": "synthetic://arithmetic", "grpo": "synthetic://arithmetic", "rloo": "synthetic://arithmetic",
-    "dpo": "synthetic://preferences", "rm": "synthetic://preferences", "sft": "synthetic://instructions",
-}
+# The synthetic dataset of each kind of data an algorithm consumes.
+DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
+                   "sft": "synthetic://instructions"}
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
     "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 16, "max_new_tokens": 4,
@@ -53,7 +53,7 @@ def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters
         "model": {"path": "tiny://llama"},
         "reward_model": {"path": reward_model} if reward_model else None,
         "reward": {"type": "model" if reward_model else "rule", "rule": "" if reward_model else "exact_match"},
-        "dataset": {"path": DATASET_OF[algorithm], "format": "prompts"},
+        "dataset": {"path": DATASET_OF_KIND[KIND_OF_ALGORITHM[algorithm]], "format": "prompts"},
         "roles": roles or {r: {"replicas": 1} for r in required_roles(algorithm, "model" if reward_model else "rule")},
         "hyperparameters": {**FAST_HYPERPARAMETERS, **(hyperparameters or {})},
         "checkpoint": {"interval_steps": 1, "keep": 2},

@@ -23,15 +23,16 @@ from typing import Any
 
 from rlhf_trainer.errors import ConfigError
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "rm", "sft")
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo", "simpo", "orpo", "rm", "sft")
 ROLE_NAMES = ("actor", "critic", "reward", "reference")
 REWARD_TYPES = ("model", "rule")
 REWARD_RULES = ("exact_match", "regex", "callable")
 DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
+LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # losses.aggregation
 # Algorithms that sample responses and score them (the others learn from fixed data).
-ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo")
+ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,7 @@ class Hyperparameters:
     # ppo
     ppo_epochs: int = 1  # passes over each rollout batch
     clip_range: float = 0.2  # PPO ratio clip epsilon
+    clip_range_high: float = 0.0  # upper clip epsilon (DAPO clip-higher, TRL epsilon_high); 0 = clip_range
     dual_clip: float = 0.0  # 0 = off, else c > 1: bound on the loss for negative advantages
     value_clip_range: float = 0.2  # critic clip around old values; 0 = no clipping
     vf_coef: float = 0.1
@@ -105,11 +107,14 @@ class Hyperparameters:
     truncation_penalty: float = 1.0  # taken off the score of a response with no EOS (TRL: missing_eos_penalty)
     whiten_advantages: bool = True
     # grpo / rloo
-    group_size: int = 4  # samples per prompt
+    group_size: int = 4  # samples per prompt (grpo / rloo: at least 2)
+    loss_aggregation: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are summed (TRL's loss_type)
     # dpo
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     label_smoothing: float = 0.0  # cDPO: assumed probability that a pair's label is flipped
+    # simpo
+    simpo_gamma: float = 0.5  # target reward margin (SimPO eq. 6; TRL simpo_gamma)
     # rm
     margin: float = 0.0  # Bradley-Terry margin (Llama 2)
     # sft
@@ -152,7 +157,10 @@ def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:
         "ppo": ("actor", "critic", "reference"),
         "grpo": ("actor", "reference"),
         "rloo": ("actor", "reference"),
+        "reinforce_pp": ("actor", "reference"),
         "dpo": ("actor", "reference"),
+        "simpo": ("actor",),
+        "orpo": ("actor",),
         "rm": ("actor",),
         "sft": ("actor",),
     }[algorithm]
@@ -239,6 +247,7 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("seed", lambda v: v >= 0, "at least 0"),
     ("ppo_epochs", lambda v: v >= 1, "at least 1"),
     ("clip_range", lambda v: v > 0, "greater than 0"),
+    ("clip_range_high", lambda v: v >= 0, "at least 0 (0 = clip_range)"),
     ("dual_clip", lambda v: v == 0 or v > 1, "0 (off) or greater than 1"),
     ("value_clip_range", lambda v: v >= 0, "at least 0"),
     ("vf_coef", lambda v: v >= 0, "at least 0"),
@@ -250,7 +259,9 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("kl_estimator", lambda v: v in KL_ESTIMATORS, f"one of {', '.join(KL_ESTIMATORS)}"),
     ("reward_clip", lambda v: v > 0, "greater than 0"),
     ("truncation_penalty", lambda v: v >= 0, "at least 0"),
-    ("group_size", lambda v: v >= 2, "at least 2"),
+    ("group_size", lambda v: v >= 1, "at least 1"),
+    ("loss_aggregation", lambda v: v in LOSS_AGGREGATIONS, f"one of {', '.join(LOSS_AGGREGATIONS)}"),
+    ("simpo_gamma", lambda v: v >= 0, "at least 0"),
     ("beta", lambda v: v > 0, "greater than 0"),
     ("loss_type", lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
     ("label_smoothing", lambda v: 0 <= v < 0.5, "at least 0 and less than 0.5"),
@@ -275,6 +286,9 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         value = getattr(hp, name)
         if not ok(value):
             errors.append(f"hyperparameters.{name}: must be {must_be}, got {json.dumps(value)}")
+    if cfg.algorithm in ("grpo", "rloo") and hp.group_size < 2:
+        errors.append(f"hyperparameters.group_size: must be at least 2 for {cfg.algorithm} (a group baseline), "
+                      f"got {hp.group_size}")
     if cfg.checkpoint.interval_steps < 1:
         errors.append("checkpoint.interval_steps: must be at least 1")
     if cfg.checkpoint.keep < 1:

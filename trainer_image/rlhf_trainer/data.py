@@ -55,8 +55,8 @@ import torch
 from rlhf_trainer.errors import ConfigError, DataError
 
 SYNTHETIC_PREFIX = "synthetic://"
-KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts",
-                     "dpo": "pairs", "rm": "pairs", "sft": "sft"}
+KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts", "reinforce_pp": "prompts",
+                     "dpo": "pairs", "simpo": "pairs", "orpo": "pairs", "rm": "pairs", "sft": "sft"}
 PAIR_FORMATS = ("pairs", "ranked", "pair_list")
 
 

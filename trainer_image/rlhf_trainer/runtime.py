@@ -31,9 +31,11 @@ from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 
-ONLINE = ("ppo", "grpo", "rloo")
-# algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO is GRPO's loop).
-ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "dpo": "dpo", "rm": "rm", "sft": "sft"}
+ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp")
+# algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO and REINFORCE++ are GRPO's
+# loop, SimPO and ORPO DPO's).
+ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "reinforce_pp": "grpo", "dpo": "dpo",
+                     "simpo": "dpo", "orpo": "dpo", "rm": "rm", "sft": "sft"}
 
 
 def log(*parts: Any) -> None:
