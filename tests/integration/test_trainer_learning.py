@@ -126,3 +126,22 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     accuracy = float((scores[:128] > scores[128:]).float().mean())
     assert accuracy > 0.7, accuracy
+
+
+@pytest.mark.slow
+def test_ppo_ptx_term_fits_the_pretraining_text(tmp_path):
+    """PPO-ptx: with a pretraining dataset the actor's update also lowers the LM loss of that text
+    (InstructGPT eq. 2); its loss is reported as ptx_loss, and only when a dataset is given."""
+    texts = tmp_path / "pretrain.jsonl"
+    texts.write_text("".join(f'{{"text": "apple river stone {w}"}}\n' for w in ("cloud", "green", "tiger")))
+    config = trainer_config(
+        "ppo", roles=PPO_ROLES, checkpoint=NO_CHECKPOINTS,
+        dataset={**ARITHMETIC, "pretrain_path": str(texts)},
+        hyperparameters={"max_steps": 12, "batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 2,
+                         "learning_rate": 2e-3, "ptx_coef": 1.0},
+    )
+    run = launch(config, tmp_path / "ptx")
+    assert run.ok, run.describe()
+    losses = [r["ptx_loss"] for r in run.metrics()]
+    # Measured: 5.38, 4.87, 4.61, 4.43, 4.23, 4.06 ... 3.08 at step 12.
+    assert losses[-1] < 0.7 * losses[0], [round(x, 2) for x in losses]

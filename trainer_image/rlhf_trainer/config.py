@@ -59,6 +59,7 @@ class DatasetConfig:
     path: str
     format: str = "prompts"
     eval_path: str = ""  # optional held-out JSONL in the same format
+    pretrain_path: str = ""  # ppo: JSONL of {"text": ...} (or synthetic://) for the PPO-ptx term; "" = off
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ class Hyperparameters:
     reward_clip: float = 10.0  # scores are clipped to [-x, x]
     truncation_penalty: float = 1.0  # taken off the score of a response with no EOS (TRL: missing_eos_penalty)
     whiten_advantages: bool = True
+    ptx_coef: float = 0.05  # PPO-ptx gamma (InstructGPT eq. 2); used only with dataset.pretrain_path
     # grpo / rloo
     group_size: int = 4  # samples per prompt (grpo / rloo: at least 2)
     loss_aggregation: str = "dapo"  # grpo | dr_grpo | dapo: how token losses are summed (TRL's loss_type)
@@ -259,6 +261,7 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("kl_estimator", lambda v: v in KL_ESTIMATORS, f"one of {', '.join(KL_ESTIMATORS)}"),
     ("reward_clip", lambda v: v > 0, "greater than 0"),
     ("truncation_penalty", lambda v: v >= 0, "at least 0"),
+    ("ptx_coef", lambda v: v >= 0, "at least 0"),
     ("group_size", lambda v: v >= 1, "at least 1"),
     ("loss_aggregation", lambda v: v in LOSS_AGGREGATIONS, f"one of {', '.join(LOSS_AGGREGATIONS)}"),
     ("simpo_gamma", lambda v: v >= 0, "at least 0"),

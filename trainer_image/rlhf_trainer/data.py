@@ -322,6 +322,46 @@ def load_dataset(path: str, fmt: str, *, kind: str) -> list[Record]:
     return convert(records, kind, fmt)
 
 
+def load_texts(path: str) -> list[str]:
+    """Plain texts for a language-modelling term (PPO-ptx's pretraining data): JSONL rows
+    {"text": str}, or a synthetic:// dataset whose records are rendered as prompt + response."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return [r.prompt + (getattr(r, "response", None) or getattr(r, "answer", None) or getattr(r, "chosen", ""))
+                for r in synthetic_dataset(path)]
+    path_ = Path(path)
+    try:
+        lines = path_.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path_}: cannot read the text dataset: {exc}") from exc
+    texts = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{path_.name}:{number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{where}: expected a JSON object, got {json.dumps(row)[:60]}")
+            texts.append(_field(row, "text", where))
+    if not texts:
+        raise DataError(f"{path_}: the text dataset has no rows")
+    return texts
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of `text + EOS`, each cut to its first max_length tokens: input_ids and
+    attention_mask (B, T)."""
+    rows = [(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])[:max_length] for t in texts]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        attention_mask[i, :len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 # ---- sampler -----------------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from rlhf_trainer.runtime import Context, log, resume_step
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
-            "response_length", "preference_accuracy")
+            "response_length", "preference_accuracy", "ptx_loss")
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
