@@ -29,7 +29,7 @@ from rlhf_trainer.data import KIND_OF_ALGORITHM
 ROLE_ORDER = ("actor", "critic", "reward", "reference")
 # The synthetic dataset of each kind of data an algorithm consumes.
 DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
-                   "sft": "synthetic://instructions"}
+                   "sft": "synthetic://instructions", "steps": "synthetic://partial_sum_steps"}
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
     "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 16, "max_new_tokens": 4,

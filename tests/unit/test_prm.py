@@ -109,3 +109,26 @@ def test_binary_search_edge_cases():
     assert stepwise.first_wrong_step(5, lambda k: pytest.fail("no check needed"), response_correct=True) == 5
     assert stepwise.first_wrong_step(5, lambda k: False, response_correct=False) is None  # prompt unsolvable
     assert stepwise.first_wrong_step(1, lambda k: True, response_correct=False) == 0
+
+
+def test_searches_run_in_lockstep_rounds():
+    # Three responses of 8 steps: first wrong steps 2 and 7, and one whose prompt is hopeless.
+    wrong = [2, 7, None]
+    searches = [stepwise.FirstWrongSearch(8, response_correct=False) for _ in wrong]
+    rounds = 0
+    while any(s.next_prefix() is not None for s in searches):
+        rounds += 1
+        for search, w in zip(searches, wrong, strict=True):
+            k = search.next_prefix()
+            if k is not None:
+                search.record(w is not None and k <= w)
+    assert [s.result for s in searches] == wrong
+    assert rounds <= 1 + 3  # prefix 0, then log2(8) halvings
+    with pytest.raises(RuntimeError, match="over"):
+        searches[0].record(True)
+
+
+def test_prefix_text_keeps_the_steps_and_their_separator():
+    response = "7\n\n11\n13"
+    steps = stepwise.split_steps(response)
+    assert [stepwise.prefix_text(response, steps, k, "\n") for k in range(3)] == ["", "7\n", "7\n\n11\n"]

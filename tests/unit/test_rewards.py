@@ -35,6 +35,19 @@ def test_exact_match_needs_answers():
         fn(["2+2="], ["4"], [None])
 
 
+@pytest.mark.parametrize(("response", "answer", "score"), [
+    ("7\n9\n10", "10", 1.0),  # one partial sum per line: the last one is the answer
+    ("7\n9\n10", "7", 0.1),
+    ("1,000", "1000", 1.0),
+    ("ten", "10", 0.0),
+])
+def test_last_number(response, answer, score):
+    fn = build_reward_fn(RewardConfig(type="rule", rule="last_number"))
+    assert fn(["q"], [response], [answer]) == [score]
+    with pytest.raises(DataError, match="no numeric 'answer'"):
+        fn(["q"], [response], ["Paris"])
+
+
 def test_regex_rule():
     fn = build_reward_fn(RewardConfig(type="rule", rule="regex", pattern=r"^\d+$"))
     assert fn(["a", "b", "c"], ["42", "42 apples", ""], [None, None, None]) == [1.0, 0.0, 0.0]

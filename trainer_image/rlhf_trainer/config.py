@@ -23,11 +23,11 @@ from typing import Any
 
 from rlhf_trainer.errors import ConfigError
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo", "simpo", "orpo", "rm", "sft")
+ALGORITHMS = ("ppo", "grpo", "rloo", "reinforce_pp", "dpo", "simpo", "orpo", "rm", "sft", "prm", "prm-label")
 ROLE_NAMES = ("actor", "critic", "reward", "reference")
 REWARD_TYPES = ("model", "rule")
-REWARD_RULES = ("exact_match", "regex", "callable")
-DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
+REWARD_RULES = ("exact_match", "last_number", "regex", "callable")
+DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list", "stepwise")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
 LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # losses.aggregation
@@ -47,7 +47,7 @@ class RewardConfig:
     """How responses are scored (ppo/grpo/rloo): a reward model role, or a rule run by the actor."""
 
     type: str = "model"  # model | rule
-    rule: str = ""  # exact_match | regex | callable, when type == rule
+    rule: str = ""  # exact_match | last_number | regex | callable, when type == rule
     pattern: str = ""  # the regex rule's pattern (re.search on the response)
     callable: str = ""  # "module:function" for the callable rule
 
@@ -121,6 +121,9 @@ class Hyperparameters:
     margin: float = 0.0  # Bradley-Terry margin (Llama 2)
     # sft
     packing: bool = False  # pack several examples into one row
+    # prm, prm-label, ppo with reward.type prm
+    step_separator: str = "\n"  # what ends a step (one line each by default)
+    prm_completions: int = 4  # prm-label: completions sampled per prefix (best-of-N)
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,8 @@ def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:
         "orpo": ("actor",),
         "rm": ("actor",),
         "sft": ("actor",),
+        "prm": ("actor",),
+        "prm-label": ("actor",),
     }[algorithm]
     if algorithm in ONLINE_ALGORITHMS and reward_type == "model":
         return (*base, "reward")
@@ -269,6 +274,8 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("loss_type", lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
     ("label_smoothing", lambda v: 0 <= v < 0.5, "at least 0 and less than 0.5"),
     ("margin", lambda v: v >= 0, "at least 0"),
+    ("step_separator", lambda v: v != "", "a non-empty string"),
+    ("prm_completions", lambda v: v >= 1, "at least 1"),
 )
 
 
@@ -309,6 +316,8 @@ def _check_reward(cfg: TrainerConfig, errors: list[str]) -> None:
             errors.append("reward.pattern: required when reward.rule is regex")
         if reward.rule == "callable" and reward.callable.count(":") != 1:
             errors.append(f"reward.callable: expected \"module:function\", got {json.dumps(reward.callable)}")
+    if cfg.algorithm == "prm-label" and reward.type != "rule":
+        errors.append("reward.type: prm-label verifies completions with a rule; set reward.type rule and reward.rule")
     needs_model = cfg.algorithm in ONLINE_ALGORITHMS and reward.type == "model"
     if needs_model and (cfg.reward_model is None or not cfg.reward_model.path):
         errors.append("reward_model.path: required when reward.type is model")

@@ -13,10 +13,11 @@ JSONL formats (one object per line; blank lines are skipped; a bad row is a Data
 | instruction | {"instruction", "input", "output": str, "history": [[q, a], ..]} | SFTRecord     |
 | ranked      | {"prompt": str, "outputs": [best, ..., worst]}                   | every (better, worse) PairRecord |
 | pair_list   | {"prompt": str, "output": [chosen, rejected]}                    | PairRecord    |
+| stepwise    | {"prompt": str, "completions": [step, ..], "labels": [bool or -1..1, ..]} | StepRecord (TRL's PRM format) |
 
 What an algorithm consumes (`kind`): ppo/grpo/rloo take prompts (from any format; instruction rows
 give their output as the answer), dpo/rm take preference pairs, sft takes prompt/response pairs
-(instruction rows, the chosen side of pairs, or prompts with answers).
+(instruction rows, the chosen side of pairs, or prompts with answers), prm takes stepwise rows.
 
 Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ignored for them):
 
@@ -38,6 +39,9 @@ Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ig
   and a harder second one. (Designed so; not measured here.)
 - `synthetic://instructions` (instruction): add two numbers, repeat a word, next letter of the
   alphabet; a quarter of the rows carry a one-turn history.
+- `synthetic://partial_sums` (prompts) and `synthetic://partial_sum_steps` (stepwise): multi-operand
+  sums solved one partial sum per line, for process reward models (rlhf_trainer.stepwise). They
+  are not part of the tiny tokenizer's corpus, so adding them changed no tokenisation.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from rlhf_trainer.errors import ConfigError, DataError
 
 SYNTHETIC_PREFIX = "synthetic://"
 KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts", "reinforce_pp": "prompts",
-                     "dpo": "pairs", "simpo": "pairs", "orpo": "pairs", "rm": "pairs", "sft": "sft"}
+                     "dpo": "pairs", "simpo": "pairs", "orpo": "pairs", "rm": "pairs", "sft": "sft",
+                     "prm": "steps", "prm-label": "prompts"}
 PAIR_FORMATS = ("pairs", "ranked", "pair_list")
 
 
@@ -82,7 +87,15 @@ class SFTRecord:
     source: str = ""
 
 
-Record = PromptRecord | PairRecord | SFTRecord
+@dataclass(frozen=True)
+class StepRecord:
+    prompt: str
+    steps: tuple[str, ...]  # the completion's steps, without separators
+    targets: tuple[float, ...]  # each step's label as a probability target in [0, 1] (losses.prm)
+    source: str = ""
+
+
+Record = PromptRecord | PairRecord | SFTRecord | StepRecord
 
 
 # ---- instruction template -----------------------------------------------------------------------
@@ -158,7 +171,24 @@ def parse_row(row: Any, fmt: str, where: str) -> list[Record]:
         if len(output) != 2:
             raise DataError(f"{where}: field 'output' must be [chosen, rejected], got {len(output)} responses")
         return [PairRecord(_field(row, "prompt", where), output[0], output[1], where)]
+    if fmt == "stepwise":
+        return [_step_record(row, where)]
     raise ConfigError(f"dataset.format: unknown format {fmt!r}")
+
+
+def _step_record(row: dict[str, Any], where: str) -> StepRecord:
+    from rlhf_trainer.losses.prm import label_target
+
+    steps = _field(row, "completions", where, kind=list)
+    labels = row.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(steps) or not steps:
+        raise DataError(f"{where}: field 'labels' must be a list with one label per completion step "
+                        f"({len(steps)} steps), got {json.dumps(labels)[:60]}")
+    try:
+        targets = tuple(label_target(label) for label in labels)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: field 'labels': {exc}") from None
+    return StepRecord(_field(row, "prompt", where), tuple(steps), targets, where)
 
 
 def read_jsonl(path: str | Path, fmt: str) -> list[Record]:
@@ -263,12 +293,15 @@ SYNTHETIC = {
 
 def synthetic_dataset(path: str) -> list[Record]:
     """`synthetic://NAME?key=value` -> its records."""
+    from rlhf_trainer.stepwise import SYNTHETIC_STEPS  # it builds this module's records
+
+    builders = {**SYNTHETIC, **SYNTHETIC_STEPS}
     parsed = urllib.parse.urlsplit(path)
     name = parsed.netloc or parsed.path
-    if name not in SYNTHETIC:
+    if name not in builders:
         raise ConfigError(f"dataset.path: unknown synthetic dataset {path!r} "
-                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in SYNTHETIC)})")
-    build, defaults = SYNTHETIC[name]
+                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in builders)})")
+    build, defaults = builders[name]
     params = _params(parsed.query, defaults, name)
     if params["size"] < 1 or params["max_operand"] < 1:
         raise ConfigError(f"dataset.path: {path}: size and max_operand must be at least 1")
@@ -292,6 +325,10 @@ def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
         return [r if isinstance(r, PromptRecord)
                 else PromptRecord(r.prompt, r.response if isinstance(r, SFTRecord) else None, r.source)
                 for r in records]
+    if kind == "steps":
+        if not all(isinstance(r, StepRecord) for r in records):
+            raise ConfigError(f"dataset.format: a process reward model learns from stepwise rows, got {fmt}")
+        return list(records)
     if kind == "pairs":
         if not all(isinstance(r, PairRecord) for r in records):
             raise ConfigError(f"dataset.format: preference training needs pairs ({', '.join(PAIR_FORMATS)}), "
@@ -316,7 +353,8 @@ def load_dataset(path: str, fmt: str, *, kind: str) -> list[Record]:
     """Read a JSONL file or a synthetic dataset and convert it for `kind` (see KIND_OF_ALGORITHM)."""
     if path.startswith(SYNTHETIC_PREFIX):
         records = synthetic_dataset(path)
-        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction"}[type(records[0])]
+        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction",
+               StepRecord: "stepwise"}[type(records[0])]
     else:
         records = read_jsonl(path, fmt)
     return convert(records, kind, fmt)

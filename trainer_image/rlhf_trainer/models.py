@@ -4,6 +4,7 @@
     policy = load_policy("tiny://llama", seed=0)        # AutoModelForCausalLM
     critic = load_value_model("tiny://llama", seed=0)   # backbone + scalar value head per token
     rm = load_reward_model("tiny://llama", seed=0)      # AutoModelForSequenceClassification, 1 label
+    prm = load_token_classifier("tiny://llama", seed=0) # AutoModelForTokenClassification, 2 labels (PRM)
     save_pretrained(policy, tok, "export/")
 
 `path` is a local HF model folder (config.json + weights + tokenizer files) or `tiny://llama` /
@@ -31,6 +32,7 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -211,6 +213,16 @@ def load_reward_model(path: str, *, seed: int) -> PreTrainedModel:
         # Pooling finds the last real token through pad_token_id; borrow the tokenizer's.
         model.config.pad_token_id = load_tokenizer(path).pad_token_id
     return model
+
+
+def load_token_classifier(path: str, *, seed: int, num_labels: int = 2) -> PreTrainedModel:
+    """A per-token classifier (a process reward model: label 1 = the step is correct), as TRL's
+    PRMTrainer trains; built from a causal LM's folder (new head) or read back from a PRM export."""
+    if path.startswith(TINY_PREFIX):
+        config = _tiny_config(path, num_labels=num_labels)
+        return _seeded(lambda: AutoModelForTokenClassification.from_config(config), seed)
+    return AutoModelForTokenClassification.from_pretrained(_local_folder(path), num_labels=num_labels,
+                                                           local_files_only=True)
 
 
 class ValueModel(nn.Module):

@@ -8,6 +8,8 @@ per response; `answers` are the dataset's reference answers (None where a row ha
   policy "answer with a number" long before it answers correctly. Non-numeric answers compare
   the response's first line (trimmed, case-insensitive, trailing punctuation dropped): 1.0 / 0.1
   for a wrong non-empty line / 0.0 for an empty response.
+- last_number: exact_match's scores for the LAST number of the response (the final answer of a
+  worked solution, e.g. one partial sum per line); a numeric answer is required.
 - regex: 1.0 if `reward.pattern` matches anywhere in the response (re.search), else 0.0.
 - callable: `reward.callable` = "module:function", imported from the image's Python path.
 """
@@ -60,6 +62,22 @@ def exact_match(prompts: Sequence[str], responses: Sequence[str], answers: Seque
     return scores
 
 
+def last_number_score(response: str, answer: str) -> float:
+    numbers = NUMBER.findall(response.replace(",", ""))
+    if not numbers:
+        return UNPARSEABLE
+    return CORRECT if math.isclose(float(numbers[-1]), first_number(answer), rel_tol=0, abs_tol=1e-9) else WRONG
+
+
+def last_number(prompts: Sequence[str], responses: Sequence[str], answers: Sequence[str | None]) -> list[float]:
+    scores = []
+    for prompt, response, answer in zip(prompts, responses, answers, strict=True):
+        if answer is None or first_number(answer) is None:
+            raise DataError(f"last_number reward: the prompt {prompt[:60]!r} has no numeric 'answer' in the dataset")
+        scores.append(last_number_score(response, answer))
+    return scores
+
+
 def regex_reward(pattern: str) -> RewardFn:
     try:
         compiled = re.compile(pattern)
@@ -109,8 +127,10 @@ def build_reward_fn(reward: RewardConfig) -> RewardFn:
         raise ConfigError(f"reward.type: {reward.type!r} is scored by the reward role, not by a rule")
     if reward.rule == "exact_match":
         return exact_match
+    if reward.rule == "last_number":
+        return last_number
     if reward.rule == "regex":
         return regex_reward(reward.pattern)
     if reward.rule == "callable":
         return callable_reward(reward.callable)
-    raise ConfigError(f"reward.rule: {reward.rule!r} is not one of exact_match, regex, callable")
+    raise ConfigError(f"reward.rule: {reward.rule!r} is not one of exact_match, last_number, regex, callable")

@@ -35,7 +35,7 @@ ONLINE = ("ppo", "grpo", "rloo", "reinforce_pp")
 # algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO and REINFORCE++ are GRPO's
 # loop, SimPO and ORPO DPO's).
 ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "reinforce_pp": "grpo", "dpo": "dpo",
-                     "simpo": "dpo", "orpo": "dpo", "rm": "rm", "sft": "sft"}
+                     "simpo": "dpo", "orpo": "dpo", "rm": "rm", "sft": "sft", "prm": "prm", "prm-label": "prm_label"}
 
 
 def log(*parts: Any) -> None:

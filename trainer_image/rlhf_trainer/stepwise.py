@@ -18,8 +18,12 @@ the first wrong step findable by binary search with O(log n) completability chec
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from rlhf_trainer.data import PromptRecord, StepRecord
+from rlhf_trainer.errors import ConfigError
 
 DEFAULT_SEPARATOR = "\n"
 
@@ -63,29 +67,119 @@ def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *
     return prompt_ids + completion, positions
 
 
+class FirstWrongSearch:
+    """The binary search of one response's first wrong step, one completability check at a time, so
+    many responses can be searched in lockstep (one batch of completions per round).
+
+        search = FirstWrongSearch(num_steps, response_correct)
+        while (k := search.next_prefix()) is not None:
+            search.record(completable(k))
+        search.result   # first wrong step (0-based), num_steps if none, None if the prompt is hopeless
+
+    The empty prefix (the prompt alone) is checked first: when even it cannot be completed, nothing
+    can be learned about the steps and the result is None. A correct response has no wrong step and
+    needs no check. Invariant afterwards: prefix `good` is completable, prefix `bad` is not.
+    """
+
+    def __init__(self, num_steps: int, response_correct: bool):
+        self.num_steps = num_steps
+        self.good: int | None = num_steps if response_correct else None  # None: prefix 0 unchecked
+        self.bad = num_steps
+        self.hopeless = False
+
+    def next_prefix(self) -> int | None:
+        """The number of steps of the prefix to check next, or None when the search is over."""
+        if self.hopeless or self.good == self.num_steps:
+            return None
+        if self.good is None:
+            return 0
+        return (self.good + self.bad) // 2 if self.bad - self.good > 1 else None
+
+    def record(self, completable: bool) -> None:
+        """The answer for the prefix next_prefix() returned."""
+        k = self.next_prefix()
+        if k is None:
+            raise RuntimeError("the search is over: nothing to record")
+        if completable:
+            self.good = k
+        elif k == 0:
+            self.hopeless = True
+        else:
+            self.bad = k
+
+    @property
+    def result(self) -> int | None:
+        if self.next_prefix() is not None:
+            raise RuntimeError("the search is not over")
+        return None if self.hopeless else self.bad - 1 if self.good != self.num_steps else self.num_steps
+
+
 def first_wrong_step(num_steps: int, completable: Callable[[int], bool], *,
                      response_correct: bool) -> int | None:
     """Binary search of the first wrong step (0-based) of an n-step response; n when none is wrong.
 
-    `completable(k)` says whether the prefix of the first k steps (0 < k < n) can still be
-    completed into a verified answer. The empty prefix (the prompt alone) is checked first: when
-    even it cannot be completed, nothing can be learned about the steps and None is returned.
-    A correct response has no wrong step and costs no check.
+    `completable(k)` says whether the prefix of the first k steps (0 <= k < n) can still be
+    completed into a verified answer; O(log n) calls (FirstWrongSearch, one response at a time).
     """
-    if response_correct:
-        return num_steps
-    if not completable(0):
-        return None
-    good, bad = 0, num_steps  # prefix `good` is completable, prefix `bad` (all steps) is not
-    while bad - good > 1:
-        middle = (good + bad) // 2
-        if completable(middle):
-            good = middle
-        else:
-            bad = middle
-    return bad - 1
+    search = FirstWrongSearch(num_steps, response_correct)
+    while (k := search.next_prefix()) is not None:
+        search.record(completable(k))
+    return search.result
+
+
+def prefix_text(response: str, steps: Sequence[Step], k: int, separator: str) -> str:
+    """The response's text up to and including the separator after its k-th step ("" for k = 0)."""
+    return response[:steps[k - 1].end] + separator if k else ""
 
 
 def labels_from_first_wrong(num_steps: int, wrong: int) -> list[bool]:
     """Steps before the first wrong one are correct; it and every later step are not (by monotonicity)."""
     return [i < wrong for i in range(num_steps)]
+
+
+# ---- synthetic multi-step task -----------------------------------------------------------------
+
+
+def _partial_sum_problem(rng: random.Random, operands: int, max_operand: int) -> tuple[str, list[int]]:
+    if operands < 2:
+        raise ConfigError(f"dataset.path: partial sums need at least 2 operands, got {operands}")
+    values = [rng.randint(0, max_operand) for _ in range(operands)]
+    partial = [sum(values[:k + 1]) for k in range(1, operands)]
+    return "+".join(map(str, values)) + "=", partial
+
+
+def synthetic_partial_sums(size: int = 512, operands: int = 3, max_operand: int = 4,
+                           seed: int = 0) -> list[PromptRecord]:
+    """"3+4+2=" -> answer "9"; the worked solution writes one partial sum per line ("7\n9"), which
+    the last_number rule verifies by its final line."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(size):
+        prompt, partial = _partial_sum_problem(rng, operands, max_operand)
+        out.append(PromptRecord(prompt, str(partial[-1]), f"synthetic://partial_sums#{i}"))
+    return out
+
+
+def synthetic_partial_sum_steps(size: int = 512, operands: int = 3, max_operand: int = 4,
+                                seed: int = 0) -> list[StepRecord]:
+    """Stepwise rows of the same problems: half of them solved right (every label true), half with
+    a first wrong step at a random line (off by 1..3) that later lines carry on from, labelled
+    false from there on (the labels labels_from_first_wrong gives)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(size):
+        prompt, partial = _partial_sum_problem(rng, operands, max_operand)
+        wrong = rng.randrange(len(partial)) if i % 2 else len(partial)
+        error = rng.choice([-3, -2, -1, 1, 2, 3])
+        steps = [str(p + error if k >= wrong else p) for k, p in enumerate(partial)]
+        if any(int(step) < 0 for step in steps):  # a negative sum is too easy to spot
+            steps = [str(p - error if k >= wrong else p) for k, p in enumerate(partial)]
+        targets = tuple(1.0 if ok else 0.0 for ok in labels_from_first_wrong(len(steps), wrong))
+        out.append(StepRecord(prompt, tuple(steps), targets, f"synthetic://partial_sum_steps#{i}"))
+    return out
+
+
+SYNTHETIC_STEPS = {
+    "partial_sums": (synthetic_partial_sums, {"size": 512, "operands": 3, "max_operand": 4, "seed": 0}),
+    "partial_sum_steps": (synthetic_partial_sum_steps, {"size": 512, "operands": 3, "max_operand": 4, "seed": 0}),
+}

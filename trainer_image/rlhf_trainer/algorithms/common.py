@@ -2,7 +2,8 @@
 the rollout helpers of the online algorithms (generate, score, micro-batches).
 
 An algorithm is an object with `strategy`, `tokenizer`, `step(records, timings) -> dict of metrics`, and `state_dict()` /
-`load_state_dict()` for what it must carry over a restart (e.g. the KL controller).
+`load_state_dict()` for what it must carry over a restart (e.g. the KL controller). One that trains
+no model (strategy None) has an `export(ctx)` that writes its own result instead of a model folder.
 """
 
 from __future__ import annotations
@@ -248,7 +249,10 @@ def drive(ctx: Context, algorithm, records) -> None:
         if step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps:
             with ctx.metrics.phase("sync"):
                 save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
-    export(ctx, algorithm.strategy, algorithm.tokenizer)
+    if algorithm.strategy is None:
+        algorithm.export(ctx)
+    else:
+        export(ctx, algorithm.strategy, algorithm.tokenizer)
     for dst in ctx.remote_hosts():
         ctx.bridge.send(dst, "stop")
         ctx.bridge.recv(dst)
