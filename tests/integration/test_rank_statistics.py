@@ -43,7 +43,8 @@ def _worker(rank: int, port: int, out) -> None:
         mean, var = utils.global_masked_moments(values, mask, reduce=reduce)
         out.put((rank, {
             "mean": mean.item(), "var": var.item(),
-            "whitened": utils.masked_whiten(values, mask, reduce=reduce),
+            # Plain lists: a tensor in a Queue is shared through a file descriptor that dies with its process.
+            "whitened": utils.masked_whiten(values, mask, reduce=reduce).tolist(),
             "row_mean": utils.global_mean(values.sum(-1), reduce=reduce),
         }))
     finally:
@@ -69,7 +70,7 @@ def test_global_moments_whitening_and_means_match_one_process_on_two_ranks():
         assert got[rank]["mean"] == pytest.approx(picked.mean().item())
         assert got[rank]["var"] == pytest.approx(picked.var().item())
         assert got[rank]["row_mean"] == pytest.approx(values.sum(-1).mean().item())
-    assert torch.allclose(torch.cat([got[0]["whitened"], got[1]["whitened"]]), whitened)
+    assert torch.allclose(torch.tensor(got[0]["whitened"] + got[1]["whitened"], dtype=torch.float64), whitened)
     # The local answer differs: what each rank computed before the statistics were global.
     assert utils.global_masked_moments(*_rows(1))[0].item() != pytest.approx(picked.mean().item())
 

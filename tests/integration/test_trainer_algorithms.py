@@ -25,8 +25,8 @@ CASES = {
     "grpo: dr_grpo aggregation and clip-higher, two epochs": (
         "grpo", {"actor": {}, "reference": {"colocate_with": "actor"}},
         {"hyperparameters": {"loss_aggregation": "dr_grpo", "clip_range_high": 0.28, "ppo_epochs": 2}}),
-    "reinforce_pp: one sample per prompt, reference in its own process": (
-        "reinforce_pp", None, {"hyperparameters": {"group_size": 1, "loss_aggregation": "grpo"}}),
+    "reinforce_pp: reference in its own process, per-response loss mean": (
+        "reinforce_pp", None, {"hyperparameters": {"loss_aggregation": "grpo"}}),
     "dpo: reference in its own process": ("dpo", None, {}),
     "dpo: ipo on token-averaged log-probs": ("dpo", None, {"hyperparameters": {"loss_type": "ipo"}}),
     "simpo: no reference role": ("simpo", None, {}),

@@ -107,9 +107,9 @@ def test_dpo_raises_preference_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(tmp_path):
+    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
-    from rlhf_trainer.config import Hyperparameters
     from rlhf_trainer.data import synthetic_preferences
     from transformers import AutoModelForSequenceClassification
 
@@ -156,9 +156,9 @@ def test_prm_learns_to_find_the_first_wrong_step(tmp_path):
     Measured (training batches, means per 15 steps): step accuracy 0.64 until ~step 90, then 0.73
     0.81 0.87 0.89 ... 0.93; first-wrong-step accuracy 0.5 -> 0.88 (lr 2e-3: 0.88 / 0.81 at the end).
     """
+    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.prm import encode_step_records
-    from rlhf_trainer.config import Hyperparameters
     from rlhf_trainer.losses.prm import IGNORE, step_metrics, step_scores
     from rlhf_trainer.stepwise import synthetic_partial_sum_steps
 

@@ -23,10 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_trainer.config import required_roles
-from rlhf_trainer.data import KIND_OF_ALGORITHM
+from rlhf_contract.algorithms import ALGORITHMS, ROLE_NAMES, required_roles
 
-ROLE_ORDER = ("actor", "critic", "reward", "reference")
 # The synthetic dataset of each kind of data an algorithm consumes.
 DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
                    "sft": "synthetic://instructions", "steps": "synthetic://partial_sum_steps"}
@@ -53,7 +51,7 @@ def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters
         "model": {"path": "tiny://llama"},
         "reward_model": {"path": reward_model} if reward_model else None,
         "reward": {"type": "model" if reward_model else "rule", "rule": "" if reward_model else "exact_match"},
-        "dataset": {"path": DATASET_OF_KIND[KIND_OF_ALGORITHM[algorithm]], "format": "prompts"},
+        "dataset": {"path": DATASET_OF_KIND[ALGORITHMS[algorithm].data], "format": "prompts"},
         "roles": roles or {r: {"replicas": 1} for r in required_roles(algorithm, "model" if reward_model else "rule")},
         "hyperparameters": {**FAST_HYPERPARAMETERS, **(hyperparameters or {})},
         "checkpoint": {"interval_steps": 1, "keep": 2},
@@ -66,7 +64,7 @@ def processes_of(config: dict) -> list[tuple[str, int, int, list[str]]]:
     """(role, rank, replicas, colocated roles) of every process, actor first."""
     roles = config["roles"]
     out = []
-    for role in ROLE_ORDER:
+    for role in ROLE_NAMES:
         spec = roles.get(role)
         if spec is None or spec.get("colocate_with"):
             continue

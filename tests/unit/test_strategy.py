@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from rlhf_trainer.config import DeepSpeedConfig
+from rlhf_contract.config import DeepSpeedConfig
 from rlhf_trainer.strategy import DeepSpeedStrategy, build_ds_config
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 

@@ -12,14 +12,14 @@ import os
 import signal
 import sys
 
-from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_contract import wire
 
-TERMINATION_LOG = "/dev/termination-log"
+from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
     """Best effort: the kubelet shows this file's content as the container's termination message."""
-    path = env.get("RLHF_TERMINATION_LOG", TERMINATION_LOG)
+    path = env.get(wire.ENV_TERMINATION_LOG, wire.TERMINATION_LOG)
     try:
         with open(path, "w") as f:
             f.write(message[:4000])  # the kubelet keeps at most 4096 bytes
@@ -32,7 +32,8 @@ def main(env: dict[str, str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        from rlhf_trainer.config import load_config
+        from rlhf_contract.config import load_config
+
         from rlhf_trainer.distributed import read_process_env
 
         try:

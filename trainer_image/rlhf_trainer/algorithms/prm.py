@@ -11,12 +11,11 @@ from __future__ import annotations
 import torch
 
 from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
+from rlhf_trainer.algorithms.common import ActorAlgorithm, global_normaliser, micro_batches, run_algorithm
 from rlhf_trainer.data import StepRecord, position_ids_from_mask
 from rlhf_trainer.losses.prm import IGNORE, prm_loss, step_metrics, step_scores
 from rlhf_trainer.runtime import Context
 from rlhf_trainer.stepwise import encode_steps
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 def encode_step_records(tokenizer, records: list[StepRecord], hp) -> dict[str, torch.Tensor]:
@@ -42,22 +41,9 @@ def encode_step_records(tokenizer, records: list[StepRecord], hp) -> dict[str, t
     return out
 
 
-class PRMTraining:
+class PRMTraining(ActorAlgorithm):
     def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        self.strategy = DeepSpeedStrategy(
-            models.load_token_classifier(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+        super().__init__(ctx, load_model=models.load_token_classifier)
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
@@ -87,5 +73,4 @@ class PRMTraining:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, PRMTraining(ctx), records)
+    run_algorithm(ctx, PRMTraining)

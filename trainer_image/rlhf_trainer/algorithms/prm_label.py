@@ -3,7 +3,7 @@ wrong step by binary search with best-of-N completions of its prefixes, write TR
 
 Seed slides (process supervision for code RL); rlhf_trainer.stepwise: a prefix of k steps is
 completable when one of `prm_completions` completions sampled from prompt + prefix passes the
-verifier, the rule reward (`reward.type: rule`: exact_match, last_number, regex, or a callable
+verifier, the rule reward named by `reward.rule` (exact_match, last_number, regex, or a callable
 that runs unit tests); a response passes when the rule scores it >= 1. Every response of a batch is
 searched in lockstep: one generate call per round for all open searches, O(log steps) rounds.
 
@@ -22,14 +22,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from rlhf_contract.config import REWARD_RULES, RewardConfig
 
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import drive, generate, load_records
+from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.rewards import CORRECT, build_reward_fn
 from rlhf_trainer.runtime import Context, log
 from rlhf_trainer.stepwise import FirstWrongSearch, labels_from_first_wrong, prefix_text, split_steps
 
 OUTPUT_NAME = "prm_labels.jsonl"
+
+
+def verifier(reward: RewardConfig):
+    """The rule reward named by reward.rule (reward.type does not matter here: no reward role runs)."""
+    if not reward.rule:
+        raise ConfigError(f"reward.rule: prm-label needs a verifier rule, one of {', '.join(REWARD_RULES)}")
+    return build_reward_fn(dataclasses.replace(reward, type="rule"))
 
 
 class PRMLabelling:
@@ -38,7 +47,7 @@ class PRMLabelling:
         self.ctx = ctx
         self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
         self.policy = models.load_policy(ctx.cfg.model.path, seed=hp.seed).to(distributed.device()).eval()
-        self.verify = build_reward_fn(ctx.cfg.reward)
+        self.verify = verifier(ctx.cfg.reward)
         self.strategy = None  # nothing is trained: checkpoints hold the rows and the data position
         self.rows: list[dict] = []
         # Prompt + prefix is longer than a prompt: room for a whole response in front of the completion.
@@ -114,4 +123,4 @@ class PRMLabelling:
 
 def run(ctx: Context) -> None:
     records = load_records(ctx)
-    drive(ctx, PRMLabelling(ctx), records)
+    drive(ctx, PRMLabelling(ctx), records)  # not an ActorAlgorithm: it has no model to train
