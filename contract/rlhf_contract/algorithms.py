@@ -14,7 +14,9 @@ ROLE_NAMES = ("actor", "critic", "reward", "reference")
 # Roles that hold an optimizer; the others are frozen (ZeRO stage 0 is their default).
 TRAINED_ROLES = ("actor", "critic")
 FROZEN_ROLES = ("reward", "reference")
-REWARD_TYPES = ("model", "rule")
+REWARD_TYPES = ("model", "rule", "prm")
+# Reward types scored by a model in a `reward` role: a sequence classifier, or a process reward model.
+MODEL_REWARD_TYPES = ("model", "prm")
 # What an algorithm consumes from its dataset (rlhf_trainer.data.convert): prompts to sample from,
 # preference pairs, prompt/response pairs to imitate, or responses labelled step by step (a PRM's).
 DATA_KINDS = ("prompts", "pairs", "sft", "steps")
@@ -25,7 +27,7 @@ class Algorithm:
     """One row of the table.
 
     roles: the roles it always needs. An online algorithm samples responses and scores them, so it
-    also needs a `reward` role exactly when `reward.type` is `model` (a rule reward runs in the actor).
+    also needs a `reward` role exactly when `reward.type` is model or prm (a rule reward runs in the actor).
     module: `rlhf_trainer.algorithms.<module>` has `run(ctx)`, started on the actor's ranks.
     """
 
@@ -41,7 +43,7 @@ class Algorithm:
         return (*self.roles, "reward") if self.needs_reward_model(reward_type) else self.roles
 
     def needs_reward_model(self, reward_type: str) -> bool:
-        return self.online and reward_type == "model"
+        return self.online and reward_type in MODEL_REWARD_TYPES
 
 
 TABLE = (

@@ -65,12 +65,20 @@ class ModelConfig:
 class RewardConfig:
     """How responses are scored (online algorithms): a reward model role, or a rule run by the actor."""
 
-    type: str = knob("model", "model: a reward role scores responses; rule: a verifier run by the actor.",
-                     enum=REWARD_TYPES, max_length=16)
+    type: str = knob("model", "model: a reward role scores responses; rule: a verifier run by the actor; prm: "
+                             "a process reward model in the reward role scores every step (plus the outcome "
+                             "of `rule`, when set).", enum=REWARD_TYPES, max_length=16)
     rule: str = knob("", "Verifier run by the actor when type is rule (prm-label: the verifier of its "
                          "completions).", enum=REWARD_RULES, max_length=16)
     pattern: str = knob("", "regex rule: reward 1 when re.search(pattern, response) matches.", max_length=1024)
     callable: str = knob("", 'callable rule: "module:function" importable in the trainer image.', max_length=253)
+    # type prm: a process reward model (an `algorithm: prm` export at rewardModel.path) scores each step
+    skip_pattern: str = knob("", "prm: steps this regex matches (re.search) get no process reward, e.g. "
+                                 "'^\\s*#' for comment lines.", max_length=256)
+    normalize_steps: bool = knob(True, "prm: divide each step's reward by the number of rewarded steps, so a "
+                                       "response's process reward stays in [-1, 1] whatever its length.")
+    value_init: bool = knob(False, "prm (ppo): initialise the critic from the process reward model (its "
+                                   "backbone and head); the PRM must share the policy's tokenizer.")
 
 
 @dataclass(frozen=True)
@@ -340,7 +348,7 @@ def _check_reward(cfg: TrainerConfig, errors: list[str]) -> None:
         errors.append(f'reward.callable: expected "module:function", got {json.dumps(reward.callable)}')
     algorithm = ALGORITHMS.get(cfg.algorithm)
     if algorithm and algorithm.needs_reward_model(reward.type) and (cfg.reward_model is None or not cfg.reward_model.path):
-        errors.append("reward_model.path: required when reward.type is model")
+        errors.append(f"reward_model.path: required when reward.type is {reward.type}")
 
 
 def parse_config(data: dict[str, Any]) -> TrainerConfig:

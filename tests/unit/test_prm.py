@@ -132,3 +132,35 @@ def test_prefix_text_keeps_the_steps_and_their_separator():
     response = "7\n\n11\n13"
     steps = stepwise.split_steps(response)
     assert [stepwise.prefix_text(response, steps, k, "\n") for k in range(3)] == ["", "7\n", "7\n\n11\n"]
+
+
+def test_step_weights_zero_the_steps_a_pattern_marks():
+    steps = stepwise.split_steps("x = 1\n# add one\ny = x + 1\n  # done")
+    assert stepwise.step_weights(steps, r"^\s*#") == [1.0, 0.0, 1.0, 0.0]
+    assert stepwise.step_weights(steps, "") == [1.0] * 4
+
+
+def test_steps_map_to_the_tokens_that_end_them():
+    from rlhf_trainer.models import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    response = "7\n11\n13"
+    ids = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ends = stepwise.token_char_ends(tok, ids)
+    assert ends[-1] == ends[-2] == len(response)  # EOS adds no text
+    steps = stepwise.split_steps(response)
+    token_ends = stepwise.step_token_ends([s.end for s in steps], ends)
+    # tokens: 7 \n 1 1 \n 1 3 </s>: "7" ends at token 0, "11" at 3, "13" at 6
+    assert token_ends == [0, 3, 6]
+    assert stepwise.step_token_ends([99], ends) == [len(ids) - 1]
+
+
+def test_value_head_from_prm_outputs_the_score_before_its_tanh():
+    head = torch.nn.Linear(8, 2)
+    weight, bias = prm.value_head_from_prm(head.weight.detach(), head.bias.detach())
+    hidden = rand(5, 8).float()
+    values = hidden @ weight.T + bias
+    scores = prm.step_scores(head(hidden).detach())
+    assert values.squeeze(-1).tolist() == pytest.approx(torch.atanh(scores).tolist(), rel=1e-4, abs=1e-5)
+    no_bias, zero = prm.value_head_from_prm(head.weight.detach(), None)
+    assert torch.equal(no_bias, weight) and zero.tolist() == [0.0]

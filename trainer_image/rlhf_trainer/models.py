@@ -260,6 +260,25 @@ def load_value_model(path: str, *, seed: int) -> ValueModel:
     return _seeded(build, seed + 1)
 
 
+def value_model_from_prm(prm_path: str, policy_path: str) -> ValueModel:
+    """The critic initialised from a process reward model (ValueInit): the PRM's backbone and a value
+    head from its two-label head (losses.prm.value_head_from_prm). The critic reads the policy's
+    token ids, so the two tokenizers must have the same vocabulary (ConfigError otherwise)."""
+    from rlhf_trainer.losses.prm import value_head_from_prm
+
+    if load_tokenizer(prm_path).get_vocab() != load_tokenizer(policy_path).get_vocab():
+        raise ConfigError(f"reward.value_init: the process reward model {prm_path!r} has another vocabulary than "
+                          f"model.path {policy_path!r}; the critic reads the policy's tokens")
+    prm = load_token_classifier(prm_path, seed=0)
+    model = ValueModel(prm.base_model, prm.config.get_text_config().hidden_size)
+    head = prm.score if hasattr(prm, "score") else prm.classifier  # Llama/Qwen name it score, BERT classifier
+    weight, bias = value_head_from_prm(head.weight.detach(), None if head.bias is None else head.bias.detach())
+    with torch.no_grad():
+        model.value_head.weight.copy_(weight)
+        model.value_head.bias.copy_(bias)
+    return model
+
+
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
                     *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (+ tokenizer) as an HF folder that load_policy / load_reward_model read back.

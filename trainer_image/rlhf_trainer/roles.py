@@ -7,6 +7,7 @@ Each serving role is a small object with `handle(method, tensors, meta) -> (tens
 | reference.logprobs   | input_ids, attention_mask (B, T)          | logprobs (B, T-1)         |
 |                      | + meta response_length R                  | logprobs (B, R)           |
 | reward.score         | meta prompts, responses (strings)         | scores (B,)               |
+| reward.step_scores   | meta prompts, responses, separator        | scores (B, S), counts (B,)|
 | critic.values        | input_ids, attention_mask (B, T), meta R  | values (B, R)             |
 | critic.train         | + old_values, returns, action_mask (B, R) | meta value_loss           |
 
@@ -85,6 +86,48 @@ class RewardService:
         assert method == "score", method
         enc = encode_prompt_responses(self.tokenizer, meta["prompts"], meta["responses"], **self.lengths)
         return {"scores": sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu()}, {}
+
+
+class ProcessRewardService:
+    """A process reward model (an `algorithm: prm` export) scoring every step of (prompt, response)
+    texts in [-1, 1] at the step's separator, rows built as in PRM training (stepwise.encode_steps),
+    with its own tokenizer. Steps are the response's non-blank pieces between separators; a step
+    whose separator falls beyond the length cap scores 0."""
+
+    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_completion_length: int):
+        self.model = model.to(distributed.device()).eval()
+        self.tokenizer = tokenizer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
+
+    @torch.no_grad()
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        assert method == "step_scores", method
+        from rlhf_trainer.losses.prm import step_scores
+        from rlhf_trainer.stepwise import encode_steps, split_steps
+
+        rows, positions = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            steps = [s.text for s in split_steps(response, meta["separator"])]
+            ids, where = encode_steps(self.tokenizer, prompt, steps, meta["separator"], **self.lengths)
+            rows.append(ids)
+            positions.append(where + [-1] * (len(steps) - len(where)))  # -1: cut off, scores 0
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, :len(row)] = torch.tensor(row)
+            attention_mask[i, :len(row)] = 1
+        dev = distributed.device()
+        logits = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
+                            position_ids=position_ids_from_mask(attention_mask).to(dev)).logits
+        per_token = step_scores(logits).cpu()
+        counts = torch.tensor([len(p) for p in positions])
+        scores = torch.zeros(len(rows), max(1, int(counts.max())))
+        for i, row_positions in enumerate(positions):
+            for k, position in enumerate(row_positions):
+                if position >= 0:
+                    scores[i, k] = per_token[i, position]
+        return {"scores": scores, "counts": counts}, {}
 
 
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

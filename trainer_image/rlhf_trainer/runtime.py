@@ -92,13 +92,20 @@ class Context:
 def build_service(ctx: Context, role: str):
     """The service object of a serving role (and register its strategy if it trains)."""
     from rlhf_trainer import models
-    from rlhf_trainer.roles import CriticService, ReferenceService, RewardService
+    from rlhf_trainer.roles import CriticService, ProcessRewardService, ReferenceService, RewardService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
     hp, cfg = ctx.hp, ctx.cfg
     if role == "reference":
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
+    if role == "reward" and cfg.reward.type == "prm":
+        path = cfg.reward_model.path
+        return ProcessRewardService(
+            models.load_token_classifier(path, seed=hp.seed), models.load_tokenizer(path),
+            # Steps are re-tokenised with a separator each: room beyond the sampled length.
+            max_prompt_length=hp.max_prompt_length, max_completion_length=2 * hp.max_new_tokens + 8,
+        )
     if role == "reward":
         path = cfg.reward_model.path
         return RewardService(
@@ -108,7 +115,8 @@ def build_service(ctx: Context, role: str):
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(
-            models.load_value_model(cfg.model.path, seed=hp.seed),
+            models.load_value_model(cfg.model.path, seed=hp.seed) if not (cfg.reward.type == "prm" and cfg.reward.value_init)
+            else models.value_model_from_prm(cfg.reward_model.path, cfg.model.path),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,

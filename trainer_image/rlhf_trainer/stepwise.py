@@ -19,6 +19,7 @@ the first wrong step findable by binary search with O(log n) completability chec
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -130,6 +131,30 @@ def first_wrong_step(num_steps: int, completable: Callable[[int], bool], *,
 def prefix_text(response: str, steps: Sequence[Step], k: int, separator: str) -> str:
     """The response's text up to and including the separator after its k-th step ("" for k = 0)."""
     return response[:steps[k - 1].end] + separator if k else ""
+
+
+def step_weights(steps: Sequence[Step], skip_pattern: str) -> list[float]:
+    """1 per step, 0 for steps `skip_pattern` (re.search) matches, e.g. comment lines; all 1 without one."""
+    if not skip_pattern:
+        return [1.0] * len(steps)
+    compiled = re.compile(skip_pattern)
+    return [0.0 if compiled.search(step.text) else 1.0 for step in steps]
+
+
+def token_char_ends(tokenizer, response_ids: Sequence[int]) -> list[int]:
+    """For each response token, the length of the text decoded from the tokens up to it (special tokens
+    skipped, as the rollout decodes responses). O(R^2) characters decoded; R is a response's length."""
+    return [len(tokenizer.decode(response_ids[:t + 1], skip_special_tokens=True)) for t in range(len(response_ids))]
+
+
+def step_token_ends(step_ends: Sequence[int], char_ends: Sequence[int]) -> list[int]:
+    """Character offsets where steps end -> the index of the token holding each step's last character
+    (the first token whose decoded prefix reaches the offset); the last token when none does."""
+    out = []
+    for end in step_ends:
+        index = next((t for t, reach in enumerate(char_ends) if reach >= end), len(char_ends) - 1)
+        out.append(index)
+    return out
 
 
 def labels_from_first_wrong(num_steps: int, wrong: int) -> list[bool]:

@@ -41,7 +41,7 @@ class GroupPolicyGradient(ActorAlgorithm):
         super().__init__(ctx, rows_per_prompt=ctx.hp.group_size)
         self.variant = variant
         self.reference = ctx.client("reference")
-        self.score = Scorer(ctx)
+        self.score = Scorer(ctx, self.tokenizer)
 
     def advantages(self, exp, mask) -> torch.Tensor:
         """(B, R) advantages of the rollout for this variant (exp.kl set unless GRPO reuses log-probs)."""
@@ -49,12 +49,17 @@ class GroupPolicyGradient(ActorAlgorithm):
         if self.variant == "reinforce_pp":
             rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=hp.kl_coef, reward_clip=hp.reward_clip,
                                     ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
+            if exp.step_rewards is not None:
+                rewards = rewards + exp.step_rewards * mask
             advantages, exp.returns = reinforce_pp_advantages(rewards, mask, gamma=hp.gamma,
                                                               reduce=distributed.all_reduce_tensor)
             return advantages
+        # A process reward model's step rewards count at their tokens in REINFORCE++'s returns (above)
+        # and summed into the response's score for the group baselines.
+        scores = exp.scores if exp.step_rewards is None else exp.scores + exp.step_rewards.sum(-1)
         if self.variant == "rloo":
-            return rloo_advantages(exp.scores - hp.kl_coef * exp.kl.sum(-1), hp.group_size)[:, None] * mask
-        return group_advantages(exp.scores, hp.group_size)[:, None] * mask
+            return rloo_advantages(scores - hp.kl_coef * exp.kl.sum(-1), hp.group_size)[:, None] * mask
+        return group_advantages(scores, hp.group_size)[:, None] * mask
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, group, dev = self.hp, self.ctx.metrics, self.hp.group_size, distributed.device()
@@ -109,6 +114,7 @@ class GroupPolicyGradient(ActorAlgorithm):
             "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),
             "response_length": float(mask.sum(-1).mean()), "tokens": float(exp.attention_mask.sum()),
+            **({"process_reward": float(exp.step_rewards.sum(-1).mean())} if exp.step_rewards is not None else {}),
         }
 
 

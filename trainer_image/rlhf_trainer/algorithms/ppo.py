@@ -4,6 +4,10 @@ One step: rollout (sample responses) -> score (actor and reference log-probs, cr
 reward) -> advantages (per-token KL penalty + score on the last token, GAE) -> update (clipped
 policy loss here, clipped value loss on the critic role), `ppo_epochs` times over the batch.
 
+With `reward.type: prm` a process reward model scores every step and its scores join the per-token
+rewards at the tokens ending the steps (losses.prm, "DenseReward"), next to the rule's outcome
+score on the last token; `reward.valueInit` starts the critic from the PRM (runtime.build_service).
+
 PPO-ptx (Ouyang et al. 2022, eq. 2): with `dataset.pretrain_path`, every actor micro-batch also
 takes a micro-batch of pretraining text and adds `ptx_coef` times its language-modelling loss
 (losses.ptx) to the policy loss before the one backward pass.
@@ -41,7 +45,7 @@ class PPO(ActorAlgorithm):
         super().__init__(ctx)
         hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
-        self.score = Scorer(ctx)
+        self.score = Scorer(ctx, self.tokenizer)
         self.kl_ctl = build_kl_controller(hp.kl_coef, hp.kl_target, hp.kl_horizon)
         self.ptx_texts = load_texts(ctx.cfg.dataset.pretrain_path) if ctx.cfg.dataset.pretrain_path else None
         # Its own sampler (and seed), saved with the checkpoint like the prompts' position.
@@ -90,6 +94,8 @@ class PPO(ActorAlgorithm):
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
         exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value, reward_clip=hp.reward_clip,
                                     ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
+        if exp.step_rewards is not None:  # a process reward model's dense rewards (DenseReward)
+            exp.rewards = exp.rewards + exp.step_rewards * mask
         exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask, reduce=distributed.all_reduce_tensor)
@@ -135,6 +141,7 @@ class PPO(ActorAlgorithm):
             "entropy": sum(s[2] for s in stats) / len(stats), "response_length": float(mask.sum(-1).mean()),
             "tokens": float(exp.attention_mask.sum()),
             **({"ptx_loss": ptx_total / hp.ppo_epochs} if ptx is not None else {}),
+            **({"process_reward": float(exp.step_rewards.sum(-1).mean())} if exp.step_rewards is not None else {}),
         }
 
 

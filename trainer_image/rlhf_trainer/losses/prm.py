@@ -18,6 +18,10 @@ lines, else 1); with length normalisation every weight is divided by the number 
 steps, so a response's summed process reward stays in [-1, 1] however many steps it has. The
 outcome score and the KL penalty are added by losses.gae.token_rewards as for any reward.
 
+ValueInit (seed slides): the critic can start from the PRM, its backbone and a value head made from
+the two-label head, value = (z_1 - z_0) / 2 = atanh(score): the PRM's score before the tanh, which
+is the score itself near 0 (tanh(x) ~ x) and keeps growing where the score saturates at +-1.
+
 Metrics: step accuracy (a step is predicted correct when its score >= 0; a label >= 0 counts as
 correct, as Lightman et al. count neutral steps as acceptable) and first-wrong-step accuracy: the
 share of examples whose first predicted-wrong step is their first labelled-wrong step (or both
@@ -100,3 +104,11 @@ def dense_step_rewards(scores: Sequence[Sequence[float]], token_ends: Sequence[S
                 raise ValueError(f"row {row}: a step ends at token {end}, outside the {response_length} response tokens")
             rewards[row, end] += score * weight * scale
     return rewards
+
+
+def value_head_from_prm(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PRM's (2, H) head weight and (2,) bias (None: no bias) -> (1, H) weight, (1,) bias of a value
+    head whose output is (z_1 - z_0) / 2 (see ValueInit above)."""
+    value_weight = ((weight[1] - weight[0]) / 2.0).unsqueeze(0)
+    value_bias = torch.zeros(1, dtype=weight.dtype) if bias is None else ((bias[1] - bias[0]) / 2.0).reshape(1)
+    return value_weight, value_bias
