@@ -107,10 +107,11 @@ def test_dpo_raises_preference_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(tmp_path):
-    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.chat import Renderer
     from rlhf_trainer.data import synthetic_preferences
+    from rlhf_trainer.tokenized import tokenize_records
     from transformers import AutoModelForSequenceClassification
 
     config = trainer_config("rm", checkpoint=NO_CHECKPOINTS, hyperparameters={
@@ -121,7 +122,8 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(run.checkpoint_dir / "export").eval()
     tokenizer = models.load_tokenizer(str(run.checkpoint_dir / "export"))
     held_out = synthetic_preferences(size=128, seed=12345)  # other pairs than training's seed 0
-    batch = encode_pairs(tokenizer, held_out, Hyperparameters(max_prompt_length=16, max_new_tokens=4))
+    rows, _ = tokenize_records(held_out, Renderer(tokenizer, "raw"), "pairs", max_prompt_length=16, max_length=32)
+    batch = encode_pairs(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     accuracy = float((scores[:128] > scores[128:]).float().mean())
@@ -156,11 +158,12 @@ def test_prm_learns_to_find_the_first_wrong_step(tmp_path):
     Measured (training batches, means per 15 steps): step accuracy 0.64 until ~step 90, then 0.73
     0.81 0.87 0.89 ... 0.93; first-wrong-step accuracy 0.5 -> 0.88 (lr 2e-3: 0.88 / 0.81 at the end).
     """
-    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
-    from rlhf_trainer.algorithms.prm import encode_step_records
+    from rlhf_trainer.algorithms.prm import step_batch
+    from rlhf_trainer.chat import Renderer
     from rlhf_trainer.losses.prm import IGNORE, step_metrics, step_scores
     from rlhf_trainer.stepwise import synthetic_partial_sum_steps
+    from rlhf_trainer.tokenized import tokenize_records
 
     config = trainer_config(
         "prm", checkpoint=NO_CHECKPOINTS, dataset={"path": "synthetic://partial_sum_steps", "format": "stepwise"},
@@ -172,7 +175,8 @@ def test_prm_learns_to_find_the_first_wrong_step(tmp_path):
     folder = str(run.checkpoint_dir / "export")
     model, tokenizer = models.load_token_classifier(folder, seed=0).eval(), models.load_tokenizer(folder)
     held_out = synthetic_partial_sum_steps(size=256, seed=12345)
-    batch = encode_step_records(tokenizer, held_out, Hyperparameters(max_prompt_length=16, max_new_tokens=16))
+    rows, _ = tokenize_records(held_out, Renderer(tokenizer, "raw"), "steps", max_prompt_length=16, max_length=32)
+    batch = step_batch(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = step_scores(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
     labelled = batch["targets"] != IGNORE

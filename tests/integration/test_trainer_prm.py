@@ -71,7 +71,7 @@ def test_online_algorithms_take_dense_rewards_from_a_process_reward_model(algori
         roles["critic"] = {"colocate_with": "actor"}
     config = trainer_config(
         algorithm, roles=roles, reward_model="tiny://llama",
-        reward={"type": "prm", "rule": "last_number", "skip_pattern": "^#", "normalize_steps": True,
+        reward={"type": "prm", "rule": "exact_match", "skip_pattern": "^#", "normalize_steps": True,
                 "value_init": algorithm == "ppo"},
         dataset={"path": "synthetic://partial_sums", "format": "prompts"},
         hyperparameters={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 8,

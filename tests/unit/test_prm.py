@@ -79,17 +79,37 @@ def test_encode_steps_labels_each_separator_like_trl():
     from rlhf_trainer.models import tiny_tokenizer
 
     tok = tiny_tokenizer()
-    ids, positions = stepwise.encode_steps(tok, "3+4+4=", ["7", "11"], "\n", max_prompt_length=16,
-                                           max_completion_length=16)
     prompt = tok("3+4+4=")["input_ids"]
+    got = stepwise.encode_steps(tok, prompt, ["7", "11"], "\n", max_prompt_length=16, max_length=32)
     newline = tok("\n", add_special_tokens=False)["input_ids"]
-    assert ids == prompt + tok("7", add_special_tokens=False)["input_ids"] + newline \
+    assert got.ids == prompt + tok("7", add_special_tokens=False)["input_ids"] + newline \
         + tok("11", add_special_tokens=False)["input_ids"] + newline
-    assert positions == [len(prompt) + 1, len(prompt) + 4]  # "7" "\n" | "1" "1" "\n"
-    assert all(ids[p] == newline[-1] for p in positions)
-    cut, cut_positions = stepwise.encode_steps(tok, "3+4+4=", ["7", "11"], "\n", max_prompt_length=16,
-                                               max_completion_length=4)
-    assert len(cut) == len(prompt) + 4 and cut_positions == positions[:1]  # step 2's separator cut off
+    assert got.positions == [len(prompt) + 1, len(prompt) + 4]  # "7" "\n" | "1" "1" "\n"
+    assert all(got.ids[p] == newline[-1] for p in got.positions)
+    assert not got.truncated and got.full_length == len(got.ids)
+    cut = stepwise.encode_steps(tok, prompt, ["7", "11"], "\n", max_prompt_length=16, max_length=len(prompt) + 4)
+    assert len(cut.ids) == len(prompt) + 4 and cut.positions == got.positions[:1]  # step 2's separator cut off
+    assert cut.truncated and cut.full_length == len(got.ids)
+    short = stepwise.encode_steps(tok, prompt, ["7"], "\n", max_prompt_length=2, max_length=32)
+    assert short.ids[:2] == prompt[-2:] and short.truncated  # the prompt keeps its last tokens
+
+
+def test_stepwise_rows_are_tokenized_at_startup_with_their_targets():
+    from rlhf_trainer.chat import Renderer
+    from rlhf_trainer.models import tiny_tokenizer
+    from rlhf_trainer.records import StepRecord
+    from rlhf_trainer.tokenized import tokenize_records
+
+    tok = tiny_tokenizer()
+    records = [StepRecord("3+4+4=", ("7", "11"), (1.0, 0.0), "a"), StepRecord("1+1+1=", ("2", "3"), (1.0, 1.0), "b")]
+    renderer = Renderer(tok, "raw")
+    full = len(renderer.prompt_ids("3+4+4=")) + 5  # "7" "\n" "1" "1" "\n"
+    rows, report = tokenize_records(records, renderer, "steps", max_prompt_length=64, max_length=full)
+    assert [r.targets for r in rows] == [(1.0, 0.0), (1.0, 1.0)]
+    assert all(r.ids[p] == tok("\n", add_special_tokens=False)["input_ids"][-1] for r in rows for p in r.positions)
+    assert report.truncated == 0 and report.longest_row == full
+    cut, report = tokenize_records(records, renderer, "steps", max_prompt_length=64, max_length=full - 1)
+    assert report.truncated == 1 and cut[0].targets == (1.0,)  # "11\n" no longer fits the first row
 
 
 @pytest.mark.parametrize("wrong", [0, 1, 4, 6])

@@ -29,9 +29,10 @@ import torch
 
 from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.ppo import value_loss
 from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.tokenized import truncate_row
 
 Tensors = dict[str, torch.Tensor]
 Reply = tuple[Tensors, dict[str, Any]]
@@ -73,31 +74,42 @@ class ReferenceService:
 
 
 class RewardService:
-    """A reward model scoring (prompt, response) texts; it tokenises them itself, so its tokenizer may
-    differ from the policy's. Rows are built as in RM training: prompt + response + EOS."""
+    """A reward model scoring (prompt, response) pairs. It renders them itself with its own tokenizer
+    (which may differ from the policy's) and its own chat template when it has one (`renderer`, an
+    rlhf_trainer.chat.Renderer with template auto): rows are built as in RM training, prompt ids then
+    response ids ending with a stop token, cut to max_prompt_length / max_length
+    (rlhf_trainer.tokenized.truncate_row)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_response_length: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
         self.model = model.to(distributed.device()).eval()
-        self.tokenizer = tokenizer
-        self.lengths = {"max_prompt_length": max_prompt_length, "max_response_length": max_response_length}
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "score", method
-        enc = encode_prompt_responses(self.tokenizer, meta["prompts"], meta["responses"], **self.lengths)
+        prompts, responses = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
+            p, r, _ = truncate_row(self.renderer.prompt_ids(prompt), self.renderer.response_ids(prompt, response),
+                                   **self.lengths)
+            prompts.append(p)
+            responses.append(r)
+        enc = pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id)
         return {"scores": sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu()}, {}
 
 
 class ProcessRewardService:
     """A process reward model (an `algorithm: prm` export) scoring every step of (prompt, response)
-    texts in [-1, 1] at the step's separator, rows built as in PRM training (stepwise.encode_steps),
-    with its own tokenizer. Steps are the response's non-blank pieces between separators; a step
-    whose separator falls beyond the length cap scores 0."""
+    pairs in [-1, 1] at the step's separator. Rows are built as in PRM training (stepwise.encode_steps)
+    with its own tokenizer and chat template (`renderer`, as RewardService's). Steps are the
+    response's non-blank pieces between separators; a step whose separator falls beyond max_length
+    scores 0."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_completion_length: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
         self.model = model.to(distributed.device()).eval()
-        self.tokenizer = tokenizer
-        self.lengths = {"max_prompt_length": max_prompt_length, "max_completion_length": max_completion_length}
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
@@ -107,19 +119,16 @@ class ProcessRewardService:
 
         rows, positions = [], []
         for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
             steps = [s.text for s in split_steps(response, meta["separator"])]
-            ids, where = encode_steps(self.tokenizer, prompt, steps, meta["separator"], **self.lengths)
-            rows.append(ids)
-            positions.append(where + [-1] * (len(steps) - len(where)))  # -1: cut off, scores 0
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, :len(row)] = torch.tensor(row)
-            attention_mask[i, :len(row)] = 1
+            encoded = encode_steps(self.renderer.tokenizer, self.renderer.prompt_ids(prompt), steps,
+                                   meta["separator"], **self.lengths)
+            rows.append(encoded.ids)
+            positions.append(encoded.positions + [-1] * (len(steps) - len(encoded.positions)))  # -1: cut off
+        enc = pad_right([[] for _ in rows], rows, self.renderer.tokenizer.pad_token_id)
         dev = distributed.device()
-        logits = self.model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev),
-                            position_ids=position_ids_from_mask(attention_mask).to(dev)).logits
+        logits = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                            position_ids=position_ids_from_mask(enc["attention_mask"]).to(dev)).logits
         per_token = step_scores(logits).cpu()
         counts = torch.tensor([len(p) for p in positions])
         scores = torch.zeros(len(rows), max(1, int(counts.max())))

@@ -25,6 +25,7 @@ from rlhf_trainer import checkpoint, distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+from rlhf_trainer.stopping import Stopped, StopRequest
 
 
 def log(*parts: Any) -> None:
@@ -58,6 +59,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
+    stop: StopRequest | None = None
 
     @property
     def hp(self):
@@ -99,19 +102,20 @@ def build_service(ctx: Context, role: str):
     if role == "reference":
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
-    if role == "reward" and cfg.reward.type == "prm":
-        path = cfg.reward_model.path
-        return ProcessRewardService(
-            models.load_token_classifier(path, seed=hp.seed), models.load_tokenizer(path),
-            # Steps are re-tokenised with a separator each: room beyond the sampled length.
-            max_prompt_length=hp.max_prompt_length, max_completion_length=2 * hp.max_new_tokens + 8,
-        )
     if role == "reward":
+        from rlhf_trainer.chat import Renderer
+        from rlhf_trainer.sampling import stop_token_ids
+
         path = cfg.reward_model.path
-        return RewardService(
-            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        tokenizer = models.load_tokenizer(path)
+        # The reward model's own chat template when it has one (dataset.template is the policy's).
+        renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
+                            setting="rewardModel")
+        if cfg.reward.type == "prm":
+            return ProcessRewardService(models.load_token_classifier(path, seed=hp.seed), renderer,
+                                        max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
+        return RewardService(models.load_reward_model(path, seed=hp.seed), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(
@@ -152,6 +156,13 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     return Context(env, cfg, placements, bridge, metrics)
 
 
+def install_stop(env: ProcessEnv) -> StopRequest:
+    """From now on SIGTERM asks the gang to stop after its step instead of killing this process."""
+    stop = StopRequest(env.checkpoint_dir, env.restart_attempt, env.termination_grace)
+    stop.install()
+    return stop
+
+
 def resume_step(ctx: Context) -> int | None:
     roles = sorted(ctx.cfg.roles)
     return checkpoint.select_resume_step(ctx.env.checkpoint_dir, roles, log=log)
@@ -184,12 +195,16 @@ def run_server(ctx: Context) -> None:
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     check_process(env, cfg)
     torch.manual_seed(cfg.hyperparameters.seed)
+    stop = install_stop(env)
     ctx = connect(env, cfg)
+    ctx.stop = stop
     try:
         if env.role == "actor":
             module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)
+            if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
+                raise Stopped()
     finally:
         ctx.metrics.stop()

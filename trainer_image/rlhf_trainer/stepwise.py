@@ -4,10 +4,10 @@ A response is a sequence of steps separated by `separator` (one line each by def
 slides' per-line PRM for code). The PRM's stepwise format is TRL's: {"prompt": str,
 "completions": [step, ...], "labels": [bool | number in [-1, 1], ...]}.
 
-Encoding follows TRL's PRMTrainer.tokenize_row: prompt tokens, then every step's tokens followed by
-the separator's tokens; the step's label sits on the separator's last token. Prompts keep their
-last max_prompt_length tokens; the completion is cut after max_completion_length tokens (a step
-whose separator is cut off loses its label).
+Encoding follows TRL's PRMTrainer.tokenize_row: prompt tokens (rendered by rlhf_trainer.chat), then
+every step's tokens followed by the separator's tokens; the step's label sits on the separator's
+last token. Prompts keep their last max_prompt_length tokens; the row is cut at max_length tokens
+(a step whose separator is cut off loses its label, and the row counts as truncated).
 
 Labelling (seed slides; like Wang et al. 2024, "Math-Shepherd", which labels a step by whether
 completions sampled from it reach the right answer): a prefix of k steps is "completable" when
@@ -22,6 +22,7 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from rlhf_trainer.data import PromptRecord, StepRecord
 from rlhf_trainer.errors import ConfigError
@@ -51,21 +52,29 @@ def split_steps(response: str, separator: str = DEFAULT_SEPARATOR) -> list[Step]
     return steps
 
 
-def encode_steps(tokenizer, prompt: str, steps: Sequence[str], separator: str, *,
-                 max_prompt_length: int, max_completion_length: int) -> tuple[list[int], list[int]]:
-    """-> (input_ids, label_positions): token ids of prompt + (step + separator) * n, and for each
-    step whose separator fits, the index of the separator's last token (TRL's label position)."""
-    prompt_ids = tokenizer(prompt)["input_ids"][-max_prompt_length:]
+class EncodedSteps(NamedTuple):
+    ids: list[int]  # prompt + (step + separator) ids, cut at max_length
+    positions: list[int]  # index of each kept step's separator-final token
+    truncated: bool  # the prompt or some step's separator was cut
+    full_length: int  # tokens before any cut
+
+
+def encode_steps(tokenizer, prompt_ids: Sequence[int], steps: Sequence[str], separator: str, *,
+                 max_prompt_length: int, max_length: int) -> EncodedSteps:
+    """The prompt's ids (its last max_prompt_length, at most max_length - 1) + (step + separator) ids
+    per step, cut at max_length; a step whose separator is cut loses its label position."""
+    keep = max(1, min(max_prompt_length, max_length - 1))
+    prompt = list(prompt_ids[-keep:])
     separator_ids = tokenizer(separator, add_special_tokens=False)["input_ids"]
     completion: list[int] = []
     positions: list[int] = []
+    budget = max_length - len(prompt)
     for step in steps:
         completion += tokenizer(step, add_special_tokens=False)["input_ids"] + separator_ids
-        if len(completion) > max_completion_length:
-            break
-        positions.append(len(prompt_ids) + len(completion) - 1)
-    completion = completion[:max_completion_length]
-    return prompt_ids + completion, positions
+        if len(completion) <= budget:
+            positions.append(len(prompt) + len(completion) - 1)
+    truncated = len(prompt) < len(prompt_ids) or len(positions) < len(steps)
+    return EncodedSteps(prompt + completion[:budget], positions, truncated, len(prompt_ids) + len(completion))
 
 
 class FirstWrongSearch:
@@ -176,7 +185,7 @@ def _partial_sum_problem(rng: random.Random, operands: int, max_operand: int) ->
 def synthetic_partial_sums(size: int = 512, operands: int = 3, max_operand: int = 4,
                            seed: int = 0) -> list[PromptRecord]:
     """"3+4+2=" -> answer "9"; the worked solution writes one partial sum per line ("7\n9"), which
-    the last_number rule verifies by its final line."""
+    exact_match verifies by its final line (the last number)."""
     rng = random.Random(seed)
     out = []
     for i in range(size):

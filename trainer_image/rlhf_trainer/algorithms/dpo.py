@@ -25,8 +25,8 @@ from rlhf_trainer.runtime import Context
 
 
 class DPO(ActorAlgorithm):
-    def __init__(self, ctx: Context):
-        super().__init__(ctx, rows_per_sample=2)  # a pair is two rows: chosen and rejected
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer, rows_per_sample=2)  # a pair is two rows: chosen and rejected
         hp = self.hp
         # The loss that defines the sequence log-probs: DPO's loss type, or the algorithm itself.
         self.kind = hp.loss_type if ctx.cfg.algorithm == "dpo" else ctx.cfg.algorithm
@@ -34,7 +34,7 @@ class DPO(ActorAlgorithm):
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
-        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         ref = None
         if self.reference is not None:

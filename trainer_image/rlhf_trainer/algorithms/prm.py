@@ -1,5 +1,6 @@
 """Process reward model training (`algorithm: prm`): a two-label token classifier learns each step's
-correctness at its separator token from TRL's stepwise rows (losses.prm, stepwise.encode_steps).
+correctness at its separator token from TRL's stepwise rows (losses.prm; rows tokenized at startup
+by rlhf_trainer.tokenized with stepwise.encode_steps).
 
 The actor role here is the classifier, initialised from `model.path` (a causal LM: new head). The
 export is a Hugging Face token-classification folder that a PPO job's `reward.type: prm` reads.
@@ -12,42 +13,29 @@ import torch
 
 from rlhf_trainer import distributed, models
 from rlhf_trainer.algorithms.common import ActorAlgorithm, global_normaliser, micro_batches, run_algorithm
-from rlhf_trainer.data import StepRecord, position_ids_from_mask
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.prm import IGNORE, prm_loss, step_metrics, step_scores
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.stepwise import encode_steps
+from rlhf_trainer.tokenized import StepRow
 
 
-def encode_step_records(tokenizer, records: list[StepRecord], hp) -> dict[str, torch.Tensor]:
+def step_batch(rows: list[StepRow], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Right-padded (B, T) input_ids, attention_mask and targets (a step's target at its separator's
-    last token, IGNORE elsewhere)."""
-    rows, targets = [], []
-    for record in records:
-        ids, positions = encode_steps(tokenizer, record.prompt, record.steps, hp.step_separator,
-                                      max_prompt_length=hp.max_prompt_length, max_completion_length=hp.max_new_tokens)
-        row_targets = [IGNORE] * len(ids)
-        for position, target in zip(positions, record.targets, strict=False):
-            row_targets[position] = target
-        rows.append(ids)
-        targets.append(row_targets)
-    width = max(len(r) for r in rows)
-    out = {"input_ids": torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long),
-           "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
-           "targets": torch.full((len(rows), width), IGNORE)}
-    for i, (row, row_targets) in enumerate(zip(rows, targets, strict=True)):
-        out["input_ids"][i, :len(row)] = torch.tensor(row)
-        out["attention_mask"][i, :len(row)] = 1
-        out["targets"][i, :len(row)] = torch.tensor(row_targets)
-    return out
+    last token, IGNORE elsewhere) of tokenized stepwise rows (rlhf_trainer.tokenized.StepRow)."""
+    batch = pad_right([[] for _ in rows], [r.ids for r in rows], pad_token_id)
+    targets = torch.full(batch["input_ids"].shape, IGNORE)
+    for i, row in enumerate(rows):
+        targets[i, list(row.positions)] = torch.tensor(row.targets, dtype=targets.dtype)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "targets": targets}
 
 
 class PRMTraining(ActorAlgorithm):
-    def __init__(self, ctx: Context):
-        super().__init__(ctx, load_model=models.load_token_classifier)
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer, load_model=models.load_token_classifier)
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
-        batch = {k: v.to(distributed.device()) for k, v in encode_step_records(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in step_batch(records, self.tokenizer.pad_token_id).items()}
         num_labels = global_normaliser(float((batch["targets"] != IGNORE).sum()))
         losses, scores, targets = [], [], []
         with self.ctx.metrics.phase("train", timings):

@@ -3,7 +3,7 @@ wrong step by binary search with best-of-N completions of its prefixes, write TR
 
 Seed slides (process supervision for code RL); rlhf_trainer.stepwise: a prefix of k steps is
 completable when one of `prm_completions` completions sampled from prompt + prefix passes the
-verifier, the rule reward named by `reward.rule` (exact_match, last_number, regex, or a callable
+verifier, the rule reward named by `reward.rule` (exact_match, regex, or a callable
 that runs unit tests); a response passes when the rule scores it >= 1. Every response of a batch is
 searched in lockstep: one generate call per round for all open searches, O(log steps) rounds.
 
@@ -25,11 +25,12 @@ import torch
 from rlhf_contract.config import REWARD_RULES, RewardConfig
 
 from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, generate, load_records
+from rlhf_trainer.algorithms.common import drive, generate, load_rows, text_pipeline
 from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.rewards import CORRECT, build_reward_fn
 from rlhf_trainer.runtime import Context, log
 from rlhf_trainer.stepwise import FirstWrongSearch, labels_from_first_wrong, prefix_text, split_steps
+from rlhf_trainer.tokenized import PromptRow
 
 OUTPUT_NAME = "prm_labels.jsonl"
 
@@ -41,17 +42,20 @@ def verifier(reward: RewardConfig):
     return build_reward_fn(dataclasses.replace(reward, type="rule"))
 
 
+def _plain(prompt):
+    """A prompt as the rules and JSON take it: text, or a list of message dicts."""
+    return prompt if isinstance(prompt, str) else [dict(m) for m in prompt]
+
+
 class PRMLabelling:
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, renderer):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.tokenizer, self.stop_ids = renderer.tokenizer, renderer.stop_ids
         self.policy = models.load_policy(ctx.cfg.model.path, seed=hp.seed).to(distributed.device()).eval()
         self.verify = verifier(ctx.cfg.reward)
         self.strategy = None  # nothing is trained: checkpoints hold the rows and the data position
         self.rows: list[dict] = []
-        # Prompt + prefix is longer than a prompt: room for a whole response in front of the completion.
-        self.completion_hp = dataclasses.replace(hp, max_prompt_length=hp.max_prompt_length + hp.max_new_tokens)
 
     def state_dict(self):
         return {"rows": self.rows}
@@ -59,30 +63,34 @@ class PRMLabelling:
     def load_state_dict(self, state):
         self.rows = list(state["rows"])
 
-    def passes(self, prompts, responses, answers) -> list[bool]:
-        return [score >= CORRECT for score in self.verify(prompts, responses, answers)]
+    def passes(self, rows: list[PromptRow], responses: list[str]) -> list[bool]:
+        scores = self.verify([_plain(r.prompt) for r in rows], responses, [r.answer for r in rows])
+        return [score >= CORRECT for score in scores]
+
+    def with_prefix(self, row: PromptRow, prefix: str) -> PromptRow:
+        """The prompt row continued by a response prefix (its text re-tokenized after the prompt's ids)."""
+        ids = row.ids + tuple(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else row.ids
+        return PromptRow(ids, row.truncated, row.prompt, row.answer, row.source)
 
     @torch.no_grad()
     def step(self, records, timings) -> dict[str, float]:
         hp, sep = self.hp, self.hp.step_separator
         records = [r for r in records for _ in range(hp.group_size)]
         with self.ctx.metrics.phase("generate", timings):
-            roll = generate(self.policy, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.policy, self.tokenizer, records, hp, self.stop_ids)
         responses = roll.responses
-        answers = [r.answer for r in records]
-        correct = self.passes([r.prompt for r in records], responses, answers)
         steps = [split_steps(text, sep) for text in responses]
-        searches = [FirstWrongSearch(len(s), ok) for s, ok in zip(steps, correct, strict=True)]
-        checks = 0
+        searches = [FirstWrongSearch(len(s), ok) for s, ok in zip(steps, self.passes(records, responses), strict=True)]
+        correct = sum(s.good == s.num_steps for s in searches)
+        checks, n = 0, hp.prm_completions
         with self.ctx.metrics.phase("score", timings):
+            # One round: every open search's next prefix, n completions each, in one generate call.
             while open_ := [i for i, s in enumerate(searches) if s.next_prefix() is not None]:
                 prefixes = [prefix_text(responses[i], steps[i], searches[i].next_prefix(), sep) for i in open_]
-                n = hp.prm_completions
-                prompts = [records[i].prompt + prefix for i, prefix in zip(open_, prefixes, strict=True) for _ in range(n)]
-                completions = generate(self.policy, self.tokenizer, prompts, self.completion_hp).responses
-                full = [prefixes[j // n] + completion for j, completion in enumerate(completions)]
-                owners = [open_[j // n] for j in range(len(full))]
-                ok = self.passes([records[i].prompt for i in owners], full, [answers[i] for i in owners])
+                rows = [self.with_prefix(records[i], prefix) for i, prefix in zip(open_, prefixes, strict=True)
+                        for _ in range(n)]
+                completions = generate(self.policy, self.tokenizer, rows, hp, self.stop_ids).responses
+                ok = self.passes(rows, [prefixes[j // n] + c for j, c in enumerate(completions)])
                 for j, i in enumerate(open_):
                     searches[i].record(any(ok[j * n:(j + 1) * n]))
                 checks += len(open_)
@@ -90,12 +98,12 @@ class PRMLabelling:
         for record, response_steps, search in zip(records, steps, searches, strict=True):
             if search.result is None or not response_steps:
                 continue
-            self.rows.append({"prompt": record.prompt, "completions": [s.text for s in response_steps],
+            self.rows.append({"prompt": _plain(record.prompt), "completions": [s.text for s in response_steps],
                               "labels": labels_from_first_wrong(len(response_steps), search.result)})
             labelled += 1
             first_wrong.append(search.result / len(response_steps))
         return {
-            "reward_mean": sum(correct) / len(correct), "labelled_rows": float(labelled),
+            "reward_mean": correct / len(records), "labelled_rows": float(labelled),
             "prefix_checks": float(checks), "first_wrong_position": sum(first_wrong) / max(len(first_wrong), 1),
             "tokens": float(roll.attention_mask.sum()),
         }
@@ -122,5 +130,6 @@ class PRMLabelling:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, PRMLabelling(ctx), records)  # not an ActorAlgorithm: it has no model to train
+    renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
+    drive(ctx, PRMLabelling(ctx, renderer), rows)  # not an ActorAlgorithm: it has no model to train
