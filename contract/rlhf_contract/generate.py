@@ -110,13 +110,15 @@ def algorithm_rules() -> list[dict[str, str]]:
             f"algorithms {_words(algs)}, and only for them"
         rules.append({"rule": f"self.roles.exists(r, r.name == '{role}') == (self.algorithm in {_cel_list(algs)})",
                       "message": f"roles must include {role} for {which}", "fieldPath": ".roles"})
-    model_reward = f"self.algorithm in {_cel_list(ONLINE)} && self.reward.type == 'model'"
+    model_reward = (f"self.algorithm in {_cel_list(ONLINE)} && "
+                    f"self.reward.type in {_cel_list(algorithms.MODEL_REWARD_TYPES)}")
+    types = _words(algorithms.MODEL_REWARD_TYPES, "or")
     rules += [
         {"rule": f"self.roles.exists(r, r.name == 'reward') == ({model_reward})",
          "message": f"roles must include reward when the algorithm is {_words(ONLINE, 'or')} and reward.type is "
-                    "model, and only then", "fieldPath": ".roles"},
+                    f"{types}, and only then", "fieldPath": ".roles"},
         {"rule": f"!({model_reward}) || has(self.rewardModel)",
-         "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
+         "message": f"rewardModel is required when reward.type is {types} (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
                  "(!has(a.processesPerPod) || a.processesPerPod >= 1) && "

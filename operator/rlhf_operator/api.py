@@ -439,7 +439,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
-        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+        errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
     if algorithm in ALGORITHMS and "critic.model" not in bad:
         problem = critic_problem(algorithm, reward.type, critic)
         if problem:

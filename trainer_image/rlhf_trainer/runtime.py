@@ -102,7 +102,7 @@ class Context:
 def build_service(ctx: Context, role: str):
     """The service object of a serving role (and register its strategy if it trains)."""
     from rlhf_trainer import models
-    from rlhf_trainer.roles import CriticService, ReferenceService, RewardService
+    from rlhf_trainer.roles import CriticService, ProcessRewardService, ReferenceService, RewardService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
     hp, cfg = ctx.hp, ctx.cfg
@@ -127,6 +127,9 @@ def build_service(ctx: Context, role: str):
         # The reward model's own chat template when it has one (dataset.template is the policy's).
         renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
                             setting="rewardModel")
+        if cfg.reward.type == "prm":
+            return ProcessRewardService(models.load_token_classifier(path, seed=hp.seed).to(frozen_dtype), renderer,
+                                        max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
         return RewardService(models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), renderer,
                              max_prompt_length=hp.max_prompt_length, max_length=hp.max_length,
                              chunk_size=hp.inference_chunk_size)
@@ -141,7 +144,8 @@ def build_service(ctx: Context, role: str):
             path, init = cfg.model.path, "policy"
         log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.load_value_model(path, seed=hp.seed, init=init),
+            models.value_model_from_prm(cfg.reward_model.path, cfg.model.path)
+            if cfg.reward.type == "prm" and cfg.reward.value_init else models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,

@@ -4,11 +4,15 @@ driver (data, resume, checkpoints, metrics, export) and the rollout helpers of t
 
 An algorithm is an ActorAlgorithm with `step(records, timings) -> dict of metrics`, and `state_dict()` /
 `load_state_dict()` for what it must carry over a restart (e.g. the KL controller). Its module's
-`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module.
+`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module. One that
+trains no model (strategy None, e.g. prm-label) has an `export(ctx)` that writes its own result
+instead of a model folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -42,7 +46,7 @@ from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, tr
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
-            "response_length", "preference_accuracy")
+            "response_length", "preference_accuracy", "ptx_loss", "process_reward")
 # Keys of a step's stats that are sums over the actor ranks.
 SUMMED = ("tokens", "truncated_rows")
 
@@ -184,28 +188,59 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
         ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
         values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
         scores=score(roll.prompts, roll.responses, answers),
+        step_rewards=score.step_rewards(roll),
     )
 
 
 class Scorer:
-    """Scores responses with the rule reward in-process, or with the reward role's model."""
+    """Scores responses with the rule reward in-process, or with the reward role's model; with a
+    process reward model (reward.type prm) the role scores every step and the rule, if any, gives
+    the outcome score."""
 
-    def __init__(self, ctx: Context):
-        self.rule = None
-        self.client = None
-        if ctx.cfg.reward.type == "rule":
-            from rlhf_trainer.rewards import build_reward_fn
+    def __init__(self, ctx: Context, tokenizer=None):
+        from rlhf_trainer.rewards import build_reward_fn
 
-            self.rule = build_reward_fn(ctx.cfg.reward)
-        else:
-            self.client = ctx.client("reward")
+        reward = ctx.cfg.reward
+        self.type, self.tokenizer, self.hp = reward.type, tokenizer, ctx.hp
+        self.skip_pattern, self.normalize = reward.skip_pattern, reward.normalize_steps
+        self.rule = build_reward_fn(dataclasses.replace(reward, type="rule")) if reward.rule else None
+        self.client = None if reward.type == "rule" else ctx.client("reward")
+        if reward.type == "prm":
+            try:
+                re.compile(reward.skip_pattern)
+            except re.error as exc:
+                raise ConfigError(f"reward.skip_pattern: invalid regular expression: {exc}") from exc
 
     def __call__(self, prompts: list[Prompt], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+        """(B,) outcome scores: the rule's, the reward model's, or 0 for a PRM without a rule."""
         # Conversations go out as lists of message dicts (TRL's conversational form; JSON over the bridge).
         prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
+        if self.type == "model":
+            return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
-        return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
+        return torch.zeros(len(responses))
+
+    def step_rewards(self, roll: Rollout) -> torch.Tensor | None:
+        """(B, R) process rewards of a rollout at the tokens ending its steps (losses.prm), or None
+        unless reward.type is prm."""
+        if self.type != "prm":
+            return None
+        from rlhf_trainer.losses.prm import dense_step_rewards
+        from rlhf_trainer.stepwise import split_steps, step_token_ends, step_weights, token_char_ends
+
+        separator = self.hp.step_separator
+        prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in roll.prompts]
+        out = self.client.call("step_scores", prompts=prompts, responses=roll.responses, separator=separator)[0]
+        R = roll.action_mask.shape[1]
+        scores, ends, weights = [], [], []
+        for i, response in enumerate(roll.responses):
+            steps = split_steps(response, separator)
+            ids = roll.sequences[i, -R:][roll.action_mask[i].bool()].tolist()
+            scores.append(out["scores"][i, :len(steps)].tolist())
+            ends.append(step_token_ends([s.end for s in steps], token_char_ends(self.tokenizer, ids)))
+            weights.append(step_weights(steps, self.skip_pattern))
+        return dense_step_rewards(scores, ends, weights, R, normalise=self.normalize)
 
 
 def encode_pairs(rows: list[PairRow], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -245,7 +280,7 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
     kind = ALGORITHMS[cfg.algorithm].data
     records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields.mapping())
     limits = {"max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
-    rows, report = tokenize_records(records, renderer, kind, **limits)
+    rows, report = tokenize_records(records, renderer, kind, step_separator=hp.step_separator, **limits)
     if ctx.env.rank == 0:
         log(f"dataset {cfg.dataset.path}: {report.describe()}")
     ctx.metrics.set_dataset(report.rows, report.truncated, report.dropped)
@@ -356,7 +391,10 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
-    export(ctx, algorithm)
+    if algorithm.strategy is None:
+        algorithm.export(ctx)
+    else:
+        export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
 
