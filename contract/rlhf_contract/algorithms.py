@@ -18,6 +18,9 @@ REWARD_TYPES = ("model", "rule")
 # What an algorithm consumes from its dataset (rlhf_trainer.data.convert): prompts to sample from,
 # preference pairs, or prompt/response pairs to imitate.
 DATA_KINDS = ("prompts", "pairs", "sft")
+# What a finished job exports to $RLHF_CHECKPOINT_DIR/export: a causal LM (a policy: what `model` and
+# `criticModel` start from) or a one-label sequence classifier (a reward model: what `rewardModel` is).
+EXPORT_KINDS = ("policy", "reward")
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class Algorithm:
     roles: the roles it always needs. An online algorithm samples responses and scores them, so it
     also needs a `reward` role exactly when `reward.type` is `model` (a rule reward runs in the actor).
     module: `rlhf_trainer.algorithms.<module>` has `run(ctx)`, started on the actor's ranks.
+    exports: the kind of model its export folder holds (EXPORT_KINDS); a job naming this one in
+    `fromJob` must want that kind.
     """
 
     name: str
@@ -35,6 +40,7 @@ class Algorithm:
     data: str
     module: str
     summary: str
+    exports: str = "policy"
 
     def required_roles(self, reward_type: str) -> tuple[str, ...]:
         """Role names this algorithm needs with this reward type (reward last)."""
@@ -54,7 +60,7 @@ TABLE = (
     Algorithm("dpo", ("actor", "reference"), online=False, data="pairs", module="dpo",
               summary="DPO and its variants IPO, hinge, cDPO on preference pairs (Rafailov et al. 2023)"),
     Algorithm("rm", ("actor",), online=False, data="pairs", module="rm",
-              summary="Bradley-Terry reward model training on preference pairs"),
+              summary="Bradley-Terry reward model training on preference pairs", exports="reward"),
     Algorithm("sft", ("actor",), online=False, data="sft", module="sft",
               summary="supervised fine-tuning on the response tokens"),
 )
@@ -62,6 +68,9 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)
 ONLINE = tuple(a.name for a in TABLE if a.online)
 PAIR_ALGORITHMS = tuple(a.name for a in TABLE if a.data == "pairs")
+# Algorithms that train a critic, so that `criticModel` means something for them.
+CRITIC_ALGORITHMS = tuple(a.name for a in TABLE if "critic" in a.roles)
+CRITIC_MODEL_RULE = f"is only for algorithms that train a critic ({', '.join(CRITIC_ALGORITHMS)})"
 
 
 def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_contract import layout
-from rlhf_contract.algorithms import ALGORITHMS, NAMES, ONLINE, REWARD_TYPES, ROLE_NAMES, role_set_problem
+from rlhf_contract.algorithms import (
+    ALGORITHMS,
+    CRITIC_ALGORITHMS,
+    CRITIC_MODEL_RULE,
+    NAMES,
+    ONLINE,
+    REWARD_TYPES,
+    ROLE_NAMES,
+    role_set_problem,
+)
 from rlhf_contract.knobs import Rule, knob, settings_of
 
 REWARD_RULES = ("exact_match", "regex", "callable")
@@ -163,6 +172,8 @@ class TrainerConfig:
     roles: dict[str, RoleConfig]
     namespace: str = "default"
     reward_model: ModelConfig | None = None
+    # The critic's initial weights (ppo): a policy's backbone or a reward model's; None = `model`.
+    critic_model: ModelConfig | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -273,6 +284,10 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     if cfg.algorithm not in ALGORITHMS:
         errors.append(f"algorithm: {json.dumps(cfg.algorithm)} is not one of {', '.join(NAMES)}")
     _check_knobs(cfg.model, "model", errors)
+    if cfg.critic_model is not None:
+        _check_knobs(cfg.critic_model, "critic_model", errors)
+        if cfg.algorithm in ALGORITHMS and cfg.algorithm not in CRITIC_ALGORITHMS:
+            errors.append(f"critic_model: {CRITIC_MODEL_RULE} (got algorithm {cfg.algorithm})")
     _check_knobs(cfg.dataset, "dataset", errors)
     _check_knobs(cfg.reward, "reward", errors)
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)

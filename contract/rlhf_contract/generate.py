@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_contract import algorithms
-from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
+from rlhf_contract.algorithms import (
+    CRITIC_ALGORITHMS,
+    CRITIC_MODEL_RULE,
+    NAMES,
+    ONLINE,
+    PAIR_ALGORITHMS,
+    TABLE,
+)
 from rlhf_contract.config import (
     PAIR_FORMATS,
     SYNTHETIC_PREFIX,
@@ -108,6 +115,8 @@ def algorithm_rules() -> list[dict[str, str]]:
         {"rule": f"!({model_reward}) || has(self.rewardModel)",
          "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
+        {"rule": f"!has(self.criticModel) || self.algorithm in {_cel_list(CRITIC_ALGORITHMS)}",
+         "message": f"criticModel {CRITIC_MODEL_RULE}", "fieldPath": ".criticModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
                  "self.hyperparameters.batchSize % a.replicas != 0)",
          "message": "hyperparameters.batchSize must be divisible by the actor's replicas: every actor rank takes "

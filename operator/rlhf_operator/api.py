@@ -13,6 +13,8 @@ from typing import Any
 from rlhf_contract import layout
 from rlhf_contract.algorithms import (
     ALGORITHMS,
+    CRITIC_ALGORITHMS,
+    CRITIC_MODEL_RULE,
     FROZEN_ROLES,
     NAMES,
     ONLINE,
@@ -38,6 +40,15 @@ GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource(ModelConfig):
+    """A model as the manifest names it: a folder in the image (`path`, shared with the trainer config),
+    or `fromJob`, another RLHFJob of the namespace whose exported model the job starts from once that
+    job has Succeeded (rlhf_operator.chain; docs/spec.md "Chaining jobs"). Exactly one is set."""
+
+    from_job: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,11 +97,12 @@ class FailurePolicy:
 class JobSpec:
     algorithm: str
     image: str
-    model: ModelConfig
+    model: ModelSource
     dataset: DatasetConfig
     roles: tuple[RoleSpec, ...]
     image_pull_policy: str = "IfNotPresent"
-    reward_model: ModelConfig | None = None
+    reward_model: ModelSource | None = None
+    critic_model: ModelSource | None = None  # None: the critic starts from `model`
     reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
@@ -102,6 +114,15 @@ class JobSpec:
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
+
+    def model_sources(self) -> tuple[tuple[str, ModelSource], ...]:
+        """(manifest field, source) of every model the job names: model, rewardModel, criticModel."""
+        named = (("model", self.model), ("rewardModel", self.reward_model), ("criticModel", self.critic_model))
+        return tuple((key, source) for key, source in named if source is not None)
+
+    def from_jobs(self) -> tuple[str, ...]:
+        """The RLHFJobs this job starts from (fromJob of its models), each once, in field order."""
+        return tuple(dict.fromkeys(s.from_job for _, s in self.model_sources() if s.from_job))
 
     def placements(self) -> dict[str, layout.Placement]:
         return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
@@ -153,6 +174,8 @@ def _qualified(path: str) -> str:
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters): 50 leaves room for
 # "-reference-" and a two-digit index (the CRD's root rule says the same).
 MAX_JOB_NAME_LENGTH = 50
+# What `fromJob` may hold: a name an RLHFJob can have (an RFC 1035 label; the CRD uses the same pattern).
+JOB_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -330,9 +353,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     algorithm = top.string("algorithm", required=True, enum=NAMES)
     image = top.string("image", required=True)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
-    model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
-    top.read.add("rewardModel")  # known even when null
-    reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
+    model = _model_source(top.obj("model")) if _present(top, "model") else ModelSource(path="")
+    top.read.update(("rewardModel", "criticModel"))  # known even when null
+    reward_model = _model_source(top.obj("rewardModel")) if top.has("rewardModel") else None
+    critic_model = _model_source(top.obj("criticModel")) if top.has("criticModel") else None
     reward = _reward(top.obj("reward"))
     dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
@@ -365,6 +389,8 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
         errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+    if critic_model is not None and algorithm in ALGORITHMS and algorithm not in CRITIC_ALGORITHMS:
+        errors.append(("criticModel", f"{CRITIC_MODEL_RULE} (got algorithm {algorithm})"))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -375,7 +401,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         raise SpecError(errors)
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
-        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
+        image_pull_policy=pull_policy, reward_model=reward_model, critic_model=critic_model, reward=reward,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl,
@@ -395,6 +421,19 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _model_source(fields: _Fields) -> ModelSource:
+    """`path` (a contract knob) or `fromJob`, exactly one; the CRD's CEL rule on the object says the same."""
+    has_path, has_job = fields.has("path"), fields.has("fromJob")
+    from_job = fields.string("fromJob", pattern=JOB_NAME_PATTERN, max_length=MAX_JOB_NAME_LENGTH)
+    fields.read.add("path")
+    path = fields.settings(ModelConfig)["path"] if has_path else ""
+    if has_path == has_job and not fields.wrong_type:
+        fields.error("", "set exactly one of path or fromJob (path: a model folder in the image; fromJob: another "
+                         f"RLHFJob whose exported model to start from){', got both' if has_path else ''}")
+    fields.done()
+    return ModelSource(path=path, from_job=from_job)
 
 
 def _reward(fields: _Fields) -> RewardConfig:
@@ -520,6 +559,13 @@ def _job_name_errors(name: str) -> list[tuple[str, str]]:
                               f"<job>-<role>-<index> are hostnames, at most 63 characters")]
 
 
+def _self_source_errors(name: str, spec: JobSpec) -> list[tuple[str, str]]:
+    """A job cannot start from its own export (the CRD's root rules say the same; longer cycles are the
+    planner's: rlhf_operator.chain)."""
+    return [(f"{key}.fromJob", "must name another RLHFJob, not this job itself")
+            for key, source in spec.model_sources() if source.from_job == name]
+
+
 def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid.
     `spec`: the already parsed obj["spec"], when the caller has it (it is not parsed again)."""
@@ -535,6 +581,8 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
             spec = parse_spec(obj.get("spec"))
         except SpecError as e:
             errors.extend(e.errors)
+    if spec is not None and isinstance(name, str):
+        errors.extend(_self_source_errors(name, spec))
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")

@@ -13,7 +13,10 @@ The life of a job:
                                  |                                    the old pods are gone,
                                  +--new gang--> Creating               a new gang is created)
     any --spec.suspend--> Suspended --resume--> Pending
-    Failed: PermanentError (exit 65/78), ReachedMaxRestarts, DeadlineExceeded, InvalidSpec
+    Failed: PermanentError (exit 65/78), ReachedMaxRestarts, DeadlineExceeded, InvalidSpec,
+            SourceFailed / SourceMismatch / SourceCycle (a `fromJob` source: rlhf_operator.chain)
+
+A job that names other jobs in `fromJob` stays Pending, creating nothing, until they Succeeded.
 
 Timing state lives in conditions (`lastTransitionTime` of Created/Restarting), which the CRD's
 status schema keeps; `gangCreatedTime`, `gangTimeouts` and `runningTime` are written for people
@@ -23,7 +26,8 @@ and metrics.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -35,6 +39,7 @@ from rlhf_contract.wire import (
     PERMANENT_EXIT_CODES,
 )
 
+from rlhf_operator import chain
 from rlhf_operator.api import FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
@@ -92,6 +97,9 @@ class Observed:
     pods: tuple[ObservedPod, ...] = ()
     existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of non-pod children present
     progress: dict | None = None  # trainer progress scraped by the shell, copied into status.progress
+    # Other RLHFJobs of the namespace by name: at least the jobs this one names in fromJob (transitively)
+    # and the jobs naming it (chain.related_peers); empty when no job of the namespace uses fromJob.
+    peers: Mapping[str, chain.PeerJob] = field(default_factory=dict)
 
 
 def _int_label(labels: dict[str, str], key: str) -> int:
@@ -151,6 +159,15 @@ class DeleteObject:
 @dataclass(frozen=True)
 class DeleteJob:
     pass
+
+
+@dataclass(frozen=True)
+class AddOwner:
+    """Make the job a further (non-controller) owner of a claim that another job owns: the garbage
+    collector deletes an object only once all its owners are gone (a source's volume, chain.Gate.protect)."""
+
+    kind: str
+    name: str
 
 
 @dataclass(frozen=True)
@@ -352,9 +369,10 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     else:
         if p.phase == "Suspended":
             _resume(p)
-        _create_missing_support_objects(p)
-        if not _deadline_exceeded(p):
-            _drive_gang(p)
+        if _sources_ready(p):
+            _create_missing_support_objects(p)
+            if not _deadline_exceeded(p):
+                _drive_gang(p)
 
     current = [pod for pod in observed.pods if pod.attempt == p.attempt]
     creating = tuple(a.obj for a in p.actions if isinstance(a, CreateObject) and a.obj.get("kind") == "Pod")
@@ -379,6 +397,32 @@ def _reopen_fixed_spec(p: _Pass) -> None:
     for type_ in ("Created", "Running", "Restarting"):
         p.clear_condition(type_, "SpecFixed")
     p.event("Normal", "SpecFixed", "the spec is valid again; starting the job")
+
+
+def _sources_ready(p: _Pass) -> bool:
+    """Apply chain.gate(): wait (Pending, status.waitingFor), fail, or go on with the sources recorded."""
+    gate = chain.gate(p.job, p.observed.peers)
+    if gate.state == "none":
+        return True
+    if gate.state == "failed":
+        p.status.pop("waitingFor", None)
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        _finish(p, "Failed", gate.reason, gate.message)
+        return False
+    if gate.state == "waiting":
+        p.status["waitingFor"] = ", ".join(gate.waiting_for)
+        if not (get_condition(p.status, chain.CONDITION) or {}).get("message") == gate.message:
+            p.event("Normal", gate.reason, gate.message)
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        return False
+    p.status.pop("waitingFor", None)
+    if not condition_is_true(p.status, chain.CONDITION):
+        p.status["sources"] = [s.to_status() for s in gate.sources]
+        message = chain.ready_message(gate.sources)
+        p.condition(chain.CONDITION, True, gate.reason, message)
+        p.event("Normal", gate.reason, message)
+        p.actions.extend(AddOwner("PersistentVolumeClaim", claim) for claim in gate.protect)
+    return True
 
 
 def _create_missing_support_objects(p: _Pass) -> None:
@@ -449,7 +493,9 @@ def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> 
         p.wake_at(not_before)
         return
     # Pods of this attempt that already exist come from an interrupted pass: keep them.
-    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings) if pod["metadata"]["name"] not in current]
+    sources = {s.name: s.claim for s in chain.recorded_sources(p.status)}
+    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings, sources)
+               if pod["metadata"]["name"] not in current]
     p.actions.extend(CreateObject(pod) for pod in missing)
     stamp = p.stamp()
     p.status["phase"] = "Creating"
@@ -565,7 +611,8 @@ def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:
 
 def _after_finish(p: _Pass) -> None:
     """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
-    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
+    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL, but not
+    while a job that names it in fromJob is unfinished (that job's pass over its sources wakes this one)."""
     p.delete(pod for pod in p.observed.pods if not pod.terminated)
     pod_group = build_pod_group(p.job, p.settings)
     if pod_group and ("PodGroup", pod_group["metadata"]["name"]) in p.observed.existing:
@@ -575,6 +622,8 @@ def _after_finish(p: _Pass) -> None:
     if ttl <= 0 or completed is None:
         return
     due = completed + timedelta(seconds=ttl)
+    if p.now >= due and chain.dependants(p.job.name, p.observed.peers):
+        return
     if p.now >= due:
         p.actions.append(DeleteJob())
         p.event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished")

@@ -108,7 +108,7 @@ def build_service(ctx: Context, role: str):
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(
-            models.load_value_model(cfg.model.path, seed=hp.seed),
+            models.load_value_model((cfg.critic_model or cfg.model).path, seed=hp.seed),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models
@@ -246,9 +247,9 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
 def export(ctx: Context, strategy, tokenizer) -> Path:
     """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
     state = strategy.full_state_dict()  # collective under ZeRO-3
-    final = Path(ctx.env.checkpoint_dir) / "export"
+    final = Path(ctx.env.checkpoint_dir) / wire.EXPORT_DIR
     if distributed.world_rank() == 0:
-        tmp = final.with_name(".export.tmp")
+        tmp = final.with_name(f".{wire.EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
