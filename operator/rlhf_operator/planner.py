@@ -410,9 +410,10 @@ def _sources_ready(p: _Pass) -> bool:
         _finish(p, "Failed", gate.reason, gate.message)
         return False
     if gate.state == "waiting":
-        p.status["waitingFor"] = ", ".join(gate.waiting_for)
-        if not (get_condition(p.status, chain.CONDITION) or {}).get("message") == gate.message:
+        waiting_for = ", ".join(gate.waiting_for)
+        if p.status.get("waitingFor") != waiting_for:  # one event per change of what it waits for
             p.event("Normal", gate.reason, gate.message)
+        p.status["waitingFor"] = waiting_for
         p.condition(chain.CONDITION, False, gate.reason, gate.message)
         return False
     p.status.pop("waitingFor", None)

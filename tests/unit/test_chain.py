@@ -184,6 +184,12 @@ def test_a_waiting_job_stays_pending_creates_nothing_and_says_what_it_waits_for(
     again = plan(ppo_job(result.status), [peer("sft", "Running")], at=5)
     assert not again.actions  # the same wait: no second event
     assert again.status == {**result.status, "roles": again.status["roles"]}
+    moved = plan(ppo_job(result.status), [peer("sft", "Succeeded"), peer("rm", "Running")], at=9)
+    assert [a.reason for a in moved.actions] == ["WaitingForSource"]  # now it waits for rm only
+    assert moved.status["waitingFor"] == "rm"
+    assert "rm (Running)" in planner.get_condition(moved.status, "SourcesReady")["message"]
+    quiet = plan(ppo_job(moved.status), [peer("sft", "Succeeded"), peer("rm", "Restarting")], at=12)
+    assert not quiet.actions  # a source's phase changed, not what the job waits for
 
 
 def test_once_the_sources_succeeded_the_gang_mounts_their_exports_read_only():
