@@ -18,8 +18,8 @@ REWARD_TYPES = ("model", "rule")
 # What an algorithm consumes from its dataset (rlhf_trainer.data.convert): prompts to sample from,
 # preference pairs, or prompt/response pairs to imitate.
 DATA_KINDS = ("prompts", "pairs", "sft")
-# What a finished job exports to $RLHF_CHECKPOINT_DIR/export: a causal LM (a policy: what `model` and
-# `criticModel` start from) or a one-label sequence classifier (a reward model: what `rewardModel` is).
+# What a finished job exports to $RLHF_CHECKPOINT_DIR/export: a causal LM (a policy: what `model` starts
+# from) or a one-label sequence classifier (a reward model: what `rewardModel` is).
 EXPORT_KINDS = ("policy", "reward")
 
 
@@ -68,9 +68,6 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)
 ONLINE = tuple(a.name for a in TABLE if a.online)
 PAIR_ALGORITHMS = tuple(a.name for a in TABLE if a.data == "pairs")
-# Algorithms that train a critic, so that `criticModel` means something for them.
-CRITIC_ALGORITHMS = tuple(a.name for a in TABLE if "critic" in a.roles)
-CRITIC_MODEL_RULE = f"is only for algorithms that train a critic ({', '.join(CRITIC_ALGORITHMS)})"
 
 
 def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:

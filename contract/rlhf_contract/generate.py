@@ -18,19 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhf_contract import algorithms
-from rlhf_contract.algorithms import (
-    CRITIC_ALGORITHMS,
-    CRITIC_MODEL_RULE,
-    NAMES,
-    ONLINE,
-    PAIR_ALGORITHMS,
-    TABLE,
-)
+from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
 from rlhf_contract.config import (
-    PAIR_FORMATS,
+    FORMATS_FOR_PAIRS,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,
@@ -115,17 +110,19 @@ def algorithm_rules() -> list[dict[str, str]]:
         {"rule": f"!({model_reward}) || has(self.rewardModel)",
          "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
-        {"rule": f"!has(self.criticModel) || self.algorithm in {_cel_list(CRITIC_ALGORITHMS)}",
-         "message": f"criticModel {CRITIC_MODEL_RULE}", "fieldPath": ".criticModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
                  "self.hyperparameters.batchSize % a.replicas != 0)",
          "message": "hyperparameters.batchSize must be divisible by the actor's replicas: every actor rank takes "
                     "an equal share", "fieldPath": ".hyperparameters.batchSize"},
         {"rule": f"!(self.algorithm in {_cel_list(PAIR_ALGORITHMS)}) || !has(self.dataset) || "
                  f"!has(self.dataset.path) || self.dataset.path.startsWith('{SYNTHETIC_PREFIX}') || "
-                 f"self.dataset.format in {_cel_list(PAIR_FORMATS)}",
-         "message": f"dataset.format must be one of {', '.join(PAIR_FORMATS)} for algorithms "
+                 f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",
+         "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
+        {"rule": "!(self.algorithm == 'ppo' && has(self.critic) && has(self.critic.model) && "
+                 "self.critic.model == 'reward') || self.reward.type == 'model'",
+         "message": "critic.model reward needs a reward model (reward.type model); use policy or a model folder",
+         "fieldPath": ".critic.model"},
     ]
     return rules
 
@@ -141,10 +138,12 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "model": lambda: properties_of(ModelConfig),
     "reward": lambda: properties_of(RewardConfig),
     "dataset": lambda: properties_of(DatasetConfig),
+    "dataset-fields": lambda: properties_of(DatasetFields),
     "role": lambda: properties_of(RoleConfig),
     "deepspeed": lambda: properties_of(DeepSpeedConfig),
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
+    "critic": lambda: properties_of(CriticConfig),
 }
 
 

@@ -12,6 +12,7 @@ Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoi
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -36,7 +37,7 @@ from rlhf_contract.wire import (
     TRAINER_UID,
 )
 
-from rlhf_operator.api import Job, JobSpec, ModelSource, RoleSpec
+from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, ModelSource, RoleSpec
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     API_VERSION,
@@ -116,7 +117,7 @@ def gang_pod_names(job: Job) -> list[str]:
 
 def host_role(spec: JobSpec, role: str) -> str:
     """The role whose pods run `role` (itself unless colocated)."""
-    return layout.host_role(role, spec.placements())
+    return layout.host_role(role, spec.placements)
 
 
 # --- trainer config --------------------------------------------------------------------------
@@ -143,8 +144,8 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         algorithm=spec.algorithm,
         model=model_config(spec.model),
         reward_model=model_config(spec.reward_model),
-        critic_model=model_config(spec.critic_model),
         reward=spec.reward,
+        critic=spec.critic,
         dataset=spec.dataset,
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,
@@ -204,9 +205,24 @@ def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: 
     return meta
 
 
+def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
+    """`text` when it has at most `limit` characters; else its head, '-' and 10 hex digits of its
+    SHA-256, so that distinct texts stay distinct (as the names Kubernetes controllers generate)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
+def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
+    """The gang is a Kueue pod group: a queue is set and Volcano (whose queue it would be) is not used."""
+    return bool(job.spec.scheduling.queue) and gang_scheduler(job, settings) != "volcano"
+
+
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
-    # One Kueue workload per gang attempt: Kueue finalizes a group once one of its pods failed.
-    return f"{job.name}-attempt-{attempt}"
+    """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
+    Kueue finalizes a group once one of its pods failed."""
+    return fit_label(f"{job.name}-attempt-{attempt}")
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -244,6 +260,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_CHECKPOINT_DIR: CHECKPOINT_MOUNT,
         wire.ENV_RESTART_ATTEMPT: str(attempt),
         wire.ENV_METRICS_PORT: str(settings.trainer_metrics_port),
+        wire.ENV_TERMINATION_GRACE: str(job.spec.termination_grace_period_seconds),
         **SCRATCH_ENV,
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
@@ -269,7 +286,7 @@ def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bui
     if scheduler == "coscheduling":
         labels[LABEL_COSCHEDULING_GROUP] = job.name
     # With Volcano the queue is a Volcano queue (on the PodGroup), not a Kueue LocalQueue.
-    if job.spec.scheduling.queue and scheduler != "volcano":
+    if uses_kueue_pod_group(job, settings):
         labels[LABEL_KUEUE_QUEUE] = job.spec.scheduling.queue
         labels[LABEL_KUEUE_POD_GROUP] = kueue_pod_group_name(job, attempt)
     return labels
@@ -333,6 +350,8 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
         "hostname": name,
         "subdomain": job.name,
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the trainer saves a last checkpoint in it when one fits.
+        "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
         # Trainer pods need no service env vars; a namespace with many services would flood them.

@@ -28,9 +28,9 @@ from rlhf_contract.algorithms import ALGORITHMS
 from rlhf_operator.api import FINISHED_PHASES, Job, JobSpec
 from rlhf_operator.builders import pvc_name
 
-# What each manifest field that can name a job needs the source to export (algorithms.EXPORT_KINDS);
-# a critic starts from either kind (a backbone plus a new value head).
-WANTS = {"model": ("policy",), "rewardModel": ("reward",), "criticModel": ("policy", "reward")}
+# What each manifest field that can name a job needs the source to export (algorithms.EXPORT_KINDS). The
+# PPO critic starts from one of these two (critic.model: policy | reward), so it follows them.
+WANTS = {"model": ("policy",), "rewardModel": ("reward",)}
 
 # Condition type and reasons a chained job's status uses.
 CONDITION = "SourcesReady"

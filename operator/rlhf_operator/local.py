@@ -86,6 +86,26 @@ def missing_sources(jobs: list[api.Job]) -> list[str]:
             if source.from_job and source.from_job not in names]
 
 
+# Manifest fields that name files: run-local reads a relative one against the manifest's folder.
+LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
+
+
+def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the manifest with relative model / dataset paths made absolute against `base`.
+
+    In a cluster these are paths inside the container (absolute); locally each pod runs in its own
+    folder, so `dataset: {path: pairs.jsonl}` next to the manifest would not be found. Values with a
+    scheme (`tiny://`, `synthetic://`) and absolute paths are kept as they are.
+    """
+    spec = dict(obj.get("spec") or {})
+    for section, key in LOCAL_PATH_FIELDS:
+        part = spec.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            spec[section] = {**part, key: str((base / value).resolve())}
+    return {**obj, "spec": spec}
+
+
 def stamp_new_object(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     """What the API server adds on create: uid, creationTimestamp, namespace, generation."""
     meta = dict(obj.get("metadata", {}))
@@ -189,7 +209,7 @@ class LocalRunner:
         extra_env: Mapping[str, str] | None = None,
         serve_metrics: bool = True,
         suspend_after_step: int = 0,
-        stop_grace: float = 5.0,
+        stop_grace: float | None = None,
         settings: Any = None,
         supervisor: localexec.Supervisor | None = None,
     ):
@@ -207,12 +227,17 @@ class LocalRunner:
         self.extra_env = dict(extra_env or {})
         self.serve_metrics = serve_metrics
         self.suspend_after_step = suspend_after_step
+        # Seconds from SIGTERM to SIGKILL when pods are deleted; None = each pod's terminationGracePeriodSeconds
+        # (spec.terminationGracePeriodSeconds), in which a stopped trainer saves a last checkpoint.
         self.stop_grace = stop_grace
         self.supervisor = supervisor or localexec.Supervisor()
         # Claim -> folder of every checkpoint volume a pod of this job may mount (LocalRun adds the others').
         self.claims: dict[str, Path] = {builders.checkpoint_claim_name(self.job): self.checkpoint_dir}
         self.addresses = localexec.LocalAddresses(LOCAL_IP)
         self.pods: dict[str, dict[str, Any]] = {}
+        # Pods deleted by the last pass, with their final status, shown to the next pass only (as a watch
+        # shows a deleted pod terminated before its DELETED event): an exit during the grace period counts.
+        self.departed: dict[str, dict[str, Any]] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.timeline = Timeline()
         self.passes = 0
@@ -253,8 +278,10 @@ class LocalRunner:
         rows = self._latest_rows()
         progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
                                   localexec.utc_now())
+        departed, self.departed = self.departed, {}
         observed = planner.Observed(
-            pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+            pods=(*(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+                  *(planner.observe_pod(pod) for name, pod in departed.items() if name not in self.pods)),
             existing=self._existing(),
             progress=progress,
             peers=dict(peers or {}),
@@ -296,11 +323,22 @@ class LocalRunner:
     @execute.register
     def _(self, action: planner.DeletePods) -> None:
         names = [n for n in action.names if n in self.pods]
-        self.supervisor.stop(names, self.stop_grace)
+        for proc in self.supervisor.stop(names, self.grace_of(names)):
+            pod = self.pods[proc.spec.name]
+            self.departed[proc.spec.name] = {
+                **pod, "metadata": {**pod["metadata"], "deletionTimestamp": localexec.utc_now()},
+                "status": localexec.pod_status(proc, LOCAL_IP)}
         for n in names:
             del self.pods[n]
         if names:
             self.timeline.add("pods_deleted", ",".join(names))
+
+    @execute.register
+    def _(self, action: planner.AnnotatePods) -> None:
+        for name in action.names:
+            if name in self.pods:
+                meta = self.pods[name]["metadata"]
+                meta["annotations"] = {**(meta.get("annotations") or {}), **dict(action.annotations)}
 
     @execute.register
     def _(self, action: planner.DeleteObject) -> None:
@@ -317,6 +355,13 @@ class LocalRunner:
     @execute.register
     def _(self, action: planner.AddOwner) -> None:
         pass  # nothing is garbage-collected here: a source's folder stays until its run folder is removed
+
+    def grace_of(self, names: list[str]) -> float:
+        """SIGTERM-to-SIGKILL seconds for deleting these pods: the runner's setting, else theirs (as a kubelet)."""
+        if self.stop_grace is not None:
+            return self.stop_grace
+        return float(max((self.pods[n]["spec"].get("terminationGracePeriodSeconds", 30) for n in names
+                          if n in self.pods), default=0))
 
     def create(self, obj: Mapping[str, Any]) -> None:
         obj = stamp_new_object(dict(obj), self.job.namespace)
@@ -424,6 +469,10 @@ class LocalRun:
         for r in self.runners:
             r.request_stop()
 
+    def grace(self) -> float:
+        """SIGTERM-to-SIGKILL seconds when every job's pods are stopped at once: the longest of theirs."""
+        return max(r.grace_of(list(r.pods)) for r in self.runners)
+
     def run(self, timeout: float | None = None) -> dict[str, dict[str, Any]]:
         deadline = None if timeout is None else time.monotonic() + timeout
         active = list(self.runners)
@@ -445,7 +494,7 @@ class LocalRun:
                 wait = min(max(min(due), 0.01), REFRESH_SECONDS) if due else REFRESH_SECONDS
                 self.supervisor.changed.wait(wait)
         finally:
-            self.supervisor.stop_all(max(r.stop_grace for r in self.runners))
+            self.supervisor.stop_all(self.grace())
             for r in self.runners:
                 r.display.close()
         return {r.job.name: r.job.status for r in self.runners}
@@ -516,7 +565,7 @@ def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width
 def main(args: Any) -> int:
     path = Path(args.manifest)
     try:
-        manifests = load_manifests(path)
+        manifests = [resolve_local_paths(m, path.resolve().parent) for m in load_manifests(path)]
     except LocalRunError as e:
         print(f"rlhf-operator run-local: {e}", file=sys.stderr)
         return 2
@@ -545,7 +594,7 @@ def main(args: Any) -> int:
     try:
         statuses = run.run()
     except KeyboardInterrupt:
-        supervisor.stop_all(max(r.stop_grace for r in runners))
+        supervisor.stop_all(run.grace())
         print("\ninterrupted; processes stopped, checkpoints kept in " +
               ", ".join(str(r.checkpoint_dir) for r in runners))
         return 130

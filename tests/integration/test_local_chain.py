@@ -51,8 +51,8 @@ def test_the_stackllama_chain_runs_in_order_and_each_stage_reads_its_source_expo
     # the fake trainer exits 78 unless every model path is a folder with config.json: the export
     config = json.loads((tmp_path / PPO / "config" / "config.json").read_text())
     assert config["model"]["path"] == str(tmp_path.resolve() / SFT / "checkpoints" / "export")
-    assert config["reward_model"]["path"] == config["critic_model"]["path"] == \
-        str(tmp_path.resolve() / RM / "checkpoints" / "export")
+    assert config["reward_model"]["path"] == str(tmp_path.resolve() / RM / "checkpoints" / "export")
+    assert config["critic"]["model"] == "reward"  # the critic starts from the reward model's export
     assert [s["name"] for s in statuses[PPO]["sources"]] == [SFT, RM]
     assert "waitingFor" not in statuses[PPO]
     events = (tmp_path / PPO / "events.log").read_text()

@@ -55,6 +55,13 @@ def set_path(obj: Any, path: str, value: Any) -> None:
         obj[last] = value
 
 
+def get_path(obj: Any, path: str) -> Any:
+    """The value at `path` (`roles[1].replicas`); KeyError / IndexError when it is not there."""
+    for step in _steps(path):
+        obj = obj[step]
+    return obj
+
+
 def unset_path(obj: Any, path: str) -> None:
     *parents, last = _steps(path)
     for step in parents:
@@ -83,3 +90,10 @@ def params(name: str) -> list[Any]:
     import pytest
 
     return [pytest.param(case, id=case["id"]) for case in load(name)]
+
+
+def related(a: str, b: str) -> bool:
+    """One error path lies inside the other (`roles` and `roles[1].colocateWith`, `` and anything):
+    the API server and parse_spec may name a field or the object holding it."""
+    short, long = sorted((a, b), key=len)
+    return not short or long == short or long.startswith((short + ".", short + "["))

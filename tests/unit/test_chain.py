@@ -23,7 +23,7 @@ def ppo_job(status=None, name="ppo", **spec):
     """A StackLLaMA-style PPO job: policy from `sft`, reward model and critic from `rm`."""
     body = {
         "algorithm": "ppo", "image": "trainer:1",
-        "model": {"fromJob": "sft"}, "rewardModel": {"fromJob": "rm"}, "criticModel": {"fromJob": "rm"},
+        "model": {"fromJob": "sft"}, "rewardModel": {"fromJob": "rm"}, "critic": {"model": "reward"},
         "dataset": {"path": "synthetic://arithmetic"},
         "roles": [{"name": "actor"}, {"name": "critic"}, {"name": "reward", "colocateWith": "critic"},
                   {"name": "reference", "colocateWith": "actor"}],
@@ -59,8 +59,7 @@ class GateCase:
 
 GATE_CASES = {
     "no-from-job-is-no-gate": GateCase((), "none", spec={"model": {"path": "tiny://llama"},
-                                                           "rewardModel": {"path": "tiny://llama"},
-                                                           "criticModel": None}),
+                                                           "rewardModel": {"path": "tiny://llama"}}),
     "waiting-for-a-running-source": GateCase(
         (peer("sft", "Running"), peer("rm", "Pending", from_jobs=("sft",))), "waiting", chain.WAITING,
         ("sft (Running)", "rm (Pending)"), ("sft", "rm")),
@@ -263,11 +262,10 @@ def test_ttl_waits_for_the_jobs_that_still_need_the_source():
 def test_the_trainer_config_names_the_mounted_exports():
     text = build_config_map(ppo_job())["data"]["config.json"]
     cfg = parse_config(json.loads(text))
-    assert (cfg.model.path, cfg.reward_model.path, cfg.critic_model.path) == ("/sources/sft", "/sources/rm",
-                                                                            "/sources/rm")
+    assert (cfg.model.path, cfg.reward_model.path, cfg.critic.model) == ("/sources/sft", "/sources/rm", "reward")
 
 
 def test_a_job_without_sources_mounts_none():
-    job = ppo_job(model={"path": "tiny://llama"}, rewardModel={"path": "/models/rm"}, criticModel=None)
+    job = ppo_job(model={"path": "tiny://llama"}, rewardModel={"path": "/models/rm"})
     names = {v["name"] for p in build_gang(job, 0, SETTINGS) for v in p["spec"]["volumes"]}
     assert not [n for n in names if n.startswith("source-")]

@@ -115,3 +115,12 @@ def test_save_then_resume_restores_weights_optimizer_and_rng(tmp_path, role_worl
     _train_steps(second, batches[2:])
     for name, tensor in first.module.state_dict().items():
         assert torch.allclose(tensor, second.module.state_dict()[name], atol=0, rtol=0), name
+
+
+def test_saved_world_size_counts_the_ranks_that_saved_a_role(tmp_path):
+    from rlhf_trainer.checkpoint import saved_world_size
+
+    assert saved_world_size(tmp_path / "missing") == 0
+    for name in ("state-rank0.pt", "state-rank1.pt", "state-rank10.pt", "MANIFEST.json", "state-rank.pt"):
+        (tmp_path / name).write_text("")
+    assert saved_world_size(tmp_path) == 3

@@ -51,8 +51,7 @@ def pod_env(pod: dict) -> dict[str, str]:
 def assert_config_matches_spec(job: api.Job, cfg: TrainerConfig) -> None:
     spec = job.spec
     assert (cfg.job, cfg.namespace, cfg.algorithm) == (job.name, job.namespace, spec.algorithm)
-    for got, source in ((cfg.model, spec.model), (cfg.reward_model, spec.reward_model),
-                        (cfg.critic_model, spec.critic_model)):
+    for got, source in ((cfg.model, spec.model), (cfg.reward_model, spec.reward_model)):
         # a fromJob source reaches the trainer as the folder its export is mounted at
         want = None if source is None else builders.source_model_path(source.from_job) if source.from_job \
             else source.path

@@ -21,6 +21,7 @@ from rlhf_contract import algorithms, config
 from rlhf_contract.config import Hyperparameters
 from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
+from rlhfjob_cases import related
 
 CRD = yaml.safe_load(cases.CRD.read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -156,12 +157,6 @@ def api_server_errors(manifest: dict[str, Any], old: dict[str, Any] | None = Non
     return [(p.removeprefix("spec.").removeprefix("spec"), m) for p, m in errors]
 
 
-def related(a: str, b: str) -> bool:
-    """One path lies inside the other (`roles` and `roles[1].colocateWith`, `` and anything)."""
-    short, long = sorted((a, b), key=len)
-    return not short or long == short or long.startswith((short + ".", short + "["))
-
-
 # --- the CRD's shape ------------------------------------------------------------------------------------
 
 
@@ -259,9 +254,9 @@ def test_enums_match_the_api_constants(node, constant):
 def test_patterns_match_parse_spec():
     volume = SPEC["properties"]["checkpoint"]["properties"]["volume"]
     assert volume["properties"]["size"]["pattern"] == api.QUANTITY_PATTERN
-    for key in ("model", "rewardModel", "criticModel"):
+    for key in ("model", "rewardModel"):
         from_job = SPEC["properties"][key]["properties"]["fromJob"]
-        assert (from_job["pattern"], from_job["maxLength"]) == (api.JOB_NAME_PATTERN, api.MAX_JOB_NAME_LENGTH)
+        assert (from_job["pattern"], from_job["maxLength"]) == (api.DNS_1035_LABEL, api.MAX_JOB_NAME_LENGTH)
     [callable_rule] = [r for r in SPEC["properties"]["reward"]["x-kubernetes-validations"] if "callable" in r["rule"]]
     assert f"matches('{config.CALLABLE_PATTERN}')" in callable_rule["rule"]
 
@@ -321,14 +316,21 @@ def test_long_job_names_are_rejected_by_the_api_server_as_by_parse_job(case):
     with pytest.raises(SpecError) as raised:
         parse_job(manifest)
     # A root rule reports no field path: its message names metadata.name instead.
-    name_errors = [m for p, m in crd if p == "" and m.startswith("metadata.name must be at most 50 characters")]
+    name_errors = [m for p, m in crd if p == "" and m.startswith("metadata.name ")]
     assert bool(name_errors) == any(p == "metadata.name" for p, _ in raised.value.errors), crd
     spec_paths = [p for p, _ in raised.value.errors if p != "metadata.name"]
     assert sorted(p for p, _ in crd if p) == sorted(spec_paths)
 
 
-def test_a_fifty_character_job_name_passes_the_api_server():
-    assert api_server_errors(cases.build({"base": "sft-tiny", "name": "j" * 50})) == []
+def test_a_fifty_five_character_job_name_passes_the_api_server():
+    assert api_server_errors(cases.build({"base": "sft-tiny", "name": "j" * 55})) == []
+
+
+@pytest.mark.parametrize("path", sorted((cases.CASES / "user_reports").glob("job-*.yaml")), ids=lambda p: p.stem)
+def test_user_reported_job_names_are_refused_by_the_api_server(path):
+    errors = api_server_errors(yaml.safe_load(path.read_text()))
+    assert [p for p, _ in errors] == [""]
+    assert errors[0][1].startswith("metadata.name must be a DNS-1035 label")
 
 
 def test_cel_rule_messages_name_the_allowed_values():
@@ -374,6 +376,7 @@ def test_status_written_by_the_operator_validates():
         "phase": "Running", "observedGeneration": 2, "restarts": 1,
         "startTime": "2026-01-01T00:00:00Z", "lastRestartTime": "2026-01-01T00:05:00Z",
         "gangCreatedTime": "2026-01-01T00:05:10Z", "gangTimeouts": 1, "runningTime": "2026-01-01T00:01:00Z",
+        "podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": "Back-off pulling"}],
         "roles": {"actor": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}},
         "progress": {"step": 3, "rewardMean": 0.4, "kl": 0.01, "lastCheckpointStep": 2,
                      "updatedAt": "2026-01-01T00:06:00Z"},

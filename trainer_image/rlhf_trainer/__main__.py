@@ -1,8 +1,9 @@
 """`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
 
 Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
-goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
-propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
+(SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
+else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from rlhf_contract import wire
 
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_trainer.stopping import Stopped
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
@@ -44,6 +46,9 @@ def main(env: dict[str, str] | None = None) -> int:
         from rlhf_trainer.runtime import run
 
         run(process, config)
+    except Stopped as exc:
+        print(f"rlhf_trainer: {exc}", file=sys.stderr, flush=True)
+        return wire.EXIT_STOPPED
     except (ConfigError, DataError) as exc:
         kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
         message = f"rlhf_trainer: {kind} error: {exc}"

@@ -32,6 +32,10 @@ GAUGES = {
     "tokens_per_second": "Tokens (prompt + response) processed per second over the step",
     "last_checkpoint_step": "Step of the newest checkpoint this process saved",
     "preference_accuracy": "Fraction of pairs where the chosen answer scores above the rejected",
+    "truncated_rows": "Rows of this step cut to maxLength (dpo/rm/sft) or maxPromptLength",
+    "dataset_rows": "Rows of the training dataset as read (pairs counted before identical ones are dropped)",
+    "dataset_truncated_rows": "Rows of the training dataset that lose tokens to maxLength / maxPromptLength",
+    "dataset_dropped_pairs": "Pairs dropped because chosen and rejected are identical after truncation",
 }
 PHASES = ("generate", "score", "train", "sync")
 PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
@@ -98,6 +102,12 @@ class TrainerMetrics:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def set_dataset(self, rows: int, truncated: int, dropped: int) -> None:
+        """The training dataset's startup counts (rlhf_trainer.tokenized.LengthReport)."""
+        self.gauges["dataset_rows"].set(rows)
+        self.gauges["dataset_truncated_rows"].set(truncated)
+        self.gauges["dataset_dropped_pairs"].set(dropped)
 
     def set_checkpoint_step(self, step: int) -> None:
         self.gauges["last_checkpoint_step"].set(step)

@@ -25,6 +25,7 @@ from rlhf_trainer import checkpoint, distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+from rlhf_trainer.stopping import Stopped, StopRequest
 
 
 def log(*parts: Any) -> None:
@@ -58,6 +59,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
+    stop: StopRequest | None = None
 
     @property
     def hp(self):
@@ -100,15 +103,28 @@ def build_service(ctx: Context, role: str):
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
     if role == "reward":
+        from rlhf_trainer.chat import Renderer
+        from rlhf_trainer.sampling import stop_token_ids
+
         path = cfg.reward_model.path
-        return RewardService(
-            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        tokenizer = models.load_tokenizer(path)
+        # The reward model's own chat template when it has one (dataset.template is the policy's).
+        renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
+                            setting="rewardModel")
+        return RewardService(models.load_reward_model(path, seed=hp.seed), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
     if role == "critic":
         rows = ctx.rows_per_rank()
+        path, init = critic_source(cfg, models.is_sequence_classifier)
+        if path != cfg.model.path and not same_vocabulary(models.load_tokenizer(path), models.load_tokenizer(cfg.model.path)):
+            if cfg.critic.model != "auto":
+                raise ConfigError(f"critic.model: the tokenizer of {path} differs from the policy's; the critic reads "
+                                  f"the policy's tokens, so it must start from a model with the same vocabulary")
+            log("critic: the reward model's tokenizer differs from the policy's; starting from the policy")
+            path, init = cfg.model.path, "policy"
+        log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.load_value_model((cfg.critic_model or cfg.model).path, seed=hp.seed),
+            models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,
@@ -123,6 +139,29 @@ def build_service(ctx: Context, role: str):
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
         )
     raise ValueError(f"no service for role {role!r}")
+
+
+def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
+    """(model path, init) the PPO critic starts from (critic.model; rlhf_trainer.models.load_value_model).
+
+    auto = the reward model when reward.type is model, else the policy; a folder is read as a reward
+    model when `is_classifier(path)` says it holds a sequence classifier, else as a policy.
+    """
+    choice = cfg.critic.model
+    if choice == "auto":
+        choice = "reward" if cfg.reward.type == "model" and cfg.reward_model is not None else "policy"
+    if choice == "policy":
+        return cfg.model.path, "policy"
+    if choice == "reward":
+        if cfg.reward_model is None:
+            raise ConfigError("critic.model: reward needs a reward model (reward.type model)")
+        return cfg.reward_model.path, "reward"
+    return choice, "reward" if is_classifier(choice) else "policy"
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (a critic must read the policy's ids)."""
+    return a.get_vocab() == b.get_vocab()
 
 
 def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
@@ -142,6 +181,13 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
     return Context(env, cfg, placements, bridge, metrics)
+
+
+def install_stop(env: ProcessEnv) -> StopRequest:
+    """From now on SIGTERM asks the gang to stop after its step instead of killing this process."""
+    stop = StopRequest(env.checkpoint_dir, env.restart_attempt, env.termination_grace)
+    stop.install()
+    return stop
 
 
 def resume_step(ctx: Context) -> int | None:
@@ -176,12 +222,16 @@ def run_server(ctx: Context) -> None:
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     check_process(env, cfg)
     torch.manual_seed(cfg.hyperparameters.seed)
+    stop = install_stop(env)
     ctx = connect(env, cfg)
+    ctx.stop = stop
     try:
         if env.role == "actor":
             module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)
+            if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
+                raise Stopped()
     finally:
         ctx.metrics.stop()

@@ -129,6 +129,18 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
         return client_state or {}
 
+    def load_universal(self, directory: str) -> None:
+        """Collective: load a DeepSpeed universal checkpoint (checkpoint.to_universal's output) saved under
+        another data-parallel world size or ZeRO stage; DeepSpeed reshards weights and optimizer states."""
+        config = self.engine._config  # DeepSpeed reads the flag from its config at load time
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(directory)
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed universal checkpoint")
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""
         if self.settings.zero_stage == 3:

@@ -29,8 +29,8 @@ from rlhf_trainer.runtime import Context
 
 
 class GroupPolicyGradient(ActorAlgorithm):
-    def __init__(self, ctx: Context, variant: str):
-        super().__init__(ctx, rows_per_prompt=ctx.hp.group_size)
+    def __init__(self, ctx: Context, renderer, variant: str):
+        super().__init__(ctx, renderer, rows_per_prompt=ctx.hp.group_size)
         self.variant = variant
         self.reference = ctx.client("reference")
         self.score = Scorer(ctx)
@@ -41,7 +41,7 @@ class GroupPolicyGradient(ActorAlgorithm):
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"

@@ -30,8 +30,8 @@ from rlhf_trainer.runtime import Context
 
 
 class PPO(ActorAlgorithm):
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer)
         hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
         self.score = Scorer(ctx)
@@ -48,7 +48,7 @@ class PPO(ActorAlgorithm):
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,

@@ -42,10 +42,11 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs"]
   verbs: ["delete"]
-# application: the gang's pods, created per attempt, deleted on gang restart, suspend and finish.
+# application: the gang's pods, created per attempt, deleted on gang restart, suspend and finish;
+# patched once when a failed job's Kueue pod group gives its quota back (retriable-in-group).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["create", "delete"]
+  verbs: ["create", "delete", "patch"]
 # application: headless Service, trainer-config ConfigMap and checkpoint PVC of each job; they go
 # with the job through owner references (a retained PVC stays), so the operator never deletes them.
 - apiGroups: [""]
