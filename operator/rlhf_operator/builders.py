@@ -194,6 +194,12 @@ def owner_reference(job: Job) -> dict[str, Any]:
     }
 
 
+def co_owner_reference(job: Job) -> dict[str, Any]:
+    """The job as a further owner of an object another job controls (a `fromJob` source's claim): not the
+    controller, and not blocking the owner's deletion (that needs rights on the owner's finalizers)."""
+    return {**owner_reference(job), "controller": False, "blockOwnerDeletion": False}
+
+
 def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,

@@ -51,6 +51,7 @@ from rlhf_operator.builders import (
     build_gang,
     build_pod_group,
     build_support_objects,
+    co_owner_reference,
     gang_pod_names,
     host_role,
     pod_name,
@@ -222,11 +223,12 @@ class AnnotatePods:
 
 @dataclass(frozen=True)
 class AddOwner:
-    """Make the job a further (non-controller) owner of a claim that another job owns: the garbage
+    """Add `owner` (this job, not as controller) to the owners of a claim another job owns: the garbage
     collector deletes an object only once all its owners are gone (a source's volume, chain.Gate.protect)."""
 
     kind: str
     name: str
+    owner: tuple[tuple[str, Any], ...]  # the owner reference's items (hashable, as every action)
 
 
 @dataclass(frozen=True)
@@ -514,7 +516,8 @@ def _sources_ready(p: _Pass) -> bool:
         message = chain.ready_message(gate.sources)
         p.condition(chain.CONDITION, True, gate.reason, message)
         p.event("Normal", gate.reason, message)
-        p.actions.extend(AddOwner("PersistentVolumeClaim", claim) for claim in gate.protect)
+        owner = tuple(co_owner_reference(p.job).items())
+        p.actions.extend(AddOwner("PersistentVolumeClaim", claim, owner) for claim in gate.protect)
     return True
 
 

@@ -210,8 +210,10 @@ def test_once_the_sources_succeeded_the_gang_mounts_their_exports_read_only():
 def test_a_source_claim_that_goes_with_its_job_gets_the_dependant_as_a_second_owner_once():
     peers = [peer("sft", owned=True), RM_OK]
     first = plan(ppo_job(), peers)
-    assert [a for a in first.actions if isinstance(a, AddOwner)] == [AddOwner("PersistentVolumeClaim",
-                                                                              "sft-checkpoints")]
+    [add] = [a for a in first.actions if isinstance(a, AddOwner)]
+    assert (add.kind, add.name) == ("PersistentVolumeClaim", "sft-checkpoints")
+    assert dict(add.owner) == {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "name": "ppo", "uid": "uid-ppo",
+                               "controller": False, "blockOwnerDeletion": False}
     later = plan(ppo_job(first.status), peers, at=1)
     assert not [a for a in later.actions if isinstance(a, AddOwner)]
 

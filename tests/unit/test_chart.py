@@ -83,6 +83,7 @@ NAMESPACED_APPLICATION = (
     | grants("rlhf.dev", ["rlhfjobs"], ["delete"])  # ttlSecondsAfterFinished
     | grants("", ["pods"], ["create", "delete", "patch"])  # gang create / restart / finish; Kueue quota back
     | grants("", ["services", "configmaps", "persistentvolumeclaims"], ["create"])  # owner refs delete them
+    | grants("", ["persistentvolumeclaims"], ["patch"])  # a fromJob dependant co-owns its source's claim
 )
 VOLCANO = grants("scheduling.volcano.sh", ["podgroups"], ["list", "watch", "create", "delete"])
 COSCHEDULING = grants("scheduling.x-k8s.io", ["podgroups"], ["list", "watch", "create", "delete"])
