@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models, stopping
@@ -328,9 +329,9 @@ def export(ctx: Context, algorithm) -> Path:
     peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
     strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
-    final = Path(ctx.env.checkpoint_dir) / "export"
+    final = Path(ctx.env.checkpoint_dir) / wire.EXPORT_DIR
     if distributed.world_rank() == 0:
-        tmp = final.with_name(".export.tmp")
+        tmp = final.with_name(f".{wire.EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         adapters = ctx.cfg.roles["actor"].lora
         if adapters.rank:
