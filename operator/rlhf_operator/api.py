@@ -20,6 +20,7 @@ GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
+NON_FINITE_POLICIES = ("fail", "skip")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
@@ -115,6 +116,8 @@ class Hyperparameters:
     margin: float = 0.0
     # sft
     packing: bool = False
+    # all: what a NaN / inf reward, loss or gradient norm does (fail the job, or skip the batch)
+    non_finite: str = "fail"
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ HYPERPARAMETER_BOUNDS: dict[str, dict[str, Any]] = {
     "lossType": {"enum": LOSS_TYPES},
     "labelSmoothing": {"minimum": 0, "lt": 0.5},
     "margin": {"minimum": 0},
+    "nonFinite": {"enum": NON_FINITE_POLICIES},
 }
 
 _MISSING = object()

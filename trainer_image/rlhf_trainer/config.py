@@ -30,6 +30,7 @@ REWARD_RULES = ("exact_match", "regex", "callable")
 DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
+NON_FINITE_POLICIES = ("fail", "skip")
 # Algorithms that sample responses and score them (the others learn from fixed data).
 ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo")
 
@@ -114,6 +115,8 @@ class Hyperparameters:
     margin: float = 0.0  # Bradley-Terry margin (Llama 2)
     # sft
     packing: bool = False  # pack several examples into one row
+    # all
+    non_finite: str = "fail"  # fail | skip: a NaN / inf reward, loss or gradient norm (rlhf_trainer.finite)
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,7 @@ _HYPERPARAMETER_RULES: tuple[tuple[str, typing.Callable[[Any], bool], str], ...]
     ("loss_type", lambda v: v in LOSS_TYPES, f"one of {', '.join(LOSS_TYPES)}"),
     ("label_smoothing", lambda v: 0 <= v < 0.5, "at least 0 and less than 0.5"),
     ("margin", lambda v: v >= 0, "at least 0"),
+    ("non_finite", lambda v: v in NON_FINITE_POLICIES, f"one of {', '.join(NON_FINITE_POLICIES)}"),
 )
 
 
