@@ -3,6 +3,7 @@ first command as a new user runs it, a random kill resumes from the newest compl
 corrupt newest checkpoint falls back to the previous complete one, permanent errors fail once."""
 
 import json
+import os
 import random
 import re
 import shutil
@@ -110,3 +111,26 @@ def test_permanent_error_in_a_multi_role_gang_is_not_retried(tmp_path):
                    failurePolicy={"maxRestarts": 1, "backoffSeconds": 1})  # a lost race costs one gang, not three
     runner, status = run(obj, tmp_path / "runs")
     assert_failed_once(runner, status, "reward.callable", pods=3)
+
+
+def test_nan_reward_case_fails_naming_the_step_the_reward_and_the_row(tmp_path):
+    """tests/integration/cases/nan-reward, as users ran it (`PYTHONPATH=.` from the case's folder): a
+    callable reward returns NaN for one response in eight. It used to end Succeeded with NaN losses
+    and the initial weights exported; now the first step fails it for good (exit 65)."""
+    case = tmp_path / "case"
+    shutil.copytree(REPO / "tests" / "integration" / "cases" / "nan-reward", case)
+    exe = Path(sys.executable).with_name("rlhf-operator")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (".", os.environ.get("PYTHONPATH", "")) if p)}
+    done = subprocess.run([str(exe), "run-local", "job.yaml", "--workdir", "runs", "--fresh", "--no-progress"],
+                          cwd=case, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "grpo-nan-reward: Failed" in done.stdout
+    failed = [line for line in done.stdout.splitlines() if line.startswith("  PermanentError:")]
+    assert failed, done.stdout[-3000:]
+    assert "exit code 65" in failed[0]
+    assert "step 1: non-finite reward: scores from reward.callable nan_reward:score" in failed[0]
+    assert re.search(r"row 0 \(synthetic://arithmetic#\d+, prompt '\d\+\d=', response '.*'\): nan", failed[0])
+    run_dir = case / "runs" / "grpo-nan-reward"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Failed"
+    assert not (run_dir / "checkpoints" / "export").exists()

@@ -1,6 +1,7 @@
 """`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
 
-Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
+Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError, and NonFiniteError: a NaN /
+inf reward, loss or gradient norm under hyperparameters.non_finite fail) — permanent, the message
 goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
 propagates (exit 1): the operator retries the gang from the last complete checkpoint.
 """
@@ -44,8 +45,8 @@ def main(env: dict[str, str] | None = None) -> int:
 
         run(process, config)
     except (ConfigError, DataError) as exc:
-        kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
-        message = f"rlhf_trainer: {kind} error: {exc}"
+        code = EXIT_CONFIG_ERROR if isinstance(exc, ConfigError) else EXIT_DATA_ERROR
+        message = f"rlhf_trainer: {exc.kind}: {exc}"
         print(message, file=sys.stderr, flush=True)
         write_termination_message(message, env)
         return code

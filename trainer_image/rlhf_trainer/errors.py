@@ -12,6 +12,10 @@ EXIT_CONFIG_ERROR = 78
 class ConfigError(ValueError):
     """The trainer config is invalid; the message names the field path (`hyperparameters.beta: ...`)."""
 
+    kind = "config error"  # how `__main__` introduces the message
+
 
 class DataError(ValueError):
     """A dataset file is invalid; the message names the file and line (`train.jsonl:7: ...`)."""
+
+    kind = "data error"

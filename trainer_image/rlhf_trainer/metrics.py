@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PREFIX = "rlhf_trainer_"
 GAUGES = {
@@ -48,6 +48,12 @@ class TrainerMetrics:
             "Seconds spent per phase of a step",
             ["phase"],
             buckets=PHASE_BUCKETS,
+            registry=self.registry,
+        )
+        self.non_finite = Counter(
+            PREFIX + "non_finite",
+            "Non-finite values skipped under hyperparameters.nonFinite: skip (batches, micro-batches or optimizer steps)",
+            ["where"],
             registry=self.registry,
         )
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
@@ -98,6 +104,10 @@ class TrainerMetrics:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def count_non_finite(self, where: str) -> None:
+        """One skipped non-finite value: `rlhf_trainer_non_finite_total{where}` (see finite.py)."""
+        self.non_finite.labels(where=where).inc()
 
     def set_checkpoint_step(self, step: int) -> None:
         self.gauges["last_checkpoint_step"].set(step)

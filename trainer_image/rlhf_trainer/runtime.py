@@ -29,6 +29,7 @@ from rlhf_trainer.bridge import (
 from rlhf_trainer.config import TrainerConfig
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 
 ONLINE = ("ppo", "grpo", "rloo")
@@ -75,6 +76,8 @@ class Context:
     placements: dict[str, RolePlacement]
     bridge: Bridge | None
     metrics: TrainerMetrics
+    # This process's non-finite checks (hyperparameters.non_finite); drive() sets its step.
+    guard: NonFiniteGuard
     # Services this process runs for colocated roles, by role name.
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
@@ -142,6 +145,7 @@ def build_service(ctx: Context, role: str):
             micro_batch_size=hp.micro_batch_size,
             value_clip_range=hp.value_clip_range,
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
+            guard=ctx.guard,
         )
     raise ValueError(f"no service for role {role!r}")
 
@@ -162,7 +166,9 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
-    return Context(env, cfg, placements, bridge, metrics)
+    guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
+                           count=metrics.count_non_finite)
+    return Context(env, cfg, placements, bridge, metrics, guard)
 
 
 def resume_step(ctx: Context) -> int | None:

@@ -126,16 +126,43 @@ class Scorer:
         self.rule = None
         self.client = None
         if ctx.cfg.reward.type == "rule":
-            from rlhf_trainer.rewards import build_reward_fn
+            from rlhf_trainer.rewards import build_reward_fn, describe_reward
 
             self.rule = build_reward_fn(ctx.cfg.reward)
+            self.source = describe_reward(ctx.cfg.reward)
         else:
             self.client = ctx.client("reward")
+            self.source = f"the reward model {ctx.cfg.reward_model.path}"
 
     def __call__(self, prompts: list[str], responses: list[str], answers: list[str | None]) -> torch.Tensor:
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
         return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
+
+
+def on_actions(values: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, R) values with the positions outside the response (padding after EOS) set to 0."""
+    return None if values is None else torch.where(action_mask.bool(), values, torch.zeros_like(values))
+
+
+def rollout_ok(ctx: Context, exp: Experience, roll: Rollout, records, source: str) -> bool:
+    """The non-finite checks of a scored rollout, on every actor rank (finite.py): the scores
+    first, then what the actor, reference and critic computed. False: skip the batch."""
+    guard = ctx.guard
+    if not guard.batch_ok("reward", {"scores": exp.scores}, records, source=source, responses=roll.responses):
+        return False
+    tensors = {"ref_logprobs": on_actions(exp.ref_logprobs, exp.action_mask),
+               "old_logprobs": on_actions(exp.old_logprobs, exp.action_mask),
+               "values": on_actions(exp.values, exp.action_mask)}
+    return guard.batch_ok("experience", tensors, records, source="the reference / actor / critic forward",
+                          responses=roll.responses)
+
+
+def skipped_rollout_stats(exp: Experience) -> dict[str, float]:
+    """A skipped rollout's step stats: what was sampled, no loss (finite scores' mean only)."""
+    finite = exp.scores[torch.isfinite(exp.scores)]
+    return {"reward_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "response_length": float(exp.action_mask.float().sum(-1).mean()), "tokens": 0.0}
 
 
 def encode_pairs(tokenizer, records, hp) -> dict[str, torch.Tensor]:
@@ -236,18 +263,23 @@ def drive(ctx: Context, algorithm, records) -> None:
     for step in range(start + 1, hp.max_steps + 1):
         batch = [records[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
         timings: dict[str, float] = {}
+        ctx.guard.step = step
+        skipped_before = sum(ctx.guard.skipped.values())
         t0 = time.perf_counter()
         stats = algorithm.step(batch, timings)
         elapsed = time.perf_counter() - t0
         stats = mean_over_ranks(stats)
         tokens = distributed.all_reduce_sum(stats.pop("tokens", 0.0))
         stats.update(timings, tokens_per_second=tokens / elapsed, step_seconds=elapsed)
+        if ctx.guard.policy == "skip":
+            stats["non_finite_skipped"] = float(sum(ctx.guard.skipped.values()) - skipped_before)
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
         if step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps:
             with ctx.metrics.phase("sync"):
                 save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
+    ctx.guard.check_updated("actor", hp.max_steps - start)
     export(ctx, algorithm.strategy, algorithm.tokenizer)
     for dst in ctx.remote_hosts():
         ctx.bridge.send(dst, "stop")

@@ -53,6 +53,9 @@ class DPO:
         with metrics.phase("score", timings):
             ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
             ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
+        if not self.ctx.guard.batch_ok("experience", {"ref_logprobs": ref.view(2, n).T}, records,
+                                       source="the reference forward (chosen, rejected)"):
+            return {"tokens": 0.0}
         pairs_total = global_normaliser(n)
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
@@ -66,9 +69,10 @@ class DPO:
                 )
                 # dpo_loss averages over its pairs; rescale to a share of the whole batch's mean.
                 loss = loss * half / pairs_total
-                self.strategy.backward(loss)
-                self.strategy.step()
-                losses.append(loss.item())
+                value = self.ctx.guard.backward_step(
+                    self.strategy, loss, anchor=logp, role="actor", source=f"dpo ({hp.loss_type}) loss",
+                    records=[records[int(i)] for i in rows[:half]])
+                losses.append(value or 0.0)
                 correct += float(accuracy) * half
                 margins.append(float((chosen_reward - rejected_reward).mean()))
         return {

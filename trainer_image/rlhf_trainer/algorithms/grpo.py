@@ -20,6 +20,8 @@ from rlhf_trainer.algorithms.common import (
     global_normaliser,
     load_records,
     response_logprobs,
+    rollout_ok,
+    skipped_rollout_stats,
     start_colocated,
 )
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
@@ -62,6 +64,8 @@ class GroupPolicyGradient:
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
                                      reference=self.reference, score=self.score, old_logprobs=not reuse).to(dev)
+        if not rollout_ok(self.ctx, exp, roll, records, self.score.source):
+            return skipped_rollout_stats(exp)
         # 3. advantages, one per response, repeated over its tokens
         mask = exp.action_mask.float()
         kl_total = 0.0
@@ -92,10 +96,10 @@ class GroupPolicyGradient:
                     if self.variant == "grpo":
                         loss = loss + hp.kl_coef * k3_kl_loss(logprobs, mb.ref_logprobs, mb.action_mask,
                                                               num_tokens=num_tokens)
-                    self.strategy.backward(loss)
-                    self.strategy.step()
+                    value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
+                                                         source=f"{self.variant} policy loss")
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
-                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+                    stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
         policy = sum(s[0] for s in stats)
         return {
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),

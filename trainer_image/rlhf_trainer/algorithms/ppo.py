@@ -21,6 +21,8 @@ from rlhf_trainer.algorithms.common import (
     global_normaliser,
     load_records,
     response_logprobs,
+    rollout_ok,
+    skipped_rollout_stats,
     start_colocated,
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
@@ -61,6 +63,8 @@ class PPO:
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
                                      reference=self.reference, score=self.score, critic=self.critic).to(dev)
+        if not rollout_ok(self.ctx, exp, roll, records, self.score.source):
+            return skipped_rollout_stats(exp)
         # 3. advantages
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
@@ -82,14 +86,14 @@ class PPO:
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
-                    self.strategy.backward(loss)
-                    self.strategy.step()
+                    value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
+                                                         source="ppo policy loss")
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
-                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+                    stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
                     "returns": exp.returns, "action_mask": exp.action_mask,
-                })[1]["value_loss"]
+                }, step=self.ctx.guard.step)[1]["value_loss"]
         mean_kl = float(exp.kl.sum(-1).mean())
         self.kl_ctl.update(mean_kl, len(records))
         policy = sum(s[0] for s in stats)
