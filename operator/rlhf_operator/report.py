@@ -22,7 +22,22 @@ PANELS = (
     ("policy_loss", "policy loss"),
     ("value_loss", "value loss"),
     ("preference_accuracy", "preference accuracy"),
+    ("eval_reward_mean", "held-out reward (greedy)"),
+    ("eval_preference_accuracy", "held-out pref. accuracy"),
+    ("eval_exact_match", "held-out answers right"),
+    ("eval_loss", "held-out loss"),
     ("tokens_per_second", "tokens / s"),
+)
+# The learning figures of a run (summary lines): a training curve's first and last WINDOW steps.
+WINDOW = 5
+TRAINING_FIGURES = (("reward_mean", "reward"), ("loss", "loss"), ("preference_accuracy", "preference accuracy"))
+# Held-out metrics: the first evaluation (step 0 = the initial policy) against the last.
+EVAL_FIGURES = (
+    ("eval_reward_mean", "held-out reward (greedy)"),
+    ("eval_pass_rate", "held-out pass rate (greedy)"),
+    ("eval_preference_accuracy", "held-out preference accuracy"),
+    ("eval_exact_match", "held-out answers right (greedy)"),
+    ("eval_loss", "held-out loss"),
 )
 MAIN_SERIES = "actor-0"
 
@@ -80,7 +95,7 @@ def history(rows: list[dict[str, Any]]) -> RunHistory:
     """Split a metrics file at every step that goes back; keep the last row written per step."""
     by_step: dict[int, dict[str, Any]] = {}
     redone: list[int] = []
-    previous = 0
+    previous = -1  # step 0: the evaluation of the initial policy, before the first step
     for row in rows:
         step = row["step"]
         if step <= previous:
@@ -114,6 +129,53 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _numbers(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One learning figure: a metric before and after training."""
+
+    before: float
+    after: float
+    window: int  # steps averaged at each end; 0 for held-out metrics (first / last evaluation)
+
+    @property
+    def change(self) -> float:
+        return self.after - self.before
+
+
+def learning_figures(final: list[dict[str, Any]]) -> dict[str, Figure]:
+    """What a run learned, by metric name.
+
+    Training curves (reward, loss, preference accuracy): the mean of the first WINDOW steps against
+    the mean of the last WINDOW (fewer than 2 x WINDOW steps: halves). Held-out metrics: the first
+    evaluation (step 0, the initial policy, when the run started from scratch) against the last.
+    """
+    figures: dict[str, Figure] = {}
+    for key, _ in TRAINING_FIGURES:
+        values = [v for step, v in _numbers(final, key) if step > 0]
+        if len(values) >= 2:
+            n = min(WINDOW, len(values) // 2)
+            figures[key] = Figure(sum(values[:n]) / n, sum(values[-n:]) / n, n)
+    for key, _ in EVAL_FIGURES:
+        points = _numbers(final, key)
+        if len(points) >= 2:
+            figures[key] = Figure(points[0][1], points[-1][1], 0)
+    return figures
+
+
+def figure_lines(figures: dict[str, Figure]) -> list[str]:
+    """`reward (mean of first / last 5 steps): 0.0106 -> 0.8 (+0.79)`, one line per figure."""
+    labels = {**dict(TRAINING_FIGURES), **dict(EVAL_FIGURES)}
+    lines = []
+    for key, fig in figures.items():
+        how = f"mean of first / last {fig.window} steps" if fig.window else "first / last evaluation"
+        lines.append(f"{labels[key]} ({how}): {_fmt(fig.before)} -> {_fmt(fig.after)} ({fig.change:+.3g})")
+    return lines
+
+
 def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[str]:
     name, main = main_history(runs)
     lines = [f"series: {name} ({len(runs)} metric files: {', '.join(sorted(runs))})",
@@ -124,6 +186,7 @@ def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[s
         values = [r[key] for r in main.final if isinstance(r.get(key), int | float)]
         if values:
             lines.append(f"{label}: first {_fmt(values[0])}, last {_fmt(values[-1])}")
+    lines.extend(figure_lines(learning_figures(main.final)))
     restarts = status.get("restarts", main.restarts)
     lines.append(f"restarts: {restarts} (resumes seen in metrics: {main.restarts}, "
                  f"steps redone: {sum(main.steps_redone)})")

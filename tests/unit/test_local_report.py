@@ -58,3 +58,28 @@ def test_bad_line_in_the_middle_names_file_and_line(tmp_path):
 def test_missing_metrics_is_a_clear_cli_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no metrics" in capsys.readouterr().err
+
+
+def test_learning_figures_compare_first_and_last_five_steps_and_evaluations():
+    data = [{"step": 0, "eval_preference_accuracy": 0.5, "eval_loss": 0.69}]
+    data += [{"step": s, "reward_mean": 0.0 if s <= 5 else 1.0, "loss": 2.0 - s / 10} for s in range(1, 13)]
+    data[-1].update(eval_preference_accuracy=0.9, eval_loss=0.3)
+    figures = report.learning_figures(report.history(data).final)
+    assert figures["reward_mean"] == report.Figure(0.0, 1.0, 5)
+    assert figures["loss"].before == pytest.approx(1.7) and figures["loss"].after == pytest.approx(1.0)
+    assert figures["eval_preference_accuracy"] == report.Figure(0.5, 0.9, 0)
+    lines = report.figure_lines(figures)
+    assert "reward (mean of first / last 5 steps): 0 -> 1 (+1)" in lines
+    assert "held-out preference accuracy (first / last evaluation): 0.5 -> 0.9 (+0.4)" in lines
+
+
+def test_learning_figures_of_a_short_run_use_halves_and_skip_missing_values():
+    data = [{"step": 1, "reward_mean": 0.0}, {"step": 2, "reward_mean": None}, {"step": 3, "reward_mean": 0.5},
+            {"step": 4, "reward_mean": 1.0}]
+    assert report.learning_figures(data) == {"reward_mean": report.Figure(0.0, 1.0, 1)}
+    assert report.learning_figures(data[:1]) == {}
+
+
+def test_a_step_0_evaluation_is_not_a_restart():
+    h = report.history([{"step": 0, "eval_loss": 1.0}, {"step": 1}, {"step": 2}])
+    assert h.restarts == 0 and [r["step"] for r in h.final] == [0, 1, 2]

@@ -32,8 +32,14 @@ GAUGES = {
     "tokens_per_second": "Tokens (prompt + response) processed per second over the step",
     "last_checkpoint_step": "Step of the newest checkpoint this process saved",
     "preference_accuracy": "Fraction of pairs where the chosen answer scores above the rejected",
+    "eval_reward_mean": "Held-out prompts: mean score of the greedy answers",
+    "eval_reward_mean_sampled": "Held-out prompts: mean score of answers sampled at the training temperature",
+    "eval_pass_rate": "Held-out prompts: share of greedy answers scoring >= 1.0 (rule rewards)",
+    "eval_preference_accuracy": "Held-out pairs: share ranked chosen above rejected",
+    "eval_loss": "Held-out loss (DPO / Bradley-Terry / SFT token mean)",
+    "eval_exact_match": "Held-out prompts: share of greedy answers equal to the reference (SFT)",
 }
-PHASES = ("generate", "score", "train", "sync")
+PHASES = ("generate", "score", "train", "sync", "eval")
 PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 
 

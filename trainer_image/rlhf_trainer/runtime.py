@@ -82,6 +82,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # Held-out records of dataset.eval_path (algorithms/evaluation.py), read with the training data.
+    eval_records: list[Any] = field(default_factory=list)
 
     @property
     def hp(self):

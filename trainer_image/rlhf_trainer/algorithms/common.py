@@ -70,12 +70,14 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], hp) -> Rollout:
+def generate(model, tokenizer, prompts: list[str], hp, *, greedy: bool = False) -> Rollout:
+    """Sample (or, `greedy`, take the most likely) up to max_new_tokens per prompt."""
     enc = encode_prompts(tokenizer, prompts, hp.max_prompt_length)
     dev = distributed.device()
+    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": hp.temperature,
+                                                    "top_k": 0, "top_p": 1.0}
     out = model.generate(
-        input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-        do_sample=True, temperature=hp.temperature, top_k=0, top_p=1.0,
+        input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev), **sampling,
         max_new_tokens=hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
     ).cpu()
     response_ids = out[:, enc["input_ids"].shape[1]:]
@@ -196,8 +198,13 @@ def start_colocated(ctx: Context) -> None:
 
 
 def load_records(ctx: Context):
-    """The training records, read before any model is built so bad data fails fast (exit 65)."""
+    """The training records, read before any model is built so bad data fails fast (exit 65).
+
+    The held-out records of dataset.eval_path (same format) are read too, into ctx.eval_records.
+    """
     kind = KIND_OF_ALGORITHM[ctx.cfg.algorithm]
+    if ctx.cfg.dataset.eval_path:
+        ctx.eval_records = load_dataset(ctx.cfg.dataset.eval_path, ctx.cfg.dataset.format, kind=kind)
     return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)
 
 
@@ -244,6 +251,14 @@ def export(ctx: Context, strategy, tokenizer) -> Path:
     return final
 
 
+def run_eval(ctx: Context, algorithm) -> dict[str, float]:
+    """The held-out metrics (algorithms/evaluation.py), timed as the `eval` phase."""
+    from rlhf_trainer.algorithms.evaluation import evaluate
+
+    with ctx.metrics.phase("eval"):
+        return evaluate(ctx, algorithm, ctx.eval_records)
+
+
 def drive(ctx: Context, algorithm, records) -> None:
     """Run `algorithm` on `records` from the newest complete checkpoint (or step 0) to max_steps, then export."""
     hp = ctx.hp
@@ -260,6 +275,8 @@ def drive(ctx: Context, algorithm, records) -> None:
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
     ranks = ctx.cfg.roles["actor"].replicas
+    if start == 0 and ctx.eval_records:
+        ctx.metrics.record_step(0, run_eval(ctx, algorithm))  # the initial policy, for comparison
     for step in range(start + 1, hp.max_steps + 1):
         batch = [records[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
         timings: dict[str, float] = {}
@@ -273,10 +290,13 @@ def drive(ctx: Context, algorithm, records) -> None:
         stats.update(timings, tokens_per_second=tokens / elapsed, step_seconds=elapsed)
         if ctx.guard.policy == "skip":
             stats["non_finite_skipped"] = float(sum(ctx.guard.skipped.values()) - skipped_before)
+        checkpoint_now = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
+        if checkpoint_now and ctx.eval_records:
+            stats.update(run_eval(ctx, algorithm))
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
-        if step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps:
+        if checkpoint_now:
             with ctx.metrics.phase("sync"):
                 save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
     ctx.guard.check_updated("actor", hp.max_steps - start)

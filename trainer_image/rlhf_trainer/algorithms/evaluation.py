@@ -1,0 +1,128 @@
+"""Held-out evaluation (`dataset.eval_path`): what the policy does on rows it never trains on.
+
+| algorithm       | metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                          |
+|-----------------|-------------------------------------------------------------------------------------|
+| ppo, grpo, rloo | eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
+|                 | rule rewards only), eval_reward_mean_sampled (at the sampling temperature)          |
+| dpo             | eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss          |
+| rm              | eval_preference_accuracy (score of chosen > rejected), eval_loss (Bradley-Terry)    |
+| sft             | eval_loss (response tokens), eval_exact_match (greedy answer == reference, trimmed) |
+
+`drive()` runs it before the first step (step 0, the initial policy), at every checkpoint step and
+at the last step. Rows are sharded over the actor ranks; every rank runs the same forwards (ZeRO-3
+generation is collective) and the means are weighted by rows. As TRL's `eval_strategy` / OpenRLHF's
+`eval_steps`, but tied to the checkpoint interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rlhf_trainer import distributed
+from rlhf_trainer.algorithms.common import encode_pairs, generate, pair_slices
+from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask, shard
+from rlhf_trainer.losses.dpo import dpo_loss
+from rlhf_trainer.losses.rm import bradley_terry_loss
+from rlhf_trainer.losses.sft import sft_loss
+
+# A rule reward's score of a right answer (rewards.CORRECT): at or above it, a greedy answer "passes".
+PASS_SCORE = 1.0
+
+# Each returns (sums of per-row values by metric name, rows evaluated) for this rank's rows.
+Sums = tuple[dict[str, float], int]
+
+
+def _answers_right(responses: list[str], references: list[str]) -> int:
+    return sum(r.strip() == ref.strip() for r, ref in zip(responses, references, strict=True))
+
+
+@torch.no_grad()
+def evaluate_online(algorithm, records) -> Sums:
+    """Greedy and sampled answers to the held-out prompts, scored like the training samples."""
+    hp, prompts, answers = algorithm.hp, [r.prompt for r in records], [r.answer for r in records]
+    algorithm.strategy.eval()
+    greedy = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp, greedy=True)
+    sampled = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp)
+    greedy_scores = algorithm.score(prompts, greedy.responses, answers).float()
+    sampled_scores = algorithm.score(prompts, sampled.responses, answers).float()
+    sums = {"eval_reward_mean": float(greedy_scores.sum()), "eval_reward_mean_sampled": float(sampled_scores.sum())}
+    if algorithm.score.rule is not None:
+        sums["eval_pass_rate"] = float((greedy_scores >= PASS_SCORE).sum())
+    return sums, len(records)
+
+
+@torch.no_grad()
+def evaluate_dpo(algorithm, records) -> Sums:
+    from rlhf_trainer.algorithms.dpo import summed_logprobs
+    from rlhf_trainer.roles import sequence_logprobs
+
+    hp, n = algorithm.hp, len(records)
+    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(algorithm.tokenizer, records, hp).items()}
+    ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    ref_logprobs = algorithm.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
+    ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
+    algorithm.strategy.eval()
+    correct = loss = 0.0
+    for rows in pair_slices(n, hp.micro_batch_size):
+        logp = summed_logprobs(sequence_logprobs(algorithm.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+        half = len(rows) // 2
+        out = dpo_loss(logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],
+                       beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+        correct += float(out.accuracy) * half
+        loss += float(out.loss) * half
+    return {"eval_preference_accuracy": correct, "eval_loss": loss}, n
+
+
+@torch.no_grad()
+def evaluate_rm(algorithm, records) -> Sums:
+    from rlhf_trainer.roles import sequence_scores
+
+    hp, n = algorithm.hp, len(records)
+    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(algorithm.tokenizer, records, hp).items()}
+    algorithm.strategy.eval()
+    correct = loss = 0.0
+    for rows in pair_slices(n, hp.micro_batch_size):
+        scores = sequence_scores(algorithm.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows])
+        half = len(rows) // 2
+        correct += float((scores[:half] > scores[half:]).float().sum())
+        loss += float(bradley_terry_loss(scores[:half], scores[half:], margin=hp.margin)) * half
+    return {"eval_preference_accuracy": correct, "eval_loss": loss}, n
+
+
+@torch.no_grad()
+def evaluate_sft(algorithm, records) -> Sums:
+    """Token-mean loss on the references, and whether the greedy answer equals the reference."""
+    hp, dev = algorithm.hp, distributed.device()
+    prompts, references = [r.prompt for r in records], [r.response for r in records]
+    batch = encode_prompt_responses(algorithm.tokenizer, prompts, references,
+                                    max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1)
+    labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100).to(dev)
+    ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    algorithm.strategy.eval()
+    loss_sum, tokens = 0.0, float((labels[:, 1:] != -100).sum())
+    for start in range(0, len(records), hp.micro_batch_size):
+        mb = slice(start, start + hp.micro_batch_size)
+        logits = algorithm.strategy.forward(input_ids=ids[mb], attention_mask=attn[mb],
+                                            position_ids=position_ids_from_mask(attn[mb]), use_cache=False).logits
+        loss_sum += float(sft_loss(logits, labels[mb], num_tokens=1.0))  # summed over the micro-batch's tokens
+    greedy = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp, greedy=True)
+    # eval_loss is a token mean: weight it by tokens / rows so the row-weighted mean over ranks stays one.
+    rows = len(records)
+    return {"eval_loss": loss_sum / max(tokens, 1.0) * rows,
+            "eval_exact_match": float(_answers_right(greedy.responses, references))}, rows
+
+
+EVALUATORS: dict[str, Callable] = {
+    "ppo": evaluate_online, "grpo": evaluate_online, "rloo": evaluate_online,
+    "dpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
+}
+
+
+def evaluate(ctx, algorithm, records) -> dict[str, float]:
+    """Every eval metric of `algorithm` on `records`, averaged over rows of all actor ranks."""
+    ranks = ctx.cfg.roles["actor"].replicas
+    sums, rows = EVALUATORS[ctx.cfg.algorithm](algorithm, shard(records, ctx.env.rank, ranks))
+    total = distributed.all_reduce_sum(rows)
+    return {name: distributed.all_reduce_sum(value) / max(total, 1.0) for name, value in sorted(sums.items())}
