@@ -70,7 +70,8 @@ SCENARIOS = {
 
 def pods_of(jobs: list[dict]) -> list[dict]:
     """The pods the operator will create for these jobs (same builders), for the bare loop."""
-    from rlhf_operator import api, builders, constants
+    from rlhf_contract import wire
+    from rlhf_operator import api, builders
 
     pods = []
     for obj in jobs:
@@ -80,7 +81,7 @@ def pods_of(jobs: list[dict]) -> list[dict]:
             pod["metadata"].pop("ownerReferences", None)
             pod["metadata"]["name"] = "bare-" + pod["metadata"]["name"]
             # Same labels, but not the job label: the operator must not take these pods for its own.
-            pod["metadata"]["labels"]["bench/job"] = pod["metadata"]["labels"].pop(constants.LABEL_JOB)
+            pod["metadata"]["labels"]["bench/job"] = pod["metadata"]["labels"].pop(wire.LABEL_JOB)
             pods.append(pod)
     return pods
 

@@ -52,10 +52,10 @@ def _free_port() -> int:
 
 
 def _our_context(algorithm: str, device: str):
-    from rlhf_trainer.config import parse_config
+    from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
-    from rlhf_trainer.runtime import Context, placements_of
+    from rlhf_trainer.runtime import Context
 
     # One process: ZeRO has nothing to shard, so stage 0 (DeepSpeed engine, no partitioning bookkeeping).
     zero0 = {"deepspeed": {"zero_stage": 0}}
@@ -78,7 +78,7 @@ def _our_context(algorithm: str, device: str):
     colocated = tuple(r for r in roles if r != "actor")
     env = ProcessEnv("bench", "actor", 0, 1, colocated, "", {}, None, str(HERE / "out" / "ckpt"), 0, 0, "")
     init_role_world(master_addr="127.0.0.1", master_port=_free_port(), rank=0, world_size=1)
-    return Context(env, cfg, placements_of(cfg), None, TrainerMetrics(None))
+    return Context(env, cfg, cfg.placements(), None, TrainerMetrics(None))
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str) -> dict:
@@ -176,7 +176,7 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS
     else:
-        from rlhf_trainer.config import RewardConfig
+        from rlhf_contract.config import RewardConfig
         from trl import GRPOConfig, GRPOTrainer
 
         rule = build_reward_fn(RewardConfig(type="rule", rule="exact_match"))

@@ -33,7 +33,8 @@ from typing import Any
 
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
-from rlhf_operator import constants, localexec
+from rlhf_contract import wire
+from rlhf_operator import localexec
 
 log = logging.getLogger("e2e.kubelet")
 RESYNC_SECONDS = 1.0
@@ -135,14 +136,14 @@ class StandInKubelet:
                 self._patch_status(name, status)
 
     def _list_pods(self) -> list[dict[str, Any]]:
-        result = self.api.list_namespaced_pod(self.namespace, label_selector=constants.LABEL_JOB,
+        result = self.api.list_namespaced_pod(self.namespace, label_selector=wire.LABEL_JOB,
                                               _preload_content=False)
         return [p for p in json.loads(result.data)["items"] if not p["metadata"].get("deletionTimestamp")]
 
     # -- one pod --------------------------------------------------------------------------------
     def _start_pod(self, pod: dict[str, Any]) -> None:
         name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
-        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.root / "pods" / uid
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, Path] = {}

@@ -13,6 +13,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1 DS_BUILD_OPS=0
 python -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH"
 # The constraint keeps every later resolve on the torch just installed.
-python -c "import torch; print('torch==' + torch.__version__)" > .venv/torch-constraint.txt
+# The local tag (+cu130, +cpu) is dropped: pip's resolver rejects a constraint that names one.
+python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
 pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,dev]"
 bash scripts/install_helm.sh .venv/bin

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Copies the CRD (crds/rlhfjobs.yaml, the single source of truth) into the Helm chart, which
+# Copies the CRD (crds/rlhfjobs.yaml; scripts/gen_contract.py writes both after a contract change) into the Helm chart, which
 # installs it from its crds/ folder. tests/unit/test_chart.py fails when the two differ.
 # Usage: scripts/sync_crd.sh          copy
 #        scripts/sync_crd.sh --check  exit 1 if the chart's copy is stale (copies nothing)

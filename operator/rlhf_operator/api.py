@@ -6,118 +6,51 @@ has no API server) rejects exactly what a cluster rejects, with every bad field 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-ALGORITHMS = ("ppo", "grpo", "rloo", "dpo", "rm", "sft")
-ROLE_NAMES = ("actor", "critic", "reward", "reference")
-REWARD_TYPES = ("model", "rule")
-REWARD_RULES = ("exact_match", "regex", "callable")
-DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
+from rlhf_contract import layout
+from rlhf_contract.algorithms import (
+    ALGORITHMS,
+    FROZEN_ROLES,
+    NAMES,
+    ONLINE,
+    ROLE_NAMES,
+    TRAINED_ROLES,
+    role_set_problem,
+)
+from rlhf_contract.config import (
+    CALLABLE_PATTERN,
+    REWARD_RULES,
+    CheckpointConfig,
+    DatasetConfig,
+    DeepSpeedConfig,
+    Hyperparameters,
+    ModelConfig,
+    RewardConfig,
+    RoleConfig,
+    dataset_format_problem,
+)
+from rlhf_contract.knobs import Knob, Setting, settings_of
+
 GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-KL_ESTIMATORS = ("k1", "k3")
-NON_FINITE_POLICIES = ("fail", "skip")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
 
 
-def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:
-    """Role names an algorithm needs; a reward role exists iff the reward is a model."""
-    base = {
-        "ppo": ("actor", "critic", "reference"),
-        "grpo": ("actor", "reference"),
-        "rloo": ("actor", "reference"),
-        "dpo": ("actor", "reference"),
-        "rm": ("actor",),
-        "sft": ("actor",),
-    }[algorithm]
-    if algorithm in ("ppo", "grpo", "rloo") and reward_type == "model":
-        return (*base, "reward")
-    return base
+@dataclass(frozen=True, kw_only=True)
+class RoleSpec(RoleConfig):
+    """A role as the manifest writes it: its placement and DeepSpeed settings (shared with the trainer
+    config) plus what only Kubernetes needs."""
 
-
-@dataclass(frozen=True)
-class ModelSource:
-    path: str
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    type: str = "model"
-    rule: str = ""
-    pattern: str = ""
-    callable: str = ""
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    path: str
-    format: str = "prompts"
-    eval_path: str = ""
-
-
-@dataclass(frozen=True)
-class DeepSpeedSpec:
-    zero_stage: int = 2
-    bf16: bool = False
-    offload_optimizer: bool = False
-    gradient_checkpointing: bool = False
-
-
-@dataclass(frozen=True)
-class RoleSpec:
     name: str
-    replicas: int = 1
     image: str = ""
     gpus: int = 0
     resources: dict[str, Any] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
-    colocate_with: str = ""
-    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
-
-
-@dataclass(frozen=True)
-class Hyperparameters:
-    max_steps: int = 20
-    learning_rate: float = 1e-5
-    batch_size: int = 8
-    micro_batch_size: int = 4
-    max_prompt_length: int = 64
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    seed: int = 0
-    # ppo
-    ppo_epochs: int = 1
-    clip_range: float = 0.2
-    dual_clip: float = 0.0
-    value_clip_range: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.05
-    kl_target: float = 0.0
-    kl_horizon: int = 10000
-    kl_estimator: str = "k1"
-    reward_clip: float = 10.0
-    truncation_penalty: float = 1.0
-    whiten_advantages: bool = True
-    # grpo / rloo
-    group_size: int = 4
-    # dpo
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    # rm
-    margin: float = 0.0
-    # sft
-    packing: bool = False
-    # all: what a NaN / inf reward, loss or gradient norm does (fail the job, or skip the batch)
-    non_finite: str = "fail"
 
 
 @dataclass(frozen=True)
@@ -128,10 +61,10 @@ class VolumeSpec:
     retain: bool = True
 
 
-@dataclass(frozen=True)
-class CheckpointSpec:
-    interval_steps: int = 10
-    keep: int = 3
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSpec(CheckpointConfig):
+    """The trainer's checkpoint settings plus the volume they live on."""
+
     volume: VolumeSpec = field(default_factory=VolumeSpec)
 
 
@@ -153,12 +86,12 @@ class FailurePolicy:
 class JobSpec:
     algorithm: str
     image: str
-    model: ModelSource
-    dataset: DatasetSpec
+    model: ModelConfig
+    dataset: DatasetConfig
     roles: tuple[RoleSpec, ...]
     image_pull_policy: str = "IfNotPresent"
-    reward_model: ModelSource | None = None
-    reward: RewardSpec = field(default_factory=RewardSpec)
+    reward_model: ModelConfig | None = None
+    reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
@@ -170,12 +103,15 @@ class JobSpec:
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    def placements(self) -> dict[str, layout.Placement]:
+        return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
+
     def pod_roles(self) -> tuple[RoleSpec, ...]:
         """Roles that get pods of their own (colocated roles run inside their host's pods)."""
         return tuple(r for r in self.roles if not r.colocate_with)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
-        return tuple(r.name for r in self.roles if r.colocate_with == host)
+        return layout.colocated_into(self.placements(), host)
 
 
 @dataclass(frozen=True)
@@ -209,67 +145,21 @@ def _qualified(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parsing. Each rule below has a twin in crds/rlhfjobs.yaml (schema keyword or CEL rule); the
-# tests in tests/unit/test_crd.py run both over the same cases and check that they agree.
+# Parsing. The fields shared with the trainer are read from their rlhf_contract dataclasses (bounds,
+# enums, defaults); the CRD's schema for them is generated from the same (scripts/gen_contract.py).
+# The Kubernetes fields' rules below each have a twin in crds/rlhfjobs.yaml (schema keyword or CEL
+# rule); tests/unit/test_crd.py runs both over the same cases and checks that they agree.
 
-ONLINE_ALGORITHMS = ("ppo", "grpo", "rloo")
-# Roles that hold no optimizer: ZeRO stage 0 is their default (the CRD leaves zeroStage unset).
-FROZEN_ROLES = ("reward", "reference")
-TRAINED_ROLES = ("actor", "critic")
-# Algorithms that learn from preference pairs, and the dataset formats that hold pairs.
-PAIR_ALGORITHMS = ("dpo", "rm")
-PAIR_FORMATS = ("pairs", "ranked", "pair_list")
-SYNTHETIC_PREFIX = "synthetic://"
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters): 50 leaves room for
 # "-reference-" and a two-digit index (the CRD's root rule says the same).
 MAX_JOB_NAME_LENGTH = 50
 DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
-# "module:function" of a reward callable (the same pattern is in the CRD's CEL rule).
-CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 TOLERATION_OPERATORS = ("Exists", "Equal")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
-# Hyperparameter bounds by manifest name; types and defaults come from the Hyperparameters fields.
-# gt / lt are strict bounds (CEL rules in the CRD), minimum / maximum inclusive (schema keywords).
-HYPERPARAMETER_BOUNDS: dict[str, dict[str, Any]] = {
-    "maxSteps": {"minimum": 1},
-    "learningRate": {"gt": 0},
-    "batchSize": {"minimum": 1},
-    "microBatchSize": {"minimum": 1},
-    "maxPromptLength": {"minimum": 1},
-    "maxNewTokens": {"minimum": 1},
-    "temperature": {"gt": 0},
-    "seed": {"minimum": 0},
-    "ppoEpochs": {"minimum": 1},
-    "clipRange": {"gt": 0},
-    "dualClip": {"minimum": 0},  # and 0 or > 1: a rule of its own
-    "valueClipRange": {"minimum": 0},
-    "vfCoef": {"minimum": 0},
-    "gamma": {"minimum": 0, "maximum": 1},
-    "lam": {"minimum": 0, "maximum": 1},
-    "klCoef": {"minimum": 0},
-    "klTarget": {"minimum": 0},
-    "klHorizon": {"minimum": 1},
-    "klEstimator": {"enum": KL_ESTIMATORS},
-    "rewardClip": {"gt": 0},
-    "truncationPenalty": {"minimum": 0},
-    "groupSize": {"minimum": 2},
-    "beta": {"gt": 0},
-    "lossType": {"enum": LOSS_TYPES},
-    "labelSmoothing": {"minimum": 0, "lt": 0.5},
-    "margin": {"minimum": 0},
-    "nonFinite": {"enum": NON_FINITE_POLICIES},
-}
-
 _MISSING = object()
-
-
-def camel_case(snake: str) -> str:
-    """`max_new_tokens` -> `maxNewTokens` (dataclass field -> manifest key)."""
-    head, *rest = snake.split("_")
-    return head + "".join(part.capitalize() for part in rest)
 
 
 def _kind(value: Any) -> str:
@@ -341,11 +231,8 @@ class _Fields:
             return default
         if required and not value:
             self.error(key, "must not be empty")
-        elif enum and value not in enum:
-            self.error(key, f"{_one_of(enum)} (got {value!r})")
-        elif max_length and len(value) > max_length:
-            self.error(key, f"must be at most {max_length} characters (got {len(value)})")
-        elif pattern and not re.match(pattern, value):
+        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length)) and pattern \
+                and not re.match(pattern, value):
             self.error(key, f"must match {pattern} (got {value!r})")
         return value
 
@@ -367,7 +254,7 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"must be an integer, got {_kind(value)}")
             return default
-        return value if self._in_bounds(key, value, **bounds) else default
+        return value if self._valid(key, value, Knob("", **bounds)) else default
 
     def number(self, key: str, default: float, **bounds: Any) -> float:
         value = self._value(key, False)
@@ -376,18 +263,29 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"must be a number, got {_kind(value)}")
             return default
-        return float(value) if self._in_bounds(key, value, **bounds) else default
+        return float(value) if self._valid(key, value, Knob("", **bounds)) else default
 
-    def _in_bounds(self, key: str, value: float, minimum: float | None = None, maximum: float | None = None,
-                   gt: float | None = None, lt: float | None = None) -> bool:
-        checks = [(">=", minimum, minimum is not None and value < minimum),
-                  ("<=", maximum, maximum is not None and value > maximum),
-                  (">", gt, gt is not None and value <= gt),
-                  ("<", lt, lt is not None and value >= lt)]
-        problems = [f"must be {op} {bound} (got {value})" for op, bound, failed in checks if failed]
+    def _valid(self, key: str, value: Any, knob: Knob) -> bool:
+        problems = knob.problems(value)
         for problem in problems:
             self.error(key, problem)
         return not problems
+
+    def setting(self, s: Setting, default: Any = _MISSING) -> Any:
+        """A field shared with the trainer, by its camelCase name, with its knob's rules."""
+        default = s.default if default is _MISSING else default
+        k = s.knob
+        if s.type is str:
+            return self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
+                               max_length=k.max_length)
+        if s.type is bool:
+            return self.boolean(s.camel, default)
+        read = self.integer if s.type is int else self.number
+        return read(s.camel, default, minimum=k.minimum, maximum=k.maximum, gt=k.gt, lt=k.lt, rule=k.rule)
+
+    def settings(self, cls: type, **defaults: Any) -> dict[str, Any]:
+        """Every knob of a contract dataclass (`defaults` overrides some defaults), as constructor kwargs."""
+        return {s.name: self.setting(s, defaults.get(s.name, _MISSING)) for s in settings_of(cls)}
 
     def array(self, key: str, *, required: bool = False) -> list[Any]:
         value = self._value(key, required)
@@ -429,20 +327,20 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     """
     errors: list[tuple[str, str]] = []
     top = _Fields(spec, "", errors)
-    algorithm = top.string("algorithm", required=True, enum=ALGORITHMS)
+    algorithm = top.string("algorithm", required=True, enum=NAMES)
     image = top.string("image", required=True)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
-    model = _model(top.obj("model")) if _present(top, "model") else ModelSource(path="")
+    model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
     top.read.add("rewardModel")  # known even when null
-    reward_model = _model(top.obj("rewardModel")) if top.has("rewardModel") else None
+    reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
-    dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetSpec(path="")
+    dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
     if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
         top.error("roles", f"must have 1 to {len(ROLE_NAMES)} roles (got {len(raw_roles)})")
     roles = tuple(_role(_Fields(raw, f"roles[{i}]", errors)) for i, raw in enumerate(raw_roles))
-    hyperparameters = _hyperparameters(top.obj("hyperparameters"))
+    hyperparameters = _settings(top.obj("hyperparameters"), Hyperparameters)
     checkpoint = _checkpoint(top.obj("checkpoint"))
     scheduling = _scheduling(top.obj("scheduling"))
     failure = top.obj("failurePolicy")
@@ -460,14 +358,19 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     bad = {path for path, _ in errors}
     errors.extend(_duplicate_role_errors(roles))
     if algorithm in ALGORITHMS and roles_given:
-        errors.extend(_role_set_errors(algorithm, reward.type, roles))
-    errors.extend(_colocation_errors(roles))
-    if algorithm in ONLINE_ALGORITHMS and reward.type == "model" and reward_model is None:
-        errors.append(("rewardModel", "is required when reward.type is model (algorithms ppo, grpo, rloo)"))
-    errors.extend(_gang_shape_errors(roles, hyperparameters.batch_size, bad))
+        problem = role_set_problem(algorithm, reward.type, [r.name for r in roles if r.name in ROLE_NAMES])
+        if problem:
+            errors.append(("roles", problem))
+    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with)) for r in roles]
+    errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
+    if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
+        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+    errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
-        errors.extend(_dataset_format_errors(algorithm, dataset))
+        problem = dataset_format_problem(algorithm, dataset)
+        if problem:
+            errors.append(("dataset.format", problem))
     if errors:
         raise SpecError(errors)
     return JobSpec(
@@ -487,20 +390,15 @@ def _present(fields: _Fields, key: str) -> bool:
     return fields.has(key)
 
 
-def _model(fields: _Fields) -> ModelSource:
-    source = ModelSource(path=fields.string("path", required=True))
+def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
+    """A section made only of contract knobs (model, dataset, hyperparameters): read, then unknown keys."""
+    value = cls(**fields.settings(cls, **defaults))
     fields.done()
-    return source
+    return value
 
 
-def _reward(fields: _Fields) -> RewardSpec:
-    reward = RewardSpec(
-        type=fields.string("type", RewardSpec.type, enum=REWARD_TYPES),
-        rule=fields.string("rule", enum=REWARD_RULES),
-        pattern=fields.string("pattern", max_length=1024),
-        callable=fields.string("callable", max_length=253),
-    )
-    fields.done()
+def _reward(fields: _Fields) -> RewardConfig:
+    reward = _settings(fields, RewardConfig)
     if reward.type == "rule" and not reward.rule:
         fields.error("rule", f"is required when type is rule; {_one_of(REWARD_RULES)}")
     if reward.rule == "regex" and not reward.pattern:
@@ -510,38 +408,21 @@ def _reward(fields: _Fields) -> RewardSpec:
     return reward
 
 
-def _dataset(fields: _Fields) -> DatasetSpec:
-    dataset = DatasetSpec(
-        path=fields.string("path", required=True),
-        format=fields.string("format", DatasetSpec.format, enum=DATASET_FORMATS),
-        eval_path=fields.string("evalPath"),
-    )
-    fields.done()
-    return dataset
-
-
 def _role(fields: _Fields) -> RoleSpec:
     name = fields.string("name", required=True, enum=ROLE_NAMES)
-    ds = fields.obj("deepspeed")
-    deepspeed = DeepSpeedSpec(
-        zero_stage=ds.integer("zeroStage", 0 if name in FROZEN_ROLES else DeepSpeedSpec.zero_stage,
-                              minimum=0, maximum=3),
-        bf16=ds.boolean("bf16", DeepSpeedSpec.bf16),
-        offload_optimizer=ds.boolean("offloadOptimizer", DeepSpeedSpec.offload_optimizer),
-        gradient_checkpointing=ds.boolean("gradientCheckpointing", DeepSpeedSpec.gradient_checkpointing),
-    )
-    ds.done()
+    # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
+    zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
+    deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
     role = RoleSpec(
         name=name,
-        replicas=fields.integer("replicas", RoleSpec.replicas, minimum=1),
+        **fields.settings(RoleConfig),
+        deepspeed=deepspeed,
         image=fields.string("image"),
         gpus=fields.integer("gpus", 0, minimum=0),
         resources=_resources(fields.obj("resources")),
         node_selector=fields.string_map("nodeSelector"),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
                      for i, t in enumerate(fields.array("tolerations"))],
-        colocate_with=fields.string("colocateWith", max_length=16),
-        deepspeed=deepspeed,
     )
     fields.done()
     return role
@@ -567,21 +448,8 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
     return {k: v for k, v in parsed.items() if fields.has(k)}
 
 
-def _hyperparameters(fields: _Fields) -> Hyperparameters:
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(Hyperparameters):
-        key = camel_case(f.name)
-        read = {"int": fields.integer, "float": fields.number, "bool": fields.boolean, "str": fields.string}[f.type]
-        values[f.name] = read(key, f.default, **HYPERPARAMETER_BOUNDS.get(key, {}))
-    fields.done()
-    if values["dual_clip"] != 0 and values["dual_clip"] <= 1:
-        fields.error("dualClip", f"must be 0 (off) or > 1 (got {values['dual_clip']})")
-    return Hyperparameters(**values)
-
-
 def _checkpoint(fields: _Fields) -> CheckpointSpec:
-    interval = fields.integer("intervalSteps", CheckpointSpec.interval_steps, minimum=1)
-    keep = fields.integer("keep", CheckpointSpec.keep, minimum=1)
+    shared = fields.settings(CheckpointConfig)
     vol = fields.obj("volume")
     claim = vol.string("existingClaim", max_length=253)
     size = vol.string("size", pattern=QUANTITY_PATTERN, max_length=64)
@@ -595,7 +463,7 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
     fields.done()
     if claim and size:
         vol.error("", "set either existingClaim or size, not both")
-    return CheckpointSpec(interval_steps=interval, keep=keep, volume=volume)
+    return CheckpointSpec(**shared, volume=volume)
 
 
 def _scheduling(fields: _Fields) -> SchedulingSpec:
@@ -618,63 +486,18 @@ def _duplicate_role_errors(roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]
     return errors
 
 
-def _role_set_errors(algorithm: str, reward_type: str, roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
-    """The set of role names must be exactly required_roles()."""
-    errors: list[tuple[str, str]] = []
-    names = [r.name for r in roles if r.name in ROLE_NAMES]
-    required = required_roles(algorithm, reward_type)
-    missing = [n for n in required if n not in names]
-    extra = [n for n in dict.fromkeys(names) if n not in required]
-    if missing or extra:
-        why = f"algorithm {algorithm}" + (f" with reward.type {reward_type}" if algorithm in ONLINE_ALGORITHMS else "")
-        detail = "; ".join(
-            [f"missing: {', '.join(missing)}"] * bool(missing) + [f"not allowed: {', '.join(extra)}"] * bool(extra)
-        )
-        errors.append(("roles", f"must be exactly the roles {', '.join(required)} for {why} ({detail})"))
-    return errors
-
-
-def _colocation_errors(roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
-    """colocateWith names another role of the job that itself has pods (no chains)."""
-    by_name = {r.name: r for r in roles}
-    errors = []
-    for i, role in enumerate(roles):
-        host = role.colocate_with
-        if not host:
-            continue
-        if role.name == "actor":
-            problem = "must be unset on the actor: the actor needs pods of its own"
-        elif host == role.name:
-            problem = "must name another role, not the role itself"
-        elif host not in by_name:
-            problem = f"must name a role of this job ({', '.join(by_name)})"
-        elif by_name[host].colocate_with:
-            problem = f"must name a role with pods of its own ({host!r} is itself colocated)"
-        else:
-            continue
-        errors.append((f"roles[{i}].colocateWith", f"{problem} (got {host!r})"))
-    return errors
-
-
-def _gang_shape_errors(roles: tuple[RoleSpec, ...], batch_size: int, bad: set[str]) -> list[tuple[str, str]]:
-    """The trainer's startup checks of the process layout (it exits 78 on either): actor rank i is
-    served by rank i mod n of each other role, so a role with pods may not have more replicas than
-    the actor (its extra ranks would idle and hang their world); and every actor rank takes an equal
-    share of hyperparameters.batchSize."""
+def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layout.Placement]], batch_size: int,
+                       bad: set[str]) -> list[tuple[str, str]]:
+    """The trainer's startup checks of the process layout (it exits 78 on either): rlhf_contract.layout's
+    replica and batch rules, on the fields that parsed cleanly."""
     index = next((i for i, r in enumerate(roles) if r.name == "actor"), None)
     if index is None or f"roles[{index}].replicas" in bad:
         return []
-    actors = roles[index].replicas
-    errors = [
-        (f"roles[{i}].replicas", f"must be at most the actor's replicas ({actors}): each rank of a role with pods "
-                                 f"serves actor ranks (got {role.replicas})")
-        for i, role in enumerate(roles)
-        if role.name != "actor" and not role.colocate_with and f"roles[{i}].replicas" not in bad
-        and role.replicas > actors
-    ]
-    if "hyperparameters.batchSize" not in bad and batch_size % actors:
-        errors.append(("hyperparameters.batchSize", f"must be divisible by the actor's replicas ({actors}): every "
-                                                    f"actor rank takes an equal share (got {batch_size})"))
+    errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
+              if f"roles[{i}].replicas" not in bad]
+    problem = layout.batch_problem(roles[index].replicas, batch_size)
+    if "hyperparameters.batchSize" not in bad and problem:
+        errors.append(("hyperparameters.batchSize", problem))
     return errors
 
 
@@ -688,17 +511,6 @@ def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[st
         if role.name in TRAINED_ROLES and role.deepspeed.offload_optimizer and role.deepspeed.zero_stage == 0
         and f"roles[{i}].deepspeed.zeroStage" not in bad
     ]
-
-
-def _dataset_format_errors(algorithm: str, dataset: DatasetSpec) -> list[tuple[str, str]]:
-    """dpo and rm learn from preference pairs: a JSONL file must be in a pair format (the trainer
-    exits 78 otherwise). A synthetic:// dataset brings its own format, so `format` is not read."""
-    if algorithm not in PAIR_ALGORITHMS or dataset.path.startswith(SYNTHETIC_PREFIX):
-        return []
-    if dataset.format in PAIR_FORMATS:
-        return []
-    return [("dataset.format", f"must be one of {', '.join(PAIR_FORMATS)} for algorithm {algorithm}, which learns "
-                               f"from preference pairs (got {dataset.format!r})")]
 
 
 def _job_name_errors(name: str) -> list[tuple[str, str]]:

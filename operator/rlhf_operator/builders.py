@@ -11,33 +11,37 @@ Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoi
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
 
-from rlhf_operator.api import Job, JobSpec, RoleSpec
-from rlhf_operator.constants import (
-    ANNOTATION_VOLCANO_GROUP,
-    API_VERSION,
+from rlhf_contract import layout, wire
+from rlhf_contract.config import CheckpointConfig, RoleConfig, TrainerConfig, dump_config
+from rlhf_contract.wire import (
     BRIDGE_PORT,
     CHECKPOINT_MOUNT,
     CONFIG_FILE,
     CONFIG_MOUNT,
     CONTAINER_NAME,
-    KIND,
-    LABEL_COSCHEDULING_GROUP,
     LABEL_JOB,
-    LABEL_KUEUE_QUEUE,
-    LABEL_MANAGED_BY,
     LABEL_RESTART_ATTEMPT,
     LABEL_ROLE,
     LABEL_ROLE_INDEX,
-    MANAGED_BY,
-    METRICS_PORT,
     ROLE_PORT,
     TRAINER_COMMAND,
+    TRAINER_METRICS_PORT,
     TRAINER_UID,
+)
+
+from rlhf_operator.api import Job, JobSpec, RoleSpec
+from rlhf_operator.constants import (
+    ANNOTATION_VOLCANO_GROUP,
+    API_VERSION,
+    KIND,
+    LABEL_COSCHEDULING_GROUP,
+    LABEL_KUEUE_QUEUE,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
 )
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -68,7 +72,7 @@ class BuildSettings:
     trainer_service_account: str = "rlhf-trainer"
     cluster_domain: str = "cluster.local"
     default_gang_scheduler: str = "none"  # used when spec.scheduling.gangScheduler == ""
-    metrics_port: int = METRICS_PORT
+    trainer_metrics_port: int = TRAINER_METRICS_PORT  # the trainers' /metrics (RLHF_METRICS_PORT)
     # The name the scheduler-plugins chart gives its second scheduler.
     coscheduling_scheduler_name: str = "scheduler-plugins-scheduler"
 
@@ -105,34 +109,32 @@ def gang_pod_names(job: Job) -> list[str]:
 
 def host_role(spec: JobSpec, role: str) -> str:
     """The role whose pods run `role` (itself unless colocated)."""
-    return spec.role(role).colocate_with or role
+    return layout.host_role(role, spec.placements())
 
 
 # --- trainer config --------------------------------------------------------------------------
 
 
-def build_trainer_config(job: Job) -> dict[str, Any]:
-    """The trainer's config.json: the spec in snake_case with roles as a map (docs/spec.md)."""
+def build_trainer_config(job: Job) -> TrainerConfig:
+    """The trainer's config.json (docs/spec.md): the spec's shared fields, roles as a map."""
     spec = job.spec
-    return {
-        "job": job.name,
-        "namespace": job.namespace,
-        "algorithm": spec.algorithm,
-        "model": {"path": spec.model.path},
-        "reward_model": {"path": spec.reward_model.path} if spec.reward_model else None,
-        "reward": asdict(spec.reward),
-        "dataset": asdict(spec.dataset),
-        "roles": {
-            r.name: {
-                "replicas": r.replicas,
-                "colocate_with": r.colocate_with,
-                "deepspeed": asdict(r.deepspeed),
-            }
-            for r in spec.roles
-        },
-        "hyperparameters": asdict(spec.hyperparameters),
-        "checkpoint": {"interval_steps": spec.checkpoint.interval_steps, "keep": spec.checkpoint.keep},
-    }
+    return TrainerConfig(
+        job=job.name,
+        namespace=job.namespace,
+        algorithm=spec.algorithm,
+        model=spec.model,
+        reward_model=spec.reward_model,
+        reward=spec.reward,
+        dataset=spec.dataset,
+        roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
+        hyperparameters=spec.hyperparameters,
+        checkpoint=_shared(spec.checkpoint, CheckpointConfig),
+    )
+
+
+def _shared(obj: Any, cls: type) -> Any:
+    """The contract part of a manifest object that extends a contract class (RoleSpec -> RoleConfig)."""
+    return cls(**{f.name: getattr(obj, f.name) for f in fields(cls)})
 
 
 # --- addresses -------------------------------------------------------------------------------
@@ -211,21 +213,21 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
     """The env contract of docs/spec.md, in its table's order."""
     addrs = role_addrs(job, settings)
     plain = {
-        "RLHF_JOB": job.name,
-        "RLHF_ROLE": role.name,
-        "RLHF_ROLE_RANK": str(index),
-        "RLHF_ROLE_REPLICAS": str(role.replicas),
-        "RLHF_COLOCATED_ROLES": ",".join(job.spec.colocated_into(role.name)),
-        "RLHF_CONFIG": f"{CONFIG_MOUNT}/{CONFIG_FILE}",
-        "RLHF_ROLE_ADDRS": ",".join(f"{name}={addr}" for name, addr in addrs.items()),
-        "RLHF_BRIDGE_ADDR": bridge_addr(job, settings),
-        "RLHF_CHECKPOINT_DIR": CHECKPOINT_MOUNT,
-        "RLHF_RESTART_ATTEMPT": str(attempt),
-        "RLHF_METRICS_PORT": str(settings.metrics_port),
+        wire.ENV_JOB: job.name,
+        wire.ENV_ROLE: role.name,
+        wire.ENV_ROLE_RANK: str(index),
+        wire.ENV_ROLE_REPLICAS: str(role.replicas),
+        wire.ENV_COLOCATED_ROLES: ",".join(job.spec.colocated_into(role.name)),
+        wire.ENV_CONFIG: wire.CONFIG_PATH,
+        wire.ENV_ROLE_ADDRS: wire.format_role_addrs(addrs),
+        wire.ENV_BRIDGE_ADDR: bridge_addr(job, settings),
+        wire.ENV_CHECKPOINT_DIR: CHECKPOINT_MOUNT,
+        wire.ENV_RESTART_ATTEMPT: str(attempt),
+        wire.ENV_METRICS_PORT: str(settings.trainer_metrics_port),
         **SCRATCH_ENV,
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
-    env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    env.append({"name": wire.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     return env
 
 
@@ -233,7 +235,7 @@ def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[
     ports = [{"name": "role", "containerPort": ROLE_PORT, "protocol": "TCP"}]
     if role.name == host_role(job.spec, "actor"):
         ports.append({"name": "bridge", "containerPort": BRIDGE_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"})
     return ports
 
 
@@ -367,7 +369,7 @@ def build_config_map(job: Job) -> dict:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, config_map_name(job.name)),
-        "data": {CONFIG_FILE: json.dumps(build_trainer_config(job), indent=2, sort_keys=True)},
+        "data": {CONFIG_FILE: dump_config(build_trainer_config(job))},
     }
 
 

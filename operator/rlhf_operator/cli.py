@@ -13,6 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhf_contract import wire
+
+from rlhf_operator.constants import OPERATOR_METRICS_PORT
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-operator", description=__doc__.splitlines()[0])
@@ -42,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gang scheduler for jobs that do not choose one")
     op.add_argument("--trainer-service-account", default="rlhf-trainer",
                     help="service account of trainer pods (it needs no API permissions)")
-    op.add_argument("--metrics-port", type=int, default=8080, help="operator /metrics port")
-    op.add_argument("--trainer-metrics-port", type=int, default=9400,
+    op.add_argument("--metrics-port", type=int, default=OPERATOR_METRICS_PORT, help="operator /metrics port")
+    op.add_argument("--trainer-metrics-port", type=int, default=wire.TRAINER_METRICS_PORT,
                     help="port of the trainer's /metrics, read for status.progress")
     op.add_argument("--liveness", default="http://0.0.0.0:8081/healthz", help="kopf liveness endpoint")
     op.add_argument("--progress-interval", type=float, default=15.0,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import shlex
 import shutil
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rlhf_contract import wire
 
 from rlhf_operator import api, builders, constants, localexec, planner, report
 from rlhf_operator.progress import merge_progress
@@ -110,7 +112,7 @@ def volume_dir(run_dir: Path, pod_dir: Path, mount_path: str, volume: Mapping[st
     """Local folder standing in for a pod volume: the config, the shared checkpoint volume, scratch."""
     if "configMap" in volume:
         return run_dir / "config"
-    if mount_path == constants.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
+    if mount_path == wire.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
         return run_dir / "checkpoints"
     return pod_dir / "volumes" / volume["name"]
 
@@ -225,7 +227,7 @@ class LocalRunner:
             progress=progress,
         )
         result = planner.plan(self.job, observed, datetime.datetime.now(datetime.UTC), self.settings)
-        self._acted = any(type(a).__name__ in ("CreateObject", "DeletePods") for a in result.actions)
+        self._acted = any(isinstance(a, planner.CreateObject | planner.DeletePods) for a in result.actions)
         for action in result.actions:
             self.execute(action)
         self._set_status(result.status)
@@ -250,25 +252,34 @@ class LocalRunner:
             tmp.replace(self.run_dir / "status.json")
 
     # -- actions ----------------------------------------------------------------------------------
-    def execute(self, action: Any) -> None:
-        kind = type(action).__name__
-        if kind == "CreateObject":
-            self.create(action.obj)
-        elif kind == "DeletePods":
-            names = [n for n in action.names if n in self.pods]
-            self.supervisor.stop(names, self.stop_grace)
-            for n in names:
-                del self.pods[n]
-            if names:
-                self.timeline.add("pods_deleted", ",".join(names))
-        elif kind == "DeleteObject":
-            self.objects.pop((action.kind, action.name), None)
-        elif kind == "DeleteJob":
-            self.job_deleted = True
-        elif kind == "EmitEvent":
-            self.event(action.type, action.reason, action.message)
-        else:
-            raise TypeError(f"local runner: unknown planner action {action!r}")
+    @functools.singledispatchmethod
+    def execute(self, action: object) -> None:
+        raise TypeError(f"local runner: unknown planner action {action!r}")
+
+    @execute.register
+    def _(self, action: planner.CreateObject) -> None:
+        self.create(action.obj)
+
+    @execute.register
+    def _(self, action: planner.DeletePods) -> None:
+        names = [n for n in action.names if n in self.pods]
+        self.supervisor.stop(names, self.stop_grace)
+        for n in names:
+            del self.pods[n]
+        if names:
+            self.timeline.add("pods_deleted", ",".join(names))
+
+    @execute.register
+    def _(self, action: planner.DeleteObject) -> None:
+        self.objects.pop((action.kind, action.name), None)
+
+    @execute.register
+    def _(self, action: planner.DeleteJob) -> None:
+        self.job_deleted = True
+
+    @execute.register
+    def _(self, action: planner.EmitEvent) -> None:
+        self.event(action.type, action.reason, action.message)
 
     def create(self, obj: Mapping[str, Any]) -> None:
         obj = stamp_new_object(dict(obj), self.job.namespace)
@@ -285,7 +296,7 @@ class LocalRunner:
 
     def start_pod(self, pod: Mapping[str, Any]) -> None:
         name = pod["metadata"]["name"]
-        attempt = pod["metadata"].get("labels", {}).get(constants.LABEL_RESTART_ATTEMPT, "0")
+        attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.pod_dir(name)
         mounts = pod_mounts(pod, lambda path, vol: volume_dir(self.run_dir, pod_dir, path, vol))
         for folder in mounts.values():
@@ -411,12 +422,6 @@ def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width
     step = int(row.get("step", 0) or 0)
     filled = min(width, width * step // max(max_steps, 1))
     return f"{name:<12} [{'#' * filled}{'.' * (width - filled)}] {step}/{max_steps}  {_metric_text(row)}".rstrip()
-
-
-def run_manifest(path: Path, workdir: Path, **kwargs: Any) -> tuple[LocalRunner, dict[str, Any]]:
-    manifest = load_manifest(path)
-    runner = LocalRunner(manifest, workdir, **kwargs)
-    return runner, runner.run()
 
 
 def main(args: Any) -> int:

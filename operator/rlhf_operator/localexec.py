@@ -29,12 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_operator import constants
+from rlhf_contract import wire
 
-# Env vars whose values hold host:port addresses of other pods (docs/spec.md "Env contract").
-ADDRESS_ENV = ("RLHF_ROLE_ADDRS", "RLHF_BRIDGE_ADDR")
-# Where the trainer writes its last words; a kubelet reads /dev/termination-log instead.
-TERMINATION_LOG_ENV = "RLHF_TERMINATION_LOG"
 # Kubernetes keeps at most 4096 bytes of a termination message.
 MAX_TERMINATION_MESSAGE = 4096
 _HOST_PORT = re.compile(r"(?P<host>[A-Za-z0-9_.\-\[\]:]+?):(?P<port>\d+)$")
@@ -55,7 +51,7 @@ class ProcessSpec:
 
 
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return wire.format_time(datetime.datetime.now(datetime.UTC))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -125,7 +121,7 @@ def absolute_search_path(value: str, cwd: Path) -> str:
 
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     containers = pod["spec"]["containers"]
-    return next((c for c in containers if c.get("name") == constants.CONTAINER_NAME), containers[0])
+    return next((c for c in containers if c.get("name") == wire.CONTAINER_NAME), containers[0])
 
 
 def field_ref_value(pod: Mapping[str, Any], path: str, pod_ip: str) -> str:
@@ -186,16 +182,17 @@ def translate_pod(
             value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
         else:
             raise ValueError(f"pod {name}: env {var['name']}: only value and fieldRef are supported locally")
-        if var["name"] in ADDRESS_ENV:
+        if var["name"] in wire.ADDRESS_ENV:
             value = rewrite_addresses(value, resolve)
-        elif var["name"] == "RLHF_METRICS_PORT":
+        elif var["name"] == wire.ENV_METRICS_PORT:
             value = str(metrics_port)
         else:
             value = rewrite_mount_path(value, mounts)
         env[var["name"]] = value
-    env["POD_IP"] = pod_ip
+    env[wire.ENV_POD_IP] = pod_ip
     termination_log = pod_dir / "termination-log"
-    env[TERMINATION_LOG_ENV] = str(termination_log)
+    # Where the trainer writes its last words; a kubelet reads /dev/termination-log instead.
+    env[wire.ENV_TERMINATION_LOG] = str(termination_log)
     argv = tuple(command) if command is not None else local_argv(container, python)
     return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log)
 
@@ -334,5 +331,5 @@ def pod_status(proc: LocalProcess | None, pod_ip: str) -> dict[str, Any]:
 
 
 def _container_status(state: dict[str, Any], *, ready: bool) -> dict[str, Any]:
-    return {"name": constants.CONTAINER_NAME, "ready": ready, "restartCount": 0, "state": state,
+    return {"name": wire.CONTAINER_NAME, "ready": ready, "restartCount": 0, "state": state,
             "image": "local", "imageID": "", "started": ready}

@@ -27,6 +27,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from rlhf_contract import wire
+from rlhf_contract.wire import (
+    LABEL_RESTART_ATTEMPT,
+    LABEL_ROLE,
+    LABEL_ROLE_INDEX,
+    PERMANENT_EXIT_CODES,
+)
+
 from rlhf_operator.api import FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
@@ -39,14 +47,9 @@ from rlhf_operator.builders import (
     support_object_refs,
 )
 from rlhf_operator.constants import (
-    LABEL_RESTART_ATTEMPT,
-    LABEL_ROLE,
-    LABEL_ROLE_INDEX,
     MAX_BACKOFF_SECONDS,
-    PERMANENT_EXIT_CODES,
 )
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 # A pod created moments ago may not be in the shell's cache yet: missing pods count as vanished
 # (a gang failure) only this long after the gang was created.
 MISSING_POD_GRACE_SECONDS = 30.0
@@ -168,7 +171,7 @@ class Plan:
 
 
 def format_time(moment: datetime) -> str:
-    return _utc(moment).strftime(TIME_FORMAT)
+    return wire.format_time(_utc(moment))
 
 
 def parse_time(text: str | None) -> datetime | None:

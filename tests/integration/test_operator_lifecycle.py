@@ -58,7 +58,7 @@ def test_every_example_gets_its_children(emulator, operator, file):
         assert pod["spec"]["restartPolicy"] == "Never"
     service = get(emulator, "services", name)
     assert service["spec"]["clusterIP"] == "None"
-    assert config_json(emulator, name) == builders.build_trainer_config(expected)
+    assert config_json(emulator, name) == builders.build_trainer_config(expected).to_dict()
     claim = expected.spec.checkpoint.volume
     pvc = get(emulator, "persistentvolumeclaims", f"{name}-checkpoints")
     assert (pvc is None) == bool(claim.existing_claim)

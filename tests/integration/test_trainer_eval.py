@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rlhf_trainer.config import required_roles
+from rlhf_contract.algorithms import required_roles
 from trainer_harness import trainer_config
 from trainer_inprocess import colocated_roles, in_process_context, role_world, run_actor  # noqa: F401
 

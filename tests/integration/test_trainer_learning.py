@@ -107,9 +107,9 @@ def test_dpo_raises_preference_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(tmp_path):
+    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
-    from rlhf_trainer.config import Hyperparameters
     from rlhf_trainer.data import synthetic_preferences
     from transformers import AutoModelForSequenceClassification
 

@@ -14,8 +14,8 @@ import math
 
 import pytest
 import torch
+from rlhf_contract.algorithms import required_roles
 from rlhf_trainer import models
-from rlhf_trainer.config import required_roles
 from rlhf_trainer.finite import NonFiniteError
 from trainer_harness import trainer_config
 from trainer_inprocess import colocated_roles, in_process_context, role_world, run_actor  # noqa: F401
@@ -79,21 +79,21 @@ def poison_loss(monkeypatch, algorithm):
 
 
 def poison_gradients(monkeypatch, algorithm):
-    """The trainable model's embedding gradient is NaN in its first backward (the loss is finite)."""
-    loader = "load_reward_model" if algorithm == "rm" else "load_policy"
-    real = getattr(models, loader)
+    """The actor model's embedding gradient is NaN in its first backward (the loss is finite)."""
+    from rlhf_trainer.algorithms.common import ActorAlgorithm
+
+    real = ActorAlgorithm.__init__
     calls = {"n": 0}
 
     def hook(grad):
         calls["n"] += 1
         return grad * NAN if calls["n"] == 1 else grad
 
-    def load(path, *, seed, **kwargs):
-        model = real(path, seed=seed, **kwargs)
-        model.get_input_embeddings().weight.register_hook(hook)
-        return model
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self.strategy.module.get_input_embeddings().weight.register_hook(hook)
 
-    monkeypatch.setattr(models, loader, load)
+    monkeypatch.setattr(ActorAlgorithm, "__init__", init)
 
 
 POISON = {"reward": poison_reward, "loss": poison_loss, "grad_norm": poison_gradients}

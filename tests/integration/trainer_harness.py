@@ -23,9 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_trainer.config import required_roles
+from rlhf_contract.algorithms import ROLE_NAMES, required_roles
 
-ROLE_ORDER = ("actor", "critic", "reward", "reference")
 DATASET_OF = {
     "ppo": "synthetic://arithmetic", "grpo": "synthetic://arithmetic", "rloo": "synthetic://arithmetic",
     "dpo": "synthetic://preferences", "rm": "synthetic://preferences", "sft": "synthetic://instructions",
@@ -66,7 +65,7 @@ def processes_of(config: dict) -> list[tuple[str, int, int, list[str]]]:
     """(role, rank, replicas, colocated roles) of every process, actor first."""
     roles = config["roles"]
     out = []
-    for role in ROLE_ORDER:
+    for role in ROLE_NAMES:
         spec = roles.get(role)
         if spec is None or spec.get("colocate_with"):
             continue

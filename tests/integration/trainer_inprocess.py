@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlhf_contract.algorithms import ALGORITHMS
+from rlhf_contract.config import parse_config
 from rlhf_trainer import distributed
-from rlhf_trainer.config import parse_config
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
-from rlhf_trainer.runtime import ALGORITHM_MODULES, Context, placements_of
+from rlhf_trainer.runtime import Context
 
 
 @pytest.fixture(scope="session")
@@ -50,10 +51,10 @@ def in_process_context(config: dict, workdir: Path) -> Context:
     metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0))
     guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
                            count=metrics.count_non_finite)
-    return Context(env, cfg, placements_of(cfg), None, metrics, guard)
+    return Context(env, cfg, cfg.placements(), None, metrics, guard)
 
 
 def run_actor(ctx: Context) -> None:
     torch.manual_seed(ctx.cfg.hyperparameters.seed)
-    module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHM_MODULES[ctx.cfg.algorithm]}")
+    module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[ctx.cfg.algorithm].module}")
     module.run(ctx)

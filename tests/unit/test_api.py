@@ -6,6 +6,9 @@ import dataclasses
 
 import pytest
 import rlhfjob_cases as cases
+from rlhf_contract import algorithms
+from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
+from rlhf_contract.knobs import camel_case, settings_of
 from rlhf_operator import api
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
 
@@ -31,10 +34,10 @@ def errors_of(spec: object) -> list[tuple[str, str]]:
 def test_minimal_spec_gets_every_default():
     spec = parse_spec(MINIMAL)
     assert spec.image_pull_policy == "IfNotPresent"
-    assert spec.reward == api.RewardSpec(type="model")
-    assert spec.reward_model == api.ModelSource(path="/models/rm")
-    assert spec.dataset == api.DatasetSpec(path="synthetic://arithmetic", format="prompts", eval_path="")
-    assert spec.hyperparameters == api.Hyperparameters()
+    assert spec.reward == RewardConfig(type="model")
+    assert spec.reward_model == ModelConfig(path="/models/rm")
+    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="prompts", eval_path="")
+    assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
     assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)
     assert spec.failure_policy == api.FailurePolicy(max_restarts=3, backoff_seconds=10)
@@ -51,13 +54,13 @@ def test_minimal_spec_gets_every_default():
     pytest.param("reference", 0, id="reference-frozen-zero0"),
 ])
 def test_zero_stage_default_depends_on_whether_the_role_trains(role, zero_stage):
-    assert parse_spec(MINIMAL).role(role).deepspeed == api.DeepSpeedSpec(zero_stage=zero_stage)
+    assert parse_spec(MINIMAL).role(role).deepspeed == DeepSpeedConfig(zero_stage=zero_stage)
 
 
 def test_explicit_zero_stage_wins_over_the_role_default():
     spec = dict(MINIMAL, roles=[{"name": "actor"}, {"name": "critic"}, {"name": "reward"},
                                 {"name": "reference", "deepspeed": {"zeroStage": 3, "bf16": True}}])
-    assert parse_spec(spec).role("reference").deepspeed == api.DeepSpeedSpec(zero_stage=3, bf16=True)
+    assert parse_spec(spec).role("reference").deepspeed == DeepSpeedConfig(zero_stage=3, bf16=True)
 
 
 @pytest.mark.parametrize(("volume", "expected"), [
@@ -81,7 +84,7 @@ def test_checkpoint_volume(volume, expected):
     pytest.param("sft", "rule", ("actor",), id="sft"),
 ])
 def test_required_roles(algorithm, reward, roles):
-    assert api.required_roles(algorithm, reward) == roles
+    assert algorithms.required_roles(algorithm, reward) == roles
 
 
 def test_hyperparameters_are_read_by_their_manifest_names():
@@ -94,9 +97,9 @@ def test_hyperparameters_are_read_by_their_manifest_names():
 
 
 def test_camel_case_names_every_hyperparameter_as_the_spec_does():
-    names = {api.camel_case(f.name) for f in dataclasses.fields(api.Hyperparameters)}
+    names = {camel_case(s.name) for s in settings_of(Hyperparameters)}
     assert {"maxSteps", "learningRate", "microBatchSize", "valueClipRange", "klHorizon"} <= names
-    assert set(api.HYPERPARAMETER_BOUNDS) <= names
+    assert len(names) == len(dataclasses.fields(Hyperparameters))  # every field is a knob
 
 
 def test_role_fields_are_kept():
@@ -110,7 +113,7 @@ def test_role_fields_are_kept():
     assert (actor.replicas, actor.image, actor.gpus) == (2, "custom:2", 8)
     assert actor.resources == role["resources"] and actor.node_selector == {"pool": "gpu"}
     assert actor.tolerations == role["tolerations"]
-    assert actor.deepspeed == api.DeepSpeedSpec(3, True, True, True)
+    assert actor.deepspeed == DeepSpeedConfig(3, True, True, True)
 
 
 def test_colocated_roles_have_no_pods_of_their_own():
@@ -126,7 +129,7 @@ def test_every_example_parses(name):
     manifest = cases.example(name)
     job = parse_job(manifest)
     assert job.name == manifest["metadata"]["name"]
-    assert {r.name for r in job.spec.roles} == set(api.required_roles(job.spec.algorithm, job.spec.reward.type))
+    assert {r.name for r in job.spec.roles} == set(algorithms.required_roles(job.spec.algorithm, job.spec.reward.type))
 
 
 @pytest.mark.parametrize("case", cases.params("rlhfjob_valid.yaml"))
@@ -136,7 +139,7 @@ def test_valid_variants_parse(case):
 
 def test_null_is_unset():
     spec = parse_spec({**MINIMAL, "hyperparameters": {"maxSteps": None}, "suspend": None})
-    assert spec.hyperparameters.max_steps == api.Hyperparameters().max_steps and spec.suspend is False
+    assert spec.hyperparameters.max_steps == Hyperparameters().max_steps and spec.suspend is False
 
 
 # --- invalid specs ---------------------------------------------------------------------------------
@@ -238,7 +241,7 @@ def test_parse_spec_alone_does_not_see_the_name():
     pytest.param([0, 2, 1, 1], 8, ["roles[0].replicas"], id="bad-actor-replicas-no-comparison"),
 ])
 def test_gang_shape_matches_the_trainer_startup_checks(roles, batch_size, paths):
-    spec = dict(MINIMAL, roles=[{"name": n, "replicas": r} for n, r in zip(api.ROLE_NAMES, roles, strict=True)],
+    spec = dict(MINIMAL, roles=[{"name": n, "replicas": r} for n, r in zip(algorithms.ROLE_NAMES, roles, strict=True)],
                 hyperparameters={"batchSize": batch_size})
     if not paths:
         parse_spec(spec)

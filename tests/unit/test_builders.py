@@ -9,17 +9,19 @@ from fractions import Fraction
 
 import kubernetes_validate
 import pytest
+from rlhf_contract.wire import (
+    LABEL_JOB,
+    LABEL_RESTART_ATTEMPT,
+    LABEL_ROLE,
+    LABEL_ROLE_INDEX,
+)
 from rlhf_operator import builders
 from rlhf_operator.api import parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     LABEL_COSCHEDULING_GROUP,
-    LABEL_JOB,
     LABEL_KUEUE_QUEUE,
-    LABEL_RESTART_ATTEMPT,
-    LABEL_ROLE,
-    LABEL_ROLE_INDEX,
 )
 
 SETTINGS = BuildSettings()
@@ -136,7 +138,7 @@ def test_critic_pod_serves_no_colocated_role_and_has_no_bridge_port():
 
 
 def test_settings_change_addresses_service_account_and_metrics_port():
-    settings = BuildSettings(trainer_service_account="sa-x", cluster_domain="k8s.example", metrics_port=9999)
+    settings = BuildSettings(trainer_service_account="sa-x", cluster_domain="k8s.example", trainer_metrics_port=9999)
     job = make_job()
     pod = builders.build_role_pod(job, job.spec.role("actor"), 0, 0, settings)
     env = env_of(pod)
@@ -341,7 +343,7 @@ def test_config_map_holds_the_trainer_config_as_sorted_json():
     assert cm["metadata"]["name"] == "ppo-tiny-config"
     text = cm["data"]["config.json"]
     config = json.loads(text)
-    assert config == builders.build_trainer_config(job)
+    assert config == builders.build_trainer_config(job).to_dict()
     assert text == json.dumps(config, indent=2, sort_keys=True)
     assert config["hyperparameters"]["max_steps"] == 7
     assert config["hyperparameters"]["clip_range"] == 0.3

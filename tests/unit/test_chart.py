@@ -19,6 +19,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from rlhf_contract import wire
 from rlhf_operator.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
@@ -394,27 +395,27 @@ def test_helm_installs_the_crd_from_the_chart():
 
 def test_pod_monitor_finds_the_metrics_port_and_labels_of_trainer_pods():
     """The PodMonitor scrapes a named container port and relabels pod labels: the builders must set them."""
-    from rlhf_operator import api, builders, constants
+    from rlhf_operator import api, builders
 
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     manifest = yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text())
     manifest["metadata"].setdefault("namespace", "team-a")
-    settings = builders.BuildSettings(metrics_port=values["trainer"]["metricsPort"])
+    settings = builders.BuildSettings(trainer_metrics_port=values["trainer"]["metricsPort"])
     pods = builders.build_gang(api.parse_job(manifest), 0, settings)
     assert pods
     for pod in pods:
-        container = next(c for c in pod["spec"]["containers"] if c["name"] == constants.CONTAINER_NAME)
+        container = next(c for c in pod["spec"]["containers"] if c["name"] == wire.CONTAINER_NAME)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports[values["metrics"]["podMonitor"]["portName"]] == values["trainer"]["metricsPort"]
         labels = pod["metadata"]["labels"]
-        assert {constants.LABEL_JOB, constants.LABEL_ROLE, constants.LABEL_ROLE_INDEX} <= set(labels)
+        assert {wire.LABEL_JOB, wire.LABEL_ROLE, wire.LABEL_ROLE_INDEX} <= set(labels)
     # Prometheus turns pod label rlhf.dev/role-index into __meta_kubernetes_pod_label_rlhf_dev_role_index.
     monitor = one(render("metrics.podMonitor.enabled=true", api_versions=(MONITORING_API,)), "PodMonitor")
     sources = {r["sourceLabels"][0] for r in monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]}
     expected = {"__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
-                for label in (constants.LABEL_JOB, constants.LABEL_ROLE, constants.LABEL_ROLE_INDEX)}
+                for label in (wire.LABEL_JOB, wire.LABEL_ROLE, wire.LABEL_ROLE_INDEX)}
     assert sources == expected
-    assert monitor["spec"]["selector"]["matchExpressions"][0]["key"] == constants.LABEL_JOB
+    assert monitor["spec"]["selector"]["matchExpressions"][0]["key"] == wire.LABEL_JOB
 
 
 def test_kubernetes_validate_cli_passes_every_default_object(tmp_path):

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from rlhf_contract.config import DeepSpeedConfig
 from rlhf_trainer import checkpoint as ckpt
-from rlhf_trainer.config import DeepSpeedConfig
 from rlhf_trainer.strategy import DeepSpeedStrategy
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 

@@ -9,7 +9,6 @@ with cel-python (skipped when there are type errors, which block CEL in the API 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from typing import Any
 
@@ -18,6 +17,8 @@ import jsonschema
 import pytest
 import rlhfjob_cases as cases
 import yaml
+from rlhf_contract import algorithms, config
+from rlhf_contract.config import Hyperparameters
 from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
 
@@ -221,7 +222,7 @@ def test_every_cel_rule_compiles_and_has_a_message():
 def test_cel_cost_is_bounded_strings_in_list_rules_have_max_length():
     """The API server estimates rule cost from maxLength/maxItems; unbounded strings inside list
     rules blow the budget and the CRD is refused."""
-    assert SPEC["properties"]["roles"]["maxItems"] == len(api.ROLE_NAMES)
+    assert SPEC["properties"]["roles"]["maxItems"] == len(algorithms.ROLE_NAMES)
     for field in ("name", "colocateWith"):
         assert ROLE["properties"][field]["maxLength"] <= 64
 
@@ -232,20 +233,20 @@ def test_transition_rules_guard_algorithm_and_role_layout():
     assert any("oldSelf" in r["rule"] for r in SPEC["properties"]["roles"]["x-kubernetes-validations"])
 
 
-# --- drift against rlhf_operator.api -----------------------------------------------------------------------
+# --- drift against rlhf_operator.api and rlhf_contract (generated blocks: tests/unit/test_contract.py) ---
 
 
 @pytest.mark.parametrize(("node", "constant"), [
-    pytest.param(SPEC["properties"]["algorithm"], api.ALGORITHMS, id="algorithm"),
-    pytest.param(ROLE["properties"]["name"], api.ROLE_NAMES, id="role-name"),
-    pytest.param(SPEC["properties"]["reward"]["properties"]["type"], api.REWARD_TYPES, id="reward-type"),
-    pytest.param(SPEC["properties"]["reward"]["properties"]["rule"], api.REWARD_RULES, id="reward-rule"),
-    pytest.param(SPEC["properties"]["dataset"]["properties"]["format"], api.DATASET_FORMATS, id="dataset-format"),
+    pytest.param(SPEC["properties"]["algorithm"], algorithms.NAMES, id="algorithm"),
+    pytest.param(ROLE["properties"]["name"], algorithms.ROLE_NAMES, id="role-name"),
+    pytest.param(SPEC["properties"]["reward"]["properties"]["type"], algorithms.REWARD_TYPES, id="reward-type"),
+    pytest.param(SPEC["properties"]["reward"]["properties"]["rule"], config.REWARD_RULES, id="reward-rule"),
+    pytest.param(SPEC["properties"]["dataset"]["properties"]["format"], config.DATASET_FORMATS, id="dataset-format"),
     pytest.param(SPEC["properties"]["scheduling"]["properties"]["gangScheduler"], api.GANG_SCHEDULERS,
                  id="gang-scheduler"),
     pytest.param(SPEC["properties"]["imagePullPolicy"], api.PULL_POLICIES, id="pull-policy"),
-    pytest.param(HYPERPARAMETERS["lossType"], api.LOSS_TYPES, id="loss-type"),
-    pytest.param(HYPERPARAMETERS["klEstimator"], api.KL_ESTIMATORS, id="kl-estimator"),
+    pytest.param(HYPERPARAMETERS["lossType"], config.LOSS_TYPES, id="loss-type"),
+    pytest.param(HYPERPARAMETERS["klEstimator"], config.KL_ESTIMATORS, id="kl-estimator"),
     pytest.param(SCHEMA["properties"]["status"]["properties"]["phase"], api.PHASES, id="phase"),
     pytest.param(ROLE["properties"]["tolerations"]["items"]["properties"]["operator"], api.TOLERATION_OPERATORS,
                  id="toleration-operator"),
@@ -254,33 +255,11 @@ def test_enums_match_the_api_constants(node, constant):
     assert tuple(node["enum"]) == constant
 
 
-_JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
-
-
-def test_hyperparameter_names_types_and_defaults_match_the_dataclass():
-    fields = {api.camel_case(f.name): f for f in dataclasses.fields(api.Hyperparameters)}
-    assert list(HYPERPARAMETERS) == list(fields)
-    for name, f in fields.items():
-        assert HYPERPARAMETERS[name]["type"] == _JSON_TYPES[f.type], name
-        assert HYPERPARAMETERS[name]["default"] == f.default, name
-
-
-def test_hyperparameter_bounds_match_parse_spec():
-    for name, node in HYPERPARAMETERS.items():
-        bounds = api.HYPERPARAMETER_BOUNDS.get(name, {})
-        assert node.get("minimum") == bounds.get("minimum"), name
-        assert node.get("maximum") == bounds.get("maximum"), name
-        assert tuple(node.get("enum", ())) == tuple(bounds.get("enum", ())), name
-        rules = [r["rule"] for r in node.get("x-kubernetes-validations", [])]
-        assert ("gt" in bounds) == (f"self > {float(bounds.get('gt', 0))}" in rules), name
-        assert ("lt" in bounds) == (f"self < {float(bounds.get('lt', 0))}" in rules), name
-
-
 def test_patterns_match_parse_spec():
     volume = SPEC["properties"]["checkpoint"]["properties"]["volume"]
     assert volume["properties"]["size"]["pattern"] == api.QUANTITY_PATTERN
     [callable_rule] = [r for r in SPEC["properties"]["reward"]["x-kubernetes-validations"] if "callable" in r["rule"]]
-    assert f"matches('{api.CALLABLE_PATTERN}')" in callable_rule["rule"]
+    assert f"matches('{config.CALLABLE_PATTERN}')" in callable_rule["rule"]
 
 
 @pytest.mark.parametrize("name", cases.example_names())
@@ -297,7 +276,7 @@ def test_defaulting_an_empty_spec_fills_every_section():
     obj = {"spec": {"roles": [{"name": "actor"}]}}
     apply_defaults(SCHEMA, obj)
     spec = obj["spec"]
-    assert spec["hyperparameters"]["maxSteps"] == api.Hyperparameters().max_steps
+    assert spec["hyperparameters"]["maxSteps"] == Hyperparameters().max_steps
     assert spec["checkpoint"]["volume"] == {"retain": True}  # no size: existingClaim XOR size
     assert spec["reward"] == {"type": "model"}
     assert spec["roles"][0]["deepspeed"] == {"bf16": False, "offloadOptimizer": False, "gradientCheckpointing": False}
@@ -406,11 +385,11 @@ def test_status_written_by_the_operator_validates():
 
 
 def _role_matrix():
-    for algorithm in api.ALGORITHMS:
-        for reward_type in api.REWARD_TYPES:
-            required = api.required_roles(algorithm, reward_type)
+    for algorithm in algorithms.NAMES:
+        for reward_type in algorithms.REWARD_TYPES:
+            required = algorithms.required_roles(algorithm, reward_type)
             yield pytest.param(algorithm, reward_type, list(required), True, id=f"{algorithm}-{reward_type}-exact")
-            for name in api.ROLE_NAMES:
+            for name in algorithms.ROLE_NAMES:
                 toggled = [r for r in required if r != name] if name in required else [*required, name]
                 verb = "without" if name in required else "with"
                 yield pytest.param(algorithm, reward_type, toggled, False, id=f"{algorithm}-{reward_type}-{verb}-{name}")

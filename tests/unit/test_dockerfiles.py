@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rlhf_contract import wire
 from rlhf_operator import constants
 from rlhf_operator.cli import build_parser
 
@@ -114,12 +115,12 @@ def test_every_base_image_is_pinned_to_an_exact_release_or_digest(path):
 def test_runs_as_uid_1000_created_in_the_image(path):
     users = by_keyword(path, "USER")
     assert users, f"{path.name}: no USER: the image would run as root"
-    assert users[-1].args.split(":")[0] == str(constants.TRAINER_UID)
+    assert users[-1].args.split(":")[0] == str(wire.TRAINER_UID)
     runs = " ".join(i.args for i in by_keyword(path, "RUN"))
-    assert re.search(rf"useradd [^&]*--uid {constants.TRAINER_UID}\b", runs)
+    assert re.search(rf"useradd [^&]*--uid {wire.TRAINER_UID}\b", runs)
     # The chart runs the operator as the same uid, and the image's last instructions are not root.
     chart_values = yaml.safe_load((REPO / "charts/rlhf-operator/values.yaml").read_text())
-    assert chart_values["securityContext"]["runAsUser"] == constants.TRAINER_UID
+    assert chart_values["securityContext"]["runAsUser"] == wire.TRAINER_UID
 
 
 def entrypoint(path: Path) -> list[str]:
@@ -142,7 +143,7 @@ def test_operator_entrypoint_is_the_console_script_subcommand():
 
 @pytest.mark.parametrize("path", TRAINERS, ids=lambda p: p.name)
 def test_trainer_entrypoint_is_the_pod_command_and_exists(path):
-    assert entrypoint(path) == constants.TRAINER_COMMAND
+    assert entrypoint(path) == list(wire.TRAINER_COMMAND)
     main = REPO / "trainer_image" / "rlhf_trainer" / "__main__.py"
     assert main.exists(), "trainer_image/rlhf_trainer/__main__.py missing: `python -m rlhf_trainer` would fail"
     defined = {n.name for n in ast.parse(main.read_text()).body if isinstance(n, ast.FunctionDef)}
@@ -223,8 +224,8 @@ def test_torch_builds_cuda_and_cpu():
 
 @pytest.mark.parametrize("path, ports", [
     (OPERATOR, {constants.OPERATOR_METRICS_PORT, 8081}),
-    (TRAINER, {constants.METRICS_PORT, constants.ROLE_PORT, constants.BRIDGE_PORT}),
-    (TRAINER_CPU, {constants.METRICS_PORT, constants.ROLE_PORT, constants.BRIDGE_PORT}),
+    (TRAINER, {wire.TRAINER_METRICS_PORT, wire.ROLE_PORT, wire.BRIDGE_PORT}),
+    (TRAINER_CPU, {wire.TRAINER_METRICS_PORT, wire.ROLE_PORT, wire.BRIDGE_PORT}),
 ], ids=["operator", "trainer", "trainer-cpu"])
 def test_exposed_ports_are_the_contract_ports(path, ports):
     exposed = {int(p) for ins in by_keyword(path, "EXPOSE") for p in ins.args.split()}
@@ -261,3 +262,4 @@ def test_project_builds_from_exactly_the_copied_files(path, package, module, tmp
     names = zipfile.ZipFile(wheel).namelist()
     assert module in names, f"{path.name}: the installed package would lack {module}"
     assert any(n.startswith(f"{package}/") for n in names)
+    assert "rlhf_contract/config.py" in names, f"{path.name}: the image would lack the contract package"

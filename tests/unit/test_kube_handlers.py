@@ -37,11 +37,10 @@ def test_a_spec_is_parsed_once_per_generation_of_a_job(monkeypatch):
     # status writes keep the generation; a spec edit bumps it; a job deleted and created again under
     # the same name has a new uid and starts at generation 1 again
     for generation, uid in ((1, "u1"), (1, "u1"), (1, "u1"), (2, "u1"), (2, "u1"), (1, "u2")):
-        specs.spec_of(("ns", "j"), _job_body(generation, uid=uid, algorithm="sft"))
+        specs.spec_of(_job_body(generation, uid=uid, algorithm="sft"))
     assert len(parsed) == 3
-    assert specs.spec_of(("ns", "j"), _job_body(1, uid="u2")) == 3  # the cached parse is returned
-    specs.forget(("ns", "j"))
-    specs.spec_of(("ns", "j"), _job_body(1, uid="u2"))
+    assert specs.spec_of(_job_body(1, uid="u2")) == 3  # the cached parse is returned
+    observe.SpecCache().spec_of(_job_body(1, uid="u2"))  # a job forgotten and seen again starts over
     assert len(parsed) == 4
 
 
@@ -49,7 +48,7 @@ def test_a_bad_spec_is_a_permanent_error_on_every_event_until_failed():
     specs = observe.SpecCache()
     for _ in range(2):
         with pytest.raises(kopf.PermanentError, match="algorithm"):
-            handlers.check_spec(specs, ("ns", "j"), _job_body(1, algorithm="nope"))
-    handlers.check_spec(specs, ("ns", "j"), _job_body(1, "Failed", algorithm="nope"))  # the pass reported it
+            handlers.check_spec(specs, _job_body(1, algorithm="nope"))
+    handlers.check_spec(specs, _job_body(1, "Failed", algorithm="nope"))  # the pass reported it
     with pytest.raises(api.SpecError):  # a bad spec is never cached as good
-        specs.spec_of(("ns", "j"), _job_body(1, algorithm="nope"))
+        specs.spec_of(_job_body(1, algorithm="nope"))

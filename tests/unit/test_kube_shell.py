@@ -4,6 +4,7 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from rlhf_contract import wire
 from rlhf_operator import constants
 from rlhf_operator.kube.executor import event_body, resource_path, status_merge_patch
 from rlhf_operator.kube.observe import child_ref, owning_job, progress_url
@@ -49,7 +50,7 @@ def test_event_body_points_at_the_job():
 
 
 def test_owning_job_by_label_then_owner_reference():
-    labelled = {"metadata": {"namespace": "ns", "labels": {constants.LABEL_JOB: "a"}}}
+    labelled = {"metadata": {"namespace": "ns", "labels": {wire.LABEL_JOB: "a"}}}
     owned = {"metadata": {"namespace": "ns", "ownerReferences": [
         {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "x"},
         {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "name": "b"}]}}
@@ -61,7 +62,7 @@ def test_owning_job_by_label_then_owner_reference():
 
 
 def pod(role, index, phase, ip="10.0.0.5", deleting=False):
-    meta = {"name": f"j-{role}-{index}", "labels": {constants.LABEL_ROLE: role, constants.LABEL_ROLE_INDEX: str(index)}}
+    meta = {"name": f"j-{role}-{index}", "labels": {wire.LABEL_ROLE: role, wire.LABEL_ROLE_INDEX: str(index)}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     return {"metadata": meta, "status": {"phase": phase, "podIP": ip}}
@@ -145,7 +146,7 @@ def test_child_added_while_its_siblings_are_on_their_way_does_not_enqueue():
 
     c = controller()
     key = ("ns", "job")
-    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic(), ("ConfigMap", "job-config"): time.monotonic()}
+    c.record(key).expected = {("Pod", "job-actor-0"): time.monotonic(), ("ConfigMap", "job-config"): time.monotonic()}
     c.child_changed(key, obj("Pod", "job-actor-0"), "ADDED")
     assert len(c.queue) == 0
     c.child_changed(key, obj("Pod", "stranger"), "ADDED")  # not one we created: reconcile now
@@ -157,11 +158,11 @@ def test_last_expected_child_and_other_child_changes_enqueue():
 
     c = controller()
     key = ("ns", "job")
-    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
+    c.record(key).expected = {("Pod", "job-actor-0"): time.monotonic()}
     c.child_changed(key, obj("Pod", "job-actor-0"), "ADDED")
     assert len(c.queue) == 1
     c2 = controller()
-    c2._expected[key] = {("Pod", "job-actor-0"): time.monotonic(), ("Pod", "job-actor-1"): time.monotonic()}
+    c2.record(key).expected = {("Pod", "job-actor-0"): time.monotonic(), ("Pod", "job-actor-1"): time.monotonic()}
     c2.child_changed(key, obj("Pod", "job-actor-0"), "MODIFIED")  # a phase change always counts
     assert len(c2.queue) == 1
 
@@ -171,18 +172,67 @@ def test_job_status_change_waits_for_pending_creates_but_a_spec_change_does_not(
 
     key = ("ns", "job")
     c = controller()
-    c._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
-    c._planned[key] = 1
+    c.record(key).expected = {("Pod", "job-actor-0"): time.monotonic()}
+    c.record(key).planned_generation = 1
     c.job_changed(key, obj("RLHFJob", "job", generation=1), "MODIFIED")
     assert len(c.queue) == 0
     c.job_changed(key, obj("RLHFJob", "job", generation=2), "MODIFIED")
     assert len(c.queue) == 1
     c2 = controller()
-    c2._planned[key] = 1
+    c2.record(key).planned_generation = 1
     c2.job_changed(key, obj("RLHFJob", "job", generation=1), "MODIFIED")  # nothing pending: reconcile
     assert len(c2.queue) == 1
     c3 = controller()
-    c3._expected[key] = {("Pod", "job-actor-0"): time.monotonic()}
-    c3._planned[key] = 1
+    c3.record(key).expected = {("Pod", "job-actor-0"): time.monotonic()}
+    c3.record(key).planned_generation = 1
     c3.job_changed(key, obj("RLHFJob", "job", deletionTimestamp="2026-01-01T00:00:00Z"), "MODIFIED")
     assert len(c3.queue) == 1
+
+
+# -- the per-job record and action dispatch ------------------------------------------------------------
+
+def test_forget_drops_the_whole_record():
+    c = controller()
+    key = ("ns", "job")
+    c.job_changed(key, obj("RLHFJob", "job"), "ADDED")
+    record = c.record(key)
+    record.expected, record.failures, record.planned_generation = {("Pod", "job-actor-0"): 1.0}, 2, 1
+    c.forget(key)
+    assert key not in c.records
+    assert c.record(key).expected == {} and c.record(key).failures == 0  # a job seen again starts over
+
+
+class FakeApi:
+    """Records the writes a pass stages (plain values instead of coroutines)."""
+
+    def create(self, body):
+        return ("create", body["kind"], body["metadata"]["name"])
+
+    def delete(self, api_version, kind, namespace, name):
+        return ("delete", kind, name)
+
+
+def test_actions_are_staged_by_their_type():
+    from rlhf_operator import planner
+    from rlhf_operator.kube.reconciler import JobRecord, _Writes
+
+    c = controller()
+    c.api = FakeApi()
+    record, staged = JobRecord(), _Writes()
+    event = planner.EmitEvent("Normal", "GangCreated", "m")
+    for action in (planner.CreateObject(obj("Pod", "job-actor-0")), planner.CreateObject(obj("Pod", "job-actor-0")),
+                   planner.DeletePods(("job-actor-1",)), planner.DeleteObject("v1", "Service", "job"), event,
+                   planner.DeleteJob()):
+        c._stage(action, staged, record, "ns", 5.0)
+    # the second create of the same child is already expected: sent once
+    assert staged.writes == [("create", "Pod", "job-actor-0"), ("delete", "Pod", "job-actor-1"),
+                             ("delete", "Service", "job")]
+    assert record.expected == {("Pod", "job-actor-0"): 5.0}
+    assert staged.events == [event] and staged.delete_job
+
+
+def test_an_unknown_action_type_is_refused():
+    from rlhf_operator.kube.reconciler import JobRecord, _Writes
+
+    with pytest.raises(TypeError, match="unknown planner action"):
+        controller()._stage(object(), _Writes(), JobRecord(), "ns", 0.0)

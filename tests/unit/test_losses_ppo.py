@@ -197,8 +197,34 @@ def test_truncated_responses_pay_the_penalty_not_a_forced_eos():
     assert off[1, 2].item() == 1.0  # a complete answer at max_new_tokens keeps its score
 
 
+def test_entropy_bonus_matches_a_hand_calculation():
+    """Two tokens of one row, vocabulary 2: uniform logits (H = ln 2) and certain logits (H ~ 0)."""
+    logits = torch.tensor([[[0.0, 0.0], [50.0, 0.0], [3.0, 1.0]]], dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=torch.float64)  # the third token is padding
+    term, entropy = ppo.entropy_bonus(logits, mask, coef=0.1, num_tokens=4.0)
+    h_certain = math.log1p(math.exp(-50.0)) + 50.0 * math.exp(-50.0) / (1 + math.exp(-50.0))
+    assert entropy.item() == pytest.approx((math.log(2) + h_certain) / 2)
+    assert term.item() == pytest.approx(-0.1 * (math.log(2) + h_certain) / 4.0)  # the global normaliser
+    term.backward()
+    # d(-c H)/dz at uniform logits is 0 (a maximum); the padded token gets no gradient.
+    assert logits.grad[0, 0].abs().max().item() == pytest.approx(0.0, abs=1e-12)
+    assert logits.grad[0, 2].abs().max().item() == 0.0
+    off, entropy_off = ppo.entropy_bonus(logits, mask, coef=0.0)
+    assert off.item() == 0.0 and not off.requires_grad and entropy_off.item() == pytest.approx(entropy.item())
+
+
+def test_entropy_bonus_raises_entropy_when_descended():
+    logits = torch.tensor([[[2.0, 0.0, -1.0]]], requires_grad=True)
+    mask = torch.ones(1, 1)
+    term, before = ppo.entropy_bonus(logits, mask, coef=1.0)
+    term.backward()
+    with torch.no_grad():
+        _, after = ppo.entropy_bonus(logits - 0.1 * logits.grad, mask, coef=1.0)
+    assert after.item() > before.item()
+
+
 def test_the_default_truncation_penalty_is_the_hyperparameter_default():
-    from rlhf_trainer.config import Hyperparameters
+    from rlhf_contract.config import Hyperparameters
 
     assert Hyperparameters().truncation_penalty == gae.TRUNCATION_PENALTY
 

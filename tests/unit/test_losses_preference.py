@@ -131,14 +131,6 @@ def test_bradley_terry_with_margin():
     assert no_margin.item() < loss.item()
 
 
-def test_rm_score_is_taken_at_the_last_real_token():
-    values = torch.arange(12, dtype=torch.float64).view(2, 6)
-    left_padded = torch.tensor([[0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]])
-    assert rm.last_token_scores(values, left_padded).tolist() == [5.0, 10.0]
-    right_padded = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
-    assert rm.last_token_scores(values, right_padded).tolist() == [2.0, 11.0]
-
-
 # ---- SFT -----------------------------------------------------------------------------------------------
 
 

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
 from rlhf_operator import planner
 from rlhf_operator.api import PHASES, parse_job
 from rlhf_operator.builders import BuildSettings
-from rlhf_operator.constants import LABEL_RESTART_ATTEMPT, MAX_BACKOFF_SECONDS
+from rlhf_operator.constants import MAX_BACKOFF_SECONDS
 from rlhf_operator.planner import (
     CreateObject,
     DeleteJob,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from rlhf_trainer.config import RewardConfig
+from rlhf_contract.config import RewardConfig
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.rewards import build_reward_fn
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from rlhf_trainer.config import DeepSpeedConfig
+from rlhf_contract.config import DeepSpeedConfig
 from rlhf_trainer.strategy import DeepSpeedStrategy, build_ds_config, gradient_norm
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 

@@ -1,14 +1,13 @@
-"""rlhf_trainer.config: strict parsing of the trainer config JSON, errors naming the field."""
+"""rlhf_contract.config: strict parsing of the trainer config JSON, errors naming the field."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
-from rlhf_operator import api, constants
-from rlhf_trainer.config import Hyperparameters, load_config, parse_config, required_roles
-from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError
+from rlhf_contract.algorithms import required_roles
+from rlhf_contract.config import load_config, parse_config
+from rlhf_trainer.errors import ConfigError
 
 
 def ppo_config(**overrides):
@@ -85,16 +84,16 @@ def test_wrong_type_or_unknown_field_names_the_path(path, value, message):
 @pytest.mark.parametrize(
     ("hyperparameters", "message"),
     [
-        ({"max_steps": 0}, "hyperparameters.max_steps: must be at least 1"),
-        ({"learning_rate": 0.0}, "hyperparameters.learning_rate: must be greater than 0"),
-        ({"dual_clip": 0.5}, "hyperparameters.dual_clip: must be 0 (off) or greater than 1"),
-        ({"lam": 1.5}, "hyperparameters.lam: must be between 0 and 1"),
-        ({"kl_estimator": "k2"}, "hyperparameters.kl_estimator: must be one of k1, k3"),
-        ({"loss_type": "kto"}, "hyperparameters.loss_type: must be one of sigmoid, ipo, hinge"),
-        ({"label_smoothing": 0.5}, "hyperparameters.label_smoothing: must be at least 0 and less than 0.5"),
-        ({"group_size": 1}, "hyperparameters.group_size: must be at least 2"),
-        ({"truncation_penalty": -0.5}, "hyperparameters.truncation_penalty: must be at least 0"),
-        ({"non_finite": "ignore"}, "hyperparameters.non_finite: must be one of fail, skip"),
+        ({"max_steps": 0}, "hyperparameters.max_steps: must be >= 1 (got 0)"),
+        ({"learning_rate": 0.0}, "hyperparameters.learning_rate: must be > 0 (got 0.0)"),
+        ({"dual_clip": 0.5}, "hyperparameters.dual_clip: must be 0 (off) or > 1 (got 0.5)"),
+        ({"lam": 1.5}, "hyperparameters.lam: must be <= 1 (got 1.5)"),
+        ({"kl_estimator": "k2"}, "hyperparameters.kl_estimator: must be one of: k1, k3"),
+        ({"loss_type": "kto"}, "hyperparameters.loss_type: must be one of: sigmoid, ipo, hinge"),
+        ({"label_smoothing": 0.5}, "hyperparameters.label_smoothing: must be < 0.5 (got 0.5)"),
+        ({"group_size": 1}, "hyperparameters.group_size: must be >= 2 (got 1)"),
+        ({"truncation_penalty": -0.5}, "hyperparameters.truncation_penalty: must be >= 0 (got -0.5)"),
+        ({"non_finite": "ignore"}, "hyperparameters.non_finite: must be one of: fail, skip"),
     ],
 )
 def test_out_of_range_hyperparameter_names_the_field(hyperparameters, message):
@@ -117,11 +116,11 @@ def test_all_errors_are_reported_at_once():
         ({"reward": {"type": "rule", "rule": "regex"}}, "reward.pattern: required when reward.rule is regex"),
         ({"reward": {"type": "rule", "rule": "callable", "callable": "pkg.mod"}}, 'reward.callable: expected "module:function"'),
         ({"reward": {"type": "model"}}, "reward_model.path: required when reward.type is model"),
-        ({"roles": {"actor": {}, "critic": {}}}, "roles: ppo with a rule reward needs roles actor, critic, reference"),
+        ({"roles": {"actor": {}, "critic": {}}}, "roles: must be exactly the roles actor, critic, reference for algorithm ppo with reward.type rule (missing: reference)"),
         ({"roles": {"actor": {}, "critic": {"colocate_with": "reward"}, "reference": {}}},
-         'roles.critic.colocate_with: "reward" is not another role'),
-        ({"roles": {"actor": {"replicas": 0}, "critic": {}, "reference": {}}}, "roles.actor.replicas: must be at least 1"),
-        ({"checkpoint": {"interval_steps": 0}}, "checkpoint.interval_steps: must be at least 1"),
+         'roles.critic.colocate_with: must name a role of this job (actor, critic, reference)'),
+        ({"roles": {"actor": {"replicas": 0}, "critic": {}, "reference": {}}}, "roles.actor.replicas: must be >= 1 (got 0)"),
+        ({"checkpoint": {"interval_steps": 0}}, "checkpoint.interval_steps: must be >= 1 (got 0)"),
     ],
 )
 def test_cross_field_rules(overrides, message):
@@ -136,7 +135,7 @@ def test_missing_required_fields_are_named():
 
 def test_model_reward_needs_a_reward_role():
     data = ppo_config(reward={"type": "model"}, reward_model={"path": "/models/rm"})
-    assert "needs roles actor, critic, reference, reward" in error_of(data)
+    assert "must be exactly the roles actor, critic, reference, reward" in error_of(data)
     data["roles"]["reward"] = {"colocate_with": "critic"}
     assert parse_config(data).reward_model.path == "/models/rm"
 
@@ -167,14 +166,3 @@ def test_load_config_prefixes_field_errors_with_the_file(tmp_path):
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="missing.json: cannot read"):
         load_config(tmp_path / "missing.json")
-
-
-def test_hyperparameters_match_the_operator_spec():
-    """Same names, types and defaults as rlhf_operator.api.Hyperparameters (the CRD's fields)."""
-    ours = {f.name: (f.type, f.default) for f in dataclasses.fields(Hyperparameters)}
-    theirs = {f.name: (f.type, f.default) for f in dataclasses.fields(api.Hyperparameters)}
-    assert ours == theirs
-
-
-def test_exit_codes_match_the_operator():
-    assert (EXIT_DATA_ERROR, EXIT_CONFIG_ERROR) == (constants.EXIT_DATA_ERROR, constants.EXIT_CONFIG_ERROR)

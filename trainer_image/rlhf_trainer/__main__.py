@@ -13,14 +13,14 @@ import os
 import signal
 import sys
 
-from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_contract import wire
 
-TERMINATION_LOG = "/dev/termination-log"
+from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
     """Best effort: the kubelet shows this file's content as the container's termination message."""
-    path = env.get("RLHF_TERMINATION_LOG", TERMINATION_LOG)
+    path = env.get(wire.ENV_TERMINATION_LOG, wire.TERMINATION_LOG)
     try:
         with open(path, "w") as f:
             f.write(message[:4000])  # the kubelet keeps at most 4096 bytes
@@ -33,7 +33,8 @@ def main(env: dict[str, str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        from rlhf_trainer.config import load_config
+        from rlhf_contract.config import load_config
+
         from rlhf_trainer.distributed import read_process_env
 
         try:
@@ -45,8 +46,8 @@ def main(env: dict[str, str] | None = None) -> int:
 
         run(process, config)
     except (ConfigError, DataError) as exc:
-        code = EXIT_CONFIG_ERROR if isinstance(exc, ConfigError) else EXIT_DATA_ERROR
-        message = f"rlhf_trainer: {exc.kind}: {exc}"
+        code, kind = (EXIT_CONFIG_ERROR, "config error") if isinstance(exc, ConfigError) else (EXIT_DATA_ERROR, exc.kind)
+        message = f"rlhf_trainer: {kind}: {exc}"
         print(message, file=sys.stderr, flush=True)
         write_termination_message(message, env)
         return code

@@ -1,6 +1,6 @@
 """Datasets: JSONL readers, synthetic tasks, a resumable sampler, and tokenisation helpers.
 
-    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=KIND_OF_ALGORITHM[cfg.algorithm])
+    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=ALGORITHMS[cfg.algorithm].data)
     sampler = Sampler(len(records), cfg.hyperparameters.batch_size, seed=cfg.hyperparameters.seed)
     batch = [records[i] for i in sampler.next_batch()]
 
@@ -51,13 +51,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract.config import PAIR_FORMATS, SYNTHETIC_PREFIX
 
 from rlhf_trainer.errors import ConfigError, DataError
-
-SYNTHETIC_PREFIX = "synthetic://"
-KIND_OF_ALGORITHM = {"ppo": "prompts", "grpo": "prompts", "rloo": "prompts",
-                     "dpo": "pairs", "rm": "pairs", "sft": "sft"}
-PAIR_FORMATS = ("pairs", "ranked", "pair_list")
 
 
 @dataclass(frozen=True)
@@ -313,7 +309,7 @@ def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
 
 
 def load_dataset(path: str, fmt: str, *, kind: str) -> list[Record]:
-    """Read a JSONL file or a synthetic dataset and convert it for `kind` (see KIND_OF_ALGORITHM)."""
+    """Read a JSONL file or a synthetic dataset and convert it for `kind` (rlhf_contract.algorithms: each algorithm's `data`)."""
     if path.startswith(SYNTHETIC_PREFIX):
         records = synthetic_dataset(path)
         fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction"}[type(records[0])]

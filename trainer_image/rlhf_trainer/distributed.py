@@ -13,13 +13,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from rlhf_trainer.bridge import parse_addr, parse_role_addrs
+from rlhf_contract import wire
 
 
 @dataclass(frozen=True)
 class ProcessEnv:
-    """The RLHF_* environment of one role process."""
+    """The RLHF_* environment of one role process (names: rlhf_contract.wire)."""
 
     job: str
     role: str
@@ -47,23 +46,24 @@ def _int(env: dict[str, str], name: str, default: int | None = None) -> int:
 
 def read_process_env(env: dict[str, str]) -> ProcessEnv:
     """Parse the env contract; a missing or malformed variable raises ValueError naming it."""
-    for name in ("RLHF_ROLE", "RLHF_CONFIG", "RLHF_CHECKPOINT_DIR"):
+    for name in (wire.ENV_ROLE, wire.ENV_CONFIG, wire.ENV_CHECKPOINT_DIR):
         if not env.get(name):
             raise ValueError(f"{name}: required environment variable is not set")
-    bridge = env.get("RLHF_BRIDGE_ADDR", "")
+    bridge = env.get(wire.ENV_BRIDGE_ADDR, "")
+    colocated = env.get(wire.ENV_COLOCATED_ROLES, "")
     return ProcessEnv(
-        job=env.get("RLHF_JOB", ""),
-        role=env["RLHF_ROLE"],
-        rank=_int(env, "RLHF_ROLE_RANK", 0),
-        replicas=_int(env, "RLHF_ROLE_REPLICAS", 1),
-        colocated_roles=tuple(r.strip() for r in env.get("RLHF_COLOCATED_ROLES", "").split(",") if r.strip()),
-        config_path=env["RLHF_CONFIG"],
-        role_addrs=parse_role_addrs(env.get("RLHF_ROLE_ADDRS", "")),
-        bridge_addr=parse_addr(bridge, "RLHF_BRIDGE_ADDR") if bridge else None,
-        checkpoint_dir=env["RLHF_CHECKPOINT_DIR"],
-        restart_attempt=_int(env, "RLHF_RESTART_ATTEMPT", 0),
-        metrics_port=_int(env, "RLHF_METRICS_PORT", 0),
-        pod_ip=env.get("POD_IP", ""),
+        job=env.get(wire.ENV_JOB, ""),
+        role=env[wire.ENV_ROLE],
+        rank=_int(env, wire.ENV_ROLE_RANK, 0),
+        replicas=_int(env, wire.ENV_ROLE_REPLICAS, 1),
+        colocated_roles=tuple(r.strip() for r in colocated.split(",") if r.strip()),
+        config_path=env[wire.ENV_CONFIG],
+        role_addrs=wire.parse_role_addrs(env.get(wire.ENV_ROLE_ADDRS, "")),
+        bridge_addr=wire.parse_addr(bridge, wire.ENV_BRIDGE_ADDR) if bridge else None,
+        checkpoint_dir=env[wire.ENV_CHECKPOINT_DIR],
+        restart_attempt=_int(env, wire.ENV_RESTART_ATTEMPT, 0),
+        metrics_port=_int(env, wire.ENV_METRICS_PORT, 0),
+        pod_ip=env.get(wire.ENV_POD_IP, ""),
     )
 
 

@@ -19,7 +19,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from rlhf_trainer.config import RewardConfig
+from rlhf_contract.config import RewardConfig
+
 from rlhf_trainer.errors import ConfigError, DataError
 
 RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[str | None]], list[float]]

@@ -16,42 +16,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from rlhf_contract import wire
+from rlhf_contract.algorithms import ALGORITHMS
+from rlhf_contract.config import ConfigError, TrainerConfig
+from rlhf_contract.layout import Placement, bridge_ranks, served_actor_ranks, serving_rank
 
 from rlhf_trainer import checkpoint, distributed
-from rlhf_trainer.bridge import (
-    Bridge,
-    RolePlacement,
-    bridge_ranks,
-    check_placements,
-    served_actor_ranks,
-    serving_rank,
-)
-from rlhf_trainer.config import TrainerConfig
+from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
-from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
-
-ONLINE = ("ppo", "grpo", "rloo")
-# algorithm -> module under rlhf_trainer.algorithms with a `run(ctx)` (RLOO is GRPO's loop).
-ALGORITHM_MODULES = {"ppo": "ppo", "grpo": "grpo", "rloo": "grpo", "dpo": "dpo", "rm": "rm", "sft": "sft"}
 
 
 def log(*parts: Any) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
 
 
-def placements_of(cfg: TrainerConfig) -> dict[str, RolePlacement]:
-    return {name: RolePlacement(role.replicas, role.colocate_with) for name, role in cfg.roles.items()}
-
-
 def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
-    """The env must describe a process the config has; mismatches are config errors (exit 78)."""
-    placements = placements_of(cfg)
-    try:
-        check_placements(placements)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    """The env must describe a process the config has; mismatches are config errors (exit 78).
+    (The config's own layout rules were checked when it was loaded.)"""
+    placements = cfg.placements()
     if env.role not in cfg.roles or cfg.roles[env.role].colocate_with:
         raise ConfigError(f"RLHF_ROLE: {env.role!r} is not a role with pods of its own in the config")
     if not 0 <= env.rank < cfg.roles[env.role].replicas or env.replicas != cfg.roles[env.role].replicas:
@@ -62,18 +46,13 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
-    actors = cfg.roles["actor"].replicas
-    if cfg.hyperparameters.batch_size % actors:
-        raise ConfigError(
-            f"hyperparameters.batch_size: {cfg.hyperparameters.batch_size} is not divisible by roles.actor.replicas {actors}"
-        )
 
 
 @dataclass
 class Context:
     env: ProcessEnv
     cfg: TrainerConfig
-    placements: dict[str, RolePlacement]
+    placements: dict[str, Placement]
     bridge: Bridge | None
     metrics: TrainerMetrics
     # This process's non-finite checks (hyperparameters.non_finite); drive() sets its step.
@@ -123,7 +102,7 @@ def build_service(ctx: Context, role: str):
 
     hp, cfg = ctx.hp, ctx.cfg
     if role == "reference":
-        temperature = hp.temperature if cfg.algorithm in ONLINE else 1.0
+        temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
     if role == "reward":
         path = cfg.reward_model.path
@@ -153,8 +132,8 @@ def build_service(ctx: Context, role: str):
 
 
 def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
-    placements = placements_of(cfg)
-    host, port = env.role_addrs.get(env.role, ("127.0.0.1", 29500))
+    placements = cfg.placements()
+    host, port = env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT))
     if env.role not in env.role_addrs and env.replicas > 1:
         raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
     distributed.init_role_world(master_addr=host, master_port=port, rank=env.rank, world_size=env.replicas)
@@ -208,7 +187,7 @@ def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     ctx = connect(env, cfg)
     try:
         if env.role == "actor":
-            module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHM_MODULES[cfg.algorithm]}")
+            module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from rlhf_trainer.config import DeepSpeedConfig
+from rlhf_contract.config import DeepSpeedConfig
 
 
 def build_ds_config(

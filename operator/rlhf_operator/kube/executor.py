@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import aiohttp
 import kubernetes
+from rlhf_contract import wire
 
 from rlhf_operator import constants
 
@@ -73,7 +74,7 @@ def status_merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, An
 def event_body(job: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
     """A core v1 Event about the job, as `kubectl describe rlhfjob` shows it."""
     meta = job["metadata"]
-    stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = wire.format_time(now)
     return {
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},

@@ -11,16 +11,17 @@ import logging
 from typing import Any
 
 import kopf
+from rlhf_contract import wire
 
 from rlhf_operator import api, constants
+from rlhf_operator.kube.config import OperatorConfig
 from rlhf_operator.kube.executor import KubeApi
 from rlhf_operator.kube.observe import SpecCache, owning_job
 from rlhf_operator.kube.reconciler import Controller
-from rlhf_operator.kube.run import OperatorConfig
 from rlhf_operator.metrics import OperatorMetrics
 
 JOB = (constants.GROUP, constants.VERSION, constants.PLURAL)
-CHILD = {"labels": {constants.LABEL_JOB: kopf.PRESENT}}
+CHILD = {"labels": {wire.LABEL_JOB: kopf.PRESENT}}
 VOLCANO_PODGROUPS = ("scheduling.volcano.sh", "v1beta1", "podgroups")
 COSCHEDULING_PODGROUPS = ("scheduling.x-k8s.io", "v1alpha1", "podgroups")
 
@@ -40,7 +41,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf
                             job_coscheduling_podgroups))
     memo.controller = Controller(
         api=KubeApi.connect(config.concurrency), settings=config.build_settings, metrics=metrics,
-        pods=job_pods, children=children, trainer_metrics_port=config.trainer_metrics_port,
+        pods=job_pods, children=children,
         progress_interval=config.progress_interval, workers=config.workers)
     memo.controller.start()
 
@@ -77,16 +78,16 @@ async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, mem
         return
     job = dict(body)
     memo.controller.job_changed((namespace, name), job, event.get("type"))
-    check_spec(memo.controller.specs, (namespace, name), job)
+    check_spec(memo.controller.record((namespace, name)).specs, job)
 
 
-def check_spec(specs: SpecCache, key: tuple[str, str], job: dict[str, Any]) -> None:
+def check_spec(specs: SpecCache, job: dict[str, Any]) -> None:
     """kopf.PermanentError for a bad spec (the pass writes Failed + an event). The parse is cached per
     generation and shared with the reconcile pass: most events of a job are its own status writes."""
     if (job.get("status") or {}).get("phase") == "Failed":
         return
     try:
-        specs.spec_of(key, job)
+        specs.spec_of(job)
     except api.SpecError as err:  # tell kopf not to retry
         raise kopf.PermanentError(str(err)) from err
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from rlhf_contract import wire
+
 from rlhf_operator import api, constants
 
 JobKey = tuple[str, str]  # (namespace, job name)
@@ -13,7 +15,7 @@ def owning_job(obj: dict[str, Any]) -> JobKey | None:
     """The job a child belongs to: its job label, else an RLHFJob owner reference; None for strangers."""
     meta = obj.get("metadata") or {}
     namespace = meta.get("namespace") or ""
-    job = (meta.get("labels") or {}).get(constants.LABEL_JOB)
+    job = (meta.get("labels") or {}).get(wire.LABEL_JOB)
     if job:
         return namespace, job
     for ref in meta.get("ownerReferences") or []:
@@ -37,7 +39,7 @@ def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         status = pod.get("status") or {}
-        if (labels.get(constants.LABEL_ROLE) == "actor" and str(labels.get(constants.LABEL_ROLE_INDEX)) == "0"
+        if (labels.get(wire.LABEL_ROLE) == "actor" and str(labels.get(wire.LABEL_ROLE_INDEX)) == "0"
                 and status.get("phase") == "Running" and status.get("podIP") and is_live(pod)):
             host = status["podIP"]
             host = f"[{host}]" if ":" in host else host
@@ -46,22 +48,18 @@ def progress_url(pods: list[dict[str, Any]], port: int) -> str | None:
 
 
 class SpecCache:
-    """Parsed specs by job, each valid for the (uid, generation) it was parsed at: the API server bumps
-    the generation on every change of the spec, and most events of a job are status writes."""
+    """One job's parsed spec, valid for the (uid, generation) it was parsed at: the API server bumps the
+    generation on every change of the spec, and most events of a job are status writes."""
 
     def __init__(self) -> None:
-        self._specs: dict[JobKey, tuple[tuple[str, int], api.JobSpec]] = {}
+        self._parsed: tuple[tuple[str, int], api.JobSpec] | None = None
 
-    def spec_of(self, key: JobKey, obj: dict[str, Any]) -> api.JobSpec:
+    def spec_of(self, obj: dict[str, Any]) -> api.JobSpec:
         """The job's parsed spec; api.SpecError (never cached) when it is invalid."""
         meta = obj.get("metadata") or {}
         stamp = (str(meta.get("uid") or ""), int(meta.get("generation") or 1))
-        cached = self._specs.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+        if self._parsed is not None and self._parsed[0] == stamp:
+            return self._parsed[1]
         spec = api.parse_spec(obj.get("spec"))
-        self._specs[key] = (stamp, spec)
+        self._parsed = (stamp, spec)
         return spec
-
-    def forget(self, key: JobKey) -> None:
-        self._specs.pop(key, None)

@@ -10,12 +10,15 @@ jobs because kopf would put a finalizer on every job for them: owner references 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from rlhf_contract import wire
 
 from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
@@ -39,10 +42,6 @@ def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, st
     return not any(now - t <= CREATE_EXPECTATION_SECONDS for t in expected.values())
 
 
-def stamp(now: datetime) -> str:
-    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:
     """The values a kopf index holds for key (a kopf Store), as a list; [] when none."""
     try:
@@ -52,33 +51,50 @@ def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:
 
 
 @dataclass
+class JobRecord:
+    """What the controller remembers about one job between passes. forget() drops it whole when the job
+    is deleted; a pass still running then writes into the dropped record, never into a new one."""
+
+    body: dict[str, Any] | None = None  # the latest body, from the job's own watch events
+    specs: SpecCache = field(default_factory=SpecCache)  # the spec parsed per (uid, generation)
+    failures: int = 0  # passes that failed in a row (error backoff)
+    # (resourceVersion the status was patched from, the status written): the index lags our writes.
+    written: tuple[str, dict[str, Any]] | None = None
+    # Children created by the last passes and not seen yet: (kind, name) -> monotonic time of the create.
+    expected: dict[tuple[str, str], float] = field(default_factory=dict)
+    invalid_generation: int | None = None  # generation already reported invalid
+    # The spec the children were built from; a later edit of an immutable field is refused. (The
+    # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
+    accepted_spec: dict[str, Any] | None = None
+    refused_generation: int | None = None  # generation whose immutable change was already reported
+    planned_generation: int | None = None  # generation of the last pass that planned
+
+
+@dataclass
+class _Writes:
+    """One pass's actions, staged by type: API writes run concurrently, then events, then the job delete."""
+
+    writes: list[Awaitable[Any]] = field(default_factory=list)
+    events: list[planner.EmitEvent] = field(default_factory=list)
+    delete_job: bool = False
+
+
+@dataclass
 class Controller:
-    """The operator's state: API, settings, metrics, kopf's indexes, and the work queue's workers."""
+    """The operator's state: API, settings, metrics, kopf's indexes, the work queue's workers, and one
+    JobRecord per job."""
 
     api: KubeApi
     settings: BuildSettings
     metrics: OperatorMetrics
     pods: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> child pod bodies
     children: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> support objects (service, ...)
-    trainer_metrics_port: int = 9400
     progress_interval: float = 15.0  # re-read a running job's progress at least this often
     workers: int = 16
     fetch_text: Callable[[str], Awaitable[str | None]] | None = None
     queue: WorkQueue = field(default_factory=WorkQueue)
-    # The latest body of every job, from the job's own watch events (job_changed / forget).
-    jobs: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
-    specs: SpecCache = field(default_factory=SpecCache)
+    records: dict[JobKey, JobRecord] = field(default_factory=dict)
     _tasks: list[asyncio.Task] = field(default_factory=list)
-    _failures: dict[JobKey, int] = field(default_factory=dict)
-    # (resourceVersion the status was patched from, the status written): the index lags our writes.
-    _written: dict[JobKey, tuple[str, dict[str, Any]]] = field(default_factory=dict)
-    _expected: dict[JobKey, dict[tuple[str, str], float]] = field(default_factory=dict)
-    _invalid: dict[JobKey, int] = field(default_factory=dict)  # generation already reported invalid
-    # The spec the children were built from; a later edit of an immutable field is refused. (The
-    # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
-    _accepted: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
-    _refused: dict[JobKey, int] = field(default_factory=dict)  # generation already refused
-    _planned: dict[JobKey, int] = field(default_factory=dict)  # generation of the last pass that planned
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,13 +109,21 @@ class Controller:
     def enqueue(self, key: JobKey) -> None:
         self.queue.add(key)
 
+    def record(self, key: JobKey) -> JobRecord:
+        """The job's record, created on first use."""
+        record = self.records.get(key)
+        if record is None:
+            record = self.records[key] = JobRecord()
+        return record
+
     def job_changed(self, key: JobKey, obj: dict[str, Any], event_type: str | None) -> None:
         """Reconcile a job that changed; but not for a change of its status or metadata alone (our own status
         write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
-        self.jobs[key] = obj
+        record = self.record(key)
+        record.body = obj
         generation = int((obj.get("metadata") or {}).get("generation") or 1)
-        if (event_type == "MODIFIED" and self._expected.get(key) and is_live(obj)
-                and self._planned.get(key) == generation):
+        if (event_type == "MODIFIED" and record.expected and is_live(obj)
+                and record.planned_generation == generation):
             return
         self.enqueue(key)
 
@@ -107,7 +131,8 @@ class Controller:
         """Reconcile the job of a child that changed; but a child we just created only counts once all of
         that pass's creates have arrived (as the ReplicaSet controller's expectations): one pass then sees
         the whole gang, instead of one pass and one status write per arriving child."""
-        expected = self._expected.get(key)
+        record = self.records.get(key)
+        expected = record.expected if record else None
         if (event_type in ("ADDED", None) and expected and child_ref(obj) in expected
                 and not arrival_completes(expected, child_ref(obj), time.monotonic())):
             return
@@ -116,27 +141,24 @@ class Controller:
     def forget(self, key: JobKey) -> None:
         """The job is gone: drop its per-job metrics and everything remembered about it."""
         self.queue.forget(key)
-        self.jobs.pop(key, None)
-        self.specs.forget(key)
-        for memory in (self._failures, self._written, self._expected, self._invalid, self._accepted, self._refused,
-                       self._planned):
-            memory.pop(key, None)
+        self.records.pop(key, None)
         self.metrics.forget_job(*key)
 
     async def _worker(self) -> None:
         while True:
             key = await self.queue.get()
+            record = self.records.get(key) or JobRecord()  # a forgotten job's pass writes nowhere
             delay: float | None = None
             try:
                 delay = await self.reconcile(key)
-                self._failures.pop(key, None)
+                record.failures = 0
             except ApiError as err:
-                failures = self._failures[key] = self._failures.get(key, 0) + 1
-                delay = error_backoff(failures)
+                record.failures += 1
+                delay = error_backoff(record.failures)
                 log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
             except Exception:  # a bug must not kill the worker: log it and retry later
-                failures = self._failures[key] = self._failures.get(key, 0) + 1
-                delay = error_backoff(failures)
+                record.failures += 1
+                delay = error_backoff(record.failures)
                 log.exception("reconcile %s/%s failed; retrying in %.1fs", *key, delay)
             finally:
                 self.queue.done(key)
@@ -146,23 +168,25 @@ class Controller:
     # -- one pass ---------------------------------------------------------------------------------
     async def reconcile(self, key: JobKey) -> float | None:
         """Observe, plan, act, write status. Returns seconds until the next pass is due, or None."""
-        raw = self.jobs.get(key)
-        if raw is None or not is_live(raw):
+        record = self.records.get(key)
+        raw = record.body if record else None
+        if record is None or raw is None or not is_live(raw):
             return None
         started = time.perf_counter()
         now = datetime.now(UTC)
-        old_status = self._current_status(key, raw)
-        accepted = await self._refuse_immutable_changes(key, raw)
-        spec = self._valid_spec(key, raw) if accepted is raw else None  # a refused edit: parsed below
+        old_status = self._current_status(record, raw)
+        accepted = await self._refuse_immutable_changes(record, raw)
+        spec = self._valid_spec(record, raw) if accepted is raw else None  # a refused edit: parsed below
         raw = accepted
         try:
             job = api.parse_job({**raw, "status": old_status}, spec)
         except api.SpecError as err:
-            await self._report_invalid(key, raw, old_status, err, now)
+            await self._report_invalid(key, record, raw, old_status, err, now)
             return None
-        self._invalid.pop(key, None)
-        self._accepted.setdefault(key, raw.get("spec") or {})
-        self._planned[key] = job.generation
+        record.invalid_generation = None
+        if record.accepted_spec is None:
+            record.accepted_spec = raw.get("spec") or {}
+        record.planned_generation = job.generation
 
         pods = latest(self.pods, key)
         existing = frozenset(child_ref(c) for c in latest(self.children, key) if is_live(c))
@@ -170,82 +194,83 @@ class Controller:
         observed = planner.Observed(
             pods=tuple(planner.observe_pod(p) for p in pods),
             existing=existing,
-            progress=merge_progress(old_status.get("progress"), scraped, stamp(now)),
+            progress=merge_progress(old_status.get("progress"), scraped, wire.format_time(now)),
         )
         result = planner.plan(job, observed, now, self.settings)
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
                   [type(a).__name__ for a in result.actions], result.status.get("phase"))
-        await self._execute(key, raw, result.actions, pods, existing)
+        await self._execute(key, record, raw, result.actions, pods, existing)
         new_status = dict(result.status)
         if new_status != old_status:
             patch = status_merge_patch(old_status, new_status)
             if not await self.api.patch_job_status(key[0], key[1], patch):
                 return None  # deleted meanwhile
-            self._written[key] = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
+            record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
         self.metrics.record_status(key[0], key[1], old_status, new_status,
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
         self.metrics.reconcile.observe(time.perf_counter() - started)
         delay = result.requeue_after
-        if self._expected.get(key):  # creates on their way: a pass is due when they expire, at the latest
+        if record.expected:  # creates on their way: a pass is due when they expire, at the latest
             delay = CREATE_EXPECTATION_SECONDS if delay is None else min(delay, CREATE_EXPECTATION_SECONDS)
         if new_status.get("phase") == "Running":
             delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
         return delay
 
-    def _valid_spec(self, key: JobKey, raw: dict[str, Any]) -> api.JobSpec | None:
+    @staticmethod
+    def _valid_spec(record: JobRecord, raw: dict[str, Any]) -> api.JobSpec | None:
         """The cached parse of the job's spec; None when it is invalid (parse_job then names every bad
         field, the metadata's too)."""
         try:
-            return self.specs.spec_of(key, raw)
+            return record.specs.spec_of(raw)
         except api.SpecError:
             return None
 
-    def _current_status(self, key: JobKey, raw: dict[str, Any]) -> dict[str, Any]:
+    @staticmethod
+    def _current_status(record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
         """The job's status, or the one we wrote last if the index has not seen that write yet."""
-        written = self._written.get(key)
         rv = (raw.get("metadata") or {}).get("resourceVersion", "")
-        if written and written[0] == rv:
-            return dict(written[1])
-        self._written.pop(key, None)
+        if record.written and record.written[0] == rv:
+            return dict(record.written[1])
+        record.written = None
         return dict(raw.get("status") or {})
 
-    async def _refuse_immutable_changes(self, key: JobKey, raw: dict[str, Any]) -> dict[str, Any]:
+    async def _refuse_immutable_changes(self, record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
         """The job to reconcile: with the accepted spec when an edit changed an immutable field
         (one Warning event per offending generation), else as it is."""
-        accepted = self._accepted.get(key)
+        accepted = record.accepted_spec
         if accepted is None:
             return raw
         changes = api.immutable_changes(accepted, raw.get("spec") or {})
         if not changes:
-            self._accepted[key] = raw.get("spec") or {}
+            record.accepted_spec = raw.get("spec") or {}
             return raw
         generation = int((raw.get("metadata") or {}).get("generation") or 1)
-        if self._refused.get(key) != generation:
-            self._refused[key] = generation
+        if record.refused_generation != generation:
+            record.refused_generation = generation
             message = "; ".join(f"spec.{path}: {msg}" for path, msg in changes)
             await self.api.post_event(raw, "Warning", "ImmutableFieldChanged",
                                       f"{message}; still running the spec of the job as created")
-            log.warning("job %s/%s: refused an immutable change: %s", *key, message)
+            log.warning("job %s: refused an immutable change: %s", (raw.get("metadata") or {}).get("name"), message)
         return {**raw, "spec": accepted}
 
-    async def _report_invalid(self, key: JobKey, raw: dict[str, Any], old_status: dict[str, Any],
+    async def _report_invalid(self, key: JobKey, record: JobRecord, raw: dict[str, Any], old_status: dict[str, Any],
                               err: api.SpecError, now: datetime) -> None:
         """A bad spec: Failed/InvalidSpec status naming the fields, one Warning event, no retries."""
         generation = int((raw.get("metadata") or {}).get("generation") or 1)
-        if self._invalid.get(key) == generation:
+        if record.invalid_generation == generation:
             return
         status = planner.invalid_spec_status(old_status, generation, str(err), now)
         if status != old_status:
             await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status))
-            self._written[key] = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+            record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
             await self.api.post_event(raw, "Warning", "InvalidSpec", str(err))
         self.metrics.record_status(key[0], key[1], old_status, dict(status),
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
-        self._invalid[key] = generation
+        record.invalid_generation = generation
         log.warning("job %s/%s has an invalid spec: %s", *key, err)
 
     async def _scrape_progress(self, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-        url = progress_url(pods, self.trainer_metrics_port)
+        url = progress_url(pods, self.settings.trainer_metrics_port)
         if url is None:
             return None
         fetch = self.fetch_text or self.api.fetch_text
@@ -258,44 +283,59 @@ class Controller:
             log.info("ignoring unreadable trainer metrics at %s: %s", url, err)
             return None
 
-    async def _execute(self, key: JobKey, raw: dict[str, Any], actions: tuple, pods: list[dict[str, Any]],
-                       existing: frozenset[tuple[str, str]]) -> None:
+    async def _execute(self, key: JobKey, record: JobRecord, raw: dict[str, Any], actions: tuple,
+                       pods: list[dict[str, Any]], existing: frozenset[tuple[str, str]]) -> None:
         """Creates and deletes run concurrently; events follow; deleting the job comes last."""
-        namespace = key[0]
         seen = existing | {("Pod", (p.get("metadata") or {}).get("name", "")) for p in pods}
-        expected = self._expected.setdefault(key, {})
         clock = time.monotonic()
+        expected = record.expected
         for ref in [r for r, t in expected.items() if r in seen or clock - t > CREATE_EXPECTATION_SECONDS]:
             del expected[ref]
-        writes: list[Awaitable[Any]] = []
-        events: list[Any] = []
-        delete_job = False
+        staged = _Writes()
         for action in actions:
-            kind = type(action).__name__
-            if kind == "CreateObject":
-                ref = child_ref(action.obj)
-                if ref not in expected:
-                    expected[ref] = clock
-                    writes.append(self.api.create(action.obj))
-            elif kind == "DeletePods":
-                for name in action.names:
-                    expected.pop(("Pod", name), None)
-                    writes.append(self.api.delete("v1", "Pod", namespace, name))
-            elif kind == "DeleteObject":
-                expected.pop((action.kind, action.name), None)
-                writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
-            elif kind == "EmitEvent":
-                events.append(action)
-            elif kind == "DeleteJob":
-                delete_job = True
-            else:
-                raise TypeError(f"unknown planner action {action!r}")
-        results = await asyncio.gather(*writes, return_exceptions=True)
+            self._stage(action, staged, record, key[0], clock)
+        results = await asyncio.gather(*staged.writes, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
-            self._expected.pop(key, None)  # what failed must be retried for real
+            record.expected = {}  # what failed must be retried for real
             raise errors[0]
-        for event in events:
+        for event in staged.events:
             await self.api.post_event(raw, event.type, event.reason, event.message)
-        if delete_job:
-            await self.api.delete(raw["apiVersion"], raw["kind"], namespace, key[1])
+        if staged.delete_job:
+            await self.api.delete(raw["apiVersion"], raw["kind"], key[0], key[1])
+
+    # -- one method per planner action type ---------------------------------------------------------
+    @functools.singledispatchmethod
+    def _stage(self, action: object, staged: _Writes, record: JobRecord, namespace: str, clock: float) -> None:
+        raise TypeError(f"unknown planner action {action!r}")
+
+    @_stage.register
+    def _(self, action: planner.CreateObject, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        ref = child_ref(action.obj)
+        if ref not in record.expected:
+            record.expected[ref] = clock
+            staged.writes.append(self.api.create(action.obj))
+
+    @_stage.register
+    def _(self, action: planner.DeletePods, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        for name in action.names:
+            record.expected.pop(("Pod", name), None)
+            staged.writes.append(self.api.delete("v1", "Pod", namespace, name))
+
+    @_stage.register
+    def _(self, action: planner.DeleteObject, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        record.expected.pop((action.kind, action.name), None)
+        staged.writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
+
+    @_stage.register
+    def _(self, action: planner.EmitEvent, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.events.append(action)
+
+    @_stage.register
+    def _(self, action: planner.DeleteJob, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.delete_job = True

@@ -1,8 +1,10 @@
-"""What every actor loop shares: the step driver (data, resume, checkpoints, metrics, export) and
-the rollout helpers of the online algorithms (generate, score, micro-batches).
+"""What every actor loop shares: the algorithm base (model, tokenizer, DeepSpeed strategy), the step
+driver (data, resume, checkpoints, metrics, export) and the rollout helpers of the online algorithms
+(generate, score, micro-batches).
 
-An algorithm is an object with `strategy`, `tokenizer`, `step(records, timings) -> dict of metrics`, and `state_dict()` /
-`load_state_dict()` for what it must carry over a restart (e.g. the KL controller).
+An algorithm is an ActorAlgorithm with `step(records, timings) -> dict of metrics`, and `state_dict()` /
+`load_state_dict()` for what it must carry over a restart (e.g. the KL controller). Its module's
+`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module.
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models
 from rlhf_trainer.data import (
-    KIND_OF_ALGORITHM,
     Sampler,
     encode_prompt_responses,
     encode_prompts,
@@ -30,10 +32,48 @@ from rlhf_trainer.data import (
 from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.utils import logprobs_from_logits
 from rlhf_trainer.runtime import Context, log, resume_step
+from rlhf_trainer.strategy import DeepSpeedStrategy
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
             "response_length", "preference_accuracy")
+
+
+class ActorAlgorithm:
+    """The actor's trained model behind a DeepSpeed strategy, its tokenizer, and the hyperparameters.
+
+    load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
+    rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
+    rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    """
+
+    def __init__(self, ctx: Context, *, load_model=models.load_policy, rows_per_prompt: int = 1,
+                 rows_per_sample: int = 1):
+        hp = self.hp = ctx.hp
+        self.ctx = ctx
+        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.strategy = DeepSpeedStrategy(
+            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
+            grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
+        )
+
+    def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the algorithm carries over a restart besides the model (none by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> None:
+    """An actor loop from start to export: data first (bad data fails fast), colocated roles, then drive()."""
+    records = load_records(ctx)
+    start_colocated(ctx)
+    drive(ctx, algorithm(ctx, *args), records)
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
@@ -202,7 +242,7 @@ def load_records(ctx: Context):
 
     The held-out records of dataset.eval_path (same format) are read too, into ctx.eval_records.
     """
-    kind = KIND_OF_ALGORITHM[ctx.cfg.algorithm]
+    kind = ALGORITHMS[ctx.cfg.algorithm].data
     if ctx.cfg.dataset.eval_path:
         ctx.eval_records = load_dataset(ctx.cfg.dataset.eval_path, ctx.cfg.dataset.format, kind=kind)
     return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)

@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import distributed, models
+from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import (
-    drive,
+    ActorAlgorithm,
     encode_pairs,
     global_normaliser,
-    load_records,
     pair_slices,
-    start_colocated,
+    run_algorithm,
 )
 from rlhf_trainer.losses.dpo import dpo_loss
 from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
 def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -28,23 +26,10 @@ def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
     return (logprobs * loss_mask[:, 1:].to(logprobs.dtype)).sum(-1)
 
 
-class DPO:
+class DPO(ActorAlgorithm):
     def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
+        super().__init__(ctx, rows_per_sample=2)  # a pair is two rows: chosen and rejected
         self.reference = ctx.client("reference")
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
@@ -82,6 +67,4 @@ class DPO:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    start_colocated(ctx)
-    drive(ctx, DPO(ctx), records)
+    run_algorithm(ctx, DPO)

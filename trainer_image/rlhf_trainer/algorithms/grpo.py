@@ -11,45 +11,31 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import distributed, models
+from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
     Scorer,
     collect_experience,
-    drive,
     generate,
     global_normaliser,
-    load_records,
     response_logprobs,
     rollout_ok,
+    run_algorithm,
     skipped_rollout_stats,
-    start_colocated,
 )
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
 from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class GroupPolicyGradient:
+class GroupPolicyGradient(ActorAlgorithm):
     def __init__(self, ctx: Context, variant: str):
-        hp = self.hp = ctx.hp
-        self.ctx, self.variant = ctx, variant
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        rows = ctx.rows_per_rank(hp.group_size)
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size, grad_accum=ctx.grad_accum(rows),
-        )
+        super().__init__(ctx, rows_per_prompt=ctx.hp.group_size)
+        self.variant = variant
         self.reference = ctx.client("reference")
         self.score = Scorer(ctx)
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, group, dev = self.hp, self.ctx.metrics, self.hp.group_size, distributed.device()
@@ -110,6 +96,4 @@ class GroupPolicyGradient:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    start_colocated(ctx)
-    drive(ctx, GroupPolicyGradient(ctx, ctx.cfg.algorithm), records)
+    run_algorithm(ctx, GroupPolicyGradient, ctx.cfg.algorithm)

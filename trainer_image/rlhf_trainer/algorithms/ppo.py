@@ -12,37 +12,29 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer import distributed, models
+from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
     Scorer,
     collect_experience,
-    drive,
     generate,
     global_normaliser,
-    load_records,
     response_logprobs,
     rollout_ok,
+    run_algorithm,
     skipped_rollout_stats,
-    start_colocated,
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
-from rlhf_trainer.losses.ppo import policy_loss
-from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean, masked_whiten
+from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
+from rlhf_trainer.losses.utils import masked_whiten
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class PPO:
+class PPO(ActorAlgorithm):
     def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        rows = ctx.rows_per_rank()
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size, grad_accum=ctx.grad_accum(rows),
-        )
+        super().__init__(ctx)
+        hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
         self.score = Scorer(ctx)
         self.kl_ctl = build_kl_controller(hp.kl_coef, hp.kl_target, hp.kl_horizon)
@@ -86,9 +78,10 @@ class PPO:
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
+                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens)
+                    loss = loss + bonus
                     value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
                                                          source="ppo policy loss")
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
                     stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
@@ -107,6 +100,4 @@ class PPO:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    start_colocated(ctx)
-    drive(ctx, PPO(ctx), records)
+    run_algorithm(ctx, PPO)

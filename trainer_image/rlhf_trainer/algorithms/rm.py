@@ -8,29 +8,22 @@ folder that a PPO / GRPO job's `rewardModel.path` can point at.
 from __future__ import annotations
 
 from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, encode_pairs, global_normaliser, load_records, pair_slices
-from rlhf_trainer.losses.rm import bradley_terry_loss
+from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
+    encode_pairs,
+    global_normaliser,
+    pair_slices,
+    run_algorithm,
+)
+from rlhf_trainer.losses.rm import bradley_terry_loss, preference_accuracy
 from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class RewardModelTraining:
+class RewardModelTraining(ActorAlgorithm):
     def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        self.strategy = DeepSpeedStrategy(
-            models.load_reward_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=2 * hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+        # a one-label sequence classifier; a pair is two rows: chosen and rejected
+        super().__init__(ctx, load_model=models.load_reward_model, rows_per_sample=2)
 
     def step(self, records, timings) -> dict[str, float]:
         hp, n = self.hp, len(records)
@@ -47,7 +40,7 @@ class RewardModelTraining:
                     self.strategy, loss, anchor=scores, role="actor", source="reward-model (Bradley-Terry) loss",
                     records=[records[int(i)] for i in rows[:half]])
                 losses.append(value or 0.0)
-                correct += float((scores[:half] > scores[half:]).float().sum())
+                correct += float(preference_accuracy(scores[:half], scores[half:])) * half
                 chosen_scores.append(float(scores[:half].detach().mean()))
         return {
             "loss": sum(losses), "policy_loss": sum(losses), "preference_accuracy": correct / n,
@@ -56,5 +49,4 @@ class RewardModelTraining:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, RewardModelTraining(ctx), records)
+    run_algorithm(ctx, RewardModelTraining)

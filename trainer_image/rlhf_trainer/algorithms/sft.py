@@ -5,30 +5,19 @@ example's boundary, so examples never attend to or predict each other).
 
 from __future__ import annotations
 
-from rlhf_trainer import distributed, models
-from rlhf_trainer.algorithms.common import drive, global_normaliser, load_records, micro_batches
+from rlhf_trainer import distributed
+from rlhf_trainer.algorithms.common import (
+    ActorAlgorithm,
+    global_normaliser,
+    micro_batches,
+    run_algorithm,
+)
 from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.strategy import DeepSpeedStrategy
 
 
-class SFT:
-    def __init__(self, ctx: Context):
-        hp = self.hp = ctx.hp
-        self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
-        self.strategy = DeepSpeedStrategy(
-            models.load_policy(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
-            learning_rate=hp.learning_rate, micro_batch_size=hp.micro_batch_size,
-            grad_accum=ctx.grad_accum(ctx.rows_per_rank()),
-        )
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
+class SFT(ActorAlgorithm):
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
@@ -71,5 +60,4 @@ class SFT:
 
 
 def run(ctx: Context) -> None:
-    records = load_records(ctx)
-    drive(ctx, SFT(ctx), records)
+    run_algorithm(ctx, SFT)

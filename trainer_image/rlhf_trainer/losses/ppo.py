@@ -5,6 +5,9 @@ Schulman et al. 2017, "Proximal Policy Optimization Algorithms", eq. 7 (written 
 Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL", eq. 5): for
 A < 0 the loss is also bounded by -c * A (c > 1), so a huge ratio on a bad action cannot blow up:
     L = min(L_clip, -c * A)  where A < 0
+Entropy bonus (Schulman et al. 2017, eq. 9: L = L_clip - c_2 S[pi](s_t)), the mean entropy of the
+policy's token distributions over the response, subtracted from the loss with coefficient c_2:
+    L_S = -c_2 * H(pi(. | s_t)),   H = logsumexp(z) - sum(softmax(z) * z)
 Value loss, clipped around the rollout's values like OpenAI baselines' PPO2:
     L_V = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_trainer.losses.utils import masked_mean
+from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean
 
 
 def _normaliser(mask: torch.Tensor, num_tokens: float | torch.Tensor | None) -> torch.Tensor | float:
@@ -45,6 +48,21 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     with torch.no_grad():
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask)
     return loss, clip_fraction
+
+
+def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor, *, coef: float,
+                  num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, V) logits, (B, T) mask -> (loss term -coef * sum of masked entropies / num_tokens, mean masked
+    entropy). Added to policy_loss's result it makes the gradient of L_clip - c_2 * mean entropy over the
+    global batch (the same normaliser). The entropy is differentiated only when coef > 0.
+    """
+    if not coef:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits)
+        return torch.zeros((), dtype=entropy.dtype, device=entropy.device), masked_mean(entropy, mask)
+    entropy = entropy_from_logits(logits)
+    term = -coef * (entropy * mask).sum() / _normaliser(mask, num_tokens)
+    return term, masked_mean(entropy.detach(), mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -3,21 +3,14 @@
 Bradley & Terry 1952; as used by Ouyang et al. 2022 (InstructGPT, eq. 1) and with a margin by
 Touvron et al. 2023 (Llama 2, eq. 2):
     L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)
-The sequence score r is the head's output at the last real (non-padding) token.
+The sequence score r is the head's output at the last real (non-padding) token: the Hugging Face
+sequence classifier pools it itself (rlhf_trainer.roles.sequence_scores).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from rlhf_trainer.losses.utils import last_token_index
-
-
-def last_token_scores(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) per-token scores -> (B,) score at each row's last real token (left or right padding)."""
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, last_token_index(mask)]
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, *,

@@ -1,0 +1,346 @@
+"""The trainer config (`$RLHF_CONFIG`, docs/spec.md "Trainer config JSON"): every setting the operator
+and the trainer share, as typed dataclasses of knobs, with a strict JSON load and dump.
+
+    cfg = load_config(os.environ["RLHF_CONFIG"])     # the trainer
+    text = dump_config(cfg)                            # the operator (its ConfigMap)
+    cfg.hyperparameters.clip_range, cfg.roles["actor"].deepspeed.zero_stage
+
+The operator's parse_spec() reads the same dataclasses from the manifest (camelCase keys) and the
+CRD's schema for them is generated (rlhf_contract.generate). Parsing is strict: an unknown key, a
+wrong type or a value out of range raises ConfigError naming every bad field by path
+(`hyperparameters.clip_range: expected a number`), because a typo silently falling back to a default
+would train the wrong thing for hours. How to add a field: docs/contract.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf_contract import layout
+from rlhf_contract.algorithms import ALGORITHMS, NAMES, ONLINE, REWARD_TYPES, ROLE_NAMES, role_set_problem
+from rlhf_contract.knobs import Rule, knob, settings_of
+
+REWARD_RULES = ("exact_match", "regex", "callable")
+DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
+# Dataset formats that hold preference pairs (what algorithms with data "pairs" need).
+PAIR_FORMATS = ("pairs", "ranked", "pair_list")
+SYNTHETIC_PREFIX = "synthetic://"
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+KL_ESTIMATORS = ("k1", "k3")
+NON_FINITE_POLICIES = ("fail", "skip")
+# "module:function" of a reward callable (the CRD's CEL rule uses the same pattern).
+CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
+
+PPO = ("ppo",)
+GROUP = ("grpo", "rloo")
+
+
+class ConfigError(ValueError):
+    """The trainer config is invalid; the message names the field path (`hyperparameters.beta: ...`).
+    The trainer exits with wire.EXIT_CONFIG_ERROR on it (permanent: no gang restart)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where a model comes from: an HF folder inside the container, or `tiny://llama|qwen2`."""
+
+    path: str = knob(doc="Hugging Face model folder inside the container, or tiny://llama | tiny://qwen2.")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """How responses are scored (online algorithms): a reward model role, or a rule run by the actor."""
+
+    type: str = knob("model", "model: a reward role scores responses; rule: a verifier run by the actor.",
+                     enum=REWARD_TYPES, max_length=16)
+    rule: str = knob("", "Verifier run by the actor when type is rule.", enum=REWARD_RULES, max_length=16)
+    pattern: str = knob("", "regex rule: reward 1 when re.search(pattern, response) matches.", max_length=1024)
+    callable: str = knob("", 'callable rule: "module:function" importable in the trainer image.', max_length=253)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Training data: a JSONL file or `synthetic://NAME`, in one of DATASET_FORMATS."""
+
+    path: str = knob(doc="JSONL file inside the container, or synthetic://NAME (arithmetic, preferences, "
+                         "instructions).")
+    format: str = knob("prompts", "Row format of the JSONL file (rlhf_trainer.data).", enum=DATASET_FORMATS)
+    eval_path: str = knob("", "Optional held-out JSONL in the same format.")
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = knob(2, "ZeRO stage 0..3; unset = 2, or 0 for reward and reference (no optimizer).",
+                           minimum=0, maximum=3, crd_default=False)
+    bf16: bool = knob(False, "Train and serve in bfloat16.")
+    offload_optimizer: bool = knob(False, "Optimizer states in CPU memory (ZeRO >= 1).")
+    gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """One role's process world: how many ranks, and where it runs if colocated."""
+
+    replicas: int = knob(1, "Processes (pods, unless colocated) of this role: its data-parallel world size.",
+                         minimum=1)
+    colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
+                                  "processes.", max_length=16)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+
+def _dual_clip_ok(value: float) -> bool:
+    return value == 0 or value > 1
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    """Every training knob. The manifest spells them in camelCase (`maxSteps`)."""
+
+    max_steps: int = knob(20, "Optimizer steps to train.", minimum=1)
+    learning_rate: float = knob(1e-5, "Peak learning rate of the actor (and critic).", gt=0)
+    batch_size: int = knob(8, "Prompts (or pairs) per step, global across replicas.", minimum=1)
+    micro_batch_size: int = knob(4, "Samples per forward/backward pass on one process.", minimum=1)
+    max_prompt_length: int = knob(64, "Prompt tokens kept (left-truncated).", minimum=1)
+    max_new_tokens: int = knob(16, "Response tokens sampled per prompt; the response length cap of pairs "
+                                   "and sft rows.", minimum=1)
+    temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
+                              algorithms=ONLINE)
+    seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
+    ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
+    clip_range: float = knob(0.2, "Policy ratio clip epsilon.", gt=0, algorithms=ONLINE)
+    dual_clip: float = knob(0.0, "Dual-clip bound c for negative advantages; 0 = off, else > 1 (e.g. 3).",
+                            minimum=0, algorithms=ONLINE,
+                            rule=Rule(_dual_clip_ok, "self == 0.0 || self > 1.0", "must be 0 (off) or > 1"))
+    value_clip_range: float = knob(0.2, "Value clip range (0 = no value clipping).", minimum=0, algorithms=PPO)
+    entropy_coef: float = knob(0.0, "Entropy bonus: the policy loss minus this times the mean entropy of the "
+                                    "response tokens (0 = off).", minimum=0, algorithms=PPO)
+    vf_coef: float = knob(0.1, "Value loss coefficient (in the reported total loss).", minimum=0, algorithms=PPO)
+    gamma: float = knob(1.0, "Discount factor, 0..1.", minimum=0, maximum=1, algorithms=PPO)
+    lam: float = knob(0.95, "GAE lambda, 0..1.", minimum=0, maximum=1, algorithms=PPO)
+    kl_coef: float = knob(0.05, "Initial KL penalty coefficient against the reference policy.", minimum=0,
+                          algorithms=ONLINE)
+    kl_target: float = knob(0.0, "Adaptive KL controller target; 0 = fixed coefficient.", minimum=0,
+                            algorithms=PPO)
+    kl_horizon: int = knob(10000, "Adaptive KL controller horizon in samples (Ziegler et al. 2019).", minimum=1,
+                           algorithms=PPO)
+    kl_estimator: str = knob("k1", "KL estimator: k1 (log-ratio) or k3 (unbiased, non-negative).",
+                             enum=KL_ESTIMATORS, algorithms=PPO)
+    reward_clip: float = knob(10.0, "Scores are clipped to [-rewardClip, rewardClip].", gt=0, algorithms=PPO)
+    truncation_penalty: float = knob(1.0, "Subtracted from the score of a response with no EOS within "
+                                          "maxNewTokens (0 = none).", minimum=0, algorithms=PPO)
+    whiten_advantages: bool = knob(True, "Normalize advantages per batch.", algorithms=PPO)
+    group_size: int = knob(4, "Samples per prompt, at least 2.", minimum=2, algorithms=GROUP)
+    beta: float = knob(0.1, "Inverse temperature of the implicit reward.", gt=0, algorithms=("dpo",))
+    loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo (IPO) or hinge (SLiC).", enum=LOSS_TYPES,
+                          algorithms=("dpo",))
+    label_smoothing: float = knob(0.0, "Conservative DPO label smoothing, 0 <= x < 0.5.", minimum=0, lt=0.5,
+                                  algorithms=("dpo",))
+    margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
+    packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
+    non_finite: str = knob("fail", "What a NaN or infinite reward, loss or gradient norm does: fail (the job fails "
+                                   "with a permanent error naming the step, the source and the rows) or skip (the "
+                                   "batch is skipped and counted in rlhf_trainer_non_finite_total).",
+                           enum=NON_FINITE_POLICIES)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval_steps: int = knob(10, "Save every N steps (and at the end).", minimum=1)
+    keep: int = knob(3, "Complete checkpoints kept; older ones are deleted.", minimum=1)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The whole job as the trainer sees it: built by the operator, read by the trainer."""
+
+    job: str
+    algorithm: str
+    model: ModelConfig
+    dataset: DatasetConfig
+    roles: dict[str, RoleConfig]
+    namespace: str = "default"
+    reward_model: ModelConfig | None = None
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def colocated_into(self, host: str) -> tuple[str, ...]:
+        """Roles served inside `host`'s processes."""
+        return layout.colocated_into(self.placements(), host)
+
+    def placements(self) -> dict[str, layout.Placement]:
+        return {name: layout.Placement(role.replicas, role.colocate_with) for name, role in self.roles.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form parse_config() reads back."""
+        return dataclasses.asdict(self)
+
+
+def dataset_format_problem(algorithm: str, dataset: DatasetConfig) -> str | None:
+    """Algorithms that learn from preference pairs need a JSONL file in a pair format (a synthetic://
+    dataset brings its own format, so `format` is not read)."""
+    if ALGORITHMS[algorithm].data != "pairs" or dataset.path.startswith(SYNTHETIC_PREFIX):
+        return None
+    if dataset.format in PAIR_FORMATS:
+        return None
+    return (f"must be one of {', '.join(PAIR_FORMATS)} for algorithm {algorithm}, which learns from preference "
+            f"pairs (got {dataset.format!r})")
+
+
+def dump_config(cfg: TrainerConfig) -> str:
+    """The config file's text (stable key order, so an unchanged job renders the same bytes)."""
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+# ---- parsing: structure and types ----------------------------------------------------------
+
+_TYPE_WORDS = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+
+def _is_type(value: Any, expected: type) -> bool:
+    # bool is an int subclass in Python; JSON true must not pass as 1 (nor 1 as true). A float
+    # field takes integers too (JSON writes 1e-05 but also 1).
+    if expected is bool or isinstance(value, bool):
+        return expected is bool and isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, int | float)
+    return isinstance(value, expected)
+
+
+def _parse_value(value: Any, hint: Any, path: str, errors: list[str]) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # only `X | None` occurs
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _parse_value(value, inner, path, errors)
+    if origin is dict:
+        _, item_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            errors.append(f"{path}: expected an object, got {json.dumps(value)}")
+            return {}
+        return {k: _parse_value(v, item_hint, f"{path}.{k}", errors) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return _parse_dataclass(value, hint, path, errors)
+    if not _is_type(value, hint):
+        errors.append(f"{path}: expected {_TYPE_WORDS[hint]}, got {json.dumps(value)}")
+        return None
+    return float(value) if hint is float else value
+
+
+def _parse_dataclass(data: Any, cls: type, path: str, errors: list[str]) -> Any:
+    prefix = f"{path}." if path else ""
+    if not isinstance(data, dict):
+        errors.append(f"{path or 'config'}: expected an object, got {json.dumps(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"allowed: {', '.join(fields)}"
+            errors.append(f"{prefix}{key}: unknown field ({hint})")
+    kwargs, missing = {}, False
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _parse_value(data[name], hints[name], prefix + name, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{prefix}{name}: required")
+            missing = True
+    # With a bad field inside, the object still builds (values are not type-checked by
+    # dataclasses), so parsing goes on and reports sibling errors too.
+    return None if missing else cls(**kwargs)
+
+
+# ---- parsing: values and cross-field rules ---------------------------------------------------
+
+
+def _check_knobs(obj: Any, path: str, errors: list[str]) -> None:
+    """Every knob of a parsed dataclass against its bounds, enum and rule (the manifest's too)."""
+    for setting in settings_of(type(obj)):
+        value = getattr(obj, setting.name)
+        if setting.unset_marker() and value == setting.default:
+            continue
+        if setting.required and not value:
+            errors.append(f"{path}.{setting.name}: must not be empty")
+        errors.extend(f"{path}.{setting.name}: {problem}" for problem in setting.problems(value))
+
+
+def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
+    if cfg.algorithm not in ALGORITHMS:
+        errors.append(f"algorithm: {json.dumps(cfg.algorithm)} is not one of {', '.join(NAMES)}")
+    _check_knobs(cfg.model, "model", errors)
+    _check_knobs(cfg.dataset, "dataset", errors)
+    _check_knobs(cfg.reward, "reward", errors)
+    _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
+    _check_knobs(cfg.checkpoint, "checkpoint", errors)
+    for name, role in cfg.roles.items():
+        if name not in ROLE_NAMES:
+            errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
+        _check_knobs(role, f"roles.{name}", errors)
+        _check_knobs(role.deepspeed, f"roles.{name}.deepspeed", errors)
+    _check_reward(cfg, errors)
+    if errors:
+        return  # the layout rules read replicas and names that must be valid first
+    errors.extend(f"roles.{name}{'.' + key if key else ''}: {problem}"
+                  for name, key, problem in layout.problems(list(cfg.placements().items())))
+    if cfg.algorithm in ALGORITHMS:
+        problem = role_set_problem(cfg.algorithm, cfg.reward.type, list(cfg.roles))
+        if problem:
+            errors.append(f"roles: {problem}")
+        problem = dataset_format_problem(cfg.algorithm, cfg.dataset)
+        if problem:
+            errors.append(f"dataset.format: {problem}")
+    if "actor" in cfg.roles:
+        problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
+        if problem:
+            errors.append(f"hyperparameters.batch_size: {problem}")
+
+
+def _check_reward(cfg: TrainerConfig, errors: list[str]) -> None:
+    reward = cfg.reward
+    if reward.type == "rule" and not reward.rule:
+        errors.append(f"reward.rule: required when reward.type is rule; must be one of: {', '.join(REWARD_RULES)}")
+    if reward.rule == "regex" and not reward.pattern:
+        errors.append("reward.pattern: required when reward.rule is regex")
+    if reward.rule == "callable" and not re.match(CALLABLE_PATTERN, reward.callable):
+        errors.append(f'reward.callable: expected "module:function", got {json.dumps(reward.callable)}')
+    algorithm = ALGORITHMS.get(cfg.algorithm)
+    if algorithm and algorithm.needs_reward_model(reward.type) and (cfg.reward_model is None or not cfg.reward_model.path):
+        errors.append("reward_model.path: required when reward.type is model")
+
+
+def parse_config(data: dict[str, Any]) -> TrainerConfig:
+    """Validate the config dict and return a TrainerConfig; ConfigError lists every bad field."""
+    errors: list[str] = []
+    cfg = _parse_dataclass(data, TrainerConfig, "", errors)
+    if not errors:
+        _check_values(cfg, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainerConfig:
+    """Read and parse a config JSON file; unreadable or invalid JSON names the file (and line)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the trainer config: {exc.strerror}") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from exc
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc

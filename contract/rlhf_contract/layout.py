@@ -1,0 +1,133 @@
+"""Role placement: which role runs in which processes, and which process answers which actor rank.
+
+A role either has pods (processes) of its own, `replicas` of them, or is colocated into another
+role's processes (`colocate_with`). The rules below are checked once, here: by the operator's
+parse_spec() (paths like `roles[1].colocateWith`), the trainer config (`roles.critic.colocate_with`)
+and the trainer's bridge (which computes ranks from the same placements).
+
+Actor rank i is served by rank i mod n of each role with pods, so a serving role may have fewer
+replicas than the actor (each of its ranks then serves several actor ranks in turn), never more
+(its extra ranks would idle and hang their world).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from rlhf_contract.algorithms import ROLE_NAMES
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many processes a role has and whose processes it runs in ('' = its own pods)."""
+
+    replicas: int
+    colocate_with: str = ""
+
+
+Placements = Mapping[str, Placement]
+# (field, problem) of one role; field is "colocate_with" or "replicas".
+RoleProblem = tuple[str, str, str]
+
+
+def host_role(role: str, placements: Placements) -> str:
+    """The role whose processes run `role` (itself unless colocated)."""
+    return placements[role].colocate_with or role
+
+
+def pod_roles(placements: Placements) -> tuple[str, ...]:
+    """Roles with pods of their own, in the order given."""
+    return tuple(name for name, p in placements.items() if not p.colocate_with)
+
+
+def colocated_into(placements: Placements, host: str) -> tuple[str, ...]:
+    """Roles served inside `host`'s processes, in the order given."""
+    return tuple(name for name, p in placements.items() if p.colocate_with == host)
+
+
+def colocation_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[int, str]]:
+    """(index, problem) for every colocate_with that does not name another role of the job with pods
+    of its own (no chains); the actor always has pods of its own."""
+    by_name = dict(roles)
+    problems = []
+    for i, (name, placement) in enumerate(roles):
+        host = placement.colocate_with
+        if not host:
+            continue
+        if name == "actor":
+            problem = "must be unset on the actor: the actor needs pods of its own"
+        elif host == name:
+            problem = "must name another role, not the role itself"
+        elif host not in by_name:
+            problem = f"must name a role of this job ({', '.join(by_name)})"
+        elif by_name[host].colocate_with:
+            problem = f"must name a role with pods of its own ({host!r} is itself colocated)"
+        else:
+            continue
+        problems.append((i, f"{problem} (got {host!r})"))
+    return problems
+
+
+def replica_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[int, str]]:
+    """(index, problem) for every role with pods that has more replicas than the actor."""
+    actors = dict(roles).get("actor")
+    if actors is None:
+        return []
+    return [
+        (i, f"must be at most the actor's replicas ({actors.replicas}): each rank of a role with pods serves "
+            f"actor ranks (got {p.replicas})")
+        for i, (name, p) in enumerate(roles)
+        if name != "actor" and not p.colocate_with and p.replicas > actors.replicas
+    ]
+
+
+def batch_problem(actor_replicas: int, batch_size: int) -> str | None:
+    """Every actor rank takes an equal share of the global batch."""
+    if batch_size % actor_replicas:
+        return (f"must be divisible by the actor's replicas ({actor_replicas}): every actor rank takes an "
+                f"equal share (got {batch_size})")
+    return None
+
+
+def problems(roles: Sequence[tuple[str, Placement]]) -> list[RoleProblem]:
+    """(role, field, problem) for every layout rule broken, the actor's presence included."""
+    names = [name for name, _ in roles]
+    out: list[RoleProblem] = []
+    if "actor" not in names:
+        out.append(("actor", "", "every job needs an actor"))
+    out.extend((names[i], "colocate_with", p) for i, p in colocation_problems(roles))
+    out.extend((names[i], "replicas", p) for i, p in replica_problems(roles))
+    return out
+
+
+def bridge_ranks(placements: Placements) -> dict[tuple[str, int], int]:
+    """(role, role rank) -> bridge rank for every process that has pods of its own, actor first.
+    ValueError when the placements break a rule (the trainer checks them at startup first)."""
+    broken = problems(list(placements.items()))
+    unknown = sorted(set(placements) - set(ROLE_NAMES))
+    if unknown:
+        raise ValueError(f"roles: unknown role(s) {unknown}; expected {list(ROLE_NAMES)}")
+    if broken:
+        role, key, problem = broken[0]
+        raise ValueError(f"roles.{role}{'.' + key if key else ''}: {problem}")
+    ranks: dict[tuple[str, int], int] = {}
+    for role in ROLE_NAMES:
+        placement = placements.get(role)
+        if placement is None or placement.colocate_with:
+            continue
+        for index in range(placement.replicas):
+            ranks[(role, index)] = len(ranks)
+    return ranks
+
+
+def serving_rank(role: str, actor_rank: int, placements: Placements) -> tuple[str, int]:
+    """Which process (host role, host rank) answers `actor_rank`'s requests for `role`."""
+    host = host_role(role, placements)
+    return host, actor_rank % placements[host].replicas
+
+
+def served_actor_ranks(host: str, host_rank: int, placements: Placements) -> list[int]:
+    """The actor ranks a serving process answers, in the order it answers them."""
+    actors = placements["actor"].replicas
+    return [i for i in range(actors) if i % placements[host].replicas == host_rank]
