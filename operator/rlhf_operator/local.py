@@ -366,19 +366,29 @@ class LocalRunner:
 
 
 class Progress:
-    """Per-role bars (TTY) or plain lines: step/maxSteps, live reward and KL from the metrics JSONL."""
+    """Per-process progress bars (tqdm, on a TTY) or plain lines: step/maxSteps, live reward, KL, loss.
+
+    Bars: one tqdm bar per metrics file (`actor-0`, ...) plus a status line (phase, restarts);
+    line() prints above them (tqdm.write). Plain (not a TTY, or --no-progress): one line per new
+    step of each rank-0 series, so CI logs stay readable.
+    """
 
     def __init__(self, stream: Any = sys.stdout, bars: bool | None = None):
         self.stream = stream
         self.bars = bool(stream is not None and (stream.isatty() if bars is None else bars))
-        self._drawn = 0
+        self._bars: dict[str, Any] = {}
+        self._status: Any = None
         self._last_plain: dict[str, int] = {}
 
     def line(self, text: str) -> None:
         if self.stream is None:
             return
-        self._erase()
-        print(text, file=self.stream, flush=True)
+        if self._bars or self._status is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def update(self, job: api.Job, rows: Mapping[str, Mapping[str, Any]]) -> None:
         if self.stream is None:
@@ -390,20 +400,27 @@ class Progress:
                     self._last_plain[name] = row.get("step")
                     print(format_progress_line(name, row, max_steps), file=self.stream, flush=True)
             return
-        self._erase()
-        lines = [format_progress_bar(name, row, max_steps) for name, row in sorted(rows.items())]
-        lines.append(f"{job.name}: {job.status.get('phase', '-')}, restarts {job.status.get('restarts', 0)}")
-        self.stream.write("\n".join(lines) + "\n")
-        self.stream.flush()
-        self._drawn = len(lines)
+        from tqdm import tqdm
 
-    def _erase(self) -> None:
-        if self.bars and self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-            self._drawn = 0
+        for name, row in sorted(rows.items()):
+            bar = self._bars.get(name)
+            if bar is None:
+                bar = self._bars[name] = tqdm(total=max_steps, desc=f"{name:<12}", unit="step", file=self.stream,
+                                              position=len(self._bars), leave=True, dynamic_ncols=True)
+            bar.n = min(int(row.get("step", 0) or 0), max_steps)
+            bar.set_postfix_str(_metric_text(row), refresh=False)
+            bar.refresh()
+        if self._status is None:
+            self._status = tqdm(total=0, bar_format="{desc}", file=self.stream, position=len(self._bars) + 1,
+                                leave=True)
+        self._status.set_description_str(f"{job.name}: {job.status.get('phase', '-')}, "
+                                         f"restarts {job.status.get('restarts', 0)}")
 
     def close(self) -> None:
-        self._drawn = 0
+        for bar in [*self._bars.values(), self._status]:
+            if bar is not None:
+                bar.close()
+        self._bars, self._status = {}, None
 
 
 def _metric_text(row: Mapping[str, Any]) -> str:
@@ -416,12 +433,6 @@ def _metric_text(row: Mapping[str, Any]) -> str:
 
 def format_progress_line(name: str, row: Mapping[str, Any], max_steps: int) -> str:
     return f"{name:<12} step {row.get('step', 0)}/{max_steps}  {_metric_text(row)}".rstrip()
-
-
-def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width: int = 24) -> str:
-    step = int(row.get("step", 0) or 0)
-    filled = min(width, width * step // max(max_steps, 1))
-    return f"{name:<12} [{'#' * filled}{'.' * (width - filled)}] {step}/{max_steps}  {_metric_text(row)}".rstrip()
 
 
 def main(args: Any) -> int:
