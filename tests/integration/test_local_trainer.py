@@ -57,6 +57,20 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     assert (run_dir / "report.png").read_bytes()[:8] == PNG
     assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()
+    # The demo visibly learns: the report's learning figures (what README.md shows).
+    before, after = figure(done.stdout, "reward (mean of first / last 5 steps)")
+    assert after >= before + 0.5, done.stdout[-3000:]
+    greedy_before, greedy_after = figure(done.stdout, "held-out reward (greedy) (first / last evaluation)")
+    assert greedy_after >= greedy_before + 0.5, done.stdout[-3000:]
+    rows = report.read_jsonl(run_dir / "checkpoints" / "metrics" / "actor-0.jsonl")
+    assert sum(r["response_length"] for r in rows[-5:]) / 5 > 1.9  # a digit, then EOS
+
+
+def figure(stdout: str, label: str) -> tuple[float, float]:
+    """(before, after) of a report summary line `label: BEFORE -> AFTER (+CHANGE)`."""
+    match = re.search(re.escape(label) + r": (\S+) -> (\S+) ", stdout)
+    assert match, f"no {label!r} in the report:\n{stdout[-3000:]}"
+    return float(match[1]), float(match[2])
 
 
 def test_corrupt_checkpoint_falls_back_then_a_random_kill_resumes(tmp_path):
