@@ -145,6 +145,11 @@ class Hyperparameters:
                                   algorithms=("dpo",))
     margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
     packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
+    sample_interval_steps: int = knob(10, "Every this many steps, write samplesPerStep rollouts (prompt, response, "
+                                          "reward, KL, length, truncated) to samples/<role>-<rank>.jsonl on the "
+                                          "checkpoint volume (0 = never).", minimum=0, algorithms=ONLINE)
+    samples_per_step: int = knob(4, "Rollouts each actor rank writes when samples are due.", minimum=1,
+                                 algorithms=ONLINE)
     non_finite: str = knob("fail", "What a NaN or infinite reward, loss or gradient norm does: fail (the job fails "
                                    "with a permanent error naming the step, the source and the rows) or skip (the "
                                    "batch is skipped and counted in rlhf_trainer_non_finite_total).",

@@ -41,7 +41,7 @@ import yaml
 from rlhf_contract import wire
 
 from rlhf_operator import api, builders, constants, localexec, planner, report
-from rlhf_operator.progress import merge_progress
+from rlhf_operator.progress import format_sample, merge_progress
 
 LOCAL_IP = "127.0.0.1"
 # How often progress bars and status.progress refresh while nothing else wakes the loop.
@@ -219,8 +219,11 @@ class LocalRunner:
         self.passes += 1
         self._apply_suspend_controls()
         rows = self._latest_rows()
-        progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
-                                  localexec.utc_now())
+        scraped = progress_from_row(rows.get("actor-0"))
+        sample = last_json_line(self.checkpoint_dir / "samples" / "actor-0.jsonl")
+        if sample:
+            scraped["lastSample"] = format_sample(sample)
+        progress = merge_progress(self.job.status.get("progress"), scraped, localexec.utc_now())
         observed = planner.Observed(
             pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
             existing=self._existing(),

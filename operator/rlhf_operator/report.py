@@ -193,7 +193,40 @@ def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[s
     return lines
 
 
-def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
+# Samples shown in the report (the newest ones of the main series).
+SAMPLE_ROWS = 8
+SAMPLE_COLUMNS = ("step", "prompt", "response", "reward", "kl", "length", "truncated")
+
+
+def load_samples(run_dir: Path, series: str = MAIN_SERIES) -> list[dict[str, Any]]:
+    """The rollouts a series wrote to samples/<series>.jsonl (rlhf_trainer.samples); [] if none."""
+    for folder in (run_dir / "checkpoints" / "samples", run_dir / "samples"):
+        path = folder / f"{series}.jsonl"
+        if path.exists():
+            return read_jsonl(path)
+    return []
+
+
+def _cell(value: Any, width: int) -> str:
+    text = _fmt(value) if isinstance(value, float) else ("-" if value is None else str(value))
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
+def sample_table(samples: list[dict[str, Any]], rows: int = SAMPLE_ROWS) -> list[str]:
+    """The newest `rows` samples as fixed-width text lines, a header first ([] without samples)."""
+    if not samples:
+        return []
+    widths = {"step": 5, "prompt": 24, "response": 24, "reward": 7, "kl": 7, "length": 6, "truncated": 9}
+    line = "  ".join(f"{c:<{widths[c]}}" for c in SAMPLE_COLUMNS)
+    out = [line.rstrip()]
+    for s in samples[-rows:]:
+        out.append("  ".join(f"{_cell(s.get(c), widths[c]):<{widths[c]}}" for c in SAMPLE_COLUMNS).rstrip())
+    return out
+
+
+def plot(runs: dict[str, RunHistory], out: Path, title: str, samples: list[dict[str, Any]] | None = None) -> Path:
+    """The curves of PANELS (one panel each, shared step axis) and, with samples, a table of the newest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,8 +236,13 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
     panels = [(k, label) for k, label in PANELS
               if any(isinstance(r.get(k), int | float) for h in runs.values() for r in h.final)]
     panels = panels or [("step", "step")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
+    table = sample_table(samples or [])
+    heights = [2.2] * len(panels) + ([0.3 * len(table) + 0.4] if table else [])
+    fig = plt.figure(figsize=(7 if not table else 9, sum(heights)))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    axes = [fig.add_subplot(grid[0])]
+    axes += [fig.add_subplot(grid[i], sharex=axes[0]) for i in range(1, len(panels))]
+    for ax, (key, label) in zip(axes, panels, strict=True):
         for name, h in sorted(runs.items()):
             points = [(r["step"], r[key]) for r in h.final if isinstance(r.get(key), int | float)]
             if points:
@@ -212,10 +250,17 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
                 ax.plot(xs, ys, marker=".", label=name)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_title(title)
-    axes[0, 0].legend(fontsize="small")
-    axes[-1, 0].set_xlabel("step")
-    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is not axes[-1]:
+            ax.tick_params(labelbottom=False)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if table:
+        ax = fig.add_subplot(grid[len(panels)])
+        ax.axis("off")
+        ax.set_title(f"newest samples ({MAIN_SERIES})", fontsize="small", loc="left")
+        ax.text(0, 1, "\n".join(table), family="monospace", fontsize=7, va="top", transform=ax.transAxes)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -224,11 +269,16 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> tuple[Path, list[str]]:
-    """Plot and summarise a run; returns the PNG path and the summary lines."""
+    """Plot and summarise a run; returns the PNG path and the summary lines (then the samples table)."""
     runs = load_run(run_dir)
     status = read_status(run_dir)
-    png = plot(runs, out or run_dir / "report.png", title=run_dir.resolve().name)
-    return png, summary_lines(runs, status)
+    samples = load_samples(run_dir, main_history(runs)[0])
+    png = plot(runs, out or run_dir / "report.png", title=run_dir.resolve().name, samples=samples)
+    table = sample_table(samples)
+    lines = summary_lines(runs, status)
+    if table:
+        lines += [f"newest samples ({len(samples)} written):", *table]
+    return png, lines
 
 
 def main(args: Any) -> int:

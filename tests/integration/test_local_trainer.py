@@ -53,7 +53,11 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     run_dir = tmp_path / "runs" / name
     logs = "\n".join(p.read_text()[-2000:] for p in run_dir.glob("pods/*/log.txt"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + logs
-    assert json.loads((run_dir / "status.json").read_text())["phase"] == "Succeeded"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    # What the policy writes: samples on the volume, the newest one short in the status.
+    assert status["progress"]["lastSample"].startswith("step 150: "), status["progress"]
+    assert "newest samples" in done.stdout
     assert (run_dir / "report.png").read_bytes()[:8] == PNG
     assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()

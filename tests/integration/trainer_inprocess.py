@@ -23,6 +23,7 @@ from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 from rlhf_trainer.runtime import Context
+from rlhf_trainer.samples import samples_path_for
 
 
 @pytest.fixture(scope="session")
@@ -48,7 +49,7 @@ def in_process_context(config: dict, workdir: Path) -> Context:
                      colocated_roles=tuple(r for r in cfg.roles if r != "actor"), config_path="",
                      role_addrs={}, bridge_addr=None, checkpoint_dir=str(checkpoint_dir), restart_attempt=0,
                      metrics_port=0, pod_ip="")
-    metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0))
+    metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0), samples_path_for(checkpoint_dir, "actor", 0))
     guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
                            count=metrics.count_non_finite)
     return Context(env, cfg, cfg.placements(), None, metrics, guard)

@@ -83,3 +83,27 @@ def test_learning_figures_of_a_short_run_use_halves_and_skip_missing_values():
 def test_a_step_0_evaluation_is_not_a_restart():
     h = report.history([{"step": 0, "eval_loss": 1.0}, {"step": 1}, {"step": 2}])
     assert h.restarts == 0 and [r["step"] for r in h.final] == [0, 1, 2]
+
+
+def test_samples_show_as_a_table_in_the_summary_and_the_png(tmp_path):
+    write_metrics(tmp_path / "checkpoints" / "metrics", "actor-0", [1, 2, 3])
+    samples = tmp_path / "checkpoints" / "samples"
+    samples.mkdir(parents=True)
+    rows = [{"step": s, "prompt": f"{s}+1=", "response": "x" * 40 if s == 3 else str(s + 1), "reward": 1.0,
+             "kl": None, "length": 2, "truncated": s == 3} for s in (1, 2, 3)]
+    (samples / "actor-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png, lines = report.write_report(tmp_path)
+    start = lines.index("newest samples (3 written):")
+    header, *table = lines[start + 1:]
+    assert header.split() == list(report.SAMPLE_COLUMNS)
+    assert table[0].split() == ["1", "1+1=", "2", "1", "-", "2", "False"]
+    assert "x" * 23 + "~" in table[2] and table[2].endswith("True")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_table_keeps_the_newest_rows():
+    samples = [{"step": s, "prompt": "p", "response": "r", "reward": 0.0, "kl": 0.0, "length": 1,
+                "truncated": False} for s in range(20)]
+    table = report.sample_table(samples, rows=3)
+    assert [line.split()[0] for line in table[1:]] == ["17", "18", "19"]
+    assert report.sample_table([]) == []

@@ -14,8 +14,9 @@ SPEC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 def _spec_trainer_names() -> set[str]:
     text = SPEC.read_text()
     section = text[text.index("Trainer (`rlhf_trainer.metrics`") :]
-    # A counter `x_total` is collected as the family `x`.
-    return {name.removesuffix("_total") for name in re.findall(r"`(rlhf_trainer_[a-z_]+)", section)}
+    # A counter `x_total` and an info series `x_info` are collected as the family `x`.
+    names = re.findall(r"`(rlhf_trainer_[a-z_]+)", section)
+    return {name.removesuffix("_total").removesuffix("_info") for name in names}
 
 
 def test_every_spec_metric_exists():

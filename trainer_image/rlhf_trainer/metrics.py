@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 PREFIX = "rlhf_trainer_"
 GAUGES = {
@@ -46,7 +46,7 @@ PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 class TrainerMetrics:
     """The Prometheus series and the JSONL file of one trainer process."""
 
-    def __init__(self, jsonl_path: str | Path | None = None):
+    def __init__(self, jsonl_path: str | Path | None = None, samples_path: str | Path | None = None):
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(PREFIX + name, doc, registry=self.registry) for name, doc in GAUGES.items()}
         self.phase_seconds = Histogram(
@@ -62,6 +62,9 @@ class TrainerMetrics:
             ["where"],
             registry=self.registry,
         )
+        self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
+                                registry=self.registry)
+        self.samples_path = Path(samples_path) if samples_path else None
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         if self.jsonl_path:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +117,16 @@ class TrainerMetrics:
     def count_non_finite(self, where: str) -> None:
         """One skipped non-finite value: `rlhf_trainer_non_finite_total{where}` (see finite.py)."""
         self.non_finite.labels(where=where).inc()
+
+    def record_samples(self, picked) -> None:
+        """Append rollouts to samples/<role>-<rank>.jsonl; the newest becomes the `sample` info series."""
+        from rlhf_trainer import samples
+
+        if not picked:
+            return
+        if self.samples_path:
+            samples.write(self.samples_path, picked)
+        self.sample_info.info(samples.info_labels(picked[-1]))
 
     def set_checkpoint_step(self, step: int) -> None:
         self.gauges["last_checkpoint_step"].set(step)

@@ -26,6 +26,7 @@ from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+from rlhf_trainer.samples import samples_path_for
 
 
 def log(*parts: Any) -> None:
@@ -143,7 +144,8 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
         if env.bridge_addr is None:
             raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
         bridge = Bridge.connect(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks))
-    metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
+    metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
+                             samples_path_for(env.checkpoint_dir, env.role, env.rank))
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from rlhf_contract.algorithms import ALGORITHMS
 
-from rlhf_trainer import checkpoint, distributed, models
+from rlhf_trainer import checkpoint, distributed, models, samples
 from rlhf_trainer.data import (
     Sampler,
     encode_prompt_responses,
@@ -198,6 +198,17 @@ def rollout_ok(ctx: Context, exp: Experience, roll: Rollout, records, source: st
                "values": on_actions(exp.values, exp.action_mask)}
     return guard.batch_ok("experience", tensors, records, source="the reference / actor / critic forward",
                           responses=roll.responses)
+
+
+def write_samples(ctx: Context, roll: Rollout, exp: Experience) -> None:
+    """When due (hyperparameters.sample_interval_steps), the first samples_per_step rollouts of this rank
+    with their score, summed KL (exp.kl, per token) and length go to samples/ (rlhf_trainer.samples)."""
+    hp, step = ctx.hp, ctx.guard.step
+    if not samples.due(step, hp.sample_interval_steps):
+        return
+    kl = None if exp.kl is None else exp.kl.detach().float().cpu()
+    ctx.metrics.record_samples(samples.pick(step, roll.prompts, roll.responses, exp.scores.cpu(), kl,
+                                            exp.action_mask.cpu(), exp.truncated.cpu(), hp.samples_per_step))
 
 
 def skipped_rollout_stats(exp: Experience) -> dict[str, float]:

@@ -22,6 +22,7 @@ from rlhf_trainer.algorithms.common import (
     rollout_ok,
     run_algorithm,
     skipped_rollout_stats,
+    write_samples,
 )
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
@@ -65,6 +66,7 @@ class GroupPolicyGradient(ActorAlgorithm):
         exp.advantages = advantages[:, None] * mask
         # 4. update
         num_tokens = global_normaliser(exp.num_tokens)
+        reused_kl = []  # (rows, R) per micro-batch: the KL of the sampling-time log-probs (reuse)
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
@@ -74,7 +76,7 @@ class GroupPolicyGradient(ActorAlgorithm):
                                                          mb.action_mask.shape[1], hp.temperature)
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
-                        kl_total += float((kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask).sum())
+                        reused_kl.append(kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask)
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
@@ -86,6 +88,10 @@ class GroupPolicyGradient(ActorAlgorithm):
                                                          source=f"{self.variant} policy loss")
                     entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
                     stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
+        if reuse:
+            exp.kl = torch.cat(reused_kl)
+            kl_total = float(exp.kl.sum())
+        write_samples(self.ctx, roll, exp)
         policy = sum(s[0] for s in stats)
         return {
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),

@@ -23,6 +23,7 @@ from rlhf_trainer.algorithms.common import (
     rollout_ok,
     run_algorithm,
     skipped_rollout_stats,
+    write_samples,
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
@@ -65,6 +66,7 @@ class PPO(ActorAlgorithm):
         exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask)
+        write_samples(self.ctx, roll, exp)
         # 4. update: the policy here, the critic on its role
         num_tokens = global_normaliser(exp.num_tokens)
         with metrics.phase("train", timings):
