@@ -3,9 +3,10 @@ against the official kubernetes client on a thread pool (what the operator used 
 
     .venv/bin/python bench/api_client_cost.py [--requests 1000] [--repeats 5] [--write]
 
-Each run POSTs `--requests` ConfigMaps (2 KB of data each, about a pod's size) at 32 at a time to a
-fresh API emulator (tests/kube_emulator) and reads this process's CPU time (user + system) around the
-requests: the client's cost, not the emulator's. The two clients alternate within each repeat (which
+Each run POSTs `--requests` ConfigMaps (2 KB of data each, about a pod's size) at 32 at a time to the
+test control plane's kube-apiserver (tests/controlplane, over TLS with a client certificate, a fresh
+namespace per run) and reads this process's CPU time (user + system) around the requests: the
+client's cost, not the API server's. The two clients alternate within each repeat (which
 goes first alternates too); medians are reported. --write replaces the "API client cost" section of
 bench/RESULTS.md.
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from results_md import write_section  # noqa: E402
 
-from tests.kube_emulator import harness  # noqa: E402
+from tests.controlplane import cluster, kube  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## API client cost"
@@ -115,19 +116,21 @@ def main() -> int:
     args = parser.parse_args()
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in CLIENTS}
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
-        emu = harness.start_emulator(Path(tmp))
-        os.environ["KUBECONFIG"] = str(emu.kubeconfig)
+        cp = cluster.start(Path(tmp), scheduler=False)
+        os.environ["KUBECONFIG"] = str(cp.kubeconfig)
         try:
             for r in range(args.repeats):
                 order = list(CLIENTS) if r % 2 == 0 else list(reversed(CLIENTS))
                 for name in order:
                     namespace = f"r{r}-{'a' if name.startswith('aiohttp') else 't'}"
+                    kube.create_namespace(cp, namespace)
                     wall, cpu = asyncio.run(CLIENTS[name](args.requests, namespace))
                     runs[name].append((wall, cpu))
                     print(f"#{r + 1} {name}: {wall:.2f} s, client CPU {cpu * 1000 / args.requests:.3f} ms/request",
                           flush=True)
+                    kube.delete_namespace(cp, namespace)
         finally:
-            harness.stop_emulator(emu)
+            cluster.stop(cp)
     rows = ["| client | wall (median) | client CPU per request (median, min-max) |", "|---|---|---|"]
     cpu_median = {}
     for name, values in runs.items():
@@ -140,7 +143,8 @@ def main() -> int:
     text = "\n".join([
         SECTION, "",
         f"CPU of the client process per POST ({args.requests} ConfigMaps of 2 KB, {CONCURRENCY} in flight, one",
-        "emulator for all runs, clients interleaved): what each API write costs the operator besides kopf.",
+        "kube-apiserver (tests/controlplane, TLS) for all runs, clients interleaved): what each API write",
+        "costs the operator besides kopf.",
         "", f"Command: `.venv/bin/python bench/api_client_cost.py --requests {args.requests} "
             f"--repeats {args.repeats} --write`",
         f"Machine: {machine}.", "", *rows, "",

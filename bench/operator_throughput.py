@@ -5,19 +5,23 @@
 Two scenarios:
   one-big:    1 job of 64 pods (sft, actor replicas 64)
   many-small: 200 jobs of 4 pods (grpo, actor replicas 3 + reference)
-Operator: on a fresh API emulator (tests/kube_emulator) with a fresh operator subprocess, the RLHFJobs are
-POSTed in a loop; the clock stops when a watch has seen every pod ADDED.
+Both run against one real kube-apiserver + etcd (tests/controlplane, started for the benchmark without
+a scheduler, so pods stay unscheduled and nothing else writes to them), with the chart installed by
+helm; every run gets a fresh namespace (Pod Security restricted, deleted after the run).
+Operator: a fresh `rlhf-operator operator` subprocess with the chart's args, as the chart's
+ServiceAccount; the RLHFJobs are POSTed in a loop by the admin; the clock stops when a watch has seen
+every pod ADDED.
 Bare: the same pods (built by the same builders, minus the job label so no operator would claim them)
-POSTed one by one with the kubernetes client (no model deserialisation) to a fresh emulator of its own
-with no operator beside it, timed the same way. Bare and operator alternate in each repeat (which one
+POSTed one by one with the kubernetes client (no model deserialisation), as the same ServiceAccount
+(same API priority level), with no operator running, timed the same way. Bare and operator alternate in each repeat (which one
 goes first alternates too); medians are reported. ratio = bare / operator (1.0 = as fast as a client
 that does nothing but create the pods; goal >= 0.7). Operator RSS is read from /proc after the run.
 --write replaces the "Operator throughput" section of bench/RESULTS.md.
 
-What bounds the ratio here: the emulator is one Python process spending about 1 ms of CPU per request,
-and the operator's run sends ~2.5 requests per pod in many-small (the job itself, its Service,
-ConfigMap, PVC and Event, one status write, besides the pods) while the bare loop sends one; on 2 cores
-the operator and the emulator also compete for CPU. The CPU seconds of both are reported for that.
+What bounds the ratio here: the operator's run sends ~2.5 requests per pod in many-small (the job
+itself, its Service, ConfigMap, PVC and Event, one status write, besides the pods) while the bare loop
+sends one, and on 2 cores the operator, kube-apiserver and etcd compete for CPU. The CPU seconds of
+kube-apiserver + etcd and of the operator are reported for that.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ sys.path.insert(0, str(REPO))
 
 from results_md import write_section  # noqa: E402
 
-from tests.kube_emulator import harness  # noqa: E402
+from tests.controlplane import cluster, kube  # noqa: E402
+from tests.controlplane.fixtures import TRAINER_SA, Release, install_release  # noqa: E402
 
 RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## Operator throughput"
@@ -89,16 +94,15 @@ def pods_of(jobs: list[dict]) -> list[dict]:
 class PodCounter:
     """A raw watch on a namespace's pods in a thread: `wait(n)` returns when n pods were ADDED."""
 
-    def __init__(self, emu: harness.Emulator, namespace: str):
+    def __init__(self, cp: cluster.ControlPlane, namespace: str):
         self.count = 0
         self.last_added = 0.0
         self._done = threading.Condition()
-        address = urllib.parse.urlsplit(emu.url)
-        connection = http.client.HTTPConnection(address.hostname, address.port)
+        address = urllib.parse.urlsplit(cp.url)
+        connection = http.client.HTTPSConnection(address.hostname, address.port, context=cp.ssl_context())
         connection.connect()
         self._socket = connection.sock  # shut down by wait(): that ends the reader's blocking read
-        connection.request("GET", f"/api/v1/namespaces/{namespace}/pods?watch=true",
-                           headers={"Authorization": "Bearer x"})
+        connection.request("GET", f"/api/v1/namespaces/{namespace}/pods?watch=true")
         self._response = connection.getresponse()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -125,12 +129,12 @@ class PodCounter:
             self._socket.shutdown(socket.SHUT_RDWR)
 
 
-def run_operator(emu: harness.Emulator, client, jobs: list[dict], n_pods: int) -> tuple[float, float]:
+def run_operator(cp: cluster.ControlPlane, client, jobs: list[dict], n_pods: int) -> tuple[float, float]:
     """(seconds until every pod was seen, seconds until the last job POST returned)."""
     from kubernetes.client import CustomObjectsApi
 
     namespace = jobs[0]["metadata"]["namespace"]
-    counter = PodCounter(emu, namespace)
+    counter = PodCounter(cp, namespace)
     custom = CustomObjectsApi(client)
     start = time.perf_counter()
     for obj in jobs:
@@ -140,10 +144,10 @@ def run_operator(emu: harness.Emulator, client, jobs: list[dict], n_pods: int) -
     return counter.wait(n_pods) - start, posted
 
 
-def run_bare(emu: harness.Emulator, client, pods: list[dict], namespace: str) -> float:
+def run_bare(cp: cluster.ControlPlane, client, pods: list[dict], namespace: str) -> float:
     from kubernetes.client import CoreV1Api
 
-    counter = PodCounter(emu, namespace)
+    counter = PodCounter(cp, namespace)
     core = CoreV1Api(client)
     start = time.perf_counter()
     for pod in pods:
@@ -164,47 +168,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(scenario: str, which: str, workdir: Path) -> dict:
-    """One timed run on a fresh emulator: the bare loop alone, or a fresh operator and its jobs.
-    The bare loop runs with no operator beside it: the operator's watches and CPU are its own cost."""
-    emu = harness.start_emulator(workdir)
-    os.environ["KUBECONFIG"] = str(emu.kubeconfig)
+def server_cpu(cp: cluster.ControlPlane) -> float:
+    """CPU seconds kube-apiserver and etcd have used so far."""
+    return sum(cpu_seconds(cp.processes[name].pid) for name in ("kube-apiserver", "etcd"))
+
+
+def api_client(kubeconfig: Path):
     import kubernetes
 
-    harness.install_crds(emu, [REPO / "crds" / "rlhfjobs.yaml"])
-    op = harness.start_operator(emu, workdir / "operator.log") if which == "operator" else None
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=config)
+    return kubernetes.client.ApiClient(config)
+
+
+def one_round(cp: cluster.ControlPlane, release: Release, scenario: str, which: str, workdir: Path, tag: str) -> dict:
+    """One timed run in a fresh namespace: the bare loop alone, or a fresh operator and its jobs.
+    The bare loop runs with no operator beside it: the operator's watches and CPU are its own cost."""
+    namespace = f"{which}-{tag}"
+    kube.create_namespace(cp, namespace, service_accounts=[TRAINER_SA])
+    op = release.operator(cp, workdir / "operator.log") if which == "operator" else None
     try:
-        config = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=str(emu.kubeconfig), client_configuration=config)
-        client = kubernetes.client.ApiClient(config)
-        bare_pods = pods_of(SCENARIOS[scenario]("bare"))
-        emu_cpu = cpu_seconds(emu.process.pid)
+        bare_pods = pods_of(SCENARIOS[scenario](namespace))
+        before = server_cpu(cp)
         if op is None:
-            seconds = run_bare(emu, client, bare_pods, "bare")
-            return {"bare": seconds, "bare_emu_cpu": cpu_seconds(emu.process.pid) - emu_cpu}
+            seconds = run_bare(cp, api_client(release.kubeconfig), bare_pods, namespace)
+            return {"bare": seconds, "bare_server_cpu": server_cpu(cp) - before}
         op_cpu = cpu_seconds(op.process.pid)
-        seconds, posted = run_operator(emu, client, SCENARIOS[scenario]("op"), len(bare_pods))
+        seconds, posted = run_operator(cp, api_client(cp.kubeconfig), SCENARIOS[scenario](namespace), len(bare_pods))
         rss, peak_rss = rss_mib(op.process.pid)
         return {"operator": seconds, "posted": posted, "rss": rss, "peak_rss": peak_rss,
-                "op_emu_cpu": cpu_seconds(emu.process.pid) - emu_cpu, "op_cpu": cpu_seconds(op.process.pid) - op_cpu}
+                "op_server_cpu": server_cpu(cp) - before, "op_cpu": cpu_seconds(op.process.pid) - op_cpu}
     finally:
         if op is not None:
             op.stop()
-        harness.stop_emulator(emu)
+        kube.delete_namespace(cp, namespace, timeout=600)
 
 
 NOTES = [
-    "What the numbers mean: the emulator is one single-threaded Python process (about 1 ms of CPU per",
-    "request), and it, the operator and the client share the 2 cores. The bare loop sends one request per",
-    "pod. The operator's run also carries the jobs' own POSTs (validated against the CRD schema) and, per",
-    "job, a Service, ConfigMap, PVC and Event and one validated status write: about 10 requests per job",
-    "of 4 pods in many-small, so the emulator spends about twice the bare run's CPU. The ceiling column,",
-    "bare time / emulator CPU of the operator run, is the ratio a zero-cost operator could reach on this",
-    "emulator. In many-small the emulator is the bottleneck of the operator run: the client's job POSTs",
-    "queue behind the operator's requests (see when the last job POST returned, against the operator",
-    "column: the last pod follows within a few tenths of a second). Other work on the machine inflates single repeats (see the per-repeat times); the",
-    "CPU seconds are less sensitive to it than the wall times. A real API server (Go, many cores) has",
-    "another per-request cost: these are emulator numbers, not cluster numbers.",
+    "What the numbers mean: kube-apiserver, etcd, the operator and the client share the 2 cores. The bare",
+    "loop sends one request per pod. The operator's run also carries the jobs' own POSTs (validated",
+    "against the CRD's schema and CEL rules) and, per job, a Service, ConfigMap, PVC and Event and one",
+    "status write: about 10 requests per job of 4 pods in many-small. Pods are admitted (Pod Security",
+    "restricted, ServiceAccount, ...) the same way in both runs. Other work on the machine inflates single",
+    "repeats (see the per-repeat times); the CPU seconds are less sensitive to it than the wall times.",
 ]
 
 
@@ -213,10 +219,11 @@ def repeat_line(scenario: str, runs: list[dict]) -> str:
     jobs = len(SCENARIOS[scenario]("x"))
     times = ", ".join(f"{x['bare']:.2f} / {x['operator']:.2f} s" for x in runs)
     posted = ", ".join(f"{x['posted']:.2f}" for x in runs)
-    emulator = ", ".join(f"{x['op_emu_cpu'] / x['bare_emu_cpu']:.1f}x" for x in runs)
+    server = ", ".join(f"{x['op_server_cpu'] / x['bare_server_cpu']:.1f}x" for x in runs)
     per_job = statistics.median(x["op_cpu"] for x in runs) * 1000 / jobs
     return (f"- {scenario}: bare / operator per repeat: {times}; the last job POST returned at: {posted} s; "
-            f"emulator CPU, operator run / bare run: {emulator}; operator CPU per job (median): {per_job:.0f} ms")
+            f"kube-apiserver + etcd CPU, operator run / bare run: {server}; operator CPU per job (median): "
+            f"{per_job:.0f} ms")
 
 
 def main() -> int:
@@ -225,41 +232,49 @@ def main() -> int:
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     rows, repeats = [], []
-    for scenario in SCENARIOS:
-        runs = []
-        for r in range(args.repeats):
-            run: dict = {}
-            for which in (["bare", "operator"] if r % 2 == 0 else ["operator", "bare"]):
-                with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
-                    run.update(one_round(scenario, which, Path(tmp)))
-            runs.append(run)
-            last = runs[-1]
-            print(f"{scenario} #{r + 1}: bare {last['bare']:.2f}s operator {last['operator']:.2f}s "
-                  f"ratio {last['bare'] / last['operator']:.2f} rss {last['rss']:.0f} MiB; CPU s: emulator "
-                  f"{last['bare_emu_cpu']:.2f} (bare) {last['op_emu_cpu']:.2f} (operator run), "
-                  f"operator {last['op_cpu']:.2f}", flush=True)
-        bare = statistics.median(x["bare"] for x in runs)
-        oper = statistics.median(x["operator"] for x in runs)
-        ratios = [x["bare"] / x["operator"] for x in runs]
-        repeats.append(repeat_line(scenario, runs))
-        rows.append((scenario, bare, oper, statistics.median(ratios), min(ratios), max(ratios),
-                     max(x["peak_rss"] for x in runs),
-                     *(statistics.median(x[k] for x in runs) for k in ("bare_emu_cpu", "op_emu_cpu", "op_cpu"))))
+    with tempfile.TemporaryDirectory(prefix="bench-op-") as tmp:
+        cp = cluster.start(Path(tmp) / "controlplane", scheduler=False)
+        try:
+            release = install_release(cp, Path(tmp))
+            for s, scenario in enumerate(SCENARIOS):
+                runs = []
+                for r in range(args.repeats):
+                    run: dict = {}
+                    for which in (["bare", "operator"] if r % 2 == 0 else ["operator", "bare"]):
+                        run.update(one_round(cp, release, scenario, which, Path(tmp), f"s{s}r{r}"))
+                    runs.append(run)
+                    last = runs[-1]
+                    print(f"{scenario} #{r + 1}: bare {last['bare']:.2f}s operator {last['operator']:.2f}s "
+                          f"ratio {last['bare'] / last['operator']:.2f} rss {last['rss']:.0f} MiB; CPU s: "
+                          f"apiserver+etcd {last['bare_server_cpu']:.2f} (bare) {last['op_server_cpu']:.2f} "
+                          f"(operator run), operator {last['op_cpu']:.2f}", flush=True)
+                bare = statistics.median(x["bare"] for x in runs)
+                oper = statistics.median(x["operator"] for x in runs)
+                ratios = [x["bare"] / x["operator"] for x in runs]
+                repeats.append(repeat_line(scenario, runs))
+                rows.append((scenario, bare, oper, statistics.median(ratios), min(ratios), max(ratios),
+                             max(x["peak_rss"] for x in runs),
+                             *(statistics.median(x[k] for x in runs)
+                               for k in ("bare_server_cpu", "op_server_cpu", "op_cpu"))))
+        finally:
+            cluster.stop(cp)
     table = ["| scenario | bare loop (median) | operator (median) | ratio bare/operator (median, min-max) "
-             "| operator peak RSS | CPU s (median): emulator bare / emulator operator run / operator | ceiling |",
-             "|---|---|---|---|---|---|---|"]
-    for scenario, bare, oper, ratio, lo, hi, rss, bare_emu, op_emu, op_cpu in rows:
+             "| operator peak RSS | CPU s (median): apiserver+etcd bare / apiserver+etcd operator run / operator |",
+             "|---|---|---|---|---|---|"]
+    for scenario, bare, oper, ratio, lo, hi, rss, bare_server, op_server, op_cpu in rows:
         table.append(f"| {scenario} | {bare:.2f} s | {oper:.2f} s | {ratio:.2f} ({lo:.2f}-{hi:.2f}) | {rss:.0f} MiB "
-                     f"| {bare_emu:.2f} / {op_emu:.2f} / {op_cpu:.2f} | {bare / op_emu:.2f} |")
+                     f"| {bare_server:.2f} / {op_server:.2f} / {op_cpu:.2f} |")
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     text = "\n".join([
         SECTION, "",
         "Time from POSTing the RLHFJobs to a watch having seen every pod ADDED, against a bare loop",
-        "creating the same pods with the same client on the same emulator (goal: ratio >= 0.7).",
+        "creating the same pods with the same client on the same kube-apiserver (goal: ratio >= 0.7).",
         "", f"Command: `.venv/bin/python bench/operator_throughput.py --repeats {args.repeats} --write`",
-        f"Machine: {machine} (shared with other work: noisy); a fresh emulator per run, a fresh operator",
-        "per operator run; bare and operator alternate. Operator RSS: peak resident memory of the operator",
-        "process (kopf, the jobs and its indexes of their children, the API session).", "",
+        f"Machine: {machine} (shared with other work: noisy). Server: kube-apiserver {cluster.K8S_VERSION} +",
+        "etcd from tests/controlplane (no scheduler), one for all runs, a fresh namespace per run, a fresh",
+        "operator per operator run (the chart's args and ServiceAccount); bare and operator alternate.",
+        "Operator RSS: peak resident memory of the operator process (kopf, the jobs and its indexes of",
+        "their children, the API session).", "",
         *table, "", *repeats, "", *NOTES, ""])
     print("\n" + text)
     if args.write:

@@ -1,41 +1,47 @@
-"""End-to-end fixtures: the cluster (API emulator + stand-in kubelet, or a real one) and the operator
-subprocess. Helpers live in e2e_support.py (a unique module name: tests/ has conftest.py files too).
+"""End-to-end fixtures: the cluster (the test control plane + a stand-in kubelet, or a real one) and
+the operator subprocess. Helpers live in e2e_support.py (a unique module name: tests/ has
+conftest.py files too). control_plane and rlhf_release come from tests/controlplane/fixtures.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from e2e_support import NAMESPACE, OPERATOR_IN_CLUSTER, REAL, Cluster, OperatorProcess, crd_paths, harness
+import yaml
+from e2e_support import NAMESPACE, NODE_POOL, OPERATOR_IN_CLUSTER, REAL, Cluster, OperatorProcess, kube
+
+from tests.controlplane.fixtures import TRAINER_SA
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def cluster(request, tmp_path_factory):
     if REAL:
-        yield Cluster(emu=None)
+        yield Cluster(cp=None)
         return
     from kubelet import StandInKubelet  # e2e/kubelet.py
 
+    cp = request.getfixturevalue("control_plane")
+    request.getfixturevalue("rlhf_release")  # the CRD and the operator's RBAC come with the chart
     work = tmp_path_factory.mktemp("cluster")
-    emu = harness.start_emulator(work)
+    # kubectl's context namespace is the job namespace, as a user's would be.
+    config = yaml.safe_load(cp.kubeconfig.read_text())
+    config["contexts"][0]["context"]["namespace"] = NAMESPACE
+    kubeconfig = work / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    kube.create_namespace(cp, NAMESPACE, node_selector=NODE_POOL, service_accounts=[TRAINER_SA])
+    kubelet = StandInKubelet(cp.kubeconfig, work / "node", "e2e-node-0", node_labels=NODE_POOL).start()
     try:
-        harness.install_crds(emu, crd_paths())
-        kubelet = StandInKubelet(emu.kubeconfig, work / "node", NAMESPACE).start()
-        try:
-            yield Cluster(emu=emu, kubelet=kubelet, workdir=work)
-        finally:
-            kubelet.stop()
+        yield Cluster(cp=cp, kubelet=kubelet, workdir=work, kubeconfig=kubeconfig)
     finally:
-        harness.stop_emulator(emu)
+        kubelet.stop()
 
 
 @pytest.fixture(scope="session")
-def operator(cluster, tmp_path_factory):
+def operator(cluster, request, tmp_path_factory):
     if OPERATOR_IN_CLUSTER:
         yield None
         return
-    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log")
+    release = request.getfixturevalue("rlhf_release") if cluster.cp is not None else None
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log", release)
     op.start()
     yield op
     op.stop()
-
-

@@ -1,11 +1,14 @@
-"""End-to-end helpers (the fixtures in conftest.py use them): a cluster (the API emulator + a stand-in kubelet, or a real one), the
-operator as a subprocess, and helpers the tests share. See e2e/README.md.
+"""End-to-end helpers (the fixtures in conftest.py use them): a cluster (the test control plane + a
+stand-in kubelet, or a real one), the operator as a subprocess, and helpers the tests share. See
+e2e/README.md.
 
-Emulated (default, CI): tests/kube_emulator starts an API server emulator; the CRD is applied with
-the real kubectl; `rlhf-operator operator` runs as a subprocess against it; e2e/kubelet.py runs the
-pods it creates as local processes. Real (E2E_REAL_CLUSTER=1): the current KUBECONFIG context is
-used as is (e.g. kind, see README.md); the operator still runs as a local subprocess unless
-E2E_OPERATOR_IN_CLUSTER=1 says the chart installed it.
+Default (CI): the session's control plane (tests/controlplane: etcd, kube-apiserver,
+kube-controller-manager, the coscheduling scheduler, built from their Go modules); the chart is
+installed with helm; `rlhf-operator operator` runs as a subprocess with the chart's arguments as the
+chart's ServiceAccount; e2e/kubelet.py registers a GPU Node and runs the pods bound to it as local
+processes. Real (E2E_REAL_CLUSTER=1): the current KUBECONFIG context is used as is (e.g. kind, see
+README.md); the operator still runs as a local subprocess unless E2E_OPERATOR_IN_CLUSTER=1 says the
+chart installed it.
 """
 
 from __future__ import annotations
@@ -26,58 +29,50 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 REAL = os.environ.get("E2E_REAL_CLUSTER") == "1"
 OPERATOR_IN_CLUSTER = os.environ.get("E2E_OPERATOR_IN_CLUSTER") == "1"
-NAMESPACE = os.environ.get("E2E_NAMESPACE", "default")
+# The local control plane gets a namespace of its own (Pod Security restricted, pods pinned to the
+# stand-in kubelet's node pool); a real cluster's default is `default`.
+NAMESPACE = os.environ.get("E2E_NAMESPACE", "default" if REAL else "rlhf-e2e")
+NODE_POOL = {"rlhf.dev/pool": "e2e"}  # labels of the stand-in kubelet's node = the namespace's node selector
 FINISHED = ("Succeeded", "Failed")
 
-# `tests.kube_emulator` is imported by path from the repository root, however pytest was started.
+# `tests.controlplane` is imported from the repository root, however pytest was started.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 # Nothing here uses the default kubeconfig: kubectl, the operator and the stand-in kubelet are all
-# pointed at the emulator's own file explicitly, so a session with tests/integration's emulator is safe.
-from tests.kube_emulator import harness  # noqa: E402 - after sys.path has the repository root
+# pointed at the control plane's files explicitly (a real cluster: the current context).
+from tests.controlplane import kube  # noqa: E402 - after sys.path has the repository root
+from tests.controlplane.cluster import ControlPlane  # noqa: E402
 
-
-def crd_paths() -> list[Path]:
-    """The chart's copy of the CRD when the chart ships it, else the source of truth in crds/."""
-    chart = sorted((REPO / "charts" / "rlhf-operator" / "crds").glob("*.yaml"))
-    ours = [p for p in chart if "rlhfjob" in p.name] or [REPO / "crds" / "rlhfjobs.yaml"]
-    return [harness.VOLCANO_CRD, harness.COSCHEDULING_CRD, *ours]
-
-
-def free_port() -> int:
-    from rlhf_operator.localexec import free_port as _free
-
-    return _free()
+wait_for = kube.wait_for
 
 
 @dataclass
 class Cluster:
-    """kubectl against the emulator or the real cluster, plus what the stand-ins expose."""
+    """kubectl against the test control plane or the real cluster, plus what the stand-in kubelet exposes."""
 
-    emu: harness.Emulator | None
-    kubelet: Any = None  # e2e.kubelet.StandInKubelet when emulated
+    cp: ControlPlane | None  # None: a real cluster (the current kubeconfig context)
+    kubelet: Any = None  # e2e.kubelet.StandInKubelet on the test control plane
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlhf-e2e-")))
+    kubeconfig: Path | None = None  # the admin's, with NAMESPACE as the context's namespace
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        if self.emu is not None:
-            return harness.kubectl(self.emu, *args, input=input, check=check)
+        if self.cp is not None:
+            return kube.kubectl(self.cp, *args, input=input, check=check, kubeconfig=self.kubeconfig)
         result = subprocess.run(["kubectl", *args], input=input, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)}: {result.stdout}\n{result.stderr}")
         return result
 
     def env(self) -> dict[str, str]:
-        return self.emu.env() if self.emu is not None else dict(os.environ)
+        return self.cp.env(self.kubeconfig) if self.cp is not None else dict(os.environ)
 
     def get_json(self, *args: str) -> Any:
         r = self.kubectl("get", *args, "-n", NAMESPACE, "-o", "json", check=False)
         return json.loads(r.stdout) if r.returncode == 0 else None
 
     def apply(self, obj: dict[str, Any]) -> None:
-        # The emulator serves no OpenAPI document: it validates against the CRD schema server-side.
-        validate = ["--validate=false"] if self.emu is not None else []
-        self.kubectl("apply", "-n", NAMESPACE, *validate, "-f", "-", input=yaml.safe_dump(obj))
+        self.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump(obj))
 
     def job(self, name: str) -> dict[str, Any] | None:
         return self.get_json("rlhfjob", name)
@@ -87,18 +82,18 @@ class Cluster:
         return got["items"] if got else []
 
     def wait_phase(self, name: str, phases: tuple[str, ...] = FINISHED, timeout: float = 300) -> dict[str, Any]:
-        return harness.wait_for(
+        return wait_for(
             lambda: (j := self.job(name)) and j.get("status", {}).get("phase") in phases and j,
             timeout=timeout, interval=0.25, what=f"job {name} in {phases}")
 
     def checkpoint_dir(self, job: str) -> Path:
-        """The job's checkpoint volume as a local folder (emulated: the stand-in kubelet's claim dir)."""
+        """The job's checkpoint volume as a local folder (the stand-in kubelet's: the bound volume's hostPath)."""
         if self.kubelet is not None:
-            return self.kubelet.claim_dir(f"{job}-checkpoints")
+            return self.kubelet.claim_dir(NAMESPACE, f"{job}-checkpoints")
         return copy_volume_out(self, job, self.workdir / job)
 
     def kill_random_pod(self, job: str, rng: random.Random) -> str | None:
-        """Kill one running pod of the job: its process (emulated) or the pod itself (real cluster)."""
+        """Kill one running pod of the job: its process (stand-in kubelet) or the pod itself (real cluster)."""
         if self.kubelet is not None:
             names = [n for n in self.kubelet.running_pods() if n.startswith(f"{job}-")]
             if not names:
@@ -131,16 +126,24 @@ def copy_volume_out(cluster: Cluster, job: str, dest: Path) -> Path:
 
 
 class OperatorProcess:
-    """`rlhf-operator operator` as a subprocess; kill() and start() again to test crash recovery."""
+    """`rlhf-operator operator` as a subprocess; kill() and start() again to test crash recovery.
 
-    def __init__(self, cluster: Cluster, log_path: Path):
+    On the test control plane it runs with the chart's Deployment arguments as the chart's
+    ServiceAccount (`release`: tests/controlplane/fixtures.Release), watching NAMESPACE."""
+
+    def __init__(self, cluster: Cluster, log_path: Path, release: Any = None):
         self.cluster = cluster
         self.log_path = log_path
+        self.release = release
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
+        if self.release is not None:
+            self.proc = self.release.operator(self.cluster.cp, self.log_path, f"--namespace={NAMESPACE}",
+                                              wait=False).process
+            return
         cmd = [sys.executable, "-m", "rlhf_operator.cli", "operator", "--namespace", NAMESPACE,
-               "--metrics-port", str(free_port()), "--liveness", f"http://127.0.0.1:{free_port()}/healthz"]
+               "--metrics-port", str(kube.free_port()), "--liveness", f"http://127.0.0.1:{kube.free_port()}/healthz"]
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(cmd, env=self.cluster.env(), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -1,11 +1,15 @@
-"""A stand-in kubelet for the API emulator: runs each created pod's command as a local process group.
+"""A stand-in kubelet: registers a GPU Node and runs the pods the scheduler binds to it as local
+process groups.
 
-The emulator stores pods but runs nothing. This watches pods of one namespace through the real
-API (kubernetes client), and for each new pod:
+On start it registers its Node (tests/controlplane/nodes.py: capacity with `nvidia.com/gpu`, a Ready
+condition, a Lease renewed like a kubelet's so the node lifecycle controller never taints it). Then,
+like a kubelet, it lists and watches the pods whose spec.nodeName is its node (field selector), and
+for each new pod of a job (label rlhf.dev/job):
 
 - materialises its volumes: a configMap volume -> a folder with the ConfigMap's keys as files (read
-  from the API), a persistentVolumeClaim -> one shared folder per claim under <root>/volumes/, any
-  other volume -> a per-pod folder; env values under a mount path are rewritten to those folders;
+  from the API), a persistentVolumeClaim -> the hostPath folder of the PersistentVolume bound to the
+  claim (tests/controlplane/provisioner.py provisions them), any other volume -> a per-pod folder;
+  env values under a mount path are rewritten to those folders;
 - stands in for cluster DNS: each pod gets its own loopback address 127.X.Y.Z as podIP (so the
   trainer's /metrics on POD_IP:9400 is reachable by the operator exactly as in a cluster), while
   rendezvous addresses in RLHF_ROLE_ADDRS / RLHF_BRIDGE_ADDR become 127.0.0.1 with a free port per
@@ -14,9 +18,13 @@ API (kubernetes client), and for each new pod:
 - starts `python -m rlhf_trainer` with this interpreter (rlhf_operator.localexec), and patches the
   pod's status subresource like a kubelet: Running with podIP, then Succeeded / Failed with
   exitCode and the termination message;
-- kills the process group when the pod is deleted.
+- on a graceful deletion (deletionTimestamp set) it stops the process group (SIGTERM, the grace
+  period, SIGKILL) and confirms the deletion with a delete at grace period 0, as a kubelet does:
+  until then the API server keeps the pod, so a new pod of the same name cannot be created.
 
 Level-based: a watch wakes the loop, and a periodic list resyncs, so a missed event only delays.
+Pods are known by name: a node serves one job namespace (the e2e namespace's PodNodeSelector
+pins its pods to this node's pool).
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 from rlhf_contract import wire
 from rlhf_operator import localexec
+
+from tests.controlplane import nodes
 
 log = logging.getLogger("e2e.kubelet")
 RESYNC_SECONDS = 1.0
@@ -57,14 +67,20 @@ class PodIPs:
 
 
 class StandInKubelet:
-    def __init__(self, kubeconfig: Path, root: Path, namespace: str = "default", stop_grace: float = 5.0):
-        self.api = client.CoreV1Api(config.new_client_from_config(config_file=str(kubeconfig)))
+    """The kubelet of Node `node_name` (labels `node_labels`, capacity over nodes.DEFAULT_CAPACITY)."""
+
+    def __init__(self, kubeconfig: Path, root: Path, node_name: str, node_labels: dict[str, str] | None = None,
+                 capacity: dict[str, str] | None = None, stop_grace: float = 5.0):
+        self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        self.api = client.CoreV1Api(self.api_client)
         self.root = Path(root)
-        self.namespace = namespace
+        self.node_name = node_name
+        self.node = nodes.node_manifest(node_name, capacity, node_labels)
         self.stop_grace = stop_grace
         self.supervisor = localexec.Supervisor()
         self.addresses = localexec.LocalAddresses()
         self.ips = PodIPs()
+        self.heartbeat = nodes.Heartbeat(self.api_client, [node_name])
         self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
         self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
         self.starts: Counter[str] = Counter()  # pod name -> processes started for it
@@ -74,33 +90,47 @@ class StandInKubelet:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> StandInKubelet:
+        nodes.register(self.api_client, self.node)
+        self.heartbeat.start()
         for target in (self._watch_loop, self._sync_loop):
-            t = threading.Thread(target=target, daemon=True, name=f"kubelet-{target.__name__}")
+            t = threading.Thread(target=target, daemon=True, name=f"kubelet-{self.node_name}-{target.__name__}")
             t.start()
             self._threads.append(t)
         return self
 
-    def stop(self) -> None:
+    def stop(self, delete_node: bool = False) -> None:
+        """Stop the loops and every process; delete_node=True also removes the Node and force-deletes
+        the pods still bound to it (a node taken out of the cluster)."""
         self._stop.set()
         self.supervisor.changed.set()
         for t in self._threads:
             t.join(timeout=1)  # daemon threads: a watch blocked in a read ends with the process
+        self.heartbeat.stop()
         self.supervisor.stop_all(self.stop_grace)
+        if delete_node:
+            for pod in self._list_pods():
+                nodes.finalize_deleted(self.api, pod)
+            try:
+                self.api.delete_node(self.node_name)
+            except ApiException as e:
+                if e.status != 404:
+                    raise
 
-    def volume_dir(self, pod: dict[str, Any], volume: dict[str, Any]) -> Path:
-        if "persistentVolumeClaim" in volume:
-            return self.root / "volumes" / self.namespace / volume["persistentVolumeClaim"]["claimName"]
-        return self.root / "pods" / pod["metadata"]["uid"] / "volumes" / volume["name"]
-
-    def claim_dir(self, claim: str) -> Path:
-        return self.root / "volumes" / self.namespace / claim
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The folder of the PersistentVolume bound to `claim` (its hostPath)."""
+        pvc = self.api.read_namespaced_persistent_volume_claim(claim, namespace)
+        if not pvc.spec.volume_name:
+            raise RuntimeError(f"claim {namespace}/{claim} is not bound to a volume yet")
+        pv = self.api.read_persistent_volume(pvc.spec.volume_name)
+        return Path(pv.spec.host_path.path)
 
     # -- loops ----------------------------------------------------------------------------------
     def _watch_loop(self) -> None:
-        """Wake the sync loop on any pod event (the resync catches anything a broken watch missed)."""
+        """Wake the sync loop on any event of this node's pods (the resync catches anything missed)."""
         while not self._stop.is_set():
             try:
-                for _ in watch.Watch().stream(self.api.list_namespaced_pod, self.namespace, timeout_seconds=5,
+                for _ in watch.Watch().stream(self.api.list_pod_for_all_namespaces, timeout_seconds=5,
+                                              field_selector=f"spec.nodeName={self.node_name}",
                                               _request_timeout=10):
                     self.supervisor.changed.set()
                     if self._stop.is_set():
@@ -119,13 +149,17 @@ class StandInKubelet:
             self.supervisor.changed.wait(RESYNC_SECONDS)
 
     def sync_once(self) -> None:
-        pods = {p["metadata"]["name"]: p for p in self._list_pods()}
+        listed = self._list_pods()
+        deleting = [p for p in listed if p["metadata"].get("deletionTimestamp")]
+        pods = {p["metadata"]["name"]: p for p in listed if not p["metadata"].get("deletionTimestamp")}
         gone = [n for n in self.known if n not in pods or pods[n]["metadata"]["uid"] != self.known[n]["metadata"]["uid"]]
         if gone:
             self.supervisor.stop(gone, self.stop_grace)
             for name in gone:
                 self.known.pop(name, None)
                 self.reported.pop(name, None)
+        for pod in deleting:  # processes stopped above: confirm the deletion
+            nodes.finalize_deleted(self.api, pod)
         for name, pod in pods.items():
             if name not in self.known and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
                 self.known[name] = pod
@@ -133,26 +167,31 @@ class StandInKubelet:
         for name, pod in self.known.items():
             status = localexec.pod_status(self.supervisor.get(name), self.ips.ip_for(pod["metadata"]["uid"]))
             if status != self.reported.get(name):
-                self._patch_status(name, status)
+                self._patch_status(pod, status)
 
     def _list_pods(self) -> list[dict[str, Any]]:
-        result = self.api.list_namespaced_pod(self.namespace, label_selector=wire.LABEL_JOB,
-                                              _preload_content=False)
-        return [p for p in json.loads(result.data)["items"] if not p["metadata"].get("deletionTimestamp")]
+        result = self.api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node_name}",
+                                                      label_selector=wire.LABEL_JOB, _preload_content=False)
+        return json.loads(result.data)["items"]
 
     # -- one pod --------------------------------------------------------------------------------
+    def _volume_dir(self, pod: dict[str, Any], volume: dict[str, Any]) -> Path:
+        if "persistentVolumeClaim" in volume:
+            return self.claim_dir(pod["metadata"]["namespace"], volume["persistentVolumeClaim"]["claimName"])
+        return self.root / "pods" / pod["metadata"]["uid"] / "volumes" / volume["name"]
+
     def _start_pod(self, pod: dict[str, Any]) -> None:
-        name, uid = pod["metadata"]["name"], pod["metadata"]["uid"]
+        name, uid, namespace = pod["metadata"]["name"], pod["metadata"]["uid"], pod["metadata"]["namespace"]
         attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.root / "pods" / uid
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, Path] = {}
         for m in localexec.trainer_container(pod).get("volumeMounts", []):
             vol = volumes.get(m["name"], {"name": m["name"]})
-            folder = self.volume_dir(pod, vol)
+            folder = self._volume_dir(pod, vol)
             folder.mkdir(parents=True, exist_ok=True)
             if "configMap" in vol:
-                cm = self.api.read_namespaced_config_map(vol["configMap"]["name"], self.namespace)
+                cm = self.api.read_namespaced_config_map(vol["configMap"]["name"], namespace)
                 for key, text in (cm.data or {}).items():
                     (folder / key).write_text(text)
             mounts[m["mountPath"]] = folder
@@ -168,9 +207,10 @@ class StandInKubelet:
         self.logs.setdefault(name, []).append(spec.log_path)
         log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
 
-    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+    def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+        name = pod["metadata"]["name"]
         try:
-            self.api.patch_namespaced_pod_status(name, self.namespace, {"status": status})
+            self.api.patch_namespaced_pod_status(name, pod["metadata"]["namespace"], {"status": status})
             self.reported[name] = status
         except ApiException as e:
             if e.status != 404:  # a pod deleted meanwhile is stopped on the next pass

@@ -8,11 +8,9 @@ import random
 import time
 
 import pytest
-from e2e_support import NAMESPACE, REAL, example, unique
+from e2e_support import NAMESPACE, REAL, example, unique, wait_for
 from rlhf_operator import report
 from test_e2e_jobs import JOB_TIMEOUT, complete_steps, diagnostics
-
-from tests.kube_emulator import harness
 
 
 def actor_step(cluster, name):
@@ -32,10 +30,10 @@ def test_random_role_kills_restart_the_gang_and_redo_at_most_one_interval(cluste
                           failurePolicy={"maxRestarts": kills + 1, "backoffSeconds": 1}))
     killed = []
     for attempt in range(kills):
-        harness.wait_for(lambda attempt=attempt: (st := (cluster.job(name) or {}).get("status", {})).get("phase") == "Running"
+        wait_for(lambda attempt=attempt: (st := (cluster.job(name) or {}).get("status", {})).get("phase") == "Running"
                          and st.get("restarts", 0) == attempt, timeout=180, what="gang running")
         seen = actor_step(cluster, name)
-        harness.wait_for(lambda seen=seen: actor_step(cluster, name) > seen, timeout=180, what="a new step")
+        wait_for(lambda seen=seen: actor_step(cluster, name) > seen, timeout=180, what="a new step")
         time.sleep(rng.uniform(0, 1.0))
         victim = cluster.kill_random_pod(name, rng)
         assert victim, diagnostics(cluster, operator, name)
@@ -56,13 +54,13 @@ def test_operator_killed_mid_reconcile_makes_no_duplicates_or_orphans(cluster, o
     name = unique("ppo-opkill")
     cluster.apply(example("ppo-tiny.yaml", name, maxSteps=6, checkpoint={"intervalSteps": 2}))
     # Kill it right after it began creating the gang, then twice more while the job runs.
-    harness.wait_for(lambda: cluster.pods(name), timeout=60, interval=0.01, what="first pod created")
+    wait_for(lambda: cluster.pods(name), timeout=60, interval=0.01, what="first pod created")
     for _ in range(3):
         operator.kill()
         pods = cluster.pods(name)
         assert len({p["metadata"]["name"] for p in pods}) == len(pods) <= 3
         operator.start()
-        harness.wait_for(lambda: (cluster.job(name) or {}).get("status", {}).get("phase") in ("Running", "Succeeded"),
+        wait_for(lambda: (cluster.job(name) or {}).get("status", {}).get("phase") in ("Running", "Succeeded"),
                          timeout=120, what="running again")
         time.sleep(0.5)
     job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
@@ -77,7 +75,7 @@ def test_operator_killed_mid_reconcile_makes_no_duplicates_or_orphans(cluster, o
             f"{name}-actor-0": 1, f"{name}-critic-0": 1, f"{name}-reference-0": 1}
         assert not [n for n in cluster.kubelet.running_pods() if n.startswith(name + "-")]
     cluster.kubectl("delete", "rlhfjob", name, "--wait=false")
-    harness.wait_for(lambda: not cluster.pods(name), timeout=60, what="pods garbage-collected")
+    wait_for(lambda: not cluster.pods(name), timeout=60, what="pods garbage-collected")
 
 
 @pytest.mark.skipif(REAL, reason="the malformed dataset file lives on this machine, not on a cluster node")
@@ -103,12 +101,12 @@ def test_suspend_mid_run_then_resume_continues_from_checkpoint(cluster, operator
     name, steps, interval = unique("ppo-suspend"), 80, 5
     cluster.apply(example("ppo-tiny.yaml", name, maxSteps=steps, checkpoint={"intervalSteps": interval}))
     # past the first checkpoint, well before the end
-    harness.wait_for(lambda: actor_step(cluster, name) > interval + 1, timeout=180, interval=0.05, what="progress")
+    wait_for(lambda: actor_step(cluster, name) > interval + 1, timeout=180, interval=0.05, what="progress")
     cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     cluster.wait_phase(name, ("Suspended",), timeout=60)
-    harness.wait_for(lambda: not cluster.pods(name), timeout=60, what="pods deleted on suspend")
+    wait_for(lambda: not cluster.pods(name), timeout=60, what="pods deleted on suspend")
     if not REAL:
-        harness.wait_for(lambda: not [n for n in cluster.kubelet.running_pods() if n.startswith(name + "-")],
+        wait_for(lambda: not [n for n in cluster.kubelet.running_pods() if n.startswith(name + "-")],
                          timeout=30, what="processes stopped on suspend")
     cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge", "-p", '{"spec":{"suspend":false}}')
     job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)

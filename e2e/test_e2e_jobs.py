@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from e2e_support import REAL, example, unique
+from e2e_support import REAL, example, unique, wait_for
 
 JOB_TIMEOUT = 420
 
@@ -60,9 +60,7 @@ def test_deleting_a_running_job_stops_its_processes(cluster, operator):
     cluster.apply(example("ppo-tiny.yaml", name, maxSteps=200))
     cluster.wait_phase(name, ("Running",), timeout=120)
     cluster.kubectl("delete", "rlhfjob", name, "--wait=false")
-    from tests.kube_emulator import harness
-
-    harness.wait_for(lambda: not cluster.pods(name), timeout=60, what=f"pods of {name} gone")
+    wait_for(lambda: not cluster.pods(name), timeout=60, what=f"pods of {name} gone")
     if not REAL:
-        harness.wait_for(lambda: not [n for n in cluster.kubelet.running_pods() if n.startswith(name)],
+        wait_for(lambda: not [n for n in cluster.kubelet.running_pods() if n.startswith(name)],
                          timeout=30, what=f"processes of {name} stopped")

@@ -29,9 +29,14 @@ from rlhf_contract.algorithms import ALGORITHMS, NAMES, ONLINE, REWARD_TYPES, RO
 from rlhf_contract.knobs import Rule, knob, settings_of
 
 REWARD_RULES = ("exact_match", "regex", "callable")
-DATASET_FORMATS = ("prompts", "pairs", "instruction", "ranked", "pair_list")
-# Dataset formats that hold preference pairs (what algorithms with data "pairs" need).
+# Row formats of a dataset file (rlhf_trainer.formats); auto is told from the file's columns.
+DATASET_FORMATS = ("auto", "prompts", "pairs", "instruction", "ranked", "pair_list", "completion", "messages")
+# Dataset formats that hold preference pairs (what algorithms with data "pairs" need)...
 PAIR_FORMATS = ("pairs", "ranked", "pair_list")
+# ...and those a pair algorithm accepts in the spec (auto is checked by the trainer once told).
+FORMATS_FOR_PAIRS = ("auto", *PAIR_FORMATS)
+# dataset.template: these words, or a Jinja chat template (any text holding "{{" or "{%").
+DATASET_TEMPLATES = ("auto", "chat", "raw")
 SYNTHETIC_PREFIX = "synthetic://"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
@@ -66,14 +71,52 @@ class RewardConfig:
     callable: str = knob("", 'callable rule: "module:function" importable in the trainer image.', max_length=253)
 
 
+def _template_ok(value: str) -> bool:
+    return value in DATASET_TEMPLATES or "{{" in value or "{%" in value
+
+
+def _column(name: str) -> str:
+    return knob("", f"The dataset's column read as `{name}` (\"\" = the column named {name}).", max_length=253)
+
+
+@dataclass(frozen=True)
+class DatasetFields:
+    """dataset.fields: the dataset's own column names for the names the row formats read
+    (`{prompt: question, answer: solution}`); "" keeps the format's name."""
+
+    prompt: str = _column("prompt")
+    query: str = _column("query")
+    answer: str = _column("answer")
+    chosen: str = _column("chosen")
+    rejected: str = _column("rejected")
+    completion: str = _column("completion")
+    messages: str = _column("messages")
+    instruction: str = _column("instruction")
+    input: str = _column("input")
+    output: str = _column("output")
+    history: str = _column("history")
+    outputs: str = _column("outputs")
+
+    def mapping(self) -> dict[str, str]:
+        """Format name -> column, for the names that are mapped."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name)}
+
+
 @dataclass(frozen=True)
 class DatasetConfig:
-    """Training data: a JSONL file or `synthetic://NAME`, in one of DATASET_FORMATS."""
+    """Training data: a dataset file / save_to_disk folder or `synthetic://NAME`, in one of DATASET_FORMATS."""
 
-    path: str = knob(doc="JSONL file inside the container, or synthetic://NAME (arithmetic, preferences, "
-                         "instructions).")
-    format: str = knob("prompts", "Row format of the JSONL file (rlhf_trainer.data).", enum=DATASET_FORMATS)
-    eval_path: str = knob("", "Optional held-out JSONL in the same format.")
+    path: str = knob(doc="A .jsonl / .json / .parquet / .csv file or a save_to_disk folder inside the container, "
+                         "or synthetic://NAME (arithmetic, preferences, instructions).")
+    format: str = knob("auto", "Row format (docs/spec.md, Datasets); auto tells it from the column names.",
+                       enum=DATASET_FORMATS)
+    eval_path: str = knob("", "Optional held-out set in the same format.")
+    template: str = knob("auto", "How prompts become text: auto (the tokenizer's chat template if it has one, "
+                                 "else raw), chat, raw, or a Jinja chat template.", max_length=65536,
+                         rule=Rule(_template_ok, "self in ['auto', 'chat', 'raw'] || self.contains('{{') || "
+                                                 "self.contains('{%')",
+                                   "must be one of: auto, chat, raw, or a Jinja chat template"))
+    fields: DatasetFields = field(default_factory=DatasetFields)
 
 
 @dataclass(frozen=True)
@@ -108,9 +151,12 @@ class Hyperparameters:
     learning_rate: float = knob(1e-5, "Peak learning rate of the actor (and critic).", gt=0)
     batch_size: int = knob(8, "Prompts (or pairs) per step, global across replicas.", minimum=1)
     micro_batch_size: int = knob(4, "Samples per forward/backward pass on one process.", minimum=1)
-    max_prompt_length: int = knob(64, "Prompt tokens kept (left-truncated).", minimum=1)
-    max_new_tokens: int = knob(16, "Response tokens sampled per prompt; the response length cap of pairs "
-                                   "and sft rows.", minimum=1)
+    max_prompt_length: int = knob(512, "Prompt tokens kept (left-truncated).", minimum=1)
+    max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=ONLINE)
+    max_length: int = knob(1024, "Prompt + response tokens per row; longer responses are cut (counted as "
+                                 "truncated).", minimum=2, algorithms=("dpo", "rm", "sft"))
+    max_truncated_share: float = knob(0.1, "The job fails at startup when a larger share of its rows would be "
+                                           "truncated (maxLength, maxPromptLength).", minimum=0, maximum=1)
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
                               algorithms=ONLINE)
     seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
@@ -150,6 +196,19 @@ class Hyperparameters:
                                           "checkpoint volume (0 = never).", minimum=0, algorithms=ONLINE)
     samples_per_step: int = knob(4, "Rollouts each actor rank writes when samples are due.", minimum=1,
                                  algorithms=ONLINE)
+    alarm_negative_kl: float = knob(0.05, "Alarm NegativeKL when a step's mean per-response KL is below minus this "
+                                          "(0 = off).", minimum=0, algorithms=ONLINE)
+    alarm_length_drop: float = knob(0.5, "Alarm LengthCollapse when the mean response length of the last alarmWindow "
+                                         "steps is this share below that of the window before (0 = off).",
+                                    minimum=0, lt=1, algorithms=ONLINE)
+    alarm_distinct: float = knob(0.3, "Alarm RewardHacking when the responses' distinct-2 (unique bigrams / bigrams "
+                                      "inside a response) is below this (0 = off).", minimum=0, maximum=1,
+                                 algorithms=ONLINE)
+    alarm_reward_jump: float = knob(0.5, "Alarm RewardHacking when the training reward rose by more than this between "
+                                         "two evaluations while the held-out reward rose by less than half of it "
+                                         "(0 = off; needs dataset.evalPath).", minimum=0, algorithms=ONLINE)
+    alarm_window: int = knob(5, "Steps per window of the LengthCollapse and reward-jump alarms.", minimum=1,
+                             algorithms=ONLINE)
     non_finite: str = knob("fail", "What a NaN or infinite reward, loss or gradient norm does: fail (the job fails "
                                    "with a permanent error naming the step, the source and the rows) or skip (the "
                                    "batch is skipped and counted in rlhf_trainer_non_finite_total).",
@@ -190,14 +249,14 @@ class TrainerConfig:
 
 
 def dataset_format_problem(algorithm: str, dataset: DatasetConfig) -> str | None:
-    """Algorithms that learn from preference pairs need a JSONL file in a pair format (a synthetic://
-    dataset brings its own format, so `format` is not read)."""
+    """Algorithms that learn from preference pairs need a dataset file in a pair format or auto (a
+    synthetic:// dataset brings its own format, so `format` is not read)."""
     if ALGORITHMS[algorithm].data != "pairs" or dataset.path.startswith(SYNTHETIC_PREFIX):
         return None
-    if dataset.format in PAIR_FORMATS:
+    if dataset.format in FORMATS_FOR_PAIRS:
         return None
-    return (f"must be one of {', '.join(PAIR_FORMATS)} for algorithm {algorithm}, which learns from preference "
-            f"pairs (got {dataset.format!r})")
+    return (f"must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithm {algorithm}, which learns from "
+            f"preference pairs (got {dataset.format!r})")
 
 
 def dump_config(cfg: TrainerConfig) -> str:
@@ -284,6 +343,7 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         errors.append(f"algorithm: {json.dumps(cfg.algorithm)} is not one of {', '.join(NAMES)}")
     _check_knobs(cfg.model, "model", errors)
     _check_knobs(cfg.dataset, "dataset", errors)
+    _check_knobs(cfg.dataset.fields, "dataset.fields", errors)
     _check_knobs(cfg.reward, "reward", errors)
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)

@@ -20,10 +20,11 @@ from typing import Any
 from rlhf_contract import algorithms
 from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
 from rlhf_contract.config import (
-    PAIR_FORMATS,
+    FORMATS_FOR_PAIRS,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,
@@ -114,8 +115,8 @@ def algorithm_rules() -> list[dict[str, str]]:
                     "an equal share", "fieldPath": ".hyperparameters.batchSize"},
         {"rule": f"!(self.algorithm in {_cel_list(PAIR_ALGORITHMS)}) || !has(self.dataset) || "
                  f"!has(self.dataset.path) || self.dataset.path.startsWith('{SYNTHETIC_PREFIX}') || "
-                 f"self.dataset.format in {_cel_list(PAIR_FORMATS)}",
-         "message": f"dataset.format must be one of {', '.join(PAIR_FORMATS)} for algorithms "
+                 f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",
+         "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
     ]
     return rules
@@ -132,6 +133,7 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "model": lambda: properties_of(ModelConfig),
     "reward": lambda: properties_of(RewardConfig),
     "dataset": lambda: properties_of(DatasetConfig),
+    "dataset-fields": lambda: properties_of(DatasetFields),
     "role": lambda: properties_of(RoleConfig),
     "deepspeed": lambda: properties_of(DeepSpeedConfig),
     "hyperparameters": lambda: properties_of(Hyperparameters),

@@ -18,6 +18,9 @@ ENV_BRIDGE_ADDR = "RLHF_BRIDGE_ADDR"  # HOST:PORT of the bridge TCPStore (actor 
 ENV_CHECKPOINT_DIR = "RLHF_CHECKPOINT_DIR"
 ENV_RESTART_ATTEMPT = "RLHF_RESTART_ATTEMPT"
 ENV_METRICS_PORT = "RLHF_METRICS_PORT"  # 0 = serve no /metrics
+# Seconds between SIGTERM and SIGKILL (the pod's terminationGracePeriodSeconds): the time a stopped
+# trainer has to save a last checkpoint.
+ENV_TERMINATION_GRACE = "RLHF_TERMINATION_GRACE_SECONDS"
 ENV_POD_IP = "POD_IP"  # downward API status.podIP
 # Where a permanent error's message goes instead of TERMINATION_LOG (local runner, e2e kubelet).
 ENV_TERMINATION_LOG = "RLHF_TERMINATION_LOG"
@@ -44,6 +47,11 @@ TRAINER_UID = 1000
 EXIT_DATA_ERROR = 65
 EXIT_CONFIG_ERROR = 78
 PERMANENT_EXIT_CODES = frozenset({EXIT_DATA_ERROR, EXIT_CONFIG_ERROR})
+# A trainer told to stop (SIGTERM) exits 128 + 15 after its last checkpoint, as a process killed by it.
+EXIT_STOPPED = 143
+# A file a process that got SIGTERM touches under the checkpoint volume, so that the actor ranks of other
+# pods learn of it at their next step (e.g. only a critic pod was evicted): `.stop/attempt-<N>`.
+STOP_DIR = ".stop"
 
 # -- labels on every child of a job: the operator's index of child pods is keyed by them -----------
 LABEL_JOB = "rlhf.dev/job"

@@ -6,6 +6,7 @@ has no API server) rejects exactly what a cluster rejects, with every bad field 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from rlhf_contract.config import (
     REWARD_RULES,
     CheckpointConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
     ModelConfig,
@@ -80,6 +82,11 @@ class SchedulingSpec:
 class FailurePolicy:
     max_restarts: int = 3
     backoff_seconds: int = 10
+    # Gangs recreated after not running within gangTimeoutSeconds; one more timeout fails the job.
+    max_gang_timeouts: int = 5
+    # Gang restarts after disruptions (eviction, preemption, node loss, a pod deleted by someone else),
+    # counted apart from maxRestarts; one more disruption fails the job.
+    max_disruptions: int = 10
 
 
 @dataclass(frozen=True)
@@ -99,11 +106,16 @@ class JobSpec:
     suspend: bool = False
     active_deadline_seconds: int = 0
     ttl_seconds_after_finished: int = 0
+    # The pods' terminationGracePeriodSeconds (Kubernetes' default): SIGTERM to SIGKILL, the time a
+    # stopped trainer has to save a last checkpoint (RLHF_TERMINATION_GRACE_SECONDS).
+    termination_grace_period_seconds: int = 30
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
+        """Role name -> placement (computed once: the builders ask for every pod)."""
         return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
@@ -111,7 +123,7 @@ class JobSpec:
         return tuple(r for r in self.roles if not r.colocate_with)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
-        return layout.colocated_into(self.placements(), host)
+        return layout.colocated_into(self.placements, host)
 
 
 @dataclass(frozen=True)
@@ -150,9 +162,26 @@ def _qualified(path: str) -> str:
 # The Kubernetes fields' rules below each have a twin in crds/rlhfjobs.yaml (schema keyword or CEL
 # rule); tests/unit/test_crd.py runs both over the same cases and checks that they agree.
 
-# Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters): 50 leaves room for
-# "-reference-" and a two-digit index (the CRD's root rule says the same).
-MAX_JOB_NAME_LENGTH = 50
+# --- Kubernetes name rules (k8s.io/apimachinery/pkg/util/validation), as the API server applies them to
+# the objects the builders derive. Each has its twin in crds/rlhfjobs.yaml (a pattern or a CEL rule).
+# A Service name (the job's headless Service is `<job>`) is a DNS-1035 label.
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Object names of most kinds (ConfigMap, PVC, PriorityClass, StorageClass) are DNS-1123 subdomains.
+DNS_1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label value (empty, or alphanumerics with -_. inside) of at most 63 characters.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A label key: an optional DNS-1123 subdomain prefix and '/', then a name of at most 63 characters.
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+# A queue is a Kueue LocalQueue named in a pod label, or a Volcano Queue object: both rules at once.
+QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Container images may not start or end with whitespace (the API server refuses the pod).
+IMAGE_PATTERN = r"^\S(.*\S)?$"
+MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
+MAX_SUBDOMAIN_LENGTH = 253
+# Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
+# so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
+MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
 DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -160,6 +189,27 @@ TOLERATION_OPERATORS = ("Exists", "Equal")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 _MISSING = object()
+
+RULE_DNS_1035 = ("a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with "
+                 "a letter or digit")
+RULE_SUBDOMAIN = ("a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a "
+                  "letter or digit")
+RULE_QUEUE = ("a queue name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit "
+              "(a Kueue queue name is a label value)")
+RULE_IMAGE = "an image reference without leading or trailing whitespace"
+
+
+def label_errors(key: str, value: str) -> list[str]:
+    """What the API server says of one label (or nodeSelector entry), as messages; [] when valid."""
+    problems = []
+    prefix = key.rpartition("/")[0]
+    if not re.match(QUALIFIED_NAME, key) or len(prefix) > MAX_SUBDOMAIN_LENGTH:
+        problems.append(f"key {key!r} must be a qualified name: an optional DNS-1123 subdomain prefix and '/', "
+                        f"then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    if len(value) > MAX_LABEL_LENGTH or not re.match(LABEL_VALUE, value):
+        problems.append(f"value {value!r} must be a label value: at most 63 letters, digits, '-', '_' or '.', "
+                        f"starting and ending with a letter or digit")
+    return problems
 
 
 def _kind(value: Any) -> str:
@@ -179,6 +229,11 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def _bounds(bounds: dict[str, Any]) -> Knob | None:
+    """The rules of a Kubernetes-only number field (`minimum=0`), in the contract's Knob shape."""
+    return Knob("", **bounds) if bounds else None
 
 
 def _one_of(allowed: tuple[str, ...]) -> str:
@@ -222,7 +277,8 @@ class _Fields:
         return _Fields(self.raw.get(key), self.at(key), self.errors)
 
     def string(self, key: str, default: str = "", *, required: bool = False, enum: tuple[str, ...] = (),
-               pattern: str = "", max_length: int = 0) -> str:
+               pattern: str = "", max_length: int = 0, rule: str = "") -> str:
+        """A string field; `rule` describes `pattern` in words for the message (else the regex is shown)."""
         value = self._value(key, required)
         if value is _MISSING:
             return default
@@ -231,9 +287,9 @@ class _Fields:
             return default
         if required and not value:
             self.error(key, "must not be empty")
-        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length)) and pattern \
-                and not re.match(pattern, value):
-            self.error(key, f"must match {pattern} (got {value!r})")
+        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length) if enum or max_length else None) \
+                and pattern and value and not re.match(pattern, value):
+            self.error(key, f"must be {rule} (got {value!r})" if rule else f"must match {pattern} (got {value!r})")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -245,7 +301,7 @@ class _Fields:
             return default
         return value
 
-    def integer(self, key: str, default: int, **bounds: Any) -> int:
+    def integer(self, key: str, default: int, knob: Knob | None = None, **bounds: Any) -> int:
         value = self._value(key, False)
         if value is _MISSING:
             return default
@@ -254,19 +310,19 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"must be an integer, got {_kind(value)}")
             return default
-        return value if self._valid(key, value, Knob("", **bounds)) else default
+        return value if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def number(self, key: str, default: float, **bounds: Any) -> float:
+    def number(self, key: str, default: float, knob: Knob | None = None, **bounds: Any) -> float:
         value = self._value(key, False)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"must be a number, got {_kind(value)}")
             return default
-        return float(value) if self._valid(key, value, Knob("", **bounds)) else default
+        return float(value) if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def _valid(self, key: str, value: Any, knob: Knob) -> bool:
-        problems = knob.problems(value)
+    def _valid(self, key: str, value: Any, knob: Knob | None) -> bool:
+        problems = knob.problems(value) if knob else []
         for problem in problems:
             self.error(key, problem)
         return not problems
@@ -276,12 +332,15 @@ class _Fields:
         default = s.default if default is _MISSING else default
         k = s.knob
         if s.type is str:
-            return self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
-                               max_length=k.max_length)
+            value = self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
+                                max_length=k.max_length)
+            if k.rule is not None and self.has(s.camel) and isinstance(value, str) and not k.rule.check(value):
+                self.error(s.camel, f"{k.rule.message} (got {value[:40]!r})")
+            return value
         if s.type is bool:
             return self.boolean(s.camel, default)
         read = self.integer if s.type is int else self.number
-        return read(s.camel, default, minimum=k.minimum, maximum=k.maximum, gt=k.gt, lt=k.lt, rule=k.rule)
+        return read(s.camel, default, k)
 
     def settings(self, cls: type, **defaults: Any) -> dict[str, Any]:
         """Every knob of a contract dataclass (`defaults` overrides some defaults), as constructor kwargs."""
@@ -296,8 +355,9 @@ class _Fields:
             return []
         return value
 
-    def string_map(self, key: str, *, int_values: bool = False) -> dict[str, Any]:
-        """A map of strings (nodeSelector), or of quantities (int-or-string) when int_values."""
+    def string_map(self, key: str, *, int_values: bool = False, labels: bool = False) -> dict[str, Any]:
+        """A map of strings (nodeSelector), or of quantities (int-or-string) when int_values; `labels`:
+        keys and values follow the label rules (a nodeSelector is validated as labels are)."""
         value = self._value(key, False)
         if value is _MISSING:
             return {}
@@ -309,6 +369,8 @@ class _Fields:
             if isinstance(v, bool) or not isinstance(v, allowed):
                 expected = "a string or an integer" if int_values else "a string"
                 self.error(f"{key}.{k}", f"must be {expected}, got {_kind(v)}")
+            elif labels:
+                self.errors.extend((self.at(f"{key}.{k}"), m) for m in label_errors(k, v))
         return dict(value)
 
     def done(self) -> None:
@@ -328,13 +390,13 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors: list[tuple[str, str]] = []
     top = _Fields(spec, "", errors)
     algorithm = top.string("algorithm", required=True, enum=NAMES)
-    image = top.string("image", required=True)
+    image = top.string("image", required=True, pattern=IMAGE_PATTERN, rule=RULE_IMAGE)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
     model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
     top.read.add("rewardModel")  # known even when null
     reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
-    dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
+    dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
     if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
@@ -347,11 +409,14 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     failure_policy = FailurePolicy(
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
         backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
+        max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
+        max_disruptions=failure.integer("maxDisruptions", FailurePolicy.max_disruptions, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)
     deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
     ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
+    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
     top.done()
 
     # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
@@ -378,7 +443,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
-        ttl_seconds_after_finished=ttl,
+        ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
     )
 
 
@@ -395,6 +460,13 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _dataset(fields: _Fields) -> DatasetConfig:
+    column_map = _settings(fields.obj("fields"), DatasetFields)
+    dataset = DatasetConfig(**fields.settings(DatasetConfig), fields=column_map)
+    fields.done()
+    return dataset
 
 
 def _reward(fields: _Fields) -> RewardConfig:
@@ -417,10 +489,10 @@ def _role(fields: _Fields) -> RoleSpec:
         name=name,
         **fields.settings(RoleConfig),
         deepspeed=deepspeed,
-        image=fields.string("image"),
+        image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
         gpus=fields.integer("gpus", 0, minimum=0),
         resources=_resources(fields.obj("resources")),
-        node_selector=fields.string_map("nodeSelector"),
+        node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
                      for i, t in enumerate(fields.array("tolerations"))],
     )
@@ -451,11 +523,13 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
 def _checkpoint(fields: _Fields) -> CheckpointSpec:
     shared = fields.settings(CheckpointConfig)
     vol = fields.obj("volume")
-    claim = vol.string("existingClaim", max_length=253)
+    claim = vol.string("existingClaim", max_length=MAX_SUBDOMAIN_LENGTH, pattern=DNS_1123_SUBDOMAIN,
+                       rule=RULE_SUBDOMAIN)
     size = vol.string("size", pattern=QUANTITY_PATTERN, max_length=64)
     volume = VolumeSpec(
         size=size or ("" if claim else DEFAULT_VOLUME_SIZE),
-        storage_class_name=vol.string("storageClassName"),
+        storage_class_name=vol.string("storageClassName", max_length=MAX_SUBDOMAIN_LENGTH,
+                                      pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
         existing_claim=claim,
         retain=vol.boolean("retain", VolumeSpec.retain),
     )
@@ -469,8 +543,9 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
 def _scheduling(fields: _Fields) -> SchedulingSpec:
     scheduling = SchedulingSpec(
         gang_scheduler=fields.string("gangScheduler", enum=GANG_SCHEDULERS),
-        queue=fields.string("queue"),
-        priority_class_name=fields.string("priorityClassName"),
+        queue=fields.string("queue", max_length=MAX_LABEL_LENGTH, pattern=QUEUE_NAME, rule=RULE_QUEUE),
+        priority_class_name=fields.string("priorityClassName", max_length=MAX_SUBDOMAIN_LENGTH,
+                                          pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
         gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1),
     )
     fields.done()
@@ -513,11 +588,29 @@ def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[st
     ]
 
 
-def _job_name_errors(name: str) -> list[tuple[str, str]]:
-    if len(name) <= MAX_JOB_NAME_LENGTH:
-        return []
-    return [("metadata.name", f"must be at most {MAX_JOB_NAME_LENGTH} characters (got {len(name)}): pod names "
-                              f"<job>-<role>-<index> are hostnames, at most 63 characters")]
+def longest_pod_name(job_name: str, role: RoleSpec) -> str:
+    """The longest pod name of a role with pods: `<job>-<role>-<replicas - 1>` (builders.pod_name)."""
+    return f"{job_name}-{role.name}-{role.replicas - 1}"
+
+
+def _job_name_errors(name: str, spec: JobSpec | None) -> list[tuple[str, str]]:
+    """metadata.name names the headless Service (a DNS-1035 label) and starts every pod name, a hostname of
+    at most 63 characters. `spec`: when it parsed, the rule is checked against each role's last pod."""
+    if not re.match(DNS_1035_LABEL, name):
+        return [("metadata.name", f"must be {RULE_DNS_1035} (got {name!r}): it names the job's headless Service")]
+    if len(name) > MAX_JOB_NAME_LENGTH:
+        return [("metadata.name", f"must be at most {MAX_JOB_NAME_LENGTH} characters (got {len(name)}): pod names "
+                                  f"<job>-<role>-<index> are hostnames, at most 63 characters, and the first is "
+                                  f"<job>-actor-0")]
+    errors = []
+    for role in spec.pod_roles() if spec is not None else ():
+        longest = longest_pod_name(name, role)
+        if len(longest) > MAX_LABEL_LENGTH:
+            limit = MAX_LABEL_LENGTH - (len(longest) - len(name))
+            errors.append(("metadata.name", f"must be at most {limit} characters with {role.replicas} {role.name} "
+                                            f"replicas (got {len(name)}): pod names <job>-<role>-<index> are "
+                                            f"hostnames, at most 63 characters, and {longest!r} has {len(longest)}"))
+    return errors
 
 
 def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
@@ -526,15 +619,15 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     errors: list[tuple[str, str]] = []
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        errors.append(("metadata.name", "is required"))
-    else:
-        errors.extend(_job_name_errors(name))
     if spec is None:
         try:
             spec = parse_spec(obj.get("spec"))
         except SpecError as e:
             errors.extend(e.errors)
+    if not isinstance(name, str) or not name:
+        errors.insert(0, ("metadata.name", "is required"))
+    else:
+        errors[:0] = _job_name_errors(name, spec)
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")

@@ -11,6 +11,7 @@ Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoi
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
@@ -33,7 +34,7 @@ from rlhf_contract.wire import (
     TRAINER_UID,
 )
 
-from rlhf_operator.api import Job, JobSpec, RoleSpec
+from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, RoleSpec
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     API_VERSION,
@@ -109,7 +110,7 @@ def gang_pod_names(job: Job) -> list[str]:
 
 def host_role(spec: JobSpec, role: str) -> str:
     """The role whose pods run `role` (itself unless colocated)."""
-    return layout.host_role(role, spec.placements())
+    return layout.host_role(role, spec.placements)
 
 
 # --- trainer config --------------------------------------------------------------------------
@@ -184,9 +185,19 @@ def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: 
     return meta
 
 
+def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
+    """`text` when it has at most `limit` characters; else its head, '-' and 10 hex digits of its
+    SHA-256, so that distinct texts stay distinct (as the names Kubernetes controllers generate)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
-    # One Kueue workload per gang attempt: Kueue finalizes a group once one of its pods failed.
-    return f"{job.name}-attempt-{attempt}"
+    """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
+    Kueue finalizes a group once one of its pods failed."""
+    return fit_label(f"{job.name}-attempt-{attempt}")
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -224,6 +235,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_CHECKPOINT_DIR: CHECKPOINT_MOUNT,
         wire.ENV_RESTART_ATTEMPT: str(attempt),
         wire.ENV_METRICS_PORT: str(settings.trainer_metrics_port),
+        wire.ENV_TERMINATION_GRACE: str(job.spec.termination_grace_period_seconds),
         **SCRATCH_ENV,
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
@@ -298,6 +310,8 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
         "hostname": name,
         "subdomain": job.name,
         "restartPolicy": "Never",
+        # SIGTERM to SIGKILL: the trainer saves a last checkpoint in it when one fits.
+        "terminationGracePeriodSeconds": job.spec.termination_grace_period_seconds,
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
         # Trainer pods need no service env vars; a namespace with many services would flood them.

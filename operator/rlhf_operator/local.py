@@ -68,6 +68,26 @@ def load_manifest(path: Path) -> dict[str, Any]:
     return jobs[0]
 
 
+# Manifest fields that name files: run-local reads a relative one against the manifest's folder.
+LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
+
+
+def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the manifest with relative model / dataset paths made absolute against `base`.
+
+    In a cluster these are paths inside the container (absolute); locally each pod runs in its own
+    folder, so `dataset: {path: pairs.jsonl}` next to the manifest would not be found. Values with a
+    scheme (`tiny://`, `synthetic://`) and absolute paths are kept as they are.
+    """
+    spec = dict(obj.get("spec") or {})
+    for section, key in LOCAL_PATH_FIELDS:
+        part = spec.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+            spec[section] = {**part, key: str((base / value).resolve())}
+    return {**obj, "spec": spec}
+
+
 def stamp_new_object(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
     """What the API server adds on create: uid, creationTimestamp, namespace, generation."""
     meta = dict(obj.get("metadata", {}))
@@ -84,8 +104,11 @@ def progress_from_row(row: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     fields = {"step": ("step", int), "rewardMean": ("reward_mean", float), "kl": ("kl", float),
               "lastCheckpointStep": ("last_checkpoint_step", int)}
-    return {key: kind(row[name]) for key, (name, kind) in fields.items()
-            if isinstance(row.get(name), int | float) and row[name] == row[name]}
+    progress = {key: kind(row[name]) for key, (name, kind) in fields.items()
+                if isinstance(row.get(name), int | float) and row[name] == row[name]}
+    if isinstance(row.get("alarms"), dict):  # rlhf_trainer.alarms: reason -> message, maybe none firing
+        progress["alarms"] = dict(row["alarms"])
+    return progress
 
 
 def last_json_line(path: Path, tail_bytes: int = 8192) -> dict[str, Any] | None:
@@ -151,7 +174,7 @@ class LocalRunner:
         extra_env: Mapping[str, str] | None = None,
         serve_metrics: bool = True,
         suspend_after_step: int = 0,
-        stop_grace: float = 5.0,
+        stop_grace: float | None = None,
         settings: Any = None,
     ):
         self.job = api.parse_job(dict(manifest))
@@ -168,10 +191,15 @@ class LocalRunner:
         self.extra_env = dict(extra_env or {})
         self.serve_metrics = serve_metrics
         self.suspend_after_step = suspend_after_step
+        # Seconds from SIGTERM to SIGKILL when pods are deleted; None = each pod's terminationGracePeriodSeconds
+        # (spec.terminationGracePeriodSeconds), in which a stopped trainer saves a last checkpoint.
         self.stop_grace = stop_grace
         self.supervisor = localexec.Supervisor()
         self.addresses = localexec.LocalAddresses(LOCAL_IP)
         self.pods: dict[str, dict[str, Any]] = {}
+        # Pods deleted by the last pass, with their final status, shown to the next pass only (as a watch
+        # shows a deleted pod terminated before its DELETED event): an exit during the grace period counts.
+        self.departed: dict[str, dict[str, Any]] = {}
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.timeline = Timeline()
         self.passes = 0
@@ -210,7 +238,7 @@ class LocalRunner:
                 wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.01), REFRESH_SECONDS)
                 self.supervisor.changed.wait(wait)
         finally:
-            self.supervisor.stop_all(self.stop_grace)
+            self.supervisor.stop_all(self.grace_of(list(self.pods)))
             self.display.close()
         return self.job.status
 
@@ -224,8 +252,10 @@ class LocalRunner:
         if sample:
             scraped["lastSample"] = format_sample(sample)
         progress = merge_progress(self.job.status.get("progress"), scraped, localexec.utc_now())
+        departed, self.departed = self.departed, {}
         observed = planner.Observed(
-            pods=tuple(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+            pods=(*(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
+                  *(planner.observe_pod(pod) for name, pod in departed.items() if name not in self.pods)),
             existing=self._existing(),
             progress=progress,
         )
@@ -266,7 +296,11 @@ class LocalRunner:
     @execute.register
     def _(self, action: planner.DeletePods) -> None:
         names = [n for n in action.names if n in self.pods]
-        self.supervisor.stop(names, self.stop_grace)
+        for proc in self.supervisor.stop(names, self.grace_of(names)):
+            pod = self.pods[proc.spec.name]
+            self.departed[proc.spec.name] = {
+                **pod, "metadata": {**pod["metadata"], "deletionTimestamp": localexec.utc_now()},
+                "status": localexec.pod_status(proc, LOCAL_IP)}
         for n in names:
             del self.pods[n]
         if names:
@@ -283,6 +317,13 @@ class LocalRunner:
     @execute.register
     def _(self, action: planner.EmitEvent) -> None:
         self.event(action.type, action.reason, action.message)
+
+    def grace_of(self, names: list[str]) -> float:
+        """SIGTERM-to-SIGKILL seconds for deleting these pods: the runner's setting, else theirs (as a kubelet)."""
+        if self.stop_grace is not None:
+            return self.stop_grace
+        return float(max((self.pods[n]["spec"].get("terminationGracePeriodSeconds", 30) for n in names
+                          if n in self.pods), default=0))
 
     def create(self, obj: Mapping[str, Any]) -> None:
         obj = stamp_new_object(dict(obj), self.job.namespace)
@@ -441,7 +482,7 @@ def format_progress_line(name: str, row: Mapping[str, Any], max_steps: int) -> s
 def main(args: Any) -> int:
     display = Progress(sys.stdout, bars=False if args.no_progress else None)
     try:
-        manifest = load_manifest(Path(args.manifest))
+        manifest = resolve_local_paths(load_manifest(Path(args.manifest)), Path(args.manifest).resolve().parent)
         runner = LocalRunner(manifest, Path(args.workdir), fresh=args.fresh, display=display,
                              suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
                              serve_metrics=not getattr(args, "no_metrics_server", False),
@@ -456,7 +497,7 @@ def main(args: Any) -> int:
     try:
         status = runner.run()
     except KeyboardInterrupt:
-        runner.supervisor.stop_all(runner.stop_grace)
+        runner.supervisor.stop_all(runner.grace_of(list(runner.pods)))
         print(f"\n{runner.job.name}: interrupted; processes stopped, checkpoints kept in {runner.checkpoint_dir}")
         return 130
     finally:

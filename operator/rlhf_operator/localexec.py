@@ -261,8 +261,9 @@ class Supervisor:
         with self._lock:
             return dict(self._procs)
 
-    def stop(self, names: Iterable[str], grace: float = 5.0) -> None:
-        """SIGTERM each pod's whole process group, wait up to grace, SIGKILL what is left, forget them."""
+    def stop(self, names: Iterable[str], grace: float = 5.0) -> list[LocalProcess]:
+        """SIGTERM each pod's whole process group, wait up to grace, SIGKILL what is left, forget them.
+        Returns the stopped processes: their exit codes are the pods' last words."""
         with self._lock:
             procs = [self._procs.pop(n) for n in names if n in self._procs]
         for p in procs:
@@ -280,6 +281,7 @@ class Supervisor:
             p.popen.wait()
         if procs:
             self.changed.set()
+        return procs
 
     def stop_all(self, grace: float = 5.0) -> None:
         self.stop(list(self.processes()), grace)

@@ -209,7 +209,7 @@ def load_samples(run_dir: Path, series: str = MAIN_SERIES) -> list[dict[str, Any
 
 def _cell(value: Any, width: int) -> str:
     text = _fmt(value) if isinstance(value, float) else ("-" if value is None else str(value))
-    text = text.replace("\n", "\\n")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # "\t", "\n": one line, no tofu
     return text if len(text) <= width else text[:width - 1] + "~"
 
 

@@ -1,48 +1,55 @@
-"""Integration fixtures: one API emulator per session (CRDs installed with the real kubectl), one
-`rlhf-operator operator` subprocess per test module. Cluster fixtures live here only, never in
-tests/conftest.py or tests/unit.
+"""Integration fixtures: the session's control plane with the chart installed (control_plane and
+rlhf_release come from tests/controlplane/fixtures.py), the tier's job namespace, and one
+`rlhf-operator operator` subprocess per test module running as the chart's ServiceAccount.
+
+The job namespace enforces Pod Security `restricted` and pins its pods to the node pool
+`rlhf.dev/pool=integration`, which has no node: the tier's pods are never scheduled, and the tests
+write their status as a kubelet would (operator_kube.set_all). Scheduling is tested in e2e/.
+Cluster fixtures live here and in tests/controlplane only, never in tests/unit.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-if str(REPO) not in sys.path:  # `tests.kube_emulator` is imported from the repository root
+if str(REPO) not in sys.path:  # `tests.controlplane` is imported from the repository root
     sys.path.insert(0, str(REPO))
 
-# The kubernetes client reads $KUBECONFIG when first imported; point it at the emulator's file
-# (written by the session fixture) before anything imports it.
-_KUBE_DIR = Path(tempfile.mkdtemp(prefix="rlhf-integration-"))
-os.environ.setdefault("KUBECONFIG", str(_KUBE_DIR / "kubeconfig"))
+from operator_kube import EXAMPLES, NODE_POOL, NS  # noqa: E402
 
-from tests.kube_emulator import harness  # noqa: E402
+from tests.controlplane import kube  # noqa: E402
+from tests.controlplane.fixtures import TRAINER_SA  # noqa: E402
 
-RLHFJOB_CRD = REPO / "crds" / "rlhfjobs.yaml"
+
+def priority_classes() -> list[dict]:
+    """The PriorityClasses the examples name (a cluster admin creates them; admission refuses pods
+    naming a class that does not exist)."""
+    names = sorted({p for f in EXAMPLES.glob("*.yaml")
+                    if (p := yaml.safe_load(f.read_text())["spec"].get("scheduling", {}).get("priorityClassName"))})
+    return [{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": n}, "value": 1000}
+            for n in names]
 
 
 @pytest.fixture(scope="session")
-def emulator(tmp_path_factory):
-    """The API emulator with the RLHFJob CRD and both PodGroup CRDs installed."""
-    emu = harness.start_emulator(tmp_path_factory.mktemp("emulator"))
-    try:
-        harness.install_crds(emu, [harness.VOLCANO_CRD, harness.COSCHEDULING_CRD, RLHFJOB_CRD])
-        yield emu
-    finally:
-        harness.stop_emulator(emu)
+def cluster(control_plane, rlhf_release):
+    """The control plane, with the chart installed, the examples' PriorityClasses and the job namespace NS."""
+    kube.kubectl(control_plane, "apply", "-f", "-", input=yaml.safe_dump_all(priority_classes()))
+    kube.create_namespace(control_plane, NS, node_selector=NODE_POOL, service_accounts=[TRAINER_SA])
+    return control_plane
 
 
 @pytest.fixture(scope="module")
-def operator(emulator, tmp_path_factory, request):
-    """`rlhf-operator operator` for the whole module; its log is printed when the module fails."""
+def operator(cluster, rlhf_release, tmp_path_factory, request):
+    """`rlhf-operator operator` for the whole module, with the chart's args (plus the module's
+    OPERATOR_ARGS) and the chart's RBAC; its log is printed when the module fails."""
     extra = getattr(request.module, "OPERATOR_ARGS", ())
     log = tmp_path_factory.mktemp("operator") / "operator.log"
-    op = harness.start_operator(emulator, log, *extra)
+    op = rlhf_release.operator(cluster, log, *extra)
     failed_before = request.session.testsfailed
     yield op
     op.stop()

@@ -66,8 +66,6 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     assert after >= before + 0.5, done.stdout[-3000:]
     greedy_before, greedy_after = figure(done.stdout, "held-out reward (greedy) (first / last evaluation)")
     assert greedy_after >= greedy_before + 0.5, done.stdout[-3000:]
-    rows = report.read_jsonl(run_dir / "checkpoints" / "metrics" / "actor-0.jsonl")
-    assert sum(r["response_length"] for r in rows[-5:]) / 5 > 1.9  # a digit, then EOS
 
 
 def figure(stdout: str, label: str) -> tuple[float, float]:

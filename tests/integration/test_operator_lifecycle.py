@@ -1,9 +1,12 @@
-"""The operator against the API emulator: children of every example, kubelet-driven phases, gang
-restarts, permanent failures, progress, deletion, and the metrics that follow them."""
+"""The operator against the real control plane, as the chart's ServiceAccount under the chart's RBAC:
+children of every example (admitted under Pod Security restricted), kubelet-driven phases, gang
+restarts, permanent failures, progress, deletion (owner references collected by the real garbage
+collector), and the metrics that follow them."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import re
 import threading
 
@@ -26,7 +29,7 @@ from operator_kube import (
 )
 from rlhf_operator import api, builders
 
-from tests.kube_emulator import harness
+from tests.controlplane import kube
 
 SETTINGS = builders.BuildSettings()
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
@@ -37,15 +40,15 @@ def parsed(obj) -> api.Job:
 
 
 @pytest.mark.parametrize("file", EXAMPLE_FILES)
-def test_every_example_gets_its_children(emulator, operator, file):
+def test_every_example_gets_its_children(cluster, operator, file):
     name = f"ex-{file.removesuffix('.yaml')}"[:40]
     manifest = example(file, name)
     expected = parsed(manifest)
-    apply(emulator, manifest)
+    apply(cluster, manifest)
     names = builders.gang_pod_names(expected)
-    got = wait_pods(emulator, name, len(names))
+    got = wait_pods(cluster, name, len(names))
     assert sorted(got) == sorted(names)
-    uid = job(emulator, name)["metadata"]["uid"]
+    uid = job(cluster, name)["metadata"]["uid"]
     for pod_name, pod in got.items():
         refs = pod["metadata"]["ownerReferences"]
         assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [("RLHFJob", name, uid, True)]
@@ -56,71 +59,71 @@ def test_every_example_gets_its_children(emulator, operator, file):
         assert env["RLHF_CONFIG"] == "/etc/rlhf/config.json"
         assert pod["spec"]["hostname"] == pod_name and pod["spec"]["subdomain"] == name
         assert pod["spec"]["restartPolicy"] == "Never"
-    service = get(emulator, "services", name)
+    service = get(cluster, "services", name)
     assert service["spec"]["clusterIP"] == "None"
-    assert config_json(emulator, name) == builders.build_trainer_config(expected).to_dict()
+    assert config_json(cluster, name) == builders.build_trainer_config(expected).to_dict()
     claim = expected.spec.checkpoint.volume
-    pvc = get(emulator, "persistentvolumeclaims", f"{name}-checkpoints")
+    pvc = get(cluster, "persistentvolumeclaims", f"{name}-checkpoints")
     assert (pvc is None) == bool(claim.existing_claim)
     group = builders.build_pod_group(expected, SETTINGS)
     if group is not None:
         plural = "podgroups." + group["apiVersion"].split("/")[0]
-        stored = harness.wait_for(lambda: harness.get_json(emulator, plural, name, "-n", NS), what="podgroup")
+        stored = kube.wait_for(lambda: kube.get_json(cluster, plural, name, "-n", NS), what="podgroup")
         assert stored["spec"]["minMember"] == len(names)
         assert stored["metadata"]["ownerReferences"][0]["uid"] == uid
-    harness.kubectl(emulator, "delete", "rlhfjob", name, "-n", NS, "--wait=false")
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS, "--wait=false")
 
 
-def test_phases_follow_the_pods_and_metrics_follow_the_phases(emulator, operator):
+def test_phases_follow_the_pods_and_metrics_follow_the_phases(cluster, operator):
     name = "life-run"
-    apply(emulator, example("ppo-tiny.yaml", name))
-    names = wait_pods(emulator, name, 3)
-    set_all(emulator, names, "Running")
-    status = wait_phase(emulator, name, "Running")["status"]
+    apply(cluster, example("ppo-tiny.yaml", name))
+    names = wait_pods(cluster, name, 3)
+    set_all(cluster, names, "Running")
+    status = wait_phase(cluster, name, "Running")["status"]
     assert status["restarts"] == 0
     assert {r: c["running"] for r, c in status["roles"].items()} == {"actor": 1, "critic": 1, "reference": 1}
     assert metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1
     assert metric(operator, "rlhf_operator_time_to_running_seconds_count") >= 1
-    set_all(emulator, [f"{name}-actor-0"], "Succeeded", exit_code=0)  # the actors' exit ends the job
-    wait_phase(emulator, name, "Succeeded")
+    set_all(cluster, [f"{name}-actor-0"], "Succeeded", exit_code=0)  # the actors' exit ends the job
+    wait_phase(cluster, name, "Succeeded")
     assert metric(operator, "rlhf_operator_jobs_succeeded_total") >= 1
     assert metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Succeeded") == 1
 
 
-def test_a_failed_pod_restarts_the_whole_gang(emulator, operator):
+def test_a_failed_pod_restarts_the_whole_gang(cluster, operator):
     name = "life-restart"
-    apply(emulator, example("ppo-tiny.yaml", name, failurePolicy={"maxRestarts": 2, "backoffSeconds": 1}))
-    first = wait_pods(emulator, name, 3)
-    set_all(emulator, first, "Running")
-    wait_phase(emulator, name, "Running")
+    apply(cluster, example("ppo-tiny.yaml", name, failurePolicy={"maxRestarts": 2, "backoffSeconds": 1}))
+    first = wait_pods(cluster, name, 3)
+    set_all(cluster, first, "Running")
+    wait_phase(cluster, name, "Running")
     restarts_before = metric(operator, "rlhf_operator_jobs_restarts_total")
-    harness.set_pod_status(emulator, f"{name}-critic-0", "Failed", exit_code=1, namespace=NS)
-    second = wait_pods(emulator, name, 3, attempt=1, timeout=30)
+    kube.set_pod_status(cluster, f"{name}-critic-0", "Failed", exit_code=1, namespace=NS)
+    second = wait_pods(cluster, name, 3, attempt=1, timeout=30)
     assert {env_of(p)["RLHF_RESTART_ATTEMPT"] for p in second.values()} == {"1"}
     assert {p["metadata"]["uid"] for p in second.values()}.isdisjoint({p["metadata"]["uid"] for p in first.values()})
-    assert job(emulator, name)["status"]["restarts"] == 1
-    set_all(emulator, second, "Running")
-    status = wait_phase(emulator, name, "Running")["status"]
+    assert job(cluster, name)["status"]["restarts"] == 1
+    set_all(cluster, second, "Running")
+    status = wait_phase(cluster, name, "Running")["status"]
     assert status["restarts"] == 1
     assert metric(operator, "rlhf_operator_jobs_restarts_total") == restarts_before + 1
     assert metric(operator, "rlhf_operator_job_restarts", namespace=NS, job=name) == 1
     assert metric(operator, "rlhf_operator_restart_latency_seconds_count") >= 1
-    reasons = {(e["type"], e["reason"]) for e in events(emulator, name)}
+    reasons = {(e["type"], e["reason"]) for e in events(cluster, name)}
     assert {("Warning", "PodFailed"), ("Warning", "GangRestart")} <= reasons
 
 
-def test_a_permanent_exit_code_fails_the_job_without_restarting(emulator, operator):
+def test_a_permanent_exit_code_fails_the_job_without_restarting(cluster, operator):
     name = "life-permanent"
-    apply(emulator, example("sft-tiny.yaml", name))
-    first = wait_pods(emulator, name, 1)
-    set_all(emulator, first, "Running")
-    wait_phase(emulator, name, "Running")
-    set_all(emulator, first, "Failed", exit_code=78)
-    status = wait_phase(emulator, name, "Failed")["status"]
+    apply(cluster, example("sft-tiny.yaml", name))
+    first = wait_pods(cluster, name, 1)
+    set_all(cluster, first, "Running")
+    wait_phase(cluster, name, "Running")
+    set_all(cluster, first, "Failed", exit_code=78)
+    status = wait_phase(cluster, name, "Failed")["status"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "PermanentError"
     assert status.get("restarts", 0) == 0
-    assert all(p["metadata"]["labels"]["rlhf.dev/restart-attempt"] == "0" for p in pods(emulator, name).values())
+    assert all(p["metadata"]["labels"]["rlhf.dev/restart-attempt"] == "0" for p in pods(cluster, name).values())
     assert metric(operator, "rlhf_operator_jobs_failed_total", reason="PermanentError") >= 1
 
 
@@ -147,64 +150,84 @@ def trainer_metrics():
     server.shutdown()
 
 
-def test_progress_comes_from_the_actor_rank0_metrics(emulator, trainer_metrics, tmp_path):
+def test_progress_comes_from_the_actor_rank0_metrics(cluster, rlhf_release, trainer_metrics, tmp_path):
     _TrainerMetrics.body = (b'rlhf_trainer_step{role="actor",rank="0"} 12\n'
                             b'rlhf_trainer_reward_mean{role="actor",rank="0"} 0.75\n'
                             b'rlhf_trainer_kl{role="actor",rank="0"} 0.02\n'
                             b'rlhf_trainer_last_checkpoint_step{role="actor",rank="0"} 10\n')
     port = trainer_metrics.server_address[1]
-    op = harness.start_operator(emulator, tmp_path / "operator.log", "--trainer-metrics-port", str(port),
-                                "--progress-interval", "0.5", "--log-level", "debug")
+    op = rlhf_release.operator(cluster, tmp_path / "operator.log", "--trainer-metrics-port", str(port),
+                               "--progress-interval", "0.5", "--log-level", "debug")
     try:
         name = "life-progress"
-        apply(emulator, example("dpo-tiny.yaml", name))
-        names = wait_pods(emulator, name, 2)
-        set_all(emulator, names, "Running", pod_ip="127.0.0.1")
-        got = harness.wait_for(lambda: (j := job(emulator, name)) and j["status"].get("progress", {}).get("step") == 12 and j,
+        apply(cluster, example("dpo-tiny.yaml", name))
+        names = wait_pods(cluster, name, 2)
+        set_all(cluster, names, "Running", pod_ip="127.0.0.1")
+        got = kube.wait_for(lambda: (j := job(cluster, name)) and j.get("status", {}).get("progress", {}).get("step") == 12 and j,
                                what="progress step 12")
         progress = got["status"]["progress"]
         assert (progress["rewardMean"], progress["kl"], progress["lastCheckpointStep"]) == (0.75, 0.02, 10)
         assert progress["updatedAt"]
         _TrainerMetrics.body = b'rlhf_trainer_step{role="actor",rank="0"} 13\n'
-        harness.wait_for(lambda: job(emulator, name)["status"]["progress"]["step"] == 13, what="step 13 (periodic re-read)")
-        assert metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13
+        kube.wait_for(lambda: job(cluster, name)["status"]["progress"]["step"] == 13, what="step 13 (periodic re-read)")
+        # The gauge follows the status write of the same pass.
+        kube.wait_for(lambda: metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13, what="job_step 13")
         # --log-level debug: a line per pass (the module's operator may have created the pods first)
         assert re.search(rf"DEBUG .* pass {NS}/{name}: \d+ pods, \d+ children -> \[.*\], phase ", op.log_tail(10**6))
     finally:
         op.stop()
-        harness.kubectl(emulator, "delete", "rlhfjob", "life-progress", "-n", NS, "--wait=false", check=False)
+        kube.kubectl(cluster, "delete", "rlhfjob", "life-progress", "-n", NS, "--wait=false", check=False)
 
 
-def test_deleting_the_job_removes_children_and_series(emulator, operator):
+def test_deleting_the_job_removes_children_and_series(cluster, operator):
     name = "life-delete"
-    apply(emulator, example("grpo-tiny.yaml", name, checkpoint={"volume": {"size": "1Gi", "retain": False}}))
-    names = wait_pods(emulator, name, 2)
-    harness.wait_for(lambda: get(emulator, "configmaps", f"{name}-config"), what="configmap")
-    set_all(emulator, names, "Running")
-    wait_phase(emulator, name, "Running")
+    apply(cluster, example("grpo-tiny.yaml", name, checkpoint={"volume": {"size": "1Gi", "retain": False}}))
+    names = wait_pods(cluster, name, 2)
+    kube.wait_for(lambda: get(cluster, "configmaps", f"{name}-config"), what="configmap")
+    set_all(cluster, names, "Running")
+    wait_phase(cluster, name, "Running")
     assert metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1
-    harness.kubectl(emulator, "delete", "rlhfjob", name, "-n", NS)
-    harness.wait_for(lambda: not pods(emulator, name), what="pods garbage-collected")
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
+    kube.wait_for(lambda: not pods(cluster, name), what="pods garbage-collected")
     for kind, child in (("services", name), ("configmaps", f"{name}-config"),
                         ("persistentvolumeclaims", f"{name}-checkpoints")):
-        assert get(emulator, kind, child) is None, kind
-    harness.wait_for(lambda: "job=\"life-delete\"" not in operator.scrape(), what="per-job series removed")
+        assert get(cluster, kind, child) is None, kind
+    kube.wait_for(lambda: "job=\"life-delete\"" not in operator.scrape(), what="per-job series removed")
 
 
-def test_jobs_carry_no_finalizer(emulator, operator):
+def test_jobs_carry_no_finalizer(cluster, operator):
     name = "life-nofinalizer"
-    apply(emulator, example("rm-tiny.yaml", name))
-    wait_pods(emulator, name, 1)
-    assert not job(emulator, name)["metadata"].get("finalizers")
+    apply(cluster, example("rm-tiny.yaml", name))
+    wait_pods(cluster, name, 1)
+    assert not job(cluster, name)["metadata"].get("finalizers")
     assert f"pass {NS}/{name}:" not in operator.log_tail(10**6)  # one line per pass only at --log-level debug
-    harness.kubectl(emulator, "delete", "rlhfjob", name, "-n", NS)
-    assert job(emulator, name) is None
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
+    assert job(cluster, name) is None
 
 
 
-def test_a_finished_job_is_deleted_after_its_ttl(emulator, operator):
+def test_a_finished_job_is_deleted_after_its_ttl(cluster, operator):
     name = "life-ttl"
-    apply(emulator, example("rm-tiny.yaml", name, ttlSecondsAfterFinished=1))
-    names = wait_pods(emulator, name, 1)
-    set_all(emulator, names, "Succeeded", exit_code=0)
-    harness.wait_for(lambda: job(emulator, name) is None, what="job deleted by its TTL")
+    apply(cluster, example("rm-tiny.yaml", name, ttlSecondsAfterFinished=1))
+    names = wait_pods(cluster, name, 1)
+    set_all(cluster, names, "Succeeded", exit_code=0)
+    kube.wait_for(lambda: job(cluster, name) is None, what="job deleted by its TTL")
+
+
+def test_pods_refused_by_admission_show_as_a_warning_event_on_the_job(cluster, operator):
+    name = "life-refused"
+    apply(cluster, example("rm-tiny.yaml", name, scheduling={"priorityClassName": "no-such-class"}))
+    event = kube.wait_for(lambda: next((e for e in events(cluster, name) if e["reason"] == "RequestRefused"), None),
+                          timeout=30, what="a RequestRefused event")
+    assert event["type"] == "Warning" and "no PriorityClass with name no-such-class" in event["message"], event
+    assert not pods(cluster, name)
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
+
+
+def test_the_job_namespace_refuses_a_pod_that_breaks_pod_security_restricted(cluster, operator):
+    """The gang pods above were admitted under `restricted`; a root pod with no seccomp profile is not."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-pod"},
+           "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "command": ["sleep", "1"]}]}}
+    result = kube.kubectl(cluster, "apply", "-n", NS, "-f", "-", input=json.dumps(pod), check=False)
+    assert result.returncode != 0 and 'violates PodSecurity "restricted:latest"' in result.stderr, result.stderr
+    assert get(cluster, "pods", "root-pod") is None

@@ -1,27 +1,127 @@
-"""Bad specs against the running operator: every invalid case of tests/unit/cases/rlhfjob_invalid.yaml
-is rejected, by the CRD schema (422 from `kubectl apply`, naming the field) or by the operator
-(phase Failed, reason InvalidSpec, a message and a Warning event naming the field), while good jobs
-alongside keep reconciling."""
+"""Bad specs against the real API server and the running operator.
+
+- The API server refuses every invalid case of tests/unit/cases/rlhfjob_invalid*.yaml with 422, its
+  OpenAPI schema and CEL rules naming the same fields as parse_spec (the unit tier's emulation of
+  the API server in test_crd.py is checked here against the real one).
+- An update that changes an immutable field is refused by the CRD's transition rules.
+- Jobs stored under a looser CRD (an older version without the CEL rules, as after a CRD upgrade)
+  are failed by the operator: phase Failed, reason InvalidSpec, a message and a Warning event naming
+  every field, no pods; good jobs alongside keep reconciling, and fixing the spec reopens the job.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
-import re
 import sys
 
-from operator_kube import NS, apply, events, example, job, metric, pods, wait_phase, wait_pods
+import pytest
+import yaml
+from operator_kube import NS, apply, events, example, job, metric, pods, wait_pods
 
-from tests.kube_emulator import harness
+from tests.controlplane import kube
+from tests.controlplane.fixtures import CHART
 
-sys.path.insert(0, str(harness.HERE.parent / "unit"))
-import rlhfjob_cases  # noqa: E402  (the invalid-case table the API engineer keeps with test_api.py)
+sys.path.insert(0, str(CHART.parents[1] / "tests" / "unit"))
+import rlhfjob_cases as cases  # noqa: E402  (the invalid-case table the API engineer keeps with test_api.py)
 
-INVALID = rlhfjob_cases.load("rlhfjob_invalid.yaml")
+INVALID = cases.load("rlhfjob_invalid.yaml")
+INVALID_METADATA = cases.load("rlhfjob_invalid_metadata.yaml")
+JOBS = f"/apis/rlhf.dev/v1alpha1/namespaces/{NS}/rlhfjobs"
+CRD_FILE = CHART / "crds" / "rlhfjobs.yaml"
 
 
-def schema_path(path: str) -> str:
-    """The field as the API server's schema errors name it: `spec.roles[1].replicas`."""
-    return f"spec.{path}"
+def refusal(cluster, manifest: dict) -> list[tuple[str, str]]:
+    """POST the manifest as a dry run: [] when the API server accepts it, else its (field, message)
+    causes with field paths as parse_spec writes them (`roles[1].replicas`, `metadata.name`)."""
+    body = {**manifest, "metadata": {**manifest["metadata"], "namespace": NS}}
+    try:
+        kube.api_request(cluster, "POST", f"{JOBS}?dryRun=All&fieldValidation=Strict", body)
+    except kube.ApiStatusError as err:
+        assert err.status == 422, err
+        causes = err.body.get("details", {}).get("causes", [])
+        assert causes, err.body
+        return [(c.get("field", "").removeprefix("spec.").removeprefix("spec"), c.get("message", "")) for c in causes]
+    return []
+
+
+def test_at_least_twenty_invalid_cases_are_known():
+    assert len(INVALID) >= 20
+
+
+@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid.yaml"))
+def test_the_api_server_refuses_each_invalid_case_at_the_fields_parse_spec_names(cluster, case):
+    manifest = cases.build(case)
+    manifest["metadata"] = {"name": "bad"}
+    server = refusal(cluster, manifest)
+    assert server, "the API server accepts what parse_spec rejects"
+    paths = [path for path, _ in case["errors"]]
+    for path in paths:
+        assert any(cases.related(path, field) for field, _ in server), f"{path} has no twin in {server}"
+    known = paths + case.get("crd_extra", [])
+    for field, message in server:
+        assert any(cases.related(field, p) for p in known), f"API server {field}: {message} has no parse_spec twin"
+
+
+@pytest.mark.parametrize("case", cases.params("rlhfjob_invalid_metadata.yaml"))
+def test_the_api_server_refuses_job_names_too_long_for_pod_hostnames(cluster, case):
+    server = refusal(cluster, cases.build(case))
+    expected = {p for p, _ in case["errors"]}
+    # A rule on the root reports no field under spec: its message names metadata.name instead.
+    assert any("metadata.name must be at most 50 characters" in m for _, m in server), server
+    spec_fields = {f for f, _ in server if f and f != "metadata.name" and "metadata.name" not in f}
+    assert spec_fields == expected - {"metadata.name"}, server
+
+
+def test_a_fifty_character_job_name_is_accepted(cluster):
+    assert refusal(cluster, cases.build({"base": "sft-tiny", "name": "j" * 50})) == []
+
+
+def test_an_immutable_change_is_refused_by_the_api_server(cluster, operator):
+    name = "val-immutable"
+    apply(cluster, example("rm-tiny.yaml", name))
+    wait_pods(cluster, name, 1)
+    changed = example("sft-tiny.yaml", name)  # same single actor role, other algorithm
+    result = apply(cluster, changed, check=False)
+    assert result.returncode != 0 and "spec.algorithm" in result.stderr and "immutable" in result.stderr, result.stderr
+    assert job(cluster, name)["spec"]["algorithm"] == "rm"
+    assert set(pods(cluster, name)) == {f"{name}-actor-0"}
+    kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS, "--wait=false")
+
+
+# --- the operator's own guard: jobs that got in under a looser CRD ---------------------------------------
+
+
+def without_cel(node):
+    """The CRD with every x-kubernetes-validations rule removed (a version before the CEL rules)."""
+    if isinstance(node, dict):
+        return {k: without_cel(v) for k, v in node.items() if k != "x-kubernetes-validations"}
+    if isinstance(node, list):
+        return [without_cel(v) for v in node]
+    return node
+
+
+def replace_crd(cluster, crd: dict) -> None:
+    current = kube.get_json(cluster, "crd", crd["metadata"]["name"])
+    body = copy.deepcopy(crd)
+    body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+    kube.kubectl(cluster, "replace", "-f", "-", input=json.dumps(body))
+
+
+@pytest.fixture
+def loose_crd(cluster):
+    """The RLHFJob CRD without its CEL rules until the test has stored its jobs; the chart's CRD back after."""
+    strict = yaml.safe_load(CRD_FILE.read_text())
+    probe = cases.build({"base": "ppo-tiny", "set": {"roles[0].colocateWith": "critic"}})  # refused by CEL only
+    replace_crd(cluster, without_cel(strict))
+    kube.wait_for(lambda: refusal(cluster, probe) == [], timeout=30, interval=0.2, what="the loose CRD in force")
+
+    def restore() -> None:
+        replace_crd(cluster, strict)
+        kube.wait_for(lambda: refusal(cluster, probe) != [], timeout=30, interval=0.2, what="the chart's CRD back")
+
+    yield restore
+    restore()
 
 
 def invalid_condition(obj) -> dict | None:
@@ -29,73 +129,36 @@ def invalid_condition(obj) -> dict | None:
     return next((c for c in conditions if c["type"] == "Failed" and c["reason"] == "InvalidSpec"), None)
 
 
-def test_at_least_twenty_invalid_cases_are_known():
-    assert len(INVALID) >= 20
-
-
-def test_every_invalid_manifest_is_rejected_naming_its_field(emulator, operator):
-    manifests = []
+def test_jobs_stored_under_a_looser_crd_are_failed_by_the_operator_naming_each_field(cluster, operator, loose_crd):
+    stored = []
     for i, case in enumerate(INVALID):
-        manifest = rlhfjob_cases.build(case)
+        manifest = cases.build(case)
         manifest["metadata"] = {"name": f"bad-{i:02d}", "namespace": NS}
-        manifests.append(manifest)
-    # One kubectl for all: it applies what the server accepts and reports each rejected object.
-    # JSON, not YAML: PyYAML would write the string "1e-5" bare, which kubectl reads as a number.
-    result = harness.kubectl(emulator, "apply", "--validate=false", "-n", NS, "-f", "-", check=False,
-                             input=json.dumps({"apiVersion": "v1", "kind": "List", "items": manifests}))
-    rejected = {m.group(1): line for line in result.stderr.splitlines()
-                if (m := re.search(r'"(bad-\d\d)" is invalid', line))}
-    by_schema = by_operator = 0
-    for case, manifest in zip(INVALID, manifests, strict=True):
-        name = manifest["metadata"]["name"]
+        if refusal(cluster, manifest) == []:  # what only the CEL rules refuse
+            kube.api_request(cluster, "POST", JOBS, manifest)
+            stored.append((case, manifest["metadata"]["name"]))
+    good = example("dpo-tiny.yaml", "val-good")
+    apply(cluster, good)
+    loose_crd()  # the CRD is upgraded: the stored jobs stay as they are
+    assert len(stored) >= 10, [c["id"] for c, _ in stored]
+    for case, name in stored:
         paths = [path for path, _ in case["errors"]]
-        if name in rejected:
-            line = rejected[name]
-            assert any(schema_path(p) in line for p in paths), (case["id"], line)
-            by_schema += 1
-            continue
-        failed = harness.wait_for(lambda n=name: invalid_condition(job(emulator, n)), timeout=30,
-                                  what=f"{case['id']} Failed/InvalidSpec")
-        assert job(emulator, name)["status"]["phase"] == "Failed"
+        failed = kube.wait_for(lambda n=name: invalid_condition(job(cluster, n)), timeout=60,
+                               what=f"{case['id']} Failed/InvalidSpec")
+        assert job(cluster, name)["status"]["phase"] == "Failed"
         for path in paths:
             assert f"spec.{path}" in failed["message"], (case["id"], failed["message"])
-        warnings = [e for e in events(emulator, name) if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
+        warnings = [e for e in events(cluster, name) if e["type"] == "Warning" and e["reason"] == "InvalidSpec"]
         assert len(warnings) == 1 and f"spec.{paths[0]}" in warnings[0]["message"], case["id"]
-        assert not pods(emulator, name), case["id"]
-        by_operator += 1
-    assert by_schema + by_operator == len(INVALID)
-    assert by_schema and by_operator  # both layers took part
-    assert metric(operator, "rlhf_operator_jobs_failed_total", reason="InvalidSpec") == by_operator
-    harness.kubectl(emulator, "delete", "-n", NS, "rlhfjob", *[m["metadata"]["name"] for m in manifests
-                                                              if m["metadata"]["name"] not in rejected])
-
-
-def test_a_bad_job_fails_while_a_good_one_alongside_reconciles(emulator, operator):
-    bad = example("ppo-tiny.yaml", "val-bad")
-    bad["spec"]["roles"] = [r for r in bad["spec"]["roles"] if r["name"] != "critic"]  # ppo needs a critic
-    apply(emulator, bad)
-    apply(emulator, example("dpo-tiny.yaml", "val-good"))
-    assert len(wait_pods(emulator, "val-good", 2)) == 2
-    failed = wait_phase(emulator, "val-bad", "Failed")
-    assert "spec.roles" in invalid_condition(failed)["message"]
-    assert failed["status"]["observedGeneration"] == failed["metadata"]["generation"]
-    assert not pods(emulator, "val-bad")
-    # fixing the spec reopens the job: a new generation is parsed again and gets its pods
-    good_roles = example("ppo-tiny.yaml", "val-bad")["spec"]["roles"]
-    harness.kubectl(emulator, "patch", "rlhfjob", "val-bad", "-n", NS, "--type=merge",
-                    "-p", json.dumps({"spec": {"roles": good_roles}}))
-    assert len(wait_pods(emulator, "val-bad", 3)) == 3
-
-
-def test_an_immutable_change_is_refused_with_an_event(emulator, operator):
-    name = "val-immutable"
-    apply(emulator, example("rm-tiny.yaml", name))
-    wait_pods(emulator, name, 1)
-    changed = example("sft-tiny.yaml", name)  # same single actor role, other algorithm
-    apply(emulator, changed)  # the emulator has no CEL: the operator is the only guard here
-    event = harness.wait_for(
-        lambda: next((e for e in events(emulator, name) if e["reason"] == "ImmutableFieldChanged"), None),
-        what="ImmutableFieldChanged event")
-    assert event["type"] == "Warning" and "spec.algorithm" in event["message"]
-    assert set(pods(emulator, name)) == {f"{name}-actor-0"}
-    assert job(emulator, name)["status"]["phase"] != "Failed"
+        assert not pods(cluster, name), case["id"]
+    assert len(wait_pods(cluster, "val-good", 2)) == 2
+    assert metric(operator, "rlhf_operator_jobs_failed_total", reason="InvalidSpec") == len(stored)
+    # Fixing a failed job's spec reopens it: a new generation is parsed again and gets its pods.
+    # (Not a case about the algorithm or role layout: the CRD's transition rules keep those as stored.)
+    case, name = next((c, n) for c, n in stored
+                      if not any(p.startswith(("algorithm", "roles")) for p, _ in c["errors"]))
+    fixed = cases.example(case["base"])["spec"]
+    kube.kubectl(cluster, "patch", "rlhfjob", name, "-n", NS, "--type=json",
+                 "-p", json.dumps([{"op": "replace", "path": "/spec", "value": fixed}]))
+    kube.wait_for(lambda: pods(cluster, name), timeout=30, what=f"{case['id']} reopened with pods")
+    kube.kubectl(cluster, "delete", "rlhfjob", "-n", NS, "val-good", *[n for _, n in stored], "--wait=false")

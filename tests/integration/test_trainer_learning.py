@@ -107,10 +107,11 @@ def test_dpo_raises_preference_accuracy(tmp_path):
 
 @pytest.mark.slow
 def test_reward_model_ranks_held_out_pairs(tmp_path):
-    from rlhf_contract.config import Hyperparameters
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.chat import Renderer
     from rlhf_trainer.data import synthetic_preferences
+    from rlhf_trainer.tokenized import tokenize_records
     from transformers import AutoModelForSequenceClassification
 
     config = trainer_config("rm", checkpoint=NO_CHECKPOINTS, hyperparameters={
@@ -121,7 +122,8 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(run.checkpoint_dir / "export").eval()
     tokenizer = models.load_tokenizer(str(run.checkpoint_dir / "export"))
     held_out = synthetic_preferences(size=128, seed=12345)  # other pairs than training's seed 0
-    batch = encode_pairs(tokenizer, held_out, Hyperparameters(max_prompt_length=16, max_new_tokens=4))
+    rows, _ = tokenize_records(held_out, Renderer(tokenizer, "raw"), "pairs", max_prompt_length=16, max_length=32)
+    batch = encode_pairs(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     accuracy = float((scores[:128] > scores[128:]).float().mean())

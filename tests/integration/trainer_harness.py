@@ -31,7 +31,7 @@ DATASET_OF = {
 }
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
-    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 16, "max_new_tokens": 4,
+    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 48, "max_new_tokens": 4,
     "learning_rate": 1e-3, "group_size": 2,
 }
 
@@ -96,8 +96,12 @@ class Run:
 
 
 def launch(config: dict, workdir: Path, *, checkpoint_dir: Path | None = None, restart_attempt: int = 0,
-           timeout: float = 300, extra_env: dict | None = None, config_text: str | None = None) -> Run:
-    """Run every process of the job to completion (or first failure) and collect exit codes and logs."""
+           timeout: float = 300, extra_env: dict | None = None, config_text: str | None = None,
+           while_running=None, kill_on_failure: bool = True) -> Run:
+    """Run every process of the job to completion (or first failure) and collect exit codes and logs.
+
+    while_running(run, processes): called every 0.1 s with the live processes by name (to signal them);
+    kill_on_failure=False lets the others finish when one exits non-zero (a stopped gang exits 143)."""
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = checkpoint_dir or workdir / "checkpoints"
     config_path = workdir / "config.json"
@@ -134,8 +138,10 @@ def launch(config: dict, workdir: Path, *, checkpoint_dir: Path | None = None, r
                 if proc.poll() is not None:
                     run.returncodes[name] = proc.returncode
                     del running[name]
-                    if proc.returncode != 0:
+                    if proc.returncode != 0 and kill_on_failure:
                         _kill_all(running, run)
+            if while_running is not None and running:
+                while_running(run, running)
             time.sleep(0.1)
     finally:
         if running:  # timed out: have each one print where it waits, then kill

@@ -73,3 +73,10 @@ def params(name: str) -> list[Any]:
     import pytest
 
     return [pytest.param(case, id=case["id"]) for case in load(name)]
+
+
+def related(a: str, b: str) -> bool:
+    """One error path lies inside the other (`roles` and `roles[1].colocateWith`, `` and anything):
+    the API server and parse_spec may name a field or the object holding it."""
+    short, long = sorted((a, b), key=len)
+    return not short or long == short or long.startswith((short + ".", short + "["))

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import rlhfjob_cases as cases
+import yaml
 from rlhf_contract import algorithms
 from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
 from rlhf_contract.knobs import camel_case, settings_of
@@ -36,7 +37,7 @@ def test_minimal_spec_gets_every_default():
     assert spec.image_pull_policy == "IfNotPresent"
     assert spec.reward == RewardConfig(type="model")
     assert spec.reward_model == ModelConfig(path="/models/rm")
-    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="prompts", eval_path="")
+    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
     assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
     assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)
@@ -211,18 +212,30 @@ def test_parse_job_defaults_for_a_manifest_file():
     assert (job.namespace, job.uid, job.generation, job.creation_timestamp, job.status) == ("default", "", 1, "", {})
 
 
-@pytest.mark.parametrize(("length", "valid"), [(1, True), (50, True), (51, False), (253, False)])
+@pytest.mark.parametrize(("length", "valid"), [(1, True), (51, True), (56, False), (253, False)])
 def test_job_name_length_limit_keeps_pod_names_within_63_characters(length, valid):
     name = "j" * length
     if valid:
         assert parse_job({"metadata": {"name": name}, "spec": MINIMAL}).name == name
-        # the longest pod name: the longest role and a two-digit index
-        assert len(f"{name}-reference-99") <= 63
+        assert len(f"{name}-reference-0") <= 63
     else:
         with pytest.raises(SpecError) as raised:
             parse_job({"metadata": {"name": name}, "spec": MINIMAL})
-        assert raised.value.errors == [("metadata.name", f"must be at most 50 characters (got {length}): pod names "
-                                                         "<job>-<role>-<index> are hostnames, at most 63 characters")]
+        assert raised.value.errors == [("metadata.name", f"must be at most 55 characters (got {length}): pod names "
+                                                         "<job>-<role>-<index> are hostnames, at most 63 characters, "
+                                                         "and the first is <job>-actor-0")]
+
+
+@pytest.mark.parametrize("path", sorted((cases.CASES / "user_reports").glob("job-*.yaml")), ids=lambda p: p.stem)
+def test_user_reported_job_names_are_refused_naming_metadata_name_and_the_rule(path):
+    """Names users applied that a cluster then refused for the job's Service (422, a retry loop)."""
+    manifest = yaml.safe_load(path.read_text())
+    with pytest.raises(SpecError) as raised:
+        parse_job(manifest)
+    [(field_path, message)] = raised.value.errors
+    assert field_path == "metadata.name"
+    assert message.startswith("must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter")
+    assert repr(manifest["metadata"]["name"]) in message
 
 
 def test_parse_spec_alone_does_not_see_the_name():

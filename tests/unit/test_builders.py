@@ -97,6 +97,7 @@ def test_gang_has_one_pod_per_replica_of_each_role_with_pods(case):
         assert pod["spec"]["hostname"] == pod["metadata"]["name"]
         assert pod["spec"]["subdomain"] == "ppo-tiny"
         assert pod["spec"]["restartPolicy"] == "Never"
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 30
         assert pod["metadata"]["namespace"] == "team-a"
 
 
@@ -117,6 +118,7 @@ def test_env_contract_of_an_actor_pod_with_a_colocated_reference():
         "RLHF_CHECKPOINT_DIR": "/checkpoints",
         "RLHF_RESTART_ATTEMPT": "2",
         "RLHF_METRICS_PORT": "9400",
+        "RLHF_TERMINATION_GRACE_SECONDS": "30",
         "HOME": "/tmp",
         "XDG_CACHE_HOME": "/tmp/.cache",
         "HF_HOME": "/tmp/.cache/huggingface",
@@ -452,3 +454,11 @@ def test_quantity_parse_and_format(case):
 def test_bad_quantity_names_the_value():
     with pytest.raises(ValueError, match="'lots'"):
         builders.parse_quantity("lots")
+
+
+def test_the_termination_grace_period_reaches_the_pod_and_the_trainer():
+    job = make_job(terminationGracePeriodSeconds=600)
+    for pod in builders.build_gang(job, 0, SETTINGS):
+        env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 600
+        assert env["RLHF_TERMINATION_GRACE_SECONDS"] == "600"

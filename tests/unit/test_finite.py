@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from rlhf_trainer.data import PromptRecord
 from rlhf_trainer.finite import NonFiniteError, NonFiniteGuard, describe_rows, non_finite_rows, zero_loss_like
+from rlhf_trainer.records import PromptRecord
 
 NAN, INF = float("nan"), float("inf")
 

@@ -189,6 +189,68 @@ def test_job_status_change_waits_for_pending_creates_but_a_spec_change_does_not(
     assert len(c3.queue) == 1
 
 
+# -- a child the API server refuses (422) fails the job instead of a retry loop ------------------------
+
+
+class RefusingApi:
+    """Records writes; refuses Services as the API server refuses an invalid one (422, a Status body)."""
+
+    def __init__(self):
+        self.created, self.status_patches, self.events = [], [], []
+
+    async def create(self, obj):
+        from rlhf_operator.kube.executor import ApiError
+
+        if obj["kind"] == "Service":
+            body = ('{"kind":"Status","status":"Failure","reason":"Invalid","code":422,"message":"Service \\"j\\" '
+                    'is invalid: metadata.name: Invalid value: \\"j\\": a DNS-1035 label must consist of lower case '
+                    'alphanumeric characters"}')
+            raise ApiError("POST", "/api/v1/namespaces/ns/services", 422, body)
+        self.created.append((obj["kind"], obj["metadata"]["name"]))
+        return True
+
+    async def delete(self, *args):
+        return True
+
+    async def patch_job_status(self, namespace, name, patch):
+        self.status_patches.append(patch)
+        return True
+
+    async def post_event(self, job, type_, reason, message):
+        self.events.append((type_, reason, message))
+
+
+async def test_a_child_refused_as_invalid_fails_the_job_with_the_api_message_once():
+    from rlhf_operator.builders import BuildSettings
+    from rlhf_operator.kube.reconciler import Controller
+    from rlhf_operator.metrics import OperatorMetrics
+
+    api = RefusingApi()
+    c = Controller(api=api, settings=BuildSettings(), metrics=OperatorMetrics(), pods={}, children={})
+    key = ("ns", "j")
+    c.record(key).body = {"apiVersion": constants.API_VERSION, "kind": constants.KIND,
+                   "metadata": {"name": "j", "namespace": "ns", "uid": "u", "generation": 1, "resourceVersion": "1"},
+                   "spec": {"algorithm": "sft", "image": "t", "model": {"path": "tiny://llama"},
+                            "dataset": {"path": "synthetic://instructions"}, "roles": [{"name": "actor"}]}}
+    delay = await c.reconcile(key)
+    assert delay == 0.0
+    [patch] = api.status_patches
+    assert patch["phase"] == "Failed"
+    [failed] = [cond for cond in patch["conditions"] if cond["type"] == "Failed"]
+    assert failed["reason"] == "ChildRejected"
+    assert failed["message"].startswith("the API server refused a child of the job: Service \"j\" is invalid: "
+                                        "metadata.name")
+    assert [(t, r) for t, r, _ in api.events] == [("Warning", "ChildRejected")]
+    assert "a DNS-1035 label must consist of" in api.events[0][2]
+
+    # The next pass reads the Failed status: nothing is created again, no second event.
+    created = list(api.created)
+    c.record(key).body = {**c.record(key).body, "status": c.record(key).written[1]}
+    await c.reconcile(key)
+    assert api.created == created
+    assert [r for _, r, _ in api.events] == ["ChildRejected"]
+
+
 # -- the per-job record and action dispatch ------------------------------------------------------------
 
 def test_forget_drops_the_whole_record():

@@ -8,8 +8,12 @@ import sys
 import pytest
 import torch
 from rlhf_trainer import models
-from rlhf_trainer.data import encode_prompts
+from rlhf_trainer.data import pad_left
 from rlhf_trainer.errors import ConfigError
+
+
+def encode_prompts(tok, prompts, max_length):
+    return pad_left([tok(p)["input_ids"][-max_length:] for p in prompts], tok.pad_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -53,12 +53,22 @@ def make_job(status=None, roles=None, generation=1, **spec):
 
 def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
         message: str = "", reason: str = "", terminating: bool = False,
-        finished: float | None = None) -> ObservedPod:
+        finished: float | None = None, waiting: tuple[str, str] = ("", ""), disruption: str = "") -> ObservedPod:
     _, role, index = name.split("-")
     finished_at = T0 + timedelta(seconds=finished) if finished is not None else None
     return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
                        exit_code=exit_code, reason=reason, message=message, terminating=terminating,
-                       finished_at=finished_at)
+                       finished_at=finished_at, waiting_reason=waiting[0], waiting_message=waiting[1],
+                       disruption=disruption)
+
+
+def waiting(name: str, reason: str, message: str = "") -> ObservedPod:
+    """A Pending pod of attempt 0 whose container (or scheduling) waits for `reason`."""
+    return pod(name, "Pending", waiting=(reason, message))
+
+
+PULL_BACKOFF = 'Back-off pulling image "registry.example/trainer:nope"'
+BLOCKED_ACTOR = [{"name": "j-actor-0", "reason": "ErrImagePull", "message": PULL_BACKOFF}]
 
 
 def running(*names: str, attempt: int = 0) -> tuple[ObservedPod, ...]:
@@ -118,6 +128,7 @@ class Case:
     restarts: int | None = None
     cond: tuple[str, str, str] | None = None  # (type, status, reason)
     message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
+    status_has: dict = field(default_factory=dict)  # status keys and their values (None = absent)
 
 
 CASES: dict[str, Case] = {
@@ -186,17 +197,70 @@ CASES: dict[str, Case] = {
     "after a gang timeout and its backoff: same attempt again": Case(
         status=status("Restarting", restarting=("GangTimeout", 400), gangTimeouts=2), at=420,
         phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    # --- pods that can never start (issue 18, part 7)
+    "an image that cannot be pulled: status, Running condition and one event in the kubelet's words": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=100,
+        phase="Creating", events=["PodsCannotStart"], requeue=200, cond=("Running", "False", "ImagePullBackOff"),
+        message_has=("pod j-actor-0: ImagePullBackOff: Back-off pulling image",),
+        status_has={"podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": PULL_BACKOFF}]}),
+    "the kubelet alternating ErrImagePull and ImagePullBackOff: no second event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=150,
+        phase="Creating", events=[], requeue=150),
+    "another pod blocked too: a new event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ErrImagePull", PULL_BACKOFF),
+              waiting("j-critic-0", "CreateContainerConfigError", 'secret "hf-token" not found')), at=150,
+        phase="Creating", events=["PodsCannotStart"], requeue=150, cond=("Running", "False", "ErrImagePull"),
+        message_has=("j-actor-0", 'j-critic-0: CreateContainerConfigError: secret "hf-token" not found')),
+    "an invalid image name is reported": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "InvalidImageName", 'couldn\'t parse image name "Trainer:1"'),
+                               pod("j-critic-0")), at=10,
+        phase="Creating", events=["PodsCannotStart"], requeue=290, cond=("Running", "False", "InvalidImageName")),
+    "an unschedulable pod is reported with the scheduler's message": Case(
+        status=CREATING, pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable",
+                                                         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")),
+        at=60, phase="Creating", events=["PodsCannotStart"], requeue=240, cond=("Running", "False", "Unschedulable"),
+        message_has=("Insufficient nvidia.com/gpu",)),
+    "a container being created is no block": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ContainerCreating"), pod("j-critic-0")), at=10,
+        phase="Creating", events=[], requeue=290, status_has={"podsNotStarting": None}),
+    "the gang runs at last: the block is cleared": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR}, pods=running(*GANG), at=200, phase="Running",
+        events=["Running"], cond=("Running", "True", "GangRunning"), status_has={"podsNotStarting": None}),
+    "gang timeout of a blocked gang: the kubelet's reason is in the message": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Restarting", deletes=GANG, events=["GangTimeout"], requeue=10,
+        cond=("Restarting", "True", "GangTimeout"), message_has=("gang timeout 1 of 5", "ImagePullBackOff"),
+        status_has={"gangTimeouts": 1, "podsNotStarting": None}),
+    "the gang timeout after maxGangTimeouts fails the job": Case(
+        status={**CREATING, "gangTimeouts": 5, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Failed", deletes=GANG, events=["Failed"], cond=("Failed", "True", "ReachedMaxGangTimeouts"),
+        message_has=("6th time", "maxGangTimeouts 5", "Back-off pulling image"), status_has={"gangTimeouts": 6}),
+    "maxGangTimeouts 0: the first gang timeout fails the job": Case(
+        status=CREATING, spec={"failurePolicy": {"maxGangTimeouts": 0}},
+        pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable", "0/1 nodes are available")), at=300,
+        phase="Failed", deletes=GANG, events=["PodsCannotStart", "Failed"],
+        cond=("Failed", "True", "ReachedMaxGangTimeouts"), message_has=("1st time",)),
+    "pods held by Kueue's scheduling gate wait in the queue: no gang timeout": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "SchedulingGated", "Scheduling is blocked due to non-empty "
+                                       "scheduling gates"), waiting("j-critic-0", "SchedulingGated")), at=300,
+        phase="Creating", events=[], requeue=300, status_has={"gangTimeouts": None}),
     # --- pods that vanish
     "pod missing just after creation (cache lag): wait out the grace": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
         requeue=planner.MISSING_POD_GRACE_SECONDS - 5),
-    "pod missing after the grace: the gang failed, restart": Case(
+    "pod missing after the grace: deleted by someone else, a disruption": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=planner.MISSING_POD_GRACE_SECONDS,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10,
-        cond=("Restarting", "True", "PodMissing"), message_has=("j-critic-0 was deleted",)),
-    "a running pod deleted by someone else: restart": Case(
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was deleted", "disruption 1 of 10"),
+        status_has={"disruptions": 1, "attempt": 1}),
+    "a running pod deleted by someone else: a disruption, not a failure": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", terminating=True)), at=500,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10),
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "attempt": 1}),
     # --- failures
     "retryable exit code: delete every pod, restart after backoff": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, message="CUDA error")),
@@ -206,10 +270,45 @@ CASES: dict[str, Case] = {
         status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=137, reason="OOMKilled"), pod("j-critic-0")),
         at=500, phase="Restarting", restarts=1, deletes=GANG, message_has=("OOMKilled",),
         cond=("Restarting", "True", "PodFailed"), events=["PodFailed", "GangRestart"], requeue=10),
-    "evicted pod without an exit code is retryable": Case(
-        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted",
+    # --- disruptions are not failures (issue 18, part 5)
+    "an evicted pod: a disruption, restarts untouched": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted", disruption="Evicted",
                                                     message="node low on memory")),
-        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was disrupted (Evicted)", "node low"),
+        status_has={"disruptions": 1, "attempt": 1, "restarts": 0}),
+    "a preempted pod and its peer's failure that followed: one disruption": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=1, finished=498),
+                              pod("j-critic-0", "Failed", exit_code=143, finished=497,
+                                  disruption="PreemptionByScheduler")),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "PodFailed", "GangDisrupted"],
+        requeue=10, status_has={"disruptions": 1, "restarts": 0}),
+    "a disruption after failures: the base backoff, the failure count kept": Case(
+        status=status("Running", restarts=2, created=0, running_since=10, attempt=2),
+        pods=(pod("j-actor-0", attempt=2),
+              pod("j-critic-0", "Failed", exit_code=143, attempt=2, disruption="DeletionByTaintManager")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 2, "attempt": 3}),
+    "a disruption when maxRestarts is used up still restarts": Case(
+        status=status("Running", restarts=3, created=0, running_since=10, attempt=3),
+        pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", attempt=3, disruption="EvictionByEvictionAPI")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 3, "attempt": 4}),
+    "maxDisruptions reached: Failed": Case(
+        status=status("Running", created=0, running_since=10, attempt=2, disruptions=2),
+        spec={"failurePolicy": {"maxDisruptions": 2}},
+        pods=(pod("j-actor-0", attempt=2), pod("j-critic-0", "Failed", attempt=2, disruption="Evicted")),
+        at=500, phase="Failed", deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "ReachedMaxDisruptions"), message_has=("maxDisruptions 2",)),
+    "the new gang after a disruption carries the next attempt": Case(
+        status=status("Restarting", restarting=("Disrupted", 0), attempt=1, disruptions=1), at=10,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300, status_has={"attempt": 1}),
+    "a disruption waits the base backoff only": Case(
+        status=status("Restarting", restarts=3, restarting=("Disrupted", 0), attempt=5, disruptions=2),
+        spec={"failurePolicy": {"maxRestarts": 5}}, at=4, phase="Restarting", requeue=6),
+    "a status written before attempts were counted apart: attempt = restarts": Case(
+        status=status("Running", restarts=2, created=0, running_since=10),
+        pods=running(*GANG, attempt=2), at=100, phase="Running", status_has={"attempt": 2}),
     "second restart doubles the backoff": Case(
         status=status("Running", restarts=1, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=1), pod("j-critic-0", "Failed", exit_code=1, attempt=1)),
@@ -246,6 +345,38 @@ CASES: dict[str, Case] = {
                               pod("j-critic-0", "Failed", exit_code=1, finished=497)),
         at=500, phase="Failed", restarts=0, events=["PodFailed", "PodFailed", "Failed"],
         cond=("Failed", "True", "PermanentError"), message_has=("j-actor-0", "reward.callable")),
+    # --- a permanent exit decides, however late it comes (issue 18, part 6)
+    "a permanent exit after the restart was decided cancels the restart": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True,
+                  message="dataset.format: must be pairs"),),
+        at=16, phase="Failed", restarts=1, events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError"),
+        message_has=("j-actor-0", "exit code 78", "dataset.format", "restart is cancelled")),
+    "a permanent exit seen only once the backoff is over still beats the new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        pods=(pod("j-actor-0", "Failed", exit_code=65, finished=3, terminating=True),), at=60,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit of a pod someone else is deleting is permanent": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=78, terminating=True)),
+        at=500, phase="Failed", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-critic-0",)),
+    "a permanent exit of a gang that timed out is permanent": Case(
+        status=status("Restarting", restarting=("GangTimeout", 300), gangTimeouts=1),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=301),), at=302,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit long after the settle window, while peers still ran, fails the job": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 520)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=530, terminating=True),
+              pod("j-critic-0", "Failed", exit_code=1, finished=500, terminating=True)),
+        at=531, phase="Failed", events=["PodFailed", "Failed"], message_has=("j-actor-0",)),
+    "a retryable exit of the old gang after the restart changes nothing": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=143, finished=15, terminating=True),), at=16,
+        phase="Restarting", restarts=1),
+    "a pod two attempts old does not decide this gang": Case(
+        status=status("Restarting", restarts=2, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True, attempt=0),), at=16,
+        phase="Restarting", restarts=2),
     "maxRestarts reached: Failed": Case(
         status=status("Running", restarts=3, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", exit_code=1, attempt=3)),
@@ -341,6 +472,8 @@ def test_plan(name):
         assert (got["status"], got["reason"]) == (want_status, reason)
         for text in case.message_has:
             assert text in got["message"]
+    for key, value in case.status_has.items():
+        assert plan.status.get(key) == value, key
     assert plan.status["observedGeneration"] == 1
     assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
     assert job.status == case.status  # the input is never mutated
@@ -506,6 +639,52 @@ OBSERVE_CASES = {
         {"metadata": {"name": "j-critic-1", "labels": LABELS},
          "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
         dict(phase="Failed", exit_code=None, reason="Evicted", message="The node was low on resource: memory."),
+    ),
+    "an image that cannot be pulled": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\"\n"}}}]}},
+        dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_message='Back-off pulling image "x"'),
+    ),
+    "an init container that cannot start comes first": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending",
+                    "initContainerStatuses": [{"name": "fetch", "state": {"waiting": {
+                        "reason": "CreateContainerConfigError", "message": "secret \"s\" not found"}}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}]}},
+        dict(waiting_reason="CreateContainerConfigError", waiting_message='secret "s" not found'),
+    ),
+    "unschedulable: the scheduler's condition": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                        "reason": "Unschedulable", "message": "0/2 nodes"}]}},
+        dict(waiting_reason="Unschedulable", waiting_message="0/2 nodes"),
+    ),
+    "a container being created is no reason": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ContainerCreating"}}}]}},
+        dict(waiting_reason="", waiting_message=""),
+    ),
+    "preempted: the DisruptionTarget condition names the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [
+             {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+              "message": "default-scheduler: preempting to accommodate a higher priority pod"}],
+             "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 143}}}]}},
+        dict(phase="Failed", exit_code=143, disruption="PreemptionByScheduler",
+             message="default-scheduler: preempting to accommodate a higher priority pod"),
+    ),
+    "evicted by the kubelet: the pod's reason is the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
+        dict(disruption="Evicted"),
+    ),
+    "a failure is no disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "False"}],
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}},
+        dict(exit_code=1, disruption=""),
     ),
     "being deleted": (
         {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
@@ -705,7 +884,7 @@ def test_random_histories_keep_the_invariants(seed):
         assert plan.requeue_after is None or plan.requeue_after > 0
         live = [p for p in cluster.pods.values() if not p.terminating]
         if st["phase"] in ("Creating", "Running"):
-            assert {p.attempt for p in live} <= {st["restarts"]}
+            assert {p.attempt for p in live} <= {st["attempt"]}
         counted = sum(sum(v for k, v in counts.items() if k != "desired") for counts in st["roles"].values())
         assert counted <= len(cluster.pods)
         if finished_at is not None:
@@ -717,3 +896,46 @@ def test_random_histories_keep_the_invariants(seed):
     assert finished_at in ("Succeeded", "Failed"), cluster.job.status
     attempts = [a for _, a in cluster.created_pods]
     assert attempts == sorted(attempts), "gangs are created in attempt order"
+
+
+def test_a_child_rejected_failure_holds_until_the_spec_is_edited():
+    rejected = planner.child_rejected_status({"phase": "Creating", "restarts": 0}, 1,
+                                             "the API server refused Service j: invalid", T0)
+    assert rejected["phase"] == "Failed" and rejected["completionTime"] == ts(0)
+    assert condition(planner.Plan((), rejected, None), "Failed")["reason"] == planner.REASON_CHILD_REJECTED
+    same = planner.plan(make_job(status=rejected), Observed((pod("j-actor-0"),), SUPPORT), T0 + timedelta(seconds=5),
+                        SETTINGS)
+    assert same.status["phase"] == "Failed" and created_names(same) == [] and deleted_names(same) == ["j-actor-0"]
+    edited = planner.plan(make_job(status=rejected, generation=2), Observed((), SUPPORT), T0 + timedelta(seconds=9),
+                          SETTINGS)
+    assert edited.status["phase"] == "Creating"
+    assert event_reasons(edited) == ["SpecFixed", "GangCreated"]
+
+
+def test_trainer_alarms_set_degraded_and_warn_once_per_reason():
+    alarm = {"NegativeKL": "mean KL -0.2 < -0.05"}
+    job = make_job(status={**RUNNING, "progress": {"step": 3, "alarms": {}}})
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4, "alarms": alarm}), T0, SETTINGS)
+    degraded = condition(plan, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NegativeKL"
+    assert degraded["message"] == "NegativeKL: mean KL -0.2 < -0.05"
+    warnings = [a for a in plan.actions if isinstance(a, planner.EmitEvent) and a.type == "Warning"]
+    assert [(w.reason, w.message) for w in warnings] == [("NegativeKL", "mean KL -0.2 < -0.05")]
+    # The next pass with the same alarm: still Degraded, no second event; a new reason warns once more.
+    job = make_job(status=plan.status)
+    both = {**alarm, "LengthCollapse": "4 tokens, 60% below"}
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 5, "alarms": both}), T0, SETTINGS)
+    assert [a.reason for a in plan.actions if isinstance(a, planner.EmitEvent)] == ["LengthCollapse"]
+    assert condition(plan, "Degraded")["reason"] == "NegativeKL"
+    # None firing: Degraded False and one Normal event.
+    job = make_job(status=plan.status)
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 6, "alarms": {}}), T0, SETTINGS)
+    assert condition(plan, "Degraded")["status"] == "False" and condition(plan, "Degraded")["reason"] == "AlarmsCleared"
+    assert [(a.type, a.reason) for a in plan.actions if isinstance(a, planner.EmitEvent)] == [("Normal", "AlarmsCleared")]
+
+
+def test_no_alarms_key_no_degraded_condition():
+    job = make_job(status={**RUNNING})
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4}), T0, SETTINGS)
+    assert condition(plan, "Degraded") is None
+    assert not any(isinstance(a, planner.EmitEvent) and a.reason == "AlarmsCleared" for a in plan.actions)

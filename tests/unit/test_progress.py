@@ -93,3 +93,14 @@ def test_format_sample_cuts_long_text_but_keeps_the_numbers():
     text = format_sample({"step": 1, "prompt": "x" * 500, "response": "y" * 500, "reward": 0.25, "length": 16,
                           "truncated": True})
     assert len(text) == SAMPLE_CHARS and text.endswith("... (reward 0.25, 16 tokens, truncated)")
+
+
+def test_the_alarms_info_series_becomes_progress_alarms_even_when_empty():
+    from prometheus_client import Info
+
+    registry = CollectorRegistry()
+    info = Info("rlhf_trainer_alarms", "alarms", registry=registry)
+    info.info({"NegativeKL": "mean KL -0.2 < -0.05"})
+    assert parse_progress(generate_latest(registry).decode()) == {"alarms": {"NegativeKL": "mean KL -0.2 < -0.05"}}
+    info.info({})
+    assert parse_progress(generate_latest(registry).decode()) == {"alarms": {}}

@@ -15,7 +15,7 @@ def _spec_trainer_names() -> set[str]:
     text = SPEC.read_text()
     section = text[text.index("Trainer (`rlhf_trainer.metrics`") :]
     # A counter `x_total` and an info series `x_info` are collected as the family `x`.
-    names = re.findall(r"`(rlhf_trainer_[a-z_]+)", section)
+    names = re.findall(r"`(rlhf_trainer_[a-z0-9_]+)", section)
     return {name.removesuffix("_total").removesuffix("_info") for name in names}
 
 

@@ -2,8 +2,9 @@
 
 Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError, and NonFiniteError: a NaN /
 inf reward, loss or gradient norm under hyperparameters.non_finite fail) — permanent, the message
-goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
-propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
+(SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
+else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from rlhf_contract import wire
 
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_trainer.stopping import Stopped
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
@@ -45,6 +47,9 @@ def main(env: dict[str, str] | None = None) -> int:
         from rlhf_trainer.runtime import run
 
         run(process, config)
+    except Stopped as exc:
+        print(f"rlhf_trainer: {exc}", file=sys.stderr, flush=True)
+        return wire.EXIT_STOPPED
     except (ConfigError, DataError) as exc:
         code, kind = (EXIT_CONFIG_ERROR, "config error") if isinstance(exc, ConfigError) else (EXIT_DATA_ERROR, exc.kind)
         message = f"rlhf_trainer: {kind}: {exc}"

@@ -32,6 +32,7 @@ class ProcessEnv:
     restart_attempt: int
     metrics_port: int
     pod_ip: str
+    termination_grace: float = 30.0  # seconds from SIGTERM to SIGKILL (RLHF_TERMINATION_GRACE_SECONDS)
 
 
 def _int(env: dict[str, str], name: str, default: int | None = None) -> int:
@@ -64,6 +65,7 @@ def read_process_env(env: dict[str, str]) -> ProcessEnv:
         restart_attempt=_int(env, wire.ENV_RESTART_ATTEMPT, 0),
         metrics_port=_int(env, wire.ENV_METRICS_PORT, 0),
         pod_ip=env.get(wire.ENV_POD_IP, ""),
+        termination_grace=_int(env, wire.ENV_TERMINATION_GRACE, 30),
     )
 
 

@@ -66,8 +66,11 @@ def describe_rows(rows: Sequence[int], records: Sequence[Any], *, responses: Seq
         bits = []
         if record is not None and getattr(record, "source", ""):
             bits.append(record.source)
-        if record is not None:
-            bits.append(f"prompt {_short(record.prompt)}")
+        text = getattr(record, "prompt", None)  # the prompt's text (token rows of pairs / sft have none)
+        if isinstance(text, str):
+            bits.append(f"prompt {_short(text)}")
+        elif isinstance(text, list):  # a conversation: its last message
+            bits.append(f"prompt {_short(str(text[-1].get('content', '')) if text else '')}")
         if responses is not None and i < len(responses):
             bits.append(f"response {_short(responses[i])}")
         text = f"row {i}" + (f" ({', '.join(bits)})" if bits else "")

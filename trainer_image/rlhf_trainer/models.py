@@ -29,9 +29,11 @@ from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers import models as tok_models
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
@@ -172,6 +174,20 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
         tok.pad_token = tok.eos_token  # common for causal LMs; masks come from attention_mask
     tok.padding_side = "left"
     return tok
+
+
+def generation_settings(path: str) -> list:
+    """The model's config and generation_config (read without the weights), for its EOS ids.
+
+    Tiny models have none beyond their tokenizer's EOS: an empty list.
+    """
+    if path.startswith(TINY_PREFIX):
+        return []
+    folder = _local_folder(path)
+    configs = [AutoConfig.from_pretrained(folder, local_files_only=True)]
+    if (folder / "generation_config.json").is_file():
+        configs.append(GenerationConfig.from_pretrained(folder, local_files_only=True))
+    return configs
 
 
 def _tiny_config(path: str, **extra):

@@ -28,10 +28,11 @@ import torch
 
 from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.losses.ppo import value_loss
 from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.tokenized import truncate_row
 
 Tensors = dict[str, torch.Tensor]
 Reply = tuple[Tensors, dict[str, Any]]
@@ -73,18 +74,28 @@ class ReferenceService:
 
 
 class RewardService:
-    """A reward model scoring (prompt, response) texts; it tokenises them itself, so its tokenizer may
-    differ from the policy's. Rows are built as in RM training: prompt + response + EOS."""
+    """A reward model scoring (prompt, response) pairs. It renders them itself with its own tokenizer
+    (which may differ from the policy's) and its own chat template when it has one (`renderer`, an
+    rlhf_trainer.chat.Renderer with template auto): rows are built as in RM training, prompt ids then
+    response ids ending with a stop token, cut to max_prompt_length / max_length
+    (rlhf_trainer.tokenized.truncate_row)."""
 
-    def __init__(self, model, tokenizer, *, max_prompt_length: int, max_response_length: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
         self.model = model.to(distributed.device()).eval()
-        self.tokenizer = tokenizer
-        self.lengths = {"max_prompt_length": max_prompt_length, "max_response_length": max_response_length}
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "score", method
-        enc = encode_prompt_responses(self.tokenizer, meta["prompts"], meta["responses"], **self.lengths)
+        prompts, responses = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
+            p, r, _ = truncate_row(self.renderer.prompt_ids(prompt), self.renderer.response_ids(prompt, response),
+                                   **self.lengths)
+            prompts.append(p)
+            responses.append(r)
+        enc = pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id)
         return {"scores": sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu()}, {}
 
 

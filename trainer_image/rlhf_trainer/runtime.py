@@ -22,11 +22,13 @@ from rlhf_contract.config import ConfigError, TrainerConfig
 from rlhf_contract.layout import Placement, bridge_ranks, served_actor_ranks, serving_rank
 
 from rlhf_trainer import checkpoint, distributed
+from rlhf_trainer.alarms import AlarmMonitor, Thresholds
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 from rlhf_trainer.samples import samples_path_for
+from rlhf_trainer.stopping import Stopped, StopRequest
 
 
 def log(*parts: Any) -> None:
@@ -62,8 +64,12 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # The online algorithms' alarms (rlhf_trainer.alarms); None for the offline ones.
+    alarms: AlarmMonitor | None = None
     # Held-out records of dataset.eval_path (algorithms/evaluation.py), read with the training data.
     eval_records: list[Any] = field(default_factory=list)
+    # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
+    stop: StopRequest | None = None
 
     @property
     def hp(self):
@@ -106,11 +112,16 @@ def build_service(ctx: Context, role: str):
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
     if role == "reward":
+        from rlhf_trainer.chat import Renderer
+        from rlhf_trainer.sampling import stop_token_ids
+
         path = cfg.reward_model.path
-        return RewardService(
-            models.load_reward_model(path, seed=hp.seed), models.load_tokenizer(path),
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        tokenizer = models.load_tokenizer(path)
+        # The reward model's own chat template when it has one (dataset.template is the policy's).
+        renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
+                            setting="rewardModel")
+        return RewardService(models.load_reward_model(path, seed=hp.seed), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
     if role == "critic":
         rows = ctx.rows_per_rank()
         strategy = DeepSpeedStrategy(
@@ -151,7 +162,17 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
     guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
                            count=metrics.count_non_finite)
-    return Context(env, cfg, placements, bridge, metrics, guard)
+    ctx = Context(env, cfg, placements, bridge, metrics, guard)
+    if ALGORITHMS[cfg.algorithm].online:
+        ctx.alarms = AlarmMonitor(Thresholds.of(cfg.hyperparameters))
+    return ctx
+
+
+def install_stop(env: ProcessEnv) -> StopRequest:
+    """From now on SIGTERM asks the gang to stop after its step instead of killing this process."""
+    stop = StopRequest(env.checkpoint_dir, env.restart_attempt, env.termination_grace)
+    stop.install()
+    return stop
 
 
 def resume_step(ctx: Context) -> int | None:
@@ -186,12 +207,16 @@ def run_server(ctx: Context) -> None:
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     check_process(env, cfg)
     torch.manual_seed(cfg.hyperparameters.seed)
+    stop = install_stop(env)
     ctx = connect(env, cfg)
+    ctx.stop = stop
     try:
         if env.role == "actor":
             module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
             module.run(ctx)
         else:
             run_server(ctx)
+            if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
+                raise Stopped()
     finally:
         ctx.metrics.stop()

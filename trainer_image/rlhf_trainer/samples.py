@@ -47,8 +47,15 @@ def pick(step: int, prompts: Sequence[str], responses: Sequence[str], scores: to
     rows = min(count, len(prompts))
     lengths = action_mask.sum(-1)
     kl = None if kl_per_token is None else (kl_per_token * action_mask).sum(-1)
-    return [Sample(step, prompts[i], responses[i], float(scores[i]), None if kl is None else float(kl[i]),
+    return [Sample(step, prompt_text(prompts[i]), responses[i], float(scores[i]), None if kl is None else float(kl[i]),
                    int(lengths[i]), bool(truncated[i])) for i in range(rows)]
+
+
+def prompt_text(prompt) -> str:
+    """A dataset prompt as one string: text as is, a conversation as `role: content` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def samples_path_for(checkpoint_dir: str | Path, role: str, rank: int) -> Path:

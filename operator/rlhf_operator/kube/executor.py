@@ -42,11 +42,29 @@ PLURALS: dict[tuple[str, str], str] = {
 
 
 class ApiError(Exception):
-    """An API request failed with a status that retrying later may fix (the pass is requeued)."""
+    """An API request failed with a status that retrying later may fix (the pass is requeued).
+    `api_message`: the message of the API server's Status body (the body itself when it is none)."""
 
     def __init__(self, method: str, path: str, status: int, body: str):
         self.status = status
+        self.api_message = status_message(body)
         super().__init__(f"{method} {path}: HTTP {status}: {body[:300]}")
+
+
+# The API server refuses an object it finds invalid with 422 (a Status of reason Invalid): sending the
+# same object again cannot succeed.
+HTTP_UNPROCESSABLE = 422
+
+
+def status_message(body: str) -> str:
+    """The `message` of a metav1.Status body, else the body as it is (cut to 1 KiB)."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body[:1024]
+    if isinstance(parsed, dict) and isinstance(parsed.get("message"), str):
+        return parsed["message"]
+    return body[:1024]
 
 
 def resource_path(api_version: str, kind: str, namespace: str, name: str = "", subresource: str = "") -> str:

@@ -22,7 +22,7 @@ from rlhf_contract import wire
 
 from rlhf_operator import api, planner
 from rlhf_operator.builders import BuildSettings
-from rlhf_operator.kube.executor import ApiError, KubeApi, status_merge_patch
+from rlhf_operator.kube.executor import HTTP_UNPROCESSABLE, ApiError, KubeApi, status_merge_patch
 from rlhf_operator.kube.observe import JobKey, SpecCache, child_ref, is_live, progress_url
 from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
 from rlhf_operator.metrics import OperatorMetrics
@@ -30,9 +30,21 @@ from rlhf_operator.progress import merge_progress, parse_progress
 
 log = logging.getLogger(__name__)
 
+
+class ChildRefused(Exception):
+    """The API server refused a child as invalid (422): the job fails instead of retrying the create. The
+    message is the API server's, which names the object (`Service "7b-dpo" is invalid: metadata.name: ...`)."""
+
+    def __init__(self, api_message: str):
+        super().__init__(f"the API server refused a child of the job: {api_message}")
+
 # A create we sent is trusted for this long while its watch event is on the way, so a pass that runs
 # before the event does not POST the same object again (it would get a 409: harmless but wasted).
 CREATE_EXPECTATION_SECONDS = 10.0
+# Statuses of a write the API server refused for what it is (admission, RBAC, validation), not for
+# its load: the pass is still retried, and the job gets one Warning event per streak of refusals so
+# that `kubectl describe` shows why its pods do not appear (as the Job controller's FailedCreate).
+REFUSED = (400, 403, 422)
 
 
 def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, str], now: float) -> bool:
@@ -156,6 +168,8 @@ class Controller:
                 record.failures += 1
                 delay = error_backoff(record.failures)
                 log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+                if err.status in REFUSED and record.failures == 1 and record.body is not None:
+                    await self.api.post_event(record.body, "Warning", "RequestRefused", str(err))
             except Exception:  # a bug must not kill the worker: log it and retry later
                 record.failures += 1
                 delay = error_backoff(record.failures)
@@ -199,7 +213,11 @@ class Controller:
         result = planner.plan(job, observed, now, self.settings)
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
                   [type(a).__name__ for a in result.actions], result.status.get("phase"))
-        await self._execute(key, record, raw, result.actions, pods, existing)
+        try:
+            await self._execute(key, record, raw, result.actions, pods, existing)
+        except ChildRefused as refused:
+            await self._report_refused_child(key, record, raw, old_status, refused, now)
+            return 0.0  # the next pass deletes what the failed job still holds
         new_status = dict(result.status)
         if new_status != old_status:
             patch = status_merge_patch(old_status, new_status)
@@ -269,6 +287,19 @@ class Controller:
         record.invalid_generation = generation
         log.warning("job %s/%s has an invalid spec: %s", *key, err)
 
+    async def _report_refused_child(self, key: JobKey, record: JobRecord, raw: dict[str, Any],
+                                    old_status: dict[str, Any], refused: ChildRefused, now: datetime) -> None:
+        """A child the API server refused: Failed/ChildRejected with the API's message, one Warning event."""
+        generation = int((raw.get("metadata") or {}).get("generation") or 1)
+        status = planner.child_rejected_status(old_status, generation, str(refused), now)
+        if not await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status)):
+            return
+        record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+        await self.api.post_event(raw, "Warning", planner.REASON_CHILD_REJECTED, str(refused))
+        self.metrics.record_status(key[0], key[1], old_status, dict(status),
+                                   (raw.get("metadata") or {}).get("creationTimestamp"), now)
+        log.warning("job %s/%s failed: %s", *key, refused)
+
     async def _scrape_progress(self, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         url = progress_url(pods, self.settings.trainer_metrics_port)
         if url is None:
@@ -298,6 +329,9 @@ class Controller:
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             record.expected = {}  # what failed must be retried for real
+            refused = [e for e in errors if isinstance(e, ApiError) and e.status == HTTP_UNPROCESSABLE]
+            if refused:  # sending the same object again cannot succeed
+                raise ChildRefused(refused[0].api_message) from refused[0]
             raise errors[0]
         for event in staged.events:
             await self.api.post_event(raw, event.type, event.reason, event.message)

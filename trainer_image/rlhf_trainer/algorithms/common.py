@@ -19,39 +19,50 @@ from typing import Any
 import torch
 from rlhf_contract.algorithms import ALGORITHMS
 
-from rlhf_trainer import checkpoint, distributed, models, samples
+from rlhf_trainer import alarms as alarm_signals
+from rlhf_trainer import checkpoint, distributed, models, samples, stopping
+from rlhf_trainer.chat import Renderer
 from rlhf_trainer.data import (
     Sampler,
-    encode_prompt_responses,
-    encode_prompts,
     load_dataset,
+    pad_left,
+    pad_right,
     position_ids_from_mask,
     response_mask,
     shard,
 )
+from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.experience import Experience
 from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
+from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
+from rlhf_trainer.stopping import Stopped
 from rlhf_trainer.strategy import DeepSpeedStrategy
+from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, truncation_error
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
             "response_length", "preference_accuracy")
+# Keys of a step's stats that are sums over the actor ranks.
+SUMMED = ("tokens", "truncated_rows")
 
 
 class ActorAlgorithm:
     """The actor's trained model behind a DeepSpeed strategy, its tokenizer, and the hyperparameters.
 
+    renderer: how prompts and responses become the model's tokens (text_pipeline; its stop_ids end
+    sampled responses);
     load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
     rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
     rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
     """
 
-    def __init__(self, ctx: Context, *, load_model=models.load_policy, rows_per_prompt: int = 1,
+    def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
                  rows_per_sample: int = 1):
         hp = self.hp = ctx.hp
         self.ctx = ctx
-        self.tokenizer = models.load_tokenizer(ctx.cfg.model.path)
+        self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
         self.strategy = DeepSpeedStrategy(
             load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
@@ -70,10 +81,12 @@ class ActorAlgorithm:
 
 
 def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> None:
-    """An actor loop from start to export: data first (bad data fails fast), colocated roles, then drive()."""
-    records = load_records(ctx)
+    """An actor loop from start to export: tokenizer and data first (bad data and lengths fail fast),
+    colocated roles, then drive()."""
+    renderer = text_pipeline(ctx)
+    rows = load_rows(ctx, renderer)
     start_colocated(ctx)
-    drive(ctx, algorithm(ctx, *args), records)
+    drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
@@ -103,28 +116,31 @@ class Rollout:
 
     sequences: torch.Tensor  # (B, P + R) left-padded prompt + response (+ padding after EOS)
     attention_mask: torch.Tensor  # (B, P + R) 1 on real prompt and response tokens
-    action_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first EOS
-    truncated: torch.Tensor  # (B,) bool: no EOS within max_new_tokens
-    prompts: list[str]
+    action_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first stop token
+    truncated: torch.Tensor  # (B,) bool: no stop token within max_new_tokens
+    prompts: list[Prompt]  # as in the dataset (text or messages), for the rewards
     responses: list[str]  # decoded, special tokens dropped
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], hp, *, greedy: bool = False) -> Rollout:
-    """Sample (or, `greedy`, take the most likely) up to max_new_tokens per prompt."""
-    enc = encode_prompts(tokenizer, prompts, hp.max_prompt_length)
+def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, greedy: bool = False) -> Rollout:
+    """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
+    at the first of `stop_ids` or after hp.max_new_tokens; `greedy` takes the most likely token instead
+    (the held-out evaluation)."""
+    enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
     dev = distributed.device()
-    sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": hp.temperature,
-                                                    "top_k": 0, "top_p": 1.0}
-    out = model.generate(
-        input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev), **sampling,
-        max_new_tokens=hp.max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    ).cpu()
+    config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
+                             stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    if greedy:
+        config.do_sample = False
+    with only_these_settings(model):
+        out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                             generation_config=config).cpu()
     response_ids = out[:, enc["input_ids"].shape[1]:]
-    mask, ended = response_mask(response_ids, tokenizer.eos_token_id)
+    mask, ended = response_mask(response_ids, stop_ids)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, mask, ~ended, list(prompts), responses)
+    return Rollout(out, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
 
 
 def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
@@ -176,7 +192,9 @@ class Scorer:
             self.client = ctx.client("reward")
             self.source = f"the reward model {ctx.cfg.reward_model.path}"
 
-    def __call__(self, prompts: list[str], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+    def __call__(self, prompts: list[Prompt], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+        # Conversations go out as lists of message dicts (TRL's conversational form; JSON over the bridge).
+        prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
         return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
@@ -211,6 +229,22 @@ def write_samples(ctx: Context, roll: Rollout, exp: Experience) -> None:
                                             exp.action_mask.cpu(), exp.truncated.cpu(), hp.samples_per_step))
 
 
+def watch_rollout(ctx: Context, exp: Experience) -> dict[str, Any]:
+    """The step's alarm signals and the alarms they fire (rlhf_trainer.alarms), from a trained rollout
+    (exp.kl per token): merged into the step's stats by the loops, `alarms` as reason -> message."""
+    if ctx.alarms is None:
+        return {}
+    mask = exp.action_mask
+    kl = exp.kl if exp.kl is not None else torch.zeros(mask.shape, device=mask.device)
+    response_ids = exp.sequences[:, -mask.shape[1]:]
+    lengths = mask.float().sum(-1)
+    signals, alarms = ctx.alarms.step(
+        kl=float(kl.sum(-1).mean()), kl_negative=alarm_signals.kl_negative_share(kl, mask),
+        length=float(lengths.mean()), distinct=alarm_signals.distinct_2(response_ids.cpu(), mask.cpu()),
+        reward=float(exp.scores.mean()))
+    return {**signals, "alarms": alarms}
+
+
 def skipped_rollout_stats(exp: Experience) -> dict[str, float]:
     """A skipped rollout's step stats: what was sampled, no loss (finite scores' mean only)."""
     finite = exp.scores[torch.isfinite(exp.scores)]
@@ -218,19 +252,10 @@ def skipped_rollout_stats(exp: Experience) -> dict[str, float]:
             "response_length": float(exp.action_mask.float().sum(-1).mean()), "tokens": 0.0}
 
 
-def encode_pairs(tokenizer, records, hp) -> dict[str, torch.Tensor]:
+def encode_pairs(rows: list[PairRow], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Preference pairs -> one right-padded (2B, T) batch: rows 0..B-1 chosen, B..2B-1 rejected."""
-    prompts = [r.prompt for r in records]
-    lengths = {"max_prompt_length": hp.max_prompt_length, "max_response_length": hp.max_new_tokens + 1}
-    chosen = encode_prompt_responses(tokenizer, prompts, [r.chosen for r in records], **lengths)
-    rejected = encode_prompt_responses(tokenizer, prompts, [r.rejected for r in records], **lengths)
-    width = max(chosen["input_ids"].shape[1], rejected["input_ids"].shape[1])
-    pad = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "loss_mask": 0}
-    return {
-        key: torch.cat([torch.nn.functional.pad(part[key], (0, width - part[key].shape[1]), value=value)
-                        for part in (chosen, rejected)])
-        for key, value in pad.items()
-    }
+    prompts = [r.prompt for r in rows]
+    return pad_right(prompts + prompts, [r.chosen for r in rows] + [r.rejected for r in rows], pad_token_id)
 
 
 def pair_slices(num_pairs: int, micro_batch_size: int) -> Iterator[torch.Tensor]:
@@ -248,15 +273,36 @@ def start_colocated(ctx: Context) -> None:
         ctx.local_services[role] = build_service(ctx, role)
 
 
-def load_records(ctx: Context):
-    """The training records, read before any model is built so bad data fails fast (exit 65).
+def text_pipeline(ctx: Context) -> Renderer:
+    """The policy tokenizer's Renderer: how prompts and responses become its tokens (dataset.template),
+    with every EOS id of the model as a stop token."""
+    path = ctx.cfg.model.path
+    tokenizer = models.load_tokenizer(path)
+    stops = stop_token_ids(tokenizer, *models.generation_settings(path))
+    return Renderer(tokenizer, ctx.cfg.dataset.template, stop_ids=stops)
 
-    The held-out records of dataset.eval_path (same format) are read too, into ctx.eval_records.
-    """
-    kind = ALGORITHMS[ctx.cfg.algorithm].data
-    if ctx.cfg.dataset.eval_path:
-        ctx.eval_records = load_dataset(ctx.cfg.dataset.eval_path, ctx.cfg.dataset.format, kind=kind)
-    return load_dataset(ctx.cfg.dataset.path, ctx.cfg.dataset.format, kind=kind)
+
+def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
+    """The training rows, read and tokenized before any model is built, so bad data fails fast (exit 65)
+    and so does a dataset the length settings would truncate too much (exit 78, rlhf_trainer.tokenized)."""
+    cfg, hp = ctx.cfg, ctx.hp
+    kind = ALGORITHMS[cfg.algorithm].data
+    records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields.mapping())
+    limits = {"max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
+    rows, report = tokenize_records(records, renderer, kind, **limits)
+    if ctx.env.rank == 0:
+        log(f"dataset {cfg.dataset.path}: {report.describe()}")
+    ctx.metrics.set_dataset(report.rows, report.truncated, report.dropped)
+    message = truncation_error(report, cfg.dataset.path, kind, max_share=hp.max_truncated_share, **limits)
+    if message:
+        raise ConfigError(message)
+    if not rows:
+        raise DataError(f"dataset {cfg.dataset.path}: no pairs left after dropping {report.dropped} identical ones")
+    if cfg.dataset.eval_path:  # held-out rows, the same format and lengths (algorithms/evaluation.py)
+        records = load_dataset(cfg.dataset.eval_path, cfg.dataset.format, kind=kind,
+                               fields=cfg.dataset.fields.mapping())
+        ctx.eval_records, _ = tokenize_records(records, renderer, kind, **limits)
+    return rows
 
 
 def _savers(ctx: Context, strategy) -> dict[str, checkpoint.RoleCheckpointer]:
@@ -310,10 +356,10 @@ def run_eval(ctx: Context, algorithm) -> dict[str, float]:
         return evaluate(ctx, algorithm, ctx.eval_records)
 
 
-def drive(ctx: Context, algorithm, records) -> None:
-    """Run `algorithm` on `records` from the newest complete checkpoint (or step 0) to max_steps, then export."""
+def drive(ctx: Context, algorithm, rows) -> None:
+    """Run `algorithm` on `rows` from the newest complete checkpoint (or step 0) to max_steps, then export."""
     hp = ctx.hp
-    sampler = Sampler(len(records), hp.batch_size, seed=hp.seed)
+    sampler = Sampler(len(rows), hp.batch_size, seed=hp.seed)
     savers = _savers(ctx, algorithm.strategy)
     start = resume_step(ctx) or 0
     if start:
@@ -328,31 +374,78 @@ def drive(ctx: Context, algorithm, records) -> None:
     ranks = ctx.cfg.roles["actor"].replicas
     if start == 0 and ctx.eval_records:
         ctx.metrics.record_step(0, run_eval(ctx, algorithm))  # the initial policy, for comparison
+    last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
-        batch = [records[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
+        batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
         timings: dict[str, float] = {}
         ctx.guard.step = step
         skipped_before = sum(ctx.guard.skipped.values())
         t0 = time.perf_counter()
         stats = algorithm.step(batch, timings)
         elapsed = time.perf_counter() - t0
+        stats["truncated_rows"] = float(sum(r.truncated for r in batch))
         stats = mean_over_ranks(stats)
-        tokens = distributed.all_reduce_sum(stats.pop("tokens", 0.0))
-        stats.update(timings, tokens_per_second=tokens / elapsed, step_seconds=elapsed)
+        sums = {k: distributed.all_reduce_sum(stats.pop(k, 0.0)) for k in SUMMED}
+        stats.update(timings, truncated_rows=sums["truncated_rows"], tokens_per_second=sums["tokens"] / elapsed,
+                     step_seconds=elapsed)
         if ctx.guard.policy == "skip":
             stats["non_finite_skipped"] = float(sum(ctx.guard.skipped.values()) - skipped_before)
-        checkpoint_now = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
-        if checkpoint_now and ctx.eval_records:
+        saved = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
+        step_alarms = stats.pop("alarms", None)
+        if saved and ctx.eval_records:
             stats.update(run_eval(ctx, algorithm))
+            if ctx.alarms is not None and step_alarms is not None:
+                step_alarms = alarm_signals.merge(step_alarms, ctx.alarms.evaluated(stats.get("eval_reward_mean")))
+        if step_alarms is not None:
+            publish_alarms(ctx, step, step_alarms)
+            stats["alarms"] = step_alarms
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
-            log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
-        if checkpoint_now:
+            log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()
+                                                         if isinstance(v, int | float)))
+        state = {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()}
+        if saved:
+            t_save = time.perf_counter()
             with ctx.metrics.phase("sync"):
-                save_step(ctx, step, savers, {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()})
+                save_step(ctx, step, savers, state)
+            last_save = time.perf_counter() - t_save
+        if step < hp.max_steps and stop_requested(ctx):
+            saved = saved or save_before_stop(ctx, step, savers, state, last_save)
+            stop_servers(ctx)
+            raise Stopped(step, saved)
     ctx.guard.check_updated("actor", hp.max_steps - start)
     export(ctx, algorithm.strategy, algorithm.tokenizer)
+    stop_servers(ctx)
+    log(f"actor-{ctx.env.rank}: done")
+
+
+def publish_alarms(ctx: Context, step: int, alarms: dict[str, str]) -> None:
+    """The alarms firing at `step` (actor rank 0's decide; it logs them) go to the metrics."""
+    ctx.metrics.set_alarms(alarms, alarm_signals.REASONS)
+    if ctx.env.rank == 0:
+        for reason, message in alarms.items():
+            log(f"step {step}: ALARM {reason}: {message}")
+
+
+def stop_servers(ctx: Context) -> None:
+    """Tell every serving process this actor rank talks to that it is done."""
     for dst in ctx.remote_hosts():
         ctx.bridge.send(dst, "stop")
         ctx.bridge.recv(dst)
-    log(f"actor-{ctx.env.rank}: done")
+
+
+def stop_requested(ctx: Context) -> bool:
+    """Any actor rank was told to stop (its own SIGTERM or another pod's marker): all ranks agree."""
+    mine = ctx.stop is not None and ctx.stop.requested()
+    return distributed.all_reduce_sum(1.0 if mine else 0.0) > 0
+
+
+def save_before_stop(ctx: Context, step: int, savers, state: dict[str, Any], last_save: float | None) -> bool:
+    """The last checkpoint of a stopped gang, when every actor rank finds it fits in its grace left."""
+    fits = ctx.stop is None or stopping.can_save(ctx.stop.seconds_left(), last_save)
+    if distributed.all_reduce_sum(1.0 if fits else 0.0) < distributed.world_size():
+        log(f"actor-{ctx.env.rank}: told to stop after step {step}; no time left to save it")
+        return False
+    log(f"actor-{ctx.env.rank}: told to stop after step {step}; saving it first")
+    save_step(ctx, step, savers, state)
+    return True

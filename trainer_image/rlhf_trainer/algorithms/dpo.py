@@ -27,13 +27,13 @@ def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Te
 
 
 class DPO(ActorAlgorithm):
-    def __init__(self, ctx: Context):
-        super().__init__(ctx, rows_per_sample=2)  # a pair is two rows: chosen and rejected
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer, rows_per_sample=2)  # a pair is two rows: chosen and rejected
         self.reference = ctx.client("reference")
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
-        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
         with metrics.phase("score", timings):
             ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]

@@ -22,10 +22,11 @@ import torch
 
 from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import encode_pairs, generate, pair_slices
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask, shard
+from rlhf_trainer.data import pad_right, position_ids_from_mask, shard
 from rlhf_trainer.losses.dpo import dpo_loss
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.losses.sft import sft_loss
+from rlhf_trainer.tokenized import PromptRow
 
 # A rule reward's score of a right answer (rewards.CORRECT): at or above it, a greedy answer "passes".
 PASS_SCORE = 1.0
@@ -39,36 +40,37 @@ def _answers_right(responses: list[str], references: list[str]) -> int:
 
 
 @torch.no_grad()
-def evaluate_online(algorithm, records) -> Sums:
-    """Greedy and sampled answers to the held-out prompts, scored like the training samples."""
-    hp, prompts, answers = algorithm.hp, [r.prompt for r in records], [r.answer for r in records]
+def evaluate_online(algorithm, rows) -> Sums:
+    """Greedy and sampled answers to the held-out prompts (PromptRow), scored like the training samples."""
+    hp, prompts, answers = algorithm.hp, [r.prompt for r in rows], [r.answer for r in rows]
     algorithm.strategy.eval()
-    greedy = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp, greedy=True)
-    sampled = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp)
+    model, tokenizer, stops = algorithm.strategy.module, algorithm.tokenizer, algorithm.stop_ids
+    greedy = generate(model, tokenizer, rows, hp, stops, greedy=True)
+    sampled = generate(model, tokenizer, rows, hp, stops)
     greedy_scores = algorithm.score(prompts, greedy.responses, answers).float()
     sampled_scores = algorithm.score(prompts, sampled.responses, answers).float()
     sums = {"eval_reward_mean": float(greedy_scores.sum()), "eval_reward_mean_sampled": float(sampled_scores.sum())}
     if algorithm.score.rule is not None:
         sums["eval_pass_rate"] = float((greedy_scores >= PASS_SCORE).sum())
-    return sums, len(records)
+    return sums, len(rows)
 
 
 @torch.no_grad()
-def evaluate_dpo(algorithm, records) -> Sums:
+def evaluate_dpo(algorithm, rows) -> Sums:
     from rlhf_trainer.algorithms.dpo import summed_logprobs
     from rlhf_trainer.roles import sequence_logprobs
 
-    hp, n = algorithm.hp, len(records)
-    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(algorithm.tokenizer, records, hp).items()}
+    hp, n = algorithm.hp, len(rows)
+    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(rows, algorithm.tokenizer.pad_token_id).items()}
     ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     ref_logprobs = algorithm.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
     ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
     algorithm.strategy.eval()
     correct = loss = 0.0
-    for rows in pair_slices(n, hp.micro_batch_size):
-        logp = summed_logprobs(sequence_logprobs(algorithm.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
-        half = len(rows) // 2
-        out = dpo_loss(logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],
+    for mb in pair_slices(n, hp.micro_batch_size):
+        logp = summed_logprobs(sequence_logprobs(algorithm.strategy.forward, ids[mb], attn[mb]), loss_mask[mb])
+        half = len(mb) // 2
+        out = dpo_loss(logp[:half], logp[half:], ref[mb][:half], ref[mb][half:],
                        beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
         correct += float(out.accuracy) * half
         loss += float(out.loss) * half
@@ -76,42 +78,42 @@ def evaluate_dpo(algorithm, records) -> Sums:
 
 
 @torch.no_grad()
-def evaluate_rm(algorithm, records) -> Sums:
+def evaluate_rm(algorithm, rows) -> Sums:
     from rlhf_trainer.roles import sequence_scores
 
-    hp, n = algorithm.hp, len(records)
-    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(algorithm.tokenizer, records, hp).items()}
+    hp, n = algorithm.hp, len(rows)
+    batch = {k: v.to(distributed.device()) for k, v in encode_pairs(rows, algorithm.tokenizer.pad_token_id).items()}
     algorithm.strategy.eval()
     correct = loss = 0.0
-    for rows in pair_slices(n, hp.micro_batch_size):
-        scores = sequence_scores(algorithm.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows])
-        half = len(rows) // 2
+    for mb in pair_slices(n, hp.micro_batch_size):
+        scores = sequence_scores(algorithm.strategy.forward, batch["input_ids"][mb], batch["attention_mask"][mb])
+        half = len(mb) // 2
         correct += float((scores[:half] > scores[half:]).float().sum())
         loss += float(bradley_terry_loss(scores[:half], scores[half:], margin=hp.margin)) * half
     return {"eval_preference_accuracy": correct, "eval_loss": loss}, n
 
 
 @torch.no_grad()
-def evaluate_sft(algorithm, records) -> Sums:
-    """Token-mean loss on the references, and whether the greedy answer equals the reference."""
-    hp, dev = algorithm.hp, distributed.device()
-    prompts, references = [r.prompt for r in records], [r.response for r in records]
-    batch = encode_prompt_responses(algorithm.tokenizer, prompts, references,
-                                    max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1)
+def evaluate_sft(algorithm, rows) -> Sums:
+    """Token-mean loss on the references (ResponseRow), and whether the greedy answer equals the reference."""
+    hp, dev, tokenizer = algorithm.hp, distributed.device(), algorithm.tokenizer
+    batch = pad_right([r.prompt for r in rows], [r.response for r in rows], tokenizer.pad_token_id)
     labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100).to(dev)
     ids, attn = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     algorithm.strategy.eval()
     loss_sum, tokens = 0.0, float((labels[:, 1:] != -100).sum())
-    for start in range(0, len(records), hp.micro_batch_size):
+    for start in range(0, len(rows), hp.micro_batch_size):
         mb = slice(start, start + hp.micro_batch_size)
         logits = algorithm.strategy.forward(input_ids=ids[mb], attention_mask=attn[mb],
                                             position_ids=position_ids_from_mask(attn[mb]), use_cache=False).logits
         loss_sum += float(sft_loss(logits, labels[mb], num_tokens=1.0))  # summed over the micro-batch's tokens
-    greedy = generate(algorithm.strategy.module, algorithm.tokenizer, prompts, hp, greedy=True)
+    prompts = [PromptRow(ids=r.prompt, truncated=r.truncated, prompt="", answer=None, source=r.source) for r in rows]
+    greedy = generate(algorithm.strategy.module, tokenizer, prompts, hp, algorithm.stop_ids, greedy=True)
+    references = tokenizer.batch_decode([list(r.response) for r in rows], skip_special_tokens=True)
     # eval_loss is a token mean: weight it by tokens / rows so the row-weighted mean over ranks stays one.
-    rows = len(records)
-    return {"eval_loss": loss_sum / max(tokens, 1.0) * rows,
-            "eval_exact_match": float(_answers_right(greedy.responses, references))}, rows
+    n = len(rows)
+    return {"eval_loss": loss_sum / max(tokens, 1.0) * n,
+            "eval_exact_match": float(_answers_right(greedy.responses, references))}, n
 
 
 EVALUATORS: dict[str, Callable] = {
@@ -120,9 +122,9 @@ EVALUATORS: dict[str, Callable] = {
 }
 
 
-def evaluate(ctx, algorithm, records) -> dict[str, float]:
-    """Every eval metric of `algorithm` on `records`, averaged over rows of all actor ranks."""
+def evaluate(ctx, algorithm, rows) -> dict[str, float]:
+    """Every eval metric of `algorithm` on the tokenized held-out `rows`, averaged over rows of all actor ranks."""
     ranks = ctx.cfg.roles["actor"].replicas
-    sums, rows = EVALUATORS[ctx.cfg.algorithm](algorithm, shard(records, ctx.env.rank, ranks))
+    sums, rows = EVALUATORS[ctx.cfg.algorithm](algorithm, shard(rows, ctx.env.rank, ranks))
     total = distributed.all_reduce_sum(rows)
     return {name: distributed.all_reduce_sum(value) / max(total, 1.0) for name, value in sorted(sums.items())}

@@ -22,6 +22,7 @@ from rlhf_trainer.algorithms.common import (
     rollout_ok,
     run_algorithm,
     skipped_rollout_stats,
+    watch_rollout,
     write_samples,
 )
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
@@ -32,8 +33,8 @@ from rlhf_trainer.runtime import Context
 
 
 class GroupPolicyGradient(ActorAlgorithm):
-    def __init__(self, ctx: Context, variant: str):
-        super().__init__(ctx, rows_per_prompt=ctx.hp.group_size)
+    def __init__(self, ctx: Context, renderer, variant: str):
+        super().__init__(ctx, renderer, rows_per_prompt=ctx.hp.group_size)
         self.variant = variant
         self.reference = ctx.client("reference")
         self.score = Scorer(ctx)
@@ -44,7 +45,7 @@ class GroupPolicyGradient(ActorAlgorithm):
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
@@ -93,7 +94,7 @@ class GroupPolicyGradient(ActorAlgorithm):
             kl_total = float(exp.kl.sum())
         write_samples(self.ctx, roll, exp)
         policy = sum(s[0] for s in stats)
-        return {
+        return {**watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
             "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),

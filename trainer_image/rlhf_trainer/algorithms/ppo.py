@@ -23,6 +23,7 @@ from rlhf_trainer.algorithms.common import (
     rollout_ok,
     run_algorithm,
     skipped_rollout_stats,
+    watch_rollout,
     write_samples,
 )
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
@@ -33,8 +34,8 @@ from rlhf_trainer.runtime import Context
 
 
 class PPO(ActorAlgorithm):
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
+    def __init__(self, ctx: Context, renderer):
+        super().__init__(ctx, renderer)
         hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
         self.score = Scorer(ctx)
@@ -51,7 +52,7 @@ class PPO(ActorAlgorithm):
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, [r.prompt for r in records], hp)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
@@ -93,6 +94,7 @@ class PPO(ActorAlgorithm):
         self.kl_ctl.update(mean_kl, len(records))
         policy = sum(s[0] for s in stats)
         return {
+            **watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(records) > 1 else 0.0,
             "kl": mean_kl, "kl_coef": self.kl_ctl.value, "policy_loss": policy, "value_loss": value_loss,
             "loss": policy + hp.vf_coef * value_loss, "clip_fraction": sum(s[1] for s in stats) / len(stats),
