@@ -20,9 +20,8 @@ from rlhf_contract.algorithms import ALGORITHMS
 from rlhf_contract.config import parse_config
 from rlhf_trainer import distributed
 from rlhf_trainer.distributed import ProcessEnv
-from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
-from rlhf_trainer.runtime import Context
+from rlhf_trainer.runtime import Context, new_context
 from rlhf_trainer.samples import samples_path_for
 
 
@@ -50,9 +49,7 @@ def in_process_context(config: dict, workdir: Path) -> Context:
                      role_addrs={}, bridge_addr=None, checkpoint_dir=str(checkpoint_dir), restart_attempt=0,
                      metrics_port=0, pod_ip="")
     metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0), samples_path_for(checkpoint_dir, "actor", 0))
-    guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
-                           count=metrics.count_non_finite)
-    return Context(env, cfg, cfg.placements(), None, metrics, guard)
+    return new_context(env, cfg, None, metrics)
 
 
 def run_actor(ctx: Context) -> None:

@@ -160,9 +160,14 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
+    return new_context(env, cfg, bridge, metrics)
+
+
+def new_context(env: ProcessEnv, cfg: TrainerConfig, bridge: Bridge | None, metrics: TrainerMetrics) -> Context:
+    """A process's Context once its worlds are up: with its non-finite guard and, online, its alarms."""
     guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
                            count=metrics.count_non_finite)
-    ctx = Context(env, cfg, placements, bridge, metrics, guard)
+    ctx = Context(env, cfg, cfg.placements(), bridge, metrics, guard)
     if ALGORITHMS[cfg.algorithm].online:
         ctx.alarms = AlarmMonitor(Thresholds.of(cfg.hyperparameters))
     return ctx
