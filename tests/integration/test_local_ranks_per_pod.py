@@ -74,5 +74,5 @@ def test_two_pods_of_two_processes_succeed_checkpoint_and_resume(name, tmp_path)
     text = logs(second)
     for role in pod_roles:  # every process of every role resumed from step 2
         assert sum(f"{role}-{r}: resumed from step 2" in text for r in range(4)) == 4, text
-    assert [row["step"] for row in metrics(second.run_dir, "actor", 3)] == [1, 2, 3]
+    assert [row["step"] for row in metrics(second.run_dir, "actor", 3) if "loss" in row] == [1, 2, 3]
     assert checkpoint.is_complete(ckpt, 3)
