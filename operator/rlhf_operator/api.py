@@ -30,11 +30,13 @@ from rlhf_contract.config import (
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
     critic_problem,
     dataset_format_problem,
+    lora_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -125,7 +127,7 @@ class JobSpec:
     @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
         """Role name -> placement (computed once: the builders ask for every pod)."""
-        return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
+        return {r.name: layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
         """Roles that get pods of their own (colocated roles run inside their host's pods)."""
@@ -442,10 +444,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = role_set_problem(algorithm, reward.type, [r.name for r in roles if r.name in ROLE_NAMES])
         if problem:
             errors.append(("roles", problem))
-    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with)) for r in roles]
+    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
-        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+        errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
     if algorithm in ALGORITHMS and "critic.model" not in bad:
         problem = critic_problem(algorithm, reward.type, critic)
         if problem:
@@ -507,12 +509,19 @@ def _role(fields: _Fields) -> RoleSpec:
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
+    lora = _settings(fields.obj("lora"), LoraConfig)
+    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
+    if problem:
+        fields.error("lora.rank", problem)
+    gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,
-        **fields.settings(RoleConfig),
+        # One process per GPU unless processesPerPod says otherwise (the CRD leaves it unset).
+        **fields.settings(RoleConfig, processes_per_pod=max(gpus, 1)),
         deepspeed=deepspeed,
+        lora=lora,
         image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
-        gpus=fields.integer("gpus", 0, minimum=0),
+        gpus=gpus,
         resources=_resources(fields.obj("resources")),
         node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
@@ -614,7 +623,7 @@ def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layo
         return []
     errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
               if f"roles[{i}].replicas" not in bad]
-    problem = layout.batch_problem(roles[index].replicas, batch_size)
+    problem = layout.batch_problem(placed[index][1], batch_size)
     if "hyperparameters.batchSize" not in bad and problem:
         errors.append(("hyperparameters.batchSize", problem))
     return errors

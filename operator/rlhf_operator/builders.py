@@ -236,6 +236,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_ROLE: role.name,
         wire.ENV_ROLE_RANK: str(index),
         wire.ENV_ROLE_REPLICAS: str(role.replicas),
+        wire.ENV_PROCESSES_PER_POD: str(role.processes_per_pod),
         wire.ENV_COLOCATED_ROLES: ",".join(job.spec.colocated_into(role.name)),
         wire.ENV_CONFIG: wire.CONFIG_PATH,
         wire.ENV_ROLE_ADDRS: wire.format_role_addrs(addrs),
@@ -255,7 +256,9 @@ def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[
     ports = [{"name": "role", "containerPort": ROLE_PORT, "protocol": "TCP"}]
     if role.name == host_role(job.spec, "actor"):
         ports.append({"name": "bridge", "containerPort": BRIDGE_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"})
+    # Local rank k of the pod serves /metrics on the metrics port + k: "metrics", "metrics-1", ...
+    ports += [{"name": "metrics" + (f"-{k}" if k else ""), "containerPort": settings.trainer_metrics_port + k,
+               "protocol": "TCP"} for k in range(role.processes_per_pod)]
     return ports
 
 
