@@ -90,7 +90,8 @@ def test_corrupt_checkpoint_falls_back_then_a_random_kill_resumes(tmp_path):
     runner = local.LocalRunner(manifest(max_steps=40, interval=5), tmp_path, serve_metrics=False)
     result = localfaults.run_with_kills(runner, kills=1, rng=random.Random(3), max_delay=1.0, timeout=RUN_TIMEOUT)
     assert result.ok(), f"{result}\n{pod_logs(runner)}"
-    steps = [r["step"] for r in report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl")]
+    # Training rows only: the step-0 row is the held-out evaluation of the initial policy.
+    steps = [r["step"] for r in report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl") if "loss" in r]
     assert steps[:5] == [1, 2, 3, 4, 3], steps  # resumed from step 2, not from the corrupt step 4
     assert "unusable" in (runner.run_dir / "pods" / "ppo-tiny-actor-0" / "log.txt").read_text()
     assert len(result.kills) == 1 and result.restarts == 1 and all(r <= 5 for r in result.steps_redone)

@@ -139,15 +139,17 @@ def test_a_spec_edit_is_rolled_out_as_a_new_gang_with_the_new_config(cluster, op
     """Issue 18, part 3: a hyperparameter edit of a running job updates the trainer config and restarts
     the gang from the last checkpoint; an immutable field's edit is refused by the API server."""
     name = "life-edit"
-    apply(cluster, example("sft-tiny.yaml", name))
+    manifest = example("sft-tiny.yaml", name)
+    apply(cluster, manifest)
     first = wait_pods(cluster, name, 1)
     set_all(cluster, first, "Running")
     wait_phase(cluster, name, "Running")
-    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == 20
+    steps = manifest["spec"]["hyperparameters"]["maxSteps"]
+    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == steps
     kube.kubectl(cluster, "patch", "rlhfjob", name, "-n", NS, "--type=merge",
-                 "-p", json.dumps({"spec": {"hyperparameters": {"maxSteps": 40}}}))
+                 "-p", json.dumps({"spec": {"hyperparameters": {"maxSteps": steps + 20}}}))
     wait_pods(cluster, name, 1, attempt=1, timeout=60)
-    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == 40
+    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == steps + 20
     status = job(cluster, name)["status"]
     assert (status["restarts"], status["attempt"], status["observedGeneration"]) == (0, 1, 2), status
     assert ("Normal", "SpecChanged") in {(e["type"], e["reason"]) for e in events(cluster, name)}

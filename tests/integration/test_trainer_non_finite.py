@@ -66,6 +66,7 @@ LOSS_FUNCTIONS = {
     "dpo": ("rlhf_trainer.algorithms.dpo", "dpo_loss"),
     "rm": ("rlhf_trainer.algorithms.rm", "bradley_terry_loss"),
     "sft": ("rlhf_trainer.algorithms.sft", "sft_loss"),
+    "prm": ("rlhf_trainer.algorithms.prm", "prm_loss"),
     "critic": ("rlhf_trainer.roles", "value_loss"),
 }
 
@@ -98,7 +99,7 @@ def poison_gradients(monkeypatch, algorithm):
 
 POISON = {"reward": poison_reward, "loss": poison_loss, "grad_norm": poison_gradients}
 RL = ("ppo", "grpo", "rloo")
-CASES = [(a, w) for a in (*RL, "dpo", "rm", "sft") for w in ("reward", "loss", "grad_norm")
+CASES = [(a, w) for a in (*RL, "dpo", "rm", "sft", "prm") for w in ("reward", "loss", "grad_norm")
          if w != "reward" or a in RL]
 CASES.append(("critic", "loss"))  # PPO's value loss, trained on the colocated critic
 
@@ -107,9 +108,19 @@ def config_for(case_algorithm: str, policy: str, zero_stage: int = 2) -> dict:
     algorithm = "ppo" if case_algorithm == "critic" else case_algorithm
     roles = colocated_roles(required_roles(algorithm, "rule"))
     roles["actor"]["deepspeed"] = {"zero_stage": zero_stage}
+    data = {"dataset": {"path": "synthetic://partial_sum_steps", "format": "stepwise"}} if algorithm == "prm" else {}
     return trainer_config(algorithm, roles=roles, checkpoint={"interval_steps": 100, "keep": 1},
                           hyperparameters={"max_steps": 2, "batch_size": 4, "micro_batch_size": 2,
-                                           "non_finite": policy})
+                                           "non_finite": policy}, **data)
+
+
+def test_every_trained_algorithm_module_is_poisoned_here():
+    """The cases cover each trainer module that takes optimizer steps (prm-label trains nothing)."""
+    from rlhf_contract.algorithms import ALGORITHMS
+
+    trained = {a.module for name, a in ALGORITHMS.items() if name != "prm-label"}
+    covered = {ALGORITHMS["ppo" if a == "critic" else a].module for a, _ in CASES}
+    assert trained == covered, trained ^ covered
 
 
 @pytest.mark.parametrize(("algorithm", "where"), CASES, ids=[f"{a}-{w}" for a, w in CASES])
@@ -137,7 +148,8 @@ def _exported_weights(ctx) -> dict[str, torch.Tensor]:
 
 
 def _initial_weights(ctx) -> dict[str, torch.Tensor]:
-    loader = models.load_reward_model if ctx.cfg.algorithm == "rm" else models.load_policy
+    loader = {"rm": models.load_reward_model, "prm": models.load_token_classifier}.get(ctx.cfg.algorithm,
+                                                                                      models.load_policy)
     return loader(ctx.cfg.model.path, seed=ctx.cfg.hyperparameters.seed).state_dict()
 
 

@@ -485,10 +485,10 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
-    ctx.guard.check_updated("actor", hp.max_steps - start)
-    if algorithm.strategy is None:
+    if algorithm.strategy is None:  # nothing trained (prm-label): no weights to check
         algorithm.export(ctx)
     else:
+        ctx.guard.check_updated("actor", hp.max_steps - start)
         export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")

@@ -45,9 +45,10 @@ class PRMTraining(ActorAlgorithm):
                 logits = self.strategy.forward(input_ids=batch["input_ids"][mb], attention_mask=mask,
                                                position_ids=position_ids_from_mask(mask)).logits
                 loss = prm_loss(logits, batch["targets"][mb], num_labels=num_labels)
-                self.strategy.backward(loss)
-                self.strategy.step()
-                losses.append(loss.item())
+                value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logits, role="actor",
+                                                     source="the PRM loss", records=records[mb])
+                if value is not None:
+                    losses.append(value)
                 labelled = batch["targets"][mb] != IGNORE
                 row_scores = step_scores(logits.detach())
                 scores += [row_scores[i][labelled[i]].tolist() for i in range(labelled.shape[0])]
