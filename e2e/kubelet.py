@@ -77,7 +77,10 @@ class StandInKubelet:
     """The kubelet of Node `node_name` (labels `node_labels`, capacity over nodes.DEFAULT_CAPACITY)."""
 
     def __init__(self, kubeconfig: Path, root: Path, node_name: str, node_labels: dict[str, str] | None = None,
-                 capacity: dict[str, str] | None = None, stop_grace: float = 5.0):
+                 capacity: dict[str, str] | None = None, stop_grace: float = 5.0,
+                 addresses: localexec.LocalAddresses | None = None):
+        """addresses: the cluster-DNS stand-in; kubelets of one cluster share one, so that pods on
+        different nodes resolve a rendezvous name to the same local port."""
         self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.api = client.CoreV1Api(self.api_client)
         self.root = Path(root)
@@ -85,7 +88,7 @@ class StandInKubelet:
         self.node = nodes.node_manifest(node_name, capacity, node_labels)
         self.stop_grace = stop_grace
         self.supervisor = localexec.Supervisor()
-        self.addresses = localexec.LocalAddresses()
+        self.addresses = addresses or localexec.LocalAddresses()
         self.ips = PodIPs()
         self.heartbeat = nodes.Heartbeat(self.api_client, [node_name])
         self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
