@@ -128,10 +128,16 @@ class StandInKubelet:
                     raise
 
     def claim_dir(self, namespace: str, claim: str) -> Path:
-        """The folder of the PersistentVolume bound to `claim` (its hostPath)."""
-        pvc = self.api.read_namespaced_persistent_volume_claim(claim, namespace)
+        """The folder of the PersistentVolume bound to `claim` (its hostPath). Raises LookupError
+        while the claim does not exist or is not bound yet."""
+        try:
+            pvc = self.api.read_namespaced_persistent_volume_claim(claim, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise LookupError(f"claim {namespace}/{claim} does not exist") from e
+            raise
         if not pvc.spec.volume_name:
-            raise RuntimeError(f"claim {namespace}/{claim} is not bound to a volume yet")
+            raise LookupError(f"claim {namespace}/{claim} is not bound to a volume yet")
         pv = self.api.read_persistent_volume(pvc.spec.volume_name)
         return Path(pv.spec.host_path.path)
 
