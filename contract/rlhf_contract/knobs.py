@@ -16,6 +16,7 @@ rules in the CRD); `rule` is a check no bound can say, with its CEL twin.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,10 +89,11 @@ class Setting:
     type: type
     default: Any
     knob: Knob
+    camel: str = ""  # the manifest's spelling of `name`; settings_of() fills it in
 
-    @property
-    def camel(self) -> str:
-        return camel_case(self.name)
+    def __post_init__(self) -> None:
+        if not self.camel:
+            object.__setattr__(self, "camel", camel_case(self.name))
 
     @property
     def required(self) -> bool:
@@ -116,8 +118,10 @@ def format_number(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
+@functools.cache
 def settings_of(cls: type) -> tuple[Setting, ...]:
-    """The knob fields of a dataclass, in declaration order (fields without a Knob are skipped)."""
+    """The knob fields of a dataclass, in declaration order (fields without a Knob are skipped).
+    Cached per class: resolving the annotations is most of a parse's cost otherwise."""
     hints = typing.get_type_hints(cls)
     return tuple(
         Setting(f.name, hints[f.name], f.default, f.metadata["knob"])

@@ -18,7 +18,14 @@ ENV_BRIDGE_ADDR = "RLHF_BRIDGE_ADDR"  # HOST:PORT of the bridge TCPStore (actor 
 ENV_CHECKPOINT_DIR = "RLHF_CHECKPOINT_DIR"
 ENV_RESTART_ATTEMPT = "RLHF_RESTART_ATTEMPT"
 ENV_METRICS_PORT = "RLHF_METRICS_PORT"  # 0 = serve no /metrics
+# Seconds between SIGTERM and SIGKILL (the pod's terminationGracePeriodSeconds): the time a stopped
+# trainer has to save a last checkpoint.
+ENV_TERMINATION_GRACE = "RLHF_TERMINATION_GRACE_SECONDS"
 ENV_POD_IP = "POD_IP"  # downward API status.podIP
+# Trainer processes the pod's entry point starts (the role's processesPerPod); each gets its local rank
+# (0..n-1) in RLHF_LOCAL_RANK, and its role rank is RLHF_ROLE_RANK x n + local rank.
+ENV_PROCESSES_PER_POD = "RLHF_PROCESSES_PER_POD"
+ENV_LOCAL_RANK = "RLHF_LOCAL_RANK"  # set by the entry point for each process it starts, never by the operator
 # Where a permanent error's message goes instead of TERMINATION_LOG (local runner, e2e kubelet).
 ENV_TERMINATION_LOG = "RLHF_TERMINATION_LOG"
 # Env values holding addresses (the local runner rewrites them to 127.0.0.1 ports).
@@ -27,7 +34,7 @@ ADDRESS_ENV = (ENV_ROLE_ADDRS, ENV_BRIDGE_ADDR)
 # -- ports of a trainer pod ----------------------------------------------------------------------
 ROLE_PORT = 29500  # rank 0 of a role's own torch.distributed world
 BRIDGE_PORT = 29501  # the bridge's TCPStore, on actor rank 0's pod
-TRAINER_METRICS_PORT = 9400  # the trainer's Prometheus /metrics (RLHF_METRICS_PORT)
+TRAINER_METRICS_PORT = 9400  # the trainer's Prometheus /metrics (RLHF_METRICS_PORT); local rank k: + k
 
 # -- the trainer container -----------------------------------------------------------------------
 CONTAINER_NAME = "trainer"
@@ -36,6 +43,8 @@ CONFIG_MOUNT = "/etc/rlhf"
 CONFIG_FILE = "config.json"
 CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_FILE}"
 CHECKPOINT_MOUNT = "/checkpoints"
+# The finished job's model, a Hugging Face folder under the checkpoint volume: what `fromJob` starts from.
+EXPORT_DIR = "export"
 TERMINATION_LOG = "/dev/termination-log"
 # Non-root uid/gid of the trainer image (trainer_image/Dockerfile creates it).
 TRAINER_UID = 1000
@@ -44,6 +53,11 @@ TRAINER_UID = 1000
 EXIT_DATA_ERROR = 65
 EXIT_CONFIG_ERROR = 78
 PERMANENT_EXIT_CODES = frozenset({EXIT_DATA_ERROR, EXIT_CONFIG_ERROR})
+# A trainer told to stop (SIGTERM) exits 128 + 15 after its last checkpoint, as a process killed by it.
+EXIT_STOPPED = 143
+# A file a process that got SIGTERM touches under the checkpoint volume, so that the actor ranks of other
+# pods learn of it at their next step (e.g. only a critic pod was evicted): `.stop/attempt-<N>`.
+STOP_DIR = ".stop"
 
 # -- labels on every child of a job: the operator's index of child pods is keyed by them -----------
 LABEL_JOB = "rlhf.dev/job"

@@ -6,6 +6,7 @@ has no API server) rejects exactly what a cluster rejects, with every bad field 
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +25,18 @@ from rlhf_contract.config import (
     CALLABLE_PATTERN,
     REWARD_RULES,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
+    DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    critic_problem,
     dataset_format_problem,
+    lora_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -38,6 +44,15 @@ GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource(ModelConfig):
+    """A model as the manifest names it: a folder in the image (`path`, shared with the trainer config),
+    or `fromJob`, another RLHFJob of the namespace whose exported model the job starts from once that
+    job has Succeeded (rlhf_operator.chain; docs/spec.md "Chaining jobs"). Exactly one is set."""
+
+    from_job: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,18 +95,24 @@ class SchedulingSpec:
 class FailurePolicy:
     max_restarts: int = 3
     backoff_seconds: int = 10
+    # Gangs recreated after not running within gangTimeoutSeconds; one more timeout fails the job.
+    max_gang_timeouts: int = 5
+    # Gang restarts after disruptions (eviction, preemption, node loss, a pod deleted by someone else),
+    # counted apart from maxRestarts; one more disruption fails the job.
+    max_disruptions: int = 10
 
 
 @dataclass(frozen=True)
 class JobSpec:
     algorithm: str
     image: str
-    model: ModelConfig
+    model: ModelSource
     dataset: DatasetConfig
     roles: tuple[RoleSpec, ...]
     image_pull_policy: str = "IfNotPresent"
-    reward_model: ModelConfig | None = None
+    reward_model: ModelSource | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
@@ -99,19 +120,33 @@ class JobSpec:
     suspend: bool = False
     active_deadline_seconds: int = 0
     ttl_seconds_after_finished: int = 0
+    # The pods' terminationGracePeriodSeconds (Kubernetes' default): SIGTERM to SIGKILL, the time a
+    # stopped trainer has to save a last checkpoint (RLHF_TERMINATION_GRACE_SECONDS).
+    termination_grace_period_seconds: int = 30
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    def model_sources(self) -> tuple[tuple[str, ModelSource], ...]:
+        """(manifest field, source) of every model the job names: model, rewardModel."""
+        named = (("model", self.model), ("rewardModel", self.reward_model))
+        return tuple((key, source) for key, source in named if source is not None)
+
+    def from_jobs(self) -> tuple[str, ...]:
+        """The RLHFJobs this job starts from (fromJob of its models), each once, in field order."""
+        return tuple(dict.fromkeys(s.from_job for _, s in self.model_sources() if s.from_job))
+
+    @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
-        return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
+        """Role name -> placement (computed once: the builders ask for every pod)."""
+        return {r.name: layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
         """Roles that get pods of their own (colocated roles run inside their host's pods)."""
         return tuple(r for r in self.roles if not r.colocate_with)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
-        return layout.colocated_into(self.placements(), host)
+        return layout.colocated_into(self.placements, host)
 
 
 @dataclass(frozen=True)
@@ -150,9 +185,28 @@ def _qualified(path: str) -> str:
 # The Kubernetes fields' rules below each have a twin in crds/rlhfjobs.yaml (schema keyword or CEL
 # rule); tests/unit/test_crd.py runs both over the same cases and checks that they agree.
 
-# Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters): 50 leaves room for
-# "-reference-" and a two-digit index (the CRD's root rule says the same).
-MAX_JOB_NAME_LENGTH = 50
+# --- Kubernetes name rules (k8s.io/apimachinery/pkg/util/validation), as the API server applies them to
+# the objects the builders derive. Each has its twin in crds/rlhfjobs.yaml (a pattern or a CEL rule).
+# A Service name (the job's headless Service is `<job>`) is a DNS-1035 label.
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Object names of most kinds (ConfigMap, PVC, PriorityClass, StorageClass) are DNS-1123 subdomains.
+DNS_1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label value (empty, or alphanumerics with -_. inside) of at most 63 characters.
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# A label key: an optional DNS-1123 subdomain prefix and '/', then a name of at most 63 characters.
+QUALIFIED_NAME = (r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+                  r"([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9]$")
+# A queue is a Kueue LocalQueue named in a pod label, or a Volcano Queue object: both rules at once.
+QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# Container images may not start or end with whitespace (the API server refuses the pod).
+IMAGE_PATTERN = r"^\S(.*\S)?$"
+MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
+MAX_SUBDOMAIN_LENGTH = 253
+# A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
+MAX_SELECTOR_ENTRIES = 32
+# Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
+# so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
+MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
 DEFAULT_VOLUME_SIZE = VolumeSpec.size
 # Kubernetes resource.Quantity syntax (the CRD uses the same pattern on checkpoint.volume.size).
 QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
@@ -160,6 +214,27 @@ TOLERATION_OPERATORS = ("Exists", "Equal")
 TAINT_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 _MISSING = object()
+
+RULE_DNS_1035 = ("a DNS-1035 label: lowercase letters, digits and '-', starting with a letter and ending with "
+                 "a letter or digit")
+RULE_SUBDOMAIN = ("a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', starting and ending with a "
+                  "letter or digit")
+RULE_QUEUE = ("a queue name: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit "
+              "(a Kueue queue name is a label value)")
+RULE_IMAGE = "an image reference without leading or trailing whitespace"
+
+
+def label_errors(key: str, value: str) -> list[str]:
+    """What the API server says of one label (or nodeSelector entry), as messages; [] when valid."""
+    problems = []
+    prefix = key.rpartition("/")[0]
+    if not re.match(QUALIFIED_NAME, key) or len(prefix) > MAX_SUBDOMAIN_LENGTH:
+        problems.append(f"key {key!r} must be a qualified name: an optional DNS-1123 subdomain prefix and '/', "
+                        f"then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    if len(value) > MAX_LABEL_LENGTH or not re.match(LABEL_VALUE, value):
+        problems.append(f"value {value!r} must be a label value: at most 63 letters, digits, '-', '_' or '.', "
+                        f"starting and ending with a letter or digit")
+    return problems
 
 
 def _kind(value: Any) -> str:
@@ -179,6 +254,11 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def _bounds(bounds: dict[str, Any]) -> Knob | None:
+    """The rules of a Kubernetes-only number field (`minimum=0`), in the contract's Knob shape."""
+    return Knob("", **bounds) if bounds else None
 
 
 def _one_of(allowed: tuple[str, ...]) -> str:
@@ -222,7 +302,8 @@ class _Fields:
         return _Fields(self.raw.get(key), self.at(key), self.errors)
 
     def string(self, key: str, default: str = "", *, required: bool = False, enum: tuple[str, ...] = (),
-               pattern: str = "", max_length: int = 0) -> str:
+               pattern: str = "", max_length: int = 0, rule: str = "") -> str:
+        """A string field; `rule` describes `pattern` in words for the message (else the regex is shown)."""
         value = self._value(key, required)
         if value is _MISSING:
             return default
@@ -231,9 +312,9 @@ class _Fields:
             return default
         if required and not value:
             self.error(key, "must not be empty")
-        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length)) and pattern \
-                and not re.match(pattern, value):
-            self.error(key, f"must match {pattern} (got {value!r})")
+        elif self._valid(key, value, Knob("", enum=enum, max_length=max_length) if enum or max_length else None) \
+                and pattern and value and not re.match(pattern, value):
+            self.error(key, f"must be {rule} (got {value!r})" if rule else f"must match {pattern} (got {value!r})")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -245,7 +326,7 @@ class _Fields:
             return default
         return value
 
-    def integer(self, key: str, default: int, **bounds: Any) -> int:
+    def integer(self, key: str, default: int, knob: Knob | None = None, **bounds: Any) -> int:
         value = self._value(key, False)
         if value is _MISSING:
             return default
@@ -254,19 +335,19 @@ class _Fields:
         if isinstance(value, bool) or not isinstance(value, int):
             self.error(key, f"must be an integer, got {_kind(value)}")
             return default
-        return value if self._valid(key, value, Knob("", **bounds)) else default
+        return value if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def number(self, key: str, default: float, **bounds: Any) -> float:
+    def number(self, key: str, default: float, knob: Knob | None = None, **bounds: Any) -> float:
         value = self._value(key, False)
         if value is _MISSING:
             return default
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"must be a number, got {_kind(value)}")
             return default
-        return float(value) if self._valid(key, value, Knob("", **bounds)) else default
+        return float(value) if self._valid(key, value, knob or _bounds(bounds)) else default
 
-    def _valid(self, key: str, value: Any, knob: Knob) -> bool:
-        problems = knob.problems(value)
+    def _valid(self, key: str, value: Any, knob: Knob | None) -> bool:
+        problems = knob.problems(value) if knob else []
         for problem in problems:
             self.error(key, problem)
         return not problems
@@ -276,12 +357,15 @@ class _Fields:
         default = s.default if default is _MISSING else default
         k = s.knob
         if s.type is str:
-            return self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
-                               max_length=k.max_length)
+            value = self.string(s.camel, "" if s.required else default, required=s.required, enum=k.enum,
+                                max_length=k.max_length)
+            if k.rule is not None and self.has(s.camel) and isinstance(value, str) and not k.rule.check(value):
+                self.error(s.camel, f"{k.rule.message} (got {value[:40]!r})")
+            return value
         if s.type is bool:
             return self.boolean(s.camel, default)
         read = self.integer if s.type is int else self.number
-        return read(s.camel, default, minimum=k.minimum, maximum=k.maximum, gt=k.gt, lt=k.lt, rule=k.rule)
+        return read(s.camel, default, k)
 
     def settings(self, cls: type, **defaults: Any) -> dict[str, Any]:
         """Every knob of a contract dataclass (`defaults` overrides some defaults), as constructor kwargs."""
@@ -296,8 +380,9 @@ class _Fields:
             return []
         return value
 
-    def string_map(self, key: str, *, int_values: bool = False) -> dict[str, Any]:
-        """A map of strings (nodeSelector), or of quantities (int-or-string) when int_values."""
+    def string_map(self, key: str, *, int_values: bool = False, labels: bool = False) -> dict[str, Any]:
+        """A map of strings (nodeSelector), or of quantities (int-or-string) when int_values; `labels`:
+        keys and values follow the label rules (a nodeSelector is validated as labels are)."""
         value = self._value(key, False)
         if value is _MISSING:
             return {}
@@ -309,6 +394,10 @@ class _Fields:
             if isinstance(v, bool) or not isinstance(v, allowed):
                 expected = "a string or an integer" if int_values else "a string"
                 self.error(f"{key}.{k}", f"must be {expected}, got {_kind(v)}")
+            elif labels:
+                self.errors.extend((self.at(f"{key}.{k}"), m) for m in label_errors(k, v))
+        if labels and len(value) > MAX_SELECTOR_ENTRIES:
+            self.error(key, f"must have at most {MAX_SELECTOR_ENTRIES} entries (got {len(value)})")
         return dict(value)
 
     def done(self) -> None:
@@ -328,13 +417,14 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors: list[tuple[str, str]] = []
     top = _Fields(spec, "", errors)
     algorithm = top.string("algorithm", required=True, enum=NAMES)
-    image = top.string("image", required=True)
+    image = top.string("image", required=True, pattern=IMAGE_PATTERN, rule=RULE_IMAGE)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
-    model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
+    model = _model_source(top.obj("model")) if _present(top, "model") else ModelSource(path="")
     top.read.add("rewardModel")  # known even when null
-    reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
+    reward_model = _model_source(top.obj("rewardModel")) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
-    dataset = _settings(top.obj("dataset"), DatasetConfig) if _present(top, "dataset") else DatasetConfig(path="")
+    critic = _settings(top.obj("critic"), CriticConfig)
+    dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
     if roles_given and not 1 <= len(raw_roles) <= len(ROLE_NAMES):
@@ -347,11 +437,14 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     failure_policy = FailurePolicy(
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
         backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
+        max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
+        max_disruptions=failure.integer("maxDisruptions", FailurePolicy.max_disruptions, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)
     deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
     ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
+    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
     top.done()
 
     # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
@@ -361,10 +454,14 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = role_set_problem(algorithm, reward.type, [r.name for r in roles if r.name in ROLE_NAMES])
         if problem:
             errors.append(("roles", problem))
-    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with)) for r in roles]
+    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
-        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+        errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
+    if algorithm in ALGORITHMS and "critic.model" not in bad:
+        problem = critic_problem(algorithm, reward.type, critic)
+        if problem:
+            errors.append(("critic.model", problem))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -375,10 +472,10 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         raise SpecError(errors)
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
-        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
+        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward, critic=critic,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
-        ttl_seconds_after_finished=ttl,
+        ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
     )
 
 
@@ -397,6 +494,26 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     return value
 
 
+def _model_source(fields: _Fields) -> ModelSource:
+    """`path` (a contract knob) or `fromJob`, exactly one; the CRD's CEL rule on the object says the same."""
+    has_path, has_job = fields.has("path"), fields.has("fromJob")
+    from_job = fields.string("fromJob", pattern=DNS_1035_LABEL, max_length=MAX_JOB_NAME_LENGTH, rule=RULE_DNS_1035)
+    fields.read.add("path")
+    path = fields.settings(ModelConfig)["path"] if has_path else ""
+    if has_path == has_job and not fields.wrong_type:
+        fields.error("", "set exactly one of path or fromJob (path: a model folder in the image; fromJob: another "
+                         f"RLHFJob whose exported model to start from){', got both' if has_path else ''}")
+    fields.done()
+    return ModelSource(path=path, from_job=from_job)
+
+
+def _dataset(fields: _Fields) -> DatasetConfig:
+    column_map = _settings(fields.obj("fields"), DatasetFields)
+    dataset = DatasetConfig(**fields.settings(DatasetConfig), fields=column_map)
+    fields.done()
+    return dataset
+
+
 def _reward(fields: _Fields) -> RewardConfig:
     reward = _settings(fields, RewardConfig)
     if reward.type == "rule" and not reward.rule:
@@ -413,14 +530,21 @@ def _role(fields: _Fields) -> RoleSpec:
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
+    lora = _settings(fields.obj("lora"), LoraConfig)
+    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
+    if problem:
+        fields.error("lora.rank", problem)
+    gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,
-        **fields.settings(RoleConfig),
+        # One process per GPU unless processesPerPod says otherwise (the CRD leaves it unset).
+        **fields.settings(RoleConfig, processes_per_pod=max(gpus, 1)),
         deepspeed=deepspeed,
-        image=fields.string("image"),
-        gpus=fields.integer("gpus", 0, minimum=0),
+        lora=lora,
+        image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
+        gpus=gpus,
         resources=_resources(fields.obj("resources")),
-        node_selector=fields.string_map("nodeSelector"),
+        node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
                      for i, t in enumerate(fields.array("tolerations"))],
     )
@@ -451,11 +575,13 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
 def _checkpoint(fields: _Fields) -> CheckpointSpec:
     shared = fields.settings(CheckpointConfig)
     vol = fields.obj("volume")
-    claim = vol.string("existingClaim", max_length=253)
+    claim = vol.string("existingClaim", max_length=MAX_SUBDOMAIN_LENGTH, pattern=DNS_1123_SUBDOMAIN,
+                       rule=RULE_SUBDOMAIN)
     size = vol.string("size", pattern=QUANTITY_PATTERN, max_length=64)
     volume = VolumeSpec(
         size=size or ("" if claim else DEFAULT_VOLUME_SIZE),
-        storage_class_name=vol.string("storageClassName"),
+        storage_class_name=vol.string("storageClassName", max_length=MAX_SUBDOMAIN_LENGTH,
+                                      pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
         existing_claim=claim,
         retain=vol.boolean("retain", VolumeSpec.retain),
     )
@@ -469,8 +595,9 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
 def _scheduling(fields: _Fields) -> SchedulingSpec:
     scheduling = SchedulingSpec(
         gang_scheduler=fields.string("gangScheduler", enum=GANG_SCHEDULERS),
-        queue=fields.string("queue"),
-        priority_class_name=fields.string("priorityClassName"),
+        queue=fields.string("queue", max_length=MAX_LABEL_LENGTH, pattern=QUEUE_NAME, rule=RULE_QUEUE),
+        priority_class_name=fields.string("priorityClassName", max_length=MAX_SUBDOMAIN_LENGTH,
+                                          pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
         gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1),
     )
     fields.done()
@@ -495,7 +622,7 @@ def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layo
         return []
     errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
               if f"roles[{i}].replicas" not in bad]
-    problem = layout.batch_problem(roles[index].replicas, batch_size)
+    problem = layout.batch_problem(placed[index][1], batch_size)
     if "hyperparameters.batchSize" not in bad and problem:
         errors.append(("hyperparameters.batchSize", problem))
     return errors
@@ -513,11 +640,36 @@ def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[st
     ]
 
 
-def _job_name_errors(name: str) -> list[tuple[str, str]]:
-    if len(name) <= MAX_JOB_NAME_LENGTH:
-        return []
-    return [("metadata.name", f"must be at most {MAX_JOB_NAME_LENGTH} characters (got {len(name)}): pod names "
-                              f"<job>-<role>-<index> are hostnames, at most 63 characters")]
+def longest_pod_name(job_name: str, role: RoleSpec) -> str:
+    """The longest pod name of a role with pods: `<job>-<role>-<replicas - 1>` (builders.pod_name)."""
+    return f"{job_name}-{role.name}-{role.replicas - 1}"
+
+
+def _job_name_errors(name: str, spec: JobSpec | None) -> list[tuple[str, str]]:
+    """metadata.name names the headless Service (a DNS-1035 label) and starts every pod name, a hostname of
+    at most 63 characters. `spec`: when it parsed, the rule is checked against each role's last pod."""
+    if not re.match(DNS_1035_LABEL, name):
+        return [("metadata.name", f"must be {RULE_DNS_1035} (got {name!r}): it names the job's headless Service")]
+    if len(name) > MAX_JOB_NAME_LENGTH:
+        return [("metadata.name", f"must be at most {MAX_JOB_NAME_LENGTH} characters (got {len(name)}): pod names "
+                                  f"<job>-<role>-<index> are hostnames, at most 63 characters, and the first is "
+                                  f"<job>-actor-0")]
+    errors = []
+    for role in spec.pod_roles() if spec is not None else ():
+        longest = longest_pod_name(name, role)
+        if len(longest) > MAX_LABEL_LENGTH:
+            limit = MAX_LABEL_LENGTH - (len(longest) - len(name))
+            errors.append(("metadata.name", f"must be at most {limit} characters with {role.replicas} {role.name} "
+                                            f"replicas (got {len(name)}): pod names <job>-<role>-<index> are "
+                                            f"hostnames, at most 63 characters, and {longest!r} has {len(longest)}"))
+    return errors
+
+
+def _self_source_errors(name: str, spec: JobSpec) -> list[tuple[str, str]]:
+    """A job cannot start from its own export (the CRD's root rules say the same; longer cycles are the
+    planner's: rlhf_operator.chain)."""
+    return [(f"{key}.fromJob", "must name another RLHFJob, not this job itself")
+            for key, source in spec.model_sources() if source.from_job == name]
 
 
 def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
@@ -526,15 +678,17 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     errors: list[tuple[str, str]] = []
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
     name = meta.get("name")
-    if not isinstance(name, str) or not name:
-        errors.append(("metadata.name", "is required"))
-    else:
-        errors.extend(_job_name_errors(name))
     if spec is None:
         try:
             spec = parse_spec(obj.get("spec"))
         except SpecError as e:
             errors.extend(e.errors)
+    if not isinstance(name, str) or not name:
+        errors.insert(0, ("metadata.name", "is required"))
+    else:
+        errors[:0] = _job_name_errors(name, spec)
+        if spec is not None:
+            errors.extend(_self_source_errors(name, spec))
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")
@@ -549,9 +703,29 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     )
 
 
+# Fields that cannot change after creation (the CRD's `self == oldSelf` rules say the same), with how to
+# change them. Every other field is rolled out (a new gang from the last checkpoint: planner._roll_out) or
+# applied in place (suspend, failurePolicy, deadlines, gangTimeoutSeconds): docs/spec.md "Spec edits".
+_NEW_JOB = "create a new job to change it (deleting this one and creating it again with the same name resumes from " \
+           "its retained checkpoint claim)"
+IMMUTABLE_FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (lambda s: s.model, "the checkpoints hold this model's weights; create a new job to train another model"),
+    "rewardModel": (lambda s: s.reward_model, _NEW_JOB),
+    "reward": (lambda s: s.reward, _NEW_JOB),
+    "dataset": (lambda s: s.dataset, f"the checkpoints hold a position in it; {_NEW_JOB}"),
+    "checkpoint.volume": (lambda s: s.checkpoint.volume,
+                          "the job's checkpoints are on it; create a new job to use another volume"),
+    "scheduling.gangScheduler": (lambda s: s.scheduling.gang_scheduler,
+                                 "its PodGroup holds the gang; create a new job to use another scheduler"),
+}
+
+
 def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, message) for every change to what cannot change after creation: the algorithm and
-    the role layout (names and colocateWith). The CRD's `self == oldSelf` rules say the same."""
+    """(path, message) for every change to what cannot change after creation: the algorithm, the role
+    layout (names and colocateWith) and IMMUTABLE_FIELDS (compared after defaulting; rewardModel only when
+    both have one, as the CRD's rule on it). The CRD's `self == oldSelf` rules say the same."""
+    if old_spec == new_spec:
+        return []  # most passes: nothing edited, nothing parsed
     changes = []
     if old_spec.get("algorithm") != new_spec.get("algorithm"):
         changes.append(("algorithm", f"is immutable (was {old_spec.get('algorithm')!r}, "
@@ -560,6 +734,16 @@ def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> lis
     if old_layout != new_layout:
         changes.append(("roles", f"role names and colocateWith are immutable (was {_describe(old_layout)}, "
                                  f"now {_describe(new_layout)})"))
+    try:
+        old, new = parse_spec(old_spec), parse_spec(new_spec)
+    except SpecError:
+        return changes  # an invalid edit is reported as such (InvalidSpec), field by field
+    for path, (read, how) in IMMUTABLE_FIELDS.items():
+        before, after = read(old), read(new)
+        if path == "rewardModel" and (before is None or after is None):
+            continue
+        if before != after:
+            changes.append((path, f"is immutable: {how}"))
     return changes
 
 

@@ -3,7 +3,8 @@
 Three pieces, each usable alone:
 
 - translate_pod(): a built pod dict -> ProcessSpec (argv, env, log and termination-log files).
-  Mount paths in env values become local folders, cluster addresses in RLHF_ROLE_ADDRS /
+  Mount paths in env values become local folders (and, through rewrite_json_paths, the paths under a
+  claim's mount in the trainer config file: a process has no mount namespace to see /sources/<job> in), cluster addresses in RLHF_ROLE_ADDRS /
   RLHF_BRIDGE_ADDR go through a resolver (127.0.0.1 + free ports locally), downward-API env
   (POD_IP, metadata.name) is filled in, and `python` becomes this interpreter.
 - Supervisor: starts each ProcessSpec as its own process group (start_new_session) so stopping a
@@ -16,6 +17,7 @@ Three pieces, each usable alone:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import signal
@@ -107,6 +109,28 @@ def rewrite_mount_path(value: str, mounts: Mapping[str, Path]) -> str:
         if value == mount or value.startswith(mount.rstrip("/") + "/"):
             return str(mounts[mount]) + value[len(mount.rstrip("/")):]
     return value
+
+
+def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
+    """A JSON document with every string value under one of `mounts` rewritten by rewrite_mount_path
+    (the trainer config's model paths under a source claim's mount); other text is returned as is."""
+    if not mounts:
+        return text
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return rewrite_mount_path(value, mounts)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return json.dumps(walk(doc), indent=2, sort_keys=True)
 
 
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -250,8 +274,9 @@ class Supervisor:
         with self._lock:
             return dict(self._procs)
 
-    def stop(self, names: Iterable[str], grace: float = 5.0) -> None:
-        """SIGTERM each pod's whole process group, wait up to grace, SIGKILL what is left, forget them."""
+    def stop(self, names: Iterable[str], grace: float = 5.0) -> list[LocalProcess]:
+        """SIGTERM each pod's whole process group, wait up to grace, SIGKILL what is left, forget them.
+        Returns the stopped processes: their exit codes are the pods' last words."""
         with self._lock:
             procs = [self._procs.pop(n) for n in names if n in self._procs]
         for p in procs:
@@ -269,6 +294,7 @@ class Supervisor:
             p.popen.wait()
         if procs:
             self.changed.set()
+        return procs
 
     def stop_all(self, grace: float = 5.0) -> None:
         self.stop(list(self.processes()), grace)

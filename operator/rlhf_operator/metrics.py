@@ -30,6 +30,7 @@ METRIC_NAMES = (
     "rlhf_operator_jobs_succeeded_total",
     "rlhf_operator_jobs_failed_total",
     "rlhf_operator_jobs_restarts_total",
+    "rlhf_operator_jobs_disruptions_total",
     "rlhf_operator_reconcile_duration_seconds",
     "rlhf_operator_time_to_running_seconds",
     "rlhf_operator_restart_latency_seconds",
@@ -68,6 +69,7 @@ class Transition:
     succeeded: bool = False
     failed_reason: str = ""  # "" = did not fail in this pass
     restarts: int = 0
+    disruptions: int = 0
     time_to_running: float | None = None
     restart_latency: float | None = None
 
@@ -83,12 +85,14 @@ def status_transition(old: dict[str, Any] | None, new: dict[str, Any], created_a
     old = old or {}
     old_phase, new_phase = old.get("phase") or "", new.get("phase") or ""
     restarts = int(new.get("restarts") or 0)
+    # Gangs of any cause (failures, disruptions); statuses without `attempt` counted only restarts.
+    attempt = int(new.get("attempt", restarts) or 0)
     became_running = new_phase == "Running" and old_phase != "Running"
     to_running = latency = None
-    if became_running and restarts == 0 and old_phase in ("", "Pending", "Creating"):
+    if became_running and attempt == 0 and old_phase in ("", "Pending", "Creating"):
         started = parse_time(created_at)
         to_running = (now - started).total_seconds() if started else None
-    if became_running and restarts > 0 and old_phase in ("Restarting", "Pending", "Creating"):
+    if became_running and attempt > 0 and old_phase in ("Restarting", "Pending", "Creating"):
         decided = parse_time(new.get("lastRestartTime"))
         latency = (now - decided).total_seconds() if decided else None
     return Transition(
@@ -96,6 +100,7 @@ def status_transition(old: dict[str, Any] | None, new: dict[str, Any], created_a
         succeeded=new_phase == "Succeeded" and old_phase != "Succeeded",
         failed_reason=_failed_reason(new) if new_phase == "Failed" and old_phase != "Failed" else "",
         restarts=max(0, restarts - int(old.get("restarts") or 0)),
+        disruptions=max(0, int(new.get("disruptions") or 0) - int(old.get("disruptions") or 0)),
         time_to_running=max(0.0, to_running) if to_running is not None else None,
         restart_latency=max(0.0, latency) if latency is not None else None,
     )
@@ -113,7 +118,9 @@ class OperatorMetrics:
         self.created = Counter("rlhf_operator_jobs_created_total", "RLHFJobs accepted", registry=r)
         self.succeeded = Counter("rlhf_operator_jobs_succeeded_total", "RLHFJobs that succeeded", registry=r)
         self.failed = Counter("rlhf_operator_jobs_failed_total", "RLHFJobs that failed", ["reason"], registry=r)
-        self.restarts = Counter("rlhf_operator_jobs_restarts_total", "gang restarts", registry=r)
+        self.restarts = Counter("rlhf_operator_jobs_restarts_total", "gang restarts after failures", registry=r)
+        self.disruptions = Counter("rlhf_operator_jobs_disruptions_total",
+                                   "gang restarts after disruptions (evictions, preemptions, lost nodes)", registry=r)
         self.reconcile = Histogram("rlhf_operator_reconcile_duration_seconds", "one reconcile pass",
                                    buckets=_RECONCILE_BUCKETS, registry=r)
         self.time_to_running = Histogram("rlhf_operator_time_to_running_seconds",
@@ -148,6 +155,8 @@ class OperatorMetrics:
             self.failed.labels(reason=change.failed_reason).inc()
         if change.restarts:
             self.restarts.inc(change.restarts)
+        if change.disruptions:
+            self.disruptions.inc(change.disruptions)
         if change.time_to_running is not None:
             self.time_to_running.observe(change.time_to_running)
         if change.restart_latency is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rlhf_operator import local, localfaults, report
+from rlhf_operator import local, localfaults, planner, report
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = [sys.executable, str(Path(__file__).with_name("local_fake_trainer.py"))]
@@ -69,6 +69,21 @@ def test_permanent_error_fails_once_without_restart_and_names_file_and_line(tmp_
     assert status["phase"] == "Failed" and status.get("restarts", 0) == 0
     failed = [c for c in status["conditions"] if c["type"] == "Failed"]
     assert failed and failed[0]["reason"] == "PermanentError" and "prompts.jsonl:3" in failed[0]["message"]
+    assert len(r.timeline.times("pod_started")) == 3  # no second gang
+
+
+def test_permanent_exit_after_the_restart_was_decided_fails_the_job(tmp_path, monkeypatch):
+    """The critic exits 1 at once; the actor runs on and, told to stop by the gang restart, exits 78 in its
+    grace period: the restart is cancelled and the job fails with the actor's message (issue 18, part 6)."""
+    monkeypatch.setattr(planner, "FAILURE_SETTLE_SECONDS", 1.0)
+    r = runner(tmp_path, manifest(max_steps=100, interval=100),
+               env={"FAKE_STEP_SECONDS": "0.5", "FAKE_EXIT_CODE": "1", "FAKE_EXIT_ROLE": "critic",
+                    "FAKE_TERM_EXIT_CODE": "78", "FAKE_EXIT_MESSAGE": "reward.callable: no module named x"})
+    status = r.run(timeout=60)
+    failed = [c for c in status["conditions"] if c["type"] == "Failed"]
+    assert status["phase"] == "Failed" and failed[0]["reason"] == "PermanentError", status
+    assert "reward.callable: no module named x" in failed[0]["message"]
+    assert "cancelled" in failed[0]["message"]
     assert len(r.timeline.times("pod_started")) == 3  # no second gang
 
 
@@ -151,4 +166,4 @@ def test_load_manifest_errors_name_the_file(tmp_path, text):
     path = tmp_path / "m.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match="m.yaml"):
-        local.load_manifest(path)
+        local.load_manifests(path)

@@ -23,15 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_contract.algorithms import ROLE_NAMES, required_roles
+from rlhf_contract.algorithms import ALGORITHMS, ROLE_NAMES, required_roles
 
-DATASET_OF = {
-    "ppo": "synthetic://arithmetic", "grpo": "synthetic://arithmetic", "rloo": "synthetic://arithmetic",
-    "dpo": "synthetic://preferences", "rm": "synthetic://preferences", "sft": "synthetic://instructions",
-}
+# The synthetic dataset of each kind of data an algorithm consumes.
+DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
+                   "sft": "synthetic://instructions", "steps": "synthetic://partial_sum_steps"}
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
-    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 16, "max_new_tokens": 4,
+    "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 48, "max_new_tokens": 4,
     "learning_rate": 1e-3, "group_size": 2,
 }
 
@@ -52,7 +51,7 @@ def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters
         "model": {"path": "tiny://llama"},
         "reward_model": {"path": reward_model} if reward_model else None,
         "reward": {"type": "model" if reward_model else "rule", "rule": "" if reward_model else "exact_match"},
-        "dataset": {"path": DATASET_OF[algorithm], "format": "prompts"},
+        "dataset": {"path": DATASET_OF_KIND[ALGORITHMS[algorithm].data], "format": "prompts"},
         "roles": roles or {r: {"replicas": 1} for r in required_roles(algorithm, "model" if reward_model else "rule")},
         "hyperparameters": {**FAST_HYPERPARAMETERS, **(hyperparameters or {})},
         "checkpoint": {"interval_steps": 1, "keep": 2},
@@ -96,8 +95,12 @@ class Run:
 
 
 def launch(config: dict, workdir: Path, *, checkpoint_dir: Path | None = None, restart_attempt: int = 0,
-           timeout: float = 300, extra_env: dict | None = None, config_text: str | None = None) -> Run:
-    """Run every process of the job to completion (or first failure) and collect exit codes and logs."""
+           timeout: float = 300, extra_env: dict | None = None, config_text: str | None = None,
+           while_running=None, kill_on_failure: bool = True) -> Run:
+    """Run every process of the job to completion (or first failure) and collect exit codes and logs.
+
+    while_running(run, processes): called every 0.1 s with the live processes by name (to signal them);
+    kill_on_failure=False lets the others finish when one exits non-zero (a stopped gang exits 143)."""
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = checkpoint_dir or workdir / "checkpoints"
     config_path = workdir / "config.json"
@@ -134,8 +137,10 @@ def launch(config: dict, workdir: Path, *, checkpoint_dir: Path | None = None, r
                 if proc.poll() is not None:
                     run.returncodes[name] = proc.returncode
                     del running[name]
-                    if proc.returncode != 0:
+                    if proc.returncode != 0 and kill_on_failure:
                         _kill_all(running, run)
+            if while_running is not None and running:
+                while_running(run, running)
             time.sleep(0.1)
     finally:
         if running:  # timed out: have each one print where it waits, then kill

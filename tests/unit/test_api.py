@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 import rlhfjob_cases as cases
+import yaml
 from rlhf_contract import algorithms
-from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
+from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, RewardConfig
 from rlhf_contract.knobs import camel_case, settings_of
 from rlhf_operator import api
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
@@ -35,8 +36,8 @@ def test_minimal_spec_gets_every_default():
     spec = parse_spec(MINIMAL)
     assert spec.image_pull_policy == "IfNotPresent"
     assert spec.reward == RewardConfig(type="model")
-    assert spec.reward_model == ModelConfig(path="/models/rm")
-    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="prompts", eval_path="")
+    assert spec.reward_model == api.ModelSource(path="/models/rm")
+    assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
     assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
     assert spec.scheduling == api.SchedulingSpec(gang_scheduler="", gang_timeout_seconds=300)
@@ -108,12 +109,25 @@ def test_role_fields_are_kept():
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "deepspeed": {"zeroStage": 3, "bf16": True, "offloadOptimizer": True, "gradientCheckpointing": True}}
-    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role]})
+    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role], "hyperparameters": {"batchSize": 16}})
     actor = spec.role("actor")
     assert (actor.replicas, actor.image, actor.gpus) == (2, "custom:2", 8)
+    assert actor.processes_per_pod == 8  # unset: one process per GPU
     assert actor.resources == role["resources"] and actor.node_selector == {"pool": "gpu"}
     assert actor.tolerations == role["tolerations"]
     assert actor.deepspeed == DeepSpeedConfig(3, True, True, True)
+
+
+@pytest.mark.parametrize("role, expected", [
+    ({"name": "actor"}, 1),
+    ({"name": "actor", "gpus": 4}, 4),
+    ({"name": "actor", "gpus": 4, "processesPerPod": 1}, 1),  # e.g. one process driving 4 GPUs itself
+    ({"name": "actor", "processesPerPod": 2}, 2),  # CPU: two gloo ranks per pod
+])
+def test_processes_per_pod_default_to_the_gpus_else_one(role, expected):
+    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role], "hyperparameters": {"batchSize": 8}})
+    assert spec.role("actor").processes_per_pod == expected
+    assert spec.placements["actor"].ranks == expected
 
 
 def test_colocated_roles_have_no_pods_of_their_own():
@@ -211,18 +225,30 @@ def test_parse_job_defaults_for_a_manifest_file():
     assert (job.namespace, job.uid, job.generation, job.creation_timestamp, job.status) == ("default", "", 1, "", {})
 
 
-@pytest.mark.parametrize(("length", "valid"), [(1, True), (50, True), (51, False), (253, False)])
+@pytest.mark.parametrize(("length", "valid"), [(1, True), (51, True), (56, False), (253, False)])
 def test_job_name_length_limit_keeps_pod_names_within_63_characters(length, valid):
     name = "j" * length
     if valid:
         assert parse_job({"metadata": {"name": name}, "spec": MINIMAL}).name == name
-        # the longest pod name: the longest role and a two-digit index
-        assert len(f"{name}-reference-99") <= 63
+        assert len(f"{name}-reference-0") <= 63
     else:
         with pytest.raises(SpecError) as raised:
             parse_job({"metadata": {"name": name}, "spec": MINIMAL})
-        assert raised.value.errors == [("metadata.name", f"must be at most 50 characters (got {length}): pod names "
-                                                         "<job>-<role>-<index> are hostnames, at most 63 characters")]
+        assert raised.value.errors == [("metadata.name", f"must be at most 55 characters (got {length}): pod names "
+                                                         "<job>-<role>-<index> are hostnames, at most 63 characters, "
+                                                         "and the first is <job>-actor-0")]
+
+
+@pytest.mark.parametrize("path", sorted((cases.CASES / "user_reports").glob("job-*.yaml")), ids=lambda p: p.stem)
+def test_user_reported_job_names_are_refused_naming_metadata_name_and_the_rule(path):
+    """Names users applied that a cluster then refused for the job's Service (422, a retry loop)."""
+    manifest = yaml.safe_load(path.read_text())
+    with pytest.raises(SpecError) as raised:
+        parse_job(manifest)
+    [(field_path, message)] = raised.value.errors
+    assert field_path == "metadata.name"
+    assert message.startswith("must be a DNS-1035 label: lowercase letters, digits and '-', starting with a letter")
+    assert repr(manifest["metadata"]["name"]) in message
 
 
 def test_parse_spec_alone_does_not_see_the_name():

@@ -53,7 +53,7 @@ def test_bars_redraw_in_place():
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "exactly one RLHFJob"),
+    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "at least one RLHFJob"),
     ("apiVersion: v1\nkind: RLHFJob\n", "apiVersion must be rlhf.dev/v1alpha1"),
     ("a: [", "not YAML"),
 ])
@@ -61,7 +61,7 @@ def test_load_manifest_errors(tmp_path, text, match):
     path = tmp_path / "job.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match=match):
-        local.load_manifest(path)
+        local.load_manifests(path)
 
 
 def test_every_built_pod_volume_maps_to_a_local_folder(tmp_path):
@@ -73,3 +73,17 @@ def test_every_built_pod_volume_maps_to_a_local_folder(tmp_path):
         assert mounts["/checkpoints"] == tmp_path / "checkpoints"
         assert mounts["/etc/rlhf"] == tmp_path / "config"
         assert all(str(p).startswith(str(tmp_path)) for p in mounts.values())
+
+
+def test_relative_model_and_dataset_paths_are_read_next_to_the_manifest(tmp_path):
+    obj = {"kind": "RLHFJob", "spec": {
+        "model": {"path": "models/policy"}, "rewardModel": {"path": "/abs/rm"},
+        "dataset": {"path": "pairs.jsonl", "evalPath": "synthetic://preferences", "format": "pairs"}}}
+    spec = local.resolve_local_paths(obj, tmp_path / "jobs")["spec"]
+    assert spec["model"] == {"path": str(tmp_path / "jobs" / "models" / "policy")}
+    assert spec["rewardModel"] == {"path": "/abs/rm"}
+    assert spec["dataset"] == {"path": str(tmp_path / "jobs" / "pairs.jsonl"), "evalPath": "synthetic://preferences",
+                               "format": "pairs"}
+    assert obj["spec"]["dataset"]["path"] == "pairs.jsonl"  # the caller's manifest is left as it was
+    tiny = {"spec": {"model": {"path": "tiny://llama"}}}
+    assert local.resolve_local_paths(tiny, tmp_path) == tiny

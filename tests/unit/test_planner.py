@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
-from rlhf_operator import planner
+from rlhf_operator import builders, planner
 from rlhf_operator.api import PHASES, parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import MAX_BACKOFF_SECONDS
@@ -53,12 +53,22 @@ def make_job(status=None, roles=None, generation=1, **spec):
 
 def pod(name: str, phase: str = "Running", attempt: int = 0, exit_code: int | None = None,
         message: str = "", reason: str = "", terminating: bool = False,
-        finished: float | None = None) -> ObservedPod:
+        finished: float | None = None, waiting: tuple[str, str] = ("", ""), disruption: str = "") -> ObservedPod:
     _, role, index = name.split("-")
     finished_at = T0 + timedelta(seconds=finished) if finished is not None else None
     return ObservedPod(name=name, role=role, index=int(index), attempt=attempt, phase=phase,
                        exit_code=exit_code, reason=reason, message=message, terminating=terminating,
-                       finished_at=finished_at)
+                       finished_at=finished_at, waiting_reason=waiting[0], waiting_message=waiting[1],
+                       disruption=disruption)
+
+
+def waiting(name: str, reason: str, message: str = "") -> ObservedPod:
+    """A Pending pod of attempt 0 whose container (or scheduling) waits for `reason`."""
+    return pod(name, "Pending", waiting=(reason, message))
+
+
+PULL_BACKOFF = 'Back-off pulling image "registry.example/trainer:nope"'
+BLOCKED_ACTOR = [{"name": "j-actor-0", "reason": "ErrImagePull", "message": PULL_BACKOFF}]
 
 
 def running(*names: str, attempt: int = 0) -> tuple[ObservedPod, ...]:
@@ -84,6 +94,8 @@ def status(phase: str = "Pending", restarts: int = 0, created: float | None = No
 
 CREATING = status("Creating", created=0)
 RUNNING = status("Running", created=0, running_since=10)
+# The digest of the gang make_job() builds: a status whose gang came from the unedited spec.
+BUILT = {"specHash": builders.rollout_hash(make_job(), SETTINGS), "observedGeneration": 1}
 
 
 def created_names(plan) -> list[str]:
@@ -118,6 +130,10 @@ class Case:
     restarts: int | None = None
     cond: tuple[str, str, str] | None = None  # (type, status, reason)
     message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
+    status_has: dict = field(default_factory=dict)  # status keys and their values (None = absent)
+    annotates: list[str] = field(default_factory=list)  # pods marked retriable-in-group: "false"
+    updates: list[str] = field(default_factory=list)  # objects rewritten (UpdateObject)
+    generation: int = 1
 
 
 CASES: dict[str, Case] = {
@@ -131,9 +147,34 @@ CASES: dict[str, Case] = {
     "a lost support object is recreated while running": Case(
         status=RUNNING, pods=running(*GANG), at=50, existing=SUPPORT - {("ConfigMap", "j-config")},
         phase="Running", creates=["j-config"]),
-    "volcano job: the PodGroup is created too": Case(
-        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Creating",
-        creates=["j", *GANG], events=["GangCreated"], requeue=300),
+    # --- release what holds cluster resources (issue 18, part 8)
+    "volcano job: the PodGroup first, the gang once it exists": Case(
+        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Pending", creates=["j"]),
+    "volcano job whose PodGroup exists: the gang is created": Case(
+        status={"phase": "Pending"}, spec={"scheduling": {"gangScheduler": "volcano"}},
+        existing=SUPPORT | {("PodGroup", "j")}, phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    "coscheduling: a lost PodGroup is recreated before any new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        spec={"scheduling": {"gangScheduler": "coscheduling"}}, at=60, phase="Restarting", creates=["j"]),
+    "suspend deletes the PodGroup too": Case(
+        status=RUNNING, spec={"suspend": True, "scheduling": {"gangScheduler": "volcano"}}, pods=running(*GANG),
+        existing=SUPPORT | {("PodGroup", "j")}, at=100, phase="Suspended", deletes=GANG, events=["Suspended"]),
+    "resume recreates the PodGroup, then the gang": Case(
+        status=status("Suspended", startTime=ts(0)), spec={"scheduling": {"gangScheduler": "volcano"}}, at=1000,
+        phase="Pending", creates=["j"], events=["Resumed"]),
+    "a failed Kueue gang: its pods are marked not retriable before they go": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Failed", exit_code=78), pod("j-critic-0")), at=1, phase="Failed",
+        annotates=["j-actor-0", "j-critic-0"]),
+    "a failed Kueue gang whose pods are marked: the live ones are deleted": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(dataclasses.replace(pod("j-actor-0", "Failed", exit_code=78), not_retriable=True),
+              dataclasses.replace(pod("j-critic-0"), not_retriable=True)), at=2, phase="Failed",
+        deletes=["j-critic-0"]),
+    "a succeeded Kueue gang is not marked": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0")), at=1, phase="Succeeded",
+        deletes=["j-critic-0"]),
     "gang timeout setting decides the first wake-up": Case(
         status={}, spec={"scheduling": {"gangTimeoutSeconds": 45}}, phase="Creating",
         creates=GANG, events=["GangCreated"], requeue=45),
@@ -186,17 +227,98 @@ CASES: dict[str, Case] = {
     "after a gang timeout and its backoff: same attempt again": Case(
         status=status("Restarting", restarting=("GangTimeout", 400), gangTimeouts=2), at=420,
         phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    # --- pods that can never start (issue 18, part 7)
+    "an image that cannot be pulled: status, Running condition and one event in the kubelet's words": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=100,
+        phase="Creating", events=["PodsCannotStart"], requeue=200, cond=("Running", "False", "ImagePullBackOff"),
+        message_has=("pod j-actor-0: ImagePullBackOff: Back-off pulling image",),
+        status_has={"podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": PULL_BACKOFF}]}),
+    "the kubelet alternating ErrImagePull and ImagePullBackOff: no second event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=150,
+        phase="Creating", events=[], requeue=150),
+    "another pod blocked too: a new event": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ErrImagePull", PULL_BACKOFF),
+              waiting("j-critic-0", "CreateContainerConfigError", 'secret "hf-token" not found')), at=150,
+        phase="Creating", events=["PodsCannotStart"], requeue=150, cond=("Running", "False", "ErrImagePull"),
+        message_has=("j-actor-0", 'j-critic-0: CreateContainerConfigError: secret "hf-token" not found')),
+    "an invalid image name is reported": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "InvalidImageName", 'couldn\'t parse image name "Trainer:1"'),
+                               pod("j-critic-0")), at=10,
+        phase="Creating", events=["PodsCannotStart"], requeue=290, cond=("Running", "False", "InvalidImageName")),
+    "an unschedulable pod is reported with the scheduler's message": Case(
+        status=CREATING, pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable",
+                                                         "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.")),
+        at=60, phase="Creating", events=["PodsCannotStart"], requeue=240, cond=("Running", "False", "Unschedulable"),
+        message_has=("Insufficient nvidia.com/gpu",)),
+    "a container being created is no block": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "ContainerCreating"), pod("j-critic-0")), at=10,
+        phase="Creating", events=[], requeue=290, status_has={"podsNotStarting": None}),
+    "the gang runs at last: the block is cleared": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR}, pods=running(*GANG), at=200, phase="Running",
+        events=["Running"], cond=("Running", "True", "GangRunning"), status_has={"podsNotStarting": None}),
+    "gang timeout of a blocked gang: the kubelet's reason is in the message": Case(
+        status={**CREATING, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Restarting", deletes=GANG, events=["GangTimeout"], requeue=10,
+        cond=("Restarting", "True", "GangTimeout"), message_has=("gang timeout 1 of 5", "ImagePullBackOff"),
+        status_has={"gangTimeouts": 1, "podsNotStarting": None}),
+    "the gang timeout after maxGangTimeouts fails the job": Case(
+        status={**CREATING, "gangTimeouts": 5, "podsNotStarting": BLOCKED_ACTOR},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=300,
+        phase="Failed", deletes=GANG, events=["Failed"], cond=("Failed", "True", "ReachedMaxGangTimeouts"),
+        message_has=("6th time", "maxGangTimeouts 5", "Back-off pulling image"), status_has={"gangTimeouts": 6}),
+    "maxGangTimeouts 0: the first gang timeout fails the job": Case(
+        status=CREATING, spec={"failurePolicy": {"maxGangTimeouts": 0}},
+        pods=(pod("j-actor-0"), waiting("j-critic-0", "Unschedulable", "0/1 nodes are available")), at=300,
+        phase="Failed", deletes=GANG, events=["PodsCannotStart", "Failed"],
+        cond=("Failed", "True", "ReachedMaxGangTimeouts"), message_has=("1st time",)),
+    "pods held by Kueue's scheduling gate wait in the queue: no gang timeout": Case(
+        status=CREATING, pods=(waiting("j-actor-0", "SchedulingGated", "Scheduling is blocked due to non-empty "
+                                       "scheduling gates"), waiting("j-critic-0", "SchedulingGated")), at=300,
+        phase="Creating", events=[], requeue=300, status_has={"gangTimeouts": None}),
+    # --- spec edits: rolled out, or applied in place (issue 18, part 3)
+    "a hyperparameter edit while running: new config, a new gang from the last checkpoint, no failure": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"hyperparameters": {"maxSteps": 40}}, pods=running(*GANG),
+        at=500, phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"], requeue=None,
+        cond=("Restarting", "True", "SpecChanged"), message_has=("generation 2", "not counted in restarts"),
+        status_has={"restarts": 0, "attempt": 1, "disruptions": None}, restarts=0),
+    "a replicas edit (a resize) is rolled out the same way": Case(
+        status={**RUNNING, **BUILT}, generation=2, pods=running(*GANG), at=500,
+        spec={"roles": [{"name": "actor", "replicas": 2}, {"name": "critic"},
+                        {"name": "reference", "colocateWith": "actor"}]},
+        phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"],
+        cond=("Restarting", "True", "SpecChanged")),
+    "an image edit changes only the pods: still a rollout": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"image": "trainer:2"}, pods=running(*GANG), at=500,
+        phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"]),
+    "an edit of a field applied in place (failurePolicy) restarts nothing": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"failurePolicy": {"maxRestarts": 9}}, pods=running(*GANG),
+        at=500, phase="Running", status_has={"specHash": BUILT["specHash"]}),
+    "an edit while the gang is down: the config now, the gang next pass": Case(
+        status={**status("Restarting", restarts=1, restarting=("PodFailed", 0)), **BUILT}, generation=2,
+        spec={"hyperparameters": {"learningRate": 0.5}}, at=60, phase="Restarting", updates=["j-config"], requeue=1,
+        events=["SpecChanged"], status_has={"attempt": 1, "restarts": 1}),
+    "after a rollout the new gang comes at once (no backoff)": Case(
+        status=status("Restarting", restarts=2, restarting=("SpecChanged", 0), attempt=3), at=0.5,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300, status_has={"restarts": 2}),
+    "an edit of a finished job changes nothing": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0), **BUILT}, generation=2,
+        spec={"hyperparameters": {"maxSteps": 40}}, at=5, phase="Succeeded"),
     # --- pods that vanish
     "pod missing just after creation (cache lag): wait out the grace": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
         requeue=planner.MISSING_POD_GRACE_SECONDS - 5),
-    "pod missing after the grace: the gang failed, restart": Case(
+    "pod missing after the grace: deleted by someone else, a disruption": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=planner.MISSING_POD_GRACE_SECONDS,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10,
-        cond=("Restarting", "True", "PodMissing"), message_has=("j-critic-0 was deleted",)),
-    "a running pod deleted by someone else: restart": Case(
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was deleted", "disruption 1 of 10"),
+        status_has={"disruptions": 1, "attempt": 1}),
+    "a running pod deleted by someone else: a disruption, not a failure": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", terminating=True)), at=500,
-        phase="Restarting", restarts=1, deletes=["j-actor-0"], events=["PodFailed", "GangRestart"], requeue=10),
+        phase="Restarting", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "attempt": 1}),
     # --- failures
     "retryable exit code: delete every pod, restart after backoff": Case(
         status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=1, message="CUDA error")),
@@ -206,10 +328,45 @@ CASES: dict[str, Case] = {
         status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=137, reason="OOMKilled"), pod("j-critic-0")),
         at=500, phase="Restarting", restarts=1, deletes=GANG, message_has=("OOMKilled",),
         cond=("Restarting", "True", "PodFailed"), events=["PodFailed", "GangRestart"], requeue=10),
-    "evicted pod without an exit code is retryable": Case(
-        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted",
+    # --- disruptions are not failures (issue 18, part 5)
+    "an evicted pod: a disruption, restarts untouched": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", reason="Evicted", disruption="Evicted",
                                                     message="node low on memory")),
-        at=500, phase="Restarting", restarts=1, deletes=GANG, events=["PodFailed", "GangRestart"], requeue=10),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        cond=("Restarting", "True", "Disrupted"), message_has=("j-critic-0 was disrupted (Evicted)", "node low"),
+        status_has={"disruptions": 1, "attempt": 1, "restarts": 0}),
+    "a preempted pod and its peer's failure that followed: one disruption": Case(
+        status=RUNNING, pods=(pod("j-actor-0", "Failed", exit_code=1, finished=498),
+                              pod("j-critic-0", "Failed", exit_code=143, finished=497,
+                                  disruption="PreemptionByScheduler")),
+        at=500, phase="Restarting", restarts=0, deletes=GANG, events=["PodFailed", "PodFailed", "GangDisrupted"],
+        requeue=10, status_has={"disruptions": 1, "restarts": 0}),
+    "a disruption after failures: the base backoff, the failure count kept": Case(
+        status=status("Running", restarts=2, created=0, running_since=10, attempt=2),
+        pods=(pod("j-actor-0", attempt=2),
+              pod("j-critic-0", "Failed", exit_code=143, attempt=2, disruption="DeletionByTaintManager")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 2, "attempt": 3}),
+    "a disruption when maxRestarts is used up still restarts": Case(
+        status=status("Running", restarts=3, created=0, running_since=10, attempt=3),
+        pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", attempt=3, disruption="EvictionByEvictionAPI")),
+        at=500, phase="Restarting", deletes=GANG, events=["PodFailed", "GangDisrupted"], requeue=10,
+        status_has={"disruptions": 1, "restarts": 3, "attempt": 4}),
+    "maxDisruptions reached: Failed": Case(
+        status=status("Running", created=0, running_since=10, attempt=2, disruptions=2),
+        spec={"failurePolicy": {"maxDisruptions": 2}},
+        pods=(pod("j-actor-0", attempt=2), pod("j-critic-0", "Failed", attempt=2, disruption="Evicted")),
+        at=500, phase="Failed", deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "ReachedMaxDisruptions"), message_has=("maxDisruptions 2",)),
+    "the new gang after a disruption carries the next attempt": Case(
+        status=status("Restarting", restarting=("Disrupted", 0), attempt=1, disruptions=1), at=10,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300, status_has={"attempt": 1}),
+    "a disruption waits the base backoff only": Case(
+        status=status("Restarting", restarts=3, restarting=("Disrupted", 0), attempt=5, disruptions=2),
+        spec={"failurePolicy": {"maxRestarts": 5}}, at=4, phase="Restarting", requeue=6),
+    "a status written before attempts were counted apart: attempt = restarts": Case(
+        status=status("Running", restarts=2, created=0, running_since=10),
+        pods=running(*GANG, attempt=2), at=100, phase="Running", status_has={"attempt": 2}),
     "second restart doubles the backoff": Case(
         status=status("Running", restarts=1, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=1), pod("j-critic-0", "Failed", exit_code=1, attempt=1)),
@@ -246,6 +403,38 @@ CASES: dict[str, Case] = {
                               pod("j-critic-0", "Failed", exit_code=1, finished=497)),
         at=500, phase="Failed", restarts=0, events=["PodFailed", "PodFailed", "Failed"],
         cond=("Failed", "True", "PermanentError"), message_has=("j-actor-0", "reward.callable")),
+    # --- a permanent exit decides, however late it comes (issue 18, part 6)
+    "a permanent exit after the restart was decided cancels the restart": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True,
+                  message="dataset.format: must be pairs"),),
+        at=16, phase="Failed", restarts=1, events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError"),
+        message_has=("j-actor-0", "exit code 78", "dataset.format", "restart is cancelled")),
+    "a permanent exit seen only once the backoff is over still beats the new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        pods=(pod("j-actor-0", "Failed", exit_code=65, finished=3, terminating=True),), at=60,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit of a pod someone else is deleting is permanent": Case(
+        status=RUNNING, pods=(pod("j-actor-0"), pod("j-critic-0", "Failed", exit_code=78, terminating=True)),
+        at=500, phase="Failed", restarts=0, deletes=["j-actor-0"], events=["PodFailed", "Failed"],
+        cond=("Failed", "True", "PermanentError"), message_has=("j-critic-0",)),
+    "a permanent exit of a gang that timed out is permanent": Case(
+        status=status("Restarting", restarting=("GangTimeout", 300), gangTimeouts=1),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=301),), at=302,
+        phase="Failed", events=["PodFailed", "Failed"], cond=("Failed", "True", "PermanentError")),
+    "a permanent exit long after the settle window, while peers still ran, fails the job": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 520)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=530, terminating=True),
+              pod("j-critic-0", "Failed", exit_code=1, finished=500, terminating=True)),
+        at=531, phase="Failed", events=["PodFailed", "Failed"], message_has=("j-actor-0",)),
+    "a retryable exit of the old gang after the restart changes nothing": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=143, finished=15, terminating=True),), at=16,
+        phase="Restarting", restarts=1),
+    "a pod two attempts old does not decide this gang": Case(
+        status=status("Restarting", restarts=2, restarting=("PodFailed", 10)),
+        pods=(pod("j-actor-0", "Failed", exit_code=78, finished=15, terminating=True, attempt=0),), at=16,
+        phase="Restarting", restarts=2),
     "maxRestarts reached: Failed": Case(
         status=status("Running", restarts=3, created=0, running_since=10),
         pods=(pod("j-actor-0", attempt=3), pod("j-critic-0", "Failed", exit_code=1, attempt=3)),
@@ -324,7 +513,7 @@ CASES: dict[str, Case] = {
 @pytest.mark.parametrize("name", CASES)
 def test_plan(name):
     case = CASES[name]
-    job = make_job(status=case.status, **case.spec)
+    job = make_job(status=case.status, generation=case.generation, **case.spec)
     plan = planner.plan(job, Observed(case.pods, case.existing), T0 + timedelta(seconds=case.at), SETTINGS)
     if case.phase is not None:
         assert plan.status["phase"] == case.phase
@@ -341,7 +530,13 @@ def test_plan(name):
         assert (got["status"], got["reason"]) == (want_status, reason)
         for text in case.message_has:
             assert text in got["message"]
-    assert plan.status["observedGeneration"] == 1
+    assert [a.obj["metadata"]["name"] for a in plan.actions if isinstance(a, planner.UpdateObject)] == case.updates
+    marked = [a for a in plan.actions if isinstance(a, planner.AnnotatePods)]
+    assert [n for a in marked for n in a.names] == case.annotates
+    assert all(a.annotations == (("kueue.x-k8s.io/retriable-in-group", "false"),) for a in marked)
+    for key, value in case.status_has.items():
+        assert plan.status.get(key) == value, key
+    assert plan.status["observedGeneration"] == case.generation
     assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
     assert job.status == case.status  # the input is never mutated
 
@@ -506,6 +701,52 @@ OBSERVE_CASES = {
         {"metadata": {"name": "j-critic-1", "labels": LABELS},
          "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
         dict(phase="Failed", exit_code=None, reason="Evicted", message="The node was low on resource: memory."),
+    ),
+    "an image that cannot be pulled": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ImagePullBackOff", "message": "Back-off pulling image \"x\"\n"}}}]}},
+        dict(phase="Pending", waiting_reason="ImagePullBackOff", waiting_message='Back-off pulling image "x"'),
+    ),
+    "an init container that cannot start comes first": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending",
+                    "initContainerStatuses": [{"name": "fetch", "state": {"waiting": {
+                        "reason": "CreateContainerConfigError", "message": "secret \"s\" not found"}}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}]}},
+        dict(waiting_reason="CreateContainerConfigError", waiting_message='secret "s" not found'),
+    ),
+    "unschedulable: the scheduler's condition": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                        "reason": "Unschedulable", "message": "0/2 nodes"}]}},
+        dict(waiting_reason="Unschedulable", waiting_message="0/2 nodes"),
+    ),
+    "a container being created is no reason": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+             "reason": "ContainerCreating"}}}]}},
+        dict(waiting_reason="", waiting_message=""),
+    ),
+    "preempted: the DisruptionTarget condition names the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [
+             {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+              "message": "default-scheduler: preempting to accommodate a higher priority pod"}],
+             "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 143}}}]}},
+        dict(phase="Failed", exit_code=143, disruption="PreemptionByScheduler",
+             message="default-scheduler: preempting to accommodate a higher priority pod"),
+    ),
+    "evicted by the kubelet: the pod's reason is the disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}},
+        dict(disruption="Evicted"),
+    ),
+    "a failure is no disruption": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "False"}],
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}},
+        dict(exit_code=1, disruption=""),
     ),
     "being deleted": (
         {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
@@ -705,7 +946,7 @@ def test_random_histories_keep_the_invariants(seed):
         assert plan.requeue_after is None or plan.requeue_after > 0
         live = [p for p in cluster.pods.values() if not p.terminating]
         if st["phase"] in ("Creating", "Running"):
-            assert {p.attempt for p in live} <= {st["restarts"]}
+            assert {p.attempt for p in live} <= {st["attempt"]}
         counted = sum(sum(v for k, v in counts.items() if k != "desired") for counts in st["roles"].values())
         assert counted <= len(cluster.pods)
         if finished_at is not None:
@@ -717,3 +958,17 @@ def test_random_histories_keep_the_invariants(seed):
     assert finished_at in ("Succeeded", "Failed"), cluster.job.status
     attempts = [a for _, a in cluster.created_pods]
     assert attempts == sorted(attempts), "gangs are created in attempt order"
+
+
+def test_a_child_rejected_failure_holds_until_the_spec_is_edited():
+    rejected = planner.child_rejected_status({"phase": "Creating", "restarts": 0}, 1,
+                                             "the API server refused Service j: invalid", T0)
+    assert rejected["phase"] == "Failed" and rejected["completionTime"] == ts(0)
+    assert condition(planner.Plan((), rejected, None), "Failed")["reason"] == planner.REASON_CHILD_REJECTED
+    same = planner.plan(make_job(status=rejected), Observed((pod("j-actor-0"),), SUPPORT), T0 + timedelta(seconds=5),
+                        SETTINGS)
+    assert same.status["phase"] == "Failed" and created_names(same) == [] and deleted_names(same) == ["j-actor-0"]
+    edited = planner.plan(make_job(status=rejected, generation=2), Observed((), SUPPORT), T0 + timedelta(seconds=9),
+                          SETTINGS)
+    assert edited.status["phase"] == "Creating"
+    assert event_reasons(edited) == ["SpecFixed", "GangCreated"]

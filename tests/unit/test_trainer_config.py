@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rlhf_contract.algorithms import required_roles
+from rlhf_contract.algorithms import NAMES, required_roles
 from rlhf_contract.config import load_config, parse_config
 from rlhf_trainer.errors import ConfigError
 
@@ -109,9 +109,15 @@ def test_all_errors_are_reported_at_once():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"algorithm": "a2c"}, 'algorithm: "a2c" is not one of ppo, grpo, rloo, dpo, rm, sft'),
+        ({"algorithm": "a2c"}, f'algorithm: "a2c" is not one of {", ".join(NAMES)}'),
         ({"job": None}, "job: expected a string"),
         ({"dataset": {"path": "x.jsonl", "format": "csv"}}, "dataset.format"),
+        ({"dataset": {"path": "x.jsonl", "template": "chatml"}},
+         "dataset.template: must be one of: auto, chat, raw, or a Jinja chat template (got chatml)"),
+        ({"dataset": {"path": "x.jsonl", "fields": {"question": "q"}}}, "dataset.fields.question: unknown field"),
+        ({"dataset": {"path": "x.jsonl", "fields": {"prompt": 3}}}, "dataset.fields.prompt: expected a string"),
+        ({"hyperparameters": {"max_truncated_share": 1.5}}, "hyperparameters.max_truncated_share: must be <= 1 (got 1.5)"),
+        ({"hyperparameters": {"max_length": 1}}, "hyperparameters.max_length: must be >= 2 (got 1)"),
         ({"reward": {"type": "rule", "rule": "regex"}}, "reward.pattern: required when reward.rule is regex"),
         ({"reward": {"type": "rule", "rule": "callable", "callable": "pkg.mod"}}, 'reward.callable: expected "module:function"'),
         ({"reward": {"type": "model"}}, "reward_model.path: required when reward.type is model"),

@@ -1,8 +1,10 @@
-"""`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
+"""`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract"), or, in a pod
+with RLHF_PROCESSES_PER_POD > 1, the launcher of that many (rlhf_trainer.launcher).
 
 Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
-goes to stderr and to the termination log so `kubectl describe pod` shows it; anything else
-propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
+(SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
+else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from rlhf_contract import wire
 
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_trainer.stopping import Stopped
 
 
 def write_termination_message(message: str, env: dict[str, str]) -> None:
@@ -27,11 +30,24 @@ def write_termination_message(message: str, env: dict[str, str]) -> None:
         pass
 
 
+def launches(env: dict[str, str]) -> bool:
+    """Whether this is a pod's entry point that starts several processes (rather than one of them)."""
+    return wire.ENV_LOCAL_RANK not in env and env.get(wire.ENV_PROCESSES_PER_POD, "").strip() not in ("", "1")
+
+
 def main(env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        if launches(env):
+            from rlhf_trainer import launcher
+
+            try:  # the env is checked once, before anything starts
+                processes = int(launcher.child_env(env, 0)["LOCAL_WORLD_SIZE"])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            return launcher.run_pod([sys.executable, "-m", "rlhf_trainer"], env, processes)
         from rlhf_contract.config import load_config
 
         from rlhf_trainer.distributed import read_process_env
@@ -44,6 +60,9 @@ def main(env: dict[str, str] | None = None) -> int:
         from rlhf_trainer.runtime import run
 
         run(process, config)
+    except Stopped as exc:
+        print(f"rlhf_trainer: {exc}", file=sys.stderr, flush=True)
+        return wire.EXIT_STOPPED
     except (ConfigError, DataError) as exc:
         kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
         message = f"rlhf_trainer: {kind} error: {exc}"

@@ -1,18 +1,11 @@
-"""Datasets: JSONL readers, synthetic tasks, a resumable sampler, and tokenisation helpers.
+"""Datasets: loading for an algorithm, synthetic tasks, a resumable sampler, and tokenisation helpers.
 
     records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=ALGORITHMS[cfg.algorithm].data)
     sampler = Sampler(len(records), cfg.hyperparameters.batch_size, seed=cfg.hyperparameters.seed)
     batch = [records[i] for i in sampler.next_batch()]
 
-JSONL formats (one object per line; blank lines are skipped; a bad row is a DataError "file:line: ..."):
-
-| format      | row                                                             | records       |
-|-------------|-----------------------------------------------------------------|---------------|
-| prompts     | {"prompt": str, "answer": str (optional)}                       | PromptRecord  |
-| pairs       | {"prompt": str, "chosen": str, "rejected": str}                  | PairRecord    |
-| instruction | {"instruction", "input", "output": str, "history": [[q, a], ..]} | SFTRecord     |
-| ranked      | {"prompt": str, "outputs": [best, ..., worst]}                   | every (better, worse) PairRecord |
-| pair_list   | {"prompt": str, "output": [chosen, rejected]}                    | PairRecord    |
+Files (JSONL, JSON, Parquet, CSV, save_to_disk folders) and their row formats are read by
+rlhf_trainer.formats; the records are defined in rlhf_trainer.records.
 
 What an algorithm consumes (`kind`): ppo/grpo/rloo take prompts (from any format; instruction rows
 give their output as the answer), dpo/rm take preference pairs, sft takes prompt/response pairs
@@ -38,147 +31,37 @@ Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ig
   and a harder second one. (Designed so; not measured here.)
 - `synthetic://instructions` (instruction): add two numbers, repeat a word, next letter of the
   alphabet; a quarter of the rows carry a one-turn history.
+- `synthetic://partial_sums` (prompts) and `synthetic://partial_sum_steps` (stepwise): multi-operand
+  sums solved one partial sum per line, for process reward models (rlhf_trainer.stepwise). They
+  are not part of the tiny tokenizer's corpus, so adding them changed no tokenisation.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from rlhf_contract.config import PAIR_FORMATS, SYNTHETIC_PREFIX
 
+from rlhf_trainer.chat import RAW_GENERATION_PROMPT, raw_block
 from rlhf_trainer.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    prompt: str
-    answer: str | None = None  # reference answer for rule rewards (exact_match)
-    source: str = ""  # "file.jsonl:LINE", for error messages raised later
-
-
-@dataclass(frozen=True)
-class PairRecord:
-    prompt: str
-    chosen: str
-    rejected: str
-    source: str = ""
-
-
-@dataclass(frozen=True)
-class SFTRecord:
-    prompt: str  # the formatted instruction (and history), ending where the response begins
-    response: str
-    source: str = ""
-
-
-Record = PromptRecord | PairRecord | SFTRecord
-
+from rlhf_trainer.formats import read_records, read_table
+from rlhf_trainer.records import PairRecord, PromptRecord, Record, SFTRecord, StepRecord
 
 # ---- instruction template -----------------------------------------------------------------------
 
 
 def format_instruction(instruction: str, input_text: str = "", history: Sequence[Sequence[str]] = ()) -> str:
-    """Alpaca-style prompt; earlier turns come first as instruction/response blocks."""
-    turns = [f"### Instruction:\n{q}\n### Response:\n{a}\n" for q, a in history]
-    body = f"### Instruction:\n{instruction}\n"
-    if input_text:
-        body += f"### Input:\n{input_text}\n"
-    return "".join(turns) + body + "### Response:\n"
+    """Alpaca-style prompt; earlier turns come first as instruction/response blocks.
 
-
-# ---- JSONL rows -------------------------------------------------------------------------------
-
-
-def _field(row: dict[str, Any], name: str, where: str, *, kind: type = str, optional: bool = False) -> Any:
-    if name not in row:
-        if optional:
-            return None
-        raise DataError(f"{where}: missing field {name!r}")
-    value = row[name]
-    if kind is str and not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {json.dumps(value)[:60]}")
-    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise DataError(f"{where}: field {name!r} must be a list of strings, got {json.dumps(value)[:60]}")
-    return value
-
-
-def _answer(row: dict[str, Any], where: str) -> str | None:
-    # Numbers are common in answers ({"answer": 7}); accept them as their text.
-    value = row.get("answer")
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    raise DataError(f"{where}: field 'answer' must be a string or a number, got {json.dumps(value)[:60]}")
-
-
-def _history(row: dict[str, Any], where: str) -> list[list[str]]:
-    history = row.get("history") or []
-    ok = isinstance(history, list) and all(
-        isinstance(t, list) and len(t) == 2 and all(isinstance(s, str) for s in t) for t in history
-    )
-    if not ok:
-        raise DataError(f"{where}: field 'history' must be a list of [question, answer] string pairs")
-    return history
-
-
-def parse_row(row: Any, fmt: str, where: str) -> list[Record]:
-    """One JSON object of a `fmt` file -> its records (ranked rows give several)."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {json.dumps(row)[:60]}")
-    if fmt == "prompts":
-        return [PromptRecord(_field(row, "prompt", where), _answer(row, where), where)]
-    if fmt == "pairs":
-        return [PairRecord(_field(row, "prompt", where), _field(row, "chosen", where),
-                           _field(row, "rejected", where), where)]
-    if fmt == "instruction":
-        prompt = format_instruction(_field(row, "instruction", where),
-                                    _field(row, "input", where, optional=True) or "", _history(row, where))
-        return [SFTRecord(prompt, _field(row, "output", where), where)]
-    if fmt == "ranked":
-        outputs = _field(row, "outputs", where, kind=list)
-        if len(outputs) < 2:
-            raise DataError(f"{where}: field 'outputs' needs at least 2 responses (best first), got {len(outputs)}")
-        prompt = _field(row, "prompt", where)
-        return [PairRecord(prompt, better, worse, where)
-                for i, better in enumerate(outputs) for worse in outputs[i + 1:]]
-    if fmt == "pair_list":
-        output = _field(row, "output", where, kind=list)
-        if len(output) != 2:
-            raise DataError(f"{where}: field 'output' must be [chosen, rejected], got {len(output)} responses")
-        return [PairRecord(_field(row, "prompt", where), output[0], output[1], where)]
-    raise ConfigError(f"dataset.format: unknown format {fmt!r}")
-
-
-def read_jsonl(path: str | Path, fmt: str) -> list[Record]:
-    """Every record of a JSONL file; the first bad row raises DataError("name.jsonl:LINE: ...")."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: dataset file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read the dataset: {exc}") from exc
-    records: list[Record] = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path.name}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-        records.extend(parse_row(row, fmt, where))
-    if not records:
-        raise DataError(f"{path}: the dataset has no rows")
-    return records
+    The text of the synthetic instruction set; the blocks are those the `raw` template writes a
+    conversation with (rlhf_trainer.chat.raw_block)."""
+    turns = [raw_block("user", q) + raw_block("assistant", a) for q, a in history]
+    body = raw_block("user", instruction) + (raw_block("input", input_text) if input_text else "")
+    return "".join(turns) + body + RAW_GENERATION_PROMPT
 
 
 # ---- synthetic datasets -------------------------------------------------------------------------
@@ -259,12 +142,15 @@ SYNTHETIC = {
 
 def synthetic_dataset(path: str) -> list[Record]:
     """`synthetic://NAME?key=value` -> its records."""
+    from rlhf_trainer.stepwise import SYNTHETIC_STEPS  # it builds this module's records
+
+    builders = {**SYNTHETIC, **SYNTHETIC_STEPS}
     parsed = urllib.parse.urlsplit(path)
     name = parsed.netloc or parsed.path
-    if name not in SYNTHETIC:
+    if name not in builders:
         raise ConfigError(f"dataset.path: unknown synthetic dataset {path!r} "
-                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in SYNTHETIC)})")
-    build, defaults = SYNTHETIC[name]
+                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in builders)})")
+    build, defaults = builders[name]
     params = _params(parsed.query, defaults, name)
     if params["size"] < 1 or params["max_operand"] < 1:
         raise ConfigError(f"dataset.path: {path}: size and max_operand must be at least 1")
@@ -283,7 +169,11 @@ def synthetic_corpus() -> Iterator[str]:
 
 
 def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
-    """Records in the shape an algorithm consumes (`kind`: prompts | pairs | sft)."""
+    """Records in the shape an algorithm consumes (`kind`: prompts | pairs | sft | steps)."""
+    if kind == "steps":
+        if not all(isinstance(r, StepRecord) for r in records):
+            raise ConfigError(f"dataset.format: a process reward model learns from stepwise rows, got {fmt}")
+        return list(records)
     if kind == "prompts":
         return [r if isinstance(r, PromptRecord)
                 else PromptRecord(r.prompt, r.response if isinstance(r, SFTRecord) else None, r.source)
@@ -308,14 +198,41 @@ def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
     raise ValueError(f"unknown dataset kind {kind!r}")
 
 
-def load_dataset(path: str, fmt: str, *, kind: str) -> list[Record]:
-    """Read a JSONL file or a synthetic dataset and convert it for `kind` (rlhf_contract.algorithms: each algorithm's `data`)."""
+def load_dataset(path: str, fmt: str, *, kind: str, fields: dict[str, str] | None = None) -> list[Record]:
+    """Read a dataset file / folder (rlhf_trainer.formats) or a synthetic dataset and convert it for
+    `kind` (rlhf_contract.algorithms: each algorithm's `data`); `fields` maps format names to the file's columns."""
     if path.startswith(SYNTHETIC_PREFIX):
         records = synthetic_dataset(path)
-        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction"}[type(records[0])]
+        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction",
+               StepRecord: "stepwise"}[type(records[0])]
     else:
-        records = read_jsonl(path, fmt)
+        records, fmt = read_records(path, fmt, fields)
     return convert(records, kind, fmt)
+
+
+def load_texts(path: str) -> list[str]:
+    """Plain texts for a language-modelling term (PPO-ptx's pretraining data): rows {"text": str} of a
+    dataset file (rlhf_trainer.formats reads it), or a synthetic:// dataset rendered as prompt + response."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return [r.prompt + (getattr(r, "response", None) or getattr(r, "answer", None) or getattr(r, "chosen", ""))
+                for r in synthetic_dataset(path)]
+    rows, where = read_table(path)
+    texts = []
+    for i, row in enumerate(rows):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{where(i)}: field 'text' must be a string, got {str(text)[:60]!r}")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: the text dataset has no rows")
+    return texts
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of `text + EOS`, each cut to its first max_length tokens: input_ids and
+    attention_mask (B, T)."""
+    rows = [(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])[:max_length] for t in texts]
+    return pad_right([[] for _ in rows], rows, tokenizer.pad_token_id)
 
 
 # ---- sampler -----------------------------------------------------------------------------------
@@ -378,11 +295,10 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for generation; too long ones keep their last `max_length` tokens."""
-    rows = [tokenizer(p)["input_ids"][-max_length:] for p in prompts]
+def pad_left(rows: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Prompt token rows -> left-padded input_ids and attention_mask (B, T), as generation wants them."""
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
@@ -391,36 +307,31 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def encode_prompt_responses(tokenizer, prompts: Sequence[str], responses: Sequence[str], *,
-                            max_prompt_length: int, max_response_length: int) -> dict[str, torch.Tensor]:
-    """Right-padded `prompt + response + EOS` rows for DPO / RM / SFT.
+def pad_right(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+              pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `prompt + response` rows for DPO / RM / SFT (rlhf_trainer.tokenized makes the rows).
 
-    Returns input_ids, attention_mask and loss_mask (1 on response tokens incl. EOS), all (B, T);
-    SFT labels are `input_ids.masked_fill(loss_mask == 0, -100)`. Prompts keep their last tokens,
-    responses their first ones (EOS is kept only when the response fits).
+    Returns input_ids, attention_mask and loss_mask (1 on response tokens), all (B, T); SFT labels
+    are `input_ids.masked_fill(loss_mask == 0, -100)`.
     """
-    rows, masks = [], []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p = tokenizer(prompt)["input_ids"][-max_prompt_length:]
-        r = (tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
-        r = r[:max_response_length]
-        rows.append(p + r)
-        masks.append([0] * len(p) + [1] * len(r))
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks, strict=True)):
-        input_ids[i, :len(row)] = torch.tensor(row)
-        attention_mask[i, :len(row)] = 1
-        loss_mask[i, :len(row)] = torch.tensor(mask)
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        input_ids[i, :len(p) + len(r)] = torch.tensor([*p, *r])
+        attention_mask[i, :len(p) + len(r)] = 1
+        loss_mask[i, len(p):len(p) + len(r)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def response_mask(response_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampled responses (B, R) -> (mask (B, R): tokens up to and including the first EOS,
-    ended (B,): whether an EOS was sampled at all; responses without one were truncated)."""
-    is_eos = response_ids == eos_token_id
+def response_mask(response_ids: torch.Tensor, stop_ids: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled responses (B, R) -> (mask (B, R): tokens up to and including the first stop token,
+    ended (B,): whether a stop token was sampled at all; responses without one were truncated).
+
+    `stop_ids` are every id that ends a response (a model may have several EOS ids)."""
+    stops = torch.tensor([stop_ids] if isinstance(stop_ids, int) else list(stop_ids), dtype=response_ids.dtype)
+    is_eos = torch.isin(response_ids, stops)
     # Count EOS seen strictly before each position: a token is real while none was seen.
     eos_before = is_eos.long().cumsum(-1) - is_eos.long()
     return (eos_before == 0).long(), is_eos.any(-1)

@@ -15,19 +15,19 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
+from rlhf_trainer.forward import sequence_scores
 from rlhf_trainer.losses.rm import bradley_terry_loss, preference_accuracy
-from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
 
 
 class RewardModelTraining(ActorAlgorithm):
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, renderer):
         # a one-label sequence classifier; a pair is two rows: chosen and rejected
-        super().__init__(ctx, load_model=models.load_reward_model, rows_per_sample=2)
+        super().__init__(ctx, renderer, load_model=models.load_reward_model, rows_per_sample=2)
 
     def step(self, records, timings) -> dict[str, float]:
         hp, n = self.hp, len(records)
-        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(self.tokenizer, records, hp).items()}
+        batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         pairs_total = global_normaliser(n)
         losses, correct, chosen_scores = [], 0.0, []
         with self.ctx.metrics.phase("train", timings):

@@ -12,7 +12,7 @@ from rlhf_trainer.algorithms.common import (
     micro_batches,
     run_algorithm,
 )
-from rlhf_trainer.data import encode_prompt_responses, position_ids_from_mask
+from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.losses.sft import pack_examples, sft_loss
 from rlhf_trainer.runtime import Context
 
@@ -21,10 +21,7 @@ class SFT(ActorAlgorithm):
 
     def step(self, records, timings) -> dict[str, float]:
         hp = self.hp
-        batch = encode_prompt_responses(
-            self.tokenizer, [r.prompt for r in records], [r.response for r in records],
-            max_prompt_length=hp.max_prompt_length, max_response_length=hp.max_new_tokens + 1,
-        )
+        batch = pad_right([r.prompt for r in records], [r.response for r in records], self.tokenizer.pad_token_id)
         labels = batch["input_ids"].masked_fill(batch["loss_mask"] == 0, -100)
         position_ids = position_ids_from_mask(batch["attention_mask"])
         if hp.packing:
