@@ -1,6 +1,7 @@
 """End-to-end fixtures: the cluster (the test control plane + a stand-in kubelet, or a real one) and
-the operator subprocess. Helpers live in e2e_support.py (a unique module name: tests/ has
-conftest.py files too). control_plane and rlhf_release come from tests/controlplane/fixtures.py.
+the operator subprocess (the chart's, installed watching the e2e namespace). Helpers live in
+e2e_support.py (a unique module name: tests/ has conftest.py files too). control_plane comes from
+tests/controlplane/fixtures.py.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import pytest
 import yaml
 from e2e_support import NAMESPACE, NODE_POOL, OPERATOR_IN_CLUSTER, REAL, Cluster, OperatorProcess, kube
 
-from tests.controlplane.fixtures import TRAINER_SA
+from tests.controlplane.fixtures import install_release
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +21,20 @@ def cluster(request, tmp_path_factory):
     from kubelet import StandInKubelet  # e2e/kubelet.py
 
     cp = request.getfixturevalue("control_plane")
-    request.getfixturevalue("rlhf_release")  # the CRD and the operator's RBAC come with the chart
     work = tmp_path_factory.mktemp("cluster")
     # kubectl's context namespace is the job namespace, as a user's would be.
     config = yaml.safe_load(cp.kubeconfig.read_text())
     config["contexts"][0]["context"]["namespace"] = NAMESPACE
     kubeconfig = work / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump(config))
-    kube.create_namespace(cp, NAMESPACE, node_selector=NODE_POOL, service_accounts=[TRAINER_SA])
+    kube.create_namespace(cp, NAMESPACE, node_selector=NODE_POOL)
+    # The operator of the e2e tier: the chart watching the e2e namespace only (a Role there, the
+    # trainer's ServiceAccount created there by the chart; the CRD too unless a release came first).
+    release = install_release(cp, work, "--set", f"watchNamespaces={{{NAMESPACE}}}", name="e2e",
+                              namespace="rlhf-e2e-system")
     kubelet = StandInKubelet(cp.kubeconfig, work / "node", "e2e-node-0", node_labels=NODE_POOL).start()
     try:
-        yield Cluster(cp=cp, kubelet=kubelet, workdir=work, kubeconfig=kubeconfig)
+        yield Cluster(cp=cp, kubelet=kubelet, workdir=work, kubeconfig=kubeconfig, release=release)
     finally:
         kubelet.stop()
 
@@ -40,8 +44,7 @@ def operator(cluster, request, tmp_path_factory):
     if OPERATOR_IN_CLUSTER:
         yield None
         return
-    release = request.getfixturevalue("rlhf_release") if cluster.cp is not None else None
-    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log", release)
+    op = OperatorProcess(cluster, tmp_path_factory.mktemp("operator") / "operator.log", cluster.release)
     op.start()
     yield op
     op.stop()

@@ -55,6 +55,7 @@ class Cluster:
     kubelet: Any = None  # e2e.kubelet.StandInKubelet on the test control plane
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rlhf-e2e-")))
     kubeconfig: Path | None = None  # the admin's, with NAMESPACE as the context's namespace
+    release: Any = None  # tests/controlplane/fixtures.Release: the chart installed watching NAMESPACE
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         if self.cp is not None:
@@ -129,7 +130,7 @@ class OperatorProcess:
     """`rlhf-operator operator` as a subprocess; kill() and start() again to test crash recovery.
 
     On the test control plane it runs with the chart's Deployment arguments as the chart's
-    ServiceAccount (`release`: tests/controlplane/fixtures.Release), watching NAMESPACE."""
+    ServiceAccount (`release`: tests/controlplane/fixtures.Release, which watches NAMESPACE)."""
 
     def __init__(self, cluster: Cluster, log_path: Path, release: Any = None):
         self.cluster = cluster
@@ -139,8 +140,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         if self.release is not None:
-            self.proc = self.release.operator(self.cluster.cp, self.log_path, f"--namespace={NAMESPACE}",
-                                              wait=False).process
+            self.proc = self.release.operator(self.cluster.cp, self.log_path, wait=False).process
             return
         cmd = [sys.executable, "-m", "rlhf_operator.cli", "operator", "--namespace", NAMESPACE,
                "--metrics-port", str(kube.free_port()), "--liveness", f"http://127.0.0.1:{kube.free_port()}/healthz"]

@@ -78,7 +78,10 @@ class StandInKubelet:
     """The kubelet of Node `node_name` (labels `node_labels`, capacity over nodes.DEFAULT_CAPACITY)."""
 
     def __init__(self, kubeconfig: Path, root: Path, node_name: str, node_labels: dict[str, str] | None = None,
-                 capacity: dict[str, str] | None = None, stop_grace: float = 5.0):
+                 capacity: dict[str, str] | None = None, stop_grace: float = 5.0,
+                 addresses: localexec.LocalAddresses | None = None):
+        """addresses: the cluster-DNS stand-in; kubelets of one cluster share one, so that pods on
+        different nodes resolve a rendezvous name to the same local port."""
         self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.api = client.CoreV1Api(self.api_client)
         self.root = Path(root)
@@ -86,7 +89,7 @@ class StandInKubelet:
         self.node = nodes.node_manifest(node_name, capacity, node_labels)
         self.stop_grace = stop_grace
         self.supervisor = localexec.Supervisor()
-        self.addresses = localexec.LocalAddresses()
+        self.addresses = addresses or localexec.LocalAddresses()
         self.ips = PodIPs()
         self.heartbeat = nodes.Heartbeat(self.api_client, [node_name])
         self.known: dict[str, dict[str, Any]] = {}  # pod name -> pod as first seen
@@ -126,10 +129,16 @@ class StandInKubelet:
                     raise
 
     def claim_dir(self, namespace: str, claim: str) -> Path:
-        """The folder of the PersistentVolume bound to `claim` (its hostPath)."""
-        pvc = self.api.read_namespaced_persistent_volume_claim(claim, namespace)
+        """The folder of the PersistentVolume bound to `claim` (its hostPath). Raises LookupError
+        while the claim does not exist or is not bound yet."""
+        try:
+            pvc = self.api.read_namespaced_persistent_volume_claim(claim, namespace)
+        except ApiException as e:
+            if e.status == 404:
+                raise LookupError(f"claim {namespace}/{claim} does not exist") from e
+            raise
         if not pvc.spec.volume_name:
-            raise RuntimeError(f"claim {namespace}/{claim} is not bound to a volume yet")
+            raise LookupError(f"claim {namespace}/{claim} is not bound to a volume yet")
         pv = self.api.read_persistent_volume(pvc.spec.volume_name)
         return Path(pv.spec.host_path.path)
 

@@ -16,7 +16,10 @@ from test_e2e_jobs import JOB_TIMEOUT, complete_steps, diagnostics
 def actor_step(cluster, name):
     """The actor's latest step: its metrics file on the (stand-in) node, else status.progress."""
     if cluster.kubelet is not None:
-        rows = cluster.checkpoint_dir(name) / "metrics" / "actor-0.jsonl"
+        try:
+            rows = cluster.checkpoint_dir(name) / "metrics" / "actor-0.jsonl"
+        except LookupError:  # the checkpoint claim is not created or bound yet
+            return 0
         lines = rows.read_text().splitlines() if rows.exists() else []
         return len(lines)  # lines written so far: grows with every step, including redone ones
     return ((cluster.job(name) or {}).get("status", {}).get("progress") or {}).get("step", 0)

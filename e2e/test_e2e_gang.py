@@ -32,7 +32,12 @@ def test_a_gang_larger_than_the_cluster_waits_whole_then_runs_when_a_node_joins(
     for role in obj["spec"]["roles"]:
         role["gpus"] = GPUS_PER_ROLE
     cluster.apply(obj)
-    group = wait_for(lambda: cluster.get_json("podgroups.scheduling.x-k8s.io", name), timeout=60, what="PodGroup")
+    try:
+        group = wait_for(lambda: cluster.get_json("podgroups.scheduling.x-k8s.io", name), timeout=60, what="PodGroup")
+    except AssertionError:
+        print(cluster.kubectl("get", "podgroups.scheduling.x-k8s.io,pods,rlhfjobs", "-o", "wide", check=False))
+        print(diagnostics(cluster, operator, name))
+        raise
     assert group["spec"]["minMember"] == 3
     assert group["spec"]["minResources"]["nvidia.com/gpu"] == str(3 * GPUS_PER_ROLE)
 
@@ -45,10 +50,14 @@ def test_a_gang_larger_than_the_cluster_waits_whole_then_runs_when_a_node_joins(
     assert all(scheduled_condition(p)["reason"] == "Unschedulable" for p in pods), [scheduled_condition(p) for p in pods]
     assert not [p["metadata"]["name"] for p in pods if p["spec"].get("nodeName")], "partial placement"
     assert not [p for p in pods if p.get("status", {}).get("phase") != "Pending"]
-    assert (cluster.job(name)["status"].get("phase")) == "Pending"
+    status = cluster.job(name)["status"]
+    assert status["phase"] == "Creating", status  # the gang exists, not all of it runs
+    assert {r: (c["pending"], c["running"]) for r, c in status["roles"].items()} == {
+        "actor": (1, 0), "critic": (1, 0), "reference": (1, 0)}
     assert not [n for n in cluster.kubelet.running_pods() if n.startswith(name + "-")]
 
-    joined = StandInKubelet(cluster.cp.kubeconfig, tmp_path / "node-1", "e2e-node-1", node_labels=NODE_POOL).start()
+    joined = StandInKubelet(cluster.cp.kubeconfig, tmp_path / "node-1", "e2e-node-1", node_labels=NODE_POOL,
+                            addresses=cluster.kubelet.addresses).start()  # one cluster DNS
     try:
         # Retried at the scheduler's flush of unschedulable pods (cluster.UNSCHEDULABLE_RETRY + up to 30 s).
         placed = wait_for(lambda: len(m := {p["metadata"]["name"]: p["spec"]["nodeName"] for p in cluster.pods(name)

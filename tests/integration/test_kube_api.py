@@ -120,7 +120,9 @@ async def test_status_patch_delete_and_errors(pki, https_server):
     fake, host = https_server
     api = KubeApi(config=client_config(pki, host))
     try:
-        gone = {"kind": "Status", "reason": "NotFound", "details": {"name": "gone", "kind": "rlhfjobs"}}
+        # A job that is gone: the API server's NotFound Status names it (a bare 404 may be a missing route).
+        gone = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
+                "details": {"name": "gone", "group": "rlhf.dev", "kind": "rlhfjobs"}}
         fake.replies += [(200, {}), (404, gone), (404, {}), (200, {}), (404, {})]
         assert await api.patch_job_status("ns", "j", {"phase": "Running"}) is True
         assert await api.patch_job_status("ns", "gone", {"phase": "Running"}) is False  # the job itself is gone

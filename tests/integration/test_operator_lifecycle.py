@@ -85,7 +85,9 @@ def test_phases_follow_the_pods_and_metrics_follow_the_phases(cluster, operator)
     status = wait_phase(cluster, name, "Running")["status"]
     assert status["restarts"] == 0
     assert {r: c["running"] for r, c in status["roles"].items()} == {"actor": 1, "critic": 1, "reference": 1}
-    assert metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1
+    # The gauge follows the status write of the same pass.
+    kube.wait_for(lambda: metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1,
+                  what="job_phase Running")
     assert metric(operator, "rlhf_operator_time_to_running_seconds_count") >= 1
     set_all(cluster, [f"{name}-actor-0"], "Succeeded", exit_code=0)  # the actors' exit ends the job
     wait_phase(cluster, name, "Succeeded")
@@ -232,7 +234,9 @@ def test_deleting_the_job_removes_children_and_series(cluster, operator):
     kube.wait_for(lambda: get(cluster, "configmaps", f"{name}-config"), what="configmap")
     set_all(cluster, names, "Running")
     wait_phase(cluster, name, "Running")
-    assert metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1
+    # The gauge follows the status write of the same pass.
+    kube.wait_for(lambda: metric(operator, "rlhf_operator_job_phase", namespace=NS, job=name, phase="Running") == 1,
+                  what="job_phase Running")
     kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
     kube.wait_for(lambda: not pods(cluster, name), what="pods garbage-collected")
     for kind, child in (("services", name), ("configmaps", f"{name}-config"),

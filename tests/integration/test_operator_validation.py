@@ -99,11 +99,11 @@ def test_the_api_server_refuses_each_invalid_case_at_the_fields_parse_spec_names
 
 
 @pytest.mark.parametrize("case", cases.params("rlhfjob_invalid_metadata.yaml"))
-def test_the_api_server_refuses_job_names_too_long_for_pod_hostnames(cluster, case):
+def test_the_api_server_refuses_each_invalid_metadata_case(cluster, case):
     server, _ = refusal(cluster, cases.build(case))
     expected = {p for p, _ in case["errors"]}
     # A rule on the root reports no field under spec: its message names metadata.name instead.
-    assert any("metadata.name " in m for _, m in server), server
+    assert any(f == "" and "metadata.name " in m for f, m in server) == ("metadata.name" in expected), server
     spec_fields = {f for f, _ in server if f and f != "metadata.name" and "metadata.name" not in f}
     assert spec_fields == expected - {"metadata.name"}, server
 
