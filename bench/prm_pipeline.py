@@ -15,7 +15,8 @@ next), on a tiny random Llama and the synthetic task `a+b+c+d=` answered with on
  2. prm: a process reward model trained on those labels;
  3. ppo-outcome: PPO from the sft policy with exact_match only; ppo-prm: the same job with
     reward.type prm (the PRM's step scores as dense rewards, normalizeSteps, exact_match as the
-    outcome) and reward.valueInit. Same steps, batch, learning rate and seed for both arms.
+    outcome) and critic.model reward (ValueInit: the critic starts from the PRM). Same steps, batch,
+    learning rate and seed for both arms.
 Measured: each PPO step's outcome reward (mean exact_match of the batch), and on held-out prompts
 (problems absent from the training prompts) the greedy pass rate and the share with every line right.
 Stage outputs are kept under bench/out/prm_pipeline/ and reused by later runs (--fresh redoes them).
@@ -41,7 +42,7 @@ NEW_TOKENS = 12
 
 
 def manifest(name: str, algorithm: str, model: str, dataset: dict, hyperparameters: dict, *, roles=("actor",),
-             reward: dict | None = None, reward_model: str | None = None) -> dict:
+             reward: dict | None = None, reward_model: str | None = None, critic: dict | None = None) -> dict:
     spec = {
         "algorithm": algorithm, "image": "local", "model": {"path": model}, "dataset": dataset,
         "roles": [{"name": r, **({"colocateWith": "actor"} if r != "actor" else {})} for r in roles],
@@ -53,6 +54,8 @@ def manifest(name: str, algorithm: str, model: str, dataset: dict, hyperparamete
         spec["reward"] = reward
     if reward_model:
         spec["rewardModel"] = {"path": reward_model}
+    if critic:
+        spec["critic"] = critic
     return {"apiVersion": "rlhf.dev/v1alpha1", "kind": "RLHFJob", "metadata": {"name": name}, "spec": spec}
 
 
@@ -144,8 +147,9 @@ def main() -> None:
     arms = {
         "outcome": {"reward": {"type": "rule", "rule": "exact_match"}, "reward_model": None,
                     "roles": ("actor", "critic", "reference")},
-        "prm": {"reward": {"type": "prm", "rule": "exact_match", "normalizeSteps": True, "valueInit": True},
-                "reward_model": str(prm / "export"), "roles": ("actor", "critic", "reference", "reward")},
+        "prm": {"reward": {"type": "prm", "rule": "exact_match", "normalizeSteps": True},
+                "critic": {"model": "reward"}, "reward_model": str(prm / "export"),
+                "roles": ("actor", "critic", "reference", "reward")},
     }
     problems = held_out_prompts(args.held_out)
     results = {"sft": evaluate(sft / "export", problems)}
@@ -154,7 +158,7 @@ def main() -> None:
         for arm, setup in arms.items():  # interleaved: the machine's speed drifts
             job = manifest(f"pipe-ppo-{arm}-{seed}", "ppo", str(sft / "export"), {"path": TRAIN_PROMPTS},
                            {**ppo_hp, "seed": seed}, roles=setup["roles"], reward=setup["reward"],
-                           reward_model=setup["reward_model"])
+                           reward_model=setup["reward_model"], critic=setup.get("critic"))
             checkpoints = run_job(job, args.fresh)
             curves[arm].append([row["reward_mean"] for row in metrics(checkpoints)])
             results[f"{arm}-{seed}"] = evaluate(checkpoints / "export", problems)
@@ -186,7 +190,7 @@ def render(args, labels, prm_rows, results, curves, seconds) -> str:
         "sum per line; the outcome reward is exact_match on the last line. Stages: sft "
         f"({args.sft_steps} steps) -> prm-label ({args.label_steps} steps x 16 prompts x 2 responses, best of 4 "
         f"completions per prefix) -> prm ({args.prm_steps} steps) -> PPO {args.ppo_steps} steps x 32 prompts from the "
-        "sft policy, outcome-only vs reward.type prm + exact_match outcome + normalizeSteps + valueInit "
+        "sft policy, outcome-only vs reward.type prm + exact_match outcome + normalizeSteps + ValueInit (critic.model reward) "
         "(same seed, lr 5e-4, klCoef 0.02, truncationPenalty 0.2).",
         "",
         f"- prm-label wrote {len(labels)} rows ({steps_labelled} labelled lines); {wrong} rows have a wrong line.",

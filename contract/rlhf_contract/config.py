@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_contract import layout
-from rlhf_contract.algorithms import ALGORITHMS, NAMES, ONLINE, REWARD_TYPES, ROLE_NAMES, role_set_problem
+from rlhf_contract.algorithms import (
+    ALGORITHMS,
+    MODEL_REWARD_TYPES,
+    NAMES,
+    ONLINE,
+    REWARD_TYPES,
+    ROLE_NAMES,
+    role_set_problem,
+)
 from rlhf_contract.knobs import Rule, knob, settings_of
 
 REWARD_RULES = ("exact_match", "regex", "callable")
@@ -83,8 +91,7 @@ class RewardConfig:
                                  "'^\\s*#' for comment lines.", max_length=256)
     normalize_steps: bool = knob(True, "prm: divide each step's reward by the number of rewarded steps, so a "
                                        "response's process reward stays in [-1, 1] whatever its length.")
-    value_init: bool = knob(False, "prm (ppo): initialise the critic from the process reward model (its "
-                                   "backbone and head); the PRM must share the policy's tokenizer.")
+
 
 
 def _template_ok(value: str) -> bool:
@@ -138,6 +145,28 @@ class DatasetConfig:
                                   "unset = off.")
 
 
+# critic.model: these words, or a model folder (any other value).
+CRITIC_SOURCES = ("auto", "policy", "reward")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """Where the PPO critic starts from (the `critic` section)."""
+
+    model: str = knob("auto", "The critic's initial weights: policy (the policy's backbone and a new value "
+                              "head), reward (the reward model's backbone and score head, as InstructGPT and "
+                              "OpenRLHF do; with reward.type prm the process reward model's, ValueInit), auto "
+                              "(reward when reward.type is model, else policy), or a model folder; its "
+                              "tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
+
+
+def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> str | None:
+    """critic.model reward needs a reward model (or a process reward model) to start from."""
+    if algorithm == "ppo" and critic.model == "reward" and reward_type not in MODEL_REWARD_TYPES:
+        return "reward needs a reward model (reward.type model or prm); use policy or a model folder"
+    return None
+
+
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = knob(2, "ZeRO stage 0..3; unset = 2, or 0 for reward and reference (no optimizer).",
@@ -147,15 +176,41 @@ class DeepSpeedConfig:
     gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
 
 
+LORA_EXPORTS = ("merged", "adapter")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A role's LoRA adapters (Hu et al. 2021) trained with peft instead of every weight (`rank` > 0)."""
+
+    rank: int = knob(0, "LoRA rank r; 0 = no adapters, every weight trains.", minimum=0)
+    alpha: float = knob(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", gt=0)
+    dropout: float = knob(0.0, "Dropout on the adapters' input, 0 <= x < 1.", minimum=0, lt=1)
+    target_modules: str = knob("all-linear", "Modules that get adapters: all-linear, or comma-separated names "
+                                             "(q_proj,v_proj).", max_length=1024)
+    export: str = knob("merged", "The exported folder: merged (a plain model, adapters folded in) or adapter "
+                                 "(peft's adapter folder, for the base model).", enum=LORA_EXPORTS)
+
+
+def lora_problem(role: str, lora: LoraConfig) -> str | None:
+    """Only the actor trains adapters (the critic trains every weight; reward and reference are frozen)."""
+    if lora.rank and role != "actor":
+        return f"only the actor trains LoRA adapters (got rank {lora.rank} on the {role})"
+    return None
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """One role's process world: how many ranks, and where it runs if colocated."""
 
-    replicas: int = knob(1, "Processes (pods, unless colocated) of this role: its data-parallel world size.",
-                         minimum=1)
+    replicas: int = knob(1, "Pods of this role (unless colocated); its data-parallel world is replicas x "
+                            "processesPerPod ranks.", minimum=1)
+    processes_per_pod: int = knob(1, "Trainer processes each pod starts, one per GPU (torchrun's nproc-per-node); "
+                                     "unset = gpus when gpus > 0, else 1.", minimum=1, crd_default=False)
     colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
                                   "processes.", max_length=16)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _dual_clip_ok(value: float) -> bool:
@@ -170,6 +225,9 @@ class Hyperparameters:
     learning_rate: float = knob(1e-5, "Peak learning rate of the actor (and critic).", gt=0)
     batch_size: int = knob(8, "Prompts (or pairs) per step, global across replicas.", minimum=1)
     micro_batch_size: int = knob(4, "Samples per forward/backward pass on one process.", minimum=1)
+    inference_chunk_size: int = knob(8, "Rows per pass that needs no gradient (generation, old and reference "
+                                        "log-probs, critic values, reward scores) on one process: bounds those "
+                                        "phases' memory.", minimum=1)
     max_prompt_length: int = knob(512, "Prompt tokens kept (left-truncated).", minimum=1)
     max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=(*ONLINE, "prm-label"))
     max_length: int = knob(1024, "Prompt + response tokens per row; longer responses are cut (counted as "
@@ -180,6 +238,10 @@ class Hyperparameters:
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
                               algorithms=(*ONLINE, "prm-label"))
     seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
+    distributed_timeout_seconds: int = knob(1800, "Seconds a collective of a role's world or a bridge message may "
+                                                  "wait before the process fails (and the gang restarts); longer "
+                                                  "than the longest phase, e.g. a serving role waiting through the "
+                                                  "actor's update.", minimum=60)
     ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
     clip_range: float = knob(0.2, "Policy ratio clip epsilon.", gt=0, algorithms=ONLINE)
     clip_range_high: float = knob(0.0, "Upper ratio clip epsilon (DAPO's clip-higher, TRL's epsilon_high, e.g. "
@@ -252,13 +314,15 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
         """Roles served inside `host`'s processes."""
         return layout.colocated_into(self.placements(), host)
 
     def placements(self) -> dict[str, layout.Placement]:
-        return {name: layout.Placement(role.replicas, role.colocate_with) for name, role in self.roles.items()}
+        return {name: layout.Placement(role.replicas, role.colocate_with, role.processes_per_pod)
+                for name, role in self.roles.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form parse_config() reads back."""
@@ -364,11 +428,16 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     _check_knobs(cfg.reward, "reward", errors)
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)
+    _check_knobs(cfg.critic, "critic", errors)
     for name, role in cfg.roles.items():
         if name not in ROLE_NAMES:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
         _check_knobs(role, f"roles.{name}", errors)
         _check_knobs(role.deepspeed, f"roles.{name}.deepspeed", errors)
+        _check_knobs(role.lora, f"roles.{name}.lora", errors)
+        problem = lora_problem(name, role.lora)
+        if problem:
+            errors.append(f"roles.{name}.lora.rank: {problem}")
     _check_reward(cfg, errors)
     if errors:
         return  # the layout rules read replicas and names that must be valid first
@@ -381,8 +450,11 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = dataset_format_problem(cfg.algorithm, cfg.dataset)
         if problem:
             errors.append(f"dataset.format: {problem}")
+        problem = critic_problem(cfg.algorithm, cfg.reward.type, cfg.critic)
+        if problem:
+            errors.append(f"critic.model: {problem}")
     if "actor" in cfg.roles:
-        problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
+        problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:
             errors.append(f"hyperparameters.batch_size: {problem}")
 

@@ -68,6 +68,7 @@ def test_algorithm_runs_checkpoints_and_exports(name, tmp_path):
     for row in rows:
         assert row["loss"] is not None and math.isfinite(row["loss"]), row
         assert row["tokens_per_second"] > 0
+        assert row["train_peak_memory_bytes"] > 0  # peak RSS of the update phase (device memory on GPU)
     if algorithm in ("ppo", "grpo", "rloo", "reinforce_pp"):
         assert all(r["response_length"] > 0 for r in rows)
         if config["reward"]["type"] == "rule":  # exact_match scores 0, 0.1 or 1

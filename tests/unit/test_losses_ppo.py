@@ -91,6 +91,20 @@ def test_adaptive_controller_follows_ziegler_update():
     assert restored.value == ctl.value
 
 
+def test_an_edited_kl_coef_wins_over_the_saved_coefficient():
+    ctl = kl.build_kl_controller(0.2, kl_target=6.0, kl_horizon=10000)
+    ctl.update(current_kl=9.0, n_steps=256)
+    kept = kl.build_kl_controller(0.2, kl_target=6.0, kl_horizon=10000)
+    kept.load_state_dict(ctl.state_dict())
+    assert kept.value == ctl.value != 0.2  # same klCoef: the adapted coefficient carries over
+    edited = kl.build_kl_controller(0.1, kl_target=6.0, kl_horizon=10000)
+    edited.load_state_dict(ctl.state_dict())
+    assert edited.value == 0.1  # klCoef edited since the save: the edit applies
+    old_format = kl.build_kl_controller(0.1, kl_target=6.0, kl_horizon=10000)
+    old_format.load_state_dict({"value": 0.3})  # a checkpoint from before: taken as saved
+    assert old_format.value == 0.3
+
+
 def test_fixed_controller_never_moves():
     ctl = kl.build_kl_controller(0.05, kl_target=0.0, kl_horizon=10)
     ctl.update(100.0, 1000)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import checkpoint, distributed, models, stopping
@@ -36,7 +37,7 @@ from rlhf_trainer.data import (
 )
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.experience import Experience
-from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.forward import chunked_token_logprobs, row_slices
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
@@ -59,6 +60,9 @@ class ActorAlgorithm:
     load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
     rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
     rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    With roles.actor.lora.rank > 0 the model trains LoRA adapters (rlhf_trainer.lora). The roles
+    colocated in this process start once the model exists: a reference can then share a LoRA
+    actor's base weights.
     """
 
     def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
@@ -66,11 +70,21 @@ class ActorAlgorithm:
         hp = self.hp = ctx.hp
         self.ctx = ctx
         self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
+        self.classifier = load_model is models.load_reward_model
+        self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
+        model = self.load_base()
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            model = lora.with_lora(model, adapters, classifier=self.classifier)
         self.strategy = DeepSpeedStrategy(
-            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            model, ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
             grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
         )
+        ctx.actor_model = self.strategy.module
+        start_colocated(ctx)
 
     def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
@@ -88,13 +102,11 @@ def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> 
     colocated roles, then drive()."""
     renderer = text_pipeline(ctx)
     rows = load_rows(ctx, renderer)
-    start_colocated(ctx)
     drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
-    for start in range(0, size, micro_batch_size):
-        yield slice(start, min(start + micro_batch_size, size))
+    yield from row_slices(size, micro_batch_size)
 
 
 def global_normaliser(local_count: float) -> float:
@@ -126,33 +138,35 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids) -> Rollout:
+def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False) -> Rollout:
     """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
-    at the first of `stop_ids` or after hp.max_new_tokens."""
+    at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call.
+
+    Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
+    longest. `synced_gpus` keeps every rank of the world stepping until all ranks are done
+    (transformers' flag; needed under ZeRO-3, where each step gathers parameters collectively and
+    a rank that stopped early would leave the others waiting forever). Every rank must then make
+    the same number of calls: the same number of prompts per rank.
+    """
     enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
-    dev = distributed.device()
+    dev, width = distributed.device(), enc["input_ids"].shape[1]
     config = sampling_config(temperature=hp.temperature, max_new_tokens=hp.max_new_tokens, stop_ids=stop_ids,
                              pad_token_id=tokenizer.pad_token_id)
+    pieces = []
     with only_these_settings(model):
-        out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                             generation_config=config).cpu()
-    response_ids = out[:, enc["input_ids"].shape[1]:]
+        for s in row_slices(len(rows), hp.inference_chunk_size):
+            out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
+                                 generation_config=config, synced_gpus=synced_gpus)
+            pieces.append(out[:, width:].cpu())
+    longest = max(p.shape[1] for p in pieces)
+    # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
+    response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
+                              for p in pieces])
     mask, ended = response_mask(response_ids, stop_ids)
+    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
-
-
-def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
-    """(B, R) log-probs of the response tokens (the last R columns) and their (B, R, V) logits.
-
-    Logits are divided by the sampling temperature: the probabilities the tokens were sampled with.
-    """
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
-        position_ids=position_ids_from_mask(attention_mask),
-    ).logits[:, -response_length - 1:-1].float() / temperature
-    return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
+    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
 
 
 @torch.no_grad()
@@ -166,7 +180,8 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
     old = None
     if old_logprobs:
-        old, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+        old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
+                                     chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
@@ -307,14 +322,28 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
     log(f"checkpoint step-{step} complete")
 
 
-def export(ctx: Context, strategy, tokenizer) -> Path:
-    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
+def export(ctx: Context, algorithm) -> Path:
+    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes).
+
+    A LoRA actor exports its adapters folded into a fresh base (roles.actor.lora.export merged) or
+    peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
+    strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
-    final = Path(ctx.env.checkpoint_dir) / "export"
+    final = Path(ctx.env.checkpoint_dir) / wire.EXPORT_DIR
     if distributed.world_rank() == 0:
-        tmp = final.with_name(".export.tmp")
+        tmp = final.with_name(f".{wire.EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            merged = lora.write_export(state, adapters, algorithm.load_base, classifier=algorithm.classifier, folder=tmp)
+            if merged is None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                models.save_pretrained(merged, tokenizer, tmp)
+        else:
+            models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     distributed.role_barrier()
@@ -336,7 +365,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.set_checkpoint_step(start)
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
-    ranks = ctx.cfg.roles["actor"].replicas
+    ranks = ctx.placements["actor"].ranks
     last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
         batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
@@ -366,7 +395,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
     if algorithm.strategy is None:
         algorithm.export(ctx)
     else:
-        export(ctx, algorithm.strategy, algorithm.tokenizer)
+        export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
 

@@ -9,6 +9,8 @@ log-probs, summed or token-averaged as the loss defines them. No sampling.
 
 from __future__ import annotations
 
+import torch
+
 from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import (
     ActorAlgorithm,
@@ -17,11 +19,21 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.dpo import DPOOutput, dpo_loss, preference_logprobs
 from rlhf_trainer.losses.orpo import odds_ratio_loss
 from rlhf_trainer.losses.simpo import simpo_loss
-from rlhf_trainer.roles import sequence_logprobs
 from rlhf_trainer.runtime import Context
+
+
+def response_columns(loss_mask: torch.Tensor) -> int:
+    """(N, T) right-padded loss mask -> R: the last R columns hold every row's response tokens.
+
+    Log-probs (and the vocabulary-wide logits behind them) are computed for those columns only,
+    not for the prompts before them; at least 1 and at most T - 1 (token 0 is never predicted).
+    """
+    first = int(loss_mask.long().argmax(-1).min())
+    return min(max(loss_mask.shape[1] - first, 1), loss_mask.shape[1] - 1)
 
 
 class DPO(ActorAlgorithm):
@@ -36,10 +48,12 @@ class DPO(ActorAlgorithm):
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
         batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        R = response_columns(loss_mask)
         ref = None
         if self.reference is not None:
             with metrics.phase("score", timings):
-                ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
+                ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
+                                                   response_length=R)[0]["logprobs"]
                 ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, self.kind)
         pairs_total = global_normaliser(n)
         # ORPO's NLL term is per chosen-response token over the global batch (losses.sft's normaliser).
@@ -48,15 +62,15 @@ class DPO(ActorAlgorithm):
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                token_logprobs = sequence_logprobs(self.strategy.forward, ids[rows], attn[rows])
-                logp = preference_logprobs(token_logprobs, loss_mask[rows], self.kind)
+                logprobs = token_logprobs(self.strategy.forward, ids[rows], attn[rows], response_length=R)[0]
+                logp = preference_logprobs(logprobs, loss_mask[rows], self.kind)
                 half = len(rows) // 2
                 out = self.preference_loss(logp[:half], logp[half:], None if ref is None else ref[rows])
                 # The losses average over their pairs; rescale to a share of the whole batch's mean.
                 loss = out.loss * half / pairs_total
                 if self.kind == "orpo":
-                    chosen_mask = loss_mask[rows][:half, 1:].to(token_logprobs.dtype)
-                    loss = loss - (token_logprobs[:half] * chosen_mask).sum() / chosen_tokens
+                    chosen_mask = loss_mask[rows][:half, -R:].to(logprobs.dtype)
+                    loss = loss - (logprobs[:half] * chosen_mask).sum() / chosen_tokens
                 self.strategy.backward(loss)
                 self.strategy.step()
                 losses.append(loss.item())

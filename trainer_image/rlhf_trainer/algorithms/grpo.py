@@ -23,9 +23,9 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
-    response_logprobs,
     run_algorithm,
 )
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.aggregation import token_weights
 from rlhf_trainer.losses.gae import token_rewards
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
@@ -67,7 +67,8 @@ class GroupPolicyGradient(ActorAlgorithm):
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
+                            synced_gpus=self.strategy.synced_generation)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
@@ -90,8 +91,8 @@ class GroupPolicyGradient(ActorAlgorithm):
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
                         kl_total += float((kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask).sum())
@@ -106,7 +107,7 @@ class GroupPolicyGradient(ActorAlgorithm):
                                                               weights=weights)
                     self.strategy.backward(loss)
                     self.strategy.step()
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
         policy = sum(s[0] for s in stats)
         return {

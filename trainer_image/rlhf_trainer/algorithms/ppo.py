@@ -6,7 +6,7 @@ policy loss here, clipped value loss on the critic role), `ppo_epochs` times ove
 
 With `reward.type: prm` a process reward model scores every step and its scores join the per-token
 rewards at the tokens ending the steps (losses.prm, "DenseReward"), next to the rule's outcome
-score on the last token; `reward.valueInit` starts the critic from the PRM (runtime.build_service).
+score on the last token; `critic.model: reward` starts the critic from the PRM (ValueInit, models.load_value_model).
 
 PPO-ptx (Ouyang et al. 2022, eq. 2): with `dataset.pretrain_path`, every actor micro-batch also
 takes a micro-batch of pretraining text and adds `ptx_coef` times its language-modelling loss
@@ -27,10 +27,10 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
-    response_logprobs,
     run_algorithm,
 )
 from rlhf_trainer.data import Sampler, encode_texts, load_texts, position_ids_from_mask, shard
+from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.gae import gae_advantages, token_rewards
 from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
@@ -84,7 +84,8 @@ class PPO(ActorAlgorithm):
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
+                            synced_gpus=self.strategy.synced_generation)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
@@ -109,14 +110,15 @@ class PPO(ActorAlgorithm):
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for i, mb in enumerate(exp.split(hp.micro_batch_size)):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, clip_range_high=hp.clip_range_high or None,
                         dual_clip=hp.dual_clip, num_tokens=num_tokens,
                     )
-                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens)
+                    bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens,
+                                                   temperature=hp.temperature)
                     loss = loss + bonus
                     stats.append((loss.item(), clip_fraction.item(), entropy.item()))
                     if ptx is not None:

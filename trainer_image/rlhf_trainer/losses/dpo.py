@@ -40,12 +40,13 @@ def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, average: bo
 
 
 def preference_logprobs(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, loss_type: str) -> torch.Tensor:
-    """(R, T-1) log-probs of tokens 1..T-1 and the (R, T) response mask of the encoded rows ->
-    (R,) sequence log-probs as `loss_type` defines them: averaged for TOKEN_AVERAGED, else summed.
+    """(N, C) log-probs of each row's last C tokens (C = T-1: tokens 1..T-1) and the (N, T) response
+    mask of the encoded rows -> (N,) sequence log-probs as `loss_type` defines them: averaged for
+    TOKEN_AVERAGED, else summed.
 
     The reference's and the policy's log-probs of a pair must both go through here.
     """
-    mask = loss_mask[:, 1:].to(token_logprobs.dtype)
+    mask = loss_mask[:, -token_logprobs.shape[1]:].to(token_logprobs.dtype)
     return sequence_logprobs(token_logprobs, mask, average=loss_type in TOKEN_AVERAGED)
 
 

@@ -65,16 +65,18 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
 
 def entropy_bonus(logits: torch.Tensor, mask: torch.Tensor, *, coef: float,
-                  num_tokens: float | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_tokens: float | torch.Tensor | None = None,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T, V) logits, (B, T) mask -> (loss term -coef * sum of masked entropies / num_tokens, mean masked
     entropy). Added to policy_loss's result it makes the gradient of L_clip - c_2 * mean entropy over the
-    global batch (the same normaliser). The entropy is differentiated only when coef > 0.
+    global batch (the same normaliser). The entropy is that of softmax(logits / temperature), the
+    sampling distribution; it is differentiated only when coef > 0.
     """
     if not coef:
         with torch.no_grad():
-            entropy = entropy_from_logits(logits)
+            entropy = entropy_from_logits(logits, temperature)
         return torch.zeros((), dtype=entropy.dtype, device=entropy.device), masked_mean(entropy, mask)
-    entropy = entropy_from_logits(logits)
+    entropy = entropy_from_logits(logits, temperature)
     term = -coef * (entropy * mask).sum() / _normaliser(mask, num_tokens)
     return term, masked_mean(entropy.detach(), mask)
 
