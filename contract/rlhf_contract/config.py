@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_contract import layout
-from rlhf_contract.algorithms import ALGORITHMS, NAMES, ONLINE, REWARD_TYPES, ROLE_NAMES, role_set_problem
+from rlhf_contract.algorithms import (
+    ALGORITHMS,
+    MODEL_REWARD_TYPES,
+    NAMES,
+    ONLINE,
+    REWARD_TYPES,
+    ROLE_NAMES,
+    role_set_problem,
+)
 from rlhf_contract.knobs import Rule, knob, settings_of
 
 REWARD_RULES = ("exact_match", "regex", "callable")
@@ -84,8 +92,7 @@ class RewardConfig:
                                  "'^\\s*#' for comment lines.", max_length=256)
     normalize_steps: bool = knob(True, "prm: divide each step's reward by the number of rewarded steps, so a "
                                        "response's process reward stays in [-1, 1] whatever its length.")
-    value_init: bool = knob(False, "prm (ppo): initialise the critic from the process reward model (its "
-                                   "backbone and head); the PRM must share the policy's tokenizer.")
+
 
 
 def _template_ok(value: str) -> bool:
@@ -149,14 +156,15 @@ class CriticConfig:
 
     model: str = knob("auto", "The critic's initial weights: policy (the policy's backbone and a new value "
                               "head), reward (the reward model's backbone and score head, as InstructGPT and "
-                              "OpenRLHF do), auto (reward when reward.type is model, else policy), or a model "
-                              "folder; its tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
+                              "OpenRLHF do; with reward.type prm the process reward model's, ValueInit), auto "
+                              "(reward when reward.type is model, else policy), or a model folder; its "
+                              "tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
 
 
 def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> str | None:
-    """critic.model reward needs a reward model to start from."""
-    if algorithm == "ppo" and critic.model == "reward" and reward_type != "model":
-        return "reward needs a reward model (reward.type model); use policy or a model folder"
+    """critic.model reward needs a reward model (or a process reward model) to start from."""
+    if algorithm == "ppo" and critic.model == "reward" and reward_type not in MODEL_REWARD_TYPES:
+        return "reward needs a reward model (reward.type model or prm); use policy or a model folder"
     return None
 
 

@@ -131,8 +131,8 @@ def algorithm_rules() -> list[dict[str, str]]:
          "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
         {"rule": "!(self.algorithm == 'ppo' && has(self.critic) && has(self.critic.model) && "
-                 "self.critic.model == 'reward') || self.reward.type == 'model'",
-         "message": "critic.model reward needs a reward model (reward.type model); use policy or a model folder",
+                 f"self.critic.model == 'reward') || self.reward.type in {_cel_list(algorithms.MODEL_REWARD_TYPES)}",
+         "message": f"critic.model reward needs a reward model (reward.type {types}); use policy or a model folder",
          "fieldPath": ".critic.model"},
     ]
     return rules

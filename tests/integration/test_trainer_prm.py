@@ -65,14 +65,15 @@ def test_prm_label_writes_stepwise_rows_that_survive_a_restart_and_train_a_prm(t
 @pytest.mark.parametrize("algorithm", ["ppo", "grpo"])
 def test_online_algorithms_take_dense_rewards_from_a_process_reward_model(algorithm, tmp_path):
     """reward.type prm: the reward role serves a PRM (a random tiny one here), its step scores join the
-    rewards (process_reward), the rule gives the outcome, and PPO's critic starts from the PRM."""
+    rewards (process_reward), the rule gives the outcome, and PPO's critic starts from the PRM
+    (critic.model reward: ValueInit)."""
     roles = {"actor": {}, "reward": {}, "reference": {"colocate_with": "reward"}}
     if algorithm == "ppo":
         roles["critic"] = {"colocate_with": "actor"}
     config = trainer_config(
         algorithm, roles=roles, reward_model="tiny://llama",
-        reward={"type": "prm", "rule": "exact_match", "skip_pattern": "^#", "normalize_steps": True,
-                "value_init": algorithm == "ppo"},
+        reward={"type": "prm", "rule": "exact_match", "skip_pattern": "^#", "normalize_steps": True},
+        **({"critic": {"model": "reward"}} if algorithm == "ppo" else {}),
         dataset={"path": "synthetic://partial_sums", "format": "prompts"},
         hyperparameters={"max_steps": 2, "batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 8,
                          "group_size": 2, "step_separator": " "},

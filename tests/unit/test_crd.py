@@ -277,7 +277,7 @@ def test_defaulting_an_empty_spec_fills_every_section():
     spec = obj["spec"]
     assert spec["hyperparameters"]["maxSteps"] == Hyperparameters().max_steps
     assert spec["checkpoint"]["volume"] == {"retain": True}  # no size: existingClaim XOR size
-    assert spec["reward"] == {"type": "model", "normalizeSteps": True, "valueInit": False}
+    assert spec["reward"] == {"type": "model", "normalizeSteps": True}
     assert spec["roles"][0]["deepspeed"] == {"bf16": False, "offloadOptimizer": False, "gradientCheckpointing": False}
     assert "gangScheduler" not in spec["scheduling"]  # unset = the operator's default
 

@@ -31,8 +31,9 @@ Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ig
   and a harder second one. (Designed so; not measured here.)
 - `synthetic://instructions` (instruction): add two numbers, repeat a word, next letter of the
   alphabet; a quarter of the rows carry a one-turn history.
-- `synthetic://partial_sums` (prompts) and `synthetic://partial_sum_steps` (stepwise): multi-operand
-  sums solved one partial sum per line, for process reward models (rlhf_trainer.stepwise). They
+- `synthetic://partial_sums` (prompts), `synthetic://partial_sum_steps` (stepwise) and
+  `synthetic://partial_sum_solutions` (worked solutions for sft): multi-operand sums solved one
+  partial sum per line, for process reward models (rlhf_trainer.stepwise). They
   are not part of the tiny tokenizer's corpus, so adding them changed no tokenisation.
 """
 

@@ -261,7 +261,7 @@ class ValueModel(nn.Module):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
 
-CRITIC_INITS = ("policy", "reward")
+CRITIC_INITS = ("policy", "reward", "prm")
 
 
 def load_value_model(path: str, *, seed: int, init: str = "policy") -> ValueModel:
@@ -270,17 +270,29 @@ def load_value_model(path: str, *, seed: int, init: str = "policy") -> ValueMode
     init "policy": `path` is a causal LM; its backbone and a small seeded head (OpenRLHF's std
     1/(hidden+1): initial values near 0, not noise). init "reward": `path` is a one-label sequence
     classifier (a reward model); its backbone and its score head, so the first values are the reward
-    model's scores (InstructGPT, Ouyang et al. 2022, sec. 3.5; OpenRLHF's default critic).
+    model's scores (InstructGPT, Ouyang et al. 2022, sec. 3.5; OpenRLHF's default critic). init "prm":
+    `path` is a process reward model (a two-label token classifier, `algorithm: prm`); its backbone and
+    a value head (z_1 - z_0) / 2 from its two labels (ValueInit, losses.prm.value_head_from_prm).
     """
     if init not in CRITIC_INITS:
         raise ValueError(f"unknown critic init {init!r}")
-    source = load_policy(path, seed=seed) if init == "policy" else load_reward_model(path, seed=seed)
+    loaders = {"policy": load_policy, "reward": load_reward_model, "prm": load_token_classifier}
+    source = loaders[init](path, seed=seed)
     hidden_size = source.config.get_text_config().hidden_size
 
     def build() -> ValueModel:
         model = ValueModel(source.base_model, hidden_size)
         nn.init.zeros_(model.value_head.bias)
-        if init == "reward":
+        if init == "prm":
+            from rlhf_trainer.losses.prm import value_head_from_prm
+
+            head = getattr(source, "score", None) or getattr(source, "classifier", None)  # Llama/Qwen: score
+            if not isinstance(head, nn.Linear) or head.weight.shape[0] != 2:
+                raise ConfigError(f"critic.model: {path} has no two-label head to start the value head from")
+            weight, bias = value_head_from_prm(head.weight.data, None if head.bias is None else head.bias.data)
+            model.value_head.weight.data.copy_(weight)
+            model.value_head.bias.data.copy_(bias)
+        elif init == "reward":
             score = getattr(source, "score", None)
             if not isinstance(score, nn.Linear) or score.weight.shape != model.value_head.weight.shape:
                 raise ConfigError(f"critic.model: {path} has no one-label score head to start the value head from")
@@ -300,25 +312,6 @@ def is_sequence_classifier(path: str) -> bool:
         return False
     architectures = AutoConfig.from_pretrained(_local_folder(path), local_files_only=True).architectures or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
-
-
-def value_model_from_prm(prm_path: str, policy_path: str) -> ValueModel:
-    """The critic initialised from a process reward model (ValueInit): the PRM's backbone and a value
-    head from its two-label head (losses.prm.value_head_from_prm). The critic reads the policy's
-    token ids, so the two tokenizers must have the same vocabulary (ConfigError otherwise)."""
-    from rlhf_trainer.losses.prm import value_head_from_prm
-
-    if load_tokenizer(prm_path).get_vocab() != load_tokenizer(policy_path).get_vocab():
-        raise ConfigError(f"reward.value_init: the process reward model {prm_path!r} has another vocabulary than "
-                          f"model.path {policy_path!r}; the critic reads the policy's tokens")
-    prm = load_token_classifier(prm_path, seed=0)
-    model = ValueModel(prm.base_model, prm.config.get_text_config().hidden_size)
-    head = prm.score if hasattr(prm, "score") else prm.classifier  # Llama/Qwen name it score, BERT classifier
-    weight, bias = value_head_from_prm(head.weight.detach(), None if head.bias is None else head.bias.detach())
-    with torch.no_grad():
-        model.value_head.weight.copy_(weight)
-        model.value_head.bias.copy_(bias)
-    return model
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,

@@ -153,8 +153,7 @@ def build_service(ctx: Context, role: str):
             path, init = cfg.model.path, "policy"
         log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.value_model_from_prm(cfg.reward_model.path, cfg.model.path)
-            if cfg.reward.type == "prm" and cfg.reward.value_init else models.load_value_model(path, seed=hp.seed, init=init),
+            models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,
@@ -176,8 +175,9 @@ def build_service(ctx: Context, role: str):
 def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
     """(model path, init) the PPO critic starts from (critic.model; rlhf_trainer.models.load_value_model).
 
-    auto = the reward model when reward.type is model, else the policy; a folder is read as a reward
-    model when `is_classifier(path)` says it holds a sequence classifier, else as a policy.
+    auto = the reward model when reward.type is model, else the policy; reward with reward.type prm is
+    the process reward model (init "prm"); a folder is read as a reward model when `is_classifier(path)`
+    says it holds a sequence classifier, else as a policy.
     """
     choice = cfg.critic.model
     if choice == "auto":
@@ -186,8 +186,9 @@ def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
         return cfg.model.path, "policy"
     if choice == "reward":
         if cfg.reward_model is None:
-            raise ConfigError("critic.model: reward needs a reward model (reward.type model)")
-        return cfg.reward_model.path, "reward"
+            raise ConfigError("critic.model: reward needs a reward model (reward.type model or prm)")
+        # A process reward model's two-label head becomes the value head (ValueInit, losses.prm).
+        return cfg.reward_model.path, "prm" if cfg.reward.type == "prm" else "reward"
     return choice, "reward" if is_classifier(choice) else "policy"
 
 

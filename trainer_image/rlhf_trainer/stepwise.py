@@ -24,8 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from rlhf_trainer.data import PromptRecord, StepRecord
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.records import PromptRecord, SFTRecord, StepRecord
 
 DEFAULT_SEPARATOR = "\n"
 
@@ -213,7 +213,20 @@ def synthetic_partial_sum_steps(size: int = 512, operands: int = 3, max_operand:
     return out
 
 
+def synthetic_partial_sum_solutions(size: int = 512, operands: int = 3, max_operand: int = 4,
+                                    seed: int = 0) -> list[SFTRecord]:
+    """The same problems with their worked solutions ("3+4+2=" -> "7\n9"), for SFT."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(size):
+        prompt, partial = _partial_sum_problem(rng, operands, max_operand)
+        out.append(SFTRecord(prompt, "\n".join(map(str, partial)), f"synthetic://partial_sum_solutions#{i}"))
+    return out
+
+
 SYNTHETIC_STEPS = {
     "partial_sums": (synthetic_partial_sums, {"size": 512, "operands": 3, "max_operand": 4, "seed": 0}),
     "partial_sum_steps": (synthetic_partial_sum_steps, {"size": 512, "operands": 3, "max_operand": 4, "seed": 0}),
+    "partial_sum_solutions": (synthetic_partial_sum_solutions,
+                              {"size": 512, "operands": 3, "max_operand": 4, "seed": 0}),
 }

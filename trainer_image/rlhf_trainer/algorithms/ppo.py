@@ -6,7 +6,7 @@ policy loss here, clipped value loss on the critic role), `ppo_epochs` times ove
 
 With `reward.type: prm` a process reward model scores every step and its scores join the per-token
 rewards at the tokens ending the steps (losses.prm, "DenseReward"), next to the rule's outcome
-score on the last token; `reward.valueInit` starts the critic from the PRM (runtime.build_service).
+score on the last token; `critic.model: reward` starts the critic from the PRM (ValueInit, models.load_value_model).
 
 PPO-ptx (Ouyang et al. 2022, eq. 2): with `dataset.pretrain_path`, every actor micro-batch also
 takes a micro-batch of pretraining text and adds `ptx_coef` times its language-modelling loss
