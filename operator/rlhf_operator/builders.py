@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
@@ -259,6 +260,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_ROLE: role.name,
         wire.ENV_ROLE_RANK: str(index),
         wire.ENV_ROLE_REPLICAS: str(role.replicas),
+        wire.ENV_PROCESSES_PER_POD: str(role.processes_per_pod),
         wire.ENV_COLOCATED_ROLES: ",".join(job.spec.colocated_into(role.name)),
         wire.ENV_CONFIG: wire.CONFIG_PATH,
         wire.ENV_ROLE_ADDRS: wire.format_role_addrs(addrs),
@@ -278,7 +280,9 @@ def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[
     ports = [{"name": "role", "containerPort": ROLE_PORT, "protocol": "TCP"}]
     if role.name == host_role(job.spec, "actor"):
         ports.append({"name": "bridge", "containerPort": BRIDGE_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"})
+    # Local rank k of the pod serves /metrics on the metrics port + k: "metrics", "metrics-1", ...
+    ports += [{"name": "metrics" + (f"-{k}" if k else ""), "containerPort": settings.trainer_metrics_port + k,
+               "protocol": "TCP"} for k in range(role.processes_per_pod)]
     return ports
 
 
@@ -434,6 +438,13 @@ def build_config_map(job: Job) -> dict:
         "metadata": _metadata(job, config_map_name(job.name)),
         "data": {CONFIG_FILE: dump_config(build_trainer_config(job))},
     }
+
+
+def rollout_hash(job: Job, settings: BuildSettings) -> str:
+    """A digest of what a gang is built from: the trainer config and the pod templates (as gang attempt 0).
+    Two specs with the same digest need no rollout; an edit that changes it restarts the gang."""
+    parts = [dump_config(build_trainer_config(job)), build_gang(job, 0, settings)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_pvc(job: Job) -> dict | None:

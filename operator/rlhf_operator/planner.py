@@ -48,6 +48,7 @@ from rlhf_operator import chain
 from rlhf_operator.api import FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
+    build_config_map,
     build_gang,
     build_pod_group,
     build_support_objects,
@@ -55,6 +56,7 @@ from rlhf_operator.builders import (
     gang_pod_names,
     host_role,
     pod_name,
+    rollout_hash,
     support_object_refs,
     uses_kueue_pod_group,
 )
@@ -214,6 +216,13 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class UpdateObject:
+    """Write `obj` over the existing object of its kind and name (a merge patch of the whole body)."""
+
+    obj: dict
+
+
+@dataclass(frozen=True)
 class AnnotatePods:
     """Merge these annotations into the pods' metadata (a pod that is gone is skipped)."""
 
@@ -318,6 +327,8 @@ def gang_not_before(status: dict, backoff_base: float) -> datetime | None:
         return None
     if restarting.get("reason") == "GangTimeout":
         attempt = max(1, int(status.get("gangTimeouts") or 0))
+    elif restarting.get("reason") == REASON_SPEC_CHANGED:
+        return since  # an edit is no failure: the new gang comes as soon as the old pods are gone
     elif restarting.get("reason") == REASON_DISRUPTED:
         attempt = 1  # a disruption is no sign of trouble with the job: the base backoff, not doubled
     else:
@@ -444,7 +455,7 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
             _resume(p)
         if _sources_ready(p):
             _create_missing_support_objects(p)
-            if not _deadline_exceeded(p):
+            if not _deadline_exceeded(p) and not _roll_out(p):
                 _drive_gang(p)
 
     if p.phase != "Creating":
@@ -457,6 +468,8 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
 
 # A gang restart caused by a disruption (the Restarting condition's reason).
 REASON_DISRUPTED = "Disrupted"
+# A gang restart that rolls out a spec edit (the Restarting condition's reason and the event's).
+REASON_SPEC_CHANGED = "SpecChanged"
 # Failed because the API server refused a child the builders made (422): the job's message says which.
 REASON_CHILD_REJECTED = "ChildRejected"
 
@@ -527,6 +540,38 @@ def _create_missing_support_objects(p: _Pass) -> None:
     for obj in build_support_objects(p.job, p.settings):
         if (obj["kind"], obj["metadata"]["name"]) not in p.observed.existing:
             p.actions.append(CreateObject(obj))
+
+
+def _roll_out(p: _Pass) -> bool:
+    """A spec edit that changes the trainer config or the pods (status.specHash, builders.rollout_hash):
+    update the ConfigMap and restart the gang from the last complete checkpoint (a new attempt, no backoff,
+    not counted in restarts); with no gang up, the next gang is built from the edit. Fields that apply in
+    place (suspend, failurePolicy, deadlines, gangTimeoutSeconds) change no hash. True when this pass
+    rolled out (the new gang comes in a later pass, after the ConfigMap write)."""
+    if p.job.generation == p.job.status.get("observedGeneration") and "specHash" in p.status:
+        return False  # the digest is only recomputed for a new generation
+    current, before = rollout_hash(p.job, p.settings), p.status.get("specHash")
+    p.status["specHash"] = current
+    if before is None or before == current:
+        return False  # a new job (or one from before digests): nothing to roll out
+    config = build_config_map(p.job)
+    if ("ConfigMap", config["metadata"]["name"]) in p.observed.existing:
+        p.actions.append(UpdateObject(config))
+    if gang_created_at(p.status) is None:
+        p.event("Normal", REASON_SPEC_CHANGED, f"spec generation {p.job.generation}: the trainer config is "
+                                               f"updated and the next gang is built from it")
+        p.wake_at(p.now + timedelta(seconds=1))  # after the ConfigMap write, whatever event comes
+        return True
+    p.delete(p.observed.pods)
+    message = (f"spec generation {p.job.generation} changed the trainer config or the pods: restarting the gang "
+               f"from the last complete checkpoint (not counted in restarts)")
+    p.status.update(phase="Restarting", attempt=p.attempt + 1, lastRestartTime=p.stamp())
+    p.status.pop("gangCreatedTime", None)
+    p.condition("Restarting", True, REASON_SPEC_CHANGED, message)
+    p.clear_condition("Created", REASON_SPEC_CHANGED, message)
+    p.clear_condition("Running", REASON_SPEC_CHANGED, message)
+    p.event("Normal", REASON_SPEC_CHANGED, message)
+    return True
 
 
 def _deadline_exceeded(p: _Pass) -> bool:

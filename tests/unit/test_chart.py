@@ -82,6 +82,7 @@ NAMESPACED_APPLICATION = (
     | grants("rlhf.dev", ["rlhfjobs/status"], ["patch"])  # status once per pass
     | grants("rlhf.dev", ["rlhfjobs"], ["delete"])  # ttlSecondsAfterFinished
     | grants("", ["pods"], ["create", "delete", "patch"])  # gang create / restart / finish; Kueue quota back
+    | grants("", ["configmaps"], ["patch"])  # a spec edit rolled out
     | grants("", ["services", "configmaps", "persistentvolumeclaims"], ["create"])  # owner refs delete them
     | grants("", ["persistentvolumeclaims"], ["patch"])  # a fromJob dependant co-owns its source's claim
 )

@@ -4,6 +4,7 @@
     policy = load_policy("tiny://llama", seed=0)        # AutoModelForCausalLM
     critic = load_value_model("tiny://llama", seed=0)   # backbone + scalar value head per token
     rm = load_reward_model("tiny://llama", seed=0)      # AutoModelForSequenceClassification, 1 label
+    prm = load_token_classifier("tiny://llama", seed=0) # AutoModelForTokenClassification, 2 labels (PRM)
     save_pretrained(policy, tok, "export/")
 
 `path` is a local HF model folder (config.json + weights + tokenizer files) or `tiny://llama` /
@@ -32,6 +33,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
@@ -229,6 +231,16 @@ def load_reward_model(path: str, *, seed: int) -> PreTrainedModel:
     return model
 
 
+def load_token_classifier(path: str, *, seed: int, num_labels: int = 2) -> PreTrainedModel:
+    """A per-token classifier (a process reward model: label 1 = the step is correct), as TRL's
+    PRMTrainer trains; built from a causal LM's folder (new head) or read back from a PRM export."""
+    if path.startswith(TINY_PREFIX):
+        config = _tiny_config(path, num_labels=num_labels)
+        return _seeded(lambda: AutoModelForTokenClassification.from_config(config), seed)
+    return AutoModelForTokenClassification.from_pretrained(_local_folder(path), num_labels=num_labels,
+                                                           local_files_only=True)
+
+
 class ValueModel(nn.Module):
     """PPO critic: a causal LM's backbone and a linear head giving one value per token."""
 
@@ -288,6 +300,25 @@ def is_sequence_classifier(path: str) -> bool:
         return False
     architectures = AutoConfig.from_pretrained(_local_folder(path), local_files_only=True).architectures or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def value_model_from_prm(prm_path: str, policy_path: str) -> ValueModel:
+    """The critic initialised from a process reward model (ValueInit): the PRM's backbone and a value
+    head from its two-label head (losses.prm.value_head_from_prm). The critic reads the policy's
+    token ids, so the two tokenizers must have the same vocabulary (ConfigError otherwise)."""
+    from rlhf_trainer.losses.prm import value_head_from_prm
+
+    if load_tokenizer(prm_path).get_vocab() != load_tokenizer(policy_path).get_vocab():
+        raise ConfigError(f"reward.value_init: the process reward model {prm_path!r} has another vocabulary than "
+                          f"model.path {policy_path!r}; the critic reads the policy's tokens")
+    prm = load_token_classifier(prm_path, seed=0)
+    model = ValueModel(prm.base_model, prm.config.get_text_config().hidden_size)
+    head = prm.score if hasattr(prm, "score") else prm.classifier  # Llama/Qwen name it score, BERT classifier
+    weight, bias = value_head_from_prm(head.weight.detach(), None if head.bias is None else head.bias.detach())
+    with torch.no_grad():
+        model.value_head.weight.copy_(weight)
+        model.value_head.bias.copy_(bias)
+    return model
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,

@@ -217,6 +217,14 @@ class KubeApi:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         return await self.request("DELETE", path, body, ok=(404,)) != 404
 
+    async def update(self, obj: dict[str, Any]) -> bool:
+        """Merge-patch an existing object with `obj` (its whole body); False when it is gone (404)."""
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        status = await self.request("PATCH", path, obj, content_type="application/merge-patch+json",
+                                    query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
+        return status != 404
+
     async def annotate(self, api_version: str, kind: str, namespace: str, name: str,
                        annotations: dict[str, str]) -> bool:
         """Merge annotations into an object's metadata; False when it is gone (404)."""

@@ -440,6 +440,11 @@ class Controller:
         staged.writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
 
     @_stage.register
+    def _(self, action: planner.UpdateObject, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.writes.append(self.api.update(action.obj))
+
+    @_stage.register
     def _(self, action: planner.AnnotatePods, staged: _Writes, record: JobRecord, namespace: str,
           clock: float) -> None:
         for name in action.names:

@@ -52,6 +52,10 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
   verbs: ["create"]
+# application: a spec edit rolled out rewrites the trainer-config ConfigMap.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["patch"]
 # application: a job started from another job's export (fromJob) adds itself as a further owner of
 # that job's checkpoint PVC when it goes with its job (retain: false), so the PVC outlives the source
 # job while the dependant exists (docs/spec.md, Chaining jobs).
