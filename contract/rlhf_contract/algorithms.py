@@ -21,9 +21,9 @@ MODEL_REWARD_TYPES = ("model", "prm")
 # preference pairs, prompt/response pairs to imitate, or responses labelled step by step (a PRM's).
 DATA_KINDS = ("prompts", "pairs", "sft", "steps")
 # What a finished job exports to $RLHF_CHECKPOINT_DIR/export: a causal LM (a policy: what `model` starts
-# from), a one-label sequence classifier (a reward model: `rewardModel` with reward.type model), a process
-# reward model (`rewardModel` with reward.type prm), or step labels (a dataset, not a model).
-EXPORT_KINDS = ("policy", "reward", "prm", "labels")
+# from), a one-label sequence classifier (a reward model: what `rewardModel` is), a process reward
+# model (a token classifier: `rewardModel` with reward.type prm), or a labelled dataset (prm-label).
+EXPORT_KINDS = ("policy", "reward", "prm", "dataset")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ TABLE = (
               exports="prm"),
     Algorithm("prm-label", ("actor",), online=False, data="prompts", module="prm_label",
               summary="labels a policy's responses step by step for prm: first wrong step by binary search "
-                      "with best-of-N completions checked by the rule reward", exports="labels"),
+                      "with best-of-N completions checked by the rule reward", exports="dataset"),
 )
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)

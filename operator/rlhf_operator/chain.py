@@ -39,8 +39,9 @@ def wanted_export(key: str, spec: JobSpec) -> str:
         return "policy"
     return "prm" if spec.reward.type == "prm" else "reward"
 
+
 EXPORT_WORDS = {"policy": "a policy model", "reward": "a reward model", "prm": "a process reward model",
-                "labels": "step labels, not a model"}
+                "dataset": "a labelled dataset, not a model"}
 
 # Condition type and reasons a chained job's status uses.
 CONDITION = "SourcesReady"

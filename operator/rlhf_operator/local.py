@@ -45,7 +45,7 @@ import yaml
 from rlhf_contract import wire
 
 from rlhf_operator import api, builders, chain, constants, localexec, planner, report
-from rlhf_operator.progress import merge_progress
+from rlhf_operator.progress import format_sample, merge_progress
 
 LOCAL_IP = "127.0.0.1"
 # How often progress bars and status.progress refresh while nothing else wakes the loop.
@@ -122,8 +122,11 @@ def progress_from_row(row: Mapping[str, Any] | None) -> dict[str, Any]:
         return {}
     fields = {"step": ("step", int), "rewardMean": ("reward_mean", float), "kl": ("kl", float),
               "lastCheckpointStep": ("last_checkpoint_step", int)}
-    return {key: kind(row[name]) for key, (name, kind) in fields.items()
-            if isinstance(row.get(name), int | float) and row[name] == row[name]}
+    progress = {key: kind(row[name]) for key, (name, kind) in fields.items()
+                if isinstance(row.get(name), int | float) and row[name] == row[name]}
+    if isinstance(row.get("alarms"), dict):  # rlhf_trainer.alarms: reason -> message, maybe none firing
+        progress["alarms"] = dict(row["alarms"])
+    return progress
 
 
 def last_json_line(path: Path, tail_bytes: int = 8192) -> dict[str, Any] | None:
@@ -276,8 +279,11 @@ class LocalRunner:
         self.passes += 1
         self._apply_suspend_controls()
         rows = self._latest_rows()
-        progress = merge_progress(self.job.status.get("progress"), progress_from_row(rows.get("actor-0")),
-                                  localexec.utc_now())
+        scraped = progress_from_row(rows.get("actor-0"))
+        sample = last_json_line(self.checkpoint_dir / "samples" / "actor-0.jsonl")
+        if sample:
+            scraped["lastSample"] = format_sample(sample)
+        progress = merge_progress(self.job.status.get("progress"), scraped, localexec.utc_now())
         departed, self.departed = self.departed, {}
         observed = planner.Observed(
             pods=(*(planner.observe_pod(self.observed_pod_dict(name)) for name in self.pods),
@@ -507,21 +513,32 @@ class LocalRun:
 
 
 class Progress:
-    """Per-role bars (TTY) or plain lines: step/maxSteps, live reward and KL from the metrics JSONL.
-    label_jobs: prefix every line with its job (several jobs of one run; plain lines then)."""
+    """Per-process progress bars (tqdm, on a TTY) or plain lines: step/maxSteps, live reward, KL, loss.
+
+    Bars: one tqdm bar per metrics file (`actor-0`, ...) plus a status line (phase, restarts);
+    line() prints above them (tqdm.write). Plain (not a TTY, --no-progress, or several jobs of one run):
+    one line per new step of each rank-0 series, so CI logs stay readable.
+    label_jobs: prefix every line with its job (several jobs of one run; plain lines then).
+    """
 
     def __init__(self, stream: Any = sys.stdout, bars: bool | None = None, label_jobs: bool = False):
         self.stream = stream
         self.label_jobs = label_jobs
         self.bars = bool(stream is not None and not label_jobs and (stream.isatty() if bars is None else bars))
-        self._drawn = 0
+        self._bars: dict[str, Any] = {}
+        self._status: Any = None
         self._last_plain: dict[tuple[str, str], int] = {}
 
     def line(self, text: str, job: str = "") -> None:
         if self.stream is None:
             return
-        self._erase()
-        print(f"{job}: {text}" if job and self.label_jobs else text, file=self.stream, flush=True)
+        text = f"{job}: {text}" if job and self.label_jobs else text
+        if self._bars or self._status is not None:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
 
     def update(self, job: api.Job, rows: Mapping[str, Mapping[str, Any]]) -> None:
         if self.stream is None:
@@ -534,20 +551,27 @@ class Progress:
                     label = f"{job.name}/{name}" if self.label_jobs else name
                     print(format_progress_line(label, row, max_steps), file=self.stream, flush=True)
             return
-        self._erase()
-        lines = [format_progress_bar(name, row, max_steps) for name, row in sorted(rows.items())]
-        lines.append(f"{job.name}: {job.status.get('phase', '-')}, restarts {job.status.get('restarts', 0)}")
-        self.stream.write("\n".join(lines) + "\n")
-        self.stream.flush()
-        self._drawn = len(lines)
+        from tqdm import tqdm
 
-    def _erase(self) -> None:
-        if self.bars and self._drawn:
-            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
-            self._drawn = 0
+        for name, row in sorted(rows.items()):
+            bar = self._bars.get(name)
+            if bar is None:
+                bar = self._bars[name] = tqdm(total=max_steps, desc=f"{name:<12}", unit="step", file=self.stream,
+                                              position=len(self._bars), leave=True, dynamic_ncols=True)
+            bar.n = min(int(row.get("step", 0) or 0), max_steps)
+            bar.set_postfix_str(_metric_text(row), refresh=False)
+            bar.refresh()
+        if self._status is None:
+            self._status = tqdm(total=0, bar_format="{desc}", file=self.stream, position=len(self._bars) + 1,
+                                leave=True)
+        self._status.set_description_str(f"{job.name}: {job.status.get('phase', '-')}, "
+                                         f"restarts {job.status.get('restarts', 0)}")
 
     def close(self) -> None:
-        self._drawn = 0
+        for bar in [*self._bars.values(), self._status]:
+            if bar is not None:
+                bar.close()
+        self._bars, self._status = {}, None
 
 
 def _metric_text(row: Mapping[str, Any]) -> str:
@@ -560,12 +584,6 @@ def _metric_text(row: Mapping[str, Any]) -> str:
 
 def format_progress_line(name: str, row: Mapping[str, Any], max_steps: int) -> str:
     return f"{name:<12} step {row.get('step', 0)}/{max_steps}  {_metric_text(row)}".rstrip()
-
-
-def format_progress_bar(name: str, row: Mapping[str, Any], max_steps: int, width: int = 24) -> str:
-    step = int(row.get("step", 0) or 0)
-    filled = min(width, width * step // max(max_steps, 1))
-    return f"{name:<12} [{'#' * filled}{'.' * (width - filled)}] {step}/{max_steps}  {_metric_text(row)}".rstrip()
 
 
 def main(args: Any) -> int:

@@ -133,6 +133,16 @@ def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
     return json.dumps(walk(doc), indent=2, sort_keys=True)
 
 
+def absolute_search_path(value: str, cwd: Path) -> str:
+    """A PYTHONPATH with its relative (and empty = current folder) entries made absolute against `cwd`.
+
+    Each local pod runs in its own folder, so `PYTHONPATH=. rlhf-operator run-local job.yaml` must
+    mean the folder the user ran it from (where a `reward.callable` module lives), not the pod's.
+    """
+    return os.pathsep.join(str(cwd / entry) if not os.path.isabs(entry) else entry
+                           for entry in value.split(os.pathsep))
+
+
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     containers = pod["spec"]["containers"]
     return next((c for c in containers if c.get("name") == wire.CONTAINER_NAME), containers[0])
@@ -184,6 +194,8 @@ def translate_pod(
     container = trainer_container(pod)
     name = pod["metadata"]["name"]
     env = dict(os.environ if base_env is None else base_env)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = absolute_search_path(env["PYTHONPATH"], Path.cwd())
     # N role processes share a few cores: one intra-op thread each unless the user chose otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"

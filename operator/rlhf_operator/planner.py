@@ -430,6 +430,24 @@ class _Pass:
         return Plan(tuple(actions), self.status, self.requeue_after)
 
 
+def _degraded(p: _Pass, before: dict[str, str]) -> None:
+    """The trainer's alarms (status.progress.alarms: reason -> message, docs/spec.md "Alarms") -> the
+    Degraded condition (True with the first reason while any fires) and one Warning event per reason
+    that starts firing; a Normal AlarmsCleared event when the last one stops."""
+    alarms = p.status["progress"].get("alarms")
+    if alarms is None:
+        return
+    for reason in alarms:
+        if reason not in before:
+            p.event("Warning", reason, alarms[reason][:MAX_MESSAGE_CHARS])
+    if alarms:
+        message = "; ".join(f"{r}: {m}" for r, m in alarms.items())
+        p.condition("Degraded", True, next(iter(alarms)), message[:MAX_MESSAGE_CHARS * 2])
+    elif condition_is_true(p.status, "Degraded"):
+        p.condition("Degraded", False, "AlarmsCleared", "no alarm fires")
+        p.event("Normal", "AlarmsCleared", "no alarm fires")
+
+
 def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -> Plan:
     """The next step for `job` given its observed children; see the module docstring."""
     p = _Pass(job, observed, now, settings)
@@ -439,6 +457,7 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     p.status["observedGeneration"] = job.generation
     if observed.progress is not None:
         p.status["progress"] = dict(observed.progress)
+        _degraded(p, (job.status.get("progress") or {}).get("alarms") or {})
 
     failed = get_condition(p.status, "Failed")
     if p.phase == "Failed" and failed and (

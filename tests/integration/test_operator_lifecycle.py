@@ -33,9 +33,9 @@ from rlhf_operator import api, builders
 from tests.controlplane import kube
 
 SETTINGS = builders.BuildSettings()
-# Files of one job each; the pipelines (several jobs chained by fromJob) run in e2e/test_e2e_chain.py.
+# Files of one job; a pipeline file (several jobs chained by fromJob) has its own e2e test.
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml")
-                       if sum(1 for doc in yaml.safe_load_all(p.read_text()) if doc) == 1)
+                       if sum(1 for d in yaml.safe_load_all(p.read_text()) if d) == 1)
 
 
 def parsed(obj) -> api.Job:

@@ -91,7 +91,7 @@ GATE_CASES = {
     "policy-from-a-reward-model-job": GateCase((peer("sft", algorithm="rm"), RM_OK), "failed",
                                                chain.SOURCE_MISMATCH, ("model needs a policy model",)),
     "policy-from-a-labelling-job": GateCase((peer("sft", algorithm="prm-label"), RM_OK), "failed",
-                                            chain.SOURCE_MISMATCH, ("exports step labels, not a model",)),
+                                            chain.SOURCE_MISMATCH, ("exports a labelled dataset, not a model",)),
     "process-reward-model-from-a-prm-job": GateCase((SFT_OK, peer("rm", algorithm="prm")), "ready", chain.SUCCEEDED,
                                                     spec={"reward": {"type": "prm"}, "critic": {"model": "policy"}}),
     "process-reward-model-from-an-rm-job": GateCase((SFT_OK, RM_OK), "failed", chain.SOURCE_MISMATCH,
