@@ -64,8 +64,12 @@ def test_stackllama_chain_runs_in_order_from_one_apply(cluster, operator, tmp_pa
     cluster.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=yaml.safe_dump_all(docs))
 
     # the dependants wait, and say for what
-    wait_for(lambda: printed_columns(cluster, names[2]).get("WAITING-FOR") == f"{names[0]}, {names[1]}",
-             timeout=60, what="ppo waiting for sft and rm")
+    try:
+        wait_for(lambda: printed_columns(cluster, names[2]).get("WAITING-FOR") == f"{names[0]}, {names[1]}",
+                 timeout=300, what="ppo waiting for sft and rm")  # the operator may still be starting
+    except AssertionError as err:
+        listing = cluster.kubectl("get", "rlhf", "-n", NAMESPACE, check=False).stdout
+        raise AssertionError(f"{err}\n{listing}\n{diagnostics(cluster, operator, names[2])}") from None
     assert printed_columns(cluster, names[1])["WAITING-FOR"] == names[0]
     assert not cluster.pods(names[1]) and not cluster.pods(names[2])
 

@@ -28,9 +28,20 @@ from rlhf_contract.algorithms import ALGORITHMS
 from rlhf_operator.api import FINISHED_PHASES, Job, JobSpec
 from rlhf_operator.builders import pvc_name
 
-# What each manifest field that can name a job needs the source to export (algorithms.EXPORT_KINDS). The
-# PPO critic starts from one of these two (critic.model: policy | reward), so it follows them.
-WANTS = {"model": ("policy",), "rewardModel": ("reward", "prm")}
+# The PPO critic starts from one of the two models a job names (critic.model: policy | reward), so it
+# follows their sources.
+
+
+def wanted_export(key: str, spec: JobSpec) -> str:
+    """The export kind (algorithms.EXPORT_KINDS) a manifest field needs from its fromJob source: `model` a
+    policy; `rewardModel` a reward model, or a process reward model when reward.type is prm."""
+    if key == "model":
+        return "policy"
+    return "prm" if spec.reward.type == "prm" else "reward"
+
+
+EXPORT_WORDS = {"policy": "a policy model", "reward": "a reward model", "prm": "a process reward model",
+                "dataset": "a labelled dataset, not a model"}
 
 # Condition type and reasons a chained job's status uses.
 CONDITION = "SourcesReady"
@@ -134,13 +145,13 @@ def find_cycle(start: str, edges: Mapping[str, tuple[str, ...]]) -> list[str] | 
     return [*path, start] if walk(start) else None
 
 
-def _kind_problem(key: str, peer: PeerJob) -> str:
+def _kind_problem(key: str, spec: JobSpec, peer: PeerJob) -> str:
     exports = ALGORITHMS[peer.algorithm].exports if peer.algorithm in ALGORITHMS else ""
-    if not exports or exports in WANTS[key]:
+    want = wanted_export(key, spec)
+    if not exports or exports == want:
         return ""
-    want = " or ".join(WANTS[key])
-    return (f"spec.{key}.fromJob names RLHFJob {peer.name} (algorithm {peer.algorithm}), which exports a {exports} "
-            f"model; {key} needs a {want} model")
+    return (f"spec.{key}.fromJob names RLHFJob {peer.name} (algorithm {peer.algorithm}), which exports "
+            f"{EXPORT_WORDS[exports]}; {key} needs {EXPORT_WORDS[want]}")
 
 
 def _describe(name: str, peer: PeerJob | None) -> str:
@@ -168,7 +179,7 @@ def gate(job: Job, peers: Mapping[str, PeerJob]) -> Gate:
         if peer.phase == "Failed":
             return Gate("failed", SOURCE_FAILED, f"spec.{key}.fromJob: RLHFJob {peer.name} failed, so its model "
                                                  f"never came ({peer.failure or 'no reason given'})")
-        problem = _kind_problem(key, peer)
+        problem = _kind_problem(key, job.spec, peer)
         if problem:
             return Gate("failed", SOURCE_MISMATCH, problem)
     waiting = tuple(n for n in names if peers.get(n) is None or peers[n].phase != "Succeeded")
