@@ -66,6 +66,13 @@ class PodIPs:
         return self._ips[uid]
 
 
+def config_error_status(message: str) -> dict[str, Any]:
+    """A pod the kubelet cannot start (a kubelet's CreateContainerConfigError): Pending, waiting."""
+    return {"phase": "Pending", "containerStatuses": [{
+        "name": wire.CONTAINER_NAME, "ready": False, "restartCount": 0, "image": "local", "imageID": "",
+        "state": {"waiting": {"reason": "CreateContainerConfigError", "message": message[:1000]}}}]}
+
+
 class StandInKubelet:
     """The kubelet of Node `node_name` (labels `node_labels`, capacity over nodes.DEFAULT_CAPACITY)."""
 
@@ -85,6 +92,7 @@ class StandInKubelet:
         self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
         self.starts: Counter[str] = Counter()  # pod name -> processes started for it
         self.logs: dict[str, list[Path]] = {}  # pod name -> log files of every process run for it
+        self.config_errors: dict[str, str] = {}  # pod name -> why it could not be started
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -158,14 +166,20 @@ class StandInKubelet:
             for name in gone:
                 self.known.pop(name, None)
                 self.reported.pop(name, None)
+                self.config_errors.pop(name, None)
         for pod in deleting:  # processes stopped above: confirm the deletion
             nodes.finalize_deleted(self.api, pod)
         for name, pod in pods.items():
             if name not in self.known and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
                 self.known[name] = pod
-                self._start_pod(pod)
+                try:
+                    self._start_pod(pod)
+                except (ValueError, ApiException) as err:  # the pod cannot be run as it is: say so, as a kubelet
+                    self.config_errors[name] = str(err)
         for name, pod in self.known.items():
             status = localexec.pod_status(self.supervisor.get(name), self.ips.ip_for(pod["metadata"]["uid"]))
+            if name in self.config_errors:
+                status = config_error_status(self.config_errors[name])
             if status != self.reported.get(name):
                 self._patch_status(pod, status)
 

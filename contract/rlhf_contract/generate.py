@@ -23,10 +23,12 @@ from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
@@ -108,13 +110,15 @@ def algorithm_rules() -> list[dict[str, str]]:
             f"algorithms {_words(algs)}, and only for them"
         rules.append({"rule": f"self.roles.exists(r, r.name == '{role}') == (self.algorithm in {_cel_list(algs)})",
                       "message": f"roles must include {role} for {which}", "fieldPath": ".roles"})
-    model_reward = f"self.algorithm in {_cel_list(ONLINE)} && self.reward.type == 'model'"
+    model_reward = (f"self.algorithm in {_cel_list(ONLINE)} && "
+                    f"self.reward.type in {_cel_list(algorithms.MODEL_REWARD_TYPES)}")
+    types = _words(algorithms.MODEL_REWARD_TYPES, "or")
     rules += [
         {"rule": f"self.roles.exists(r, r.name == 'reward') == ({model_reward})",
          "message": f"roles must include reward when the algorithm is {_words(ONLINE, 'or')} and reward.type is "
-                    "model, and only then", "fieldPath": ".roles"},
+                    f"{types}, and only then", "fieldPath": ".roles"},
         {"rule": f"!({model_reward}) || has(self.rewardModel)",
-         "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
+         "message": f"rewardModel is required when reward.type is {types} (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
                  "(!has(a.processesPerPod) || a.processesPerPod >= 1) && "
@@ -126,6 +130,10 @@ def algorithm_rules() -> list[dict[str, str]]:
                  f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",
          "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
+        {"rule": "!(self.algorithm == 'ppo' && has(self.critic) && has(self.critic.model) && "
+                 "self.critic.model == 'reward') || self.reward.type == 'model'",
+         "message": "critic.model reward needs a reward model (reward.type model); use policy or a model folder",
+         "fieldPath": ".critic.model"},
     ]
     return rules
 
@@ -144,8 +152,10 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "dataset-fields": lambda: properties_of(DatasetFields),
     "role": lambda: properties_of(RoleConfig),
     "deepspeed": lambda: properties_of(DeepSpeedConfig),
+    "lora": lambda: properties_of(LoraConfig),
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
+    "critic": lambda: properties_of(CriticConfig),
 }
 
 

@@ -25,14 +25,18 @@ from rlhf_contract.config import (
     CALLABLE_PATTERN,
     REWARD_RULES,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    critic_problem,
     dataset_format_problem,
+    lora_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -99,6 +103,7 @@ class JobSpec:
     image_pull_policy: str = "IfNotPresent"
     reward_model: ModelConfig | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
@@ -179,6 +184,8 @@ QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 IMAGE_PATTERN = r"^\S(.*\S)?$"
 MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
 MAX_SUBDOMAIN_LENGTH = 253
+# A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
+MAX_SELECTOR_ENTRIES = 32
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
 # so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
 MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
@@ -371,6 +378,8 @@ class _Fields:
                 self.error(f"{key}.{k}", f"must be {expected}, got {_kind(v)}")
             elif labels:
                 self.errors.extend((self.at(f"{key}.{k}"), m) for m in label_errors(k, v))
+        if labels and len(value) > MAX_SELECTOR_ENTRIES:
+            self.error(key, f"must have at most {MAX_SELECTOR_ENTRIES} entries (got {len(value)})")
         return dict(value)
 
     def done(self) -> None:
@@ -396,6 +405,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     top.read.add("rewardModel")  # known even when null
     reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
+    critic = _settings(top.obj("critic"), CriticConfig)
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
@@ -429,7 +439,11 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
-        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+        errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
+    if algorithm in ALGORITHMS and "critic.model" not in bad:
+        problem = critic_problem(algorithm, reward.type, critic)
+        if problem:
+            errors.append(("critic.model", problem))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -440,7 +454,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         raise SpecError(errors)
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
-        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
+        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward, critic=critic,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
@@ -485,12 +499,17 @@ def _role(fields: _Fields) -> RoleSpec:
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
+    lora = _settings(fields.obj("lora"), LoraConfig)
+    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
+    if problem:
+        fields.error("lora.rank", problem)
     gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,
         # One process per GPU unless processesPerPod says otherwise (the CRD leaves it unset).
         **fields.settings(RoleConfig, processes_per_pod=max(gpus, 1)),
         deepspeed=deepspeed,
+        lora=lora,
         image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
         gpus=gpus,
         resources=_resources(fields.obj("resources")),
@@ -644,9 +663,29 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     )
 
 
+# Fields that cannot change after creation (the CRD's `self == oldSelf` rules say the same), with how to
+# change them. Every other field is rolled out (a new gang from the last checkpoint: planner._roll_out) or
+# applied in place (suspend, failurePolicy, deadlines, gangTimeoutSeconds): docs/spec.md "Spec edits".
+_NEW_JOB = "create a new job to change it (deleting this one and creating it again with the same name resumes from " \
+           "its retained checkpoint claim)"
+IMMUTABLE_FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (lambda s: s.model, "the checkpoints hold this model's weights; create a new job to train another model"),
+    "rewardModel": (lambda s: s.reward_model, _NEW_JOB),
+    "reward": (lambda s: s.reward, _NEW_JOB),
+    "dataset": (lambda s: s.dataset, f"the checkpoints hold a position in it; {_NEW_JOB}"),
+    "checkpoint.volume": (lambda s: s.checkpoint.volume,
+                          "the job's checkpoints are on it; create a new job to use another volume"),
+    "scheduling.gangScheduler": (lambda s: s.scheduling.gang_scheduler,
+                                 "its PodGroup holds the gang; create a new job to use another scheduler"),
+}
+
+
 def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, message) for every change to what cannot change after creation: the algorithm and
-    the role layout (names and colocateWith). The CRD's `self == oldSelf` rules say the same."""
+    """(path, message) for every change to what cannot change after creation: the algorithm, the role
+    layout (names and colocateWith) and IMMUTABLE_FIELDS (compared after defaulting; rewardModel only when
+    both have one, as the CRD's rule on it). The CRD's `self == oldSelf` rules say the same."""
+    if old_spec == new_spec:
+        return []  # most passes: nothing edited, nothing parsed
     changes = []
     if old_spec.get("algorithm") != new_spec.get("algorithm"):
         changes.append(("algorithm", f"is immutable (was {old_spec.get('algorithm')!r}, "
@@ -655,6 +694,16 @@ def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> lis
     if old_layout != new_layout:
         changes.append(("roles", f"role names and colocateWith are immutable (was {_describe(old_layout)}, "
                                  f"now {_describe(new_layout)})"))
+    try:
+        old, new = parse_spec(old_spec), parse_spec(new_spec)
+    except SpecError:
+        return changes  # an invalid edit is reported as such (InvalidSpec), field by field
+    for path, (read, how) in IMMUTABLE_FIELDS.items():
+        before, after = read(old), read(new)
+        if path == "rewardModel" and (before is None or after is None):
+            continue
+        if before != after:
+            changes.append((path, f"is immutable: {how}"))
     return changes
 
 

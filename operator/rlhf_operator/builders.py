@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
@@ -126,6 +127,7 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         model=spec.model,
         reward_model=spec.reward_model,
         reward=spec.reward,
+        critic=spec.critic,
         dataset=spec.dataset,
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,
@@ -192,6 +194,11 @@ def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
+def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
+    """The gang is a Kueue pod group: a queue is set and Volcano (whose queue it would be) is not used."""
+    return bool(job.spec.scheduling.queue) and gang_scheduler(job, settings) != "volcano"
 
 
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
@@ -264,7 +271,7 @@ def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bui
     if scheduler == "coscheduling":
         labels[LABEL_COSCHEDULING_GROUP] = job.name
     # With Volcano the queue is a Volcano queue (on the PodGroup), not a Kueue LocalQueue.
-    if job.spec.scheduling.queue and scheduler != "volcano":
+    if uses_kueue_pod_group(job, settings):
         labels[LABEL_KUEUE_QUEUE] = job.spec.scheduling.queue
         labels[LABEL_KUEUE_POD_GROUP] = kueue_pod_group_name(job, attempt)
     return labels
@@ -388,6 +395,13 @@ def build_config_map(job: Job) -> dict:
         "metadata": _metadata(job, config_map_name(job.name)),
         "data": {CONFIG_FILE: dump_config(build_trainer_config(job))},
     }
+
+
+def rollout_hash(job: Job, settings: BuildSettings) -> str:
+    """A digest of what a gang is built from: the trainer config and the pod templates (as gang attempt 0).
+    Two specs with the same digest need no rollout; an edit that changes it restarts the gang."""
+    parts = [dump_config(build_trainer_config(job)), build_gang(job, 0, settings)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_pvc(job: Job) -> dict | None:

@@ -301,6 +301,19 @@ class LocalRunner:
             self.timeline.add("pods_deleted", ",".join(names))
 
     @execute.register
+    def _(self, action: planner.UpdateObject) -> None:
+        ref = (action.obj.get("kind", ""), action.obj["metadata"]["name"])
+        if ref in self.objects:  # pods started from now on read it (_materialize_config_maps)
+            self.objects[ref] = stamp_new_object(dict(action.obj), self.job.namespace)
+
+    @execute.register
+    def _(self, action: planner.AnnotatePods) -> None:
+        for name in action.names:
+            if name in self.pods:
+                meta = self.pods[name]["metadata"]
+                meta["annotations"] = {**(meta.get("annotations") or {}), **dict(action.annotations)}
+
+    @execute.register
     def _(self, action: planner.DeleteObject) -> None:
         self.objects.pop((action.kind, action.name), None)
 

@@ -164,12 +164,13 @@ def translate_pod(
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     for var in container.get("env", []):
-        if "value" in var:
-            value = str(var["value"])
-        elif "fieldRef" in var.get("valueFrom", {}):
+        if "fieldRef" in var.get("valueFrom", {}):
             value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
-        else:
+        elif "valueFrom" in var:
             raise ValueError(f"pod {name}: env {var['name']}: only value and fieldRef are supported locally")
+        else:
+            # An empty value is stored without its `value` key (the API server omits empty strings).
+            value = str(var.get("value", ""))
         if var["name"] in wire.ADDRESS_ENV:
             value = rewrite_addresses(value, resolve)
         elif var["name"] == wire.ENV_METRICS_PORT:

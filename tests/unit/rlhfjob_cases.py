@@ -45,6 +45,13 @@ def set_path(obj: Any, path: str, value: Any) -> None:
         obj[last] = value
 
 
+def get_path(obj: Any, path: str) -> Any:
+    """The value at `path` (`roles[1].replicas`); KeyError / IndexError when it is not there."""
+    for step in _steps(path):
+        obj = obj[step]
+    return obj
+
+
 def unset_path(obj: Any, path: str) -> None:
     *parents, last = _steps(path)
     for step in parents:

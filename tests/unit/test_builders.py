@@ -352,7 +352,9 @@ def test_config_map_holds_the_trainer_config_as_sorted_json():
     assert config["hyperparameters"]["clip_range"] == 0.3
     assert config["checkpoint"] == {"interval_steps": 2, "keep": 1}
     assert config["roles"]["reference"] == {"replicas": 1, "colocate_with": "actor", "processes_per_pod": 1,
-                                            "deepspeed": config["roles"]["reference"]["deepspeed"]}
+                                            "deepspeed": config["roles"]["reference"]["deepspeed"],
+                                            "lora": config["roles"]["reference"]["lora"]}
+    assert config["roles"]["reference"]["lora"]["rank"] == 0
     assert config["reward_model"] is None
     assert (config["job"], config["namespace"], config["algorithm"]) == ("ppo-tiny", "team-a", "ppo")
 

@@ -153,6 +153,15 @@ def all_reduce_sum(value: float) -> float:
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A copy of `t` summed over the role's world (a copy of `t` with one process); differentiable inputs
+    are detached: this is for statistics, never for gradients."""
+    out = t.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
 def role_barrier() -> None:
     if world_size() > 1:
         dist.barrier()

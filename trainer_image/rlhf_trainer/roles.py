@@ -7,6 +7,7 @@ Each serving role is a small object with `handle(method, tensors, meta) -> (tens
 | reference.logprobs   | input_ids, attention_mask (B, T)          | logprobs (B, T-1)         |
 |                      | + meta response_length R                  | logprobs (B, R)           |
 | reward.score         | meta prompts, responses (strings)         | scores (B,)               |
+| reward.step_scores   | meta prompts, responses, separator        | scores (B, S), counts (B,)|
 | critic.values        | input_ids, attention_mask (B, T), meta R  | values (B, R)             |
 | critic.train         | + old_values, returns, action_mask (B, R) | meta value_loss           |
 
@@ -43,10 +44,16 @@ def _on_device(tensors: Tensors) -> Tensors:
 
 
 class ReferenceService:
-    """Frozen copy of the initial policy: log-probs for the KL penalty / DPO reference, `chunk_size` rows per pass."""
+    """The initial policy: log-probs for the KL penalty / DPO reference, `chunk_size` rows per pass.
 
-    def __init__(self, model, temperature: float, *, chunk_size: int):
-        self.model = model.to(distributed.device()).eval()
+    Either a frozen copy, or (adapters_off) a LoRA actor's own model run with its adapters disabled:
+    its frozen base weights are the initial policy (rlhf_trainer.lora). That model keeps training, so
+    its train/eval mode is restored after each call.
+    """
+
+    def __init__(self, model, temperature: float, *, chunk_size: int, adapters_off: bool = False):
+        self.adapters_off = adapters_off
+        self.model = model if adapters_off else model.to(distributed.device()).eval()
         self.temperature = temperature
         self.chunk_size = chunk_size
 
@@ -54,8 +61,22 @@ class ReferenceService:
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "logprobs", method
         t = _on_device(tensors)
-        logprobs = chunked_token_logprobs(self.model, t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size,
+        def logprobs_of(model):
+            return chunked_token_logprobs(model, t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size,
                                           temperature=self.temperature, response_length=meta.get("response_length") or 0)
+
+        if self.adapters_off:
+            from rlhf_trainer.lora import adapters_off
+
+            training = self.model.training
+            self.model.eval()
+            try:
+                with adapters_off(self.model):
+                    logprobs = logprobs_of(self.model)
+            finally:
+                self.model.train(training)
+        else:
+            logprobs = logprobs_of(self.model)
         return {"logprobs": logprobs}, {}
 
 
@@ -86,6 +107,46 @@ class RewardService:
         scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s]),
                          rows=t["input_ids"].shape[0], chunk_size=self.chunk_size)
         return {"scores": scores.cpu()}, {}
+
+
+class ProcessRewardService:
+    """A process reward model (an `algorithm: prm` export) scoring every step of (prompt, response)
+    pairs in [-1, 1] at the step's separator. Rows are built as in PRM training (stepwise.encode_steps)
+    with its own tokenizer and chat template (`renderer`, as RewardService's). Steps are the
+    response's non-blank pieces between separators; a step whose separator falls beyond max_length
+    scores 0."""
+
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
+        self.model = model.to(distributed.device()).eval()
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
+
+    @torch.no_grad()
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        assert method == "step_scores", method
+        from rlhf_trainer.losses.prm import step_scores
+        from rlhf_trainer.stepwise import encode_steps, split_steps
+
+        rows, positions = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
+            steps = [s.text for s in split_steps(response, meta["separator"])]
+            encoded = encode_steps(self.renderer.tokenizer, self.renderer.prompt_ids(prompt), steps,
+                                   meta["separator"], **self.lengths)
+            rows.append(encoded.ids)
+            positions.append(encoded.positions + [-1] * (len(steps) - len(encoded.positions)))  # -1: cut off
+        enc = pad_right([[] for _ in rows], rows, self.renderer.tokenizer.pad_token_id)
+        dev = distributed.device()
+        logits = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                            position_ids=position_ids_from_mask(enc["attention_mask"]).to(dev)).logits
+        per_token = step_scores(logits).cpu()
+        counts = torch.tensor([len(p) for p in positions])
+        scores = torch.zeros(len(rows), max(1, int(counts.max())))
+        for i, row_positions in enumerate(positions):
+            for k, position in enumerate(row_positions):
+                if position >= 0:
+                    scores[i, k] = per_token[i, position]
+        return {"scores": scores, "counts": counts}, {}
 
 
 class CriticService:

@@ -64,6 +64,8 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # The actor's trained model in an actor process (set before colocated roles start).
+    actor_model: Any = None
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
 
@@ -100,7 +102,7 @@ class Context:
 def build_service(ctx: Context, role: str):
     """The service object of a serving role (and register its strategy if it trains)."""
     from rlhf_trainer import models
-    from rlhf_trainer.roles import CriticService, ReferenceService, RewardService
+    from rlhf_trainer.roles import CriticService, ProcessRewardService, ReferenceService, RewardService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
     hp, cfg = ctx.hp, ctx.cfg
@@ -108,6 +110,12 @@ def build_service(ctx: Context, role: str):
     frozen_dtype = torch.bfloat16 if cfg.roles[role].deepspeed.bf16 else torch.float32
     if role == "reference":
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
+        from rlhf_trainer import lora
+
+        if ctx.actor_model is not None and lora.is_lora(ctx.actor_model):
+            # Colocated with a LoRA actor: its frozen base IS the initial policy; no second copy.
+            log("reference: the actor's base model with its adapters disabled")
+            return ReferenceService(ctx.actor_model, temperature, chunk_size=hp.inference_chunk_size, adapters_off=True)
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed).to(frozen_dtype), temperature,
                                 chunk_size=hp.inference_chunk_size)
     if role == "reward":
@@ -119,13 +127,25 @@ def build_service(ctx: Context, role: str):
         # The reward model's own chat template when it has one (dataset.template is the policy's).
         renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
                             setting="rewardModel")
+        if cfg.reward.type == "prm":
+            return ProcessRewardService(models.load_token_classifier(path, seed=hp.seed).to(frozen_dtype), renderer,
+                                        max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
         return RewardService(models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), renderer,
                              max_prompt_length=hp.max_prompt_length, max_length=hp.max_length,
                              chunk_size=hp.inference_chunk_size)
     if role == "critic":
         rows = ctx.rows_per_rank()
+        path, init = critic_source(cfg, models.is_sequence_classifier)
+        if path != cfg.model.path and not same_vocabulary(models.load_tokenizer(path), models.load_tokenizer(cfg.model.path)):
+            if cfg.critic.model != "auto":
+                raise ConfigError(f"critic.model: the tokenizer of {path} differs from the policy's; the critic reads "
+                                  f"the policy's tokens, so it must start from a model with the same vocabulary")
+            log("critic: the reward model's tokenizer differs from the policy's; starting from the policy")
+            path, init = cfg.model.path, "policy"
+        log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.load_value_model(cfg.model.path, seed=hp.seed),
+            models.value_model_from_prm(cfg.reward_model.path, cfg.model.path)
+            if cfg.reward.type == "prm" and cfg.reward.value_init else models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,
@@ -141,6 +161,29 @@ def build_service(ctx: Context, role: str):
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
         )
     raise ValueError(f"no service for role {role!r}")
+
+
+def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
+    """(model path, init) the PPO critic starts from (critic.model; rlhf_trainer.models.load_value_model).
+
+    auto = the reward model when reward.type is model, else the policy; a folder is read as a reward
+    model when `is_classifier(path)` says it holds a sequence classifier, else as a policy.
+    """
+    choice = cfg.critic.model
+    if choice == "auto":
+        choice = "reward" if cfg.reward.type == "model" and cfg.reward_model is not None else "policy"
+    if choice == "policy":
+        return cfg.model.path, "policy"
+    if choice == "reward":
+        if cfg.reward_model is None:
+            raise ConfigError("critic.model: reward needs a reward model (reward.type model)")
+        return cfg.reward_model.path, "reward"
+    return choice, "reward" if is_classifier(choice) else "policy"
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (a critic must read the policy's ids)."""
+    return a.get_vocab() == b.get_vocab()
 
 
 @dataclass(frozen=True)

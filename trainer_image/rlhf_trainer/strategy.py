@@ -108,6 +108,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self.settings = settings
+        self.learning_rate = learning_rate
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.config = build_ds_config(
             zero_stage=settings.zero_stage,
@@ -121,6 +122,8 @@ class DeepSpeedStrategy:
         if settings.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         params = [p for p in model.parameters() if p.requires_grad]
+        # A LoRA model's frozen base is not saved in checkpoints (it is the model folder's).
+        self.frozen = len(params) < len(list(model.parameters()))
         # fused: one kernel over all parameters instead of ~10 ops per tensor (CPU and CUDA).
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95),
                                       fused=all(p.is_floating_point() for p in params))
@@ -154,14 +157,37 @@ class DeepSpeedStrategy:
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         """Collective over the role's world: every rank writes its shard under `directory/engine`."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: str) -> dict[str, Any]:
         """Collective; returns the client state given to save(). Raises if the files do not load."""
-        path, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        path, client_state = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not self.frozen)
         if path is None:
             raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
+        self.apply_learning_rate()
         return client_state or {}
+
+    def apply_learning_rate(self) -> None:
+        """The configured learning rate over the one a checkpoint restored with the optimizer state: an edit
+        of hyperparameters.learningRate, rolled out as a gang restart, takes effect (there is no schedule)."""
+        inner = getattr(self.optimizer, "optimizer", None)
+        for optimizer in (self.optimizer, inner):
+            for group in getattr(optimizer, "param_groups", None) or []:
+                group["lr"] = self.learning_rate
+
+    def load_universal(self, directory: str) -> None:
+        """Collective: load a DeepSpeed universal checkpoint (checkpoint.to_universal's output) saved under
+        another data-parallel world size or ZeRO stage; DeepSpeed reshards weights and optimizer states."""
+        config = self.engine._config  # DeepSpeed reads the flag from its config at load time
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(directory, load_module_strict=not self.frozen)
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed universal checkpoint")
+        self.apply_learning_rate()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""

@@ -79,6 +79,9 @@ class JobRecord:
     # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
     accepted_spec: dict[str, Any] | None = None
     refused_generation: int | None = None  # generation whose immutable change was already reported
+    # A status a pass decided but could not write (the write failed): the next pass plans from it, so that
+    # what its actions did (a restart) is not decided again, and writes it again.
+    unsaved: dict[str, Any] | None = None
     planned_generation: int | None = None  # generation of the last pass that planned
 
 
@@ -188,7 +191,8 @@ class Controller:
             return None
         started = time.perf_counter()
         now = datetime.now(UTC)
-        old_status = self._current_status(record, raw)
+        stored = self._current_status(record, raw)
+        old_status = dict(record.unsaved) if record.unsaved is not None else stored
         accepted = await self._refuse_immutable_changes(record, raw)
         spec = self._valid_spec(record, raw) if accepted is raw else None  # a refused edit: parsed below
         raw = accepted
@@ -219,11 +223,18 @@ class Controller:
             await self._report_refused_child(key, record, raw, old_status, refused, now)
             return 0.0  # the next pass deletes what the failed job still holds
         new_status = dict(result.status)
-        if new_status != old_status:
-            patch = status_merge_patch(old_status, new_status)
-            if not await self.api.patch_job_status(key[0], key[1], patch):
-                return None  # deleted meanwhile
+        if new_status != stored:
+            patch = status_merge_patch(stored, new_status)
+            try:
+                if not await self.api.patch_job_status(key[0], key[1], patch):
+                    return None  # deleted meanwhile
+            except ApiError as err:
+                record.unsaved = new_status  # logged and retried by the worker
+                if record.failures == 0:  # once per streak: `kubectl describe` says why status is stale
+                    await self.api.post_event(raw, "Warning", "StatusWriteFailed", str(err))
+                raise
             record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
+        record.unsaved = None
         self.metrics.record_status(key[0], key[1], old_status, new_status,
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
         self.metrics.reconcile.observe(time.perf_counter() - started)
@@ -363,6 +374,17 @@ class Controller:
           clock: float) -> None:
         record.expected.pop((action.kind, action.name), None)
         staged.writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
+
+    @_stage.register
+    def _(self, action: planner.UpdateObject, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.writes.append(self.api.update(action.obj))
+
+    @_stage.register
+    def _(self, action: planner.AnnotatePods, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        for name in action.names:
+            staged.writes.append(self.api.annotate("v1", "Pod", namespace, name, dict(action.annotations)))
 
     @_stage.register
     def _(self, action: planner.EmitEvent, staged: _Writes, record: JobRecord, namespace: str,

@@ -4,11 +4,15 @@ driver (data, resume, checkpoints, metrics, export) and the rollout helpers of t
 
 An algorithm is an ActorAlgorithm with `step(records, timings) -> dict of metrics`, and `state_dict()` /
 `load_state_dict()` for what it must carry over a restart (e.g. the KL controller). Its module's
-`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module.
+`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module. One that
+trains no model (strategy None, e.g. prm-label) has an `export(ctx)` that writes its own result
+instead of a model folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -42,7 +46,7 @@ from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, tr
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
-            "response_length", "preference_accuracy")
+            "response_length", "preference_accuracy", "ptx_loss", "process_reward")
 # Keys of a step's stats that are sums over the actor ranks.
 SUMMED = ("tokens", "truncated_rows")
 
@@ -55,6 +59,9 @@ class ActorAlgorithm:
     load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
     rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
     rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    With roles.actor.lora.rank > 0 the model trains LoRA adapters (rlhf_trainer.lora). The roles
+    colocated in this process start once the model exists: a reference can then share a LoRA
+    actor's base weights.
     """
 
     def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
@@ -62,11 +69,21 @@ class ActorAlgorithm:
         hp = self.hp = ctx.hp
         self.ctx = ctx
         self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
+        self.classifier = load_model is models.load_reward_model
+        self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
+        model = self.load_base()
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            model = lora.with_lora(model, adapters, classifier=self.classifier)
         self.strategy = DeepSpeedStrategy(
-            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            model, ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
             grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
         )
+        ctx.actor_model = self.strategy.module
+        start_colocated(ctx)
 
     def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
@@ -84,7 +101,6 @@ def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> 
     colocated roles, then drive()."""
     renderer = text_pipeline(ctx)
     rows = load_rows(ctx, renderer)
-    start_colocated(ctx)
     drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
@@ -172,28 +188,59 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
         ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
         values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
         scores=score(roll.prompts, roll.responses, answers),
+        step_rewards=score.step_rewards(roll),
     )
 
 
 class Scorer:
-    """Scores responses with the rule reward in-process, or with the reward role's model."""
+    """Scores responses with the rule reward in-process, or with the reward role's model; with a
+    process reward model (reward.type prm) the role scores every step and the rule, if any, gives
+    the outcome score."""
 
-    def __init__(self, ctx: Context):
-        self.rule = None
-        self.client = None
-        if ctx.cfg.reward.type == "rule":
-            from rlhf_trainer.rewards import build_reward_fn
+    def __init__(self, ctx: Context, tokenizer=None):
+        from rlhf_trainer.rewards import build_reward_fn
 
-            self.rule = build_reward_fn(ctx.cfg.reward)
-        else:
-            self.client = ctx.client("reward")
+        reward = ctx.cfg.reward
+        self.type, self.tokenizer, self.hp = reward.type, tokenizer, ctx.hp
+        self.skip_pattern, self.normalize = reward.skip_pattern, reward.normalize_steps
+        self.rule = build_reward_fn(dataclasses.replace(reward, type="rule")) if reward.rule else None
+        self.client = None if reward.type == "rule" else ctx.client("reward")
+        if reward.type == "prm":
+            try:
+                re.compile(reward.skip_pattern)
+            except re.error as exc:
+                raise ConfigError(f"reward.skip_pattern: invalid regular expression: {exc}") from exc
 
     def __call__(self, prompts: list[Prompt], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+        """(B,) outcome scores: the rule's, the reward model's, or 0 for a PRM without a rule."""
         # Conversations go out as lists of message dicts (TRL's conversational form; JSON over the bridge).
         prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
+        if self.type == "model":
+            return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
-        return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
+        return torch.zeros(len(responses))
+
+    def step_rewards(self, roll: Rollout) -> torch.Tensor | None:
+        """(B, R) process rewards of a rollout at the tokens ending its steps (losses.prm), or None
+        unless reward.type is prm."""
+        if self.type != "prm":
+            return None
+        from rlhf_trainer.losses.prm import dense_step_rewards
+        from rlhf_trainer.stepwise import split_steps, step_token_ends, step_weights, token_char_ends
+
+        separator = self.hp.step_separator
+        prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in roll.prompts]
+        out = self.client.call("step_scores", prompts=prompts, responses=roll.responses, separator=separator)[0]
+        R = roll.action_mask.shape[1]
+        scores, ends, weights = [], [], []
+        for i, response in enumerate(roll.responses):
+            steps = split_steps(response, separator)
+            ids = roll.sequences[i, -R:][roll.action_mask[i].bool()].tolist()
+            scores.append(out["scores"][i, :len(steps)].tolist())
+            ends.append(step_token_ends([s.end for s in steps], token_char_ends(self.tokenizer, ids)))
+            weights.append(step_weights(steps, self.skip_pattern))
+        return dense_step_rewards(scores, ends, weights, R, normalise=self.normalize)
 
 
 def encode_pairs(rows: list[PairRow], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -233,7 +280,7 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
     kind = ALGORITHMS[cfg.algorithm].data
     records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields.mapping())
     limits = {"max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
-    rows, report = tokenize_records(records, renderer, kind, **limits)
+    rows, report = tokenize_records(records, renderer, kind, step_separator=hp.step_separator, **limits)
     if ctx.env.rank == 0:
         log(f"dataset {cfg.dataset.path}: {report.describe()}")
     ctx.metrics.set_dataset(report.rows, report.truncated, report.dropped)
@@ -274,14 +321,28 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
     log(f"checkpoint step-{step} complete")
 
 
-def export(ctx: Context, strategy, tokenizer) -> Path:
-    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
+def export(ctx: Context, algorithm) -> Path:
+    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes).
+
+    A LoRA actor exports its adapters folded into a fresh base (roles.actor.lora.export merged) or
+    peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
+    strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
     final = Path(ctx.env.checkpoint_dir) / "export"
     if distributed.world_rank() == 0:
         tmp = final.with_name(".export.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            merged = lora.write_export(state, adapters, algorithm.load_base, classifier=algorithm.classifier, folder=tmp)
+            if merged is None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                models.save_pretrained(merged, tokenizer, tmp)
+        else:
+            models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     distributed.role_barrier()
@@ -330,7 +391,10 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
-    export(ctx, algorithm.strategy, algorithm.tokenizer)
+    if algorithm.strategy is None:
+        algorithm.export(ctx)
+    else:
+        export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
 

@@ -1,11 +1,26 @@
 """Masked reductions and log-prob helpers shared by every loss (pure torch).
 
 Masks are 0/1 tensors of the same shape as the values; a masked-out entry never contributes.
+
+Statistics that steer training (advantage whitening, the KL controller's input) must be the same
+on every data-parallel rank, else the ranks optimise different objectives and their shared
+weights drift apart from what any one batch asks for. Those helpers take `reduce`, a function
+summing a tensor over the ranks (distributed.all_reduce_tensor in the loops; the identity, the
+default, with one process): the moments are built from global sums, never from local means.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def identity(t: torch.Tensor) -> torch.Tensor:
+    """The `reduce` of one process: the local sums are the global sums."""
+    return t
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -18,19 +33,36 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / (mask.sum() if dim is None else mask.sum(dim)).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
-    if unbiased:
-        count = mask.sum()
-        var = var * count / (count - 1).clamp(min=1)  # Bessel's correction
-    return var
+def global_masked_moments(values: torch.Tensor, mask: torch.Tensor, *,
+                          reduce: Reduce = identity) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked entries of `values` on ALL ranks (scalars).
+
+    Two reductions in float64: [sum, count], then the sum of squared deviations from the global
+    mean (more accurate than E[x^2] - E[x]^2). Every rank gets the same two numbers.
+    """
+    sums = reduce(torch.stack([(values * mask).sum(), mask.sum()]).double())
+    count = sums[1]
+    mean = sums[0] / count.clamp(min=1)
+    squares = reduce((((values.double() - mean) ** 2) * mask).sum())
+    var = squares / (count - 1).clamp(min=1)
+    return mean.to(values.dtype), var.to(values.dtype)
+
+
+def global_mean(values: torch.Tensor, *, reduce: Reduce = identity) -> float:
+    """Mean of all entries of `values` over all ranks (ranks may hold different counts)."""
+    sums = reduce(torch.stack([values.double().sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                                   device=values.device)]))
+    return float(sums[0] / sums[1].clamp(min=1))
 
 
 def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
-                  eps: float = 1e-8) -> torch.Tensor:
-    """Normalise to unit variance (and zero mean) over the masked entries; masked-out -> 0."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+                  eps: float = 1e-8, *, reduce: Reduce = identity) -> torch.Tensor:
+    """Normalise to unit variance (and zero mean) over the masked entries of all ranks; masked-out -> 0.
+
+    With `reduce` summing over the ranks, the whitened batch is the one a single process holding
+    every rank's rows would compute (OpenRLHF and TRL whiten over the gathered batch too).
+    """
+    mean, var = global_masked_moments(values, mask, reduce=reduce)
     whitened = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
