@@ -232,7 +232,8 @@ def test_generation_in_chunks_pads_shorter_chunks_after_their_eos():
 def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs
-    from rlhf_trainer.algorithms.dpo import response_columns, summed_logprobs
+    from rlhf_trainer.algorithms.dpo import response_columns
+    from rlhf_trainer.losses.dpo import preference_logprobs
     from rlhf_trainer.tokenized import PairRow
 
     tok = models.load_tokenizer("tiny://llama")
@@ -251,6 +252,6 @@ def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     assert loss_mask[:, :-R].sum() == 0  # and hold no response token
     with torch.no_grad():
         every = (token_logprobs(model, ids_, attn)[0] * loss_mask[:, 1:]).sum(-1)
-        tail = summed_logprobs(token_logprobs(model, ids_, attn, response_length=R)[0], loss_mask)
+        tail = preference_logprobs(token_logprobs(model, ids_, attn, response_length=R)[0], loss_mask, "sigmoid")
     torch.testing.assert_close(tail, every, rtol=1e-5, atol=1e-5)
     assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0
