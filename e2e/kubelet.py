@@ -8,8 +8,9 @@ for each new pod of a job (label rlhf.dev/job):
 
 - materialises its volumes: a configMap volume -> a folder with the ConfigMap's keys as files (read
   from the API), a persistentVolumeClaim -> the hostPath folder of the PersistentVolume bound to the
-  claim (tests/controlplane/provisioner.py provisions them), any other volume -> a per-pod folder;
-  env values under a mount path are rewritten to those folders;
+  claim (tests/controlplane/provisioner.py provisions them; a mount's subPath is a folder inside it),
+  any other volume -> a per-pod folder; env values under a mount path are rewritten to those folders,
+  and so are the trainer config's paths under a claim's mount (a fromJob source's /sources/<job>);
 - stands in for cluster DNS: each pod gets its own loopback address 127.X.Y.Z as podIP (so the
   trainer's /metrics on POD_IP:9400 is reachable by the operator exactly as in a cluster), while
   rendezvous addresses in RLHF_ROLE_ADDRS / RLHF_BRIDGE_ADDR become 127.0.0.1 with a free port per
@@ -200,15 +201,23 @@ class StandInKubelet:
         pod_dir = self.root / "pods" / uid
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, Path] = {}
+        claim_mounts: dict[str, Path] = {}  # a fromJob source's export: the trainer config names its mount
+        config_maps: list[tuple[Path, str]] = []
         for m in localexec.trainer_container(pod).get("volumeMounts", []):
             vol = volumes.get(m["name"], {"name": m["name"]})
             folder = self._volume_dir(pod, vol)
+            folder = folder / m["subPath"] if m.get("subPath") else folder
             folder.mkdir(parents=True, exist_ok=True)
             if "configMap" in vol:
-                cm = self.api.read_namespaced_config_map(vol["configMap"]["name"], namespace)
-                for key, text in (cm.data or {}).items():
-                    (folder / key).write_text(text)
+                config_maps.append((folder, vol["configMap"]["name"]))
+            if "persistentVolumeClaim" in vol:
+                claim_mounts[m["mountPath"]] = folder
             mounts[m["mountPath"]] = folder
+        for folder, config_map in config_maps:
+            cm = self.api.read_namespaced_config_map(config_map, namespace)
+            for key, text in (cm.data or {}).items():
+                (folder / key).write_text(localexec.rewrite_json_paths(text, claim_mounts)
+                                          if key == wire.CONFIG_FILE else text)
         metrics_port = next((int(e["value"]) for e in localexec.trainer_container(pod).get("env", [])
                              if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),

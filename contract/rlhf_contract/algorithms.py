@@ -20,6 +20,10 @@ MODEL_REWARD_TYPES = ("model", "prm")
 # What an algorithm consumes from its dataset (rlhf_trainer.data.convert): prompts to sample from,
 # preference pairs, prompt/response pairs to imitate, or responses labelled step by step (a PRM's).
 DATA_KINDS = ("prompts", "pairs", "sft", "steps")
+# What a finished job exports to $RLHF_CHECKPOINT_DIR/export: a causal LM (a policy: what `model` starts
+# from), a one-label sequence classifier (a reward model: what `rewardModel` is), a process reward
+# model (a token classifier: `rewardModel` with reward.type prm), or a labelled dataset (prm-label).
+EXPORT_KINDS = ("policy", "reward", "prm", "dataset")
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,8 @@ class Algorithm:
     roles: the roles it always needs. An online algorithm samples responses and scores them, so it
     also needs a `reward` role exactly when `reward.type` is model or prm (a rule reward runs in the actor).
     module: `rlhf_trainer.algorithms.<module>` has `run(ctx)`, started on the actor's ranks.
+    exports: the kind of model its export folder holds (EXPORT_KINDS); a job naming this one in
+    `fromJob` must want that kind.
     """
 
     name: str
@@ -37,6 +43,7 @@ class Algorithm:
     data: str
     module: str
     summary: str
+    exports: str = "policy"
 
     def required_roles(self, reward_type: str) -> tuple[str, ...]:
         """Role names this algorithm needs with this reward type (reward last)."""
@@ -62,14 +69,15 @@ TABLE = (
     Algorithm("orpo", ("actor",), online=False, data="pairs", module="dpo",
               summary="ORPO: SFT on the chosen response plus an odds-ratio preference term, no reference (Hong et al. 2024)"),
     Algorithm("rm", ("actor",), online=False, data="pairs", module="rm",
-              summary="Bradley-Terry reward model training on preference pairs"),
+              summary="Bradley-Terry reward model training on preference pairs", exports="reward"),
     Algorithm("sft", ("actor",), online=False, data="sft", module="sft",
               summary="supervised fine-tuning on the response tokens"),
     Algorithm("prm", ("actor",), online=False, data="steps", module="prm",
-              summary="process reward model: each step's correctness at its separator token (Lightman et al. 2023)"),
+              summary="process reward model: each step's correctness at its separator token (Lightman et al. 2023)",
+              exports="prm"),
     Algorithm("prm-label", ("actor",), online=False, data="prompts", module="prm_label",
               summary="labels a policy's responses step by step for prm: first wrong step by binary search "
-                      "with best-of-N completions checked by the rule reward"),
+                      "with best-of-N completions checked by the rule reward", exports="dataset"),
 )
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)

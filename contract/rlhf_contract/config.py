@@ -42,6 +42,7 @@ SYNTHETIC_PREFIX = "synthetic://"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
 LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # rlhf_trainer.losses.aggregation, TRL's loss_type names
+NON_FINITE_POLICIES = ("fail", "skip")
 # "module:function" of a reward callable (the CRD's CEL rule uses the same pattern).
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -284,6 +285,28 @@ class Hyperparameters:
                                rule=Rule(bool, "self != ''", "must not be empty"))
     prm_completions: int = knob(4, "prm-label: completions sampled from each prefix; the prefix is correct when "
                                    "one passes the verifier (best-of-N).", minimum=1, algorithms=("prm-label",))
+    sample_interval_steps: int = knob(10, "Every this many steps, write samplesPerStep rollouts (prompt, response, "
+                                          "reward, KL, length, truncated) to samples/<role>-<rank>.jsonl on the "
+                                          "checkpoint volume (0 = never).", minimum=0, algorithms=ONLINE)
+    samples_per_step: int = knob(4, "Rollouts each actor rank writes when samples are due.", minimum=1,
+                                 algorithms=ONLINE)
+    alarm_negative_kl: float = knob(0.05, "Alarm NegativeKL when a step's mean per-response KL is below minus this "
+                                          "(0 = off).", minimum=0, algorithms=ONLINE)
+    alarm_length_drop: float = knob(0.5, "Alarm LengthCollapse when the mean response length of the last alarmWindow "
+                                         "steps is this share below that of the window before (0 = off).",
+                                    minimum=0, lt=1, algorithms=ONLINE)
+    alarm_distinct: float = knob(0.3, "Alarm RewardHacking when the responses' distinct-2 (unique bigrams / bigrams "
+                                      "inside a response) is below this (0 = off).", minimum=0, maximum=1,
+                                 algorithms=ONLINE)
+    alarm_reward_jump: float = knob(0.5, "Alarm RewardHacking when the training reward rose by more than this between "
+                                         "two evaluations while the held-out reward rose by less than half of it "
+                                         "(0 = off; needs dataset.evalPath).", minimum=0, algorithms=ONLINE)
+    alarm_window: int = knob(5, "Steps per window of the LengthCollapse and reward-jump alarms.", minimum=1,
+                             algorithms=ONLINE)
+    non_finite: str = knob("fail", "What a NaN or infinite reward, loss or gradient norm does: fail (the job fails "
+                                   "with a permanent error naming the step, the source and the rows) or skip (the "
+                                   "batch is skipped and counted in rlhf_trainer_non_finite_total).",
+                           enum=NON_FINITE_POLICIES)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,8 @@ CONFIG_MOUNT = "/etc/rlhf"
 CONFIG_FILE = "config.json"
 CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_FILE}"
 CHECKPOINT_MOUNT = "/checkpoints"
+# The finished job's model, a Hugging Face folder under the checkpoint volume: what `fromJob` starts from.
+EXPORT_DIR = "export"
 TERMINATION_LOG = "/dev/termination-log"
 # Non-root uid/gid of the trainer image (trainer_image/Dockerfile creates it).
 TRAINER_UID = 1000

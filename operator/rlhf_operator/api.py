@@ -47,6 +47,15 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 
 
 @dataclass(frozen=True, kw_only=True)
+class ModelSource(ModelConfig):
+    """A model as the manifest names it: a folder in the image (`path`, shared with the trainer config),
+    or `fromJob`, another RLHFJob of the namespace whose exported model the job starts from once that
+    job has Succeeded (rlhf_operator.chain; docs/spec.md "Chaining jobs"). Exactly one is set."""
+
+    from_job: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class RoleSpec(RoleConfig):
     """A role as the manifest writes it: its placement and DeepSpeed settings (shared with the trainer
     config) plus what only Kubernetes needs."""
@@ -97,11 +106,11 @@ class FailurePolicy:
 class JobSpec:
     algorithm: str
     image: str
-    model: ModelConfig
+    model: ModelSource
     dataset: DatasetConfig
     roles: tuple[RoleSpec, ...]
     image_pull_policy: str = "IfNotPresent"
-    reward_model: ModelConfig | None = None
+    reward_model: ModelSource | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
@@ -117,6 +126,15 @@ class JobSpec:
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
+
+    def model_sources(self) -> tuple[tuple[str, ModelSource], ...]:
+        """(manifest field, source) of every model the job names: model, rewardModel."""
+        named = (("model", self.model), ("rewardModel", self.reward_model))
+        return tuple((key, source) for key, source in named if source is not None)
+
+    def from_jobs(self) -> tuple[str, ...]:
+        """The RLHFJobs this job starts from (fromJob of its models), each once, in field order."""
+        return tuple(dict.fromkeys(s.from_job for _, s in self.model_sources() if s.from_job))
 
     @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
@@ -401,9 +419,9 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     algorithm = top.string("algorithm", required=True, enum=NAMES)
     image = top.string("image", required=True, pattern=IMAGE_PATTERN, rule=RULE_IMAGE)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
-    model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
+    model = _model_source(top.obj("model")) if _present(top, "model") else ModelSource(path="")
     top.read.add("rewardModel")  # known even when null
-    reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
+    reward_model = _model_source(top.obj("rewardModel")) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
     critic = _settings(top.obj("critic"), CriticConfig)
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
@@ -474,6 +492,19 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _model_source(fields: _Fields) -> ModelSource:
+    """`path` (a contract knob) or `fromJob`, exactly one; the CRD's CEL rule on the object says the same."""
+    has_path, has_job = fields.has("path"), fields.has("fromJob")
+    from_job = fields.string("fromJob", pattern=DNS_1035_LABEL, max_length=MAX_JOB_NAME_LENGTH, rule=RULE_DNS_1035)
+    fields.read.add("path")
+    path = fields.settings(ModelConfig)["path"] if has_path else ""
+    if has_path == has_job and not fields.wrong_type:
+        fields.error("", "set exactly one of path or fromJob (path: a model folder in the image; fromJob: another "
+                         f"RLHFJob whose exported model to start from){', got both' if has_path else ''}")
+    fields.done()
+    return ModelSource(path=path, from_job=from_job)
 
 
 def _dataset(fields: _Fields) -> DatasetConfig:
@@ -634,6 +665,13 @@ def _job_name_errors(name: str, spec: JobSpec | None) -> list[tuple[str, str]]:
     return errors
 
 
+def _self_source_errors(name: str, spec: JobSpec) -> list[tuple[str, str]]:
+    """A job cannot start from its own export (the CRD's root rules say the same; longer cycles are the
+    planner's: rlhf_operator.chain)."""
+    return [(f"{key}.fromJob", "must name another RLHFJob, not this job itself")
+            for key, source in spec.model_sources() if source.from_job == name]
+
+
 def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid.
     `spec`: the already parsed obj["spec"], when the caller has it (it is not parsed again)."""
@@ -649,6 +687,8 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
         errors.insert(0, ("metadata.name", "is required"))
     else:
         errors[:0] = _job_name_errors(name, spec)
+        if spec is not None:
+            errors.extend(_self_source_errors(name, spec))
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")

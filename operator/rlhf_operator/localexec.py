@@ -3,7 +3,8 @@
 Three pieces, each usable alone:
 
 - translate_pod(): a built pod dict -> ProcessSpec (argv, env, log and termination-log files).
-  Mount paths in env values become local folders, cluster addresses in RLHF_ROLE_ADDRS /
+  Mount paths in env values become local folders (and, through rewrite_json_paths, the paths under a
+  claim's mount in the trainer config file: a process has no mount namespace to see /sources/<job> in), cluster addresses in RLHF_ROLE_ADDRS /
   RLHF_BRIDGE_ADDR go through a resolver (127.0.0.1 + free ports locally), downward-API env
   (POD_IP, metadata.name) is filled in, and `python` becomes this interpreter.
 - Supervisor: starts each ProcessSpec as its own process group (start_new_session) so stopping a
@@ -16,6 +17,7 @@ Three pieces, each usable alone:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import signal
@@ -109,6 +111,38 @@ def rewrite_mount_path(value: str, mounts: Mapping[str, Path]) -> str:
     return value
 
 
+def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
+    """A JSON document with every string value under one of `mounts` rewritten by rewrite_mount_path
+    (the trainer config's model paths under a source claim's mount); other text is returned as is."""
+    if not mounts:
+        return text
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return rewrite_mount_path(value, mounts)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return json.dumps(walk(doc), indent=2, sort_keys=True)
+
+
+def absolute_search_path(value: str, cwd: Path) -> str:
+    """A PYTHONPATH with its relative (and empty = current folder) entries made absolute against `cwd`.
+
+    Each local pod runs in its own folder, so `PYTHONPATH=. rlhf-operator run-local job.yaml` must
+    mean the folder the user ran it from (where a `reward.callable` module lives), not the pod's.
+    """
+    return os.pathsep.join(str(cwd / entry) if not os.path.isabs(entry) else entry
+                           for entry in value.split(os.pathsep))
+
+
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     containers = pod["spec"]["containers"]
     return next((c for c in containers if c.get("name") == wire.CONTAINER_NAME), containers[0])
@@ -160,6 +194,8 @@ def translate_pod(
     container = trainer_container(pod)
     name = pod["metadata"]["name"]
     env = dict(os.environ if base_env is None else base_env)
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = absolute_search_path(env["PYTHONPATH"], Path.cwd())
     # N role processes share a few cores: one intra-op thread each unless the user chose otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"

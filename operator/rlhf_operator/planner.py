@@ -14,8 +14,10 @@ The life of a job:
                                  +--new gang--> Creating               a new gang is created)
     any --spec.suspend--> Suspended --resume--> Pending
     Failed: PermanentError (exit 65/78), ReachedMaxRestarts, ReachedMaxDisruptions, ReachedMaxGangTimeouts,
-            DeadlineExceeded, InvalidSpec, ChildRejected
+            DeadlineExceeded, InvalidSpec, ChildRejected,
+            SourceFailed / SourceMismatch / SourceCycle (a `fromJob` source: rlhf_operator.chain)
 
+A job that names other jobs in `fromJob` stays Pending, creating nothing, until they Succeeded.
 A gang restart is a failure restart (counted in `restarts`, bounded by maxRestarts) unless a pod of the
 gang was disrupted: evicted, preempted, lost with its node, or deleted by someone else. Such a restart
 counts in `disruptions` (bounded by maxDisruptions), as JobSet and Kubeflow Trainer keep the two apart.
@@ -29,8 +31,8 @@ and metrics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,6 +44,7 @@ from rlhf_contract.wire import (
     PERMANENT_EXIT_CODES,
 )
 
+from rlhf_operator import chain
 from rlhf_operator.api import FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
@@ -49,6 +52,7 @@ from rlhf_operator.builders import (
     build_gang,
     build_pod_group,
     build_support_objects,
+    co_owner_reference,
     gang_pod_names,
     host_role,
     pod_name,
@@ -125,6 +129,9 @@ class Observed:
     pods: tuple[ObservedPod, ...] = ()
     existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of non-pod children present
     progress: dict | None = None  # trainer progress scraped by the shell, copied into status.progress
+    # Other RLHFJobs of the namespace by name: at least the jobs this one names in fromJob (transitively)
+    # and the jobs naming it (chain.related_peers); empty when no job of the namespace uses fromJob.
+    peers: Mapping[str, chain.PeerJob] = field(default_factory=dict)
 
 
 def _int_label(labels: dict[str, str], key: str) -> int:
@@ -221,6 +228,16 @@ class AnnotatePods:
 
     names: tuple[str, ...]
     annotations: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class AddOwner:
+    """Add `owner` (this job, not as controller) to the owners of a claim another job owns: the garbage
+    collector deletes an object only once all its owners are gone (a source's volume, chain.Gate.protect)."""
+
+    kind: str
+    name: str
+    owner: tuple[tuple[str, Any], ...]  # the owner reference's items (hashable, as every action)
 
 
 @dataclass(frozen=True)
@@ -413,6 +430,24 @@ class _Pass:
         return Plan(tuple(actions), self.status, self.requeue_after)
 
 
+def _degraded(p: _Pass, before: dict[str, str]) -> None:
+    """The trainer's alarms (status.progress.alarms: reason -> message, docs/spec.md "Alarms") -> the
+    Degraded condition (True with the first reason while any fires) and one Warning event per reason
+    that starts firing; a Normal AlarmsCleared event when the last one stops."""
+    alarms = p.status["progress"].get("alarms")
+    if alarms is None:
+        return
+    for reason in alarms:
+        if reason not in before:
+            p.event("Warning", reason, alarms[reason][:MAX_MESSAGE_CHARS])
+    if alarms:
+        message = "; ".join(f"{r}: {m}" for r, m in alarms.items())
+        p.condition("Degraded", True, next(iter(alarms)), message[:MAX_MESSAGE_CHARS * 2])
+    elif condition_is_true(p.status, "Degraded"):
+        p.condition("Degraded", False, "AlarmsCleared", "no alarm fires")
+        p.event("Normal", "AlarmsCleared", "no alarm fires")
+
+
 def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -> Plan:
     """The next step for `job` given its observed children; see the module docstring."""
     p = _Pass(job, observed, now, settings)
@@ -422,6 +457,7 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     p.status["observedGeneration"] = job.generation
     if observed.progress is not None:
         p.status["progress"] = dict(observed.progress)
+        _degraded(p, (job.status.get("progress") or {}).get("alarms") or {})
 
     failed = get_condition(p.status, "Failed")
     if p.phase == "Failed" and failed and (
@@ -436,9 +472,10 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     else:
         if p.phase == "Suspended":
             _resume(p)
-        _create_missing_support_objects(p)
-        if not _deadline_exceeded(p) and not _roll_out(p):
-            _drive_gang(p)
+        if _sources_ready(p):
+            _create_missing_support_objects(p)
+            if not _deadline_exceeded(p) and not _roll_out(p):
+                _drive_gang(p)
 
     if p.phase != "Creating":
         p.status.pop("podsNotStarting", None)  # only a gang on its way up has pods that cannot start
@@ -486,6 +523,34 @@ def _reopen_fixed_spec(p: _Pass) -> None:
     for type_ in ("Created", "Running", "Restarting"):
         p.clear_condition(type_, "SpecFixed")
     p.event("Normal", "SpecFixed", "the spec is valid again; starting the job")
+
+
+def _sources_ready(p: _Pass) -> bool:
+    """Apply chain.gate(): wait (Pending, status.waitingFor), fail, or go on with the sources recorded."""
+    gate = chain.gate(p.job, p.observed.peers)
+    if gate.state == "none":
+        return True
+    if gate.state == "failed":
+        p.status.pop("waitingFor", None)
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        _finish(p, "Failed", gate.reason, gate.message)
+        return False
+    if gate.state == "waiting":
+        waiting_for = ", ".join(gate.waiting_for)
+        if p.status.get("waitingFor") != waiting_for:  # one event per change of what it waits for
+            p.event("Normal", gate.reason, gate.message)
+        p.status["waitingFor"] = waiting_for
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        return False
+    p.status.pop("waitingFor", None)
+    if not condition_is_true(p.status, chain.CONDITION):
+        p.status["sources"] = [s.to_status() for s in gate.sources]
+        message = chain.ready_message(gate.sources)
+        p.condition(chain.CONDITION, True, gate.reason, message)
+        p.event("Normal", gate.reason, message)
+        owner = tuple(co_owner_reference(p.job).items())
+        p.actions.extend(AddOwner("PersistentVolumeClaim", claim, owner) for claim in gate.protect)
+    return True
 
 
 def _create_missing_support_objects(p: _Pass) -> None:
@@ -642,7 +707,9 @@ def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> 
         # does not exist (Volcano): the gang waits for its PodGroup's creation event.
         return
     # Pods of this attempt that already exist come from an interrupted pass: keep them.
-    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings) if pod["metadata"]["name"] not in current]
+    sources = {s.name: s.claim for s in chain.recorded_sources(p.status)}
+    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings, sources)
+               if pod["metadata"]["name"] not in current]
     p.actions.extend(CreateObject(pod) for pod in missing)
     stamp = p.stamp()
     p.status["phase"] = "Creating"
@@ -830,7 +897,8 @@ def _give_back_kueue_quota(p: _Pass) -> bool:
 
 def _after_finish(p: _Pass) -> None:
     """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
-    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
+    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL, but not
+    while a job that names it in fromJob is unfinished (that job's pass over its sources wakes this one)."""
     if not _give_back_kueue_quota(p):
         p.delete(pod for pod in p.observed.pods if not pod.terminated)
     _release_pod_group(p)
@@ -839,6 +907,8 @@ def _after_finish(p: _Pass) -> None:
     if ttl <= 0 or completed is None:
         return
     due = completed + timedelta(seconds=ttl)
+    if p.now >= due and chain.dependants(p.job.name, p.observed.peers):
+        return
     if p.now >= due:
         p.actions.append(DeleteJob())
         p.event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished")

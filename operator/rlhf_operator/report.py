@@ -22,7 +22,22 @@ PANELS = (
     ("policy_loss", "policy loss"),
     ("value_loss", "value loss"),
     ("preference_accuracy", "preference accuracy"),
+    ("eval_reward_mean", "held-out reward (greedy)"),
+    ("eval_preference_accuracy", "held-out pref. accuracy"),
+    ("eval_exact_match", "held-out answers right"),
+    ("eval_loss", "held-out loss"),
     ("tokens_per_second", "tokens / s"),
+)
+# The learning figures of a run (summary lines): a training curve's first and last WINDOW steps.
+WINDOW = 5
+TRAINING_FIGURES = (("reward_mean", "reward"), ("loss", "loss"), ("preference_accuracy", "preference accuracy"))
+# Held-out metrics: the first evaluation (step 0 = the initial policy) against the last.
+EVAL_FIGURES = (
+    ("eval_reward_mean", "held-out reward (greedy)"),
+    ("eval_pass_rate", "held-out pass rate (greedy)"),
+    ("eval_preference_accuracy", "held-out preference accuracy"),
+    ("eval_exact_match", "held-out answers right (greedy)"),
+    ("eval_loss", "held-out loss"),
 )
 MAIN_SERIES = "actor-0"
 
@@ -80,7 +95,7 @@ def history(rows: list[dict[str, Any]]) -> RunHistory:
     """Split a metrics file at every step that goes back; keep the last row written per step."""
     by_step: dict[int, dict[str, Any]] = {}
     redone: list[int] = []
-    previous = 0
+    previous = -1  # step 0: the evaluation of the initial policy, before the first step
     for row in rows:
         step = row["step"]
         if step <= previous:
@@ -114,6 +129,53 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _numbers(rows: list[dict[str, Any]], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), int | float) and r[key] == r[key]]
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One learning figure: a metric before and after training."""
+
+    before: float
+    after: float
+    window: int  # steps averaged at each end; 0 for held-out metrics (first / last evaluation)
+
+    @property
+    def change(self) -> float:
+        return self.after - self.before
+
+
+def learning_figures(final: list[dict[str, Any]]) -> dict[str, Figure]:
+    """What a run learned, by metric name.
+
+    Training curves (reward, loss, preference accuracy): the mean of the first WINDOW steps against
+    the mean of the last WINDOW (fewer than 2 x WINDOW steps: halves). Held-out metrics: the first
+    evaluation (step 0, the initial policy, when the run started from scratch) against the last.
+    """
+    figures: dict[str, Figure] = {}
+    for key, _ in TRAINING_FIGURES:
+        values = [v for step, v in _numbers(final, key) if step > 0]
+        if len(values) >= 2:
+            n = min(WINDOW, len(values) // 2)
+            figures[key] = Figure(sum(values[:n]) / n, sum(values[-n:]) / n, n)
+    for key, _ in EVAL_FIGURES:
+        points = _numbers(final, key)
+        if len(points) >= 2:
+            figures[key] = Figure(points[0][1], points[-1][1], 0)
+    return figures
+
+
+def figure_lines(figures: dict[str, Figure]) -> list[str]:
+    """`reward (mean of first / last 5 steps): 0.0106 -> 0.8 (+0.79)`, one line per figure."""
+    labels = {**dict(TRAINING_FIGURES), **dict(EVAL_FIGURES)}
+    lines = []
+    for key, fig in figures.items():
+        how = f"mean of first / last {fig.window} steps" if fig.window else "first / last evaluation"
+        lines.append(f"{labels[key]} ({how}): {_fmt(fig.before)} -> {_fmt(fig.after)} ({fig.change:+.3g})")
+    return lines
+
+
 def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[str]:
     name, main = main_history(runs)
     lines = [f"series: {name} ({len(runs)} metric files: {', '.join(sorted(runs))})",
@@ -124,13 +186,47 @@ def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[s
         values = [r[key] for r in main.final if isinstance(r.get(key), int | float)]
         if values:
             lines.append(f"{label}: first {_fmt(values[0])}, last {_fmt(values[-1])}")
+    lines.extend(figure_lines(learning_figures(main.final)))
     restarts = status.get("restarts", main.restarts)
     lines.append(f"restarts: {restarts} (resumes seen in metrics: {main.restarts}, "
                  f"steps redone: {sum(main.steps_redone)})")
     return lines
 
 
-def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
+# Samples shown in the report (the newest ones of the main series).
+SAMPLE_ROWS = 8
+SAMPLE_COLUMNS = ("step", "prompt", "response", "reward", "kl", "length", "truncated")
+
+
+def load_samples(run_dir: Path, series: str = MAIN_SERIES) -> list[dict[str, Any]]:
+    """The rollouts a series wrote to samples/<series>.jsonl (rlhf_trainer.samples); [] if none."""
+    for folder in (run_dir / "checkpoints" / "samples", run_dir / "samples"):
+        path = folder / f"{series}.jsonl"
+        if path.exists():
+            return read_jsonl(path)
+    return []
+
+
+def _cell(value: Any, width: int) -> str:
+    text = _fmt(value) if isinstance(value, float) else ("-" if value is None else str(value))
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # "\t", "\n": one line, no tofu
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
+def sample_table(samples: list[dict[str, Any]], rows: int = SAMPLE_ROWS) -> list[str]:
+    """The newest `rows` samples as fixed-width text lines, a header first ([] without samples)."""
+    if not samples:
+        return []
+    widths = {"step": 5, "prompt": 24, "response": 24, "reward": 7, "kl": 7, "length": 6, "truncated": 9}
+    line = "  ".join(f"{c:<{widths[c]}}" for c in SAMPLE_COLUMNS)
+    out = [line.rstrip()]
+    for s in samples[-rows:]:
+        out.append("  ".join(f"{_cell(s.get(c), widths[c]):<{widths[c]}}" for c in SAMPLE_COLUMNS).rstrip())
+    return out
+
+
+def plot(runs: dict[str, RunHistory], out: Path, title: str, samples: list[dict[str, Any]] | None = None) -> Path:
+    """The curves of PANELS (one panel each, shared step axis) and, with samples, a table of the newest."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,8 +236,13 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
     panels = [(k, label) for k, label in PANELS
               if any(isinstance(r.get(k), int | float) for h in runs.values() for r in h.final)]
     panels = panels or [("step", "step")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, (key, label) in zip(axes[:, 0], panels, strict=True):
+    table = sample_table(samples or [])
+    heights = [2.2] * len(panels) + ([0.3 * len(table) + 0.4] if table else [])
+    fig = plt.figure(figsize=(7 if not table else 9, sum(heights)))
+    grid = fig.add_gridspec(len(heights), 1, height_ratios=heights)
+    axes = [fig.add_subplot(grid[0])]
+    axes += [fig.add_subplot(grid[i], sharex=axes[0]) for i in range(1, len(panels))]
+    for ax, (key, label) in zip(axes, panels, strict=True):
         for name, h in sorted(runs.items()):
             points = [(r["step"], r[key]) for r in h.final if isinstance(r.get(key), int | float)]
             if points:
@@ -149,10 +250,17 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
                 ax.plot(xs, ys, marker=".", label=name)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0, 0].set_title(title)
-    axes[0, 0].legend(fontsize="small")
-    axes[-1, 0].set_xlabel("step")
-    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax is not axes[-1]:
+            ax.tick_params(labelbottom=False)
+    axes[0].set_title(title)
+    axes[0].legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    if table:
+        ax = fig.add_subplot(grid[len(panels)])
+        ax.axis("off")
+        ax.set_title(f"newest samples ({MAIN_SERIES})", fontsize="small", loc="left")
+        ax.text(0, 1, "\n".join(table), family="monospace", fontsize=7, va="top", transform=ax.transAxes)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
@@ -161,11 +269,16 @@ def plot(runs: dict[str, RunHistory], out: Path, title: str) -> Path:
 
 
 def write_report(run_dir: Path, out: Path | None = None) -> tuple[Path, list[str]]:
-    """Plot and summarise a run; returns the PNG path and the summary lines."""
+    """Plot and summarise a run; returns the PNG path and the summary lines (then the samples table)."""
     runs = load_run(run_dir)
     status = read_status(run_dir)
-    png = plot(runs, out or run_dir / "report.png", title=run_dir.resolve().name)
-    return png, summary_lines(runs, status)
+    samples = load_samples(run_dir, main_history(runs)[0])
+    png = plot(runs, out or run_dir / "report.png", title=run_dir.resolve().name, samples=samples)
+    table = sample_table(samples)
+    lines = summary_lines(runs, status)
+    if table:
+        lines += [f"newest samples ({len(samples)} written):", *table]
+    return png, lines
 
 
 def main(args: Any) -> int:

@@ -3,6 +3,7 @@ first command as a new user runs it, a random kill resumes from the newest compl
 corrupt newest checkpoint falls back to the previous complete one, permanent errors fail once."""
 
 import json
+import os
 import random
 import re
 import shutil
@@ -52,10 +53,26 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     run_dir = tmp_path / "runs" / name
     logs = "\n".join(p.read_text()[-2000:] for p in run_dir.glob("pods/*/log.txt"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:] + logs
-    assert json.loads((run_dir / "status.json").read_text())["phase"] == "Succeeded"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Succeeded"
+    # What the policy writes: samples on the volume, the newest one short in the status.
+    assert status["progress"]["lastSample"].startswith("step 150: "), status["progress"]
+    assert "newest samples" in done.stdout
     assert (run_dir / "report.png").read_bytes()[:8] == PNG
     assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()
+    # The demo visibly learns: the report's learning figures (what README.md shows).
+    before, after = figure(done.stdout, "reward (mean of first / last 5 steps)")
+    assert after >= before + 0.5, done.stdout[-3000:]
+    greedy_before, greedy_after = figure(done.stdout, "held-out reward (greedy) (first / last evaluation)")
+    assert greedy_after >= greedy_before + 0.5, done.stdout[-3000:]
+
+
+def figure(stdout: str, label: str) -> tuple[float, float]:
+    """(before, after) of a report summary line `label: BEFORE -> AFTER (+CHANGE)`."""
+    match = re.search(re.escape(label) + r": (\S+) -> (\S+) ", stdout)
+    assert match, f"no {label!r} in the report:\n{stdout[-3000:]}"
+    return float(match[1]), float(match[2])
 
 
 def test_corrupt_checkpoint_falls_back_then_a_random_kill_resumes(tmp_path):
@@ -110,3 +127,26 @@ def test_permanent_error_in_a_multi_role_gang_is_not_retried(tmp_path):
                    failurePolicy={"maxRestarts": 1, "backoffSeconds": 1})  # a lost race costs one gang, not three
     runner, status = run(obj, tmp_path / "runs")
     assert_failed_once(runner, status, "reward.callable", pods=3)
+
+
+def test_nan_reward_case_fails_naming_the_step_the_reward_and_the_row(tmp_path):
+    """tests/integration/cases/nan-reward, as users ran it (`PYTHONPATH=.` from the case's folder): a
+    callable reward returns NaN for one response in eight. It used to end Succeeded with NaN losses
+    and the initial weights exported; now the first step fails it for good (exit 65)."""
+    case = tmp_path / "case"
+    shutil.copytree(REPO / "tests" / "integration" / "cases" / "nan-reward", case)
+    exe = Path(sys.executable).with_name("rlhf-operator")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (".", os.environ.get("PYTHONPATH", "")) if p)}
+    done = subprocess.run([str(exe), "run-local", "job.yaml", "--workdir", "runs", "--fresh", "--no-progress"],
+                          cwd=case, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "grpo-nan-reward: Failed" in done.stdout
+    failed = [line for line in done.stdout.splitlines() if line.startswith("  PermanentError:")]
+    assert failed, done.stdout[-3000:]
+    assert "exit code 65" in failed[0]
+    assert "step 1: non-finite reward: scores from reward.callable nan_reward:score" in failed[0]
+    assert re.search(r"row 0 \(synthetic://arithmetic#\d+, prompt '\d\+\d=', response '.*'\): nan", failed[0])
+    run_dir = case / "runs" / "grpo-nan-reward"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["phase"] == "Failed"
+    assert not (run_dir / "checkpoints" / "export").exists()

@@ -8,7 +8,7 @@ import pytest
 import rlhfjob_cases as cases
 import yaml
 from rlhf_contract import algorithms
-from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
+from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, RewardConfig
 from rlhf_contract.knobs import camel_case, settings_of
 from rlhf_operator import api
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
@@ -36,7 +36,7 @@ def test_minimal_spec_gets_every_default():
     spec = parse_spec(MINIMAL)
     assert spec.image_pull_policy == "IfNotPresent"
     assert spec.reward == RewardConfig(type="model")
-    assert spec.reward_model == ModelConfig(path="/models/rm")
+    assert spec.reward_model == api.ModelSource(path="/models/rm")
     assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
     assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))

@@ -84,6 +84,7 @@ NAMESPACED_APPLICATION = (
     | grants("", ["pods"], ["create", "delete", "patch"])  # gang create / restart / finish; Kueue quota back
     | grants("", ["configmaps"], ["patch"])  # a spec edit rolled out
     | grants("", ["services", "configmaps", "persistentvolumeclaims"], ["create"])  # owner refs delete them
+    | grants("", ["persistentvolumeclaims"], ["patch"])  # a fromJob dependant co-owns its source's claim
 )
 VOLCANO = grants("scheduling.volcano.sh", ["podgroups"], ["list", "watch", "create", "delete"])
 COSCHEDULING = grants("scheduling.x-k8s.io", ["podgroups"], ["list", "watch", "create", "delete"])

@@ -179,6 +179,7 @@ def test_printer_columns():
         ("Step", ".status.progress.step", "integer"),
         ("Reward", ".status.progress.rewardMean", "number"),
         ("Restarts", ".status.restarts", "integer"),
+        ("Waiting-For", ".status.waitingFor", "string"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]
 
@@ -253,6 +254,9 @@ def test_enums_match_the_api_constants(node, constant):
 def test_patterns_match_parse_spec():
     volume = SPEC["properties"]["checkpoint"]["properties"]["volume"]
     assert volume["properties"]["size"]["pattern"] == api.QUANTITY_PATTERN
+    for key in ("model", "rewardModel"):
+        from_job = SPEC["properties"][key]["properties"]["fromJob"]
+        assert (from_job["pattern"], from_job["maxLength"]) == (api.DNS_1035_LABEL, api.MAX_JOB_NAME_LENGTH)
     [callable_rule] = [r for r in SPEC["properties"]["reward"]["x-kubernetes-validations"] if "callable" in r["rule"]]
     assert f"matches('{config.CALLABLE_PATTERN}')" in callable_rule["rule"]
 

@@ -18,7 +18,7 @@ from rlhf_trainer.metrics import TrainerMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "rlhf-operator" / "dashboards" / "rlhf-operator.json"
 SERIES_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",),
-                   "summary": ("_sum", "_count", "")}
+                   "summary": ("_sum", "_count", ""), "info": ("_info",)}
 # A series name: the project's prefix, then name characters (PromQL functions never start with it).
 SERIES_NAME = re.compile(r"\brlhf_[a-zA-Z0-9_:]*")
 VARIABLE = re.compile(r"\$(?:\{)?([a-zA-Z_][a-zA-Z0-9_]*)")
@@ -67,6 +67,7 @@ def test_registries_expose_the_documented_families(exported):
     assert exported["rlhf_operator_reconcile_duration_seconds_bucket"] == "histogram"
     assert exported["rlhf_trainer_phase_seconds_count"] == "histogram"
     assert exported["rlhf_trainer_reward_mean"] == "gauge"
+    assert exported["rlhf_trainer_sample_info"] == "info"
     assert "rlhf_operator_jobs_failed" not in exported
 
 

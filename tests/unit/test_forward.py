@@ -181,6 +181,7 @@ def test_chunked_reward_scores_equal_one_pass(chunk_size):
 def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: F811
     from rlhf_contract.config import DeepSpeedConfig
     from rlhf_trainer import models
+    from rlhf_trainer.finite import NonFiniteGuard
     from rlhf_trainer.roles import CriticService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -188,7 +189,7 @@ def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: 
                                  learning_rate=1e-3, micro_batch_size=2, grad_accum=1)
     ids, mask = left_padded(vocab=100)
     critic = CriticService(strategy, micro_batch_size=2, chunk_size=chunk_size, value_clip_range=0.2,
-                           normaliser=lambda n: n)
+                           normaliser=lambda n: n, guard=NonFiniteGuard("fail"))
     values = critic.handle("values", {"input_ids": ids, "attention_mask": mask}, {"response_length": 3})[0]["values"]
     with torch.no_grad():
         whole = critic.values(ids, mask, 3)
@@ -251,7 +252,11 @@ def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     assert R < ids_.shape[1] - 1  # the prompts' columns are skipped
     assert loss_mask[:, :-R].sum() == 0  # and hold no response token
     with torch.no_grad():
-        every = (token_logprobs(model, ids_, attn)[0] * loss_mask[:, 1:]).sum(-1)
-        tail = preference_logprobs(token_logprobs(model, ids_, attn, response_length=R)[0], loss_mask, "sigmoid")
-    torch.testing.assert_close(tail, every, rtol=1e-5, atol=1e-5)
+        every = token_logprobs(model, ids_, attn)[0]
+        tail = token_logprobs(model, ids_, attn, response_length=R)[0]
+    for loss_type in ("sigmoid", "ipo"):  # summed, and token-averaged (IPO)
+        torch.testing.assert_close(preference_logprobs(tail, loss_mask, loss_type),
+                                   preference_logprobs(every, loss_mask, loss_type), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(preference_logprobs(every, loss_mask, "sigmoid"),
+                               (every * loss_mask[:, 1:]).sum(-1), rtol=1e-5, atol=1e-5)
     assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0

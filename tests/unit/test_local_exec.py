@@ -112,3 +112,22 @@ def test_pod_status_phases(code, phase, reason):
 
 def test_pod_status_without_process_is_pending():
     assert localexec.pod_status(None, "127.0.0.1") == {"phase": "Pending"}
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    pytest.param(".", ["/work/case"], id="the folder run-local runs in"),
+    pytest.param("lib:/abs/site", ["/work/case/lib", "/abs/site"], id="relative and absolute"),
+    pytest.param(":/abs", ["/work/case", "/abs"], id="an empty entry is the current folder"),
+])
+def test_absolute_search_path(value, expected):
+    assert localexec.absolute_search_path(value, Path("/work/case")).split(":") == expected
+
+
+def test_a_relative_pythonpath_means_the_runners_folder_not_the_pods(tmp_path, monkeypatch):
+    """`PYTHONPATH=. rlhf-operator run-local job.yaml`: a reward.callable module next to job.yaml."""
+    monkeypatch.chdir(tmp_path)
+    spec = localexec.translate_pod(
+        POD, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path / "pod", metrics_port=0,
+        python="/py", base_env={"PYTHONPATH": "."})
+    assert spec.env["PYTHONPATH"] == str(tmp_path)
+    assert spec.cwd == tmp_path / "pod"

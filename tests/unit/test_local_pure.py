@@ -24,36 +24,47 @@ def test_last_json_line_skips_a_torn_tail(tmp_path):
     assert local.last_json_line(path) == {"step": 2}
 
 
-def test_progress_bar_and_line():
+def test_progress_line():
     row = {"step": 5, "reward_mean": 0.25, "kl": 0.0123}
-    assert local.format_progress_bar("actor-0", row, 10, width=10) == \
-        "actor-0      [#####.....] 5/10  reward 0.25  kl 0.0123"
     assert local.format_progress_line("actor-0", row, 10) == "actor-0      step 5/10  reward 0.25  kl 0.0123"
+
+
+def _job():
+    return api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
 
 
 def test_plain_progress_prints_only_rank0_step_changes():
     out = io.StringIO()
-    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
+    job = _job()
+    n = job.spec.hyperparameters.max_steps
     progress = local.Progress(out, bars=False)
     rows = {"actor-0": {"step": 1}, "critic-0": {"step": 1}, "actor-1": {"step": 1}}
     progress.update(job, rows)
     progress.update(job, rows)
     progress.update(job, {**rows, "actor-0": {"step": 2}})
     assert out.getvalue().splitlines() == [
-        "actor-0      step 1/20", "critic-0     step 1/20", "actor-0      step 2/20"]
+        f"actor-0      step 1/{n}", f"critic-0     step 1/{n}", f"actor-0      step 2/{n}"]
 
 
-def test_bars_redraw_in_place():
+def test_bars_are_tqdm_bars_per_series_with_a_status_line():
     out = io.StringIO()
-    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo-tiny.yaml").read_text()))
+    job = _job()
+    n = job.spec.hyperparameters.max_steps
     progress = local.Progress(out, bars=True)
-    progress.update(job, {"actor-0": {"step": 1}})
-    progress.update(job, {"actor-0": {"step": 2}})
-    assert out.getvalue().count("\x1b[2F\x1b[J") == 1 and "2/20" in out.getvalue()
+    progress.update(job, {"actor-0": {"step": 1}, "critic-0": {"step": 1}})
+    progress.update(job, {"actor-0": {"step": 2, "reward_mean": 0.5}, "critic-0": {"step": 2}})
+    progress.line("Normal Running: all pods running")
+    assert [type(b).__name__ for b in progress._bars.values()] == ["tqdm", "tqdm"]
+    assert progress._bars["actor-0"].n == 2 and progress._bars["actor-0"].total == n
+    text = out.getvalue()
+    assert f"2/{n}" in text and "reward 0.5" in text and "ppo-tiny: -, restarts 0" in text
+    assert "Normal Running: all pods running" in text
+    progress.close()
+    assert progress._bars == {}
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "exactly one RLHFJob"),
+    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "at least one RLHFJob"),
     ("apiVersion: v1\nkind: RLHFJob\n", "apiVersion must be rlhf.dev/v1alpha1"),
     ("a: [", "not YAML"),
 ])
@@ -61,7 +72,7 @@ def test_load_manifest_errors(tmp_path, text, match):
     path = tmp_path / "job.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match=match):
-        local.load_manifest(path)
+        local.load_manifests(path)
 
 
 def test_every_built_pod_volume_maps_to_a_local_folder(tmp_path):

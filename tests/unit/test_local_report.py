@@ -58,3 +58,52 @@ def test_bad_line_in_the_middle_names_file_and_line(tmp_path):
 def test_missing_metrics_is_a_clear_cli_error(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     assert "no metrics" in capsys.readouterr().err
+
+
+def test_learning_figures_compare_first_and_last_five_steps_and_evaluations():
+    data = [{"step": 0, "eval_preference_accuracy": 0.5, "eval_loss": 0.69}]
+    data += [{"step": s, "reward_mean": 0.0 if s <= 5 else 1.0, "loss": 2.0 - s / 10} for s in range(1, 13)]
+    data[-1].update(eval_preference_accuracy=0.9, eval_loss=0.3)
+    figures = report.learning_figures(report.history(data).final)
+    assert figures["reward_mean"] == report.Figure(0.0, 1.0, 5)
+    assert figures["loss"].before == pytest.approx(1.7) and figures["loss"].after == pytest.approx(1.0)
+    assert figures["eval_preference_accuracy"] == report.Figure(0.5, 0.9, 0)
+    lines = report.figure_lines(figures)
+    assert "reward (mean of first / last 5 steps): 0 -> 1 (+1)" in lines
+    assert "held-out preference accuracy (first / last evaluation): 0.5 -> 0.9 (+0.4)" in lines
+
+
+def test_learning_figures_of_a_short_run_use_halves_and_skip_missing_values():
+    data = [{"step": 1, "reward_mean": 0.0}, {"step": 2, "reward_mean": None}, {"step": 3, "reward_mean": 0.5},
+            {"step": 4, "reward_mean": 1.0}]
+    assert report.learning_figures(data) == {"reward_mean": report.Figure(0.0, 1.0, 1)}
+    assert report.learning_figures(data[:1]) == {}
+
+
+def test_a_step_0_evaluation_is_not_a_restart():
+    h = report.history([{"step": 0, "eval_loss": 1.0}, {"step": 1}, {"step": 2}])
+    assert h.restarts == 0 and [r["step"] for r in h.final] == [0, 1, 2]
+
+
+def test_samples_show_as_a_table_in_the_summary_and_the_png(tmp_path):
+    write_metrics(tmp_path / "checkpoints" / "metrics", "actor-0", [1, 2, 3])
+    samples = tmp_path / "checkpoints" / "samples"
+    samples.mkdir(parents=True)
+    rows = [{"step": s, "prompt": f"{s}+1=", "response": "x" * 40 if s == 3 else str(s + 1), "reward": 1.0,
+             "kl": None, "length": 2, "truncated": s == 3} for s in (1, 2, 3)]
+    (samples / "actor-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png, lines = report.write_report(tmp_path)
+    start = lines.index("newest samples (3 written):")
+    header, *table = lines[start + 1:]
+    assert header.split() == list(report.SAMPLE_COLUMNS)
+    assert table[0].split() == ["1", "1+1=", "2", "1", "-", "2", "False"]
+    assert "x" * 23 + "~" in table[2] and table[2].endswith("True")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_table_keeps_the_newest_rows():
+    samples = [{"step": s, "prompt": "p", "response": "r", "reward": 0.0, "kl": 0.0, "length": 1,
+                "truncated": False} for s in range(20)]
+    table = report.sample_table(samples, rows=3)
+    assert [line.split()[0] for line in table[1:]] == ["17", "18", "19"]
+    assert report.sample_table([]) == []

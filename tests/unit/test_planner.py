@@ -972,3 +972,32 @@ def test_a_child_rejected_failure_holds_until_the_spec_is_edited():
                           SETTINGS)
     assert edited.status["phase"] == "Creating"
     assert event_reasons(edited) == ["SpecFixed", "GangCreated"]
+
+
+def test_trainer_alarms_set_degraded_and_warn_once_per_reason():
+    alarm = {"NegativeKL": "mean KL -0.2 < -0.05"}
+    job = make_job(status={**RUNNING, "progress": {"step": 3, "alarms": {}}})
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4, "alarms": alarm}), T0, SETTINGS)
+    degraded = condition(plan, "Degraded")
+    assert degraded["status"] == "True" and degraded["reason"] == "NegativeKL"
+    assert degraded["message"] == "NegativeKL: mean KL -0.2 < -0.05"
+    warnings = [a for a in plan.actions if isinstance(a, planner.EmitEvent) and a.type == "Warning"]
+    assert [(w.reason, w.message) for w in warnings] == [("NegativeKL", "mean KL -0.2 < -0.05")]
+    # The next pass with the same alarm: still Degraded, no second event; a new reason warns once more.
+    job = make_job(status=plan.status)
+    both = {**alarm, "LengthCollapse": "4 tokens, 60% below"}
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 5, "alarms": both}), T0, SETTINGS)
+    assert [a.reason for a in plan.actions if isinstance(a, planner.EmitEvent)] == ["LengthCollapse"]
+    assert condition(plan, "Degraded")["reason"] == "NegativeKL"
+    # None firing: Degraded False and one Normal event.
+    job = make_job(status=plan.status)
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 6, "alarms": {}}), T0, SETTINGS)
+    assert condition(plan, "Degraded")["status"] == "False" and condition(plan, "Degraded")["reason"] == "AlarmsCleared"
+    assert [(a.type, a.reason) for a in plan.actions if isinstance(a, planner.EmitEvent)] == [("Normal", "AlarmsCleared")]
+
+
+def test_no_alarms_key_no_degraded_condition():
+    job = make_job(status={**RUNNING})
+    plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4}), T0, SETTINGS)
+    assert condition(plan, "Degraded") is None
+    assert not any(isinstance(a, planner.EmitEvent) and a.reason == "AlarmsCleared" for a in plan.actions)

@@ -62,3 +62,45 @@ NOW, LATER = "2026-01-01T00:00:10Z", "2026-01-01T00:00:20Z"
 )
 def test_merge_progress(previous, scraped, expected):
     assert merge_progress(previous, scraped, LATER) == expected
+
+
+def test_the_newest_sample_becomes_a_short_last_sample():
+    from prometheus_client import Info
+
+    registry = CollectorRegistry()
+    Gauge("rlhf_trainer_step", "s", registry=registry).set(10)
+    Info("rlhf_trainer_sample", "newest sample", registry=registry).info(
+        {"step": "10", "prompt": "2+2=", "response": "4", "reward": "1", "length": "2", "truncated": "false"})
+    progress = parse_progress(generate_latest(registry).decode())
+    assert progress == {"step": 10, "lastSample": "step 10: '2+2=' -> '4' (reward 1, 2 tokens)"}
+
+
+@pytest.mark.parametrize(("sample", "expected"), [
+    pytest.param({"step": 3, "prompt": "1+1=", "response": "22222", "reward": -0.5, "length": 5, "truncated": True},
+                 "step 3: '1+1=' -> '22222' (reward -0.5, 5 tokens, truncated)", id="a JSONL row, truncated"),
+    pytest.param({"step": 3, "prompt": "p", "response": "r", "reward": None, "length": 1, "truncated": False},
+                 "step 3: 'p' -> 'r' (reward n/a, 1 tokens)", id="a non-finite reward was written as null"),
+])
+def test_format_sample(sample, expected):
+    from rlhf_operator.progress import format_sample
+
+    assert format_sample(sample) == expected
+
+
+def test_format_sample_cuts_long_text_but_keeps_the_numbers():
+    from rlhf_operator.progress import SAMPLE_CHARS, format_sample
+
+    text = format_sample({"step": 1, "prompt": "x" * 500, "response": "y" * 500, "reward": 0.25, "length": 16,
+                          "truncated": True})
+    assert len(text) == SAMPLE_CHARS and text.endswith("... (reward 0.25, 16 tokens, truncated)")
+
+
+def test_the_alarms_info_series_becomes_progress_alarms_even_when_empty():
+    from prometheus_client import Info
+
+    registry = CollectorRegistry()
+    info = Info("rlhf_trainer_alarms", "alarms", registry=registry)
+    info.info({"NegativeKL": "mean KL -0.2 < -0.05"})
+    assert parse_progress(generate_latest(registry).decode()) == {"alarms": {"NegativeKL": "mean KL -0.2 < -0.05"}}
+    info.info({})
+    assert parse_progress(generate_latest(registry).decode()) == {"alarms": {}}

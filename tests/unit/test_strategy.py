@@ -1,11 +1,14 @@
 """build_ds_config as a table, and one real DeepSpeed engine step on CPU (world of one)."""
 
+import math
+
 import pytest
 import torch
 from rlhf_contract.config import DeepSpeedConfig
 from rlhf_trainer.strategy import (
     DeepSpeedStrategy,
     build_ds_config,
+    gradient_norm,
     needs_gradient_allreduce,
     needs_synced_generation,
 )
@@ -150,3 +153,51 @@ def test_stage0_alone_steps_like_plain_torch_adamw_with_clipping(role_world, tin
     mine = dict(strategy.module.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(mine[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_a_non_finite_gradient_never_reaches_the_weights(role_world, tiny_causal_lm, zero_stage):  # noqa: F811
+    """ZeRO-2 skips the step itself (DeepSpeed's overflow check); at ZeRO-0 the strategy drops the
+    gradients. Either way step() says so, and the next finite step is applied."""
+    strategy = DeepSpeedStrategy(
+        tiny_causal_lm, DeepSpeedConfig(zero_stage=zero_stage), learning_rate=1e-2, micro_batch_size=2, grad_accum=1
+    )
+    poisoned = {"on": True}
+    strategy.module.get_input_embeddings().weight.register_hook(
+        lambda g: g * float("nan") if poisoned["on"] else g)
+    before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+    outcome = strategy.step()
+    assert outcome is not None and outcome.applied is False
+    assert outcome.grad_norm is not None and not math.isfinite(outcome.grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in strategy.module.state_dict().items())
+
+    poisoned["on"] = False
+    strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+    outcome = strategy.step()
+    assert outcome.applied is True and math.isfinite(outcome.grad_norm) and outcome.grad_norm > 0
+    after = strategy.module.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in after.items())
+    assert all(torch.isfinite(v).all() for v in after.values())
+
+
+def test_step_between_boundaries_returns_none(role_world, tiny_causal_lm):  # noqa: F811
+    strategy = DeepSpeedStrategy(
+        tiny_causal_lm, DeepSpeedConfig(zero_stage=0), learning_rate=1e-2, micro_batch_size=2, grad_accum=2
+    )
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+    assert strategy.step() is None
+    strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+    assert strategy.step().applied is True
+
+
+def test_gradient_norm_of_no_gradients_is_zero():
+    p = torch.nn.Parameter(torch.ones(3))
+    assert gradient_norm([p]) == 0.0
+    p.grad = torch.tensor([3.0, 4.0, 0.0])
+    assert gradient_norm([p]) == pytest.approx(5.0)
+    p.grad = torch.tensor([float("inf"), 0.0, 0.0])
+    assert gradient_norm([p]) == float("inf")

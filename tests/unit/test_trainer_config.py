@@ -93,6 +93,7 @@ def test_wrong_type_or_unknown_field_names_the_path(path, value, message):
         ({"label_smoothing": 0.5}, "hyperparameters.label_smoothing: must be < 0.5 (got 0.5)"),
         ({"group_size": 1}, "hyperparameters.group_size: must be >= 2 (got 1)"),
         ({"truncation_penalty": -0.5}, "hyperparameters.truncation_penalty: must be >= 0 (got -0.5)"),
+        ({"non_finite": "ignore"}, "hyperparameters.non_finite: must be one of: fail, skip"),
     ],
 )
 def test_out_of_range_hyperparameter_names_the_field(hyperparameters, message):

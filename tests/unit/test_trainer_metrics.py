@@ -15,7 +15,9 @@ SPEC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
 def _spec_trainer_names() -> set[str]:
     text = SPEC.read_text()
     section = text[text.index("Trainer (`rlhf_trainer.metrics`") :]
-    return set(re.findall(r"`(rlhf_trainer_[a-z_]+)", section))
+    # A counter `x_total` and an info series `x_info` are collected as the family `x`.
+    names = re.findall(r"`(rlhf_trainer_[a-z0-9_]+)", section)
+    return {name.removesuffix("_total").removesuffix("_info") for name in names}
 
 
 def test_every_spec_metric_exists():
@@ -123,3 +125,13 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_non_finite_counter_by_where():
+    metrics = TrainerMetrics()
+    metrics.count_non_finite("reward")
+    metrics.count_non_finite("reward")
+    metrics.count_non_finite("grad_norm")
+    get = metrics.registry.get_sample_value
+    assert get("rlhf_trainer_non_finite_total", {"where": "reward"}) == 2.0
+    assert get("rlhf_trainer_non_finite_total", {"where": "grad_norm"}) == 1.0

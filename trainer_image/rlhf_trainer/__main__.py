@@ -1,7 +1,8 @@
 """`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract"), or, in a pod
 with RLHF_PROCESSES_PER_POD > 1, the launcher of that many (rlhf_trainer.launcher).
 
-Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError) — permanent, the message
+Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError, and NonFiniteError: a NaN /
+inf reward, loss or gradient norm under hyperparameters.non_finite fail) — permanent, the message
 goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
 (SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
 else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
@@ -64,8 +65,8 @@ def main(env: dict[str, str] | None = None) -> int:
         print(f"rlhf_trainer: {exc}", file=sys.stderr, flush=True)
         return wire.EXIT_STOPPED
     except (ConfigError, DataError) as exc:
-        kind, code = ("config", EXIT_CONFIG_ERROR) if isinstance(exc, ConfigError) else ("data", EXIT_DATA_ERROR)
-        message = f"rlhf_trainer: {kind} error: {exc}"
+        code, kind = (EXIT_CONFIG_ERROR, "config error") if isinstance(exc, ConfigError) else (EXIT_DATA_ERROR, exc.kind)
+        message = f"rlhf_trainer: {kind}: {exc}"
         print(message, file=sys.stderr, flush=True)
         write_termination_message(message, env)
         return code

@@ -18,3 +18,5 @@ class LayoutError(ConfigError):
 
 class DataError(ValueError):
     """A dataset file is invalid; the message names the file and line (`train.jsonl:7: ...`)."""
+
+    kind = "data error"  # how `__main__` introduces the message (NonFiniteError: "non-finite value")

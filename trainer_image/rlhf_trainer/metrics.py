@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from rlhf_trainer.memory import PeakMemory
 
@@ -36,19 +36,29 @@ GAUGES = {
     "tokens_per_second": "Tokens (prompt + response) processed per second over the step",
     "last_checkpoint_step": "Step of the newest checkpoint this process saved",
     "preference_accuracy": "Fraction of pairs where the chosen answer scores above the rejected",
+    "kl_negative_share": "Share of response tokens whose per-token KL term (log pi - log pi_ref) is negative",
+    "response_length_change": "Mean response length of the last alarmWindow steps over the window before, minus 1",
+    "distinct_2": "Mean unique-bigram share inside the responses (of 3 tokens or more): low = repetition",
+    "eval_reward_mean": "Held-out prompts: mean score of the greedy answers",
+    "eval_reward_mean_sampled": "Held-out prompts: mean score of answers sampled at the training temperature",
+    "eval_pass_rate": "Held-out prompts: share of greedy answers scoring >= 1.0 (rule rewards)",
+    "eval_preference_accuracy": "Held-out pairs: share ranked chosen above rejected",
+    "eval_loss": "Held-out loss (DPO / Bradley-Terry / SFT token mean)",
+    "eval_exact_match": "Held-out prompts: share of greedy answers equal to the reference (SFT)",
     "truncated_rows": "Rows of this step cut to maxLength (dpo/rm/sft) or maxPromptLength",
     "dataset_rows": "Rows of the training dataset as read (pairs counted before identical ones are dropped)",
     "dataset_truncated_rows": "Rows of the training dataset that lose tokens to maxLength / maxPromptLength",
     "dataset_dropped_pairs": "Pairs dropped because chosen and rejected are identical after truncation",
 }
-PHASES = ("generate", "score", "train", "sync")
+PHASES = ("generate", "score", "train", "sync", "eval")
 PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 
 
 class TrainerMetrics:
     """The Prometheus series and the JSONL file of one trainer process."""
 
-    def __init__(self, jsonl_path: str | Path | None = None, memory: PeakMemory | None = None):
+    def __init__(self, jsonl_path: str | Path | None = None, memory: PeakMemory | None = None,
+                 samples_path: str | Path | None = None):
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(PREFIX + name, doc, registry=self.registry) for name, doc in GAUGES.items()}
         self.phase_seconds = Histogram(
@@ -66,6 +76,18 @@ class TrainerMetrics:
             ["phase"],
             registry=self.registry,
         )
+        self.non_finite = Counter(
+            PREFIX + "non_finite",
+            "Non-finite values skipped under hyperparameters.nonFinite: skip (batches, micro-batches or optimizer steps)",
+            ["where"],
+            registry=self.registry,
+        )
+        self.alarm = Gauge(PREFIX + "alarm", "1 while an alarm fires (rlhf_trainer.alarms), by reason", ["reason"],
+                           registry=self.registry)
+        self.alarms_info = Info(PREFIX + "alarms", "The alarms firing now: reason -> message", registry=self.registry)
+        self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
+                                registry=self.registry)
+        self.samples_path = Path(samples_path) if samples_path else None
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         if self.jsonl_path:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,15 +133,38 @@ class TrainerMetrics:
         """
         self.gauges["step"].set(step)
         for name, value in values.items():
-            if name in self.gauges and value is not None:
+            if name in self.gauges and isinstance(value, int | float):
                 self.gauges[name].set(float(value))
         row = {"step": step, "time": time.time()}
         for name, value in values.items():
+            if isinstance(value, dict | str):  # e.g. `alarms`: reason -> message
+                row[name] = value
+                continue
             row[name] = float(value) if value is not None and math.isfinite(float(value)) else None
         if self.jsonl_path:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         return row
+
+    def count_non_finite(self, where: str) -> None:
+        """One skipped non-finite value: `rlhf_trainer_non_finite_total{where}` (see finite.py)."""
+        self.non_finite.labels(where=where).inc()
+
+    def record_samples(self, picked) -> None:
+        """Append rollouts to samples/<role>-<rank>.jsonl; the newest becomes the `sample` info series."""
+        from rlhf_trainer import samples
+
+        if not picked:
+            return
+        if self.samples_path:
+            samples.write(self.samples_path, picked)
+        self.sample_info.info(samples.info_labels(picked[-1]))
+
+    def set_alarms(self, alarms: dict[str, str], reasons: tuple[str, ...]) -> None:
+        """Publish the alarms firing now: every reason's gauge (1 / 0) and the reason -> message series."""
+        for reason in reasons:
+            self.alarm.labels(reason=reason).set(1.0 if reason in alarms else 0.0)
+        self.alarms_info.info({r: m[:500] for r, m in alarms.items()})
 
     def set_dataset(self, rows: int, truncated: int, dropped: int) -> None:
         """The training dataset's startup counts (rlhf_trainer.tokenized.LengthReport)."""

@@ -179,6 +179,15 @@ def callable_reward(spec: str) -> RewardFn:
     return score
 
 
+def describe_reward(reward: RewardConfig) -> str:
+    """How a rule reward is named in messages: `reward.callable nan_reward:score`, `reward.rule exact_match`."""
+    if reward.rule == "callable":
+        return f"reward.callable {reward.callable}"
+    if reward.rule == "regex":
+        return f"reward.rule regex {reward.pattern!r}"
+    return f"reward.rule {reward.rule}"
+
+
 def build_reward_fn(reward: RewardConfig) -> RewardFn:
     """The rule named by the config (reward.type must be rule)."""
     if reward.type != "rule":

@@ -30,6 +30,7 @@ import torch
 from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.data import pad_right, position_ids_from_mask
+from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.forward import chunked, chunked_token_logprobs, sequence_scores
 from rlhf_trainer.losses.ppo import value_loss
 from rlhf_trainer.tokenized import truncate_row
@@ -153,12 +154,13 @@ class CriticService:
     """PPO critic: per-token values, and its own optimizer step on the actor's returns."""
 
     def __init__(self, strategy, *, micro_batch_size: int, chunk_size: int, value_clip_range: float,
-                 normaliser: Callable):
+                 normaliser: Callable, guard: NonFiniteGuard):
         self.strategy = strategy
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size  # rows per no-grad values pass
         self.value_clip_range = value_clip_range
         self.normaliser = normaliser  # local token count -> the global batch's normaliser
+        self.guard = guard  # non-finite value loss / gradient norm (finite.py); meta "step" names the step
 
     def values(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
         """(B, R) values of the states before each response token."""
@@ -179,6 +181,7 @@ class CriticService:
         self.strategy.train()
         t["action_mask"] = t["action_mask"].float()
         num_tokens = self.normaliser(float(t["action_mask"].sum()))
+        self.guard.step = meta.get("step", self.guard.step)
         total = 0.0
         for start in range(0, t["input_ids"].shape[0], self.micro_batch_size):
             mb = {k: v[start : start + self.micro_batch_size] for k, v in t.items()}
@@ -187,9 +190,9 @@ class CriticService:
                 new_values, mb["old_values"], mb["returns"], mb["action_mask"],
                 clip_range=self.value_clip_range, num_tokens=num_tokens,
             )
-            self.strategy.backward(loss)
-            self.strategy.step()
-            total += loss.item()
+            value = self.guard.backward_step(self.strategy, loss, anchor=new_values, role="critic",
+                                             source="critic value loss")
+            total += value or 0.0
         return {}, {"value_loss": total}
 
 

@@ -23,9 +23,12 @@ from rlhf_contract.config import ConfigError, TrainerConfig
 from rlhf_contract.layout import Placement, bridge_ranks, served_actor_ranks, serving_rank
 
 from rlhf_trainer import checkpoint, distributed
+from rlhf_trainer.alarms import AlarmMonitor, Thresholds
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
+from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
+from rlhf_trainer.samples import samples_path_for
 from rlhf_trainer.stopping import Stopped, StopRequest
 
 
@@ -60,12 +63,18 @@ class Context:
     placements: dict[str, Placement]
     bridge: Bridge | None
     metrics: TrainerMetrics
+    # This process's non-finite checks (hyperparameters.non_finite); drive() sets its step.
+    guard: NonFiniteGuard
     # Services this process runs for colocated roles, by role name.
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
     # The actor's trained model in an actor process (set before colocated roles start).
     actor_model: Any = None
+    # The online algorithms' alarms (rlhf_trainer.alarms); None for the offline ones.
+    alarms: AlarmMonitor | None = None
+    # Held-out records of dataset.eval_path (algorithms/evaluation.py), read with the training data.
+    eval_records: list[Any] = field(default_factory=list)
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
 
@@ -159,6 +168,7 @@ def build_service(ctx: Context, role: str):
             chunk_size=hp.inference_chunk_size,
             value_clip_range=hp.value_clip_range,
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
+            guard=ctx.guard,
         )
     raise ValueError(f"no service for role {role!r}")
 
@@ -221,13 +231,23 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     bridge = None
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
-    placements = cfg.placements()
-    metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank))
+    metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
+                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank))
     metrics.gauges["rank"].set(env.rank)
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
-    return Context(env, cfg, placements, bridge, metrics)
+    return new_context(env, cfg, bridge, metrics)
+
+
+def new_context(env: ProcessEnv, cfg: TrainerConfig, bridge: Bridge | None, metrics: TrainerMetrics) -> Context:
+    """A process's Context once its worlds are up: with its non-finite guard and, online, its alarms."""
+    guard = NonFiniteGuard(cfg.hyperparameters.non_finite, reduce=distributed.all_reduce_sum,
+                           count=metrics.count_non_finite)
+    ctx = Context(env, cfg, cfg.placements(), bridge, metrics, guard)
+    if ALGORITHMS[cfg.algorithm].online:
+        ctx.alarms = AlarmMonitor(Thresholds.of(cfg.hyperparameters))
+    return ctx
 
 
 def install_stop(env: ProcessEnv) -> StopRequest:

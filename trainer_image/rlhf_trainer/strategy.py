@@ -8,6 +8,8 @@ started before (distributed.init_role_world).
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -87,6 +89,23 @@ def needs_gradient_allreduce(zero_stage: int, world_size: int) -> bool:
     return not (zero_stage == 0 and world_size == 1)
 
 
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step: its global gradient norm (before clipping; None when DeepSpeed computes
+    none) and whether the weights were updated."""
+
+    grad_norm: float | None
+    applied: bool
+
+
+def gradient_norm(parameters) -> float:
+    """The 2-norm of every .grad of `parameters` (inf or nan when one is not finite; 0.0 if none)."""
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
 class DeepSpeedStrategy:
     """One trainable model in a DeepSpeed engine.
 
@@ -129,6 +148,7 @@ class DeepSpeedStrategy:
                                       fused=all(p.is_floating_point() for p in params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.engine.enable_backward_allreduce = needs_gradient_allreduce(settings.zero_stage, self.world_size)
+        self.last_step: StepOutcome | None = None
 
     @property
     def module(self) -> torch.nn.Module:
@@ -145,9 +165,38 @@ class DeepSpeedStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> None:
-        """Steps the optimizer at the accumulation boundary (DeepSpeed counts micro-batches)."""
-        self.engine.step()
+    def step(self) -> StepOutcome | None:
+        """Steps the optimizer at the accumulation boundary (DeepSpeed counts micro-batches).
+
+        Returns None between boundaries; at a boundary, the step's gradient norm and whether the
+        weights were updated. A non-finite gradient never updates them: ZeRO 1-3 skip such a step
+        themselves (DeepSpeed's overflow check; it reports the norm as inf), and at ZeRO-0, whose
+        plain optimizer would apply it, the gradients are dropped first (a torch optimizer leaves a
+        parameter without .grad alone).
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        own_norm = None
+        if boundary and self.settings.zero_stage == 0:
+            # ZeRO-0 has all-reduced the gradients in the boundary's backward: the norm is global.
+            own_norm = gradient_norm(self.engine.module.parameters())
+        if own_norm is not None and not math.isfinite(own_norm):
+            for param in self.engine.module.parameters():
+                param.grad = None
+            # DeepSpeed's fp32 clipping indexes the parameters that have a gradient: none now.
+            self.engine.clip_fp32_gradients = lambda: None
+            try:
+                self.engine.step()  # counts the boundary; the optimizer finds no gradient to apply
+            finally:
+                del self.engine.clip_fp32_gradients
+        else:
+            self.engine.step()
+        if not boundary:
+            return None
+        norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        applied = self.engine.was_step_applied() and (norm is None or math.isfinite(norm))
+        self.last_step = StepOutcome(grad_norm=norm, applied=applied)
+        return self.last_step
 
     def train(self) -> None:
         self.engine.train()

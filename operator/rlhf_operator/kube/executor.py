@@ -234,6 +234,15 @@ class KubeApi:
                                     query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
         return status != 404
 
+    async def add_owner(self, api_version: str, kind: str, namespace: str, name: str, owner: dict[str, Any]) -> bool:
+        """Add an owner reference to an object (a strategic merge patch: owner references merge by uid, so
+        adding the same owner twice changes nothing); False when the object is gone (404)."""
+        path = resource_path(api_version, kind, namespace, name)
+        status = await self.request("PATCH", path, {"metadata": {"ownerReferences": [owner]}},
+                                    content_type="application/strategic-merge-patch+json",
+                                    query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
+        return status != 404
+
     async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
         """Merge-patch the job's status subresource; False when the job is gone (a 404 naming it). Any other
         failure, a 404 of a missing status subresource included, raises ApiError (the pass is retried)."""

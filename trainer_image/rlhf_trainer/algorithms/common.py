@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
-from rlhf_trainer import checkpoint, distributed, models, stopping
+from rlhf_trainer import alarms as alarm_signals
+from rlhf_trainer import checkpoint, distributed, models, samples, stopping
 from rlhf_trainer.chat import Renderer
 from rlhf_trainer.data import (
     Sampler,
@@ -137,9 +139,11 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False) -> Rollout:
+def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False,
+             greedy: bool = False) -> Rollout:
     """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
     at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call.
+    `greedy` takes the most likely token instead (the held-out evaluation).
 
     Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
     longest. `synced_gpus` keeps every rank of the world stepping until all ranks are done
@@ -149,8 +153,10 @@ def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gp
     """
     enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
     dev, width = distributed.device(), enc["input_ids"].shape[1]
-    config = sampling_config(temperature=hp.temperature, max_new_tokens=hp.max_new_tokens, stop_ids=stop_ids,
-                             pad_token_id=tokenizer.pad_token_id)
+    config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
+                             stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    if greedy:
+        config.do_sample = False
     pieces = []
     with only_these_settings(model):
         for s in row_slices(len(rows), hp.inference_chunk_size):
@@ -198,13 +204,22 @@ class Scorer:
     the outcome score."""
 
     def __init__(self, ctx: Context, tokenizer=None):
-        from rlhf_trainer.rewards import build_reward_fn
+        from rlhf_trainer.rewards import build_reward_fn, describe_reward
 
         reward = ctx.cfg.reward
         self.type, self.tokenizer, self.hp = reward.type, tokenizer, ctx.hp
         self.skip_pattern, self.normalize = reward.skip_pattern, reward.normalize_steps
         self.rule = build_reward_fn(dataclasses.replace(reward, type="rule")) if reward.rule else None
         self.client = None if reward.type == "rule" else ctx.client("reward")
+        # How the non-finite guard names what scored the batch (finite.py).
+        model_path = ctx.cfg.reward_model.path if ctx.cfg.reward_model is not None else ""
+        rule = describe_reward(reward) if self.rule is not None else ""
+        if reward.type == "model":
+            self.source = f"the reward model {model_path}"
+        elif reward.type == "prm":
+            self.source = f"the process reward model {model_path}" + (f" and {rule}" if rule else "")
+        else:
+            self.source = rule
         if reward.type == "prm":
             try:
                 re.compile(reward.skip_pattern)
@@ -241,6 +256,58 @@ class Scorer:
             ends.append(step_token_ends([s.end for s in steps], token_char_ends(self.tokenizer, ids)))
             weights.append(step_weights(steps, self.skip_pattern))
         return dense_step_rewards(scores, ends, weights, R, normalise=self.normalize)
+
+
+def on_actions(values: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, R) values with the positions outside the response (padding after EOS) set to 0."""
+    return None if values is None else torch.where(action_mask.bool(), values, torch.zeros_like(values))
+
+
+def rollout_ok(ctx: Context, exp: Experience, roll: Rollout, records, source: str) -> bool:
+    """The non-finite checks of a scored rollout, on every actor rank (finite.py): the scores
+    first, then what the actor, reference and critic computed. False: skip the batch."""
+    guard = ctx.guard
+    if not guard.batch_ok("reward", {"scores": exp.scores}, records, source=source, responses=roll.responses):
+        return False
+    tensors = {"ref_logprobs": on_actions(exp.ref_logprobs, exp.action_mask),
+               "old_logprobs": on_actions(exp.old_logprobs, exp.action_mask),
+               "values": on_actions(exp.values, exp.action_mask)}
+    return guard.batch_ok("experience", tensors, records, source="the reference / actor / critic forward",
+                          responses=roll.responses)
+
+
+def write_samples(ctx: Context, roll: Rollout, exp: Experience) -> None:
+    """When due (hyperparameters.sample_interval_steps), the first samples_per_step rollouts of this rank
+    with their score, summed KL (exp.kl, per token) and length go to samples/ (rlhf_trainer.samples)."""
+    hp, step = ctx.hp, ctx.guard.step
+    if not samples.due(step, hp.sample_interval_steps):
+        return
+    kl = None if exp.kl is None else exp.kl.detach().float().cpu()
+    ctx.metrics.record_samples(samples.pick(step, roll.prompts, roll.responses, exp.scores.cpu(), kl,
+                                            exp.action_mask.cpu(), exp.truncated.cpu(), hp.samples_per_step))
+
+
+def watch_rollout(ctx: Context, exp: Experience) -> dict[str, Any]:
+    """The step's alarm signals and the alarms they fire (rlhf_trainer.alarms), from a trained rollout
+    (exp.kl per token): merged into the step's stats by the loops, `alarms` as reason -> message."""
+    if ctx.alarms is None:
+        return {}
+    mask = exp.action_mask
+    kl = exp.kl if exp.kl is not None else torch.zeros(mask.shape, device=mask.device)
+    response_ids = exp.sequences[:, -mask.shape[1]:]
+    lengths = mask.float().sum(-1)
+    signals, alarms = ctx.alarms.step(
+        kl=float(kl.sum(-1).mean()), kl_negative=alarm_signals.kl_negative_share(kl, mask),
+        length=float(lengths.mean()), distinct=alarm_signals.distinct_2(response_ids.cpu(), mask.cpu()),
+        reward=float(exp.scores.mean()))
+    return {**signals, "alarms": alarms}
+
+
+def skipped_rollout_stats(exp: Experience) -> dict[str, float]:
+    """A skipped rollout's step stats: what was sampled, no loss (finite scores' mean only)."""
+    finite = exp.scores[torch.isfinite(exp.scores)]
+    return {"reward_mean": float(finite.mean()) if len(finite) else float("nan"),
+            "response_length": float(exp.action_mask.float().sum(-1).mean()), "tokens": 0.0}
 
 
 def encode_pairs(rows: list[PairRow], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -289,6 +356,10 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
         raise ConfigError(message)
     if not rows:
         raise DataError(f"dataset {cfg.dataset.path}: no pairs left after dropping {report.dropped} identical ones")
+    if cfg.dataset.eval_path:  # held-out rows, the same format and lengths (algorithms/evaluation.py)
+        records = load_dataset(cfg.dataset.eval_path, cfg.dataset.format, kind=kind,
+                               fields=cfg.dataset.fields.mapping())
+        ctx.eval_records, _ = tokenize_records(records, renderer, kind, step_separator=hp.step_separator, **limits)
     return rows
 
 
@@ -328,9 +399,9 @@ def export(ctx: Context, algorithm) -> Path:
     peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
     strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
-    final = Path(ctx.env.checkpoint_dir) / "export"
+    final = Path(ctx.env.checkpoint_dir) / wire.EXPORT_DIR
     if distributed.world_rank() == 0:
-        tmp = final.with_name(".export.tmp")
+        tmp = final.with_name(f".{wire.EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         adapters = ctx.cfg.roles["actor"].lora
         if adapters.rank:
@@ -349,6 +420,14 @@ def export(ctx: Context, algorithm) -> Path:
     return final
 
 
+def run_eval(ctx: Context, algorithm) -> dict[str, float]:
+    """The held-out metrics (algorithms/evaluation.py), timed as the `eval` phase."""
+    from rlhf_trainer.algorithms.evaluation import evaluate
+
+    with ctx.metrics.phase("eval"):
+        return evaluate(ctx, algorithm, ctx.eval_records)
+
+
 def drive(ctx: Context, algorithm, rows) -> None:
     """Run `algorithm` on `rows` from the newest complete checkpoint (or step 0) to max_steps, then export."""
     hp = ctx.hp
@@ -365,10 +444,14 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
     ranks = ctx.placements["actor"].ranks
+    if start == 0 and ctx.eval_records:
+        ctx.metrics.record_step(0, run_eval(ctx, algorithm))  # the initial policy, for comparison
     last_save: float | None = None  # seconds the last save took in this process
     for step in range(start + 1, hp.max_steps + 1):
         batch = [rows[i] for i in shard(sampler.next_batch(), ctx.env.rank, ranks)]
         timings: dict[str, float] = {}
+        ctx.guard.step = step
+        skipped_before = sum(ctx.guard.skipped.values())
         t0 = time.perf_counter()
         stats = algorithm.step(batch, timings)
         elapsed = time.perf_counter() - t0
@@ -377,10 +460,21 @@ def drive(ctx: Context, algorithm, rows) -> None:
         sums = {k: distributed.all_reduce_sum(stats.pop(k, 0.0)) for k in SUMMED}
         stats.update(timings, truncated_rows=sums["truncated_rows"], tokens_per_second=sums["tokens"] / elapsed,
                      step_seconds=elapsed)
+        if ctx.guard.policy == "skip":
+            stats["non_finite_skipped"] = float(sum(ctx.guard.skipped.values()) - skipped_before)
+        saved = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
+        step_alarms = stats.pop("alarms", None)
+        if saved and ctx.eval_records:
+            stats.update(run_eval(ctx, algorithm))
+            if ctx.alarms is not None and step_alarms is not None:
+                step_alarms = alarm_signals.merge(step_alarms, ctx.alarms.evaluated(stats.get("eval_reward_mean")))
+        if step_alarms is not None:
+            publish_alarms(ctx, step, step_alarms)
+            stats["alarms"] = step_alarms
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
-            log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if v is not None))
-        saved = step % ctx.cfg.checkpoint.interval_steps == 0 or step == hp.max_steps
+            log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()
+                                                         if isinstance(v, int | float)))
         state = {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()}
         if saved:
             t_save = time.perf_counter()
@@ -391,12 +485,21 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
+    ctx.guard.check_updated("actor", hp.max_steps - start)
     if algorithm.strategy is None:
         algorithm.export(ctx)
     else:
         export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
+
+
+def publish_alarms(ctx: Context, step: int, alarms: dict[str, str]) -> None:
+    """The alarms firing at `step` (actor rank 0's decide; it logs them) go to the metrics."""
+    ctx.metrics.set_alarms(alarms, alarm_signals.REASONS)
+    if ctx.env.rank == 0:
+        for reason, message in alarms.items():
+            log(f"step {step}: ALARM {reason}: {message}")
 
 
 def stop_servers(ctx: Context) -> None:

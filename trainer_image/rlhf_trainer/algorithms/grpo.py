@@ -23,7 +23,11 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
+    rollout_ok,
     run_algorithm,
+    skipped_rollout_stats,
+    watch_rollout,
+    write_samples,
 )
 from rlhf_trainer.forward import token_logprobs
 from rlhf_trainer.losses.aggregation import token_weights
@@ -75,6 +79,8 @@ class GroupPolicyGradient(ActorAlgorithm):
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
                                      reference=self.reference, score=self.score, old_logprobs=not reuse).to(dev)
+        if not rollout_ok(self.ctx, exp, roll, records, self.score.source):
+            return skipped_rollout_stats(exp)
         # 3. advantages: one per response repeated over its tokens (grpo, rloo), or per token (reinforce_pp)
         mask = exp.action_mask.float()
         kl_total = 0.0
@@ -86,6 +92,7 @@ class GroupPolicyGradient(ActorAlgorithm):
         # 4. update
         num_tokens = global_normaliser(exp.num_tokens)
         num_sequences = global_normaliser(len(records))
+        reused_kl = []  # (rows, R) per micro-batch: the KL of the sampling-time log-probs (reuse)
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
@@ -95,7 +102,7 @@ class GroupPolicyGradient(ActorAlgorithm):
                                                       temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
-                        kl_total += float((kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask).sum())
+                        reused_kl.append(kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask)
                     weights = token_weights(mb.action_mask, hp.loss_aggregation, num_tokens=num_tokens,
                                             num_sequences=num_sequences, max_length=hp.max_new_tokens)
                     loss, clip_fraction = policy_loss(
@@ -105,12 +112,16 @@ class GroupPolicyGradient(ActorAlgorithm):
                     if self.variant == "grpo":
                         loss = loss + hp.kl_coef * k3_kl_loss(logprobs, mb.ref_logprobs, mb.action_mask,
                                                               weights=weights)
-                    self.strategy.backward(loss)
-                    self.strategy.step()
+                    value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
+                                                         source=f"{self.variant} policy loss")
                     entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
-                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+                    stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
+        if reuse:
+            exp.kl = torch.cat(reused_kl)
+            kl_total = float(exp.kl.sum())
+        write_samples(self.ctx, roll, exp)
         policy = sum(s[0] for s in stats)
-        return {
+        return {**watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
             "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),

@@ -27,7 +27,11 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
+    rollout_ok,
     run_algorithm,
+    skipped_rollout_stats,
+    watch_rollout,
+    write_samples,
 )
 from rlhf_trainer.data import Sampler, encode_texts, load_texts, position_ids_from_mask, shard
 from rlhf_trainer.forward import token_logprobs
@@ -90,6 +94,8 @@ class PPO(ActorAlgorithm):
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
                                      reference=self.reference, score=self.score, critic=self.critic).to(dev)
+        if not rollout_ok(self.ctx, exp, roll, records, self.score.source):
+            return skipped_rollout_stats(exp)
         # 3. advantages
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
@@ -100,6 +106,7 @@ class PPO(ActorAlgorithm):
         exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask, reduce=distributed.all_reduce_tensor)
+        write_samples(self.ctx, roll, exp)
         # 4. update: the policy (+ the pretraining term) here, the critic on its role
         num_tokens = global_normaliser(exp.num_tokens)
         ptx = self.ptx_batch()
@@ -120,23 +127,27 @@ class PPO(ActorAlgorithm):
                     bonus, entropy = entropy_bonus(logits, mb.action_mask, coef=hp.entropy_coef, num_tokens=num_tokens,
                                                    temperature=hp.temperature)
                     loss = loss + bonus
-                    stats.append((loss.item(), clip_fraction.item(), entropy.item()))
+                    policy_value = float(loss.detach())
+                    source = "ppo policy loss"
                     if ptx is not None:
                         term = self.ptx_term(ptx, slice(i * hp.micro_batch_size, (i + 1) * hp.micro_batch_size),
                                              ptx_tokens)
                         ptx_total += term.item()
                         loss = loss + term
-                    self.strategy.backward(loss)
-                    self.strategy.step()
+                        source = "ppo policy loss + pretraining (ptx) loss"
+                    value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
+                                                         source=source)
+                    stats.append((policy_value if value is not None else 0.0, clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
                     "returns": exp.returns, "action_mask": exp.action_mask,
-                })[1]["value_loss"]
+                }, step=self.ctx.guard.step)[1]["value_loss"]
         # The controller steers every rank's loss: feed it the whole batch's mean KL and size.
         mean_kl = global_mean(exp.kl.sum(-1), reduce=distributed.all_reduce_tensor)
         self.kl_ctl.update(mean_kl, hp.batch_size)
         policy = sum(s[0] for s in stats)
         return {
+            **watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()) if len(records) > 1 else 0.0,
             "kl": mean_kl, "kl_coef": self.kl_ctl.value, "policy_loss": policy, "value_loss": value_loss,
             "loss": policy + hp.vf_coef * value_loss, "clip_fraction": sum(s[1] for s in stats) / len(stats),

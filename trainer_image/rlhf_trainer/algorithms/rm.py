@@ -36,9 +36,10 @@ class RewardModelTraining(ActorAlgorithm):
                 scores = sequence_scores(self.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows])
                 half = len(rows) // 2
                 loss = bradley_terry_loss(scores[:half], scores[half:], margin=hp.margin) * half / pairs_total
-                self.strategy.backward(loss)
-                self.strategy.step()
-                losses.append(loss.item())
+                value = self.ctx.guard.backward_step(
+                    self.strategy, loss, anchor=scores, role="actor", source="reward-model (Bradley-Terry) loss",
+                    records=[records[int(i)] for i in rows[:half]])
+                losses.append(value or 0.0)
                 correct += float(preference_accuracy(scores[:half], scores[half:])) * half
                 chosen_scores.append(float(scores[:half].detach().mean()))
         return {

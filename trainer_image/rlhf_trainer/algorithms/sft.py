@@ -49,9 +49,9 @@ class SFT(ActorAlgorithm):
                     position_ids=position_ids[mb], use_cache=False,
                 ).logits
                 loss = sft_loss(logits, labels[mb], num_tokens=num_tokens) * scale
-                self.strategy.backward(loss)
-                self.strategy.step()
-                losses.append(loss.item())
+                value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logits, role="actor",
+                                                     source="sft loss", records=() if hp.packing else records[mb])
+                losses.append(value or 0.0)
         tokens = float((ids != self.tokenizer.pad_token_id).sum())
         return {"loss": sum(losses), "policy_loss": sum(losses), "tokens": tokens}
 

@@ -56,6 +56,12 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["patch"]
+# application: a job started from another job's export (fromJob) adds itself as a further owner of
+# that job's checkpoint PVC when it goes with its job (retain: false), so the PVC outlives the source
+# job while the dependant exists (docs/spec.md, Chaining jobs).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["patch"]
 {{- if .Values.gangSchedulers.volcano.enabled }}
 # application: gang scheduling with Volcano, one PodGroup per job, deleted when
 # the job finishes (Volcano reserves its minResources).

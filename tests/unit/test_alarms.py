@@ -1,0 +1,75 @@
+"""rlhf_trainer.alarms: the signals and, for each alarm, a case built to fire it and one that must not."""
+
+import pytest
+import torch
+from rlhf_trainer.alarms import AlarmMonitor, Thresholds, distinct_2, kl_negative_share, merge
+
+ON = Thresholds(negative_kl=0.05, length_drop=0.5, distinct=0.3, reward_jump=0.5, window=2)
+OFF = Thresholds(negative_kl=0.0, length_drop=0.0, distinct=0.0, reward_jump=0.0, window=2)
+
+
+def test_kl_negative_share_counts_response_tokens_only():
+    kl = torch.tensor([[-1.0, 2.0, -5.0], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the -5 sits on padding
+    assert kl_negative_share(kl, mask) == pytest.approx(2 / 5)
+    assert kl_negative_share(kl, torch.zeros_like(mask)) == 0.0
+
+
+def test_distinct_2_per_response_and_short_ones_skipped():
+    ids = torch.tensor([[7, 7, 7, 7, 7], [1, 2, 3, 4, 5], [9, 9, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    # "7 7 7 7 7": 4 bigrams, 1 unique -> 0.25; "1 2 3 4 5": 1.0; the 2-token one has too few.
+    assert distinct_2(ids, mask) == pytest.approx((0.25 + 1.0) / 2)
+    assert distinct_2(ids[2:], mask[2:]) is None
+
+
+def step(monitor, **kw):
+    values = {"kl": 0.1, "kl_negative": 0.2, "length": 10.0, "distinct": 0.9, "reward": 0.0, **kw}
+    return monitor.step(**values)
+
+
+def test_negative_kl_fires_below_minus_the_threshold():
+    _, alarms = step(AlarmMonitor(ON), kl=-0.2, kl_negative=0.8)
+    assert list(alarms) == ["NegativeKL"] and "mean KL -0.2 < -0.05" in alarms["NegativeKL"]
+    assert step(AlarmMonitor(ON), kl=-0.01)[1] == {}  # noise around 0 is not an alarm
+    assert step(AlarmMonitor(OFF), kl=-5.0)[1] == {}
+
+
+def test_length_collapse_compares_two_windows():
+    monitor = AlarmMonitor(ON)
+    fired = [step(monitor, length=n)[1] for n in (10, 10, 4, 4)]
+    assert fired[:3] == [{}, {}, {}]  # the windows are not full yet
+    assert "LengthCollapse" in fired[3] and "60% below" in fired[3]["LengthCollapse"]
+    signals, _ = step(monitor, length=4)
+    assert signals["response_length_change"] == pytest.approx(4 / 7 - 1)
+    steady = AlarmMonitor(ON)
+    assert all(step(steady, length=n)[1] == {} for n in (10, 9, 8, 7, 6))  # slow shortening: no collapse
+
+
+def test_repetition_is_reward_hacking():
+    signals, alarms = step(AlarmMonitor(ON), distinct=0.1)
+    assert signals["distinct_2"] == 0.1 and "they repeat themselves" in alarms["RewardHacking"]
+    signals, alarms = step(AlarmMonitor(ON), distinct=None)
+    assert "distinct_2" not in signals and alarms == {}
+
+
+def test_a_reward_jump_the_held_out_reward_does_not_follow_is_reward_hacking():
+    monitor = AlarmMonitor(ON)
+    step(monitor, reward=0.1)
+    assert monitor.evaluated(0.1) == {}  # the first evaluation only sets the baseline
+    step(monitor, reward=0.9)
+    step(monitor, reward=0.9)
+    alarms = monitor.evaluated(0.15)
+    assert "rose by 0.8" in alarms["RewardHacking"]
+    honest = AlarmMonitor(ON)
+    step(honest, reward=0.1)
+    honest.evaluated(0.1)
+    step(honest, reward=0.9)
+    step(honest, reward=0.9)
+    assert honest.evaluated(0.8) == {}  # the held-out reward rose with it
+    assert AlarmMonitor(ON).evaluated(None) == {}
+
+
+def test_merge_orders_by_reason_and_joins_messages():
+    assert merge({"RewardHacking": "a", "NegativeKL": "b"}, {"RewardHacking": "c"}) == {
+        "NegativeKL": "b", "RewardHacking": "a; c"}

@@ -1,0 +1,127 @@
+"""Alarms on what the policy does (online algorithms): the pitfalls StackLLaMA and the RLHF papers name.
+
+Per step the actor computes signals from its rollout and an `AlarmMonitor` turns them into alarms;
+each threshold is a hyperparameter (0 turns that alarm off):
+
+| reason        | signal (metric)                                     | fires when                                      |
+|---------------|-----------------------------------------------------|-------------------------------------------------|
+| NegativeKL    | kl (mean per-response KL), kl_negative_share        | kl < -alarm_negative_kl: the samples do not come |
+|               | (share of negative per-token k1 terms)              | from the policy the log-probs describe (forced / |
+|               |                                                     | suppressed tokens, padding), and PPO chases it  |
+| LengthCollapse| response_length, response_length_change (the mean   | the last alarm_window steps' mean length is      |
+|               | of the last window over the window before, minus 1) | below (1 - alarm_length_drop) x the window's     |
+|               |                                                     | before                                           |
+| RewardHacking | distinct_2 (unique bigrams / bigrams inside each    | distinct_2 < alarm_distinct (a string repeated   |
+|               | response, responses of >= 3 tokens)                 | for the reward), or the reward rose by more than |
+|               | reward_mean against eval_reward_mean                | alarm_reward_jump between two evaluations while  |
+|               |                                                     | the held-out reward rose by less than half that  |
+
+Pure: tensors and numbers in, (signals, alarms) out. The actor publishes them as the
+`rlhf_trainer_alarm{reason}` gauges and the `rlhf_trainer_alarms_info` series (reason -> message),
+which the operator turns into a `Degraded` condition and a Warning event (docs/spec.md "Alarms"),
+and the chart's Prometheus rules alert on (charts/rlhf-operator/rules/).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+REASONS = ("NegativeKL", "LengthCollapse", "RewardHacking")
+# Responses shorter than this many tokens have too few bigrams to say anything about repetition.
+MIN_TOKENS_FOR_DISTINCT = 3
+
+
+def kl_negative_share(kl_per_token: torch.Tensor, action_mask: torch.Tensor) -> float:
+    """Share of response tokens whose k1 term log pi - log pi_ref is negative; (B, R) each."""
+    mask = action_mask.bool()
+    tokens = int(mask.sum())
+    return float(((kl_per_token < 0) & mask).sum()) / tokens if tokens else 0.0
+
+
+def distinct_2(response_ids: torch.Tensor, action_mask: torch.Tensor) -> float | None:
+    """Mean over responses of (unique bigrams / bigrams) inside each, for responses of at least
+    MIN_TOKENS_FOR_DISTINCT tokens (Li et al. 2016's distinct-n, per response); None if none is long enough."""
+    ratios = []
+    for ids, mask in zip(response_ids.tolist(), action_mask.tolist(), strict=True):
+        tokens = [t for t, m in zip(ids, mask, strict=True) if m]
+        if len(tokens) < MIN_TOKENS_FOR_DISTINCT:
+            continue
+        bigrams = list(zip(tokens, tokens[1:], strict=False))
+        ratios.append(len(set(bigrams)) / len(bigrams))
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    negative_kl: float  # NegativeKL when the mean KL < -negative_kl (0 = off)
+    length_drop: float  # LengthCollapse when the window's length < (1 - length_drop) x the one before (0 = off)
+    distinct: float  # RewardHacking when distinct_2 < distinct (0 = off)
+    reward_jump: float  # RewardHacking when the reward rose by > reward_jump between evaluations ... (0 = off)
+    window: int  # steps per length window
+
+    @classmethod
+    def of(cls, hp) -> Thresholds:
+        return cls(hp.alarm_negative_kl, hp.alarm_length_drop, hp.alarm_distinct, hp.alarm_reward_jump,
+                   hp.alarm_window)
+
+
+class AlarmMonitor:
+    """The alarms of one actor process, step after step (it keeps the recent lengths and the rewards
+    at the last evaluation). `step()` returns the step's signals and the alarms firing now."""
+
+    def __init__(self, thresholds: Thresholds):
+        self.t = thresholds
+        self.lengths: deque[float] = deque(maxlen=2 * thresholds.window)
+        self.rewards: deque[float] = deque(maxlen=thresholds.window)
+        self.last_eval: tuple[float, float] | None = None  # (training reward, held-out reward) then
+
+    def step(self, *, kl: float, kl_negative: float, length: float, distinct: float | None,
+             reward: float) -> tuple[dict[str, float], dict[str, str]]:
+        t, signals, alarms = self.t, {"kl_negative_share": kl_negative}, {}
+        if t.negative_kl > 0 and kl < -t.negative_kl:
+            alarms["NegativeKL"] = (f"mean KL {kl:.4g} < -{t.negative_kl:g} ({kl_negative:.0%} of the per-token "
+                                    "terms negative): samples do not follow the policy's log-probs")
+        self.lengths.append(length)
+        if len(self.lengths) == self.lengths.maxlen:
+            before = sum(list(self.lengths)[:t.window]) / t.window
+            now = sum(list(self.lengths)[t.window:]) / t.window
+            change = now / before - 1 if before > 0 else 0.0
+            signals["response_length_change"] = change
+            if t.length_drop > 0 and change < -t.length_drop:
+                alarms["LengthCollapse"] = (f"mean response length {now:.3g} tokens over the last {t.window} steps, "
+                                            f"{-change:.0%} below the {before:.3g} of the {t.window} before")
+        if distinct is not None:
+            signals["distinct_2"] = distinct
+            if t.distinct > 0 and distinct < t.distinct:
+                alarms["RewardHacking"] = (f"distinct-2 of the responses {distinct:.3g} < {t.distinct:g}: "
+                                           "they repeat themselves")
+        self.rewards.append(reward)
+        return signals, alarms
+
+    def evaluated(self, held_out_reward: float | None) -> dict[str, str]:
+        """At an evaluation: RewardHacking when the training reward (mean of the recent window) rose by
+        more than reward_jump since the last evaluation while the held-out reward rose by less than half."""
+        if held_out_reward is None or not self.rewards:
+            return {}
+        train = sum(self.rewards) / len(self.rewards)
+        previous, self.last_eval = self.last_eval, (train, held_out_reward)
+        if previous is None or self.t.reward_jump <= 0:
+            return {}
+        jump, held_out = train - previous[0], held_out_reward - previous[1]
+        if jump > self.t.reward_jump and held_out < jump / 2:
+            return {"RewardHacking": f"the training reward rose by {jump:.3g} since the last evaluation, the "
+                                     f"held-out reward by {held_out:.3g}"}
+        return {}
+
+
+def merge(*alarm_sets: dict[str, str]) -> dict[str, str]:
+    """Alarms by reason in REASONS order (messages of one reason joined)."""
+    out: dict[str, list[str]] = {}
+    for alarms in alarm_sets:
+        for reason, message in alarms.items():
+            out.setdefault(reason, []).append(message)
+    return {r: "; ".join(out[r]) for r in REASONS if r in out}
+
