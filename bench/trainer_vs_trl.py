@@ -3,13 +3,22 @@
     python bench/trainer_vs_trl.py                      # CPU, writes bench/RESULTS.md "Trainer vs TRL"
     python bench/trainer_vs_trl.py --device cuda --repeats 5 --steps 20
     python bench/trainer_vs_trl.py --only dpo --no-write
+    python bench/trainer_vs_trl.py --model smollm2-135m --precision bf16 --threads 1 --repeats 2 --steps 3 \
+        --warmup 1 --only dpo --only grpo           # a real size on CPU (minutes per measurement)
 
 Each measurement is a fresh subprocess (`--one SIDE-ALGO`) that builds the model, runs `--warmup`
 steps, then times `--steps` steps and prints one JSON line. The driver interleaves ours and TRL's
 (A B A B ...) `--repeats` times, because this machine's speed drifts by several times over minutes,
 and compares medians.
 
-What is compared, per algorithm (same tiny Llama from `tiny://llama`, same tokenizer and prompts):
+`--model smollm2-135m` builds (once, under bench/out/) a LlamaForCausalLM of SmolLM2-135M's shape with
+random weights and the tiny tokenizer widened to its 49152-id vocabulary: a real size without a
+download. `--precision bf16` runs both sides in bfloat16 (TRL's default is bf16 autocast; ours then
+sets deepspeed.bf16 on every role); TRL runs without gradient checkpointing (its default recomputes
+activations, ours does not) so both sides do the same arithmetic. `--threads 1` pins each side to one
+torch thread: on a shared machine the CPU seconds per step it reports are steadier than wall time.
+
+What is compared, per algorithm (same model, same tokenizer and prompts):
 - dpo: 8 pairs per step of synthetic://preferences, reference model forward each step, beta 0.1.
 - grpo: 8 prompts x 4 samples of synthetic://arithmetic, 8 new tokens, exact-match rule reward,
   k3 KL to the reference (beta 0.05), one update per batch.
@@ -361,24 +370,6 @@ def machine(device: str) -> str:
     return f"CPU only, {os.cpu_count()} cores, {platform.processor() or platform.machine()}"
 
 
-def write_results(text: str, path: Path, device: str) -> None:
-    """Replace (or add) this device's subsection of the "Trainer vs TRL" section of bench/RESULTS.md."""
-    title, sub = "## Trainer vs TRL", f"### {device}"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    if title not in old:
-        old = old.rstrip() + f"\n\n{title}\n\nWritten by bench/trainer_vs_trl.py, one subsection per device.\n"
-    start = old.index(title)
-    end = old.find("\n## ", start + len(title))
-    section = old[start:] if end < 0 else old[start:end + 1]
-    if sub in section:
-        s0 = section.index(sub)
-        s1 = section.find("\n### ", s0 + len(sub))
-        section = section[:s0] + (section[s1 + 1:] if s1 >= 0 else "")
-    section = section.rstrip() + "\n\n" + text.rstrip() + "\n"
-    rest = "" if end < 0 else old[end + 1:]
-    path.write_text(old[:start] + section + ("\n" + rest if rest else ""))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=ALGOS, action="append")
@@ -412,38 +403,86 @@ def main() -> None:
                 results.setdefault((side, algorithm), []).append(r)
                 print(f"rep {rep} {side:4} {algorithm:4} step {r['step_s']:.4f}s  {r['samples_per_s']:.1f} samples/s",
                       flush=True)
+    text = report(args, algos, results)
+    print(text)
+    if not args.no_write:
+        write_results(text, HERE / "RESULTS.md", subsection_title(args))
+
+
+def subsection_title(args) -> str:
+    """`### cpu` for the tiny model (the framework-overhead figures); the real sizes get their own."""
+    if args.model == "tiny":
+        return f"### {args.device}"
+    return f"### {args.device}, {args.model}, {args.precision}" + (f", {args.threads} thread(s)" if args.threads else "")
+
+
+def _median(rows: list[dict], key: str) -> float:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def report(args, algos, results) -> str:
+    """The RESULTS.md subsection: medians over repeats of each run's median step (wall and CPU seconds)."""
+    flags = f"--model {args.model} --precision {args.precision}" + (f" --threads {args.threads}" if args.threads else "")
+    model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
+             "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
+             "embeddings)")
     lines = [
-        f"### {args.device}",
+        subsection_title(args),
         "",
-        f"Command: `python bench/trainer_vs_trl.py --device {args.device} --repeats {args.repeats} "
+        f"Command: `python bench/trainer_vs_trl.py --device {args.device} {flags} --repeats {args.repeats} "
         f"--steps {args.steps} --warmup {args.warmup}`  ",
         f"Machine: {machine(args.device)}; {time.strftime('%Y-%m-%d')}.  ",
-        f"Setup: tiny Llama (`tiny://llama`), {PROMPTS} prompts/pairs per step, GRPO {GROUP} samples per prompt, "
-        f"{NEW_TOKENS} new tokens; fresh process per measurement, ours and TRL interleaved; medians over "
-        "repeats of each run's median step time.",
+        f"Setup: {model}; {PROMPTS} prompts/pairs per step, GRPO {GROUP} samples per prompt, {NEW_TOKENS} new "
+        f"tokens; {args.precision} on both sides; TRL without gradient checkpointing; fresh process per "
+        "measurement, ours and TRL interleaved (order alternating per repeat); medians over repeats of each "
+        "run's median step. CPU s: CPU seconds of the whole process per step (steadier than wall time on a "
+        "shared machine). Peak RSS: the measuring process's ru_maxrss.",
         "",
-        "| algorithm | ours samples/s | TRL samples/s | ours / TRL | ours tokens/s |"
-        + (" ours MFU |" if args.device == "cuda" else ""),
-        "|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
+        "| algorithm | ours samples/s | TRL samples/s | ours / TRL (wall) | ours CPU s/step | TRL CPU s/step | "
+        "ours / TRL (CPU) | ours tokens/s | peak RSS ours / TRL |" + (" ours MFU |" if args.device == "cuda" else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""),
     ]
     for algorithm in algos:
         ours, trl = results.get(("ours", algorithm), []), results.get(("trl", algorithm), [])
         if not ours:
-            lines.append(f"| {algorithm} | failed | | | |")
+            lines.append(f"| {algorithm} | failed | | | | | | | |")
             continue
-        o = statistics.median(r["samples_per_s"] for r in ours)
-        tok = statistics.median(r["tokens_per_s"] for r in ours)
-        t = statistics.median(r["samples_per_s"] for r in trl) if trl else float("nan")
-        row = f"| {algorithm} | {o:.1f} | {t:.1f} | {o / t:.2f}x | {tok:.0f} |" if trl else \
-            f"| {algorithm} | {o:.1f} | failed | | {tok:.0f} |"
+        o, t = _median(ours, "samples_per_s"), _median(trl, "samples_per_s")
+        oc, tc = _median(ours, "step_cpu_s"), _median(trl, "step_cpu_s")
+        tok = _median(ours, "tokens_per_s")
+        row = (f"| {algorithm} | {o:.2f} | {t:.2f} | {o / t:.2f}x | {oc:.2f} | {tc:.2f} | {tc / oc:.2f}x | {tok:.0f} | "
+               f"{_median(ours, 'peak_rss_mib'):.0f} / {_median(trl, 'peak_rss_mib'):.0f} MiB |")
         if args.device == "cuda":
-            mfu = 6 * ours[0]["params"] * tok / (args.peak_tflops * 1e12)
-            row += f" {100 * mfu:.2g}% |"
+            row += f" {100 * 6 * ours[0]['params'] * tok / (args.peak_tflops * 1e12):.2g}% |"
         lines.append(row)
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        write_results(text, HERE / "RESULTS.md", args.device)
+    phases = {a: results.get(("ours", a), []) for a in algos}
+    lines += ["", "Ours per phase (median seconds of wall time per step): " + "; ".join(
+        f"{a}: " + ", ".join(f"{name} {statistics.median(r['phases'][name] for r in rows):.2f}"
+                             for name in rows[0].get("phases", {}))
+        for a, rows in phases.items() if rows)]
+    raw = HERE / "out" / f"trainer_vs_trl-{args.model}-{args.precision}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({f"{k[0]}-{k[1]}": v for k, v in results.items()}, indent=1))
+    return "\n".join(lines)
+
+
+def write_results(text: str, path: Path, title: str) -> None:
+    """Replace (or add) the subsection `title` of the "Trainer vs TRL" section of bench/RESULTS.md."""
+    section_title = "## Trainer vs TRL"
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    if section_title not in old:
+        old = old.rstrip() + f"\n\n{section_title}\n\nWritten by bench/trainer_vs_trl.py, one subsection per setup.\n"
+    start = old.index(section_title)
+    end = old.find("\n## ", start + len(section_title))
+    section = old[start:] if end < 0 else old[start:end + 1]
+    if title + "\n" in section:
+        s0 = section.index(title + "\n")
+        s1 = section.find("\n### ", s0 + len(title))
+        section = section[:s0] + (section[s1 + 1:] if s1 >= 0 else "")
+    section = section.rstrip() + "\n\n" + text.rstrip() + "\n"
+    rest = "" if end < 0 else old[end + 1:]
+    path.write_text(old[:start] + section + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def test_bf16_off_means_no_bf16_section():
 def test_offload_sets_cpu_device():
     config = build_ds_config(**{**BASE, "offload_optimizer": True})
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_force_ds_cpu_optimizer"] is False  # our torch AdamW steps the offloaded states
+
+
+def test_offloaded_optimizer_steps(role_world, tiny_causal_lm):  # noqa: F811
+    """offloadOptimizer with our torch AdamW builds and steps (DeepSpeed refused it before)."""
+    strategy = DeepSpeedStrategy(tiny_causal_lm, DeepSpeedConfig(zero_stage=2, offload_optimizer=True),
+                                 learning_rate=1e-2, micro_batch_size=2, grad_accum=1)
+    before = {k: v.clone() for k, v in strategy.module.state_dict().items()}
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+    strategy.step()
+    assert any(not torch.equal(before[k], v) for k, v in strategy.module.state_dict().items())
 
 
 def test_zero3_gathers_weights_for_export():

@@ -58,6 +58,10 @@ def build_ds_config(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if offload_optimizer:
+        # DeepSpeed refuses a client optimizer with offload unless told: ours is torch's fused AdamW,
+        # which steps the offloaded fp32 partitions on the CPU without DeepSpeedCPUAdam's compile.
+        config["zero_force_ds_cpu_optimizer"] = False
     if bf16:
         config["bf16"] = {"enabled": True}
     return config

@@ -70,7 +70,7 @@ class PPO(ActorAlgorithm):
         """This rank's share of the step's pretraining rows (input_ids, attention_mask, labels), or None."""
         if self.ptx_sampler is None:
             return None
-        hp, ranks = self.hp, self.ctx.cfg.roles["actor"].replicas
+        hp, ranks = self.hp, self.ctx.placements["actor"].ranks
         texts = [self.ptx_texts[i] for i in shard(self.ptx_sampler.next_batch(), self.ctx.env.rank, ranks)]
         batch = encode_texts(self.tokenizer, texts, hp.max_prompt_length + hp.max_new_tokens)
         batch["labels"] = lm_labels(batch["input_ids"], batch["attention_mask"])
