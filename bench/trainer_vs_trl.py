@@ -40,6 +40,49 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ALGOS = ("dpo", "grpo", "ppo")
 PROMPTS, GROUP, NEW_TOKENS, PROMPT_LEN, LR = 8, 4, 8, 16, 1e-5
+# SmolLM2-135M's architecture (HuggingFaceTB/SmolLM2-135M config.json), built with random weights:
+# no hub is reachable, and a step's cost depends on the shape, not on the values.
+SMOLLM2_135M_SHAPE = dict(
+    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+)
+MODELS = ("tiny", "smollm2-135m")
+
+
+def model_path(name: str) -> str:
+    """The model both sides load: `tiny://llama`, or a folder with a SmolLM2-135M-shaped random Llama."""
+    if name == "tiny":
+        return "tiny://llama"
+    folder = HERE / "out" / f"{name}-random"
+    if not (folder / "config.json").is_file():
+        build_smollm2_shaped(folder)
+    return str(folder)
+
+
+def build_smollm2_shaped(folder: Path) -> None:
+    """A LlamaForCausalLM of SMOLLM2_135M_SHAPE (seed 0) and the tiny tokenizer widened to its vocabulary.
+
+    The tokenizer encodes the synthetic datasets as tiny://llama does; its vocabulary is padded with
+    never-merged tokens up to 49152 so that every id the model samples decodes to some text.
+    """
+    import json
+
+    import torch
+    from rlhf_trainer import models
+    from tokenizers import Tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    spec = json.loads(models._tiny_tokenizer_json())
+    vocab = spec["model"]["vocab"]
+    for i in range(SMOLLM2_135M_SHAPE["vocab_size"] - len(vocab)):
+        vocab[f"<x{i}>"] = len(vocab)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=models.PAD,
+                                  bos_token=models.BOS, eos_token=models.EOS, unk_token=models.UNK)
+    assert len(tok) == SMOLLM2_135M_SHAPE["vocab_size"], len(tok)
+    config = LlamaConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         **SMOLLM2_135M_SHAPE)
+    torch.manual_seed(0)
+    models.save_pretrained(LlamaForCausalLM(config), tok, folder)
 
 
 def _free_port() -> int:
@@ -51,28 +94,32 @@ def _free_port() -> int:
 # ---- our side ---------------------------------------------------------------------------------------
 
 
-def _our_context(algorithm: str, device: str):
+def _our_context(algorithm: str, model: str, bf16: bool = False):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
     from rlhf_trainer.runtime import Context
 
     # One process: ZeRO has nothing to shard, so stage 0 (DeepSpeed engine, no partitioning bookkeeping).
-    zero0 = {"deepspeed": {"zero_stage": 0}}
-    roles = {"actor": zero0, "reference": {"colocate_with": "actor"}}
+    zero0 = {"deepspeed": {"zero_stage": 0, "bf16": bf16}}
+    frozen = {"colocate_with": "actor", "deepspeed": {"bf16": bf16}}  # bf16: the weights' dtype
+    roles = {"actor": zero0, "reference": frozen}
     reward = {"type": "rule", "rule": "exact_match"}
     reward_model = None
     if algorithm == "ppo":
-        roles.update(critic={"colocate_with": "actor", **zero0}, reward={"colocate_with": "actor"})
-        reward, reward_model = {"type": "model"}, {"path": "tiny://llama"}
+        roles.update(critic={"colocate_with": "actor", **zero0}, reward=frozen)
+        reward, reward_model = {"type": "model"}, {"path": model}
     dataset = "synthetic://preferences" if algorithm == "dpo" else "synthetic://arithmetic"
     micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
+    rows = 2 * micro if algorithm == "dpo" else micro  # a DPO pair is two rows
     cfg = parse_config({
-        "job": "bench", "algorithm": algorithm, "model": {"path": "tiny://llama"}, "reward_model": reward_model,
+        "job": "bench", "algorithm": algorithm, "model": {"path": model}, "reward_model": reward_model,
         "reward": reward, "dataset": {"path": dataset}, "roles": roles,
         "hyperparameters": {
             "batch_size": PROMPTS, "micro_batch_size": micro, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
             "max_prompt_length": PROMPT_LEN, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
+            # Every no-grad pass over the whole batch at once, as TRL's trainers do here.
+            "inference_chunk_size": rows,
         },
     })
     colocated = tuple(r for r in roles if r != "actor")
@@ -81,39 +128,46 @@ def _our_context(algorithm: str, device: str):
     return Context(env, cfg, cfg.placements(), None, TrainerMetrics(None))
 
 
-def run_ours(algorithm: str, steps: int, warmup: int, device: str) -> dict:
+def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:
     import torch
-    from rlhf_trainer.algorithms.common import load_records, start_colocated
+    from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
-    ctx = _our_context(algorithm, device)
-    records = load_records(ctx)
+    ctx = _our_context(algorithm, model, bf16)
+    renderer = text_pipeline(ctx)
+    records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
     if algorithm == "dpo":
         from rlhf_trainer.algorithms.dpo import DPO as Algo
     elif algorithm == "grpo":
         from rlhf_trainer.algorithms.grpo import GroupPolicyGradient
 
-        def Algo(c):  # noqa: N802 (a factory in the place of a class)
-            return GroupPolicyGradient(c, "grpo")
+        def Algo(c, r):  # noqa: N802 (a factory in the place of a class)
+            return GroupPolicyGradient(c, r, "grpo")
     else:
         from rlhf_trainer.algorithms.ppo import PPO as Algo
-    algo = Algo(ctx)
+    algo = Algo(ctx, renderer)
     sampler = Sampler(len(records), PROMPTS, seed=0)
-    times, tokens = [], 0.0
+    times, cpu, tokens, phases = [], [], 0.0, {}
     for i in range(warmup + steps):
         batch = [records[j] for j in sampler.next_batch()]
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        stats = algo.step(batch, {})
+        t0, c0, timings = time.perf_counter(), time.process_time(), {}
+        stats = algo.step(batch, timings)
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             tokens += stats["tokens"]
+            for key, value in timings.items():
+                if key.endswith("_seconds"):
+                    phases.setdefault(key[:-len("_seconds")], []).append(value)
     params = sum(p.numel() for p in algo.strategy.module.parameters())
-    return _result("ours", algorithm, times, tokens, params)
+    result = _result("ours", algorithm, times, tokens, params, cpu)
+    result["phases"] = {name: statistics.median(values) for name, values in phases.items()}
+    return result
 
 
 # ---- TRL's side -------------------------------------------------------------------------------------
@@ -128,7 +182,7 @@ class _StepTimer:
         class Timer(TrainerCallback):
             # From one step's end to the next's: the whole step, data loading and generation included.
             def __init__(self):
-                self.times, self._last = [], 0.0
+                self.times, self.cpu, self._last, self._cpu = [], [], 0.0, 0.0
 
             def _now(self):
                 if device == "cuda":
@@ -138,41 +192,44 @@ class _StepTimer:
                 return time.perf_counter()
 
             def on_train_begin(self, args, state, control, **kw):
-                self._last = self._now()
+                self._last, self._cpu = self._now(), time.process_time()
 
             def on_step_end(self, args, state, control, **kw):
-                now = self._now()
+                now, cpu = self._now(), time.process_time()
                 if state.global_step > warmup:
                     self.times.append(now - self._last)
-                self._last = now
+                    self.cpu.append(cpu - self._cpu)
+                self._last, self._cpu = now, cpu
 
         return Timer()
 
 
-def _trl_common(steps: int, warmup: int, device: str, out: Path) -> dict:
-    return dict(
+def _trl_common(steps: int, warmup: int, device: str, out: Path, bf16: bool) -> dict:
+    # bf16: TRL's default (autocast); gradient checkpointing off (TRL turns it on by default) so that
+    # both sides do the same arithmetic: ours does not recompute activations unless asked.
+    return dict(bf16=bf16, gradient_checkpointing=False,
         output_dir=str(out), max_steps=warmup + steps, learning_rate=LR, logging_steps=10**6, save_strategy="no",
         report_to=[], use_cpu=(device == "cpu"), dataloader_num_workers=0, disable_dropout=True, seed=0,
     )
 
 
-def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
+def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:
     from datasets import Dataset
     from rlhf_trainer import models
     from rlhf_trainer.data import synthetic_arithmetic, synthetic_preferences
     from rlhf_trainer.rewards import build_reward_fn
 
-    tok = models.load_tokenizer("tiny://llama")
-    policy = models.load_policy("tiny://llama", seed=0)
+    tok = models.load_tokenizer(model)
+    policy = models.load_policy(model, seed=0)
     out = HERE / "out" / f"trl-{algorithm}"
     timer = _StepTimer(warmup, device)
     if algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         rows = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in synthetic_preferences()]
-        args = DPOConfig(**_trl_common(steps, warmup, device, out), per_device_train_batch_size=PROMPTS, beta=0.1,
+        args = DPOConfig(**_trl_common(steps, warmup, device, out, bf16), per_device_train_batch_size=PROMPTS, beta=0.1,
                          max_length=PROMPT_LEN + NEW_TOKENS + 1)
-        trainer = DPOTrainer(model=policy, ref_model=models.load_policy("tiny://llama", seed=0), args=args,
+        trainer = DPOTrainer(model=policy, ref_model=models.load_policy(model, seed=0), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS
     else:
@@ -185,19 +242,19 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str) -> dict:
             return rule(prompts, completions, answer)
 
         rows = [{"prompt": r.prompt, "answer": r.answer} for r in synthetic_arithmetic()]
-        args = GRPOConfig(**_trl_common(steps, warmup, device, out), per_device_train_batch_size=PROMPTS * GROUP,
+        args = GRPOConfig(**_trl_common(steps, warmup, device, out, bf16), per_device_train_batch_size=PROMPTS * GROUP,
                           num_generations=GROUP, steps_per_generation=1,
                           max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
                           num_iterations=1)
         # GRPOTrainer builds its reference model from the policy's path: give it a folder.
-        folder = models.save_pretrained(policy, tok, out / "tiny-llama")
+        folder = model if not model.startswith("tiny://") else models.save_pretrained(policy, tok, out / "tiny-llama")
         trainer = GRPOTrainer(model=str(folder), reward_funcs=exact_match, args=args, train_dataset=Dataset.from_list(rows),
                               processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS * GROUP
     trainer.train()
     params = sum(p.numel() for p in policy.parameters())
     tokens = samples_per_step * (PROMPT_LEN + NEW_TOKENS) * len(timer.times)  # an upper bound, for tokens/s
-    return _result("trl", algorithm, timer.times, tokens, params)
+    return _result("trl", algorithm, timer.times, tokens, params, timer.cpu)
 
 
 TRL_PPO_SCRIPT = r'''
@@ -248,11 +305,18 @@ def run_trl_ppo(steps: int, warmup: int, device: str, python: str) -> dict:
     return _result("trl", "ppo", times, PROMPTS * (PROMPT_LEN + NEW_TOKENS) * len(times), 0)
 
 
-def _result(side: str, algorithm: str, times: list[float], tokens: float, params: int) -> dict:
+def _result(side: str, algorithm: str, times: list[float], tokens: float, params: int,
+            cpu: list[float] | None = None) -> dict:
+    """One measurement: median step wall time (and CPU seconds of the process, steadier on a shared
+    machine), samples/s, tokens/s, and the process's peak resident memory (ru_maxrss, whole run)."""
+    import resource
+
     samples = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
     step = statistics.median(times)
     return {"side": side, "algorithm": algorithm, "step_s": step, "samples_per_s": samples / step,
-            "tokens_per_s": tokens / sum(times), "params": params, "steps": len(times)}
+            "tokens_per_s": tokens / sum(times), "params": params, "steps": len(times),
+            "step_cpu_s": statistics.median(cpu) if cpu else None,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 # ---- driver -----------------------------------------------------------------------------------------
@@ -260,19 +324,28 @@ def _result(side: str, algorithm: str, times: list[float], tokens: float, params
 
 def one(args) -> None:
     side, algorithm = args.one.split("-")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if side == "ours":
-        result = run_ours(algorithm, args.steps, args.warmup, args.device)
+        result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
+                          args.precision == "bf16")
     elif algorithm == "ppo":
         result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python)
     else:
-        result = run_trl(algorithm, args.steps, args.warmup, args.device)
+        result = run_trl(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
+                         args.precision == "bf16")
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--device", args.device, "--trl-ppo-python", args.trl_ppo_python]
+           "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
+           "--threads", str(args.threads), "--precision", args.precision]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -313,6 +386,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per side (0 = torch's default); 1 is steadier on a shared machine")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="both sides: ours deepspeed.bf16 on every role, TRL's bf16 (autocast)")
+    p.add_argument("--model", choices=MODELS, default="tiny",
+                   help="tiny://llama (framework overhead) or a SmolLM2-135M-shaped random Llama (a real size)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
     p.add_argument("--no-write", action="store_true")

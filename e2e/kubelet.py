@@ -8,8 +8,9 @@ for each new pod of a job (label rlhf.dev/job):
 
 - materialises its volumes: a configMap volume -> a folder with the ConfigMap's keys as files (read
   from the API), a persistentVolumeClaim -> the hostPath folder of the PersistentVolume bound to the
-  claim (tests/controlplane/provisioner.py provisions them), any other volume -> a per-pod folder;
-  env values under a mount path are rewritten to those folders;
+  claim (tests/controlplane/provisioner.py provisions them; a mount's subPath is a folder inside it),
+  any other volume -> a per-pod folder; env values under a mount path are rewritten to those folders,
+  and so are the trainer config's paths under a claim's mount (a fromJob source's /sources/<job>);
 - stands in for cluster DNS: each pod gets its own loopback address 127.X.Y.Z as podIP (so the
   trainer's /metrics on POD_IP:9400 is reachable by the operator exactly as in a cluster), while
   rendezvous addresses in RLHF_ROLE_ADDRS / RLHF_BRIDGE_ADDR become 127.0.0.1 with a free port per
@@ -66,6 +67,13 @@ class PodIPs:
         return self._ips[uid]
 
 
+def config_error_status(message: str) -> dict[str, Any]:
+    """A pod the kubelet cannot start (a kubelet's CreateContainerConfigError): Pending, waiting."""
+    return {"phase": "Pending", "containerStatuses": [{
+        "name": wire.CONTAINER_NAME, "ready": False, "restartCount": 0, "image": "local", "imageID": "",
+        "state": {"waiting": {"reason": "CreateContainerConfigError", "message": message[:1000]}}}]}
+
+
 class StandInKubelet:
     """The kubelet of Node `node_name` (labels `node_labels`, capacity over nodes.DEFAULT_CAPACITY)."""
 
@@ -85,6 +93,7 @@ class StandInKubelet:
         self.reported: dict[str, dict[str, Any]] = {}  # pod name -> last status patched
         self.starts: Counter[str] = Counter()  # pod name -> processes started for it
         self.logs: dict[str, list[Path]] = {}  # pod name -> log files of every process run for it
+        self.config_errors: dict[str, str] = {}  # pod name -> why it could not be started
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -158,14 +167,20 @@ class StandInKubelet:
             for name in gone:
                 self.known.pop(name, None)
                 self.reported.pop(name, None)
+                self.config_errors.pop(name, None)
         for pod in deleting:  # processes stopped above: confirm the deletion
             nodes.finalize_deleted(self.api, pod)
         for name, pod in pods.items():
             if name not in self.known and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
                 self.known[name] = pod
-                self._start_pod(pod)
+                try:
+                    self._start_pod(pod)
+                except (ValueError, ApiException) as err:  # the pod cannot be run as it is: say so, as a kubelet
+                    self.config_errors[name] = str(err)
         for name, pod in self.known.items():
             status = localexec.pod_status(self.supervisor.get(name), self.ips.ip_for(pod["metadata"]["uid"]))
+            if name in self.config_errors:
+                status = config_error_status(self.config_errors[name])
             if status != self.reported.get(name):
                 self._patch_status(pod, status)
 
@@ -186,15 +201,23 @@ class StandInKubelet:
         pod_dir = self.root / "pods" / uid
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, Path] = {}
+        claim_mounts: dict[str, Path] = {}  # a fromJob source's export: the trainer config names its mount
+        config_maps: list[tuple[Path, str]] = []
         for m in localexec.trainer_container(pod).get("volumeMounts", []):
             vol = volumes.get(m["name"], {"name": m["name"]})
             folder = self._volume_dir(pod, vol)
+            folder = folder / m["subPath"] if m.get("subPath") else folder
             folder.mkdir(parents=True, exist_ok=True)
             if "configMap" in vol:
-                cm = self.api.read_namespaced_config_map(vol["configMap"]["name"], namespace)
-                for key, text in (cm.data or {}).items():
-                    (folder / key).write_text(text)
+                config_maps.append((folder, vol["configMap"]["name"]))
+            if "persistentVolumeClaim" in vol:
+                claim_mounts[m["mountPath"]] = folder
             mounts[m["mountPath"]] = folder
+        for folder, config_map in config_maps:
+            cm = self.api.read_namespaced_config_map(config_map, namespace)
+            for key, text in (cm.data or {}).items():
+                (folder / key).write_text(localexec.rewrite_json_paths(text, claim_mounts)
+                                          if key == wire.CONFIG_FILE else text)
         metrics_port = next((int(e["value"]) for e in localexec.trainer_container(pod).get("env", [])
                              if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),

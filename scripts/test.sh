@@ -6,4 +6,9 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 ruff check .
 lint-imports
+# The test control plane (kube-apiserver, controller-manager, scheduler, etcd) from the Go modules in
+# e2e/controlplane: built here, outside pytest's per-test timeout, when its cache misses (tens of
+# minutes cold on 2 cores; seconds warm). The cluster fixtures reuse the same cache.
+command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
+echo "control plane binaries: $(bash e2e/controlplane/build.sh)"
 python -m pytest -q -p no:cacheprovider tests e2e "$@"

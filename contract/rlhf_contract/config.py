@@ -30,7 +30,8 @@ from rlhf_contract.knobs import Rule, knob, settings_of
 
 REWARD_RULES = ("exact_match", "regex", "callable")
 # Row formats of a dataset file (rlhf_trainer.formats); auto is told from the file's columns.
-DATASET_FORMATS = ("auto", "prompts", "pairs", "instruction", "ranked", "pair_list", "completion", "messages")
+DATASET_FORMATS = ("auto", "prompts", "pairs", "instruction", "ranked", "pair_list", "completion", "messages",
+                   "stepwise")
 # Dataset formats that hold preference pairs (what algorithms with data "pairs" need)...
 PAIR_FORMATS = ("pairs", "ranked", "pair_list")
 # ...and those a pair algorithm accepts in the spec (auto is checked by the trainer once told).
@@ -41,11 +42,18 @@ SYNTHETIC_PREFIX = "synthetic://"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
 NON_FINITE_POLICIES = ("fail", "skip")
+LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # rlhf_trainer.losses.aggregation, TRL's loss_type names
 # "module:function" of a reward callable (the CRD's CEL rule uses the same pattern).
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
 PPO = ("ppo",)
 GROUP = ("grpo", "rloo")
+# Critic-free policy gradients (rlhf_trainer.algorithms.grpo's loop).
+CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+# Algorithms whose per-token rewards carry a KL penalty and the score on the last token.
+SHAPED_REWARD = ("ppo", "reinforce_pp")
+PREFERENCE = ("dpo", "simpo", "orpo")
+STEPWISE = ("prm", "prm-label")
 
 
 class ConfigError(ValueError):
@@ -64,11 +72,20 @@ class ModelConfig:
 class RewardConfig:
     """How responses are scored (online algorithms): a reward model role, or a rule run by the actor."""
 
-    type: str = knob("model", "model: a reward role scores responses; rule: a verifier run by the actor.",
-                     enum=REWARD_TYPES, max_length=16)
-    rule: str = knob("", "Verifier run by the actor when type is rule.", enum=REWARD_RULES, max_length=16)
+    type: str = knob("model", "model: a reward role scores responses; rule: a verifier run by the actor; prm: "
+                             "a process reward model in the reward role scores every step (plus the outcome "
+                             "of `rule`, when set).", enum=REWARD_TYPES, max_length=16)
+    rule: str = knob("", "Verifier run by the actor when type is rule (prm-label: the verifier of its "
+                         "completions).", enum=REWARD_RULES, max_length=16)
     pattern: str = knob("", "regex rule: reward 1 when re.search(pattern, response) matches.", max_length=1024)
     callable: str = knob("", 'callable rule: "module:function" importable in the trainer image.', max_length=253)
+    # type prm: a process reward model (an `algorithm: prm` export at rewardModel.path) scores each step
+    skip_pattern: str = knob("", "prm: steps this regex matches (re.search) get no process reward, e.g. "
+                                 "'^\\s*#' for comment lines.", max_length=256)
+    normalize_steps: bool = knob(True, "prm: divide each step's reward by the number of rewarded steps, so a "
+                                       "response's process reward stays in [-1, 1] whatever its length.")
+    value_init: bool = knob(False, "prm (ppo): initialise the critic from the process reward model (its "
+                                   "backbone and head); the PRM must share the policy's tokenizer.")
 
 
 def _template_ok(value: str) -> bool:
@@ -117,6 +134,30 @@ class DatasetConfig:
                                                  "self.contains('{%')",
                                    "must be one of: auto, chat, raw, or a Jinja chat template"))
     fields: DatasetFields = field(default_factory=DatasetFields)
+    pretrain_path: str = knob("", "ppo: pretraining texts (JSONL rows {\"text\": ...}, or synthetic://NAME) whose "
+                                  "language-modelling loss, times ptxCoef, joins the actor's loss (PPO-ptx); "
+                                  "unset = off.")
+
+
+# critic.model: these words, or a model folder (any other value).
+CRITIC_SOURCES = ("auto", "policy", "reward")
+
+
+@dataclass(frozen=True)
+class CriticConfig:
+    """Where the PPO critic starts from (the `critic` section)."""
+
+    model: str = knob("auto", "The critic's initial weights: policy (the policy's backbone and a new value "
+                              "head), reward (the reward model's backbone and score head, as InstructGPT and "
+                              "OpenRLHF do), auto (reward when reward.type is model, else policy), or a model "
+                              "folder; its tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
+
+
+def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> str | None:
+    """critic.model reward needs a reward model to start from."""
+    if algorithm == "ppo" and critic.model == "reward" and reward_type != "model":
+        return "reward needs a reward model (reward.type model); use policy or a model folder"
+    return None
 
 
 @dataclass(frozen=True)
@@ -128,15 +169,41 @@ class DeepSpeedConfig:
     gradient_checkpointing: bool = knob(False, "Recompute activations in the backward pass to save memory.")
 
 
+LORA_EXPORTS = ("merged", "adapter")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """A role's LoRA adapters (Hu et al. 2021) trained with peft instead of every weight (`rank` > 0)."""
+
+    rank: int = knob(0, "LoRA rank r; 0 = no adapters, every weight trains.", minimum=0)
+    alpha: float = knob(16.0, "LoRA scaling alpha (the update is scaled by alpha / rank).", gt=0)
+    dropout: float = knob(0.0, "Dropout on the adapters' input, 0 <= x < 1.", minimum=0, lt=1)
+    target_modules: str = knob("all-linear", "Modules that get adapters: all-linear, or comma-separated names "
+                                             "(q_proj,v_proj).", max_length=1024)
+    export: str = knob("merged", "The exported folder: merged (a plain model, adapters folded in) or adapter "
+                                 "(peft's adapter folder, for the base model).", enum=LORA_EXPORTS)
+
+
+def lora_problem(role: str, lora: LoraConfig) -> str | None:
+    """Only the actor trains adapters (the critic trains every weight; reward and reference are frozen)."""
+    if lora.rank and role != "actor":
+        return f"only the actor trains LoRA adapters (got rank {lora.rank} on the {role})"
+    return None
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """One role's process world: how many ranks, and where it runs if colocated."""
 
-    replicas: int = knob(1, "Processes (pods, unless colocated) of this role: its data-parallel world size.",
-                         minimum=1)
+    replicas: int = knob(1, "Pods of this role (unless colocated); its data-parallel world is replicas x "
+                            "processesPerPod ranks.", minimum=1)
+    processes_per_pod: int = knob(1, "Trainer processes each pod starts, one per GPU (torchrun's nproc-per-node); "
+                                     "unset = gpus when gpus > 0, else 1.", minimum=1, crd_default=False)
     colocate_with: str = knob("", "Another role's name: this role gets no pods and runs inside that role's "
                                   "processes.", max_length=16)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def _dual_clip_ok(value: float) -> bool:
@@ -151,17 +218,27 @@ class Hyperparameters:
     learning_rate: float = knob(1e-5, "Peak learning rate of the actor (and critic).", gt=0)
     batch_size: int = knob(8, "Prompts (or pairs) per step, global across replicas.", minimum=1)
     micro_batch_size: int = knob(4, "Samples per forward/backward pass on one process.", minimum=1)
+    inference_chunk_size: int = knob(8, "Rows per pass that needs no gradient (generation, old and reference "
+                                        "log-probs, critic values, reward scores) on one process: bounds those "
+                                        "phases' memory.", minimum=1)
     max_prompt_length: int = knob(512, "Prompt tokens kept (left-truncated).", minimum=1)
-    max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=ONLINE)
+    max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=(*ONLINE, "prm-label"))
     max_length: int = knob(1024, "Prompt + response tokens per row; longer responses are cut (counted as "
-                                 "truncated).", minimum=2, algorithms=("dpo", "rm", "sft"))
+                                 "truncated).", minimum=2,
+                           algorithms=("dpo", "simpo", "orpo", "rm", "sft", "prm"))
     max_truncated_share: float = knob(0.1, "The job fails at startup when a larger share of its rows would be "
                                            "truncated (maxLength, maxPromptLength).", minimum=0, maximum=1)
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
-                              algorithms=ONLINE)
+                              algorithms=(*ONLINE, "prm-label"))
     seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
+    distributed_timeout_seconds: int = knob(1800, "Seconds a collective of a role's world or a bridge message may "
+                                                  "wait before the process fails (and the gang restarts); longer "
+                                                  "than the longest phase, e.g. a serving role waiting through the "
+                                                  "actor's update.", minimum=60)
     ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
     clip_range: float = knob(0.2, "Policy ratio clip epsilon.", gt=0, algorithms=ONLINE)
+    clip_range_high: float = knob(0.0, "Upper ratio clip epsilon (DAPO's clip-higher, TRL's epsilon_high, e.g. "
+                                       "0.28); 0 = clipRange (symmetric).", minimum=0, algorithms=ONLINE)
     dual_clip: float = knob(0.0, "Dual-clip bound c for negative advantages; 0 = off, else > 1 (e.g. 3).",
                             minimum=0, algorithms=ONLINE,
                             rule=Rule(_dual_clip_ok, "self == 0.0 || self > 1.0", "must be 0 (off) or > 1"))
@@ -169,7 +246,7 @@ class Hyperparameters:
     entropy_coef: float = knob(0.0, "Entropy bonus: the policy loss minus this times the mean entropy of the "
                                     "response tokens (0 = off).", minimum=0, algorithms=PPO)
     vf_coef: float = knob(0.1, "Value loss coefficient (in the reported total loss).", minimum=0, algorithms=PPO)
-    gamma: float = knob(1.0, "Discount factor, 0..1.", minimum=0, maximum=1, algorithms=PPO)
+    gamma: float = knob(1.0, "Discount factor, 0..1.", minimum=0, maximum=1, algorithms=SHAPED_REWARD)
     lam: float = knob(0.95, "GAE lambda, 0..1.", minimum=0, maximum=1, algorithms=PPO)
     kl_coef: float = knob(0.05, "Initial KL penalty coefficient against the reference policy.", minimum=0,
                           algorithms=ONLINE)
@@ -178,17 +255,29 @@ class Hyperparameters:
     kl_horizon: int = knob(10000, "Adaptive KL controller horizon in samples (Ziegler et al. 2019).", minimum=1,
                            algorithms=PPO)
     kl_estimator: str = knob("k1", "KL estimator: k1 (log-ratio) or k3 (unbiased, non-negative).",
-                             enum=KL_ESTIMATORS, algorithms=PPO)
-    reward_clip: float = knob(10.0, "Scores are clipped to [-rewardClip, rewardClip].", gt=0, algorithms=PPO)
+                             enum=KL_ESTIMATORS, algorithms=SHAPED_REWARD)
+    reward_clip: float = knob(10.0, "Scores are clipped to [-rewardClip, rewardClip].", gt=0,
+                              algorithms=SHAPED_REWARD)
     truncation_penalty: float = knob(1.0, "Subtracted from the score of a response with no EOS within "
-                                          "maxNewTokens (0 = none).", minimum=0, algorithms=PPO)
-    whiten_advantages: bool = knob(True, "Normalize advantages per batch.", algorithms=PPO)
-    group_size: int = knob(4, "Samples per prompt, at least 2.", minimum=2, algorithms=GROUP)
-    beta: float = knob(0.1, "Inverse temperature of the implicit reward.", gt=0, algorithms=("dpo",))
-    loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo (IPO) or hinge (SLiC).", enum=LOSS_TYPES,
-                          algorithms=("dpo",))
+                                          "maxNewTokens (0 = none).", minimum=0, algorithms=SHAPED_REWARD)
+    whiten_advantages: bool = knob(True, "Normalize advantages per batch (over every actor rank's rows).",
+                                   algorithms=PPO)
+    ptx_coef: float = knob(0.05, "PPO-ptx: weight of the pretraining language-modelling loss in the actor's "
+                                 "loss (InstructGPT eq. 2's gamma); used only with dataset.pretrainPath.",
+                           minimum=0, algorithms=PPO)
+    group_size: int = knob(4, "Samples per prompt, at least 2.", minimum=2, algorithms=(*CRITIC_FREE, "prm-label"))
+    loss_aggregation: str = knob("dapo", "How token losses make the loss (TRL's loss_type): dapo (mean over the "
+                                         "batch's tokens), grpo (per-response mean, then mean over responses) or "
+                                         "dr_grpo (sum / (responses x maxNewTokens)).", enum=LOSS_AGGREGATIONS,
+                                 algorithms=CRITIC_FREE)
+    beta: float = knob(0.1, "Inverse temperature of the implicit reward (orpo: lambda, the odds-ratio "
+                            "term's weight).", gt=0, algorithms=PREFERENCE)
+    loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo (IPO, on token-averaged log-probs) or hinge (SLiC).",
+                          enum=LOSS_TYPES, algorithms=("dpo",))
     label_smoothing: float = knob(0.0, "Conservative DPO label smoothing, 0 <= x < 0.5.", minimum=0, lt=0.5,
-                                  algorithms=("dpo",))
+                                  algorithms=("dpo", "simpo"))
+    simpo_gamma: float = knob(0.5, "SimPO's target reward margin gamma (eq. 6; TRL's simpo_gamma).", minimum=0,
+                              algorithms=("simpo",))
     margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
     packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
     sample_interval_steps: int = knob(10, "Every this many steps, write samplesPerStep rollouts (prompt, response, "
@@ -213,6 +302,11 @@ class Hyperparameters:
                                    "with a permanent error naming the step, the source and the rows) or skip (the "
                                    "batch is skipped and counted in rlhf_trainer_non_finite_total).",
                            enum=NON_FINITE_POLICIES)
+    step_separator: str = knob("\n", "What ends a step of a response (one line each by default).",
+                               max_length=16, algorithms=STEPWISE,
+                               rule=Rule(bool, "self != ''", "must not be empty"))
+    prm_completions: int = knob(4, "prm-label: completions sampled from each prefix; the prefix is correct when "
+                                   "one passes the verifier (best-of-N).", minimum=1, algorithms=("prm-label",))
 
 
 @dataclass(frozen=True)
@@ -235,13 +329,15 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
         """Roles served inside `host`'s processes."""
         return layout.colocated_into(self.placements(), host)
 
     def placements(self) -> dict[str, layout.Placement]:
-        return {name: layout.Placement(role.replicas, role.colocate_with) for name, role in self.roles.items()}
+        return {name: layout.Placement(role.replicas, role.colocate_with, role.processes_per_pod)
+                for name, role in self.roles.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form parse_config() reads back."""
@@ -347,11 +443,16 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     _check_knobs(cfg.reward, "reward", errors)
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)
+    _check_knobs(cfg.critic, "critic", errors)
     for name, role in cfg.roles.items():
         if name not in ROLE_NAMES:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
         _check_knobs(role, f"roles.{name}", errors)
         _check_knobs(role.deepspeed, f"roles.{name}.deepspeed", errors)
+        _check_knobs(role.lora, f"roles.{name}.lora", errors)
+        problem = lora_problem(name, role.lora)
+        if problem:
+            errors.append(f"roles.{name}.lora.rank: {problem}")
     _check_reward(cfg, errors)
     if errors:
         return  # the layout rules read replicas and names that must be valid first
@@ -364,8 +465,11 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = dataset_format_problem(cfg.algorithm, cfg.dataset)
         if problem:
             errors.append(f"dataset.format: {problem}")
+        problem = critic_problem(cfg.algorithm, cfg.reward.type, cfg.critic)
+        if problem:
+            errors.append(f"critic.model: {problem}")
     if "actor" in cfg.roles:
-        problem = layout.batch_problem(cfg.roles["actor"].replicas, cfg.hyperparameters.batch_size)
+        problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:
             errors.append(f"hyperparameters.batch_size: {problem}")
 
@@ -380,7 +484,7 @@ def _check_reward(cfg: TrainerConfig, errors: list[str]) -> None:
         errors.append(f'reward.callable: expected "module:function", got {json.dumps(reward.callable)}')
     algorithm = ALGORITHMS.get(cfg.algorithm)
     if algorithm and algorithm.needs_reward_model(reward.type) and (cfg.reward_model is None or not cfg.reward_model.path):
-        errors.append("reward_model.path: required when reward.type is model")
+        errors.append(f"reward_model.path: required when reward.type is {reward.type}")
 
 
 def parse_config(data: dict[str, Any]) -> TrainerConfig:

@@ -23,10 +23,12 @@ from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
@@ -88,6 +90,13 @@ def _needing(role: str) -> tuple[str, ...]:
     return tuple(a.name for a in TABLE if role in a.roles)
 
 
+def cel_ranks(role: str) -> str:
+    """CEL for the ranks of the role item `role`: replicas x processesPerPod, where an unset
+    processesPerPod is gpus when > 0, else 1 (layout.Placement.ranks; rlhf_operator.api._role)."""
+    per_pod = f"(has({role}.processesPerPod) ? {role}.processesPerPod : (has({role}.gpus) && {role}.gpus > 0 ? {role}.gpus : 1))"
+    return f"{role}.replicas * {per_pod}"
+
+
 def algorithm_rules() -> list[dict[str, str]]:
     """The spec-level CEL rules: roles per algorithm, the reward model, the batch split, pair formats.
     Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem."""
@@ -101,23 +110,30 @@ def algorithm_rules() -> list[dict[str, str]]:
             f"algorithms {_words(algs)}, and only for them"
         rules.append({"rule": f"self.roles.exists(r, r.name == '{role}') == (self.algorithm in {_cel_list(algs)})",
                       "message": f"roles must include {role} for {which}", "fieldPath": ".roles"})
-    model_reward = f"self.algorithm in {_cel_list(ONLINE)} && self.reward.type == 'model'"
+    model_reward = (f"self.algorithm in {_cel_list(ONLINE)} && "
+                    f"self.reward.type in {_cel_list(algorithms.MODEL_REWARD_TYPES)}")
+    types = _words(algorithms.MODEL_REWARD_TYPES, "or")
     rules += [
         {"rule": f"self.roles.exists(r, r.name == 'reward') == ({model_reward})",
          "message": f"roles must include reward when the algorithm is {_words(ONLINE, 'or')} and reward.type is "
-                    "model, and only then", "fieldPath": ".roles"},
+                    f"{types}, and only then", "fieldPath": ".roles"},
         {"rule": f"!({model_reward}) || has(self.rewardModel)",
-         "message": f"rewardModel is required when reward.type is model (algorithms {', '.join(ONLINE)})",
+         "message": f"rewardModel is required when reward.type is {types} (algorithms {', '.join(ONLINE)})",
          "fieldPath": ".rewardModel"},
         {"rule": "!has(self.roles) || !self.roles.exists(a, a.name == 'actor' && a.replicas >= 1 && "
-                 "self.hyperparameters.batchSize % a.replicas != 0)",
-         "message": "hyperparameters.batchSize must be divisible by the actor's replicas: every actor rank takes "
-                    "an equal share", "fieldPath": ".hyperparameters.batchSize"},
+                 "(!has(a.processesPerPod) || a.processesPerPod >= 1) && "
+                 f"self.hyperparameters.batchSize % ({cel_ranks('a')}) != 0)",
+         "message": "hyperparameters.batchSize must be divisible by the actor's ranks (replicas x processesPerPod): "
+                    "every actor rank takes an equal share", "fieldPath": ".hyperparameters.batchSize"},
         {"rule": f"!(self.algorithm in {_cel_list(PAIR_ALGORITHMS)}) || !has(self.dataset) || "
                  f"!has(self.dataset.path) || self.dataset.path.startsWith('{SYNTHETIC_PREFIX}') || "
                  f"self.dataset.format in {_cel_list(FORMATS_FOR_PAIRS)}",
          "message": f"dataset.format must be one of {', '.join(FORMATS_FOR_PAIRS)} for algorithms "
                     f"{_words(PAIR_ALGORITHMS)}, which learn from preference pairs", "fieldPath": ".dataset.format"},
+        {"rule": "!(self.algorithm == 'ppo' && has(self.critic) && has(self.critic.model) && "
+                 "self.critic.model == 'reward') || self.reward.type == 'model'",
+         "message": "critic.model reward needs a reward model (reward.type model); use policy or a model folder",
+         "fieldPath": ".critic.model"},
     ]
     return rules
 
@@ -136,8 +152,10 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "dataset-fields": lambda: properties_of(DatasetFields),
     "role": lambda: properties_of(RoleConfig),
     "deepspeed": lambda: properties_of(DeepSpeedConfig),
+    "lora": lambda: properties_of(LoraConfig),
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
+    "critic": lambda: properties_of(CriticConfig),
 }
 
 

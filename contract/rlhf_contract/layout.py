@@ -1,13 +1,14 @@
 """Role placement: which role runs in which processes, and which process answers which actor rank.
 
-A role either has pods (processes) of its own, `replicas` of them, or is colocated into another
-role's processes (`colocate_with`). The rules below are checked once, here: by the operator's
+A role either has pods of its own, `replicas` of them with `processes_per_pod` trainer processes
+each (its world: replicas x processes_per_pod ranks, rank = pod index x processes_per_pod + local
+rank), or is colocated into another role's processes (`colocate_with`). The rules below are checked once, here: by the operator's
 parse_spec() (paths like `roles[1].colocateWith`), the trainer config (`roles.critic.colocate_with`)
 and the trainer's bridge (which computes ranks from the same placements).
 
-Actor rank i is served by rank i mod n of each role with pods, so a serving role may have fewer
-replicas than the actor (each of its ranks then serves several actor ranks in turn), never more
-(its extra ranks would idle and hang their world).
+Actor rank i is served by rank i mod n of each role with pods (n: its ranks), so a serving role may
+have fewer ranks than the actor (each of its ranks then serves several actor ranks in turn), never
+more (its extra ranks would idle and hang their world).
 """
 
 from __future__ import annotations
@@ -20,10 +21,28 @@ from rlhf_contract.algorithms import ROLE_NAMES
 
 @dataclass(frozen=True)
 class Placement:
-    """How many processes a role has and whose processes it runs in ('' = its own pods)."""
+    """How many pods and processes a role has and whose processes it runs in ('' = its own pods)."""
 
     replicas: int
     colocate_with: str = ""
+    processes_per_pod: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """Processes of the role's own world: replicas x processes_per_pod."""
+        return self.replicas * self.processes_per_pod
+
+
+def _count(p: Placement) -> str:
+    """A role's ranks for messages: "2" while each pod runs one process, else "2 x 4 = 8"."""
+    return str(p.ranks) if p.processes_per_pod == 1 else f"{p.replicas} x {p.processes_per_pod} = {p.ranks}"
+
+
+def _ranks_words(p: Placement) -> str:
+    """"replicas (2)" while each pod runs one process, else "ranks (replicas x processesPerPod: 2 x 4 = 8)"."""
+    if p.processes_per_pod == 1:
+        return f"replicas ({p.replicas})"
+    return f"ranks (replicas x processesPerPod: {_count(p)})"
 
 
 Placements = Mapping[str, Placement]
@@ -70,22 +89,22 @@ def colocation_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[in
 
 
 def replica_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[int, str]]:
-    """(index, problem) for every role with pods that has more replicas than the actor."""
+    """(index, problem) for every role with pods that has more ranks than the actor."""
     actors = dict(roles).get("actor")
     if actors is None:
         return []
     return [
-        (i, f"must be at most the actor's replicas ({actors.replicas}): each rank of a role with pods serves "
-            f"actor ranks (got {p.replicas})")
+        (i, f"must be at most the actor's {_ranks_words(actors)}: each rank of a role with pods serves "
+            f"actor ranks (got {_count(p)})")
         for i, (name, p) in enumerate(roles)
-        if name != "actor" and not p.colocate_with and p.replicas > actors.replicas
+        if name != "actor" and not p.colocate_with and p.ranks > actors.ranks
     ]
 
 
-def batch_problem(actor_replicas: int, batch_size: int) -> str | None:
+def batch_problem(actor: Placement, batch_size: int) -> str | None:
     """Every actor rank takes an equal share of the global batch."""
-    if batch_size % actor_replicas:
-        return (f"must be divisible by the actor's replicas ({actor_replicas}): every actor rank takes an "
+    if batch_size % actor.ranks:
+        return (f"must be divisible by the actor's {_ranks_words(actor)}: every actor rank takes an "
                 f"equal share (got {batch_size})")
     return None
 
@@ -102,7 +121,8 @@ def problems(roles: Sequence[tuple[str, Placement]]) -> list[RoleProblem]:
 
 
 def bridge_ranks(placements: Placements) -> dict[tuple[str, int], int]:
-    """(role, role rank) -> bridge rank for every process that has pods of its own, actor first.
+    """(role, role rank) -> bridge rank for every process of the roles with pods of their own, actor
+    first; role ranks count processes (pod index x processes_per_pod + local rank).
     ValueError when the placements break a rule (the trainer checks them at startup first)."""
     broken = problems(list(placements.items()))
     unknown = sorted(set(placements) - set(ROLE_NAMES))
@@ -116,7 +136,7 @@ def bridge_ranks(placements: Placements) -> dict[tuple[str, int], int]:
         placement = placements.get(role)
         if placement is None or placement.colocate_with:
             continue
-        for index in range(placement.replicas):
+        for index in range(placement.ranks):
             ranks[(role, index)] = len(ranks)
     return ranks
 
@@ -124,10 +144,10 @@ def bridge_ranks(placements: Placements) -> dict[tuple[str, int], int]:
 def serving_rank(role: str, actor_rank: int, placements: Placements) -> tuple[str, int]:
     """Which process (host role, host rank) answers `actor_rank`'s requests for `role`."""
     host = host_role(role, placements)
-    return host, actor_rank % placements[host].replicas
+    return host, actor_rank % placements[host].ranks
 
 
 def served_actor_ranks(host: str, host_rank: int, placements: Placements) -> list[int]:
     """The actor ranks a serving process answers, in the order it answers them."""
-    actors = placements["actor"].replicas
-    return [i for i in range(actors) if i % placements[host].replicas == host_rank]
+    actors = placements["actor"].ranks
+    return [i for i in range(actors) if i % placements[host].ranks == host_rank]

@@ -22,6 +22,10 @@ ENV_METRICS_PORT = "RLHF_METRICS_PORT"  # 0 = serve no /metrics
 # trainer has to save a last checkpoint.
 ENV_TERMINATION_GRACE = "RLHF_TERMINATION_GRACE_SECONDS"
 ENV_POD_IP = "POD_IP"  # downward API status.podIP
+# Trainer processes the pod's entry point starts (the role's processesPerPod); each gets its local rank
+# (0..n-1) in RLHF_LOCAL_RANK, and its role rank is RLHF_ROLE_RANK x n + local rank.
+ENV_PROCESSES_PER_POD = "RLHF_PROCESSES_PER_POD"
+ENV_LOCAL_RANK = "RLHF_LOCAL_RANK"  # set by the entry point for each process it starts, never by the operator
 # Where a permanent error's message goes instead of TERMINATION_LOG (local runner, e2e kubelet).
 ENV_TERMINATION_LOG = "RLHF_TERMINATION_LOG"
 # Env values holding addresses (the local runner rewrites them to 127.0.0.1 ports).
@@ -30,7 +34,7 @@ ADDRESS_ENV = (ENV_ROLE_ADDRS, ENV_BRIDGE_ADDR)
 # -- ports of a trainer pod ----------------------------------------------------------------------
 ROLE_PORT = 29500  # rank 0 of a role's own torch.distributed world
 BRIDGE_PORT = 29501  # the bridge's TCPStore, on actor rank 0's pod
-TRAINER_METRICS_PORT = 9400  # the trainer's Prometheus /metrics (RLHF_METRICS_PORT)
+TRAINER_METRICS_PORT = 9400  # the trainer's Prometheus /metrics (RLHF_METRICS_PORT); local rank k: + k
 
 # -- the trainer container -----------------------------------------------------------------------
 CONTAINER_NAME = "trainer"
@@ -39,6 +43,8 @@ CONFIG_MOUNT = "/etc/rlhf"
 CONFIG_FILE = "config.json"
 CONFIG_PATH = f"{CONFIG_MOUNT}/{CONFIG_FILE}"
 CHECKPOINT_MOUNT = "/checkpoints"
+# The finished job's model, a Hugging Face folder under the checkpoint volume: what `fromJob` starts from.
+EXPORT_DIR = "export"
 TERMINATION_LOG = "/dev/termination-log"
 # Non-root uid/gid of the trainer image (trainer_image/Dockerfile creates it).
 TRAINER_UID = 1000

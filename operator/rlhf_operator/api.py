@@ -25,14 +25,18 @@ from rlhf_contract.config import (
     CALLABLE_PATTERN,
     REWARD_RULES,
     CheckpointConfig,
+    CriticConfig,
     DatasetConfig,
     DatasetFields,
     DeepSpeedConfig,
     Hyperparameters,
+    LoraConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    critic_problem,
     dataset_format_problem,
+    lora_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -40,6 +44,15 @@ GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSource(ModelConfig):
+    """A model as the manifest names it: a folder in the image (`path`, shared with the trainer config),
+    or `fromJob`, another RLHFJob of the namespace whose exported model the job starts from once that
+    job has Succeeded (rlhf_operator.chain; docs/spec.md "Chaining jobs"). Exactly one is set."""
+
+    from_job: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,12 +106,13 @@ class FailurePolicy:
 class JobSpec:
     algorithm: str
     image: str
-    model: ModelConfig
+    model: ModelSource
     dataset: DatasetConfig
     roles: tuple[RoleSpec, ...]
     image_pull_policy: str = "IfNotPresent"
-    reward_model: ModelConfig | None = None
+    reward_model: ModelSource | None = None
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
@@ -113,10 +127,19 @@ class JobSpec:
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
 
+    def model_sources(self) -> tuple[tuple[str, ModelSource], ...]:
+        """(manifest field, source) of every model the job names: model, rewardModel."""
+        named = (("model", self.model), ("rewardModel", self.reward_model))
+        return tuple((key, source) for key, source in named if source is not None)
+
+    def from_jobs(self) -> tuple[str, ...]:
+        """The RLHFJobs this job starts from (fromJob of its models), each once, in field order."""
+        return tuple(dict.fromkeys(s.from_job for _, s in self.model_sources() if s.from_job))
+
     @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
         """Role name -> placement (computed once: the builders ask for every pod)."""
-        return {r.name: layout.Placement(r.replicas, r.colocate_with) for r in self.roles}
+        return {r.name: layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod) for r in self.roles}
 
     def pod_roles(self) -> tuple[RoleSpec, ...]:
         """Roles that get pods of their own (colocated roles run inside their host's pods)."""
@@ -179,6 +202,8 @@ QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 IMAGE_PATTERN = r"^\S(.*\S)?$"
 MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
 MAX_SUBDOMAIN_LENGTH = 253
+# A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
+MAX_SELECTOR_ENTRIES = 32
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
 # so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
 MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
@@ -371,6 +396,8 @@ class _Fields:
                 self.error(f"{key}.{k}", f"must be {expected}, got {_kind(v)}")
             elif labels:
                 self.errors.extend((self.at(f"{key}.{k}"), m) for m in label_errors(k, v))
+        if labels and len(value) > MAX_SELECTOR_ENTRIES:
+            self.error(key, f"must have at most {MAX_SELECTOR_ENTRIES} entries (got {len(value)})")
         return dict(value)
 
     def done(self) -> None:
@@ -392,10 +419,11 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     algorithm = top.string("algorithm", required=True, enum=NAMES)
     image = top.string("image", required=True, pattern=IMAGE_PATTERN, rule=RULE_IMAGE)
     pull_policy = top.string("imagePullPolicy", JobSpec.image_pull_policy, enum=PULL_POLICIES)
-    model = _settings(top.obj("model"), ModelConfig) if _present(top, "model") else ModelConfig(path="")
+    model = _model_source(top.obj("model")) if _present(top, "model") else ModelSource(path="")
     top.read.add("rewardModel")  # known even when null
-    reward_model = _settings(top.obj("rewardModel"), ModelConfig) if top.has("rewardModel") else None
+    reward_model = _model_source(top.obj("rewardModel")) if top.has("rewardModel") else None
     reward = _reward(top.obj("reward"))
+    critic = _settings(top.obj("critic"), CriticConfig)
     dataset = _dataset(top.obj("dataset")) if _present(top, "dataset") else DatasetConfig(path="")
     raw_roles = top.array("roles", required=True)
     roles_given = isinstance(top.raw.get("roles"), list)
@@ -426,10 +454,14 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = role_set_problem(algorithm, reward.type, [r.name for r in roles if r.name in ROLE_NAMES])
         if problem:
             errors.append(("roles", problem))
-    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with)) for r in roles]
+    placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
-        errors.append(("rewardModel", f"is required when reward.type is model (algorithms {', '.join(ONLINE)})"))
+        errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
+    if algorithm in ALGORITHMS and "critic.model" not in bad:
+        problem = critic_problem(algorithm, reward.type, critic)
+        if problem:
+            errors.append(("critic.model", problem))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -440,7 +472,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         raise SpecError(errors)
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
-        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward,
+        image_pull_policy=pull_policy, reward_model=reward_model, reward=reward, critic=critic,
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
@@ -460,6 +492,19 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     value = cls(**fields.settings(cls, **defaults))
     fields.done()
     return value
+
+
+def _model_source(fields: _Fields) -> ModelSource:
+    """`path` (a contract knob) or `fromJob`, exactly one; the CRD's CEL rule on the object says the same."""
+    has_path, has_job = fields.has("path"), fields.has("fromJob")
+    from_job = fields.string("fromJob", pattern=DNS_1035_LABEL, max_length=MAX_JOB_NAME_LENGTH, rule=RULE_DNS_1035)
+    fields.read.add("path")
+    path = fields.settings(ModelConfig)["path"] if has_path else ""
+    if has_path == has_job and not fields.wrong_type:
+        fields.error("", "set exactly one of path or fromJob (path: a model folder in the image; fromJob: another "
+                         f"RLHFJob whose exported model to start from){', got both' if has_path else ''}")
+    fields.done()
+    return ModelSource(path=path, from_job=from_job)
 
 
 def _dataset(fields: _Fields) -> DatasetConfig:
@@ -485,12 +530,19 @@ def _role(fields: _Fields) -> RoleSpec:
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
+    lora = _settings(fields.obj("lora"), LoraConfig)
+    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
+    if problem:
+        fields.error("lora.rank", problem)
+    gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,
-        **fields.settings(RoleConfig),
+        # One process per GPU unless processesPerPod says otherwise (the CRD leaves it unset).
+        **fields.settings(RoleConfig, processes_per_pod=max(gpus, 1)),
         deepspeed=deepspeed,
+        lora=lora,
         image=fields.string("image", pattern=IMAGE_PATTERN, rule=RULE_IMAGE),
-        gpus=fields.integer("gpus", 0, minimum=0),
+        gpus=gpus,
         resources=_resources(fields.obj("resources")),
         node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
@@ -570,7 +622,7 @@ def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layo
         return []
     errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
               if f"roles[{i}].replicas" not in bad]
-    problem = layout.batch_problem(roles[index].replicas, batch_size)
+    problem = layout.batch_problem(placed[index][1], batch_size)
     if "hyperparameters.batchSize" not in bad and problem:
         errors.append(("hyperparameters.batchSize", problem))
     return errors
@@ -613,6 +665,13 @@ def _job_name_errors(name: str, spec: JobSpec | None) -> list[tuple[str, str]]:
     return errors
 
 
+def _self_source_errors(name: str, spec: JobSpec) -> list[tuple[str, str]]:
+    """A job cannot start from its own export (the CRD's root rules say the same; longer cycles are the
+    planner's: rlhf_operator.chain)."""
+    return [(f"{key}.fromJob", "must name another RLHFJob, not this job itself")
+            for key, source in spec.model_sources() if source.from_job == name]
+
+
 def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     """An RLHFJob object (as the API returns it, or a manifest file) -> Job; SpecError if invalid.
     `spec`: the already parsed obj["spec"], when the caller has it (it is not parsed again)."""
@@ -628,6 +687,8 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
         errors.insert(0, ("metadata.name", "is required"))
     else:
         errors[:0] = _job_name_errors(name, spec)
+        if spec is not None:
+            errors.extend(_self_source_errors(name, spec))
     if errors or spec is None:
         raise SpecError(errors)
     status = obj.get("status")
@@ -642,9 +703,29 @@ def parse_job(obj: dict[str, Any], spec: JobSpec | None = None) -> Job:
     )
 
 
+# Fields that cannot change after creation (the CRD's `self == oldSelf` rules say the same), with how to
+# change them. Every other field is rolled out (a new gang from the last checkpoint: planner._roll_out) or
+# applied in place (suspend, failurePolicy, deadlines, gangTimeoutSeconds): docs/spec.md "Spec edits".
+_NEW_JOB = "create a new job to change it (deleting this one and creating it again with the same name resumes from " \
+           "its retained checkpoint claim)"
+IMMUTABLE_FIELDS: dict[str, tuple[Any, str]] = {
+    "model": (lambda s: s.model, "the checkpoints hold this model's weights; create a new job to train another model"),
+    "rewardModel": (lambda s: s.reward_model, _NEW_JOB),
+    "reward": (lambda s: s.reward, _NEW_JOB),
+    "dataset": (lambda s: s.dataset, f"the checkpoints hold a position in it; {_NEW_JOB}"),
+    "checkpoint.volume": (lambda s: s.checkpoint.volume,
+                          "the job's checkpoints are on it; create a new job to use another volume"),
+    "scheduling.gangScheduler": (lambda s: s.scheduling.gang_scheduler,
+                                 "its PodGroup holds the gang; create a new job to use another scheduler"),
+}
+
+
 def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> list[tuple[str, str]]:
-    """(path, message) for every change to what cannot change after creation: the algorithm and
-    the role layout (names and colocateWith). The CRD's `self == oldSelf` rules say the same."""
+    """(path, message) for every change to what cannot change after creation: the algorithm, the role
+    layout (names and colocateWith) and IMMUTABLE_FIELDS (compared after defaulting; rewardModel only when
+    both have one, as the CRD's rule on it). The CRD's `self == oldSelf` rules say the same."""
+    if old_spec == new_spec:
+        return []  # most passes: nothing edited, nothing parsed
     changes = []
     if old_spec.get("algorithm") != new_spec.get("algorithm"):
         changes.append(("algorithm", f"is immutable (was {old_spec.get('algorithm')!r}, "
@@ -653,6 +734,16 @@ def immutable_changes(old_spec: dict[str, Any], new_spec: dict[str, Any]) -> lis
     if old_layout != new_layout:
         changes.append(("roles", f"role names and colocateWith are immutable (was {_describe(old_layout)}, "
                                  f"now {_describe(new_layout)})"))
+    try:
+        old, new = parse_spec(old_spec), parse_spec(new_spec)
+    except SpecError:
+        return changes  # an invalid edit is reported as such (InvalidSpec), field by field
+    for path, (read, how) in IMMUTABLE_FIELDS.items():
+        before, after = read(old), read(new)
+        if path == "rewardModel" and (before is None or after is None):
+            continue
+        if before != after:
+            changes.append((path, f"is immutable: {how}"))
     return changes
 
 

@@ -1,7 +1,8 @@
 """Desired child objects of an RLHFJob, as plain dicts: pure functions, no API client (docs/spec.md).
 
     job -> build_support_objects()  headless Service, ConfigMap (trainer config), PVC, PodGroup
-        -> build_gang(attempt)      one pod per (role without colocateWith, replica index)
+        -> build_gang(attempt, sources)  one pod per (role without colocateWith, replica index), each
+                                    mounting the export of every `fromJob` source read-only
 
 Every child is named deterministically (`<job>`, `<job>-config`, `<job>-checkpoints`,
 `<job>-<role>-<index>`), so a shell can "create what is missing" after any crash and treat
@@ -12,18 +13,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from fractions import Fraction
 from typing import Any
 
 from rlhf_contract import layout, wire
-from rlhf_contract.config import CheckpointConfig, RoleConfig, TrainerConfig, dump_config
+from rlhf_contract.config import CheckpointConfig, ModelConfig, RoleConfig, TrainerConfig, dump_config
 from rlhf_contract.wire import (
     BRIDGE_PORT,
     CHECKPOINT_MOUNT,
     CONFIG_FILE,
     CONFIG_MOUNT,
     CONTAINER_NAME,
+    EXPORT_DIR,
     LABEL_JOB,
     LABEL_RESTART_ATTEMPT,
     LABEL_ROLE,
@@ -34,7 +38,7 @@ from rlhf_contract.wire import (
     TRAINER_UID,
 )
 
-from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, RoleSpec
+from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, ModelSource, RoleSpec
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     API_VERSION,
@@ -55,6 +59,10 @@ ANNOTATION_KUEUE_POD_GROUP_TOTAL = "kueue.x-k8s.io/pod-group-total-count"
 # an RWX class (NFS, CephFS, Filestore...) passed as storageClassName, or an existingClaim.
 CHECKPOINT_ACCESS_MODE = "ReadWriteOnce"
 SCRATCH_MOUNT = "/tmp"
+# A `fromJob` source's export folder is mounted read-only at /sources/<source job> (subPath export of the
+# source's checkpoint claim). Read-only mounts of one claim by many pods: any number of pods on the node
+# the volume is attached to for ReadWriteOnce, on any node for ReadWriteMany / ReadOnlyMany (docs/spec.md).
+SOURCE_MOUNT = "/sources"
 # The root filesystem is read-only, so every cache the image points into its home (Hugging Face,
 # Triton, DeepSpeed's JIT ops) is redirected to the writable emptyDir at /tmp.
 SCRATCH_ENV = {
@@ -116,6 +124,18 @@ def host_role(spec: JobSpec, role: str) -> str:
 # --- trainer config --------------------------------------------------------------------------
 
 
+def source_model_path(source_job: str) -> str:
+    """Where a pod sees the exported model of the job `source_job` (build_gang mounts it there)."""
+    return f"{SOURCE_MOUNT}/{source_job}"
+
+
+def model_config(source: ModelSource | None) -> ModelConfig | None:
+    """The trainer's view of a model: a folder path, `fromJob` resolved to the source's mount."""
+    if source is None:
+        return None
+    return ModelConfig(path=source_model_path(source.from_job) if source.from_job else source.path)
+
+
 def build_trainer_config(job: Job) -> TrainerConfig:
     """The trainer's config.json (docs/spec.md): the spec's shared fields, roles as a map."""
     spec = job.spec
@@ -123,9 +143,10 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         job=job.name,
         namespace=job.namespace,
         algorithm=spec.algorithm,
-        model=spec.model,
-        reward_model=spec.reward_model,
+        model=model_config(spec.model),
+        reward_model=model_config(spec.reward_model),
         reward=spec.reward,
+        critic=spec.critic,
         dataset=spec.dataset,
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,
@@ -174,6 +195,12 @@ def owner_reference(job: Job) -> dict[str, Any]:
     }
 
 
+def co_owner_reference(job: Job) -> dict[str, Any]:
+    """The job as a further owner of an object another job controls (a `fromJob` source's claim): not the
+    controller, and not blocking the owner's deletion (that needs rights on the owner's finalizers)."""
+    return {**owner_reference(job), "controller": False, "blockOwnerDeletion": False}
+
+
 def _metadata(job: Job, name: str, labels: dict[str, str] | None = None, owned: bool = True) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
@@ -192,6 +219,11 @@ def fit_label(text: str, limit: int = MAX_LABEL_LENGTH) -> str:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{text[:limit - len(digest) - 1].rstrip('-._')}-{digest}"
+
+
+def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
+    """The gang is a Kueue pod group: a queue is set and Volcano (whose queue it would be) is not used."""
+    return bool(job.spec.scheduling.queue) and gang_scheduler(job, settings) != "volcano"
 
 
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
@@ -228,6 +260,7 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
         wire.ENV_ROLE: role.name,
         wire.ENV_ROLE_RANK: str(index),
         wire.ENV_ROLE_REPLICAS: str(role.replicas),
+        wire.ENV_PROCESSES_PER_POD: str(role.processes_per_pod),
         wire.ENV_COLOCATED_ROLES: ",".join(job.spec.colocated_into(role.name)),
         wire.ENV_CONFIG: wire.CONFIG_PATH,
         wire.ENV_ROLE_ADDRS: wire.format_role_addrs(addrs),
@@ -247,7 +280,9 @@ def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[
     ports = [{"name": "role", "containerPort": ROLE_PORT, "protocol": "TCP"}]
     if role.name == host_role(job.spec, "actor"):
         ports.append({"name": "bridge", "containerPort": BRIDGE_PORT, "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": settings.trainer_metrics_port, "protocol": "TCP"})
+    # Local rank k of the pod serves /metrics on the metrics port + k: "metrics", "metrics-1", ...
+    ports += [{"name": "metrics" + (f"-{k}" if k else ""), "containerPort": settings.trainer_metrics_port + k,
+               "protocol": "TCP"} for k in range(role.processes_per_pod)]
     return ports
 
 
@@ -261,7 +296,7 @@ def pod_labels(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bui
     if scheduler == "coscheduling":
         labels[LABEL_COSCHEDULING_GROUP] = job.name
     # With Volcano the queue is a Volcano queue (on the PodGroup), not a Kueue LocalQueue.
-    if job.spec.scheduling.queue and scheduler != "volcano":
+    if uses_kueue_pod_group(job, settings):
         labels[LABEL_KUEUE_QUEUE] = job.spec.scheduling.queue
         labels[LABEL_KUEUE_POD_GROUP] = kueue_pod_group_name(job, attempt)
     return labels
@@ -277,8 +312,22 @@ def pod_annotations(job: Job, settings: BuildSettings) -> dict[str, str]:
     return annotations
 
 
-def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings) -> dict:
-    """Pod `<job>-<role>-<index>` of gang attempt `attempt`."""
+def source_volumes(sources: Mapping[str, str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) for `fromJob` sources {source job: its checkpoint claim}: the claim
+    read-only, only its export folder (subPath) at source_model_path(job)."""
+    volumes, mounts = [], []
+    for job_name, claim in sources.items():
+        name = f"source-{job_name}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": source_model_path(job_name), "subPath": EXPORT_DIR,
+                       "readOnly": True})
+    return volumes, mounts
+
+
+def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings,
+                   sources: Mapping[str, str] | None = None) -> dict:
+    """Pod `<job>-<role>-<index>` of gang attempt `attempt`; `sources`: {fromJob source: its claim}."""
+    extra_volumes, extra_mounts = source_volumes(sources or {})
     name = pod_name(job.name, role.name, index)
     metadata = _metadata(job, name, pod_labels(job, role, index, attempt, settings))
     annotations = pod_annotations(job, settings)
@@ -297,6 +346,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
             {"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "tmp", "mountPath": SCRATCH_MOUNT},
+            *extra_mounts,
         ],
         # The trainer writes a permanent error's message to /dev/termination-log; logs otherwise.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -329,6 +379,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job)}},
             {"name": "dshm", "emptyDir": {"medium": "Memory"}},
             {"name": "tmp", "emptyDir": {}},
+            *extra_volumes,
         ],
     }
     if role.node_selector:
@@ -346,10 +397,12 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
 
 
-def build_gang(job: Job, attempt: int, settings: BuildSettings) -> list[dict]:
-    """Every pod of the gang: each role without colocateWith, replicas pods each."""
+def build_gang(job: Job, attempt: int, settings: BuildSettings,
+               sources: Mapping[str, str] | None = None) -> list[dict]:
+    """Every pod of the gang: each role without colocateWith, replicas pods each; every pod mounts the
+    `fromJob` sources {source job: its checkpoint claim} (status.sources, recorded by the planner)."""
     return [
-        build_role_pod(job, role, index, attempt, settings)
+        build_role_pod(job, role, index, attempt, settings, sources)
         for role in job.spec.pod_roles()
         for index in range(role.replicas)
     ]
@@ -385,6 +438,13 @@ def build_config_map(job: Job) -> dict:
         "metadata": _metadata(job, config_map_name(job.name)),
         "data": {CONFIG_FILE: dump_config(build_trainer_config(job))},
     }
+
+
+def rollout_hash(job: Job, settings: BuildSettings) -> str:
+    """A digest of what a gang is built from: the trainer config and the pod templates (as gang attempt 0).
+    Two specs with the same digest need no rollout; an edit that changes it restarts the gang."""
+    parts = [dump_config(build_trainer_config(job)), build_gang(job, 0, settings)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_pvc(job: Job) -> dict | None:

@@ -15,6 +15,9 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "rlhf-operator"
 # Kueue admits a whole workload by this label; Volcano reads the queue from the PodGroup.
 LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+# "false" on a pod of a Kueue pod group finishes the group: Kueue releases its quota instead of waiting
+# for replacement pods. Kueue refuses to remove it or set it back to "true".
+ANNOTATION_KUEUE_RETRIABLE = "kueue.x-k8s.io/retriable-in-group"
 # Volcano and coscheduling find a pod's gang through these.
 ANNOTATION_VOLCANO_GROUP = "scheduling.k8s.io/group-name"
 LABEL_COSCHEDULING_GROUP = "scheduling.x-k8s.io/pod-group"

@@ -1,4 +1,5 @@
-"""`rlhf-operator run-local MANIFEST`: run an RLHFJob on this machine, no cluster (the embedded default).
+"""`rlhf-operator run-local MANIFEST`: run the RLHFJobs of a file on this machine, no cluster (the
+embedded default).
 
 The same builders and planner as the kopf operator decide everything; this module only plays the
 API server and the kubelet for them:
@@ -14,6 +15,9 @@ API server and the kubelet for them:
 
 runs/<job>/ holds config/config.json (the ConfigMap), checkpoints/ (the volume: step-N/,
 metrics/, export/), pods/<pod>/log.txt, events.log, status.json and report.png.
+Several jobs in one file (multi-document YAML) run side by side (LocalRun): every pass hands each job
+the others' status as peers, so a job naming another in `fromJob` waits for it through the planner,
+as in a cluster, and its pods see the source's runs/<source>/checkpoints/export at /sources/<source>.
 Suspend like `kubectl patch --type=merge -p '{"spec":{"suspend":true}}'`: create runs/<job>/SUSPEND;
 remove it to resume. `--suspend-after-step N` does both once (a test hook).
 Running the same manifest again (without --fresh) resumes from runs/<job>/checkpoints, as a job
@@ -40,7 +44,7 @@ from typing import Any
 import yaml
 from rlhf_contract import wire
 
-from rlhf_operator import api, builders, constants, localexec, planner, report
+from rlhf_operator import api, builders, chain, constants, localexec, planner, report
 from rlhf_operator.progress import format_sample, merge_progress
 
 LOCAL_IP = "127.0.0.1"
@@ -52,8 +56,9 @@ class LocalRunError(RuntimeError):
     """The manifest cannot run locally (unreadable, not one RLHFJob, invalid spec)."""
 
 
-def load_manifest(path: Path) -> dict[str, Any]:
-    """The single RLHFJob document of a YAML file; errors name the file."""
+def load_manifests(path: Path) -> list[dict[str, Any]]:
+    """Every RLHFJob document of a YAML file (other kinds are skipped), at least one, names unique;
+    errors name the file."""
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
     except OSError as e:
@@ -61,11 +66,24 @@ def load_manifest(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise LocalRunError(f"{path}: not YAML: {e}") from None
     jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == constants.KIND]
-    if len(jobs) != 1:
-        raise LocalRunError(f"{path}: expected exactly one {constants.KIND} document, found {len(jobs)}")
-    if jobs[0].get("apiVersion") != constants.API_VERSION:
-        raise LocalRunError(f"{path}: apiVersion must be {constants.API_VERSION}")
-    return jobs[0]
+    if not jobs:
+        raise LocalRunError(f"{path}: expected at least one {constants.KIND} document, found none")
+    for i, job in enumerate(jobs):
+        if job.get("apiVersion") != constants.API_VERSION:
+            raise LocalRunError(f"{path}: {constants.KIND} {i + 1}: apiVersion must be {constants.API_VERSION}")
+    names = [str((job.get("metadata") or {}).get("name", "")) for job in jobs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise LocalRunError(f"{path}: more than one {constants.KIND} named {', '.join(repeated)}")
+    return jobs
+
+
+def missing_sources(jobs: list[api.Job]) -> list[str]:
+    """`fromJob` names that no job of the run holds: locally nothing else could ever provide them."""
+    names = {job.name for job in jobs}
+    return [f"{job.name}: spec.{key}.fromJob names RLHFJob {source.from_job}, which is not in this file"
+            for job in jobs for key, source in job.spec.model_sources()
+            if source.from_job and source.from_job not in names]
 
 
 # Manifest fields that name files: run-local reads a relative one against the manifest's folder.
@@ -131,20 +149,40 @@ def last_json_line(path: Path, tail_bytes: int = 8192) -> dict[str, Any] | None:
     return None
 
 
-def volume_dir(run_dir: Path, pod_dir: Path, mount_path: str, volume: Mapping[str, Any]) -> Path:
-    """Local folder standing in for a pod volume: the config, the shared checkpoint volume, scratch."""
+def volume_dir(run_dir: Path, pod_dir: Path, mount_path: str, volume: Mapping[str, Any],
+               claims: Mapping[str, Path] | None = None) -> Path:
+    """Local folder standing in for a pod volume: the config, a checkpoint volume, scratch.
+
+    claims: claim name -> folder of every job's checkpoint volume in the run (a `fromJob` source's
+    claim is another job's); None: every claim is this job's own volume (one job alone).
+    """
     if "configMap" in volume:
         return run_dir / "config"
+    if "persistentVolumeClaim" in volume and claims is not None:
+        claim = volume["persistentVolumeClaim"]["claimName"]
+        if claim not in claims:
+            raise LocalRunError(f"volume {volume['name']}: claim {claim} is not the checkpoint volume of a job "
+                                f"of this run ({', '.join(sorted(claims))})")
+        return claims[claim]
     if mount_path == wire.CHECKPOINT_MOUNT or "persistentVolumeClaim" in volume:
         return run_dir / "checkpoints"
     return pod_dir / "volumes" / volume["name"]
 
 
-def pod_mounts(pod: Mapping[str, Any], dir_for: Callable[[str, Mapping[str, Any]], Path]) -> dict[str, Path]:
+def pod_mounts(pod: Mapping[str, Any], dir_for: Callable[[str, Mapping[str, Any]], Path],
+               kinds: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Mount path -> local folder (a mount's subPath inside its volume's folder); `kinds`: only the
+    mounts of volumes of these kinds (e.g. persistentVolumeClaim), () = all."""
     volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
     container = localexec.trainer_container(pod)
-    return {m["mountPath"]: dir_for(m["mountPath"], volumes.get(m["name"], {"name": m["name"]}))
-            for m in container.get("volumeMounts", [])}
+    mounts = {}
+    for m in container.get("volumeMounts", []):
+        volume = volumes.get(m["name"], {"name": m["name"]})
+        if kinds and not any(kind in volume for kind in kinds):
+            continue
+        folder = dir_for(m["mountPath"], volume)
+        mounts[m["mountPath"]] = folder / m["subPath"] if m.get("subPath") else folder
+    return mounts
 
 
 @dataclasses.dataclass
@@ -161,7 +199,7 @@ class Timeline:
 
 
 class LocalRunner:
-    """Plays API server + kubelet for one job; run() returns the final status."""
+    """Plays API server + kubelet for one job; run() returns the final status (LocalRun: several)."""
 
     def __init__(
         self,
@@ -176,6 +214,7 @@ class LocalRunner:
         suspend_after_step: int = 0,
         stop_grace: float | None = None,
         settings: Any = None,
+        supervisor: localexec.Supervisor | None = None,
     ):
         self.job = api.parse_job(dict(manifest))
         self.settings = settings if settings is not None else builders.BuildSettings()
@@ -194,7 +233,9 @@ class LocalRunner:
         # Seconds from SIGTERM to SIGKILL when pods are deleted; None = each pod's terminationGracePeriodSeconds
         # (spec.terminationGracePeriodSeconds), in which a stopped trainer saves a last checkpoint.
         self.stop_grace = stop_grace
-        self.supervisor = localexec.Supervisor()
+        self.supervisor = supervisor or localexec.Supervisor()
+        # Claim -> folder of every checkpoint volume a pod of this job may mount (LocalRun adds the others').
+        self.claims: dict[str, Path] = {builders.checkpoint_claim_name(self.job): self.checkpoint_dir}
         self.addresses = localexec.LocalAddresses(LOCAL_IP)
         self.pods: dict[str, dict[str, Any]] = {}
         # Pods deleted by the last pass, with their final status, shown to the next pass only (as a watch
@@ -221,28 +262,19 @@ class LocalRunner:
         self._stop.set()
         self.supervisor.changed.set()
 
+    @property
+    def finished(self) -> bool:
+        return self.job.status.get("phase", "") in api.FINISHED_PHASES or self.job_deleted
+
+    def peer(self) -> chain.PeerJob:
+        """This job as the other jobs of a LocalRun see it."""
+        return chain.peer_of(self.job.name, self.job.uid, self.job.spec, self.job.status)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> dict[str, Any]:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while not self._stop.is_set():
-                self.supervisor.changed.clear()
-                requeue = self.reconcile_once()
-                phase = self.job.status.get("phase", "")
-                if phase in api.FINISHED_PHASES or self.job_deleted:
-                    break
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {self.job.name} not finished after {timeout}s (phase {phase})")
-                if self._acted:
-                    continue  # pods just started or stopped: observe them at once, as a watch event would
-                wait = REFRESH_SECONDS if requeue is None else min(max(requeue, 0.01), REFRESH_SECONDS)
-                self.supervisor.changed.wait(wait)
-        finally:
-            self.supervisor.stop_all(self.grace_of(list(self.pods)))
-            self.display.close()
-        return self.job.status
+        return LocalRun([self]).run(timeout)[self.job.name]
 
-    def reconcile_once(self) -> float | None:
+    def reconcile_once(self, peers: Mapping[str, chain.PeerJob] | None = None) -> float | None:
         """One pass: observe, plan, execute. Returns the planner's requeue_after."""
         self.passes += 1
         self._apply_suspend_controls()
@@ -258,6 +290,7 @@ class LocalRunner:
                   *(planner.observe_pod(pod) for name, pod in departed.items() if name not in self.pods)),
             existing=self._existing(),
             progress=progress,
+            peers=dict(peers or {}),
         )
         result = planner.plan(self.job, observed, datetime.datetime.now(datetime.UTC), self.settings)
         self._acted = any(isinstance(a, planner.CreateObject | planner.DeletePods) for a in result.actions)
@@ -278,7 +311,7 @@ class LocalRunner:
         self.job = dataclasses.replace(self.job, status=dict(status))
         if status.get("phase") != old.get("phase"):
             self.timeline.add("phase", str(status.get("phase")))
-            self.display.line(f"phase: {old.get('phase', '-')} -> {status.get('phase')}")
+            self.display.line(f"phase: {old.get('phase', '-')} -> {status.get('phase')}", self.job.name)
         if status != old:
             tmp = self.run_dir / "status.json.tmp"
             tmp.write_text(json.dumps(dict(status), indent=2, default=str))
@@ -307,6 +340,19 @@ class LocalRunner:
             self.timeline.add("pods_deleted", ",".join(names))
 
     @execute.register
+    def _(self, action: planner.UpdateObject) -> None:
+        ref = (action.obj.get("kind", ""), action.obj["metadata"]["name"])
+        if ref in self.objects:  # pods started from now on read it (_materialize_config_maps)
+            self.objects[ref] = stamp_new_object(dict(action.obj), self.job.namespace)
+
+    @execute.register
+    def _(self, action: planner.AnnotatePods) -> None:
+        for name in action.names:
+            if name in self.pods:
+                meta = self.pods[name]["metadata"]
+                meta["annotations"] = {**(meta.get("annotations") or {}), **dict(action.annotations)}
+
+    @execute.register
     def _(self, action: planner.DeleteObject) -> None:
         self.objects.pop((action.kind, action.name), None)
 
@@ -317,6 +363,10 @@ class LocalRunner:
     @execute.register
     def _(self, action: planner.EmitEvent) -> None:
         self.event(action.type, action.reason, action.message)
+
+    @execute.register
+    def _(self, action: planner.AddOwner) -> None:
+        pass  # nothing is garbage-collected here: a source's folder stays until its run folder is removed
 
     def grace_of(self, names: list[str]) -> float:
         """SIGTERM-to-SIGKILL seconds for deleting these pods: the runner's setting, else theirs (as a kubelet)."""
@@ -342,10 +392,13 @@ class LocalRunner:
         name = pod["metadata"]["name"]
         attempt = pod["metadata"].get("labels", {}).get(wire.LABEL_RESTART_ATTEMPT, "0")
         pod_dir = self.pod_dir(name)
-        mounts = pod_mounts(pod, lambda path, vol: volume_dir(self.run_dir, pod_dir, path, vol))
+        dir_for = functools.partial(volume_dir, self.run_dir, pod_dir, claims=self.claims)
+        mounts = pod_mounts(pod, lambda path, vol: dir_for(path, vol))
         for folder in mounts.values():
             folder.mkdir(parents=True, exist_ok=True)
-        self._materialize_config_maps(pod)
+        # Paths in the trainer config under a claim's mount (a source's /sources/<job>) are local folders here.
+        self._materialize_config_maps(pod, pod_mounts(pod, lambda path, vol: dir_for(path, vol),
+                                                      kinds=("persistentVolumeClaim",)))
         spec = localexec.translate_pod(
             pod, mounts=mounts, resolve=self.addresses.resolver(attempt), pod_ip=LOCAL_IP,
             pod_dir=pod_dir, metrics_port=localexec.free_port() if self.serve_metrics else 0,
@@ -358,7 +411,7 @@ class LocalRunner:
         self.supervisor.start(spec)
         self.timeline.add("pod_started", name)
 
-    def _materialize_config_maps(self, pod: Mapping[str, Any]) -> None:
+    def _materialize_config_maps(self, pod: Mapping[str, Any], claim_mounts: Mapping[str, Path]) -> None:
         for vol in pod["spec"].get("volumes", []):
             if "configMap" not in vol:
                 continue
@@ -369,14 +422,15 @@ class LocalRunner:
             folder = self.run_dir / "config"
             folder.mkdir(parents=True, exist_ok=True)
             for key, text in cm.get("data", {}).items():
-                (folder / key).write_text(text)
+                (folder / key).write_text(localexec.rewrite_json_paths(text, claim_mounts)
+                                          if key == wire.CONFIG_FILE else text)
 
     def event(self, type_: str, reason: str, message: str) -> None:
         line = f"{localexec.utc_now()} {type_} {reason}: {message}"
         with open(self.run_dir / "events.log", "a") as f:
             f.write(line + "\n")
         self.timeline.add("event", reason)
-        self.display.line(f"{type_} {reason}: {message}")
+        self.display.line(f"{type_} {reason}: {message}", self.job.name)
 
     # -- inputs besides the processes -------------------------------------------------------------
     def _latest_rows(self) -> dict[str, dict[str, Any]]:
@@ -409,24 +463,75 @@ class LocalRunner:
             self.timeline.add("suspend" if want else "resume")
 
 
+class LocalRun:
+    """Several LocalRunners side by side on one Supervisor, like jobs of one namespace: each pass hands
+    every job the others as peers (chain.PeerJob), so the planner holds a job until its `fromJob`
+    sources Succeeded and fails it when one failed. run() returns every job's final status."""
+
+    def __init__(self, runners: list[LocalRunner]):
+        if len({id(r.supervisor) for r in runners}) != 1:
+            raise ValueError("the jobs of a LocalRun share one Supervisor")
+        self.runners = runners
+        self.supervisor = runners[0].supervisor
+        claims = {claim: folder for r in runners for claim, folder in r.claims.items()}
+        for r in runners:
+            r.claims = claims
+
+    def request_stop(self) -> None:
+        for r in self.runners:
+            r.request_stop()
+
+    def grace(self) -> float:
+        """SIGTERM-to-SIGKILL seconds when every job's pods are stopped at once: the longest of theirs."""
+        return max(r.grace_of(list(r.pods)) for r in self.runners)
+
+    def run(self, timeout: float | None = None) -> dict[str, dict[str, Any]]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        active = list(self.runners)
+        try:
+            while active and not any(r._stop.is_set() for r in self.runners):
+                self.supervisor.changed.clear()
+                every = {r.job.name: r.peer() for r in self.runners if not r.job_deleted}
+                requeues = [r.reconcile_once({n: p for n, p in every.items() if n != r.job.name}) for r in active]
+                acted = any(r._acted for r in active)
+                active = [r for r in active if not r.finished]
+                if not active:
+                    break
+                if deadline is not None and time.monotonic() > deadline:
+                    left = ", ".join(f"{r.job.name} ({r.job.status.get('phase')})" for r in active)
+                    raise TimeoutError(f"jobs not finished after {timeout}s: {left}")
+                if acted:
+                    continue  # pods just started or stopped: observe them at once, as a watch event would
+                due = [q for q in requeues if q is not None]
+                wait = min(max(min(due), 0.01), REFRESH_SECONDS) if due else REFRESH_SECONDS
+                self.supervisor.changed.wait(wait)
+        finally:
+            self.supervisor.stop_all(self.grace())
+            for r in self.runners:
+                r.display.close()
+        return {r.job.name: r.job.status for r in self.runners}
+
+
 class Progress:
     """Per-process progress bars (tqdm, on a TTY) or plain lines: step/maxSteps, live reward, KL, loss.
 
     Bars: one tqdm bar per metrics file (`actor-0`, ...) plus a status line (phase, restarts);
-    line() prints above them (tqdm.write). Plain (not a TTY, or --no-progress): one line per new
-    step of each rank-0 series, so CI logs stay readable.
+    line() prints above them (tqdm.write). Plain (not a TTY, --no-progress, or label_jobs: several
+    jobs of one run, each line prefixed with its job): one line per new step of each rank-0 series.
     """
 
-    def __init__(self, stream: Any = sys.stdout, bars: bool | None = None):
+    def __init__(self, stream: Any = sys.stdout, bars: bool | None = None, label_jobs: bool = False):
         self.stream = stream
-        self.bars = bool(stream is not None and (stream.isatty() if bars is None else bars))
+        self.label_jobs = label_jobs
+        self.bars = bool(stream is not None and not label_jobs and (stream.isatty() if bars is None else bars))
         self._bars: dict[str, Any] = {}
         self._status: Any = None
-        self._last_plain: dict[str, int] = {}
+        self._last_plain: dict[tuple[str, str], int] = {}
 
-    def line(self, text: str) -> None:
+    def line(self, text: str, job: str = "") -> None:
         if self.stream is None:
             return
+        text = f"{job}: {text}" if job and self.label_jobs else text
         if self._bars or self._status is not None:
             from tqdm import tqdm
 
@@ -440,9 +545,10 @@ class Progress:
         max_steps = job.spec.hyperparameters.max_steps
         if not self.bars:
             for name, row in sorted(rows.items()):
-                if name.endswith("-0") and row.get("step") != self._last_plain.get(name):
-                    self._last_plain[name] = row.get("step")
-                    print(format_progress_line(name, row, max_steps), file=self.stream, flush=True)
+                if name.endswith("-0") and row.get("step") != self._last_plain.get((job.name, name)):
+                    self._last_plain[(job.name, name)] = row.get("step")
+                    label = f"{job.name}/{name}" if self.label_jobs else name
+                    print(format_progress_line(label, row, max_steps), file=self.stream, flush=True)
             return
         from tqdm import tqdm
 
@@ -480,28 +586,50 @@ def format_progress_line(name: str, row: Mapping[str, Any], max_steps: int) -> s
 
 
 def main(args: Any) -> int:
-    display = Progress(sys.stdout, bars=False if args.no_progress else None)
+    path = Path(args.manifest)
     try:
-        manifest = resolve_local_paths(load_manifest(Path(args.manifest)), Path(args.manifest).resolve().parent)
-        runner = LocalRunner(manifest, Path(args.workdir), fresh=args.fresh, display=display,
-                             suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
-                             serve_metrics=not getattr(args, "no_metrics_server", False),
-                             trainer_command=shlex.split(args.trainer_command) if getattr(args, "trainer_command", "")
-                             else None)
-    except (LocalRunError, api.SpecError) as e:
+        manifests = [resolve_local_paths(m, path.resolve().parent) for m in load_manifests(path)]
+    except LocalRunError as e:
         print(f"rlhf-operator run-local: {e}", file=sys.stderr)
         return 2
-    # SIGTERM (e.g. from a CI timeout) stops the gang like Ctrl-C does: no orphans either way.
-    previous = signal.signal(signal.SIGTERM, lambda *_: runner.request_stop())
-    print(f"{runner.job.name}: running locally in {runner.run_dir} (logs in pods/<pod>/log.txt)")
+    display = Progress(sys.stdout, bars=False if args.no_progress else None, label_jobs=len(manifests) > 1)
+    supervisor = localexec.Supervisor()
+    runners, errors = [], []
+    for i, manifest in enumerate(manifests):
+        name = (manifest.get("metadata") or {}).get("name") or f"{constants.KIND} {i + 1}"
+        try:
+            runners.append(LocalRunner(
+                manifest, Path(args.workdir), fresh=args.fresh, display=display, supervisor=supervisor,
+                suspend_after_step=getattr(args, "suspend_after_step", 0) or 0,
+                serve_metrics=not getattr(args, "no_metrics_server", False),
+                trainer_command=shlex.split(args.trainer_command) if getattr(args, "trainer_command", "") else None))
+        except api.SpecError as e:
+            errors.append(f"{path}: {name}: {e}" if len(manifests) > 1 else f"{path}: {e}")
+    errors += [f"{path}: {problem}" for problem in missing_sources([r.job for r in runners])]
+    if errors:
+        print("\n".join(f"rlhf-operator run-local: {e}" for e in errors), file=sys.stderr)
+        return 2
+    run = LocalRun(runners)
+    # SIGTERM (e.g. from a CI timeout) stops the gangs like Ctrl-C does: no orphans either way.
+    previous = signal.signal(signal.SIGTERM, lambda *_: run.request_stop())
+    for runner in runners:
+        print(f"{runner.job.name}: running locally in {runner.run_dir} (logs in pods/<pod>/log.txt)")
     try:
-        status = runner.run()
+        statuses = run.run()
     except KeyboardInterrupt:
-        runner.supervisor.stop_all(runner.grace_of(list(runner.pods)))
-        print(f"\n{runner.job.name}: interrupted; processes stopped, checkpoints kept in {runner.checkpoint_dir}")
+        supervisor.stop_all(run.grace())
+        print("\ninterrupted; processes stopped, checkpoints kept in " +
+              ", ".join(str(r.checkpoint_dir) for r in runners))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+    for runner in runners:
+        summarize(runner, statuses[runner.job.name])
+    return 0 if all(s.get("phase") == "Succeeded" for s in statuses.values()) else 1
+
+
+def summarize(runner: LocalRunner, status: Mapping[str, Any]) -> None:
+    """The end of a job's run: its phase, why it failed, its report's figures, its exported model."""
     phase = status.get("phase", "stopped")
     print(f"{runner.job.name}: {phase}")
     for cond in status.get("conditions", []):
@@ -513,6 +641,5 @@ def main(args: Any) -> int:
         print(f"  report: {png}")
     except report.ReportError as e:
         print(f"  no report: {e}")
-    if (runner.checkpoint_dir / "export").is_dir():
-        print(f"  exported model: {runner.checkpoint_dir / 'export'}")
-    return 0 if phase == "Succeeded" else 1
+    if (runner.checkpoint_dir / wire.EXPORT_DIR).is_dir():
+        print(f"  exported model: {runner.checkpoint_dir / wire.EXPORT_DIR}")

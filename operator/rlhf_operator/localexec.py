@@ -3,7 +3,8 @@
 Three pieces, each usable alone:
 
 - translate_pod(): a built pod dict -> ProcessSpec (argv, env, log and termination-log files).
-  Mount paths in env values become local folders, cluster addresses in RLHF_ROLE_ADDRS /
+  Mount paths in env values become local folders (and, through rewrite_json_paths, the paths under a
+  claim's mount in the trainer config file: a process has no mount namespace to see /sources/<job> in), cluster addresses in RLHF_ROLE_ADDRS /
   RLHF_BRIDGE_ADDR go through a resolver (127.0.0.1 + free ports locally), downward-API env
   (POD_IP, metadata.name) is filled in, and `python` becomes this interpreter.
 - Supervisor: starts each ProcessSpec as its own process group (start_new_session) so stopping a
@@ -16,6 +17,7 @@ Three pieces, each usable alone:
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import re
 import signal
@@ -119,6 +121,28 @@ def absolute_search_path(value: str, cwd: Path) -> str:
                            for entry in value.split(os.pathsep))
 
 
+def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
+    """A JSON document with every string value under one of `mounts` rewritten by rewrite_mount_path
+    (the trainer config's model paths under a source claim's mount); other text is returned as is."""
+    if not mounts:
+        return text
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, str):
+            return rewrite_mount_path(value, mounts)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return json.dumps(walk(doc), indent=2, sort_keys=True)
+
+
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
     containers = pod["spec"]["containers"]
     return next((c for c in containers if c.get("name") == wire.CONTAINER_NAME), containers[0])
@@ -176,12 +200,13 @@ def translate_pod(
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
     for var in container.get("env", []):
-        if "value" in var:
-            value = str(var["value"])
-        elif "fieldRef" in var.get("valueFrom", {}):
+        if "fieldRef" in var.get("valueFrom", {}):
             value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
-        else:
+        elif "valueFrom" in var:
             raise ValueError(f"pod {name}: env {var['name']}: only value and fieldRef are supported locally")
+        else:
+            # An empty value is stored without its `value` key (the API server omits empty strings).
+            value = str(var.get("value", ""))
         if var["name"] in wire.ADDRESS_ENV:
             value = rewrite_addresses(value, resolve)
         elif var["name"] == wire.ENV_METRICS_PORT:

@@ -14,8 +14,10 @@ The life of a job:
                                  +--new gang--> Creating               a new gang is created)
     any --spec.suspend--> Suspended --resume--> Pending
     Failed: PermanentError (exit 65/78), ReachedMaxRestarts, ReachedMaxDisruptions, ReachedMaxGangTimeouts,
-            DeadlineExceeded, InvalidSpec, ChildRejected
+            DeadlineExceeded, InvalidSpec, ChildRejected,
+            SourceFailed / SourceMismatch / SourceCycle (a `fromJob` source: rlhf_operator.chain)
 
+A job that names other jobs in `fromJob` stays Pending, creating nothing, until they Succeeded.
 A gang restart is a failure restart (counted in `restarts`, bounded by maxRestarts) unless a pod of the
 gang was disrupted: evicted, preempted, lost with its node, or deleted by someone else. Such a restart
 counts in `disruptions` (bounded by maxDisruptions), as JobSet and Kubeflow Trainer keep the two apart.
@@ -29,8 +31,8 @@ and metrics.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,18 +44,24 @@ from rlhf_contract.wire import (
     PERMANENT_EXIT_CODES,
 )
 
+from rlhf_operator import chain
 from rlhf_operator.api import FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
+    build_config_map,
     build_gang,
     build_pod_group,
     build_support_objects,
+    co_owner_reference,
     gang_pod_names,
     host_role,
     pod_name,
+    rollout_hash,
     support_object_refs,
+    uses_kueue_pod_group,
 )
 from rlhf_operator.constants import (
+    ANNOTATION_KUEUE_RETRIABLE,
     MAX_BACKOFF_SECONDS,
 )
 
@@ -100,6 +108,7 @@ class ObservedPod:
     terminating: bool = False
     created_at: datetime | None = None
     finished_at: datetime | None = None  # the container's terminated.finishedAt
+    not_retriable: bool = False  # carries Kueue's retriable-in-group: "false"
     # Why a disruption (not the trainer) ended the pod: its DisruptionTarget condition's reason, or a
     # pod-level reason of DISRUPTION_REASONS ("" when none).
     disruption: str = ""
@@ -120,6 +129,9 @@ class Observed:
     pods: tuple[ObservedPod, ...] = ()
     existing: frozenset[tuple[str, str]] = frozenset()  # (kind, name) of non-pod children present
     progress: dict | None = None  # trainer progress scraped by the shell, copied into status.progress
+    # Other RLHFJobs of the namespace by name: at least the jobs this one names in fromJob (transitively)
+    # and the jobs naming it (chain.related_peers); empty when no job of the namespace uses fromJob.
+    peers: Mapping[str, chain.PeerJob] = field(default_factory=dict)
 
 
 def _int_label(labels: dict[str, str], key: str) -> int:
@@ -161,6 +173,7 @@ def observe_pod(pod: dict) -> ObservedPod:
         finished_at=parse_time(terminated.get("finishedAt")),
         waiting_reason=waiting_reason,
         waiting_message=waiting_message,
+        not_retriable=(meta.get("annotations") or {}).get(ANNOTATION_KUEUE_RETRIABLE) == "false",
     )
 
 
@@ -200,6 +213,31 @@ class DeleteObject:
 @dataclass(frozen=True)
 class DeleteJob:
     pass
+
+
+@dataclass(frozen=True)
+class UpdateObject:
+    """Write `obj` over the existing object of its kind and name (a merge patch of the whole body)."""
+
+    obj: dict
+
+
+@dataclass(frozen=True)
+class AnnotatePods:
+    """Merge these annotations into the pods' metadata (a pod that is gone is skipped)."""
+
+    names: tuple[str, ...]
+    annotations: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class AddOwner:
+    """Add `owner` (this job, not as controller) to the owners of a claim another job owns: the garbage
+    collector deletes an object only once all its owners are gone (a source's volume, chain.Gate.protect)."""
+
+    kind: str
+    name: str
+    owner: tuple[tuple[str, Any], ...]  # the owner reference's items (hashable, as every action)
 
 
 @dataclass(frozen=True)
@@ -289,6 +327,8 @@ def gang_not_before(status: dict, backoff_base: float) -> datetime | None:
         return None
     if restarting.get("reason") == "GangTimeout":
         attempt = max(1, int(status.get("gangTimeouts") or 0))
+    elif restarting.get("reason") == REASON_SPEC_CHANGED:
+        return since  # an edit is no failure: the new gang comes as soon as the old pods are gone
     elif restarting.get("reason") == REASON_DISRUPTED:
         attempt = 1  # a disruption is no sign of trouble with the job: the base backoff, not doubled
     else:
@@ -432,9 +472,10 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
     else:
         if p.phase == "Suspended":
             _resume(p)
-        _create_missing_support_objects(p)
-        if not _deadline_exceeded(p):
-            _drive_gang(p)
+        if _sources_ready(p):
+            _create_missing_support_objects(p)
+            if not _deadline_exceeded(p) and not _roll_out(p):
+                _drive_gang(p)
 
     if p.phase != "Creating":
         p.status.pop("podsNotStarting", None)  # only a gang on its way up has pods that cannot start
@@ -446,6 +487,8 @@ def plan(job: Job, observed: Observed, now: datetime, settings: BuildSettings) -
 
 # A gang restart caused by a disruption (the Restarting condition's reason).
 REASON_DISRUPTED = "Disrupted"
+# A gang restart that rolls out a spec edit (the Restarting condition's reason and the event's).
+REASON_SPEC_CHANGED = "SpecChanged"
 # Failed because the API server refused a child the builders made (422): the job's message says which.
 REASON_CHILD_REJECTED = "ChildRejected"
 
@@ -482,12 +525,72 @@ def _reopen_fixed_spec(p: _Pass) -> None:
     p.event("Normal", "SpecFixed", "the spec is valid again; starting the job")
 
 
+def _sources_ready(p: _Pass) -> bool:
+    """Apply chain.gate(): wait (Pending, status.waitingFor), fail, or go on with the sources recorded."""
+    gate = chain.gate(p.job, p.observed.peers)
+    if gate.state == "none":
+        return True
+    if gate.state == "failed":
+        p.status.pop("waitingFor", None)
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        _finish(p, "Failed", gate.reason, gate.message)
+        return False
+    if gate.state == "waiting":
+        waiting_for = ", ".join(gate.waiting_for)
+        if p.status.get("waitingFor") != waiting_for:  # one event per change of what it waits for
+            p.event("Normal", gate.reason, gate.message)
+        p.status["waitingFor"] = waiting_for
+        p.condition(chain.CONDITION, False, gate.reason, gate.message)
+        return False
+    p.status.pop("waitingFor", None)
+    if not condition_is_true(p.status, chain.CONDITION):
+        p.status["sources"] = [s.to_status() for s in gate.sources]
+        message = chain.ready_message(gate.sources)
+        p.condition(chain.CONDITION, True, gate.reason, message)
+        p.event("Normal", gate.reason, message)
+        owner = tuple(co_owner_reference(p.job).items())
+        p.actions.extend(AddOwner("PersistentVolumeClaim", claim, owner) for claim in gate.protect)
+    return True
+
+
 def _create_missing_support_objects(p: _Pass) -> None:
     if set(support_object_refs(p.job, p.settings)) <= p.observed.existing:
         return
     for obj in build_support_objects(p.job, p.settings):
         if (obj["kind"], obj["metadata"]["name"]) not in p.observed.existing:
             p.actions.append(CreateObject(obj))
+
+
+def _roll_out(p: _Pass) -> bool:
+    """A spec edit that changes the trainer config or the pods (status.specHash, builders.rollout_hash):
+    update the ConfigMap and restart the gang from the last complete checkpoint (a new attempt, no backoff,
+    not counted in restarts); with no gang up, the next gang is built from the edit. Fields that apply in
+    place (suspend, failurePolicy, deadlines, gangTimeoutSeconds) change no hash. True when this pass
+    rolled out (the new gang comes in a later pass, after the ConfigMap write)."""
+    if p.job.generation == p.job.status.get("observedGeneration") and "specHash" in p.status:
+        return False  # the digest is only recomputed for a new generation
+    current, before = rollout_hash(p.job, p.settings), p.status.get("specHash")
+    p.status["specHash"] = current
+    if before is None or before == current:
+        return False  # a new job (or one from before digests): nothing to roll out
+    config = build_config_map(p.job)
+    if ("ConfigMap", config["metadata"]["name"]) in p.observed.existing:
+        p.actions.append(UpdateObject(config))
+    if gang_created_at(p.status) is None:
+        p.event("Normal", REASON_SPEC_CHANGED, f"spec generation {p.job.generation}: the trainer config is "
+                                               f"updated and the next gang is built from it")
+        p.wake_at(p.now + timedelta(seconds=1))  # after the ConfigMap write, whatever event comes
+        return True
+    p.delete(p.observed.pods)
+    message = (f"spec generation {p.job.generation} changed the trainer config or the pods: restarting the gang "
+               f"from the last complete checkpoint (not counted in restarts)")
+    p.status.update(phase="Restarting", attempt=p.attempt + 1, lastRestartTime=p.stamp())
+    p.status.pop("gangCreatedTime", None)
+    p.condition("Restarting", True, REASON_SPEC_CHANGED, message)
+    p.clear_condition("Created", REASON_SPEC_CHANGED, message)
+    p.clear_condition("Running", REASON_SPEC_CHANGED, message)
+    p.event("Normal", REASON_SPEC_CHANGED, message)
+    return True
 
 
 def _deadline_exceeded(p: _Pass) -> bool:
@@ -507,6 +610,7 @@ def _deadline_exceeded(p: _Pass) -> bool:
 
 def _suspend(p: _Pass) -> None:
     p.delete(p.observed.pods)
+    _release_pod_group(p)  # a Volcano PodGroup keeps its minResources reserved while it exists
     if p.phase == "Suspended":
         return
     p.status["phase"] = "Suspended"
@@ -597,8 +701,15 @@ def _start_gang(p: _Pass, names: list[str], current: dict[str, ObservedPod]) -> 
     if not_before is not None and p.now < not_before:
         p.wake_at(not_before)
         return
+    pod_group = ("PodGroup", p.job.name)
+    if pod_group in support_object_refs(p.job, p.settings) and pod_group not in p.observed.existing:
+        # A pod created before its PodGroup is scheduled alone (coscheduling) or held by a group that
+        # does not exist (Volcano): the gang waits for its PodGroup's creation event.
+        return
     # Pods of this attempt that already exist come from an interrupted pass: keep them.
-    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings) if pod["metadata"]["name"] not in current]
+    sources = {s.name: s.claim for s in chain.recorded_sources(p.status)}
+    missing = [pod for pod in build_gang(p.job, p.attempt, p.settings, sources)
+               if pod["metadata"]["name"] not in current]
     p.actions.extend(CreateObject(pod) for pod in missing)
     stamp = p.stamp()
     p.status["phase"] = "Creating"
@@ -765,18 +876,39 @@ def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:
     _after_finish(p)
 
 
-def _after_finish(p: _Pass) -> None:
-    """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
-    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL."""
-    p.delete(pod for pod in p.observed.pods if not pod.terminated)
+def _release_pod_group(p: _Pass) -> None:
+    """Delete the gang scheduler's PodGroup if it exists (resume and a new gang recreate it)."""
     pod_group = build_pod_group(p.job, p.settings)
     if pod_group and ("PodGroup", pod_group["metadata"]["name"]) in p.observed.existing:
         p.actions.append(DeleteObject(pod_group["apiVersion"], "PodGroup", pod_group["metadata"]["name"]))
+
+
+def _give_back_kueue_quota(p: _Pass) -> bool:
+    """A failed job's Kueue pod group holds its quota while Kueue waits for replacement pods: mark the pods
+    not retriable first (retriable-in-group: "false"). True while marks are on their way; the pods are
+    deleted in the pass that sees them marked (the writes of one pass run concurrently)."""
+    if p.phase != "Failed" or not uses_kueue_pod_group(p.job, p.settings):
+        return False
+    unmarked = sorted(pod.name for pod in p.observed.pods if not pod.not_retriable and not pod.terminating)
+    if unmarked:
+        p.actions.append(AnnotatePods(tuple(unmarked), ((ANNOTATION_KUEUE_RETRIABLE, "false"),)))
+    return bool(unmarked)
+
+
+def _after_finish(p: _Pass) -> None:
+    """A finished job holds no resources: delete live pods (terminated ones stay for `kubectl
+    logs`) and the PodGroup (Volcano reserves its minResources); delete the job after its TTL, but not
+    while a job that names it in fromJob is unfinished (that job's pass over its sources wakes this one)."""
+    if not _give_back_kueue_quota(p):
+        p.delete(pod for pod in p.observed.pods if not pod.terminated)
+    _release_pod_group(p)
     ttl = p.spec.ttl_seconds_after_finished
     completed = parse_time(p.status.get("completionTime"))
     if ttl <= 0 or completed is None:
         return
     due = completed + timedelta(seconds=ttl)
+    if p.now >= due and chain.dependants(p.job.name, p.observed.peers):
+        return
     if p.now >= due:
         p.actions.append(DeleteJob())
         p.event("Normal", "TTLExpired", f"deleting the job {ttl}s after it finished")

@@ -183,19 +183,27 @@ def _write_state(cp: ControlPlane) -> None:
     (cp.workdir / "state.json").write_text(json.dumps(state, indent=1))
 
 
-def stop_group(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group `pid` leads, wait up to `grace` s, then SIGKILL what is left."""
+def stop_group(pid: int, grace: float = 10.0, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group `pid` leads, wait up to `grace` s for it to end, then SIGKILL
+    whatever is left in the group. `child`: the leader is our child (it is reaped here; a zombie
+    leader would keep its group alive to a signal-0 probe)."""
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
+    if child is not None:
         try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
+            child.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
@@ -208,7 +216,7 @@ def stop(cp: ControlPlane) -> None:
     for name in STOP_ORDER:
         proc = cp.processes.pop(name, None)
         if proc is not None:
-            stop_group(proc.pid)
+            stop_group(proc.pid, child=proc)
             proc.wait()
     _write_state(cp)
 

@@ -86,9 +86,11 @@ class ApiStatusError(AssertionError):
 
 
 def api_request(cp: ControlPlane, method: str, path: str, body: Any = None,
-                content_type: str = "application/json", token: str | None = None) -> Any:
+                content_type: str = "application/json", token: str | None = None,
+                warnings: list[str] | None = None) -> Any:
     """One raw API request as the admin (or as the holder of `token`); the JSON answer, None on 404.
-    Raises ApiStatusError for any other error status."""
+    The answer's Warning headers are appended to `warnings` when given. Raises ApiStatusError for
+    any other error status."""
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": content_type, "Accept": "application/json"}
     if token:
@@ -100,8 +102,12 @@ def api_request(cp: ControlPlane, method: str, path: str, body: Any = None,
     request = urllib.request.Request(cp.url + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30, context=context) as response:
+            if warnings is not None:
+                warnings += response.headers.get_all("Warning") or []
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as err:
+        if warnings is not None:
+            warnings += err.headers.get_all("Warning") or []
         if err.code == 404:
             return None
         text = err.read()

@@ -29,8 +29,8 @@ from tests.controlplane.fixtures import TRAINER_SA  # noqa: E402
 def priority_classes() -> list[dict]:
     """The PriorityClasses the examples name (a cluster admin creates them; admission refuses pods
     naming a class that does not exist)."""
-    names = sorted({p for f in EXAMPLES.glob("*.yaml")
-                    if (p := yaml.safe_load(f.read_text())["spec"].get("scheduling", {}).get("priorityClassName"))})
+    jobs = [d for f in EXAMPLES.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d]  # a file may hold a chain
+    names = sorted({p for job in jobs if (p := job["spec"].get("scheduling", {}).get("priorityClassName"))})
     return [{"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": n}, "value": 1000}
             for n in names]
 

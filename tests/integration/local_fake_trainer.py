@@ -10,6 +10,8 @@ Knobs (env): FAKE_STEP_SECONDS (default 0.05); FAKE_EXIT_CODE + FAKE_EXIT_MESSAG
 with that code after writing the message to RLHF_TERMINATION_LOG; FAKE_EXIT_ROLE limits that to one
 role); FAKE_TERM_EXIT_CODE (on SIGTERM, write FAKE_EXIT_MESSAGE and exit with that code); FAKE_CHILD_PIDFILE (spawn a
 sleeping grandchild and write its pid there, to prove whole process groups die).
+Model paths of the config (model, reward_model) that are not tiny:// must be folders with a
+config.json (a `fromJob` source's export, as the runner maps it), else exit 78 naming the path.
 """
 
 import json
@@ -51,6 +53,11 @@ def main() -> int:
     if os.environ.get("FAKE_CHILD_PIDFILE"):
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         Path(os.environ["FAKE_CHILD_PIDFILE"]).write_text(str(child.pid))
+    for key in ("model", "reward_model"):
+        path = (config.get(key) or {}).get("path", "")
+        if path and not path.startswith("tiny://") and not (Path(path) / "config.json").is_file():
+            Path(os.environ["RLHF_TERMINATION_LOG"]).write_text(f"{key}.path {path}: no config.json there")
+            return 78
     if os.environ.get("FAKE_TERM_EXIT_CODE"):
         def last_words(*_):
             Path(os.environ["RLHF_TERMINATION_LOG"]).write_text(os.environ.get("FAKE_EXIT_MESSAGE", ""))

@@ -51,9 +51,10 @@ def job_pods(cp, namespace: str, name: str) -> dict[str, dict]:
     return {p["metadata"]["name"]: p for p in got.get("items", [])}
 
 
-def can_i(cp, user: str, verb: str, resource: str, namespace: str) -> bool:
+def can_i(cp, user: str, verb: str, resource: str, namespace: str, subresource: str = "") -> bool:
     """`kubectl auth can-i` for `user` (impersonated by the admin): the API server's RBAC answer."""
-    result = kube.kubectl(cp, "auth", "can-i", verb, resource, "-n", namespace, f"--as={user}", check=False)
+    sub = [f"--subresource={subresource}"] if subresource else []
+    result = kube.kubectl(cp, "auth", "can-i", verb, resource, *sub, "-n", namespace, f"--as={user}", check=False)
     return result.stdout.strip() == "yes"
 
 
@@ -76,7 +77,8 @@ def test_install_creates_the_release_objects(cluster, release):
 def test_rbac_grants_the_operator_its_verbs_in_team_a_only_and_the_trainer_nothing(cluster, release):
     operator = f"system:serviceaccount:{RELEASE_NS}:{FULLNAME}"
     assert can_i(cluster, operator, "create", "pods", JOB_NS)
-    assert can_i(cluster, operator, "patch", "rlhfjobs.rlhf.dev/status", JOB_NS)
+    assert can_i(cluster, operator, "patch", "rlhfjobs.rlhf.dev", JOB_NS, subresource="status")
+    assert not can_i(cluster, operator, "patch", "rlhfjobs.rlhf.dev", JOB_NS)  # the status only
     assert not can_i(cluster, operator, "create", "pods", OTHER_NS)
     assert not can_i(cluster, operator, "get", "secrets", JOB_NS)  # never needed, never granted
     assert not can_i(cluster, operator, "update", "rlhfjobs.rlhf.dev", JOB_NS)

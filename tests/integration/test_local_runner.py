@@ -166,4 +166,4 @@ def test_load_manifest_errors_name_the_file(tmp_path, text):
     path = tmp_path / "m.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match="m.yaml"):
-        local.load_manifest(path)
+        local.load_manifests(path)

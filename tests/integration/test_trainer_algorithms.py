@@ -22,7 +22,15 @@ CASES = {
     "rloo: two actor ranks (ZeRO-2) served by one reference + reward process": (
         "rloo", {"actor": {"replicas": 2}, "reference": {}, "reward": {"colocate_with": "reference"}},
         {"reward_model": "tiny://llama"}),
+    "grpo: dr_grpo aggregation and clip-higher, two epochs": (
+        "grpo", {"actor": {}, "reference": {"colocate_with": "actor"}},
+        {"hyperparameters": {"loss_aggregation": "dr_grpo", "clip_range_high": 0.28, "ppo_epochs": 2}}),
+    "reinforce_pp: reference in its own process, per-response loss mean": (
+        "reinforce_pp", None, {"hyperparameters": {"loss_aggregation": "grpo"}}),
     "dpo: reference in its own process": ("dpo", None, {}),
+    "dpo: ipo on token-averaged log-probs": ("dpo", None, {"hyperparameters": {"loss_type": "ipo"}}),
+    "simpo: no reference role": ("simpo", None, {}),
+    "orpo: no reference role": ("orpo", None, {}),
     "rm: Bradley-Terry reward model": ("rm", None, {}),
     "sft: packed examples, ZeRO-3": (
         "sft", {"actor": {"deepspeed": {"zero_stage": 3}}}, {"hyperparameters": {"packing": True}}),
@@ -60,7 +68,8 @@ def test_algorithm_runs_checkpoints_and_exports(name, tmp_path):
     for row in rows:
         assert row["loss"] is not None and math.isfinite(row["loss"]), row
         assert row["tokens_per_second"] > 0
-    if algorithm in ("ppo", "grpo", "rloo"):
+        assert row["train_peak_memory_bytes"] > 0  # peak RSS of the update phase (device memory on GPU)
+    if algorithm in ("ppo", "grpo", "rloo", "reinforce_pp"):
         assert all(r["response_length"] > 0 for r in rows)
         if config["reward"]["type"] == "rule":  # exact_match scores 0, 0.1 or 1
             assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)

@@ -128,3 +128,59 @@ def test_reward_model_ranks_held_out_pairs(tmp_path):
         scores = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
     accuracy = float((scores[:128] > scores[128:]).float().mean())
     assert accuracy > 0.7, accuracy
+
+
+@pytest.mark.slow
+def test_ppo_ptx_term_fits_the_pretraining_text(tmp_path):
+    """PPO-ptx: with a pretraining dataset the actor's update also lowers the LM loss of that text
+    (InstructGPT eq. 2); its loss is reported as ptx_loss, and only when a dataset is given."""
+    texts = tmp_path / "pretrain.jsonl"
+    texts.write_text("".join(f'{{"text": "apple river stone {w}"}}\n' for w in ("cloud", "green", "tiger")))
+    config = trainer_config(
+        "ppo", roles=PPO_ROLES, checkpoint=NO_CHECKPOINTS,
+        dataset={**ARITHMETIC, "pretrain_path": str(texts)},
+        hyperparameters={"max_steps": 12, "batch_size": 4, "micro_batch_size": 4, "max_new_tokens": 2,
+                         "learning_rate": 2e-3, "ptx_coef": 1.0},
+    )
+    run = launch(config, tmp_path / "ptx")
+    assert run.ok, run.describe()
+    losses = [r["ptx_loss"] for r in run.metrics()]
+    # Measured: 5.38, 4.87, 4.61, 4.43, 4.23, 4.06 ... 3.08 at step 12.
+    assert losses[-1] < 0.7 * losses[0], [round(x, 2) for x in losses]
+
+
+@pytest.mark.slow
+def test_prm_learns_to_find_the_first_wrong_step(tmp_path):
+    """A PRM on synthetic://partial_sum_steps (a+b+c=, one partial sum per line, half the rows with
+    an error from a random line on): always answering "correct" gets 62.5% of the steps right and
+    finds the first wrong step of 50% of the rows.
+
+    Measured (training batches, means per 15 steps): step accuracy 0.64 until ~step 90, then 0.73
+    0.81 0.87 0.89 ... 0.93; first-wrong-step accuracy 0.5 -> 0.88 (lr 2e-3: 0.88 / 0.81 at the end).
+    """
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.prm import step_batch
+    from rlhf_trainer.chat import Renderer
+    from rlhf_trainer.losses.prm import IGNORE, step_metrics, step_scores
+    from rlhf_trainer.stepwise import synthetic_partial_sum_steps
+    from rlhf_trainer.tokenized import tokenize_records
+
+    config = trainer_config(
+        "prm", checkpoint=NO_CHECKPOINTS, dataset={"path": "synthetic://partial_sum_steps", "format": "stepwise"},
+        hyperparameters={"max_steps": 300, "batch_size": 64, "micro_batch_size": 64, "learning_rate": 5e-4},
+    )
+    run = launch(config, tmp_path)
+    assert run.ok, run.describe()
+
+    folder = str(run.checkpoint_dir / "export")
+    model, tokenizer = models.load_token_classifier(folder, seed=0).eval(), models.load_tokenizer(folder)
+    held_out = synthetic_partial_sum_steps(size=256, seed=12345)
+    rows, _ = tokenize_records(held_out, Renderer(tokenizer, "raw"), "steps", max_prompt_length=16, max_length=32)
+    batch = step_batch(rows, tokenizer.pad_token_id)
+    with torch.no_grad():
+        scores = step_scores(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    labelled = batch["targets"] != IGNORE
+    counts = step_metrics([scores[i][labelled[i]].tolist() for i in range(len(held_out))],
+                          [batch["targets"][i][labelled[i]].tolist() for i in range(len(held_out))])
+    assert counts["steps_correct"] / counts["steps"] > 0.8, counts
+    assert counts["first_wrong_correct"] / counts["examples"] > 0.7, counts

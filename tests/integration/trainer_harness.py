@@ -23,12 +23,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlhf_contract.algorithms import ROLE_NAMES, required_roles
+from rlhf_contract.algorithms import ALGORITHMS, ROLE_NAMES, required_roles
 
-DATASET_OF = {
-    "ppo": "synthetic://arithmetic", "grpo": "synthetic://arithmetic", "rloo": "synthetic://arithmetic",
-    "dpo": "synthetic://preferences", "rm": "synthetic://preferences", "sft": "synthetic://instructions",
-}
+# The synthetic dataset of each kind of data an algorithm consumes.
+DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
+                   "sft": "synthetic://instructions", "steps": "synthetic://partial_sum_steps"}
 # Small and fast: a few steps of a tiny model on CPU.
 FAST_HYPERPARAMETERS = {
     "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 48, "max_new_tokens": 4,
@@ -52,7 +51,7 @@ def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters
         "model": {"path": "tiny://llama"},
         "reward_model": {"path": reward_model} if reward_model else None,
         "reward": {"type": "model" if reward_model else "rule", "rule": "" if reward_model else "exact_match"},
-        "dataset": {"path": DATASET_OF[algorithm], "format": "prompts"},
+        "dataset": {"path": DATASET_OF_KIND[ALGORITHMS[algorithm].data], "format": "prompts"},
         "roles": roles or {r: {"replicas": 1} for r in required_roles(algorithm, "model" if reward_model else "rule")},
         "hyperparameters": {**FAST_HYPERPARAMETERS, **(hyperparameters or {})},
         "checkpoint": {"interval_steps": 1, "keep": 2},

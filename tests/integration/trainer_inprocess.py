@@ -48,7 +48,8 @@ def in_process_context(config: dict, workdir: Path) -> Context:
                      colocated_roles=tuple(r for r in cfg.roles if r != "actor"), config_path="",
                      role_addrs={}, bridge_addr=None, checkpoint_dir=str(checkpoint_dir), restart_attempt=0,
                      metrics_port=0, pod_ip="")
-    metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0), samples_path_for(checkpoint_dir, "actor", 0))
+    metrics = TrainerMetrics(jsonl_path_for(checkpoint_dir, "actor", 0),
+                             samples_path=samples_path_for(checkpoint_dir, "actor", 0))
     return new_context(env, cfg, None, metrics)
 
 

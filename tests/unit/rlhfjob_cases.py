@@ -24,11 +24,21 @@ _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
 def example(name: str) -> dict[str, Any]:
-    return yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    """crds/examples/NAME.yaml, or document I of a file of several jobs as NAME#I (example_names())."""
+    stem, _, index = name.partition("#")
+    docs = [d for d in yaml.safe_load_all((EXAMPLES / f"{stem}.yaml").read_text()) if d]
+    if not index and len(docs) != 1:
+        raise ValueError(f"{stem}.yaml holds {len(docs)} jobs: name one as {stem}#0 .. {stem}#{len(docs) - 1}")
+    return docs[int(index or 0)]
 
 
 def example_names() -> list[str]:
-    return sorted(p.stem for p in EXAMPLES.glob("*.yaml"))
+    """Every example job: FILE for a file of one job, FILE#I for each job of a pipeline file."""
+    names = []
+    for path in sorted(EXAMPLES.glob("*.yaml")):
+        count = sum(1 for d in yaml.safe_load_all(path.read_text()) if d)
+        names += [path.stem] if count == 1 else [f"{path.stem}#{i}" for i in range(count)]
+    return names
 
 
 def _steps(path: str) -> list[str | int]:
@@ -43,6 +53,13 @@ def set_path(obj: Any, path: str, value: Any) -> None:
         obj.append(value)  # roles[3] on three roles adds a fourth
     else:
         obj[last] = value
+
+
+def get_path(obj: Any, path: str) -> Any:
+    """The value at `path` (`roles[1].replicas`); KeyError / IndexError when it is not there."""
+    for step in _steps(path):
+        obj = obj[step]
+    return obj
 
 
 def unset_path(obj: Any, path: str) -> None:

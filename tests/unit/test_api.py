@@ -8,7 +8,7 @@ import pytest
 import rlhfjob_cases as cases
 import yaml
 from rlhf_contract import algorithms
-from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, ModelConfig, RewardConfig
+from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, RewardConfig
 from rlhf_contract.knobs import camel_case, settings_of
 from rlhf_operator import api
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
@@ -36,7 +36,7 @@ def test_minimal_spec_gets_every_default():
     spec = parse_spec(MINIMAL)
     assert spec.image_pull_policy == "IfNotPresent"
     assert spec.reward == RewardConfig(type="model")
-    assert spec.reward_model == ModelConfig(path="/models/rm")
+    assert spec.reward_model == api.ModelSource(path="/models/rm")
     assert spec.dataset == DatasetConfig(path="synthetic://arithmetic", format="auto", eval_path="", template="auto")
     assert spec.hyperparameters == Hyperparameters()
     assert spec.checkpoint == api.CheckpointSpec(interval_steps=10, keep=3, volume=api.VolumeSpec(size="10Gi"))
@@ -109,12 +109,25 @@ def test_role_fields_are_kept():
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
             "deepspeed": {"zeroStage": 3, "bf16": True, "offloadOptimizer": True, "gradientCheckpointing": True}}
-    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role]})
+    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role], "hyperparameters": {"batchSize": 16}})
     actor = spec.role("actor")
     assert (actor.replicas, actor.image, actor.gpus) == (2, "custom:2", 8)
+    assert actor.processes_per_pod == 8  # unset: one process per GPU
     assert actor.resources == role["resources"] and actor.node_selector == {"pool": "gpu"}
     assert actor.tolerations == role["tolerations"]
     assert actor.deepspeed == DeepSpeedConfig(3, True, True, True)
+
+
+@pytest.mark.parametrize("role, expected", [
+    ({"name": "actor"}, 1),
+    ({"name": "actor", "gpus": 4}, 4),
+    ({"name": "actor", "gpus": 4, "processesPerPod": 1}, 1),  # e.g. one process driving 4 GPUs itself
+    ({"name": "actor", "processesPerPod": 2}, 2),  # CPU: two gloo ranks per pod
+])
+def test_processes_per_pod_default_to_the_gpus_else_one(role, expected):
+    spec = parse_spec({**MINIMAL, "algorithm": "sft", "roles": [role], "hyperparameters": {"batchSize": 8}})
+    assert spec.role("actor").processes_per_pod == expected
+    assert spec.placements["actor"].ranks == expected
 
 
 def test_colocated_roles_have_no_pods_of_their_own():

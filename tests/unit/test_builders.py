@@ -110,6 +110,7 @@ def test_env_contract_of_an_actor_pod_with_a_colocated_reference():
         "RLHF_ROLE": "actor",
         "RLHF_ROLE_RANK": "1",
         "RLHF_ROLE_REPLICAS": "2",
+        "RLHF_PROCESSES_PER_POD": "1",
         "RLHF_COLOCATED_ROLES": "reference",
         "RLHF_CONFIG": "/etc/rlhf/config.json",
         "RLHF_ROLE_ADDRS": f"actor={host.format('ppo-tiny-actor-0')}:29500,"
@@ -350,8 +351,10 @@ def test_config_map_holds_the_trainer_config_as_sorted_json():
     assert config["hyperparameters"]["max_steps"] == 7
     assert config["hyperparameters"]["clip_range"] == 0.3
     assert config["checkpoint"] == {"interval_steps": 2, "keep": 1}
-    assert config["roles"]["reference"] == {"replicas": 1, "colocate_with": "actor",
-                                            "deepspeed": config["roles"]["reference"]["deepspeed"]}
+    assert config["roles"]["reference"] == {"replicas": 1, "colocate_with": "actor", "processes_per_pod": 1,
+                                            "deepspeed": config["roles"]["reference"]["deepspeed"],
+                                            "lora": config["roles"]["reference"]["lora"]}
+    assert config["roles"]["reference"]["lora"]["rank"] == 0
     assert config["reward_model"] is None
     assert (config["job"], config["namespace"], config["algorithm"]) == ("ppo-tiny", "team-a", "ppo")
 
@@ -462,3 +465,19 @@ def test_the_termination_grace_period_reaches_the_pod_and_the_trainer():
         env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
         assert pod["spec"]["terminationGracePeriodSeconds"] == 600
         assert env["RLHF_TERMINATION_GRACE_SECONDS"] == "600"
+
+
+def test_a_pod_of_several_processes_says_how_many_and_opens_a_metrics_port_for_each():
+    job = make_job(roles=[{"name": "actor", "replicas": 2, "gpus": 4}, {"name": "critic", "processesPerPod": 2},
+                          {"name": "reference", "colocateWith": "actor"}])
+    actor = builders.build_role_pod(job, job.spec.role("actor"), 1, 0, SETTINGS)
+    assert env_of(actor)["RLHF_PROCESSES_PER_POD"] == "4"  # gpus: one process per GPU
+    ports = {p["name"]: p["containerPort"] for p in actor["spec"]["containers"][0]["ports"]}
+    base = SETTINGS.trainer_metrics_port
+    assert {k: v for k, v in ports.items() if k.startswith("metrics")} == {
+        "metrics": base, "metrics-1": base + 1, "metrics-2": base + 2, "metrics-3": base + 3}
+    critic = builders.build_role_pod(job, job.spec.role("critic"), 0, 0, SETTINGS)
+    assert env_of(critic)["RLHF_PROCESSES_PER_POD"] == "2"
+    config = builders.build_trainer_config(job)
+    assert (config.roles["actor"].processes_per_pod, config.roles["critic"].processes_per_pod) == (4, 2)
+    assert config.placements()["actor"].ranks == 8

@@ -81,8 +81,10 @@ NAMESPACED_APPLICATION = (
     | grants("", ["events"], ["create"])  # kopf's handler warnings and the operator's job events
     | grants("rlhf.dev", ["rlhfjobs/status"], ["patch"])  # status once per pass
     | grants("rlhf.dev", ["rlhfjobs"], ["delete"])  # ttlSecondsAfterFinished
-    | grants("", ["pods"], ["create", "delete"])  # gang create / restart / finish
+    | grants("", ["pods"], ["create", "delete", "patch"])  # gang create / restart / finish; Kueue quota back
+    | grants("", ["configmaps"], ["patch"])  # a spec edit rolled out
     | grants("", ["services", "configmaps", "persistentvolumeclaims"], ["create"])  # owner refs delete them
+    | grants("", ["persistentvolumeclaims"], ["patch"])  # a fromJob dependant co-owns its source's claim
 )
 VOLCANO = grants("scheduling.volcano.sh", ["podgroups"], ["list", "watch", "create", "delete"])
 COSCHEDULING = grants("scheduling.x-k8s.io", ["podgroups"], ["list", "watch", "create", "delete"])

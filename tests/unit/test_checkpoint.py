@@ -115,3 +115,28 @@ def test_save_then_resume_restores_weights_optimizer_and_rng(tmp_path, role_worl
     _train_steps(second, batches[2:])
     for name, tensor in first.module.state_dict().items():
         assert torch.allclose(tensor, second.module.state_dict()[name], atol=0, rtol=0), name
+
+
+def test_an_edited_learning_rate_takes_effect_after_the_resume(tmp_path, role_world, tiny_causal_lm):  # noqa: F811
+    """A rolled-out edit of hyperparameters.learningRate: the optimizer state comes back from the checkpoint,
+    the learning rate from the config (issue 18, part 3: no field silently ignored)."""
+    from rlhf_contract.config import DeepSpeedConfig as Settings
+    from transformers import LlamaForCausalLM
+
+    first = _new_strategy(tiny_causal_lm)
+    _train_steps(first, [torch.randint(3, 100, (2, 10), generator=torch.Generator().manual_seed(2))])
+    ckpt.RoleCheckpointer(tmp_path, "actor", first).save(1, {})
+    edited = DeepSpeedStrategy(LlamaForCausalLM(tiny_causal_lm.config), Settings(zero_stage=2), learning_rate=5e-4,
+                               micro_batch_size=2, grad_accum=1)
+    ckpt.RoleCheckpointer(tmp_path, "actor", edited).load(1)
+    assert {g["lr"] for g in edited.optimizer.param_groups} == {5e-4}
+    assert any(".exp_avg" in k for k in edited.optimizer_state_tensors())
+
+
+def test_saved_world_size_counts_the_ranks_that_saved_a_role(tmp_path):
+    from rlhf_trainer.checkpoint import saved_world_size
+
+    assert saved_world_size(tmp_path / "missing") == 0
+    for name in ("state-rank0.pt", "state-rank1.pt", "state-rank10.pt", "MANIFEST.json", "state-rank.pt"):
+        (tmp_path / name).write_text("")
+    assert saved_world_size(tmp_path) == 3

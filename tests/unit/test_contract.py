@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import rlhfjob_cases as cases
 import yaml
 from rlhf_contract import algorithms, generate, wire
 from rlhf_contract.config import TrainerConfig, dump_config, parse_config
@@ -22,12 +23,12 @@ from rlhf_trainer.runtime import check_process
 
 REPO = Path(__file__).resolve().parents[2]
 ALGORITHM_NAMES = algorithms.NAMES
-EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
+EXAMPLES = cases.example_names()
 SETTINGS = BuildSettings()
 
 
-def load_example(path: Path) -> api.Job:
-    manifest = yaml.safe_load(path.read_text())
+def load_example(name: str) -> api.Job:
+    manifest = cases.example(name)
     manifest["metadata"].setdefault("namespace", "default")
     manifest["metadata"].setdefault("uid", "uid-example")
     return api.parse_job(manifest)
@@ -50,8 +51,11 @@ def pod_env(pod: dict) -> dict[str, str]:
 def assert_config_matches_spec(job: api.Job, cfg: TrainerConfig) -> None:
     spec = job.spec
     assert (cfg.job, cfg.namespace, cfg.algorithm) == (job.name, job.namespace, spec.algorithm)
-    assert cfg.model.path == spec.model.path
-    assert (cfg.reward_model.path if cfg.reward_model else None) == (spec.reward_model.path if spec.reward_model else None)
+    for got, source in ((cfg.model, spec.model), (cfg.reward_model, spec.reward_model)):
+        # a fromJob source reaches the trainer as the folder its export is mounted at
+        want = None if source is None else builders.source_model_path(source.from_job) if source.from_job \
+            else source.path
+        assert (got.path if got else None) == want
     assert dataclasses.asdict(cfg.reward) == dataclasses.asdict(spec.reward)
     assert dataclasses.asdict(cfg.dataset) == dataclasses.asdict(spec.dataset)
     assert dataclasses.asdict(cfg.hyperparameters) == dataclasses.asdict(spec.hyperparameters)
@@ -64,20 +68,20 @@ def assert_config_matches_spec(job: api.Job, cfg: TrainerConfig) -> None:
 
 
 def test_there_is_an_example_for_every_algorithm():
-    algorithms = {yaml.safe_load(p.read_text())["spec"]["algorithm"] for p in EXAMPLES}
+    algorithms = {cases.example(name)["spec"]["algorithm"] for name in EXAMPLES}
     assert algorithms == set(ALGORITHM_NAMES)
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_config_parses_in_the_trainer(path):
-    job = load_example(path)
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_config_parses_in_the_trainer(name):
+    job = load_example(name)
     assert_config_matches_spec(job, rendered_config(job))
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
-def test_example_pods_env_fits_the_rendered_config(path):
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_pods_env_fits_the_rendered_config(name):
     """Every pod's env names a process the config has (the trainer's own startup check)."""
-    job = load_example(path)
+    job = load_example(name)
     cfg = rendered_config(job)
     for pod in builders.build_gang(job, 3, SETTINGS):
         env = read_process_env(pod_env(pod))
@@ -138,8 +142,8 @@ def test_spec_variant_renders_a_config_and_env_the_trainer_accepts(name):
 
 
 def test_config_round_trips_through_its_json():
-    for path in EXAMPLES:
-        cfg = rendered_config(load_example(path))
+    for name in EXAMPLES:
+        cfg = rendered_config(load_example(name))
         assert parse_config(json.loads(dump_config(cfg))) == cfg
 
 

@@ -179,6 +179,7 @@ def test_printer_columns():
         ("Step", ".status.progress.step", "integer"),
         ("Reward", ".status.progress.rewardMean", "number"),
         ("Restarts", ".status.restarts", "integer"),
+        ("Waiting-For", ".status.waitingFor", "string"),
         ("Age", ".metadata.creationTimestamp", "date"),
     ]
 
@@ -253,6 +254,9 @@ def test_enums_match_the_api_constants(node, constant):
 def test_patterns_match_parse_spec():
     volume = SPEC["properties"]["checkpoint"]["properties"]["volume"]
     assert volume["properties"]["size"]["pattern"] == api.QUANTITY_PATTERN
+    for key in ("model", "rewardModel"):
+        from_job = SPEC["properties"][key]["properties"]["fromJob"]
+        assert (from_job["pattern"], from_job["maxLength"]) == (api.DNS_1035_LABEL, api.MAX_JOB_NAME_LENGTH)
     [callable_rule] = [r for r in SPEC["properties"]["reward"]["x-kubernetes-validations"] if "callable" in r["rule"]]
     assert f"matches('{config.CALLABLE_PATTERN}')" in callable_rule["rule"]
 
@@ -273,7 +277,7 @@ def test_defaulting_an_empty_spec_fills_every_section():
     spec = obj["spec"]
     assert spec["hyperparameters"]["maxSteps"] == Hyperparameters().max_steps
     assert spec["checkpoint"]["volume"] == {"retain": True}  # no size: existingClaim XOR size
-    assert spec["reward"] == {"type": "model"}
+    assert spec["reward"] == {"type": "model", "normalizeSteps": True, "valueInit": False}
     assert spec["roles"][0]["deepspeed"] == {"bf16": False, "offloadOptimizer": False, "gradientCheckpointing": False}
     assert "gangScheduler" not in spec["scheduling"]  # unset = the operator's default
 
@@ -350,11 +354,29 @@ def _changed(base: str, **sets: Any) -> tuple[dict[str, Any], dict[str, Any]]:
                  id="algorithm"),
     pytest.param("ppo-tiny", {"roles[2].colocateWith": "actor"}, True, id="colocate-added"),
     pytest.param("sft-tiny", {"roles": [{"name": "actor", "replicas": 2}]}, False, id="roles-rewritten-same-layout"),
+    # issue 18, part 3: each field is either immutable (with how to change it) or rolled out / applied
+    pytest.param("ppo-tiny", {"model.path": "tiny://qwen2"}, "model", id="model"),
+    pytest.param("grpo-tiny", {"reward.rule": "regex", "reward.pattern": "7"}, "reward", id="reward"),
+    pytest.param("sft-tiny", {"dataset.path": "synthetic://arithmetic"}, "dataset", id="dataset"),
+    pytest.param("sft-tiny", {"checkpoint.volume.size": "2Gi"}, "checkpoint.volume", id="checkpoint-volume"),
+    pytest.param("sft-tiny", {"scheduling.gangScheduler": "volcano"}, "scheduling.gangScheduler",
+                 id="gang-scheduler"),
+    pytest.param("sft-tiny", {"hyperparameters.learningRate": 0.5, "image": "trainer:2"}, False,
+                 id="rolled-out-learning-rate-and-image"),
+    pytest.param("sft-tiny", {"checkpoint.intervalSteps": 3, "scheduling.queue": "q",
+                              "terminationGracePeriodSeconds": 120}, False, id="rolled-out-interval-queue-grace"),
+    pytest.param("sft-tiny", {"failurePolicy.maxRestarts": 9, "scheduling.gangTimeoutSeconds": 60}, False,
+                 id="applied-in-place-failure-policy"),
 ])
 def test_updates_agree_with_immutable_changes(base, sets, immutable):
     old, new = _changed(base, **sets)
     crd = [e for e in api_server_errors(new, old=old) if "immutable" in e[1]]
-    assert bool(crd) == immutable == bool(immutable_changes(old["spec"], new["spec"]))
+    changes = immutable_changes(old["spec"], new["spec"])
+    assert bool(crd) == bool(immutable) == bool(changes), (crd, changes)
+    if isinstance(immutable, str):  # both name the field, and say how to change it anyway
+        assert [p for p, _ in changes] == [immutable]
+        assert any(p == immutable or m.startswith(immutable) for p, m in crd), crd
+        assert "create a new job" in changes[0][1]
     assert api_server_errors(new) == []  # valid as a new object: only the update is refused
 
 

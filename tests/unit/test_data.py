@@ -141,3 +141,24 @@ def test_response_mask_stops_at_any_of_several_stop_ids():
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])
     assert data.position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 3]]
+
+
+def test_text_datasets_for_the_pretraining_term(tmp_path):
+    from rlhf_trainer.data import encode_texts, load_texts
+    from rlhf_trainer.models import tiny_tokenizer
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text('{"text": "hello"}\n\n{"text": "3+4=7"}\n')
+    assert load_texts(str(path)) == ["hello", "3+4=7"]
+    first = data.synthetic_arithmetic(size=2)[0]
+    assert load_texts("synthetic://arithmetic?size=2")[0] == first.prompt + first.answer
+    path.write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match="texts.jsonl:1: field 'text' must be a string"):
+        load_texts(str(path))
+    tok = tiny_tokenizer()
+    enc = encode_texts(tok, ["hello", "3+4=7"], max_length=4)
+    lengths = [min(len(tok(t)["input_ids"]) + 1, 4) for t in ("hello", "3+4=7")]
+    assert enc["input_ids"].shape == (2, 4) and enc["attention_mask"].sum(-1).tolist() == lengths
+    assert lengths[1] == 4  # "<s> 3 + 4 = 7 </s>" cut to its first 4 tokens
+    short = encode_texts(tok, ["7"], max_length=10)
+    assert short["input_ids"][0].tolist() == tok("7")["input_ids"] + [tok.eos_token_id]

@@ -298,3 +298,104 @@ def test_an_unknown_action_type_is_refused():
 
     with pytest.raises(TypeError, match="unknown planner action"):
         controller()._stage(object(), _Writes(), JobRecord(), "ns", 0.0)
+
+
+def test_marking_pods_not_retriable_is_one_merge_patch_per_pod():
+    from rlhf_operator import planner
+    from rlhf_operator.kube.reconciler import JobRecord, _Writes
+
+    class AnnotatingApi:
+        def annotate(self, api_version, kind, namespace, name, annotations):
+            return ("annotate", kind, namespace, name, annotations)
+
+    c = controller()
+    c.api = AnnotatingApi()
+    staged = _Writes()
+    action = planner.AnnotatePods(("job-actor-0", "job-critic-0"), (("kueue.x-k8s.io/retriable-in-group", "false"),))
+    c._stage(action, staged, JobRecord(), "ns", 0.0)
+    assert staged.writes == [("annotate", "Pod", "ns", n, {"kueue.x-k8s.io/retriable-in-group": "false"})
+                             for n in ("job-actor-0", "job-critic-0")]
+
+
+# -- status writes are checked: only a 404 naming the job means it is gone ------------------------------
+
+MISSING_SUBRESOURCE = '{"kind":"Status","status":"Failure","message":"the server could not find the requested ' \
+                      'resource","reason":"NotFound","details":{},"code":404}'
+JOB_GONE = '{"kind":"Status","status":"Failure","message":"rlhfjobs.rlhf.dev \\"j\\" not found","reason":"NotFound",' \
+           '"details":{"name":"j","group":"rlhf.dev","kind":"rlhfjobs"},"code":404}'
+
+
+@pytest.mark.parametrize(("body", "gone"), [
+    (JOB_GONE, True),
+    (MISSING_SUBRESOURCE, False),
+    ("404 page not found", False),
+    (JOB_GONE.replace('"name":"j"', '"name":"other"'), False),
+], ids=["the-job-is-gone", "no-status-subresource", "plain-text", "another-object"])
+def test_object_gone_only_when_the_404_names_the_job(body, gone):
+    from rlhf_operator.kube.executor import object_gone
+
+    assert object_gone(body, "j") is gone
+
+
+class FlakyStatusApi(RefusingApi):
+    """Accepts every child; the first status write fails as on a CRD without the status subresource."""
+
+    def __init__(self):
+        super().__init__()
+        self.deleted = []
+
+    async def create(self, obj):
+        self.created.append((obj["kind"], obj["metadata"]["name"]))
+        return True
+
+    async def delete(self, api_version, kind, namespace, name):
+        self.deleted.append(name)
+        return True
+
+    async def patch_job_status(self, namespace, name, patch):
+        from rlhf_operator.kube.executor import ApiError
+
+        self.status_patches.append(patch)
+        if len(self.status_patches) == 1:
+            raise ApiError("PATCH", f"/apis/rlhf.dev/v1alpha1/namespaces/{namespace}/rlhfjobs/{name}/status", 404,
+                           MISSING_SUBRESOURCE)
+        return True
+
+
+async def test_a_failed_status_write_is_retried_from_the_status_it_decided_never_read_as_deleted():
+    from rlhf_contract import wire
+    from rlhf_operator.builders import BuildSettings
+    from rlhf_operator.kube.executor import ApiError
+    from rlhf_operator.kube.reconciler import Controller
+    from rlhf_operator.metrics import OperatorMetrics
+
+    api = FlakyStatusApi()
+    key = ("ns", "j")
+    running = {"phase": "Running", "restarts": 0, "attempt": 0, "conditions": [
+        {"type": "Created", "status": "True", "reason": "GangCreated", "message": "",
+         "lastTransitionTime": "2026-01-01T00:00:00Z"}], "startTime": "2026-01-01T00:00:00Z"}
+    crashed = {"metadata": {"name": "j-actor-0", "namespace": "ns", "labels": {
+        wire.LABEL_JOB: "j", wire.LABEL_ROLE: "actor", wire.LABEL_ROLE_INDEX: "0", wire.LABEL_RESTART_ATTEMPT: "0"}},
+        "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+            "exitCode": 1, "finishedAt": "2026-01-01T00:05:00Z"}}}]}}
+    c = Controller(api=api, settings=BuildSettings(), metrics=OperatorMetrics(), pods={key: [crashed]},
+                   children={key: [{"kind": k, "metadata": {"name": n}} for k, n in
+                                   (("Service", "j"), ("ConfigMap", "j-config"),
+                                    ("PersistentVolumeClaim", "j-checkpoints"))]})
+    c.record(key).body = {"apiVersion": constants.API_VERSION, "kind": constants.KIND,
+                          "metadata": {"name": "j", "namespace": "ns", "uid": "u", "generation": 1,
+                                       "resourceVersion": "5"},
+                          "spec": {"algorithm": "sft", "image": "t", "model": {"path": "tiny://llama"},
+                                   "dataset": {"path": "synthetic://instructions"}, "roles": [{"name": "actor"}]},
+                          "status": running}
+    with pytest.raises(ApiError):
+        await c.reconcile(key)  # the restart is decided and the pod deleted; the status write fails
+    assert api.deleted == ["j-actor-0"] and api.status_patches[0]["restarts"] == 1
+    assert [r for _, r, _ in api.events] == ["PodFailed", "GangRestart", "StatusWriteFailed"]
+
+    # The next pass sees the same stored status (Running, restarts 0) and the crashed pod, still there:
+    # it plans from the status it decided, so the restart is not counted twice, and writes it again.
+    await c.reconcile(key)
+    assert api.status_patches[1]["restarts"] == 1
+    assert c.record(key).written[1]["restarts"] == 1 and c.record(key).unsaved is None
+    assert [r for _, r, _ in api.events].count("GangRestart") == 1

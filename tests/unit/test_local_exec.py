@@ -18,6 +18,7 @@ POD = {
             {"name": "RLHF_ROLE", "value": "actor"},
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "RLHF_COLOCATED_ROLES"},  # value "" as a real API server stores it: no value key
         ],
     }]},
 }
@@ -44,6 +45,7 @@ def test_translate_pod_rewrites_mounts_addresses_and_downward_api(tmp_path):
     assert spec.env["RLHF_METRICS_PORT"] == "0"
     assert spec.env["POD_IP"] == "127.0.0.1" and spec.env["ME"] == "j-actor-0"
     assert spec.env["RLHF_ROLE"] == "actor" and spec.env["PATH"] == "/bin"
+    assert spec.env["RLHF_COLOCATED_ROLES"] == ""
     assert spec.env["RLHF_TERMINATION_LOG"] == str(tmp_path / "pod" / "termination-log")
 
 

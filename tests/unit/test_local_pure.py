@@ -64,7 +64,7 @@ def test_bars_are_tqdm_bars_per_series_with_a_status_line():
 
 
 @pytest.mark.parametrize(("text", "match"), [
-    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "exactly one RLHFJob"),
+    ("apiVersion: rlhf.dev/v1alpha1\nkind: Pod\n", "at least one RLHFJob"),
     ("apiVersion: v1\nkind: RLHFJob\n", "apiVersion must be rlhf.dev/v1alpha1"),
     ("a: [", "not YAML"),
 ])
@@ -72,7 +72,7 @@ def test_load_manifest_errors(tmp_path, text, match):
     path = tmp_path / "job.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match=match):
-        local.load_manifest(path)
+        local.load_manifests(path)
 
 
 def test_every_built_pod_volume_maps_to_a_local_folder(tmp_path):

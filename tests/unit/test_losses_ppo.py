@@ -23,7 +23,9 @@ def test_masked_mean_var_whiten_match_the_selected_entries():
     x = rand(3, 6)
     picked = x[MASK.bool()]
     assert utils.masked_mean(x, MASK).item() == pytest.approx(picked.mean().item())
-    assert utils.masked_var(x, MASK).item() == pytest.approx(picked.var().item())
+    mean, var = utils.global_masked_moments(x, MASK)
+    assert (mean.item(), var.item()) == pytest.approx((picked.mean().item(), picked.var().item()))
+    assert utils.global_mean(x) == pytest.approx(x.mean().item())
     assert utils.masked_mean(x, MASK, dim=1).tolist() == pytest.approx(
         [x[i][MASK[i].bool()].mean().item() for i in range(3)])
     white = utils.masked_whiten(x, MASK)
@@ -87,6 +89,20 @@ def test_adaptive_controller_follows_ziegler_update():
     restored = kl.build_kl_controller(0.2, kl_target=6.0, kl_horizon=10000)
     restored.load_state_dict(ctl.state_dict())
     assert restored.value == ctl.value
+
+
+def test_an_edited_kl_coef_wins_over_the_saved_coefficient():
+    ctl = kl.build_kl_controller(0.2, kl_target=6.0, kl_horizon=10000)
+    ctl.update(current_kl=9.0, n_steps=256)
+    kept = kl.build_kl_controller(0.2, kl_target=6.0, kl_horizon=10000)
+    kept.load_state_dict(ctl.state_dict())
+    assert kept.value == ctl.value != 0.2  # same klCoef: the adapted coefficient carries over
+    edited = kl.build_kl_controller(0.1, kl_target=6.0, kl_horizon=10000)
+    edited.load_state_dict(ctl.state_dict())
+    assert edited.value == 0.1  # klCoef edited since the save: the edit applies
+    old_format = kl.build_kl_controller(0.1, kl_target=6.0, kl_horizon=10000)
+    old_format.load_state_dict({"value": 0.3})  # a checkpoint from before: taken as saved
+    assert old_format.value == 0.3
 
 
 def test_fixed_controller_never_moves():

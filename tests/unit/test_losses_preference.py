@@ -117,6 +117,23 @@ def test_sequence_logprobs_sum_or_average_over_the_mask():
     assert dpo.sequence_logprobs(logp, mask, average=True).tolist() == [-2.5, -4.0]
 
 
+def test_ipo_uses_token_averaged_log_probs_so_unequal_lengths_share_the_target():
+    # Pair: chosen 2 response tokens, rejected 4 (rows start with 1 prompt token; mask (R, T)).
+    loss_mask = torch.tensor([[0, 1, 1, 0, 0], [0, 1, 1, 1, 1]])
+    policy = torch.full((2, 4), -1.0, dtype=torch.float64)  # log-probs of tokens 1..4
+    reference = torch.full((2, 4), -1.5, dtype=torch.float64)
+    ipo = [dpo.preference_logprobs(x, loss_mask, "ipo") for x in (policy, reference)]
+    assert ipo[0].tolist() == [-1.0, -1.0] and ipo[1].tolist() == [-1.5, -1.5]
+    # Averages: h = (-1 - -1) - (-1.5 - -1.5) = 0, IPO loss (0 - 1/(2*0.5))^2 = 1.
+    out = dpo.dpo_loss(ipo[0][:1], ipo[0][1:], ipo[1][:1], ipo[1][1:], beta=0.5, loss_type="ipo")
+    assert out.loss.item() == pytest.approx(1.0)
+    # Sums (what the loop fed before): h = (-2 - -4) - (-3 - -6) = -1, loss (-1 - 1)^2 = 4.
+    summed = [dpo.preference_logprobs(x, loss_mask, "sigmoid") for x in (policy, reference)]
+    assert summed[0].tolist() == [-2.0, -4.0]
+    out = dpo.dpo_loss(summed[0][:1], summed[0][1:], summed[1][:1], summed[1][1:], beta=0.5, loss_type="ipo")
+    assert out.loss.item() == pytest.approx(4.0)
+
+
 # ---- reward model -------------------------------------------------------------------------------------
 
 

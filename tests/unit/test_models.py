@@ -132,7 +132,39 @@ def test_save_with_an_explicit_state_dict(tmp_path, tok):
     assert float(loaded.model.embed_tokens.weight.detach().abs().sum()) == 0.0
 
 
+def test_tied_weights_in_an_explicit_state_dict_are_saved_once(tmp_path, tok):
+    from safetensors import safe_open
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    clones = {k: v.clone() for k, v in model.state_dict().items()}  # as a consolidated ZeRO-3 state dict
+    assert "lm_head.weight" in clones
+    models.save_pretrained(model, tok, tmp_path, state_dict=clones)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    loaded = models.load_policy(str(tmp_path), seed=0)
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
 @pytest.mark.parametrize("path", ["tiny://gpt5", "meta-llama/Llama-3-8B", "/nonexistent/model"])
 def test_unknown_or_remote_paths_are_config_errors(path):
     with pytest.raises(ConfigError, match="model path"):
         models.load_policy(path, seed=0)
+
+
+def test_a_critic_from_a_reward_model_starts_with_its_scores(tmp_path, tok):
+    rm = models.load_reward_model("tiny://llama", seed=4).eval()
+    folder = models.save_pretrained(rm, tok, tmp_path / "rm")
+    assert models.is_sequence_classifier(str(folder)) and not models.is_sequence_classifier("tiny://llama")
+    critic = models.load_value_model(str(folder), seed=0, init="reward").eval()
+    assert torch.equal(critic.value_head.weight, rm.score.weight)
+    enc = encode_prompts(tok, ["1+1=2", "3+4=7 and more"], max_length=16)
+    with torch.no_grad():
+        values = critic(enc["input_ids"], enc["attention_mask"])
+        scores = rm(**enc).logits[:, 0]
+    # left-padded rows end at the last column: the value there is the reward model's score
+    torch.testing.assert_close(values[:, -1], scores, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown critic init"):
+        models.load_value_model("tiny://llama", seed=0, init="random")

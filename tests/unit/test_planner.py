@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
-from rlhf_operator import planner
+from rlhf_operator import builders, planner
 from rlhf_operator.api import PHASES, parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import MAX_BACKOFF_SECONDS
@@ -94,6 +94,8 @@ def status(phase: str = "Pending", restarts: int = 0, created: float | None = No
 
 CREATING = status("Creating", created=0)
 RUNNING = status("Running", created=0, running_since=10)
+# The digest of the gang make_job() builds: a status whose gang came from the unedited spec.
+BUILT = {"specHash": builders.rollout_hash(make_job(), SETTINGS), "observedGeneration": 1}
 
 
 def created_names(plan) -> list[str]:
@@ -129,6 +131,9 @@ class Case:
     cond: tuple[str, str, str] | None = None  # (type, status, reason)
     message_has: tuple[str, ...] = ()  # substrings of the `cond` condition's message
     status_has: dict = field(default_factory=dict)  # status keys and their values (None = absent)
+    annotates: list[str] = field(default_factory=list)  # pods marked retriable-in-group: "false"
+    updates: list[str] = field(default_factory=list)  # objects rewritten (UpdateObject)
+    generation: int = 1
 
 
 CASES: dict[str, Case] = {
@@ -142,9 +147,34 @@ CASES: dict[str, Case] = {
     "a lost support object is recreated while running": Case(
         status=RUNNING, pods=running(*GANG), at=50, existing=SUPPORT - {("ConfigMap", "j-config")},
         phase="Running", creates=["j-config"]),
-    "volcano job: the PodGroup is created too": Case(
-        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Creating",
-        creates=["j", *GANG], events=["GangCreated"], requeue=300),
+    # --- release what holds cluster resources (issue 18, part 8)
+    "volcano job: the PodGroup first, the gang once it exists": Case(
+        status={}, spec={"scheduling": {"gangScheduler": "volcano"}}, phase="Pending", creates=["j"]),
+    "volcano job whose PodGroup exists: the gang is created": Case(
+        status={"phase": "Pending"}, spec={"scheduling": {"gangScheduler": "volcano"}},
+        existing=SUPPORT | {("PodGroup", "j")}, phase="Creating", creates=GANG, events=["GangCreated"], requeue=300),
+    "coscheduling: a lost PodGroup is recreated before any new gang": Case(
+        status=status("Restarting", restarts=1, restarting=("PodFailed", 0)),
+        spec={"scheduling": {"gangScheduler": "coscheduling"}}, at=60, phase="Restarting", creates=["j"]),
+    "suspend deletes the PodGroup too": Case(
+        status=RUNNING, spec={"suspend": True, "scheduling": {"gangScheduler": "volcano"}}, pods=running(*GANG),
+        existing=SUPPORT | {("PodGroup", "j")}, at=100, phase="Suspended", deletes=GANG, events=["Suspended"]),
+    "resume recreates the PodGroup, then the gang": Case(
+        status=status("Suspended", startTime=ts(0)), spec={"scheduling": {"gangScheduler": "volcano"}}, at=1000,
+        phase="Pending", creates=["j"], events=["Resumed"]),
+    "a failed Kueue gang: its pods are marked not retriable before they go": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Failed", exit_code=78), pod("j-critic-0")), at=1, phase="Failed",
+        annotates=["j-actor-0", "j-critic-0"]),
+    "a failed Kueue gang whose pods are marked: the live ones are deleted": Case(
+        status={"phase": "Failed", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(dataclasses.replace(pod("j-actor-0", "Failed", exit_code=78), not_retriable=True),
+              dataclasses.replace(pod("j-critic-0"), not_retriable=True)), at=2, phase="Failed",
+        deletes=["j-critic-0"]),
+    "a succeeded Kueue gang is not marked": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0)}, spec={"scheduling": {"queue": "team-a"}},
+        pods=(pod("j-actor-0", "Succeeded", exit_code=0), pod("j-critic-0")), at=1, phase="Succeeded",
+        deletes=["j-critic-0"]),
     "gang timeout setting decides the first wake-up": Case(
         status={}, spec={"scheduling": {"gangTimeoutSeconds": 45}}, phase="Creating",
         creates=GANG, events=["GangCreated"], requeue=45),
@@ -248,6 +278,34 @@ CASES: dict[str, Case] = {
         status=CREATING, pods=(waiting("j-actor-0", "SchedulingGated", "Scheduling is blocked due to non-empty "
                                        "scheduling gates"), waiting("j-critic-0", "SchedulingGated")), at=300,
         phase="Creating", events=[], requeue=300, status_has={"gangTimeouts": None}),
+    # --- spec edits: rolled out, or applied in place (issue 18, part 3)
+    "a hyperparameter edit while running: new config, a new gang from the last checkpoint, no failure": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"hyperparameters": {"maxSteps": 40}}, pods=running(*GANG),
+        at=500, phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"], requeue=None,
+        cond=("Restarting", "True", "SpecChanged"), message_has=("generation 2", "not counted in restarts"),
+        status_has={"restarts": 0, "attempt": 1, "disruptions": None}, restarts=0),
+    "a replicas edit (a resize) is rolled out the same way": Case(
+        status={**RUNNING, **BUILT}, generation=2, pods=running(*GANG), at=500,
+        spec={"roles": [{"name": "actor", "replicas": 2}, {"name": "critic"},
+                        {"name": "reference", "colocateWith": "actor"}]},
+        phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"],
+        cond=("Restarting", "True", "SpecChanged")),
+    "an image edit changes only the pods: still a rollout": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"image": "trainer:2"}, pods=running(*GANG), at=500,
+        phase="Restarting", deletes=GANG, updates=["j-config"], events=["SpecChanged"]),
+    "an edit of a field applied in place (failurePolicy) restarts nothing": Case(
+        status={**RUNNING, **BUILT}, generation=2, spec={"failurePolicy": {"maxRestarts": 9}}, pods=running(*GANG),
+        at=500, phase="Running", status_has={"specHash": BUILT["specHash"]}),
+    "an edit while the gang is down: the config now, the gang next pass": Case(
+        status={**status("Restarting", restarts=1, restarting=("PodFailed", 0)), **BUILT}, generation=2,
+        spec={"hyperparameters": {"learningRate": 0.5}}, at=60, phase="Restarting", updates=["j-config"], requeue=1,
+        events=["SpecChanged"], status_has={"attempt": 1, "restarts": 1}),
+    "after a rollout the new gang comes at once (no backoff)": Case(
+        status=status("Restarting", restarts=2, restarting=("SpecChanged", 0), attempt=3), at=0.5,
+        phase="Creating", creates=GANG, events=["GangCreated"], requeue=300, status_has={"restarts": 2}),
+    "an edit of a finished job changes nothing": Case(
+        status={"phase": "Succeeded", "completionTime": ts(0), **BUILT}, generation=2,
+        spec={"hyperparameters": {"maxSteps": 40}}, at=5, phase="Succeeded"),
     # --- pods that vanish
     "pod missing just after creation (cache lag): wait out the grace": Case(
         status=CREATING, pods=(pod("j-actor-0"),), at=5, phase="Creating",
@@ -455,7 +513,7 @@ CASES: dict[str, Case] = {
 @pytest.mark.parametrize("name", CASES)
 def test_plan(name):
     case = CASES[name]
-    job = make_job(status=case.status, **case.spec)
+    job = make_job(status=case.status, generation=case.generation, **case.spec)
     plan = planner.plan(job, Observed(case.pods, case.existing), T0 + timedelta(seconds=case.at), SETTINGS)
     if case.phase is not None:
         assert plan.status["phase"] == case.phase
@@ -472,9 +530,13 @@ def test_plan(name):
         assert (got["status"], got["reason"]) == (want_status, reason)
         for text in case.message_has:
             assert text in got["message"]
+    assert [a.obj["metadata"]["name"] for a in plan.actions if isinstance(a, planner.UpdateObject)] == case.updates
+    marked = [a for a in plan.actions if isinstance(a, planner.AnnotatePods)]
+    assert [n for a in marked for n in a.names] == case.annotates
+    assert all(a.annotations == (("kueue.x-k8s.io/retriable-in-group", "false"),) for a in marked)
     for key, value in case.status_has.items():
         assert plan.status.get(key) == value, key
-    assert plan.status["observedGeneration"] == 1
+    assert plan.status["observedGeneration"] == case.generation
     assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
     assert job.status == case.status  # the input is never mutated
 

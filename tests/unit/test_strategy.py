@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 from rlhf_contract.config import DeepSpeedConfig
-from rlhf_trainer.strategy import DeepSpeedStrategy, build_ds_config, gradient_norm
+from rlhf_trainer.strategy import (
+    DeepSpeedStrategy,
+    build_ds_config,
+    gradient_norm,
+    needs_gradient_allreduce,
+    needs_synced_generation,
+)
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 
 BASE = dict(zero_stage=2, bf16=False, offload_optimizer=False, micro_batch_size=4, grad_accum=2)
@@ -46,6 +52,38 @@ def test_zero3_gathers_weights_for_export():
     zero = build_ds_config(**{**BASE, "zero_stage": 3})["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+SYNCED_GENERATION = {
+    # name: (zero stage, world size, ranks kept in step while sampling)
+    "zero3, two ranks: every forward gathers parameters collectively": (3, 2, True),
+    "zero3, eight ranks": (3, 8, True),
+    "zero3 alone in its world: nobody to wait for": (3, 1, False),
+    "zero2 holds whole parameters on every rank": (2, 8, False),
+    "zero0": (0, 4, False),
+}
+
+
+@pytest.mark.parametrize("name", SYNCED_GENERATION)
+def test_synced_generation_cases(name):
+    stage, world, expected = SYNCED_GENERATION[name]
+    assert needs_synced_generation(stage, world) is expected
+
+
+GRADIENT_ALLREDUCE = {
+    # name: (zero stage, world size, DeepSpeed's backward all-reduce kept)
+    "stage 0 alone: nothing to average": (0, 1, False),
+    "stage 0 with data parallel ranks": (0, 2, True),
+    "stage 1 alone: its optimizer reduces into its partitions": (1, 1, True),
+    "stage 2 alone": (2, 1, True),
+    "stage 3 with ranks": (3, 4, True),
+}
+
+
+@pytest.mark.parametrize("name", GRADIENT_ALLREDUCE)
+def test_gradient_allreduce_cases(name):
+    stage, world, expected = GRADIENT_ALLREDUCE[name]
+    assert needs_gradient_allreduce(stage, world) is expected
 
 
 @pytest.mark.parametrize(
@@ -127,3 +165,27 @@ def test_gradient_norm_of_no_gradients_is_zero():
     assert gradient_norm([p]) == pytest.approx(5.0)
     p.grad = torch.tensor([float("inf"), 0.0, 0.0])
     assert gradient_norm([p]) == float("inf")
+
+
+def test_stage0_alone_steps_like_plain_torch_adamw_with_clipping(role_world, tiny_causal_lm):  # noqa: F811
+    """Without DeepSpeed's all-reduce (alone at stage 0) and with the fused AdamW, two steps equal
+    a plain torch AdamW (non-fused) with clip_grad_norm_ on a copy of the model."""
+    import copy
+
+    reference = copy.deepcopy(tiny_causal_lm)
+    strategy = DeepSpeedStrategy(
+        tiny_causal_lm, DeepSpeedConfig(zero_stage=0), learning_rate=1e-2, micro_batch_size=2, grad_accum=1
+    )
+    assert strategy.engine.enable_backward_allreduce is False
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=False)
+    for seed in (0, 1):
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
+        strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+        strategy.step()
+        reference(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    mine = dict(strategy.module.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(mine[name], param, rtol=1e-5, atol=1e-6, msg=name)

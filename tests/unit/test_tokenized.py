@@ -1,6 +1,6 @@
 """rlhf_trainer.tokenized: lengths for offline algorithms, truncation counted, identical pairs dropped,
 the startup refusal above a share — tables, a property test over generated pairs, and the users'
-long-pairs case (tests/unit/cases/long_pairs.jsonl)."""
+long-pairs case (tests/integration/cases/long-pairs/)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from rlhf_trainer.data import load_dataset
 from rlhf_trainer.records import PairRecord, PromptRecord, SFTRecord
 from rlhf_trainer.tokenized import LengthReport, tokenize_records, truncate_row, truncation_error
 
-CASES = Path(__file__).parent / "cases"
+LONG_PAIRS = Path(__file__).parents[1] / "integration" / "cases" / "long-pairs" / "pairs.jsonl"
 EOS = 0
 
 
@@ -126,7 +126,7 @@ def test_long_pairs_train_at_their_real_length_with_the_defaults():
     from rlhf_contract.config import Hyperparameters
 
     hp = Hyperparameters()
-    records = load_dataset(str(CASES / "long_pairs.jsonl"), "pairs", kind="pairs")
+    records = load_dataset(str(LONG_PAIRS), "pairs", kind="pairs")
     renderer = Renderer(models.load_tokenizer("tiny://llama"), "auto")
     rows, report = tokenize_records(records, renderer, "pairs", max_prompt_length=hp.max_prompt_length,
                                     max_length=hp.max_length)
@@ -136,7 +136,7 @@ def test_long_pairs_train_at_their_real_length_with_the_defaults():
 
 
 def test_long_pairs_cut_to_the_old_17_response_tokens_are_dropped_and_refused():
-    records = load_dataset(str(CASES / "long_pairs.jsonl"), "pairs", kind="pairs")
+    records = load_dataset(str(LONG_PAIRS), "pairs", kind="pairs")
     renderer = Renderer(models.load_tokenizer("tiny://llama"), "auto")
     prompt = max(len(renderer.prompt_ids(r.prompt)) for r in records)
     rows, report = tokenize_records(records, renderer, "pairs", max_prompt_length=64, max_length=prompt + 17)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from rlhf_contract.algorithms import required_roles
+from rlhf_contract.algorithms import NAMES, required_roles
 from rlhf_contract.config import load_config, parse_config
 from rlhf_trainer.errors import ConfigError
 
@@ -110,7 +110,7 @@ def test_all_errors_are_reported_at_once():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"algorithm": "a2c"}, 'algorithm: "a2c" is not one of ppo, grpo, rloo, dpo, rm, sft'),
+        ({"algorithm": "a2c"}, f'algorithm: "a2c" is not one of {", ".join(NAMES)}'),
         ({"job": None}, "job: expected a string"),
         ({"dataset": {"path": "x.jsonl", "format": "csv"}}, "dataset.format"),
         ({"dataset": {"path": "x.jsonl", "template": "chatml"}},

@@ -6,6 +6,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from rlhf_trainer.memory import PeakMemory, parse_vm_hwm
 from rlhf_trainer.metrics import PREFIX, TrainerMetrics, jsonl_path_for
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "spec.md"
@@ -50,6 +51,60 @@ def test_phase_histogram_and_unknown_phase():
     with pytest.raises(ValueError, match="unknown phase"):
         with metrics.phase("nap"):
             pass
+
+
+class ScriptedPeaks:
+    """A memory probe whose peaks are given in order (one per phase)."""
+
+    def __init__(self, *peaks):
+        self.peaks, self.resets = list(peaks), 0
+
+    def reset(self):
+        self.resets += 1
+
+    def peak_bytes(self):
+        return self.peaks.pop(0)
+
+
+def test_each_phase_reports_its_peak_memory_to_the_gauge_and_the_step_log():
+    metrics = TrainerMetrics(memory=ScriptedPeaks(100, 300, 200))
+    timings = {}
+    with metrics.phase("generate", timings):
+        pass
+    with metrics.phase("train", timings):
+        pass
+    with metrics.phase("train", timings):  # a phase run twice in a step: the step log keeps the max
+        pass
+    assert metrics.memory.resets == 3  # every phase starts from a fresh peak
+    assert metrics.registry.get_sample_value(PREFIX + "phase_peak_memory_bytes", {"phase": "generate"}) == 100
+    assert metrics.registry.get_sample_value(PREFIX + "phase_peak_memory_bytes", {"phase": "train"}) == 200
+    assert timings["generate_peak_memory_bytes"] == 100 and timings["train_peak_memory_bytes"] == 300
+
+
+def test_cpu_peak_memory_sees_an_allocation_inside_the_phase():
+    probe = PeakMemory()
+    metrics = TrainerMetrics(memory=probe)
+    rss = re.search(r"^VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    before = int(rss.group(1)) * 1024
+    with metrics.phase("train"):
+        block = b"\x01" * (64 << 20)  # 64 MiB, every page written
+    del block
+    peak = metrics.registry.get_sample_value(PREFIX + "phase_peak_memory_bytes", {"phase": "train"})
+    assert probe.kind == "rss"
+    assert peak >= before + (60 << 20)
+
+
+@pytest.mark.parametrize("status, expected", [
+    ("Name:\tpython\nVmPeak:\t  900 kB\nVmHWM:\t   2048 kB\nVmRSS:\t 1024 kB\n", 2048 * 1024),
+    ("VmHWM: 1 kB", 1024),
+])
+def test_parse_vm_hwm(status, expected):
+    assert parse_vm_hwm(status) == expected
+
+
+def test_parse_vm_hwm_without_the_line_says_so():
+    with pytest.raises(ValueError, match="VmHWM"):
+        parse_vm_hwm("Name: python\n")
 
 
 def test_http_endpoint_serves_series():

@@ -1,4 +1,5 @@
-"""`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract").
+"""`python -m rlhf_trainer`: one role process of an RLHFJob (docs/spec.md "Env contract"), or, in a pod
+with RLHF_PROCESSES_PER_POD > 1, the launcher of that many (rlhf_trainer.launcher).
 
 Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError, and NonFiniteError: a NaN /
 inf reward, loss or gradient norm under hyperparameters.non_finite fail) — permanent, the message
@@ -30,11 +31,24 @@ def write_termination_message(message: str, env: dict[str, str]) -> None:
         pass
 
 
+def launches(env: dict[str, str]) -> bool:
+    """Whether this is a pod's entry point that starts several processes (rather than one of them)."""
+    return wire.ENV_LOCAL_RANK not in env and env.get(wire.ENV_PROCESSES_PER_POD, "").strip() not in ("", "1")
+
+
 def main(env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        if launches(env):
+            from rlhf_trainer import launcher
+
+            try:  # the env is checked once, before anything starts
+                processes = int(launcher.child_env(env, 0)["LOCAL_WORLD_SIZE"])
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            return launcher.run_pod([sys.executable, "-m", "rlhf_trainer"], env, processes)
         from rlhf_contract.config import load_config
 
         from rlhf_trainer.distributed import read_process_env

@@ -37,12 +37,13 @@ class Bridge:
         self.group, self.rank, self.size, self.device = group, rank, size, device
 
     @classmethod
-    def connect(cls, addr: tuple[str, int], rank: int, size: int, *, timeout_s: float = 1800) -> Bridge:
-        timeout = timedelta(seconds=timeout_s)
+    def connect(cls, addr: tuple[str, int], rank: int, size: int, *, timeout: timedelta) -> Bridge:
+        """Join the bridge as `rank` of `size`; a send / recv / barrier fails after `timeout` (NCCL's
+        own default would be 10 minutes, shorter than a serving role's wait through an actor update)."""
         store = dist.TCPStore(addr[0], addr[1], size, is_master=(rank == 0), timeout=timeout, wait_for_workers=False)
         prefixed = dist.PrefixStore("bridge", store)
         if torch.cuda.is_available():
-            group = dist.ProcessGroupNCCL(prefixed, rank, size)
+            group = dist.ProcessGroupNCCL(prefixed, rank, size, timeout)
             dev = torch.device("cuda", torch.cuda.current_device())
         else:
             group = dist.ProcessGroupGloo(prefixed, rank, size, timeout)

@@ -12,6 +12,13 @@ Layout of one step:
 
 A restarted gang resumes from the newest step that has COMPLETE and whose files all match their
 manifests; every process decides that alone from the files, so all roles pick the same step.
+
+Resizing (issue 18, part 4): a role resumed by another number of ranks (or ZeRO stage) than saved its
+step converts the saved DeepSpeed engine into DeepSpeed's universal checkpoint once (`<role>/universal/`,
+deepspeed.checkpoint.ds_to_universal, ZeRO 1-3) and loads that, which reshards weights and optimizer
+states; ranks beyond the saved world take rank 0's trainer state (data position, algorithm state) and a
+fresh RNG stream of their own. A checkpoint that still cannot be loaded is a LayoutError (exit 78) naming
+the saved and the current world size.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,10 +38,13 @@ from typing import Any
 import torch
 
 from rlhf_trainer import distributed
+from rlhf_trainer.errors import LayoutError
 
 COMPLETE = "COMPLETE"
 MANIFEST = "MANIFEST.json"
+UNIVERSAL = "universal"  # a role's engine converted to DeepSpeed's universal format (after a resize)
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_STATE_FILE = re.compile(r"^state-rank(\d+)\.pt$")
 
 
 def step_dir(root: str | Path, step: int) -> Path:
@@ -144,6 +156,32 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def saved_world_size(directory: Path) -> int:
+    """How many ranks saved a role directory: one state-rank<N>.pt each."""
+    return sum(1 for p in directory.iterdir() if _STATE_FILE.match(p.name)) if directory.is_dir() else 0
+
+
+def to_universal(engine_dir: Path, out_dir: Path) -> None:
+    """Convert a saved DeepSpeed engine (ZeRO 1-3) into the universal format at out_dir (deepspeed's own
+    ds_to_universal, in a child process: it forks workers). Written aside and renamed: all or nothing."""
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(engine_dir),
+           "--output_folder", str(tmp / "engine"), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ds_to_universal exited {done.returncode}: {(done.stderr or done.stdout)[-600:]}")
+    os.replace(tmp, out_dir)
+
+
+def fresh_rng(step: int, rank: int) -> None:
+    """A rank the saved world did not have: an RNG stream of its own, the same on every resume."""
+    seed = (step * 1_000_003 + rank) % 2**63
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
 class RoleCheckpointer:
     """Saves and loads one role's part of a step; collective over the role's world.
 
@@ -166,7 +204,8 @@ class RoleCheckpointer:
         distributed.role_barrier()
         if self.strategy is not None:
             self.strategy.save(str(tmp), {"step": step})
-        torch.save({**state, "step": step, "rng": rng_state()}, tmp / f"state-rank{rank}.pt")
+        layout = {"world_size": distributed.world_size(), "zero_stage": self._zero_stage()}
+        torch.save({**state, "step": step, "rng": rng_state(), "layout": layout}, tmp / f"state-rank{rank}.pt")
         distributed.role_barrier()
         if rank == 0:
             write_json_atomic(tmp / MANIFEST, file_manifest(tmp))
@@ -174,11 +213,49 @@ class RoleCheckpointer:
         distributed.role_barrier()
         return final
 
+    def _zero_stage(self) -> int | None:
+        return self.strategy.settings.zero_stage if self.strategy is not None else None
+
     def load(self, step: int) -> dict[str, Any]:
-        """Restore engine + RNG; returns the saved state dict (step, data position, ...)."""
+        """Restore engine + RNG; returns the saved state dict (step, data position, ...). LayoutError when the
+        step was saved by another layout and cannot be resharded to this one."""
         directory = step_dir(self.root, step) / self.role
+        rank, world = distributed.world_rank(), distributed.world_size()
+        saved = saved_world_size(directory)
+        state = torch.load(directory / f"state-rank{rank if rank < saved else 0}.pt", weights_only=False)
+        saved_stage = (state.get("layout") or {}).get("zero_stage", self._zero_stage())
         if self.strategy is not None:
-            self.strategy.load(str(directory))
-        state = torch.load(directory / f"state-rank{distributed.world_rank()}.pt", weights_only=False)
-        set_rng_state(state["rng"])
+            # Without ZeRO every rank holds the whole optimizer: any world size loads it as saved.
+            same_shards = saved == world or saved_stage == self._zero_stage() == 0
+            if same_shards and saved_stage == self._zero_stage():
+                self.strategy.load(str(directory))
+            else:
+                self._load_resharded(step, directory, saved, saved_stage)
+        if rank < saved:
+            set_rng_state(state["rng"])
+        else:
+            fresh_rng(step, rank)
         return state
+
+    def _load_resharded(self, step: int, directory: Path, saved: int, saved_stage: int | None) -> None:
+        """Another world size (or ZeRO stage) saved this step: through DeepSpeed's universal checkpoint."""
+        rank, world = distributed.world_rank(), distributed.world_size()
+        what = (f"checkpoint step-{step} of role {self.role} was saved by a data-parallel world of {saved} "
+                f"(ZeRO stage {saved_stage}) and this job runs {world} (ZeRO stage {self._zero_stage()})")
+        universal = directory / UNIVERSAL
+        problem = ""
+        if rank == 0 and not universal.is_dir():
+            try:
+                to_universal(directory / "engine", universal)
+            except (OSError, RuntimeError) as exc:
+                problem = str(exc)
+        # Every rank learns whether rank 0 converted it (no rank waits forever in a barrier).
+        if distributed.all_reduce_sum(0.0 if problem else 1.0) < world:
+            raise LayoutError(f"{what}; converting it to DeepSpeed's universal checkpoint failed"
+                              f"{': ' + problem if problem else ' on rank 0'}. Resume with {saved} replicas, "
+                              f"or start from an empty checkpoint volume")
+        try:
+            self.strategy.load_universal(str(universal))
+        except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed raises, the answer is the same
+            raise LayoutError(f"{what}; DeepSpeed could not load it as a universal checkpoint: {exc}. Resume "
+                              f"with {saved} replicas, or start from an empty checkpoint volume") from exc

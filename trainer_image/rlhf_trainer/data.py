@@ -31,6 +31,9 @@ Synthetic datasets (`synthetic://NAME[?key=value&...]`; the `format` field is ig
   and a harder second one. (Designed so; not measured here.)
 - `synthetic://instructions` (instruction): add two numbers, repeat a word, next letter of the
   alphabet; a quarter of the rows carry a one-turn history.
+- `synthetic://partial_sums` (prompts) and `synthetic://partial_sum_steps` (stepwise): multi-operand
+  sums solved one partial sum per line, for process reward models (rlhf_trainer.stepwise). They
+  are not part of the tiny tokenizer's corpus, so adding them changed no tokenisation.
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ from rlhf_contract.config import PAIR_FORMATS, SYNTHETIC_PREFIX
 
 from rlhf_trainer.chat import RAW_GENERATION_PROMPT, raw_block
 from rlhf_trainer.errors import ConfigError, DataError
-from rlhf_trainer.formats import read_records
-from rlhf_trainer.records import PairRecord, PromptRecord, Record, SFTRecord
+from rlhf_trainer.formats import read_records, read_table
+from rlhf_trainer.records import PairRecord, PromptRecord, Record, SFTRecord, StepRecord
 
 # ---- instruction template -----------------------------------------------------------------------
 
@@ -139,12 +142,15 @@ SYNTHETIC = {
 
 def synthetic_dataset(path: str) -> list[Record]:
     """`synthetic://NAME?key=value` -> its records."""
+    from rlhf_trainer.stepwise import SYNTHETIC_STEPS  # it builds this module's records
+
+    builders = {**SYNTHETIC, **SYNTHETIC_STEPS}
     parsed = urllib.parse.urlsplit(path)
     name = parsed.netloc or parsed.path
-    if name not in SYNTHETIC:
+    if name not in builders:
         raise ConfigError(f"dataset.path: unknown synthetic dataset {path!r} "
-                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in SYNTHETIC)})")
-    build, defaults = SYNTHETIC[name]
+                          f"(choose from {', '.join(SYNTHETIC_PREFIX + n for n in builders)})")
+    build, defaults = builders[name]
     params = _params(parsed.query, defaults, name)
     if params["size"] < 1 or params["max_operand"] < 1:
         raise ConfigError(f"dataset.path: {path}: size and max_operand must be at least 1")
@@ -163,7 +169,11 @@ def synthetic_corpus() -> Iterator[str]:
 
 
 def convert(records: Sequence[Record], kind: str, fmt: str) -> list[Record]:
-    """Records in the shape an algorithm consumes (`kind`: prompts | pairs | sft)."""
+    """Records in the shape an algorithm consumes (`kind`: prompts | pairs | sft | steps)."""
+    if kind == "steps":
+        if not all(isinstance(r, StepRecord) for r in records):
+            raise ConfigError(f"dataset.format: a process reward model learns from stepwise rows, got {fmt}")
+        return list(records)
     if kind == "prompts":
         return [r if isinstance(r, PromptRecord)
                 else PromptRecord(r.prompt, r.response if isinstance(r, SFTRecord) else None, r.source)
@@ -193,10 +203,36 @@ def load_dataset(path: str, fmt: str, *, kind: str, fields: dict[str, str] | Non
     `kind` (rlhf_contract.algorithms: each algorithm's `data`); `fields` maps format names to the file's columns."""
     if path.startswith(SYNTHETIC_PREFIX):
         records = synthetic_dataset(path)
-        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction"}[type(records[0])]
+        fmt = {PromptRecord: "prompts", PairRecord: "pairs", SFTRecord: "instruction",
+               StepRecord: "stepwise"}[type(records[0])]
     else:
         records, fmt = read_records(path, fmt, fields)
     return convert(records, kind, fmt)
+
+
+def load_texts(path: str) -> list[str]:
+    """Plain texts for a language-modelling term (PPO-ptx's pretraining data): rows {"text": str} of a
+    dataset file (rlhf_trainer.formats reads it), or a synthetic:// dataset rendered as prompt + response."""
+    if path.startswith(SYNTHETIC_PREFIX):
+        return [r.prompt + (getattr(r, "response", None) or getattr(r, "answer", None) or getattr(r, "chosen", ""))
+                for r in synthetic_dataset(path)]
+    rows, where = read_table(path)
+    texts = []
+    for i, row in enumerate(rows):
+        text = row.get("text") if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            raise DataError(f"{where(i)}: field 'text' must be a string, got {str(text)[:60]!r}")
+        texts.append(text)
+    if not texts:
+        raise DataError(f"{path}: the text dataset has no rows")
+    return texts
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded rows of `text + EOS`, each cut to its first max_length tokens: input_ids and
+    attention_mask (B, T)."""
+    rows = [(tokenizer(t)["input_ids"] + [tokenizer.eos_token_id])[:max_length] for t in texts]
+    return pad_right([[] for _ in rows], rows, tokenizer.pad_token_id)
 
 
 # ---- sampler -----------------------------------------------------------------------------------

@@ -8,7 +8,12 @@ ConfigError is the contract's: the config loader raises it.
 from rlhf_contract.config import ConfigError
 from rlhf_contract.wire import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR
 
-__all__ = ["EXIT_CONFIG_ERROR", "EXIT_DATA_ERROR", "ConfigError", "DataError"]
+__all__ = ["EXIT_CONFIG_ERROR", "EXIT_DATA_ERROR", "ConfigError", "DataError", "LayoutError"]
+
+
+class LayoutError(ConfigError):
+    """A checkpoint cannot be loaded under the current process layout (e.g. saved by 1 rank, resumed by 2,
+    where DeepSpeed's universal checkpoint cannot reshard it): permanent, exit 78, never a retry loop."""
 
 
 class DataError(ValueError):

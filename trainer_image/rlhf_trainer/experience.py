@@ -29,6 +29,7 @@ class Experience:
     returns: torch.Tensor | None = None  # (B, R) float: critic targets (PPO)
     rewards: torch.Tensor | None = None  # (B, R) float: per-token rewards, -beta*KL + score (PPO)
     kl: torch.Tensor | None = None  # (B, R) float: per-token KL estimate
+    step_rewards: torch.Tensor | None = None  # (B, R) float: process rewards at step ends (reward.type prm)
     info: dict[str, float] = field(default_factory=dict)  # step statistics for metrics
 
     @property

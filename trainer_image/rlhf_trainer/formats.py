@@ -18,6 +18,7 @@ of this table). A "text or messages" field is a string or a list of chat message
 | format      | columns                                                      | records         |
 |-------------|--------------------------------------------------------------|-----------------|
 | pairs       | `prompt` (or `query`), `chosen`, `rejected`: text or messages; with message lists the prompt may be left out (implicit: the turns both share) | PairRecord |
+| stepwise    | `prompt`, `completions`: [step, ...], `labels`: [bool or -1..1, ...] (TRL's PRM rows) | StepRecord |
 | ranked      | `prompt`, `outputs`: [best, ..., worst]                      | every (better, worse) PairRecord |
 | instruction | `instruction`, `input` (optional), `output`, `history` ([[q, a], ...]) | SFTRecord (a conversation) |
 | messages    | `messages`: a conversation ending with the assistant turn learned | SFTRecord |
@@ -42,11 +43,12 @@ from typing import Any
 from rlhf_contract.config import DATASET_FORMATS, DatasetFields
 
 from rlhf_trainer.errors import ConfigError, DataError
-from rlhf_trainer.records import Conversation, PairRecord, Prompt, PromptRecord, Record, SFTRecord
+from rlhf_trainer.records import Conversation, PairRecord, Prompt, PromptRecord, Record, SFTRecord, StepRecord
 
 # Detection order of `auto`: the first format whose key columns are all present wins.
 DETECTION = (
     ("pairs", ("chosen", "rejected")),
+    ("stepwise", ("completions", "labels")),
     ("ranked", ("outputs",)),
     ("instruction", ("instruction",)),
     ("messages", ("messages",)),
@@ -366,6 +368,22 @@ def _conversation(row: dict[str, Any], where: str) -> SFTRecord:
     return SFTRecord(turns[:-1], turns[-1]["content"], where)
 
 
+def _steps(row: dict[str, Any], where: str) -> StepRecord:
+    """TRL's stepwise row: prompt, completions (the steps), labels (one per step: bool or -1..1)."""
+    from rlhf_trainer.losses.prm import label_target
+
+    steps = _strings(row, "completions", where)
+    labels = row.get("labels")
+    if not isinstance(labels, list) or len(labels) != len(steps) or not steps:
+        raise DataError(f"{where}: field 'labels' must be a list with one label per completion step "
+                        f"({len(steps)} steps), got {_dump(labels)}")
+    try:
+        targets = tuple(label_target(label) for label in labels)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: field 'labels': {exc}") from None
+    return StepRecord(_prompt(row, where), tuple(steps), targets, where)
+
+
 def parse_row(row: Any, fmt: str, where: str) -> list[Record]:
     """One row (a dict of column values) in format `fmt` -> its records (ranked rows give several)."""
     if not isinstance(row, dict):
@@ -387,6 +405,8 @@ def parse_row(row: Any, fmt: str, where: str) -> list[Record]:
         prompt = _prompt(row, where)
         return [PairRecord(prompt, better, worse, where)
                 for i, better in enumerate(outputs) for worse in outputs[i + 1:]]
+    if fmt == "stepwise":
+        return [_steps(row, where)]
     if fmt == "pair_list":
         output = _strings(row, "output", where)
         if len(output) != 2:

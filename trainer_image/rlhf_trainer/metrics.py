@@ -1,7 +1,8 @@
 """Trainer metrics: Prometheus gauges on RLHF_METRICS_PORT and a per-step JSONL file.
 
 Series names are those of docs/spec.md ("Metric names"); the scrape adds job / role / rank labels,
-so the series carry none of their own (except the phase of `rlhf_trainer_phase_seconds`). The JSONL
+so the series carry none of their own (except the phase of `rlhf_trainer_phase_seconds` and
+`rlhf_trainer_phase_peak_memory_bytes`). The JSONL
 file `$RLHF_CHECKPOINT_DIR/metrics/<role>-<rank>.jsonl` gets one object per step with the same names
 minus the `rlhf_trainer_` prefix; `rlhf-operator report DIR` plots it.
 """
@@ -16,9 +17,12 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from rlhf_trainer.memory import PeakMemory
+
 PREFIX = "rlhf_trainer_"
 GAUGES = {
     "step": "Optimizer steps done",
+    "rank": "This process's rank in its role's world: pod index x processesPerPod + local rank",
     "reward_mean": "Mean score of this step's samples",
     "reward_std": "Standard deviation of this step's scores",
     "kl": "Mean per-sequence KL(policy || reference) of this step's samples (may be negative with k1)",
@@ -53,7 +57,8 @@ PHASE_BUCKETS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0)
 class TrainerMetrics:
     """The Prometheus series and the JSONL file of one trainer process."""
 
-    def __init__(self, jsonl_path: str | Path | None = None, samples_path: str | Path | None = None):
+    def __init__(self, jsonl_path: str | Path | None = None, memory: PeakMemory | None = None,
+                 samples_path: str | Path | None = None):
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(PREFIX + name, doc, registry=self.registry) for name, doc in GAUGES.items()}
         self.phase_seconds = Histogram(
@@ -75,6 +80,14 @@ class TrainerMetrics:
         self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
                                 registry=self.registry)
         self.samples_path = Path(samples_path) if samples_path else None
+        self.memory = memory or PeakMemory()
+        self.phase_peak_memory = Gauge(
+            PREFIX + "phase_peak_memory_bytes",
+            "Peak memory of this process during the last run of each phase: device memory allocated "
+            "on GPU, resident set (VmHWM) on CPU",
+            ["phase"],
+            registry=self.registry,
+        )
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         if self.jsonl_path:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,17 +107,23 @@ class TrainerMetrics:
 
     @contextmanager
     def phase(self, name: str, into: dict[str, float] | None = None):
-        """Time a block as one observation of `rlhf_trainer_phase_seconds{phase=name}`."""
+        """Time a block as one observation of `rlhf_trainer_phase_seconds{phase=name}` and set
+        `rlhf_trainer_phase_peak_memory_bytes{phase=name}` to its peak memory; `into` (the step's
+        log) gets `<name>_seconds` (summed over the step) and `<name>_peak_memory_bytes` (max)."""
         if name not in PHASES:
             raise ValueError(f"unknown phase {name!r}; expected one of {PHASES}")
+        self.memory.reset()
         start = time.perf_counter()
         try:
             yield
         finally:
             elapsed = time.perf_counter() - start
+            peak = self.memory.peak_bytes()
             self.phase_seconds.labels(phase=name).observe(elapsed)
+            self.phase_peak_memory.labels(phase=name).set(peak)
             if into is not None:
                 into[f"{name}_seconds"] = into.get(f"{name}_seconds", 0.0) + elapsed
+                into[f"{name}_peak_memory_bytes"] = max(into.get(f"{name}_peak_memory_bytes", 0), peak)
 
     def record_step(self, step: int, values: dict[str, float]) -> dict:
         """Set the gauges named in `values` and append the step's line to the JSONL file.

@@ -4,6 +4,7 @@
     policy = load_policy("tiny://llama", seed=0)        # AutoModelForCausalLM
     critic = load_value_model("tiny://llama", seed=0)   # backbone + scalar value head per token
     rm = load_reward_model("tiny://llama", seed=0)      # AutoModelForSequenceClassification, 1 label
+    prm = load_token_classifier("tiny://llama", seed=0) # AutoModelForTokenClassification, 2 labels (PRM)
     save_pretrained(policy, tok, "export/")
 
 `path` is a local HF model folder (config.json + weights + tokenizer files) or `tiny://llama` /
@@ -32,6 +33,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     GenerationConfig,
     LlamaConfig,
@@ -229,6 +231,16 @@ def load_reward_model(path: str, *, seed: int) -> PreTrainedModel:
     return model
 
 
+def load_token_classifier(path: str, *, seed: int, num_labels: int = 2) -> PreTrainedModel:
+    """A per-token classifier (a process reward model: label 1 = the step is correct), as TRL's
+    PRMTrainer trains; built from a causal LM's folder (new head) or read back from a PRM export."""
+    if path.startswith(TINY_PREFIX):
+        config = _tiny_config(path, num_labels=num_labels)
+        return _seeded(lambda: AutoModelForTokenClassification.from_config(config), seed)
+    return AutoModelForTokenClassification.from_pretrained(_local_folder(path), num_labels=num_labels,
+                                                           local_files_only=True)
+
+
 class ValueModel(nn.Module):
     """PPO critic: a causal LM's backbone and a linear head giving one value per token."""
 
@@ -249,29 +261,82 @@ class ValueModel(nn.Module):
         self.backbone.gradient_checkpointing_enable(**kwargs)
 
 
-def load_value_model(path: str, *, seed: int) -> ValueModel:
-    """The critic, initialised from the policy at `path` (its backbone) and a seeded value head."""
-    policy = load_policy(path, seed=seed)
-    hidden_size = policy.config.get_text_config().hidden_size
+CRITIC_INITS = ("policy", "reward")
+
+
+def load_value_model(path: str, *, seed: int, init: str = "policy") -> ValueModel:
+    """The PPO critic: a backbone and a value head, both from the model at `path`.
+
+    init "policy": `path` is a causal LM; its backbone and a small seeded head (OpenRLHF's std
+    1/(hidden+1): initial values near 0, not noise). init "reward": `path` is a one-label sequence
+    classifier (a reward model); its backbone and its score head, so the first values are the reward
+    model's scores (InstructGPT, Ouyang et al. 2022, sec. 3.5; OpenRLHF's default critic).
+    """
+    if init not in CRITIC_INITS:
+        raise ValueError(f"unknown critic init {init!r}")
+    source = load_policy(path, seed=seed) if init == "policy" else load_reward_model(path, seed=seed)
+    hidden_size = source.config.get_text_config().hidden_size
 
     def build() -> ValueModel:
-        model = ValueModel(policy.base_model, hidden_size)
-        # Small head init (OpenRLHF uses std 1/(hidden+1)): initial values near 0, not noise.
-        nn.init.normal_(model.value_head.weight, std=1.0 / (hidden_size + 1))
+        model = ValueModel(source.base_model, hidden_size)
         nn.init.zeros_(model.value_head.bias)
+        if init == "reward":
+            score = getattr(source, "score", None)
+            if not isinstance(score, nn.Linear) or score.weight.shape != model.value_head.weight.shape:
+                raise ConfigError(f"critic.model: {path} has no one-label score head to start the value head from")
+            model.value_head.weight.data.copy_(score.weight.data)
+            if score.bias is not None:
+                model.value_head.bias.data.copy_(score.bias.data)
+        else:
+            nn.init.normal_(model.value_head.weight, std=1.0 / (hidden_size + 1))
         return model
 
     return _seeded(build, seed + 1)
+
+
+def is_sequence_classifier(path: str) -> bool:
+    """Whether a model folder holds a sequence classifier (a reward model); tiny:// models are policies."""
+    if path.startswith(TINY_PREFIX):
+        return False
+    architectures = AutoConfig.from_pretrained(_local_folder(path), local_files_only=True).architectures or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def value_model_from_prm(prm_path: str, policy_path: str) -> ValueModel:
+    """The critic initialised from a process reward model (ValueInit): the PRM's backbone and a value
+    head from its two-label head (losses.prm.value_head_from_prm). The critic reads the policy's
+    token ids, so the two tokenizers must have the same vocabulary (ConfigError otherwise)."""
+    from rlhf_trainer.losses.prm import value_head_from_prm
+
+    if load_tokenizer(prm_path).get_vocab() != load_tokenizer(policy_path).get_vocab():
+        raise ConfigError(f"reward.value_init: the process reward model {prm_path!r} has another vocabulary than "
+                          f"model.path {policy_path!r}; the critic reads the policy's tokens")
+    prm = load_token_classifier(prm_path, seed=0)
+    model = ValueModel(prm.base_model, prm.config.get_text_config().hidden_size)
+    head = prm.score if hasattr(prm, "score") else prm.classifier  # Llama/Qwen name it score, BERT classifier
+    weight, bias = value_head_from_prm(head.weight.detach(), None if head.bias is None else head.bias.detach())
+    with torch.no_grad():
+        model.value_head.weight.copy_(weight)
+        model.value_head.bias.copy_(bias)
+    return model
 
 
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
                     *, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` (+ tokenizer) as an HF folder that load_policy / load_reward_model read back.
 
-    `state_dict` overrides the module's own tensors: under ZeRO-3 pass the consolidated weights.
+    `state_dict` overrides the module's own tensors: under ZeRO-3 pass the consolidated weights. Its
+    tied weights (a model with tie_word_embeddings: lm_head = the input embeddings) arrive as separate
+    copies; they are made one tensor again so the file holds them once, as a live model's save does
+    (SmolLM2-135M: 538 MB instead of 651 MB).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        state_dict = dict(state_dict)
+        for tied, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+            if tied in state_dict and source in state_dict and torch.equal(state_dict[tied], state_dict[source]):
+                state_dict[tied] = state_dict[source]
     model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     return directory

@@ -1,4 +1,4 @@
-"""What a dataset row becomes: prompts, preference pairs, prompt/response pairs.
+"""What a dataset row becomes: prompts, preference pairs, prompt/response pairs, stepwise responses.
 
 A prompt is either plain text or a conversation: a tuple of chat messages ({"role", "content"},
 plus any other non-empty keys a chat template may read), the last of them not an assistant turn.
@@ -37,7 +37,17 @@ class SFTRecord:
     source: str = ""
 
 
-Record = PromptRecord | PairRecord | SFTRecord
+@dataclass(frozen=True)
+class StepRecord:
+    """A response labelled step by step, for process reward models (TRL's stepwise format)."""
+
+    prompt: Prompt
+    steps: tuple[str, ...]  # the completion's steps, without separators
+    targets: tuple[float, ...]  # each step's label as a probability target in [0, 1] (losses.prm.label_target)
+    source: str = ""
+
+
+Record = PromptRecord | PairRecord | SFTRecord | StepRecord
 
 
 def prompt_text(prompt: Prompt) -> str:

@@ -7,6 +7,7 @@ Each serving role is a small object with `handle(method, tensors, meta) -> (tens
 | reference.logprobs   | input_ids, attention_mask (B, T)          | logprobs (B, T-1)         |
 |                      | + meta response_length R                  | logprobs (B, R)           |
 | reward.score         | meta prompts, responses (strings)         | scores (B,)               |
+| reward.step_scores   | meta prompts, responses, separator        | scores (B, S), counts (B,)|
 | critic.values        | input_ids, attention_mask (B, T), meta R  | values (B, R)             |
 | critic.train         | + old_values, returns, action_mask (B, R) | meta value_loss           |
 
@@ -30,25 +31,12 @@ from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.finite import NonFiniteGuard
+from rlhf_trainer.forward import chunked, chunked_token_logprobs, sequence_scores
 from rlhf_trainer.losses.ppo import value_loss
-from rlhf_trainer.losses.utils import logprobs_from_logits
 from rlhf_trainer.tokenized import truncate_row
 
 Tensors = dict[str, torch.Tensor]
 Reply = tuple[Tensors, dict[str, Any]]
-
-
-def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0):
-    """(B, T) sequences -> (B, T-1) log-probabilities of tokens 1..T-1 under `model`.
-
-    Logits are divided by the sampling temperature, so these are the probabilities the tokens were
-    actually sampled with. Positions count real tokens only (left padding), as in generation.
-    """
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-    ).logits[:, :-1].float()
-    return logprobs_from_logits(logits / temperature, input_ids[:, 1:])
 
 
 def _on_device(tensors: Tensors) -> Tensors:
@@ -57,19 +45,39 @@ def _on_device(tensors: Tensors) -> Tensors:
 
 
 class ReferenceService:
-    """Frozen copy of the initial policy: log-probs for the KL penalty / DPO reference."""
+    """The initial policy: log-probs for the KL penalty / DPO reference, `chunk_size` rows per pass.
 
-    def __init__(self, model, temperature: float):
-        self.model = model.to(distributed.device()).eval()
+    Either a frozen copy, or (adapters_off) a LoRA actor's own model run with its adapters disabled:
+    its frozen base weights are the initial policy (rlhf_trainer.lora). That model keeps training, so
+    its train/eval mode is restored after each call.
+    """
+
+    def __init__(self, model, temperature: float, *, chunk_size: int, adapters_off: bool = False):
+        self.adapters_off = adapters_off
+        self.model = model if adapters_off else model.to(distributed.device()).eval()
         self.temperature = temperature
+        self.chunk_size = chunk_size
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
         assert method == "logprobs", method
         t = _on_device(tensors)
-        logprobs = sequence_logprobs(self.model, t["input_ids"], t["attention_mask"], self.temperature)
-        if meta.get("response_length"):
-            logprobs = logprobs[:, -meta["response_length"]:]
+        def logprobs_of(model):
+            return chunked_token_logprobs(model, t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size,
+                                          temperature=self.temperature, response_length=meta.get("response_length") or 0)
+
+        if self.adapters_off:
+            from rlhf_trainer.lora import adapters_off
+
+            training = self.model.training
+            self.model.eval()
+            try:
+                with adapters_off(self.model):
+                    logprobs = logprobs_of(self.model)
+            finally:
+                self.model.train(training)
+        else:
+            logprobs = logprobs_of(self.model)
         return {"logprobs": logprobs}, {}
 
 
@@ -80,10 +88,11 @@ class RewardService:
     response ids ending with a stop token, cut to max_prompt_length / max_length
     (rlhf_trainer.tokenized.truncate_row)."""
 
-    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int, chunk_size: int):
         self.model = model.to(distributed.device()).eval()
         self.renderer = renderer
         self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
+        self.chunk_size = chunk_size  # rows per forward
 
     @torch.no_grad()
     def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
@@ -95,23 +104,60 @@ class RewardService:
                                    **self.lengths)
             prompts.append(p)
             responses.append(r)
-        enc = pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id)
-        return {"scores": sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).cpu()}, {}
+        t = _on_device(pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id))
+        scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s]),
+                         rows=t["input_ids"].shape[0], chunk_size=self.chunk_size)
+        return {"scores": scores.cpu()}, {}
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) scores of a one-label sequence classifier, which pools the last non-pad token."""
-    dev = distributed.device()
-    return model(input_ids=input_ids.to(dev), attention_mask=attention_mask.to(dev)).logits[:, 0].float()
+class ProcessRewardService:
+    """A process reward model (an `algorithm: prm` export) scoring every step of (prompt, response)
+    pairs in [-1, 1] at the step's separator. Rows are built as in PRM training (stepwise.encode_steps)
+    with its own tokenizer and chat template (`renderer`, as RewardService's). Steps are the
+    response's non-blank pieces between separators; a step whose separator falls beyond max_length
+    scores 0."""
+
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int):
+        self.model = model.to(distributed.device()).eval()
+        self.renderer = renderer
+        self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
+
+    @torch.no_grad()
+    def handle(self, method: str, tensors: Tensors, meta: dict) -> Reply:
+        assert method == "step_scores", method
+        from rlhf_trainer.losses.prm import step_scores
+        from rlhf_trainer.stepwise import encode_steps, split_steps
+
+        rows, positions = [], []
+        for prompt, response in zip(meta["prompts"], meta["responses"], strict=True):
+            prompt = prompt if isinstance(prompt, str) else tuple(prompt)  # JSON turned the tuple into a list
+            steps = [s.text for s in split_steps(response, meta["separator"])]
+            encoded = encode_steps(self.renderer.tokenizer, self.renderer.prompt_ids(prompt), steps,
+                                   meta["separator"], **self.lengths)
+            rows.append(encoded.ids)
+            positions.append(encoded.positions + [-1] * (len(steps) - len(encoded.positions)))  # -1: cut off
+        enc = pad_right([[] for _ in rows], rows, self.renderer.tokenizer.pad_token_id)
+        dev = distributed.device()
+        logits = self.model(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
+                            position_ids=position_ids_from_mask(enc["attention_mask"]).to(dev)).logits
+        per_token = step_scores(logits).cpu()
+        counts = torch.tensor([len(p) for p in positions])
+        scores = torch.zeros(len(rows), max(1, int(counts.max())))
+        for i, row_positions in enumerate(positions):
+            for k, position in enumerate(row_positions):
+                if position >= 0:
+                    scores[i, k] = per_token[i, position]
+        return {"scores": scores, "counts": counts}, {}
 
 
 class CriticService:
     """PPO critic: per-token values, and its own optimizer step on the actor's returns."""
 
-    def __init__(self, strategy, *, micro_batch_size: int, value_clip_range: float, normaliser: Callable,
-                 guard: NonFiniteGuard):
+    def __init__(self, strategy, *, micro_batch_size: int, chunk_size: int, value_clip_range: float,
+                 normaliser: Callable, guard: NonFiniteGuard):
         self.strategy = strategy
         self.micro_batch_size = micro_batch_size
+        self.chunk_size = chunk_size  # rows per no-grad values pass
         self.value_clip_range = value_clip_range
         self.normaliser = normaliser  # local token count -> the global batch's normaliser
         self.guard = guard  # non-finite value loss / gradient norm (finite.py); meta "step" names the step
@@ -128,7 +174,9 @@ class CriticService:
         if method == "values":
             self.strategy.eval()
             with torch.no_grad():
-                return {"values": self.values(t["input_ids"], t["attention_mask"], meta["response_length"])}, {}
+                ids, mask, R = t["input_ids"], t["attention_mask"], meta["response_length"]
+                values = chunked(lambda s: self.values(ids[s], mask[s], R), rows=ids.shape[0], chunk_size=self.chunk_size)
+                return {"values": values}, {}
         assert method == "train", method
         self.strategy.train()
         t["action_mask"] = t["action_mask"].float()

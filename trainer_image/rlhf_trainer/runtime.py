@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,11 +42,15 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     placements = cfg.placements()
     if env.role not in cfg.roles or cfg.roles[env.role].colocate_with:
         raise ConfigError(f"RLHF_ROLE: {env.role!r} is not a role with pods of its own in the config")
-    if not 0 <= env.rank < cfg.roles[env.role].replicas or env.replicas != cfg.roles[env.role].replicas:
+    role = cfg.roles[env.role]
+    if not 0 <= env.pod_index < role.replicas or env.pods != role.replicas:
         raise ConfigError(
-            f"RLHF_ROLE_RANK/RLHF_ROLE_REPLICAS: {env.rank}/{env.replicas} does not fit roles.{env.role}.replicas "
-            f"= {cfg.roles[env.role].replicas}"
+            f"RLHF_ROLE_RANK/RLHF_ROLE_REPLICAS: {env.pod_index}/{env.pods} does not fit roles.{env.role}.replicas "
+            f"= {role.replicas}"
         )
+    if env.processes_per_pod != role.processes_per_pod:
+        raise ConfigError(f"{wire.ENV_PROCESSES_PER_POD}: {env.processes_per_pod} but roles.{env.role}."
+                          f"processes_per_pod = {role.processes_per_pod}")
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
@@ -68,6 +73,8 @@ class Context:
     alarms: AlarmMonitor | None = None
     # Held-out records of dataset.eval_path (algorithms/evaluation.py), read with the training data.
     eval_records: list[Any] = field(default_factory=list)
+    # The actor's trained model in an actor process (set before colocated roles start).
+    actor_model: Any = None
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
 
@@ -95,7 +102,7 @@ class Context:
         return sorted(ranks[h] for h in hosts if h[0] != "actor")
 
     def rows_per_rank(self, rows_per_prompt: int = 1) -> int:
-        return self.hp.batch_size // self.cfg.roles["actor"].replicas * rows_per_prompt
+        return self.hp.batch_size // self.placements["actor"].ranks * rows_per_prompt
 
     def grad_accum(self, rows: int) -> int:
         return max(1, math.ceil(rows / self.hp.micro_batch_size))
@@ -104,13 +111,22 @@ class Context:
 def build_service(ctx: Context, role: str):
     """The service object of a serving role (and register its strategy if it trains)."""
     from rlhf_trainer import models
-    from rlhf_trainer.roles import CriticService, ReferenceService, RewardService
+    from rlhf_trainer.roles import CriticService, ProcessRewardService, ReferenceService, RewardService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
     hp, cfg = ctx.hp, ctx.cfg
+    # A frozen role has no optimizer: its `deepspeed.bf16` setting is the dtype of its weights.
+    frozen_dtype = torch.bfloat16 if cfg.roles[role].deepspeed.bf16 else torch.float32
     if role == "reference":
         temperature = hp.temperature if ALGORITHMS[cfg.algorithm].online else 1.0
-        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed), temperature)
+        from rlhf_trainer import lora
+
+        if ctx.actor_model is not None and lora.is_lora(ctx.actor_model):
+            # Colocated with a LoRA actor: its frozen base IS the initial policy; no second copy.
+            log("reference: the actor's base model with its adapters disabled")
+            return ReferenceService(ctx.actor_model, temperature, chunk_size=hp.inference_chunk_size, adapters_off=True)
+        return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed).to(frozen_dtype), temperature,
+                                chunk_size=hp.inference_chunk_size)
     if role == "reward":
         from rlhf_trainer.chat import Renderer
         from rlhf_trainer.sampling import stop_token_ids
@@ -120,12 +136,25 @@ def build_service(ctx: Context, role: str):
         # The reward model's own chat template when it has one (dataset.template is the policy's).
         renderer = Renderer(tokenizer, "auto", stop_ids=stop_token_ids(tokenizer, *models.generation_settings(path)),
                             setting="rewardModel")
-        return RewardService(models.load_reward_model(path, seed=hp.seed), renderer,
-                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
+        if cfg.reward.type == "prm":
+            return ProcessRewardService(models.load_token_classifier(path, seed=hp.seed).to(frozen_dtype), renderer,
+                                        max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
+        return RewardService(models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), renderer,
+                             max_prompt_length=hp.max_prompt_length, max_length=hp.max_length,
+                             chunk_size=hp.inference_chunk_size)
     if role == "critic":
         rows = ctx.rows_per_rank()
+        path, init = critic_source(cfg, models.is_sequence_classifier)
+        if path != cfg.model.path and not same_vocabulary(models.load_tokenizer(path), models.load_tokenizer(cfg.model.path)):
+            if cfg.critic.model != "auto":
+                raise ConfigError(f"critic.model: the tokenizer of {path} differs from the policy's; the critic reads "
+                                  f"the policy's tokens, so it must start from a model with the same vocabulary")
+            log("critic: the reward model's tokenizer differs from the policy's; starting from the policy")
+            path, init = cfg.model.path, "policy"
+        log(f"critic: starting from {path} ({init})")
         strategy = DeepSpeedStrategy(
-            models.load_value_model(cfg.model.path, seed=hp.seed),
+            models.value_model_from_prm(cfg.reward_model.path, cfg.model.path)
+            if cfg.reward.type == "prm" and cfg.reward.value_init else models.load_value_model(path, seed=hp.seed, init=init),
             cfg.roles["critic"].deepspeed,
             learning_rate=hp.learning_rate,
             micro_batch_size=hp.micro_batch_size,
@@ -136,6 +165,7 @@ def build_service(ctx: Context, role: str):
         return CriticService(
             strategy,
             micro_batch_size=hp.micro_batch_size,
+            chunk_size=hp.inference_chunk_size,
             value_clip_range=hp.value_clip_range,
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
             guard=ctx.guard,
@@ -143,20 +173,67 @@ def build_service(ctx: Context, role: str):
     raise ValueError(f"no service for role {role!r}")
 
 
-def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
-    placements = cfg.placements()
-    host, port = env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT))
-    if env.role not in env.role_addrs and env.replicas > 1:
+def critic_source(cfg: TrainerConfig, is_classifier) -> tuple[str, str]:
+    """(model path, init) the PPO critic starts from (critic.model; rlhf_trainer.models.load_value_model).
+
+    auto = the reward model when reward.type is model, else the policy; a folder is read as a reward
+    model when `is_classifier(path)` says it holds a sequence classifier, else as a policy.
+    """
+    choice = cfg.critic.model
+    if choice == "auto":
+        choice = "reward" if cfg.reward.type == "model" and cfg.reward_model is not None else "policy"
+    if choice == "policy":
+        return cfg.model.path, "policy"
+    if choice == "reward":
+        if cfg.reward_model is None:
+            raise ConfigError("critic.model: reward needs a reward model (reward.type model)")
+        return cfg.reward_model.path, "reward"
+    return choice, "reward" if is_classifier(choice) else "policy"
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether two tokenizers map every token to the same id (a critic must read the policy's ids)."""
+    return a.get_vocab() == b.get_vocab()
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How this process joins one process group: rank `rank` of `size`, rendezvous at `addr`."""
+
+    addr: tuple[str, int]
+    rank: int
+    size: int
+    timeout: timedelta  # a collective / message waiting longer fails the process (a retryable exit)
+
+
+def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPlan | None]:
+    """(this role's world, the bridge or None when every role runs in this one process). Pure.
+
+    Both groups wait hyperparameters.distributed_timeout_seconds. ConfigError when the env lacks
+    an address the layout needs.
+    """
+    timeout = timedelta(seconds=cfg.hyperparameters.distributed_timeout_seconds)
+    if env.role not in env.role_addrs and env.world_size > 1:
         raise ConfigError(f"RLHF_ROLE_ADDRS: no address for role {env.role!r}")
-    distributed.init_role_world(master_addr=host, master_port=port, rank=env.rank, world_size=env.replicas)
-    ranks = bridge_ranks(placements)
+    world = GroupPlan(env.role_addrs.get(env.role, ("127.0.0.1", wire.ROLE_PORT)), env.rank, env.world_size, timeout)
+    ranks = bridge_ranks(cfg.placements())
+    if len(ranks) == 1:
+        return world, None
+    if env.bridge_addr is None:
+        raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
+    return world, GroupPlan(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks), timeout)
+
+
+def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
+    world, bridge_plan = plan_groups(env, cfg)
+    distributed.init_role_world(master_addr=world.addr[0], master_port=world.addr[1], rank=world.rank,
+                                world_size=world.size, local_rank=env.local_rank, timeout=world.timeout)
     bridge = None
-    if len(ranks) > 1:
-        if env.bridge_addr is None:
-            raise ConfigError("RLHF_BRIDGE_ADDR: required when roles run in separate processes")
-        bridge = Bridge.connect(env.bridge_addr, ranks[(env.role, env.rank)], len(ranks))
+    if bridge_plan is not None:
+        bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
-                             samples_path_for(env.checkpoint_dir, env.role, env.rank))
+                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank))
+    metrics.gauges["rank"].set(env.rank)
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")

@@ -80,6 +80,28 @@ def gradient_norm(parameters) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def needs_synced_generation(zero_stage: int, world_size: int) -> bool:
+    """Whether sampling must keep the ranks of a world in step until all are done.
+
+    Under ZeRO-3 every forward gathers each layer's parameters with a collective of the whole
+    world, so a rank whose samples all ended must keep running forwards while another still
+    samples (transformers' `generate(synced_gpus=True)`, which DeepSpeed-Chat and OpenRLHF pass
+    under ZeRO-3); stages 0-2 hold whole parameters on every rank and need no such lockstep.
+    """
+    return zero_stage == 3 and world_size > 1
+
+
+def needs_gradient_allreduce(zero_stage: int, world_size: int) -> bool:
+    """Whether DeepSpeed's backward must run its gradient all-reduce.
+
+    Alone in its world at ZeRO stage 0 there is nothing to average, yet DeepSpeed still flattens
+    every gradient into buckets, "all-reduces" them and copies them back (a third of a 135M
+    model's optimizer step on CPU, bench/RESULTS.md); stages 1-3 reduce inside their optimizer,
+    which also moves gradients into its partitions, so they always keep it.
+    """
+    return not (zero_stage == 0 and world_size == 1)
+
+
 class DeepSpeedStrategy:
     """One trainable model in a DeepSpeed engine.
 
@@ -101,6 +123,7 @@ class DeepSpeedStrategy:
         import deepspeed
 
         self.settings = settings
+        self.learning_rate = learning_rate
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.config = build_ds_config(
             zero_stage=settings.zero_stage,
@@ -114,13 +137,23 @@ class DeepSpeedStrategy:
         if settings.gradient_checkpointing:
             set_gradient_checkpointing(model, True)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95))
+        # A LoRA model's frozen base is not saved in checkpoints (it is the model folder's).
+        self.frozen = len(params) < len(list(model.parameters()))
+        # fused: one kernel over all parameters instead of ~10 ops per tensor (CPU and CUDA).
+        optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95),
+                                      fused=all(p.is_floating_point() for p in params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
         self.last_step: StepOutcome | None = None
+        self.engine.enable_backward_allreduce = needs_gradient_allreduce(settings.zero_stage, self.world_size)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
+
+    @property
+    def synced_generation(self) -> bool:
+        """Pass as generate's synced_gpus (needs_synced_generation for this engine's world)."""
+        return needs_synced_generation(self.settings.zero_stage, self.world_size)
 
     def forward(self, *args, **kwargs):
         return self.engine(*args, **kwargs)
@@ -169,14 +202,37 @@ class DeepSpeedStrategy:
 
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
         """Collective over the role's world: every rank writes its shard under `directory/engine`."""
-        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False)
+        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state, save_latest=False,
+                                    exclude_frozen_parameters=self.frozen)
 
     def load(self, directory: str) -> dict[str, Any]:
         """Collective; returns the client state given to save(). Raises if the files do not load."""
-        path, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        path, client_state = self.engine.load_checkpoint(directory, tag="engine", load_module_strict=not self.frozen)
         if path is None:
             raise FileNotFoundError(f"{directory}/engine: no DeepSpeed checkpoint")
+        self.apply_learning_rate()
         return client_state or {}
+
+    def apply_learning_rate(self) -> None:
+        """The configured learning rate over the one a checkpoint restored with the optimizer state: an edit
+        of hyperparameters.learningRate, rolled out as a gang restart, takes effect (there is no schedule)."""
+        inner = getattr(self.optimizer, "optimizer", None)
+        for optimizer in (self.optimizer, inner):
+            for group in getattr(optimizer, "param_groups", None) or []:
+                group["lr"] = self.learning_rate
+
+    def load_universal(self, directory: str) -> None:
+        """Collective: load a DeepSpeed universal checkpoint (checkpoint.to_universal's output) saved under
+        another data-parallel world size or ZeRO stage; DeepSpeed reshards weights and optimizer states."""
+        config = self.engine._config  # DeepSpeed reads the flag from its config at load time
+        config.load_universal_checkpoint = True
+        try:
+            path, _ = self.engine.load_checkpoint(directory, load_module_strict=not self.frozen)
+        finally:
+            config.load_universal_checkpoint = False
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed universal checkpoint")
+        self.apply_learning_rate()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""

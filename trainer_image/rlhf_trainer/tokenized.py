@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from rlhf_trainer.records import PairRecord, Prompt, PromptRecord, Record, SFTRecord
+from rlhf_trainer.records import PairRecord, Prompt, PromptRecord, Record, SFTRecord, StepRecord
 
 Ids = tuple[int, ...]
 
@@ -61,7 +61,18 @@ class PairRow:
     source: str
 
 
-Row = PromptRow | ResponseRow | PairRow
+@dataclass(frozen=True)
+class StepRow:
+    """One prm row: prompt + (step + separator) ids, each labelled separator's index and its target."""
+
+    ids: Ids
+    positions: tuple[int, ...]
+    targets: tuple[float, ...]
+    truncated: bool
+    source: str
+
+
+Row = PromptRow | ResponseRow | PairRow | StepRow
 
 
 @dataclass(frozen=True)
@@ -98,11 +109,11 @@ def truncate_row(prompt: Sequence[int], response: Sequence[int], *, max_prompt_l
 
 
 def tokenize_records(records: Sequence[Record], renderer, kind: str, *, max_prompt_length: int,
-                     max_length: int) -> tuple[list[Row], LengthReport]:
-    """Every record as token rows for `kind` (prompts | pairs | sft) and what truncation did.
+                     max_length: int, step_separator: str = "\n") -> tuple[list[Row], LengthReport]:
+    """Every record as token rows for `kind` (prompts | pairs | sft | steps) and what truncation did.
 
     `renderer` is an rlhf_trainer.chat.Renderer (prompt_ids / response_ids); its DataErrors name the
-    record's source row.
+    record's source row. Steps are joined with `step_separator` (rlhf_trainer.stepwise.encode_steps).
     """
     rows: list[Row] = []
     truncated = dropped = longest_prompt = longest_row = prompts_cut = 0
@@ -117,7 +128,16 @@ def tokenize_records(records: Sequence[Record], renderer, kind: str, *, max_prom
             rows.append(PromptRow(tuple(prompt[-max_prompt_length:]), cut, record.prompt, record.answer, record.source))
             continue
         limits = {"max_prompt_length": max_prompt_length, "max_length": max_length}
-        if kind == "sft":
+        if kind == "steps":
+            from rlhf_trainer.stepwise import encode_steps
+
+            assert isinstance(record, StepRecord), record
+            encoded = encode_steps(renderer.tokenizer, prompt, record.steps, step_separator, **limits)
+            cut = encoded.truncated
+            longest_row = max(longest_row, encoded.full_length)
+            rows.append(StepRow(tuple(encoded.ids), tuple(encoded.positions), record.targets[:len(encoded.positions)],
+                                cut, record.source))
+        elif kind == "sft":
             assert isinstance(record, SFTRecord), record
             response = renderer.response_ids(record.prompt, record.response, record.source)
             p, r, cut = truncate_row(prompt, response, **limits)

@@ -47,6 +47,7 @@ class ApiError(Exception):
 
     def __init__(self, method: str, path: str, status: int, body: str):
         self.status = status
+        self.body = body
         self.api_message = status_message(body)
         super().__init__(f"{method} {path}: HTTP {status}: {body[:300]}")
 
@@ -54,6 +55,18 @@ class ApiError(Exception):
 # The API server refuses an object it finds invalid with 422 (a Status of reason Invalid): sending the
 # same object again cannot succeed.
 HTTP_UNPROCESSABLE = 422
+
+
+def object_gone(body: str, name: str) -> bool:
+    """Whether a 404 says that the object `name` itself does not exist (a metav1.Status NotFound naming
+    it), not that the path is unknown: a CRD installed without the status subresource answers a status
+    write with a 404 too, and reading that as "the job was deleted" hides every status write."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False
+    return (isinstance(parsed, dict) and parsed.get("reason") == "NotFound"
+            and (parsed.get("details") or {}).get("name") == name)
 
 
 def status_message(body: str) -> str:
@@ -204,12 +217,44 @@ class KubeApi:
         body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
         return await self.request("DELETE", path, body, ok=(404,)) != 404
 
-    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-        """Merge-patch the job's status subresource; False when the job is gone (404)."""
-        path = resource_path(constants.API_VERSION, constants.KIND, namespace, name, "status")
-        status = await self.request("PATCH", path, {"status": patch}, content_type="application/merge-patch+json",
+    async def update(self, obj: dict[str, Any]) -> bool:
+        """Merge-patch an existing object with `obj` (its whole body); False when it is gone (404)."""
+        meta = obj["metadata"]
+        path = resource_path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        status = await self.request("PATCH", path, obj, content_type="application/merge-patch+json",
                                     query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
         return status != 404
+
+    async def annotate(self, api_version: str, kind: str, namespace: str, name: str,
+                       annotations: dict[str, str]) -> bool:
+        """Merge annotations into an object's metadata; False when it is gone (404)."""
+        path = resource_path(api_version, kind, namespace, name)
+        status = await self.request("PATCH", path, {"metadata": {"annotations": annotations}},
+                                    content_type="application/merge-patch+json",
+                                    query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
+        return status != 404
+
+    async def add_owner(self, api_version: str, kind: str, namespace: str, name: str, owner: dict[str, Any]) -> bool:
+        """Add an owner reference to an object (a strategic merge patch: owner references merge by uid, so
+        adding the same owner twice changes nothing); False when the object is gone (404)."""
+        path = resource_path(api_version, kind, namespace, name)
+        status = await self.request("PATCH", path, {"metadata": {"ownerReferences": [owner]}},
+                                    content_type="application/strategic-merge-patch+json",
+                                    query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
+        return status != 404
+
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
+        """Merge-patch the job's status subresource; False when the job is gone (a 404 naming it). Any other
+        failure, a 404 of a missing status subresource included, raises ApiError (the pass is retried)."""
+        path = resource_path(constants.API_VERSION, constants.KIND, namespace, name, "status")
+        try:
+            await self.request("PATCH", path, {"status": patch}, content_type="application/merge-patch+json",
+                               query=[("fieldManager", constants.FIELD_MANAGER)])
+        except ApiError as err:
+            if err.status == 404 and object_gone(err.body, name):
+                return False
+            raise
+        return True
 
     async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """Record an Event on the job; a failure to record is logged, never fails the pass."""

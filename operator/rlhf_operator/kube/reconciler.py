@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhf_contract import wire
 
-from rlhf_operator import api, planner
+from rlhf_operator import api, chain, planner
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.kube.executor import HTTP_UNPROCESSABLE, ApiError, KubeApi, status_merge_patch
 from rlhf_operator.kube.observe import JobKey, SpecCache, child_ref, is_live, progress_url
@@ -79,6 +79,9 @@ class JobRecord:
     # CRD's CEL rules refuse it first on a real API server; this covers servers without CEL.)
     accepted_spec: dict[str, Any] | None = None
     refused_generation: int | None = None  # generation whose immutable change was already reported
+    # A status a pass decided but could not write (the write failed): the next pass plans from it, so that
+    # what its actions did (a restart) is not decided again, and writes it again.
+    unsaved: dict[str, Any] | None = None
     planned_generation: int | None = None  # generation of the last pass that planned
 
 
@@ -106,6 +109,7 @@ class Controller:
     fetch_text: Callable[[str], Awaitable[str | None]] | None = None
     queue: WorkQueue = field(default_factory=WorkQueue)
     records: dict[JobKey, JobRecord] = field(default_factory=dict)
+    chained: set[JobKey] = field(default_factory=set)  # jobs whose spec names other jobs in fromJob
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -132,7 +136,14 @@ class Controller:
         """Reconcile a job that changed; but not for a change of its status or metadata alone (our own status
         write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
         record = self.record(key)
-        record.body = obj
+        old, record.body = record.body, obj
+        sources = self._sources(record)
+        if sources:
+            self.chained.add(key)
+        else:
+            self.chained.discard(key)
+        if old is None or (old.get("status") or {}).get("phase") != (obj.get("status") or {}).get("phase"):
+            self._wake_related(key, sources)
         generation = int((obj.get("metadata") or {}).get("generation") or 1)
         if (event_type == "MODIFIED" and record.expected and is_live(obj)
                 and record.planned_generation == generation):
@@ -151,10 +162,58 @@ class Controller:
         self.enqueue(key)
 
     def forget(self, key: JobKey) -> None:
-        """The job is gone: drop its per-job metrics and everything remembered about it."""
+        """The job is gone: drop its per-job metrics and everything remembered about it, and tell the jobs
+        chained to it (a dependant that has not started now waits for it as "not found")."""
+        record = self.records.get(key)
+        self.chained.discard(key)
+        if record is not None:
+            sources = self._sources(record)
+            record.body = None
+            self._wake_related(key, sources)
         self.queue.forget(key)
         self.records.pop(key, None)
         self.metrics.forget_job(*key)
+
+    # -- jobs chained by fromJob (rlhf_operator.chain) -----------------------------------------------
+    @staticmethod
+    def _sources(record: JobRecord) -> tuple[str, ...]:
+        """The jobs a job's spec names in fromJob; () without a body or with a spec that does not parse."""
+        if record.body is None:
+            return ()
+        try:
+            return record.specs.spec_of(record.body).from_jobs()
+        except api.SpecError:
+            return ()
+
+    def _wake_related(self, key: JobKey, sources: tuple[str, ...]) -> None:
+        """A job appeared, changed phase or went: reconcile the jobs that name it (they wait for it, or fail
+        with it) and the jobs it names (a finished source's TTL waits for its unfinished dependants)."""
+        namespace, name = key
+        related = {(namespace, s) for s in sources} | {
+            other for other in self.chained
+            if other[0] == namespace and other != key and name in self._sources(self.records[other])}
+        for other in related:
+            if other in self.records and self.records[other].body is not None:
+                self.enqueue(other)
+
+    def peers_of(self, key: JobKey, job: api.Job) -> dict[str, chain.PeerJob]:
+        """What a pass over `job` needs of the other jobs of its namespace (chain.related_peers): nothing
+        unless the job names jobs in fromJob, or is a finished job whose TTL may wait for its dependants."""
+        finished_with_ttl = job.status.get("phase") in api.FINISHED_PHASES and job.spec.ttl_seconds_after_finished
+        if not job.spec.from_jobs() and not finished_with_ttl:
+            return {}
+        every = {}
+        for other, record in list(self.records.items()):
+            if other[0] != key[0] or other == key or record.body is None or not is_live(record.body):
+                continue
+            try:
+                spec = record.specs.spec_of(record.body)
+            except api.SpecError:
+                spec = None
+            meta = record.body.get("metadata") or {}
+            status = record.unsaved if record.unsaved is not None else self._status_seen(record, record.body)
+            every[other[1]] = chain.peer_of(other[1], meta.get("uid", ""), spec, status)
+        return chain.related_peers(key[1], job.spec.from_jobs(), every)
 
     async def _worker(self) -> None:
         while True:
@@ -188,7 +247,8 @@ class Controller:
             return None
         started = time.perf_counter()
         now = datetime.now(UTC)
-        old_status = self._current_status(record, raw)
+        stored = self._current_status(record, raw)
+        old_status = dict(record.unsaved) if record.unsaved is not None else stored
         accepted = await self._refuse_immutable_changes(record, raw)
         spec = self._valid_spec(record, raw) if accepted is raw else None  # a refused edit: parsed below
         raw = accepted
@@ -209,6 +269,7 @@ class Controller:
             pods=tuple(planner.observe_pod(p) for p in pods),
             existing=existing,
             progress=merge_progress(old_status.get("progress"), scraped, wire.format_time(now)),
+            peers=self.peers_of(key, job),
         )
         result = planner.plan(job, observed, now, self.settings)
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
@@ -219,11 +280,18 @@ class Controller:
             await self._report_refused_child(key, record, raw, old_status, refused, now)
             return 0.0  # the next pass deletes what the failed job still holds
         new_status = dict(result.status)
-        if new_status != old_status:
-            patch = status_merge_patch(old_status, new_status)
-            if not await self.api.patch_job_status(key[0], key[1], patch):
-                return None  # deleted meanwhile
+        if new_status != stored:
+            patch = status_merge_patch(stored, new_status)
+            try:
+                if not await self.api.patch_job_status(key[0], key[1], patch):
+                    return None  # deleted meanwhile
+            except ApiError as err:
+                record.unsaved = new_status  # logged and retried by the worker
+                if record.failures == 0:  # once per streak: `kubectl describe` says why status is stale
+                    await self.api.post_event(raw, "Warning", "StatusWriteFailed", str(err))
+                raise
             record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
+        record.unsaved = None
         self.metrics.record_status(key[0], key[1], old_status, new_status,
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
         self.metrics.reconcile.observe(time.perf_counter() - started)
@@ -244,13 +312,20 @@ class Controller:
             return None
 
     @staticmethod
-    def _current_status(record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
+    def _status_seen(record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
         """The job's status, or the one we wrote last if the index has not seen that write yet."""
         rv = (raw.get("metadata") or {}).get("resourceVersion", "")
         if record.written and record.written[0] == rv:
             return dict(record.written[1])
-        record.written = None
         return dict(raw.get("status") or {})
+
+    @classmethod
+    def _current_status(cls, record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
+        """_status_seen(), forgetting our last write once the index holds a newer version of the job."""
+        status = cls._status_seen(record, raw)
+        if record.written and record.written[0] != (raw.get("metadata") or {}).get("resourceVersion", ""):
+            record.written = None
+        return status
 
     async def _refuse_immutable_changes(self, record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
         """The job to reconcile: with the accepted spec when an edit changed an immutable field
@@ -363,6 +438,22 @@ class Controller:
           clock: float) -> None:
         record.expected.pop((action.kind, action.name), None)
         staged.writes.append(self.api.delete(action.api_version, action.kind, namespace, action.name))
+
+    @_stage.register
+    def _(self, action: planner.UpdateObject, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.writes.append(self.api.update(action.obj))
+
+    @_stage.register
+    def _(self, action: planner.AnnotatePods, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        for name in action.names:
+            staged.writes.append(self.api.annotate("v1", "Pod", namespace, name, dict(action.annotations)))
+
+    @_stage.register
+    def _(self, action: planner.AddOwner, staged: _Writes, record: JobRecord, namespace: str,
+          clock: float) -> None:
+        staged.writes.append(self.api.add_owner("v1", action.kind, namespace, action.name, dict(action.owner)))
 
     @_stage.register
     def _(self, action: planner.EmitEvent, staged: _Writes, record: JobRecord, namespace: str,

@@ -4,11 +4,15 @@ driver (data, resume, checkpoints, metrics, export) and the rollout helpers of t
 
 An algorithm is an ActorAlgorithm with `step(records, timings) -> dict of metrics`, and `state_dict()` /
 `load_state_dict()` for what it must carry over a restart (e.g. the KL controller). Its module's
-`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module.
+`run(ctx)` is `run_algorithm(ctx, TheClass)`; rlhf_contract.algorithms names the module. One that
+trains no model (strategy None, e.g. prm-label) has an `export(ctx)` that writes its own result
+instead of a model folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import alarms as alarm_signals
@@ -33,7 +38,7 @@ from rlhf_trainer.data import (
 )
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.experience import Experience
-from rlhf_trainer.losses.utils import logprobs_from_logits
+from rlhf_trainer.forward import chunked_token_logprobs, row_slices
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
@@ -43,7 +48,7 @@ from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, tr
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
-            "response_length", "preference_accuracy")
+            "response_length", "preference_accuracy", "ptx_loss", "process_reward")
 # Keys of a step's stats that are sums over the actor ranks.
 SUMMED = ("tokens", "truncated_rows")
 
@@ -56,6 +61,9 @@ class ActorAlgorithm:
     load_model: models.load_policy (a causal LM) or models.load_reward_model (rm);
     rows_per_prompt: rows a prompt becomes in a step (grpo/rloo: group_size samples);
     rows_per_sample: rows one micro-batch sample takes (2 for a pair: chosen and rejected).
+    With roles.actor.lora.rank > 0 the model trains LoRA adapters (rlhf_trainer.lora). The roles
+    colocated in this process start once the model exists: a reference can then share a LoRA
+    actor's base weights.
     """
 
     def __init__(self, ctx: Context, renderer: Renderer, *, load_model=models.load_policy, rows_per_prompt: int = 1,
@@ -63,11 +71,21 @@ class ActorAlgorithm:
         hp = self.hp = ctx.hp
         self.ctx = ctx
         self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
+        self.classifier = load_model is models.load_reward_model
+        self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
+        model = self.load_base()
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            model = lora.with_lora(model, adapters, classifier=self.classifier)
         self.strategy = DeepSpeedStrategy(
-            load_model(ctx.cfg.model.path, seed=hp.seed), ctx.cfg.roles["actor"].deepspeed,
+            model, ctx.cfg.roles["actor"].deepspeed,
             learning_rate=hp.learning_rate, micro_batch_size=rows_per_sample * hp.micro_batch_size,
             grad_accum=ctx.grad_accum(ctx.rows_per_rank(rows_per_prompt)),
         )
+        ctx.actor_model = self.strategy.module
+        start_colocated(ctx)
 
     def step(self, records: list, timings: dict[str, float]) -> dict[str, float]:
         raise NotImplementedError
@@ -85,13 +103,11 @@ def run_algorithm(ctx: Context, algorithm: type[ActorAlgorithm], *args: Any) -> 
     colocated roles, then drive()."""
     renderer = text_pipeline(ctx)
     rows = load_rows(ctx, renderer)
-    start_colocated(ctx)
     drive(ctx, algorithm(ctx, renderer, *args), rows)
 
 
 def micro_batches(size: int, micro_batch_size: int) -> Iterator[slice]:
-    for start in range(0, size, micro_batch_size):
-        yield slice(start, min(start + micro_batch_size, size))
+    yield from row_slices(size, micro_batch_size)
 
 
 def global_normaliser(local_count: float) -> float:
@@ -123,36 +139,39 @@ class Rollout:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, greedy: bool = False) -> Rollout:
+def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False,
+             greedy: bool = False) -> Rollout:
     """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
-    at the first of `stop_ids` or after hp.max_new_tokens; `greedy` takes the most likely token instead
-    (the held-out evaluation)."""
+    at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call;
+    `greedy` takes the most likely token instead (the held-out evaluation).
+
+    Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
+    longest. `synced_gpus` keeps every rank of the world stepping until all ranks are done
+    (transformers' flag; needed under ZeRO-3, where each step gathers parameters collectively and
+    a rank that stopped early would leave the others waiting forever). Every rank must then make
+    the same number of calls: the same number of prompts per rank.
+    """
     enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
-    dev = distributed.device()
+    dev, width = distributed.device(), enc["input_ids"].shape[1]
     config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
                              stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     if greedy:
         config.do_sample = False
+    pieces = []
     with only_these_settings(model):
-        out = model.generate(input_ids=enc["input_ids"].to(dev), attention_mask=enc["attention_mask"].to(dev),
-                             generation_config=config).cpu()
-    response_ids = out[:, enc["input_ids"].shape[1]:]
+        for s in row_slices(len(rows), hp.inference_chunk_size):
+            out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
+                                 generation_config=config, synced_gpus=synced_gpus)
+            pieces.append(out[:, width:].cpu())
+    longest = max(p.shape[1] for p in pieces)
+    # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
+    response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
+                              for p in pieces])
     mask, ended = response_mask(response_ids, stop_ids)
+    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(out, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
-
-
-def response_logprobs(model, sequences, attention_mask, response_length: int, temperature: float):
-    """(B, R) log-probs of the response tokens (the last R columns) and their (B, R, V) logits.
-
-    Logits are divided by the sampling temperature: the probabilities the tokens were sampled with.
-    """
-    logits = model(
-        input_ids=sequences, attention_mask=attention_mask, use_cache=False,
-        position_ids=position_ids_from_mask(attention_mask),
-    ).logits[:, -response_length - 1:-1].float() / temperature
-    return logprobs_from_logits(logits, sequences[:, -response_length:]), logits
+    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
 
 
 @torch.no_grad()
@@ -166,7 +185,8 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
     old = None
     if old_logprobs:
-        old, _ = response_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev), R, hp.temperature)
+        old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
+                                     chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
@@ -174,30 +194,62 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
         ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
         values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
         scores=score(roll.prompts, roll.responses, answers),
+        step_rewards=score.step_rewards(roll),
     )
 
 
 class Scorer:
-    """Scores responses with the rule reward in-process, or with the reward role's model."""
+    """Scores responses with the rule reward in-process, or with the reward role's model; with a
+    process reward model (reward.type prm) the role scores every step and the rule, if any, gives
+    the outcome score."""
 
-    def __init__(self, ctx: Context):
-        self.rule = None
-        self.client = None
-        if ctx.cfg.reward.type == "rule":
-            from rlhf_trainer.rewards import build_reward_fn, describe_reward
+    def __init__(self, ctx: Context, tokenizer=None):
+        from rlhf_trainer.rewards import build_reward_fn, describe_reward
 
-            self.rule = build_reward_fn(ctx.cfg.reward)
-            self.source = describe_reward(ctx.cfg.reward)
-        else:
-            self.client = ctx.client("reward")
-            self.source = f"the reward model {ctx.cfg.reward_model.path}"
+        reward = ctx.cfg.reward
+        self.type, self.tokenizer, self.hp = reward.type, tokenizer, ctx.hp
+        self.skip_pattern, self.normalize = reward.skip_pattern, reward.normalize_steps
+        self.rule = build_reward_fn(dataclasses.replace(reward, type="rule")) if reward.rule else None
+        self.client = None if reward.type == "rule" else ctx.client("reward")
+        # How messages name the scores' source (finite.py).
+        self.source = (f"the {reward.type} role's model {ctx.cfg.reward_model.path}" if reward.type != "rule"
+                       else describe_reward(reward))
+        if reward.type == "prm":
+            try:
+                re.compile(reward.skip_pattern)
+            except re.error as exc:
+                raise ConfigError(f"reward.skip_pattern: invalid regular expression: {exc}") from exc
 
     def __call__(self, prompts: list[Prompt], responses: list[str], answers: list[str | None]) -> torch.Tensor:
+        """(B,) outcome scores: the rule's, the reward model's, or 0 for a PRM without a rule."""
         # Conversations go out as lists of message dicts (TRL's conversational form; JSON over the bridge).
         prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in prompts]
+        if self.type == "model":
+            return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
         if self.rule is not None:
             return torch.tensor(self.rule(prompts, responses, answers), dtype=torch.float32)
-        return self.client.call("score", prompts=prompts, responses=responses)[0]["scores"].float()
+        return torch.zeros(len(responses))
+
+    def step_rewards(self, roll: Rollout) -> torch.Tensor | None:
+        """(B, R) process rewards of a rollout at the tokens ending its steps (losses.prm), or None
+        unless reward.type is prm."""
+        if self.type != "prm":
+            return None
+        from rlhf_trainer.losses.prm import dense_step_rewards
+        from rlhf_trainer.stepwise import split_steps, step_token_ends, step_weights, token_char_ends
+
+        separator = self.hp.step_separator
+        prompts = [p if isinstance(p, str) else [dict(m) for m in p] for p in roll.prompts]
+        out = self.client.call("step_scores", prompts=prompts, responses=roll.responses, separator=separator)[0]
+        R = roll.action_mask.shape[1]
+        scores, ends, weights = [], [], []
+        for i, response in enumerate(roll.responses):
+            steps = split_steps(response, separator)
+            ids = roll.sequences[i, -R:][roll.action_mask[i].bool()].tolist()
+            scores.append(out["scores"][i, :len(steps)].tolist())
+            ends.append(step_token_ends([s.end for s in steps], token_char_ends(self.tokenizer, ids)))
+            weights.append(step_weights(steps, self.skip_pattern))
+        return dense_step_rewards(scores, ends, weights, R, normalise=self.normalize)
 
 
 def on_actions(values: torch.Tensor | None, action_mask: torch.Tensor) -> torch.Tensor | None:
@@ -289,7 +341,7 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
     kind = ALGORITHMS[cfg.algorithm].data
     records = load_dataset(cfg.dataset.path, cfg.dataset.format, kind=kind, fields=cfg.dataset.fields.mapping())
     limits = {"max_prompt_length": hp.max_prompt_length, "max_length": hp.max_length}
-    rows, report = tokenize_records(records, renderer, kind, **limits)
+    rows, report = tokenize_records(records, renderer, kind, step_separator=hp.step_separator, **limits)
     if ctx.env.rank == 0:
         log(f"dataset {cfg.dataset.path}: {report.describe()}")
     ctx.metrics.set_dataset(report.rows, report.truncated, report.dropped)
@@ -298,7 +350,9 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
         raise ConfigError(message)
     if not rows:
         raise DataError(f"dataset {cfg.dataset.path}: no pairs left after dropping {report.dropped} identical ones")
-    if cfg.dataset.eval_path:  # held-out rows, the same format and lengths (algorithms/evaluation.py)
+    from rlhf_trainer.algorithms.evaluation import EVALUATORS
+
+    if cfg.dataset.eval_path and cfg.algorithm in EVALUATORS:  # held-out rows, same format and lengths
         records = load_dataset(cfg.dataset.eval_path, cfg.dataset.format, kind=kind,
                                fields=cfg.dataset.fields.mapping())
         ctx.eval_records, _ = tokenize_records(records, renderer, kind, **limits)
@@ -334,14 +388,28 @@ def save_step(ctx: Context, step: int, savers, actor_state: dict[str, Any]) -> N
     log(f"checkpoint step-{step} complete")
 
 
-def export(ctx: Context, strategy, tokenizer) -> Path:
-    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes)."""
+def export(ctx: Context, algorithm) -> Path:
+    """The final model as a Hugging Face folder at $RLHF_CHECKPOINT_DIR/export (rank 0 writes).
+
+    A LoRA actor exports its adapters folded into a fresh base (roles.actor.lora.export merged) or
+    peft's adapter folder (adapter), rlhf_trainer.lora.write_export."""
+    strategy, tokenizer = algorithm.strategy, algorithm.tokenizer
     state = strategy.full_state_dict()  # collective under ZeRO-3
-    final = Path(ctx.env.checkpoint_dir) / "export"
+    final = Path(ctx.env.checkpoint_dir) / wire.EXPORT_DIR
     if distributed.world_rank() == 0:
-        tmp = final.with_name(".export.tmp")
+        tmp = final.with_name(f".{wire.EXPORT_DIR}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
+        adapters = ctx.cfg.roles["actor"].lora
+        if adapters.rank:
+            from rlhf_trainer import lora
+
+            merged = lora.write_export(state, adapters, algorithm.load_base, classifier=algorithm.classifier, folder=tmp)
+            if merged is None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                models.save_pretrained(merged, tokenizer, tmp)
+        else:
+            models.save_pretrained(strategy.module, tokenizer, tmp, state_dict=state)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     distributed.role_barrier()
@@ -371,7 +439,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
         ctx.metrics.set_checkpoint_step(start)
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
-    ranks = ctx.cfg.roles["actor"].replicas
+    ranks = ctx.placements["actor"].ranks
     if start == 0 and ctx.eval_records:
         ctx.metrics.record_step(0, run_eval(ctx, algorithm))  # the initial policy, for comparison
     last_save: float | None = None  # seconds the last save took in this process
@@ -413,8 +481,11 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
-    ctx.guard.check_updated("actor", hp.max_steps - start)
-    export(ctx, algorithm.strategy, algorithm.tokenizer)
+    if algorithm.strategy is None:
+        algorithm.export(ctx)
+    else:
+        ctx.guard.check_updated("actor", hp.max_steps - start)
+        export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")
 

@@ -1,7 +1,10 @@
-"""DPO (Rafailov et al. 2023) and its variants: IPO (Azar et al. 2023), hinge (SLiC), cDPO label smoothing.
+"""Preference optimisation on fixed pairs: DPO (Rafailov et al. 2023) and its variants IPO (Azar et
+al. 2023), hinge (SLiC), cDPO label smoothing; and the reference-free SimPO (Meng et al. 2024) and
+ORPO (Hong et al. 2024), which have no reference role.
 
-One step: the reference role's log-probs of chosen and rejected responses, then per micro-batch the
-policy's log-probs and the preference loss on the difference of the two log-ratios. No sampling.
+One step: the reference role's log-probs of chosen and rejected responses (DPO only), then per
+micro-batch the policy's log-probs and the preference loss (losses.dpo / simpo / orpo) on sequence
+log-probs, summed or token-averaged as the loss defines them. No sampling.
 """
 
 from __future__ import annotations
@@ -16,54 +19,83 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
-from rlhf_trainer.losses.dpo import dpo_loss
-from rlhf_trainer.roles import sequence_logprobs
+from rlhf_trainer.forward import token_logprobs
+from rlhf_trainer.losses.dpo import DPOOutput, dpo_loss, preference_logprobs
+from rlhf_trainer.losses.orpo import odds_ratio_loss
+from rlhf_trainer.losses.simpo import simpo_loss
 from rlhf_trainer.runtime import Context
 
 
-def summed_logprobs(logprobs: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """(R, T-1) token log-probs -> (R,) log-probability of each row's response."""
-    return (logprobs * loss_mask[:, 1:].to(logprobs.dtype)).sum(-1)
+def response_columns(loss_mask: torch.Tensor) -> int:
+    """(N, T) right-padded loss mask -> R: the last R columns hold every row's response tokens.
+
+    Log-probs (and the vocabulary-wide logits behind them) are computed for those columns only,
+    not for the prompts before them; at least 1 and at most T - 1 (token 0 is never predicted).
+    """
+    first = int(loss_mask.long().argmax(-1).min())
+    return min(max(loss_mask.shape[1] - first, 1), loss_mask.shape[1] - 1)
 
 
 class DPO(ActorAlgorithm):
     def __init__(self, ctx: Context, renderer):
         super().__init__(ctx, renderer, rows_per_sample=2)  # a pair is two rows: chosen and rejected
-        self.reference = ctx.client("reference")
+        hp = self.hp
+        # The loss that defines the sequence log-probs: DPO's loss type, or the algorithm itself.
+        self.kind = hp.loss_type if ctx.cfg.algorithm == "dpo" else ctx.cfg.algorithm
+        self.reference = ctx.client("reference") if ctx.cfg.algorithm == "dpo" else None
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
         batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
         ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-        with metrics.phase("score", timings):
-            ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
-            ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
-        if not self.ctx.guard.batch_ok("experience", {"ref_logprobs": ref.view(2, n).T}, records,
-                                       source="the reference forward (chosen, rejected)"):
+        R = response_columns(loss_mask)
+        ref = None
+        if self.reference is not None:
+            with metrics.phase("score", timings):
+                ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
+                                                   response_length=R)[0]["logprobs"]
+                ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, self.kind)
+        if ref is not None and not self.ctx.guard.batch_ok(
+                "experience", {"ref_logprobs": ref.view(2, n).T}, records,
+                source="the reference forward (chosen, rejected)"):
             return {"tokens": 0.0}
         pairs_total = global_normaliser(n)
+        # ORPO's NLL term is per chosen-response token over the global batch (losses.sft's normaliser).
+        chosen_tokens = global_normaliser(float(loss_mask[:n, 1:].sum())) if self.kind == "orpo" else 1.0
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                logp = summed_logprobs(sequence_logprobs(self.strategy.forward, ids[rows], attn[rows]), loss_mask[rows])
+                logprobs = token_logprobs(self.strategy.forward, ids[rows], attn[rows], response_length=R)[0]
+                logp = preference_logprobs(logprobs, loss_mask[rows], self.kind)
                 half = len(rows) // 2
-                loss, chosen_reward, rejected_reward, accuracy = dpo_loss(
-                    logp[:half], logp[half:], ref[rows][:half], ref[rows][half:],
-                    beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing,
-                )
-                # dpo_loss averages over its pairs; rescale to a share of the whole batch's mean.
-                loss = loss * half / pairs_total
+                out = self.preference_loss(logp[:half], logp[half:], None if ref is None else ref[rows])
+                # The losses average over their pairs; rescale to a share of the whole batch's mean.
+                loss = out.loss * half / pairs_total
+                if self.kind == "orpo":
+                    chosen_mask = loss_mask[rows][:half, -R:].to(logprobs.dtype)
+                    loss = loss - (logprobs[:half] * chosen_mask).sum() / chosen_tokens
                 value = self.ctx.guard.backward_step(
-                    self.strategy, loss, anchor=logp, role="actor", source=f"dpo ({hp.loss_type}) loss",
+                    self.strategy, loss, anchor=logp, role="actor", source=f"{self.kind} loss",
                     records=[records[int(i)] for i in rows[:half]])
                 losses.append(value or 0.0)
-                correct += float(accuracy) * half
-                margins.append(float((chosen_reward - rejected_reward).mean()))
+                correct += float(out.accuracy) * half
+                margins.append(float((out.chosen_rewards - out.rejected_rewards).mean()))
         return {
             "policy_loss": sum(losses), "loss": sum(losses), "preference_accuracy": correct / n,
             "reward_mean": sum(margins) / len(margins), "tokens": float(attn.sum()),
         }
+
+    def preference_loss(self, chosen, rejected, ref) -> DPOOutput:
+        """(P,) sequence log-probs of a micro-batch's pairs (and (2P,) reference ones for DPO)."""
+        hp = self.hp
+        if self.kind == "simpo":
+            return simpo_loss(chosen, rejected, beta=hp.beta, gamma=hp.simpo_gamma, label_smoothing=hp.label_smoothing)
+        if self.kind == "orpo":
+            return odds_ratio_loss(chosen, rejected, beta=hp.beta)
+        half = len(chosen)
+        return dpo_loss(chosen, rejected, ref[:half], ref[half:], beta=hp.beta, loss_type=hp.loss_type,
+                        label_smoothing=hp.label_smoothing)
 
 
 def run(ctx: Context) -> None:

@@ -2,9 +2,10 @@
 
 | algorithm       | metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                          |
 |-----------------|-------------------------------------------------------------------------------------|
-| ppo, grpo, rloo | eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
+| ppo, grpo, rloo,| eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
+| reinforce_pp    |                                                                                     |
 |                 | rule rewards only), eval_reward_mean_sampled (at the sampling temperature)          |
-| dpo             | eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss          |
+| dpo, simpo, orpo| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss          |
 | rm              | eval_preference_accuracy (score of chosen > rejected), eval_loss (Bradley-Terry)    |
 | sft             | eval_loss (response tokens), eval_exact_match (greedy answer == reference, trimmed) |
 
@@ -23,7 +24,6 @@ import torch
 from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import encode_pairs, generate, pair_slices
 from rlhf_trainer.data import pad_right, position_ids_from_mask, shard
-from rlhf_trainer.losses.dpo import dpo_loss
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.losses.sft import sft_loss
 from rlhf_trainer.tokenized import PromptRow
@@ -57,21 +57,27 @@ def evaluate_online(algorithm, rows) -> Sums:
 
 @torch.no_grad()
 def evaluate_dpo(algorithm, rows) -> Sums:
-    from rlhf_trainer.algorithms.dpo import summed_logprobs
-    from rlhf_trainer.roles import sequence_logprobs
+    """The algorithm's own preference loss (dpo / simpo / orpo) and accuracy on held-out pairs."""
+    from rlhf_trainer.algorithms.dpo import response_columns
+    from rlhf_trainer.forward import token_logprobs
+    from rlhf_trainer.losses.dpo import preference_logprobs
 
     hp, n = algorithm.hp, len(rows)
     batch = {k: v.to(distributed.device()) for k, v in encode_pairs(rows, algorithm.tokenizer.pad_token_id).items()}
     ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-    ref_logprobs = algorithm.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn})[0]["logprobs"]
-    ref = summed_logprobs(ref_logprobs.to(ids.device), loss_mask)
+    R = response_columns(loss_mask)
+    ref = None
+    if algorithm.reference is not None:
+        ref_logprobs = algorithm.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
+                                                response_length=R)[0]["logprobs"]
+        ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, algorithm.kind)
     algorithm.strategy.eval()
     correct = loss = 0.0
     for mb in pair_slices(n, hp.micro_batch_size):
-        logp = summed_logprobs(sequence_logprobs(algorithm.strategy.forward, ids[mb], attn[mb]), loss_mask[mb])
+        logprobs = token_logprobs(algorithm.strategy.forward, ids[mb], attn[mb], response_length=R)[0]
+        logp = preference_logprobs(logprobs, loss_mask[mb], algorithm.kind)
         half = len(mb) // 2
-        out = dpo_loss(logp[:half], logp[half:], ref[mb][:half], ref[mb][half:],
-                       beta=hp.beta, loss_type=hp.loss_type, label_smoothing=hp.label_smoothing)
+        out = algorithm.preference_loss(logp[:half], logp[half:], None if ref is None else ref[mb])
         correct += float(out.accuracy) * half
         loss += float(out.loss) * half
     return {"eval_preference_accuracy": correct, "eval_loss": loss}, n
@@ -116,15 +122,16 @@ def evaluate_sft(algorithm, rows) -> Sums:
             "eval_exact_match": float(_answers_right(greedy.responses, references))}, n
 
 
+# Algorithms without an entry (prm, prm-label) ignore dataset.eval_path.
 EVALUATORS: dict[str, Callable] = {
-    "ppo": evaluate_online, "grpo": evaluate_online, "rloo": evaluate_online,
-    "dpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
+    "ppo": evaluate_online, "grpo": evaluate_online, "rloo": evaluate_online, "reinforce_pp": evaluate_online,
+    "dpo": evaluate_dpo, "simpo": evaluate_dpo, "orpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
 }
 
 
 def evaluate(ctx, algorithm, rows) -> dict[str, float]:
     """Every eval metric of `algorithm` on the tokenized held-out `rows`, averaged over rows of all actor ranks."""
-    ranks = ctx.cfg.roles["actor"].replicas
+    ranks = ctx.placements["actor"].ranks
     sums, rows = EVALUATORS[ctx.cfg.algorithm](algorithm, shard(rows, ctx.env.rank, ranks))
     total = distributed.all_reduce_sum(rows)
     return {name: distributed.all_reduce_sum(value) / max(total, 1.0) for name, value in sorted(sums.items())}

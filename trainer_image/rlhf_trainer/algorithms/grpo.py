@@ -1,10 +1,15 @@
-"""GRPO (Shao et al. 2024, DeepSeekMath) and RLOO (Ahmadian et al. 2024): critic-free policy gradients.
+"""Critic-free policy gradients: GRPO (Shao et al. 2024, DeepSeekMath), RLOO (Ahmadian et al. 2024)
+and REINFORCE++ (Hu 2025).
 
 Every prompt is sampled `group_size` times; a response's advantage compares its score with the
-others of its group:
+others of its group, or with the whole batch:
 - grpo: (score - group mean) / group std, with the KL to the reference as a k3 loss term;
-- rloo: score minus the mean of the other samples (leave-one-out), with the KL folded into the score.
-The update is the clipped policy loss over `ppo_epochs` passes (one pass = plain policy gradient).
+- rloo: score minus the mean of the other samples (leave-one-out), with the KL folded into the score;
+- reinforce_pp: per-token rewards -beta KL_t (+ the score on the last token), discounted returns
+  whitened over the global batch (losses.reinforce).
+The update is the clipped policy loss (clip-higher with clip_range_high) over `ppo_epochs` passes
+(one pass = plain policy gradient), its token losses summed as `loss_aggregation` says
+(losses.aggregation: grpo, dr_grpo or dapo, TRL's names).
 """
 
 from __future__ import annotations
@@ -18,16 +23,19 @@ from rlhf_trainer.algorithms.common import (
     collect_experience,
     generate,
     global_normaliser,
-    response_logprobs,
     rollout_ok,
     run_algorithm,
     skipped_rollout_stats,
     watch_rollout,
     write_samples,
 )
+from rlhf_trainer.forward import token_logprobs
+from rlhf_trainer.losses.aggregation import token_weights
+from rlhf_trainer.losses.gae import token_rewards
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
 from rlhf_trainer.losses.kl import kl_estimate
 from rlhf_trainer.losses.ppo import policy_loss
+from rlhf_trainer.losses.reinforce import reinforce_pp_advantages
 from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean
 from rlhf_trainer.runtime import Context
 
@@ -37,7 +45,25 @@ class GroupPolicyGradient(ActorAlgorithm):
         super().__init__(ctx, renderer, rows_per_prompt=ctx.hp.group_size)
         self.variant = variant
         self.reference = ctx.client("reference")
-        self.score = Scorer(ctx)
+        self.score = Scorer(ctx, self.tokenizer)
+
+    def advantages(self, exp, mask) -> torch.Tensor:
+        """(B, R) advantages of the rollout for this variant (exp.kl set unless GRPO reuses log-probs)."""
+        hp = self.hp
+        if self.variant == "reinforce_pp":
+            rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=hp.kl_coef, reward_clip=hp.reward_clip,
+                                    ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
+            if exp.step_rewards is not None:
+                rewards = rewards + exp.step_rewards * mask
+            advantages, exp.returns = reinforce_pp_advantages(rewards, mask, gamma=hp.gamma,
+                                                              reduce=distributed.all_reduce_tensor)
+            return advantages
+        # A process reward model's step rewards count at their tokens in REINFORCE++'s returns (above)
+        # and summed into the response's score for the group baselines.
+        scores = exp.scores if exp.step_rewards is None else exp.scores + exp.step_rewards.sum(-1)
+        if self.variant == "rloo":
+            return rloo_advantages(scores - hp.kl_coef * exp.kl.sum(-1), hp.group_size)[:, None] * mask
+        return group_advantages(scores, hp.group_size)[:, None] * mask
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, group, dev = self.hp, self.ctx.metrics, self.hp.group_size, distributed.device()
@@ -45,7 +71,8 @@ class GroupPolicyGradient(ActorAlgorithm):
         records = [r for r in records for _ in range(group)]
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids)
+            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
+                            synced_gpus=self.strategy.synced_generation)
         # 2. score. With one pass (GRPO) the weights do not change before the optimizer steps after the
         # last micro-batch, so the sampling-time log-probs are the training forward's: skip that forward.
         reuse = hp.ppo_epochs == 1 and self.variant == "grpo"
@@ -54,51 +81,53 @@ class GroupPolicyGradient(ActorAlgorithm):
                                      reference=self.reference, score=self.score, old_logprobs=not reuse).to(dev)
         if not rollout_ok(self.ctx, exp, roll, records, self.score.source):
             return skipped_rollout_stats(exp)
-        # 3. advantages, one per response, repeated over its tokens
+        # 3. advantages: one per response repeated over its tokens (grpo, rloo), or per token (reinforce_pp)
         mask = exp.action_mask.float()
         kl_total = 0.0
         if not reuse:
-            exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, "k1") * mask
+            estimator = hp.kl_estimator if self.variant == "reinforce_pp" else "k1"
+            exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, estimator) * mask
             kl_total = float(exp.kl.sum())
-        if self.variant == "rloo":
-            advantages = rloo_advantages(exp.scores - hp.kl_coef * exp.kl.sum(-1), group)
-        else:
-            advantages = group_advantages(exp.scores, group)
-        exp.advantages = advantages[:, None] * mask
+        exp.advantages = self.advantages(exp, mask)
         # 4. update
         num_tokens = global_normaliser(exp.num_tokens)
+        num_sequences = global_normaliser(len(records))
         reused_kl = []  # (rows, R) per micro-batch: the KL of the sampling-time log-probs (reuse)
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = response_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                         mb.action_mask.shape[1], hp.temperature)
+                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
                         reused_kl.append(kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask)
+                    weights = token_weights(mb.action_mask, hp.loss_aggregation, num_tokens=num_tokens,
+                                            num_sequences=num_sequences, max_length=hp.max_new_tokens)
                     loss, clip_fraction = policy_loss(
-                        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
-                        clip_range=hp.clip_range, dual_clip=hp.dual_clip, num_tokens=num_tokens,
+                        logprobs, mb.old_logprobs, mb.advantages, mb.action_mask, clip_range=hp.clip_range,
+                        clip_range_high=hp.clip_range_high or None, dual_clip=hp.dual_clip, weights=weights,
                     )
                     if self.variant == "grpo":
                         loss = loss + hp.kl_coef * k3_kl_loss(logprobs, mb.ref_logprobs, mb.action_mask,
-                                                              num_tokens=num_tokens)
+                                                              weights=weights)
                     value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
                                                          source=f"{self.variant} policy loss")
-                    entropy = masked_mean(entropy_from_logits(logits.detach()), mb.action_mask)
+                    entropy = masked_mean(entropy_from_logits(logits.detach(), hp.temperature), mb.action_mask)
                     stats.append((value or 0.0, clip_fraction.item(), entropy.item()))
         if reuse:
             exp.kl = torch.cat(reused_kl)
             kl_total = float(exp.kl.sum())
         write_samples(self.ctx, roll, exp)
         policy = sum(s[0] for s in stats)
-        return {**watch_rollout(self.ctx, exp),
+        return {
+            **watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
             "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),
             "response_length": float(mask.sum(-1).mean()), "tokens": float(exp.attention_mask.sum()),
+            **({"process_reward": float(exp.step_rewards.sum(-1).mean())} if exp.step_rewards is not None else {}),
         }
 
 

@@ -15,8 +15,8 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
+from rlhf_trainer.forward import sequence_scores
 from rlhf_trainer.losses.rm import bradley_terry_loss, preference_accuracy
-from rlhf_trainer.roles import sequence_scores
 from rlhf_trainer.runtime import Context
 
 

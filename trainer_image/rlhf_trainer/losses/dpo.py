@@ -5,8 +5,8 @@ With h = (log pi(y_w) - log pi(y_l)) - (log pi_ref(y_w) - log pi_ref(y_l)):
     cDPO     Mitchell 2023, "A note on DPO with noisy preferences": with label smoothing e,
              -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)
     ipo      Azar et al. 2023, "A General Theoretical Paradigm ...", eq. 17:  (h - 1/(2 beta))^2
-             (use sequence_logprobs(..., average=True) for IPO, as in the paper's token-averaged
-             log-likelihoods and TRL)
+             on TOKEN-AVERAGED sequence log-probs (as TRL's DPOTrainer: the target 1/(2 beta) is
+             then the same for pairs of any lengths; on sums a long pair overshoots it)
     hinge    Zhao et al. 2023, "SLiC-HF", eq. 1 with beta = 1/delta:  max(0, 1 - beta h)
 Implicit rewards beta * (log pi - log pi_ref) of chosen and rejected are returned for metrics;
 accuracy is the share of pairs whose chosen reward is higher.
@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from rlhf_trainer.losses.utils import masked_sum
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+# Losses whose sequence log-prob is the mean over the response tokens, not the sum.
+TOKEN_AVERAGED = ("ipo", "simpo", "orpo")
 
 
 class DPOOutput(NamedTuple):
@@ -35,6 +37,17 @@ def sequence_logprobs(logprobs: torch.Tensor, mask: torch.Tensor, *, average: bo
     """(B, T) token log-probs -> (B,) sum (or mean) over the response tokens in `mask`."""
     total = masked_sum(logprobs, mask, dim=-1)
     return total / mask.sum(-1).clamp(min=1) if average else total
+
+
+def preference_logprobs(token_logprobs: torch.Tensor, loss_mask: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """(N, C) log-probs of each row's last C tokens (C = T-1: tokens 1..T-1) and the (N, T) response
+    mask of the encoded rows -> (N,) sequence log-probs as `loss_type` defines them: averaged for
+    TOKEN_AVERAGED, else summed.
+
+    The reference's and the policy's log-probs of a pair must both go through here.
+    """
+    mask = loss_mask[:, -token_logprobs.shape[1]:].to(token_logprobs.dtype)
+    return sequence_logprobs(token_logprobs, mask, average=loss_type in TOKEN_AVERAGED)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -41,11 +41,15 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def k3_kl_loss(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, *,
-               num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
-    """GRPO's KL term: k3(pi, pi_ref) summed over `mask` / num_tokens (the policy loss's normaliser).
+               num_tokens: float | torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """GRPO's KL term: k3(pi, pi_ref) summed over `mask` / num_tokens (the policy loss's normaliser),
+    or summed with the policy loss's (B, T) `weights` (losses.aggregation), as TRL adds beta * KL to
+    each token's loss before aggregating.
 
     The loop adds `kl_coef * k3_kl_loss(...)` to ppo.policy_loss(...) with the row's advantage
     broadcast over its tokens.
     """
+    if weights is not None:
+        return (kl_k3(logprobs, ref_logprobs) * weights).sum()
     norm = mask.sum().clamp(min=1) if num_tokens is None else num_tokens
     return (kl_k3(logprobs, ref_logprobs) * mask).sum() / norm

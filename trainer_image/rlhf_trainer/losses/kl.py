@@ -40,15 +40,18 @@ class FixedKLController:
 
     def __init__(self, kl_coef: float):
         self.value = kl_coef
+        self.initial = kl_coef  # the configured klCoef this controller started from
 
     def update(self, current_kl: float, n_steps: int) -> None:
         pass
 
     def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
+        return {"value": self.value, "initial": self.initial}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        """The saved coefficient, unless klCoef was edited since (a rolled-out spec edit): then the new one."""
+        if float(state.get("initial", self.initial)) == self.initial:
+            self.value = float(state["value"])
 
 
 class AdaptiveKLController(FixedKLController):

@@ -4,7 +4,7 @@ Bradley & Terry 1952; as used by Ouyang et al. 2022 (InstructGPT, eq. 1) and wit
 Touvron et al. 2023 (Llama 2, eq. 2):
     L = -log sigmoid(r(x, y_w) - r(x, y_l) - m)
 The sequence score r is the head's output at the last real (non-padding) token: the Hugging Face
-sequence classifier pools it itself (rlhf_trainer.roles.sequence_scores).
+sequence classifier pools it itself (rlhf_trainer.forward.sequence_scores).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+
+from rlhf_trainer.losses.utils import logprobs_from_logits
 
 IGNORE_INDEX = -100
 
@@ -28,10 +29,15 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, *,
              num_tokens: float | torch.Tensor | None = None) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> sum of CE(logits[t], labels[t+1]) / num_tokens."""
-    shifted_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shifted_labels = labels[:, 1:].reshape(-1)
-    total = F.cross_entropy(shifted_logits, shifted_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    """(B, T, V) logits, (B, T) labels -> sum of CE(logits[t], labels[t+1]) / num_tokens.
+
+    The token log-probs are selective (losses.utils.logprobs_from_logits): no float32 copy of the
+    whole batch's logits. Positions labelled IGNORE_INDEX contribute nothing (nor any gradient).
+    """
+    shifted = labels[:, 1:]
+    learned = shifted != IGNORE_INDEX
+    logprobs = logprobs_from_logits(logits[:, :-1], shifted.masked_fill(~learned, 0))
+    total = -(logprobs * learned).sum()
     norm = count_loss_tokens(labels).clamp(min=1) if num_tokens is None else num_tokens
     return total / norm
 

@@ -42,15 +42,26 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs"]
   verbs: ["delete"]
-# application: the gang's pods, created per attempt, deleted on gang restart, suspend and finish.
+# application: the gang's pods, created per attempt, deleted on gang restart, suspend and finish;
+# patched once when a failed job's Kueue pod group gives its quota back (retriable-in-group).
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["create", "delete"]
+  verbs: ["create", "delete", "patch"]
 # application: headless Service, trainer-config ConfigMap and checkpoint PVC of each job; they go
 # with the job through owner references (a retained PVC stays), so the operator never deletes them.
 - apiGroups: [""]
   resources: ["services", "configmaps", "persistentvolumeclaims"]
   verbs: ["create"]
+# application: a spec edit rolled out rewrites the trainer-config ConfigMap.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["patch"]
+# application: a job started from another job's export (fromJob) adds itself as a further owner of
+# that job's checkpoint PVC when it goes with its job (retain: false), so the PVC outlives the source
+# job while the dependant exists (docs/spec.md, Chaining jobs).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["patch"]
 {{- if .Values.gangSchedulers.volcano.enabled }}
 # application: gang scheduling with Volcano, one PodGroup per job, deleted when
 # the job finishes (Volcano reserves its minResources).

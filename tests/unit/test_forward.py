@@ -1,0 +1,261 @@
+"""Selective token log-probs and chunked inference passes against their naive, whole-batch forms.
+
+- logprobs_from_logits == log_softmax(logits / T).gather(labels), values and gradients, for every
+  chunking (whole rows, pieces of a row), dtype and temperature;
+- chunked passes (actor / reference log-probs, reward scores, critic values, generation) == one pass
+  over the whole batch, to float tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from rlhf_trainer.forward import chunked, chunked_token_logprobs, row_slices, token_logprobs
+from rlhf_trainer.losses.utils import entropy_from_logits, logit_chunks, logprobs_from_logits
+from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
+
+
+def upcast(logits):
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def naive_logprobs(logits, labels, temperature=1.0):
+    return torch.log_softmax(upcast(logits) / temperature, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def naive_entropy(logits, temperature=1.0):
+    logp = torch.log_softmax(upcast(logits) / temperature, -1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def batch(rows=3, tokens=5, vocab=11, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(rows, tokens, vocab, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, vocab, (rows, tokens), generator=g)
+    return logits, labels
+
+
+# chunk_elements -> what it exercises, for (3, 5, 11) logits (55 entries per row)
+CHUNKINGS = {
+    "one chunk": 10**9,
+    "two rows per chunk": 110,
+    "one row per chunk": 55,
+    "pieces of a row (2 positions)": 22,
+    "one position per chunk": 1,
+}
+
+
+@pytest.mark.parametrize("name", CHUNKINGS)
+def test_logit_chunks_cover_every_entry_once_within_the_budget(name):
+    budget = CHUNKINGS[name]
+    seen = torch.zeros(3, 5, dtype=torch.long)
+    for rows, cols in logit_chunks(3, 5, 11, budget):
+        seen[rows, cols] += 1
+        assert seen[rows, cols].numel() * 11 <= max(budget, 11)
+    assert (seen == 1).all()
+
+
+@pytest.mark.parametrize("name", CHUNKINGS)
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_selective_logprobs_equal_log_softmax_gather_with_gradients(name, temperature):
+    logits, labels = batch()
+    weights = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    mine = logits.clone().requires_grad_()
+    ref = logits.clone().requires_grad_()
+    out = logprobs_from_logits(mine, labels, temperature, chunk_elements=CHUNKINGS[name])
+    want = torch.log_softmax(ref / temperature, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    (out * weights).sum().backward()
+    (want * weights).sum().backward()
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_selective_logprobs_pass_gradcheck():
+    logits, labels = batch(rows=2, tokens=3, vocab=5)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: logprobs_from_logits(z, labels, 0.5, chunk_elements=5), (logits,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_logits_are_upcast_per_chunk(dtype):
+    logits, labels = batch(rows=4, tokens=6, vocab=50, dtype=dtype)
+    out = logprobs_from_logits(logits, labels, chunk_elements=60)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, naive_logprobs(logits, labels), rtol=1e-5, atol=1e-5)
+    z = logits.clone().requires_grad_()
+    logprobs_from_logits(z, labels, chunk_elements=60).sum().backward()
+    assert z.grad.dtype == dtype  # the gradient is of the logits' own dtype, no float32 copy kept
+
+
+def test_a_non_contiguous_slice_of_the_logits_is_read_in_place():
+    logits, labels = batch(rows=2, tokens=6, vocab=7)
+    view = logits[:, :-1]  # as the loops slice the model's output
+    assert not view.is_contiguous()
+    torch.testing.assert_close(logprobs_from_logits(view, labels[:, 1:], chunk_elements=14),
+                               naive_logprobs(view, labels[:, 1:]))
+
+
+def test_bad_shapes_name_what_was_expected():
+    logits, labels = batch()
+    with pytest.raises(ValueError, match=r"\(B, T, V\)"):
+        logprobs_from_logits(logits, labels[:, :-1])
+
+
+@pytest.mark.parametrize("name", CHUNKINGS)
+def test_chunked_entropy_equals_the_definition(name):
+    logits, _ = batch()
+    torch.testing.assert_close(entropy_from_logits(logits, 0.7, chunk_elements=CHUNKINGS[name]),
+                               naive_entropy(logits, 0.7), rtol=1e-10, atol=1e-12)
+
+
+def test_row_slices_and_chunked_concatenate_in_order():
+    assert row_slices(5, 2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert chunked(lambda s: torch.arange(5)[s] * 10, rows=5, chunk_size=2).tolist() == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="at least 1"):
+        row_slices(5, 0)
+
+
+# ---- passes of real (tiny) models -----------------------------------------------------------------
+
+
+def left_padded(rows=5, width=9, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, width), generator=g)
+    mask = torch.ones(rows, width, dtype=torch.long)
+    for i in range(rows):
+        mask[i, : i % 4] = 0  # 0..3 left pads
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_token_logprobs_of_the_response_equal_the_tail_of_all_tokens(tiny_causal_lm):  # noqa: F811
+    ids, mask = left_padded()
+    model = tiny_causal_lm.eval()
+    with torch.no_grad():
+        full, full_logits = token_logprobs(model, ids, mask, temperature=0.7)
+        tail, tail_logits = token_logprobs(model, ids, mask, temperature=0.7, response_length=3)
+        # A plain callable hides the module: the model computes every position's logits, sliced after.
+        via_callable, _ = token_logprobs(lambda **kw: model(**kw), ids, mask, temperature=0.7, response_length=3)
+    assert full.shape == (5, 8) and tail.shape == (5, 3) and tail_logits.shape == (5, 3, 128)
+    torch.testing.assert_close(tail, full[:, -3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_callable, tail, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tail_logits, full_logits[:, -3:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full, naive_logprobs(full_logits, ids[:, 1:], 0.7), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 8])
+def test_chunked_logprobs_equal_one_pass(tiny_causal_lm, chunk_size):  # noqa: F811
+    from rlhf_trainer.roles import ReferenceService
+
+    ids, mask = left_padded()
+    model = tiny_causal_lm.eval()
+    with torch.no_grad():
+        whole = token_logprobs(model, ids, mask, temperature=0.7, response_length=4)[0]
+    torch.testing.assert_close(
+        chunked_token_logprobs(model, ids, mask, chunk_size=chunk_size, temperature=0.7, response_length=4),
+        whole, rtol=1e-5, atol=1e-5)
+    service = ReferenceService(model, 0.7, chunk_size=chunk_size)
+    out, _ = service.handle("logprobs", {"input_ids": ids, "attention_mask": mask}, {"response_length": 4})
+    torch.testing.assert_close(out["logprobs"], whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 16])
+def test_chunked_reward_scores_equal_one_pass(chunk_size):
+    from rlhf_trainer import models
+    from rlhf_trainer.chat import Renderer
+    from rlhf_trainer.roles import RewardService
+
+    tok = models.load_tokenizer("tiny://llama")
+    rm = models.load_reward_model("tiny://llama", seed=0).eval()
+    prompts = ["1+2=", "3+4=", "0+0=", "4+4=", "2+1="]
+    responses = ["3", "seven", "0", "8 is the sum", ""]
+    meta = {"prompts": prompts, "responses": responses}
+    service = RewardService(rm, Renderer(tok, "auto"), max_prompt_length=16, max_length=32, chunk_size=chunk_size)
+    scores = service.handle("score", {}, meta)[0]["scores"]
+    whole = RewardService(rm, Renderer(tok, "auto"), max_prompt_length=16, max_length=32, chunk_size=len(prompts))
+    assert scores.shape == (5,)
+    assert len(set(scores.tolist())) == 5  # different rows, different scores: the rows were not mixed up
+    torch.testing.assert_close(scores, whole.handle("score", {}, meta)[0]["scores"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5])
+def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: F811
+    from rlhf_contract.config import DeepSpeedConfig
+    from rlhf_trainer import models
+    from rlhf_trainer.roles import CriticService
+    from rlhf_trainer.strategy import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy(models.load_value_model("tiny://llama", seed=0), DeepSpeedConfig(zero_stage=0),
+                                 learning_rate=1e-3, micro_batch_size=2, grad_accum=1)
+    ids, mask = left_padded(vocab=100)
+    critic = CriticService(strategy, micro_batch_size=2, chunk_size=chunk_size, value_clip_range=0.2,
+                           normaliser=lambda n: n)
+    values = critic.handle("values", {"input_ids": ids, "attention_mask": mask}, {"response_length": 3})[0]["values"]
+    with torch.no_grad():
+        whole = critic.values(ids, mask, 3)
+    assert values.shape == (5, 3)
+    torch.testing.assert_close(values, whole, rtol=1e-5, atol=1e-5)
+
+
+class ScriptedGenerator:
+    """Stands in for a causal LM's generate(): returns the given responses (per call, in order)."""
+
+    def __init__(self, responses):
+        self.responses, self.calls = list(responses), []
+        self.generation_config = None  # set aside by sampling.only_these_settings during the calls
+
+    def generate(self, *, input_ids, attention_mask, synced_gpus, generation_config, **_):
+        self.calls.append((input_ids.shape[0], synced_gpus))
+        return torch.cat([input_ids, self.responses.pop(0)], dim=1)
+
+
+def test_generation_in_chunks_pads_shorter_chunks_after_their_eos():
+    from rlhf_contract.config import Hyperparameters
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import generate
+    from rlhf_trainer.tokenized import PromptRow
+
+    tok = models.load_tokenizer("tiny://llama")
+    eos, pad, x = tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids("7")
+    rows = [PromptRow(tok(p)["input_ids"], False, p, None, "") for p in ("1+1=", "2+2=", "3+3=")]
+    # Chunk 1 stopped after 2 tokens (both rows ended), chunk 2 ran to max_new_tokens = 4.
+    gen = ScriptedGenerator([torch.tensor([[x, eos], [eos, pad]]), torch.tensor([[x, x, x, x]])])
+    hp = Hyperparameters(inference_chunk_size=2, max_new_tokens=4, max_prompt_length=8)
+    roll = generate(gen, tok, rows, hp, (eos,), synced_gpus=True)
+    assert gen.calls == [(2, True), (1, True)]
+    assert roll.sequences.shape[1] == roll.attention_mask.shape[1] == len(rows[0].ids) + 4
+    assert roll.action_mask.tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert roll.truncated.tolist() == [False, False, True]
+    assert roll.responses == ["7", "", "7777"]
+    assert roll.sequences[0, -2:].tolist() == [pad, pad]
+
+
+def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.algorithms.dpo import response_columns
+    from rlhf_trainer.losses.dpo import preference_logprobs
+    from rlhf_trainer.tokenized import PairRow
+
+    tok = models.load_tokenizer("tiny://llama")
+    model = models.load_policy("tiny://llama", seed=0).eval()
+
+    def ids(text, special=True):
+        return tok(text, add_special_tokens=special)["input_ids"]
+
+    pairs = [("1+2=", "3", "4"), ("12+30=", "42", "forty-two"), ("9=", "nine", "8")]
+    rows = [PairRow(ids(p), ids(c, False) + [tok.eos_token_id], ids(r, False) + [tok.eos_token_id], False, "")
+            for p, c, r in pairs]
+    batch = encode_pairs(rows, tok.pad_token_id)
+    ids_, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+    R = response_columns(loss_mask)
+    assert R < ids_.shape[1] - 1  # the prompts' columns are skipped
+    assert loss_mask[:, :-R].sum() == 0  # and hold no response token
+    with torch.no_grad():
+        every = token_logprobs(model, ids_, attn)[0]
+        tail = token_logprobs(model, ids_, attn, response_length=R)[0]
+    for loss_type in ("sigmoid", "ipo"):  # summed, and token-averaged (IPO)
+        torch.testing.assert_close(preference_logprobs(tail, loss_mask, loss_type),
+                                   preference_logprobs(every, loss_mask, loss_type), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(preference_logprobs(every, loss_mask, "sigmoid"),
+                               (every * loss_mask[:, 1:]).sum(-1), rtol=1e-5, atol=1e-5)
+    assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0

@@ -1,0 +1,90 @@
+"""Forward passes of the trainer's models: token log-probs (actor, reference), scores (reward), in row chunks.
+
+    logprobs, logits = token_logprobs(model, ids, mask, temperature=0.7, response_length=R)  # (B, R), (B, R, V)
+    ref = chunked(lambda s: token_logprobs(ref_model, ids[s], mask[s])[0], rows=B, chunk_size=8)  # (B, T-1)
+
+A pass that needs no gradient (old and reference log-probs, reward scores, critic values) runs
+`hyperparameters.inference_chunk_size` rows at a time through `chunked`, so its peak memory
+(activations, and the (rows, T, V) logits) is that of one chunk, not of the whole batch; the
+chunks' outputs are concatenated, equal to one pass over the batch to float rounding. Token
+log-probs never materialise a float32 log_softmax of the logits (losses.utils.logprobs_from_logits),
+and when only the last R tokens are wanted the model computes logits for those positions only
+(Hugging Face's `logits_to_keep`, as TRL's GRPO trainer passes it).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+
+from rlhf_trainer.data import position_ids_from_mask
+from rlhf_trainer.losses.utils import logprobs_from_logits
+
+
+def row_slices(rows: int, chunk_size: int) -> list[slice]:
+    """Consecutive slices of at most `chunk_size` rows covering `rows` rows (ValueError if chunk_size < 1)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk size must be at least 1, got {chunk_size}")
+    return [slice(start, min(start + chunk_size, rows)) for start in range(0, rows, chunk_size)]
+
+
+def chunked(fn: Callable[[slice], torch.Tensor], *, rows: int, chunk_size: int) -> torch.Tensor:
+    """torch.cat of fn(rows slice) over row_slices(rows, chunk_size), along dim 0."""
+    return torch.cat([fn(s) for s in row_slices(rows, chunk_size)])
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the nn.Module behind `model` (a module, a DeepSpeed engine, or a bound method such as
+    DeepSpeedStrategy.forward) takes `logits_to_keep` (Hugging Face causal LMs of transformers >= 4.50)."""
+    target = getattr(model, "__self__", model)
+    while hasattr(target, "module") and isinstance(target.module, torch.nn.Module) and target.module is not target:
+        target = target.module
+    return isinstance(target, torch.nn.Module) and _forward_takes_logits_to_keep(type(target))
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
+                   response_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward of a causal LM -> (log-probs, logits) of the tokens it predicts.
+
+    input_ids, attention_mask: (B, T), left or right padded; positions count real tokens only, as in
+    generation. response_length R = 0: log-probs of tokens 1..T-1, (B, T-1), with their (B, T-1, V)
+    logits; R > 0: of the last R tokens only, (B, R) and (B, R, V), the model computing logits for
+    those positions alone when it can. Log-probs are float32 of softmax(logits / temperature), the
+    distribution the tokens were sampled from; the logits are the model's own (its dtype, not
+    divided by the temperature). Differentiable when the model is.
+    """
+    kwargs = {}
+    keep = response_length + 1 if response_length else 0
+    if keep and _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = keep
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False, **kwargs,
+    ).logits
+    logits = logits[:, -keep:-1] if keep else logits[:, :-1]
+    labels = input_ids[:, -response_length:] if response_length else input_ids[:, 1:]
+    return logprobs_from_logits(logits, labels, temperature), logits
+
+
+@torch.no_grad()
+def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_size: int,
+                           temperature: float = 1.0, response_length: int = 0) -> torch.Tensor:
+    """token_logprobs' log-probs without grad, `chunk_size` rows per forward: (B, T-1), or (B, R) with R."""
+    def one(s: slice) -> torch.Tensor:
+        return token_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
+                              response_length=response_length)[0]
+
+    return chunked(one, rows=input_ids.shape[0], chunk_size=chunk_size)
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,) float32 scores of a one-label sequence classifier (it pools the last non-pad token)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
