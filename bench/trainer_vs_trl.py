@@ -98,7 +98,7 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
-    from rlhf_trainer.runtime import Context
+    from rlhf_trainer.runtime import new_context
 
     # One process: ZeRO has nothing to shard, so stage 0 (DeepSpeed engine, no partitioning bookkeeping).
     zero0 = {"deepspeed": {"zero_stage": 0, "bf16": bf16}}
@@ -125,7 +125,7 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
     colocated = tuple(r for r in roles if r != "actor")
     env = ProcessEnv("bench", "actor", 0, 1, colocated, "", {}, None, str(HERE / "out" / "ckpt"), 0, 0, "")
     init_role_world(master_addr="127.0.0.1", master_port=_free_port(), rank=0, world_size=1)
-    return Context(env, cfg, cfg.placements(), None, TrainerMetrics(None))
+    return new_context(env, cfg, None, TrainerMetrics(None))
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:

@@ -41,8 +41,8 @@ DATASET_TEMPLATES = ("auto", "chat", "raw")
 SYNTHETIC_PREFIX = "synthetic://"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
-NON_FINITE_POLICIES = ("fail", "skip")
 LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # rlhf_trainer.losses.aggregation, TRL's loss_type names
+NON_FINITE_POLICIES = ("fail", "skip")
 # "module:function" of a reward callable (the CRD's CEL rule uses the same pattern).
 CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -280,6 +280,11 @@ class Hyperparameters:
                               algorithms=("simpo",))
     margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
     packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
+    step_separator: str = knob("\n", "What ends a step of a response (one line each by default).",
+                               max_length=16, algorithms=STEPWISE,
+                               rule=Rule(bool, "self != ''", "must not be empty"))
+    prm_completions: int = knob(4, "prm-label: completions sampled from each prefix; the prefix is correct when "
+                                   "one passes the verifier (best-of-N).", minimum=1, algorithms=("prm-label",))
     sample_interval_steps: int = knob(10, "Every this many steps, write samplesPerStep rollouts (prompt, response, "
                                           "reward, KL, length, truncated) to samples/<role>-<rank>.jsonl on the "
                                           "checkpoint volume (0 = never).", minimum=0, algorithms=ONLINE)
@@ -302,11 +307,6 @@ class Hyperparameters:
                                    "with a permanent error naming the step, the source and the rows) or skip (the "
                                    "batch is skipped and counted in rlhf_trainer_non_finite_total).",
                            enum=NON_FINITE_POLICIES)
-    step_separator: str = knob("\n", "What ends a step of a response (one line each by default).",
-                               max_length=16, algorithms=STEPWISE,
-                               rule=Rule(bool, "self != ''", "must not be empty"))
-    prm_completions: int = knob(4, "prm-label: completions sampled from each prefix; the prefix is correct when "
-                                   "one passes the verifier (best-of-N).", minimum=1, algorithms=("prm-label",))
 
 
 @dataclass(frozen=True)

@@ -516,8 +516,9 @@ class Progress:
     """Per-process progress bars (tqdm, on a TTY) or plain lines: step/maxSteps, live reward, KL, loss.
 
     Bars: one tqdm bar per metrics file (`actor-0`, ...) plus a status line (phase, restarts);
-    line() prints above them (tqdm.write). Plain (not a TTY, --no-progress, or label_jobs: several
-    jobs of one run, each line prefixed with its job): one line per new step of each rank-0 series.
+    line() prints above them (tqdm.write). Plain (not a TTY, --no-progress, or several jobs of one run):
+    one line per new step of each rank-0 series, so CI logs stay readable.
+    label_jobs: prefix every line with its job (several jobs of one run; plain lines then).
     """
 
     def __init__(self, stream: Any = sys.stdout, bars: bool | None = None, label_jobs: bool = False):

@@ -111,16 +111,6 @@ def rewrite_mount_path(value: str, mounts: Mapping[str, Path]) -> str:
     return value
 
 
-def absolute_search_path(value: str, cwd: Path) -> str:
-    """A PYTHONPATH with its relative (and empty = current folder) entries made absolute against `cwd`.
-
-    Each local pod runs in its own folder, so `PYTHONPATH=. rlhf-operator run-local job.yaml` must
-    mean the folder the user ran it from (where a `reward.callable` module lives), not the pod's.
-    """
-    return os.pathsep.join(str(cwd / entry) if not os.path.isabs(entry) else entry
-                           for entry in value.split(os.pathsep))
-
-
 def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
     """A JSON document with every string value under one of `mounts` rewritten by rewrite_mount_path
     (the trainer config's model paths under a source claim's mount); other text is returned as is."""
@@ -141,6 +131,16 @@ def rewrite_json_paths(text: str, mounts: Mapping[str, Path]) -> str:
         return value
 
     return json.dumps(walk(doc), indent=2, sort_keys=True)
+
+
+def absolute_search_path(value: str, cwd: Path) -> str:
+    """A PYTHONPATH with its relative (and empty = current folder) entries made absolute against `cwd`.
+
+    Each local pod runs in its own folder, so `PYTHONPATH=. rlhf-operator run-local job.yaml` must
+    mean the folder the user ran it from (where a `reward.callable` module lives), not the pod's.
+    """
+    return os.pathsep.join(str(cwd / entry) if not os.path.isabs(entry) else entry
+                           for entry in value.split(os.pathsep))
 
 
 def trainer_container(pod: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -120,9 +120,13 @@ async def test_status_patch_delete_and_errors(pki, https_server):
     fake, host = https_server
     api = KubeApi(config=client_config(pki, host))
     try:
-        fake.replies += [(200, {}), (404, {}), (200, {}), (404, {})]
+        gone = {"kind": "Status", "reason": "NotFound", "details": {"name": "gone", "kind": "rlhfjobs"}}
+        fake.replies += [(200, {}), (404, gone), (404, {}), (200, {}), (404, {})]
         assert await api.patch_job_status("ns", "j", {"phase": "Running"}) is True
-        assert await api.patch_job_status("ns", "gone", {"phase": "Running"}) is False
+        assert await api.patch_job_status("ns", "gone", {"phase": "Running"}) is False  # the job itself is gone
+        # A 404 that does not name the job (e.g. no status subresource) is an error, not a deletion.
+        with pytest.raises(ApiError, match="HTTP 404"):
+            await api.patch_job_status("ns", "gone", {"phase": "Running"})
         assert await api.delete("v1", "Pod", "ns", "j-actor-0") is True
         assert await api.delete("v1", "Pod", "ns", "j-actor-0") is False
         fake.replies.append((500, {"message": "etcd is sad"}))
@@ -135,7 +139,7 @@ async def test_status_patch_delete_and_errors(pki, https_server):
     assert patch["method"] == "PATCH" and patch["path"] == "/apis/rlhf.dev/v1alpha1/namespaces/ns/rlhfjobs/j/status"
     assert patch["headers"]["Content-Type"] == "application/merge-patch+json"
     assert patch["body"] == {"status": {"phase": "Running"}}
-    delete = fake.seen[2]
+    delete = fake.seen[3]
     assert delete["method"] == "DELETE" and delete["body"]["propagationPolicy"] == "Background"
 
 

@@ -64,7 +64,8 @@ def test_two_pods_of_two_processes_succeed_checkpoint_and_resume(name, tmp_path)
     # One metrics file per actor rank 0..3 (the serving roles write none), named by the global rank.
     assert {p.stem for p in (ckpt / "metrics").glob("actor-*.jsonl")} == {f"actor-{r}" for r in range(4)}
     actor = [metrics(first.run_dir, "actor", r) for r in range(4)]
-    assert all([row["step"] for row in rows] == [1, 2] for rows in actor)
+    # Training steps 1 and 2 on every rank (the row of step 0 is the held-out evaluation before training).
+    assert all([row["step"] for row in rows if "loss" in row] == [1, 2] for rows in actor)
     assert (ckpt / "export" / "config.json").exists()
 
     second = local.LocalRunner(manifest(example, roles, max_steps=3), tmp_path, serve_metrics=False)
@@ -73,5 +74,5 @@ def test_two_pods_of_two_processes_succeed_checkpoint_and_resume(name, tmp_path)
     text = logs(second)
     for role in pod_roles:  # every process of every role resumed from step 2
         assert sum(f"{role}-{r}: resumed from step 2" in text for r in range(4)) == 4, text
-    assert [row["step"] for row in metrics(second.run_dir, "actor", 3)] == [1, 2, 3]
+    assert [row["step"] for row in metrics(second.run_dir, "actor", 3) if "loss" in row] == [1, 2, 3]
     assert checkpoint.is_complete(ckpt, 3)

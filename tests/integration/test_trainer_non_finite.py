@@ -32,8 +32,8 @@ def first_call_poisoned(fn, value=NAN):
         out = fn(*args, **kwargs)
         if calls["n"] > 1:
             return out
-        if isinstance(out, tuple):
-            return (out[0] * value, *out[1:])
+        if isinstance(out, tuple):  # a NamedTuple (losses.dpo.DPOOutput) keeps its type
+            return type(out)(out[0] * value, *out[1:]) if hasattr(out, "_fields") else (out[0] * value, *out[1:])
         return out * value
 
     return wrapped

@@ -44,7 +44,7 @@ def colocated_roles(roles: list[str] | tuple[str, ...]) -> dict:
 def in_process_context(config: dict, workdir: Path) -> Context:
     cfg = parse_config(config)
     checkpoint_dir = workdir / "checkpoints"
-    env = ProcessEnv(job=cfg.job, role="actor", rank=0, replicas=1,
+    env = ProcessEnv(job=cfg.job, role="actor", rank=0, world_size=1,
                      colocated_roles=tuple(r for r in cfg.roles if r != "actor"), config_path="",
                      role_addrs={}, bridge_addr=None, checkpoint_dir=str(checkpoint_dir), restart_attempt=0,
                      metrics_port=0, pod_ip="")

@@ -87,7 +87,7 @@ GATE_CASES = {
     "reward-model-from-a-policy-job": GateCase((SFT_OK, peer("rm", algorithm="dpo")), "failed",
                                                chain.SOURCE_MISMATCH,
                                                ("rewardModel.fromJob names RLHFJob rm (algorithm dpo)",
-                                                "needs a reward model")),
+                                                "needs a reward or prm model")),
     "policy-from-a-reward-model-job": GateCase((peer("sft", algorithm="rm"), RM_OK), "failed",
                                                chain.SOURCE_MISMATCH, ("model needs a policy model",)),
     "mismatch-is-told-before-the-source-finishes": GateCase(

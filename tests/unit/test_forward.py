@@ -181,6 +181,7 @@ def test_chunked_reward_scores_equal_one_pass(chunk_size):
 def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: F811
     from rlhf_contract.config import DeepSpeedConfig
     from rlhf_trainer import models
+    from rlhf_trainer.finite import NonFiniteGuard
     from rlhf_trainer.roles import CriticService
     from rlhf_trainer.strategy import DeepSpeedStrategy
 
@@ -188,7 +189,7 @@ def test_chunked_critic_values_equal_one_pass(role_world, chunk_size):  # noqa: 
                                  learning_rate=1e-3, micro_batch_size=2, grad_accum=1)
     ids, mask = left_padded(vocab=100)
     critic = CriticService(strategy, micro_batch_size=2, chunk_size=chunk_size, value_clip_range=0.2,
-                           normaliser=lambda n: n)
+                           normaliser=lambda n: n, guard=NonFiniteGuard("fail"))
     values = critic.handle("values", {"input_ids": ids, "attention_mask": mask}, {"response_length": 3})[0]["values"]
     with torch.no_grad():
         whole = critic.values(ids, mask, 3)

@@ -62,8 +62,8 @@ def test_a_colocated_reference_serves_the_base_and_leaves_the_actor_training(bat
     model = lora.with_lora(models.load_policy("tiny://llama", seed=0), LoraConfig(rank=4), classifier=False)
     perturb_adapters(model)
     model.train()
-    reference = ReferenceService(model, 1.0, adapters_off=True)
-    copy = ReferenceService(models.load_policy("tiny://llama", seed=0), 1.0)
+    reference = ReferenceService(model, 1.0, chunk_size=8, adapters_off=True)
+    copy = ReferenceService(models.load_policy("tiny://llama", seed=0), 1.0, chunk_size=8)
     got = reference.handle("logprobs", dict(batch), {})[0]["logprobs"]
     torch.testing.assert_close(got, copy.handle("logprobs", dict(batch), {})[0]["logprobs"])
     assert model.training  # the actor's mode is restored

@@ -119,6 +119,30 @@ def test_accumulates_then_steps_once(role_world, tiny_causal_lm):  # noqa: F811
     assert strategy.optimizer_state_tensors()  # AdamW moments exist after a step
 
 
+def test_stage0_alone_steps_like_plain_torch_adamw_with_clipping(role_world, tiny_causal_lm):  # noqa: F811
+    """Without DeepSpeed's all-reduce (alone at stage 0) and with the fused AdamW, two steps equal
+    a plain torch AdamW (non-fused) with clip_grad_norm_ on a copy of the model."""
+    import copy
+
+    reference = copy.deepcopy(tiny_causal_lm)
+    strategy = DeepSpeedStrategy(
+        tiny_causal_lm, DeepSpeedConfig(zero_stage=0), learning_rate=1e-2, micro_batch_size=2, grad_accum=1
+    )
+    assert strategy.engine.enable_backward_allreduce is False
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=False)
+    for seed in (0, 1):
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
+        strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
+        strategy.step()
+        reference(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    mine = dict(strategy.module.named_parameters())
+    for name, param in reference.named_parameters():
+        torch.testing.assert_close(mine[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_a_non_finite_gradient_never_reaches_the_weights(role_world, tiny_causal_lm, zero_stage):  # noqa: F811
     """ZeRO-2 skips the step itself (DeepSpeed's overflow check); at ZeRO-0 the strategy drops the
@@ -165,27 +189,3 @@ def test_gradient_norm_of_no_gradients_is_zero():
     assert gradient_norm([p]) == pytest.approx(5.0)
     p.grad = torch.tensor([float("inf"), 0.0, 0.0])
     assert gradient_norm([p]) == float("inf")
-
-
-def test_stage0_alone_steps_like_plain_torch_adamw_with_clipping(role_world, tiny_causal_lm):  # noqa: F811
-    """Without DeepSpeed's all-reduce (alone at stage 0) and with the fused AdamW, two steps equal
-    a plain torch AdamW (non-fused) with clip_grad_norm_ on a copy of the model."""
-    import copy
-
-    reference = copy.deepcopy(tiny_causal_lm)
-    strategy = DeepSpeedStrategy(
-        tiny_causal_lm, DeepSpeedConfig(zero_stage=0), learning_rate=1e-2, micro_batch_size=2, grad_accum=1
-    )
-    assert strategy.engine.enable_backward_allreduce is False
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=False)
-    for seed in (0, 1):
-        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
-        strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
-        strategy.step()
-        reference(input_ids=ids, labels=ids).loss.backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-    mine = dict(strategy.module.named_parameters())
-    for name, param in reference.named_parameters():
-        torch.testing.assert_close(mine[name], param, rtol=1e-5, atol=1e-6, msg=name)

@@ -68,6 +68,14 @@ class TrainerMetrics:
             buckets=PHASE_BUCKETS,
             registry=self.registry,
         )
+        self.memory = memory or PeakMemory()
+        self.phase_peak_memory = Gauge(
+            PREFIX + "phase_peak_memory_bytes",
+            "Peak memory of this process during the last run of each phase: device memory allocated "
+            "on GPU, resident set (VmHWM) on CPU",
+            ["phase"],
+            registry=self.registry,
+        )
         self.non_finite = Counter(
             PREFIX + "non_finite",
             "Non-finite values skipped under hyperparameters.nonFinite: skip (batches, micro-batches or optimizer steps)",
@@ -80,14 +88,6 @@ class TrainerMetrics:
         self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
                                 registry=self.registry)
         self.samples_path = Path(samples_path) if samples_path else None
-        self.memory = memory or PeakMemory()
-        self.phase_peak_memory = Gauge(
-            PREFIX + "phase_peak_memory_bytes",
-            "Peak memory of this process during the last run of each phase: device memory allocated "
-            "on GPU, resident set (VmHWM) on CPU",
-            ["phase"],
-            registry=self.registry,
-        )
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         if self.jsonl_path:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,12 +69,12 @@ class Context:
     local_services: dict[str, Any] = field(default_factory=dict)
     # Strategies of this process's trainable roles (for checkpoints), by role name.
     strategies: dict[str, Any] = field(default_factory=dict)
+    # The actor's trained model in an actor process (set before colocated roles start).
+    actor_model: Any = None
     # The online algorithms' alarms (rlhf_trainer.alarms); None for the offline ones.
     alarms: AlarmMonitor | None = None
     # Held-out records of dataset.eval_path (algorithms/evaluation.py), read with the training data.
     eval_records: list[Any] = field(default_factory=list)
-    # The actor's trained model in an actor process (set before colocated roles start).
-    actor_model: Any = None
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
 

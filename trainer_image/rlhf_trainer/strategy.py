@@ -63,23 +63,6 @@ def build_ds_config(
     return config
 
 
-@dataclass(frozen=True)
-class StepOutcome:
-    """One optimizer step: its global gradient norm (before clipping; None when DeepSpeed computes
-    none) and whether the weights were updated."""
-
-    grad_norm: float | None
-    applied: bool
-
-
-def gradient_norm(parameters) -> float:
-    """The 2-norm of every .grad of `parameters` (inf or nan when one is not finite; 0.0 if none)."""
-    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
 def needs_synced_generation(zero_stage: int, world_size: int) -> bool:
     """Whether sampling must keep the ranks of a world in step until all are done.
 
@@ -100,6 +83,23 @@ def needs_gradient_allreduce(zero_stage: int, world_size: int) -> bool:
     which also moves gradients into its partitions, so they always keep it.
     """
     return not (zero_stage == 0 and world_size == 1)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """One optimizer step: its global gradient norm (before clipping; None when DeepSpeed computes
+    none) and whether the weights were updated."""
+
+    grad_norm: float | None
+    applied: bool
+
+
+def gradient_norm(parameters) -> float:
+    """The 2-norm of every .grad of `parameters` (inf or nan when one is not finite; 0.0 if none)."""
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
 class DeepSpeedStrategy:
@@ -143,8 +143,8 @@ class DeepSpeedStrategy:
         optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay, betas=(0.9, 0.95),
                                       fused=all(p.is_floating_point() for p in params))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
-        self.last_step: StepOutcome | None = None
         self.engine.enable_backward_allreduce = needs_gradient_allreduce(settings.zero_stage, self.world_size)
+        self.last_step: StepOutcome | None = None
 
     @property
     def module(self) -> torch.nn.Module:

@@ -142,7 +142,7 @@ class Rollout:
 def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gpus: bool = False,
              greedy: bool = False) -> Rollout:
     """Sample one response per prompt row, at hp.temperature only (rlhf_trainer.sampling), each ending
-    at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call;
+    at the first of `stop_ids` or after hp.max_new_tokens; `hp.inference_chunk_size` rows per call.
     `greedy` takes the most likely token instead (the held-out evaluation).
 
     Chunks bound the memory of the KV cache and logits; their responses are right-padded to the
@@ -211,9 +211,15 @@ class Scorer:
         self.skip_pattern, self.normalize = reward.skip_pattern, reward.normalize_steps
         self.rule = build_reward_fn(dataclasses.replace(reward, type="rule")) if reward.rule else None
         self.client = None if reward.type == "rule" else ctx.client("reward")
-        # How messages name the scores' source (finite.py).
-        self.source = (f"the {reward.type} role's model {ctx.cfg.reward_model.path}" if reward.type != "rule"
-                       else describe_reward(reward))
+        # How the non-finite guard names what scored the batch (finite.py).
+        model_path = ctx.cfg.reward_model.path if ctx.cfg.reward_model is not None else ""
+        rule = describe_reward(reward) if self.rule is not None else ""
+        if reward.type == "model":
+            self.source = f"the reward model {model_path}"
+        elif reward.type == "prm":
+            self.source = f"the process reward model {model_path}" + (f" and {rule}" if rule else "")
+        else:
+            self.source = rule
         if reward.type == "prm":
             try:
                 re.compile(reward.skip_pattern)
@@ -350,12 +356,10 @@ def load_rows(ctx: Context, renderer: Renderer) -> list[Row]:
         raise ConfigError(message)
     if not rows:
         raise DataError(f"dataset {cfg.dataset.path}: no pairs left after dropping {report.dropped} identical ones")
-    from rlhf_trainer.algorithms.evaluation import EVALUATORS
-
-    if cfg.dataset.eval_path and cfg.algorithm in EVALUATORS:  # held-out rows, same format and lengths
+    if cfg.dataset.eval_path:  # held-out rows, the same format and lengths (algorithms/evaluation.py)
         records = load_dataset(cfg.dataset.eval_path, cfg.dataset.format, kind=kind,
                                fields=cfg.dataset.fields.mapping())
-        ctx.eval_records, _ = tokenize_records(records, renderer, kind, **limits)
+        ctx.eval_records, _ = tokenize_records(records, renderer, kind, step_separator=hp.step_separator, **limits)
     return rows
 
 
@@ -481,10 +485,10 @@ def drive(ctx: Context, algorithm, rows) -> None:
             saved = saved or save_before_stop(ctx, step, savers, state, last_save)
             stop_servers(ctx)
             raise Stopped(step, saved)
+    ctx.guard.check_updated("actor", hp.max_steps - start)
     if algorithm.strategy is None:
         algorithm.export(ctx)
     else:
-        ctx.guard.check_updated("actor", hp.max_steps - start)
         export(ctx, algorithm)
     stop_servers(ctx)
     log(f"actor-{ctx.env.rank}: done")

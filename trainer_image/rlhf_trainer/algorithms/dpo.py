@@ -55,10 +55,9 @@ class DPO(ActorAlgorithm):
                 ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
                                                    response_length=R)[0]["logprobs"]
                 ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, self.kind)
-        if ref is not None and not self.ctx.guard.batch_ok(
-                "experience", {"ref_logprobs": ref.view(2, n).T}, records,
-                source="the reference forward (chosen, rejected)"):
-            return {"tokens": 0.0}
+            if not self.ctx.guard.batch_ok("experience", {"ref_logprobs": ref.view(2, n).T}, records,
+                                           source="the reference forward (chosen, rejected)"):
+                return {"tokens": 0.0}
         pairs_total = global_normaliser(n)
         # ORPO's NLL term is per chosen-response token over the global batch (losses.sft's normaliser).
         chosen_tokens = global_normaliser(float(loss_mask[:n, 1:].sum())) if self.kind == "orpo" else 1.0
@@ -75,8 +74,9 @@ class DPO(ActorAlgorithm):
                 if self.kind == "orpo":
                     chosen_mask = loss_mask[rows][:half, -R:].to(logprobs.dtype)
                     loss = loss - (logprobs[:half] * chosen_mask).sum() / chosen_tokens
+                source = f"dpo ({hp.loss_type}) loss" if self.ctx.cfg.algorithm == "dpo" else f"{self.kind} loss"
                 value = self.ctx.guard.backward_step(
-                    self.strategy, loss, anchor=logp, role="actor", source=f"{self.kind} loss",
+                    self.strategy, loss, anchor=logp, role="actor", source=source,
                     records=[records[int(i)] for i in rows[:half]])
                 losses.append(value or 0.0)
                 correct += float(out.accuracy) * half

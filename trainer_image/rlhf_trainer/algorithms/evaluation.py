@@ -3,16 +3,17 @@
 | algorithm       | metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                          |
 |-----------------|-------------------------------------------------------------------------------------|
 | ppo, grpo, rloo,| eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
-| reinforce_pp    |                                                                                     |
-|                 | rule rewards only), eval_reward_mean_sampled (at the sampling temperature)          |
-| dpo, simpo, orpo| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss          |
+| reinforce_pp    | rule rewards only), eval_reward_mean_sampled (at the sampling temperature)          |
+| dpo, simpo, orpo| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss (the     |
+|                 | preference loss, without ORPO's NLL term)                                           |
 | rm              | eval_preference_accuracy (score of chosen > rejected), eval_loss (Bradley-Terry)    |
 | sft             | eval_loss (response tokens), eval_exact_match (greedy answer == reference, trimmed) |
 
 `drive()` runs it before the first step (step 0, the initial policy), at every checkpoint step and
 at the last step. Rows are sharded over the actor ranks; every rank runs the same forwards (ZeRO-3
 generation is collective) and the means are weighted by rows. As TRL's `eval_strategy` / OpenRLHF's
-`eval_steps`, but tied to the checkpoint interval.
+`eval_steps`, but tied to the checkpoint interval. Algorithms without an evaluator here (prm,
+prm-label) report no eval metrics.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import torch
 from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import encode_pairs, generate, pair_slices
 from rlhf_trainer.data import pad_right, position_ids_from_mask, shard
+from rlhf_trainer.forward import sequence_scores, token_logprobs
+from rlhf_trainer.losses.dpo import preference_logprobs
 from rlhf_trainer.losses.rm import bradley_terry_loss
 from rlhf_trainer.losses.sft import sft_loss
 from rlhf_trainer.tokenized import PromptRow
@@ -45,8 +48,9 @@ def evaluate_online(algorithm, rows) -> Sums:
     hp, prompts, answers = algorithm.hp, [r.prompt for r in rows], [r.answer for r in rows]
     algorithm.strategy.eval()
     model, tokenizer, stops = algorithm.strategy.module, algorithm.tokenizer, algorithm.stop_ids
-    greedy = generate(model, tokenizer, rows, hp, stops, greedy=True)
-    sampled = generate(model, tokenizer, rows, hp, stops)
+    synced = algorithm.strategy.synced_generation
+    greedy = generate(model, tokenizer, rows, hp, stops, synced_gpus=synced, greedy=True)
+    sampled = generate(model, tokenizer, rows, hp, stops, synced_gpus=synced)
     greedy_scores = algorithm.score(prompts, greedy.responses, answers).float()
     sampled_scores = algorithm.score(prompts, sampled.responses, answers).float()
     sums = {"eval_reward_mean": float(greedy_scores.sum()), "eval_reward_mean_sampled": float(sampled_scores.sum())}
@@ -57,10 +61,8 @@ def evaluate_online(algorithm, rows) -> Sums:
 
 @torch.no_grad()
 def evaluate_dpo(algorithm, rows) -> Sums:
-    """The algorithm's own preference loss (dpo / simpo / orpo) and accuracy on held-out pairs."""
+    """DPO and the reference-free SimPO / ORPO (algorithms.dpo's preference_loss on the same log-probs)."""
     from rlhf_trainer.algorithms.dpo import response_columns
-    from rlhf_trainer.forward import token_logprobs
-    from rlhf_trainer.losses.dpo import preference_logprobs
 
     hp, n = algorithm.hp, len(rows)
     batch = {k: v.to(distributed.device()) for k, v in encode_pairs(rows, algorithm.tokenizer.pad_token_id).items()}
@@ -85,8 +87,6 @@ def evaluate_dpo(algorithm, rows) -> Sums:
 
 @torch.no_grad()
 def evaluate_rm(algorithm, rows) -> Sums:
-    from rlhf_trainer.roles import sequence_scores
-
     hp, n = algorithm.hp, len(rows)
     batch = {k: v.to(distributed.device()) for k, v in encode_pairs(rows, algorithm.tokenizer.pad_token_id).items()}
     algorithm.strategy.eval()
@@ -114,7 +114,8 @@ def evaluate_sft(algorithm, rows) -> Sums:
                                             position_ids=position_ids_from_mask(attn[mb]), use_cache=False).logits
         loss_sum += float(sft_loss(logits, labels[mb], num_tokens=1.0))  # summed over the micro-batch's tokens
     prompts = [PromptRow(ids=r.prompt, truncated=r.truncated, prompt="", answer=None, source=r.source) for r in rows]
-    greedy = generate(algorithm.strategy.module, tokenizer, prompts, hp, algorithm.stop_ids, greedy=True)
+    greedy = generate(algorithm.strategy.module, tokenizer, prompts, hp, algorithm.stop_ids,
+                      synced_gpus=algorithm.strategy.synced_generation, greedy=True)
     references = tokenizer.batch_decode([list(r.response) for r in rows], skip_special_tokens=True)
     # eval_loss is a token mean: weight it by tokens / rows so the row-weighted mean over ranks stays one.
     n = len(rows)
@@ -122,7 +123,6 @@ def evaluate_sft(algorithm, rows) -> Sums:
             "eval_exact_match": float(_answers_right(greedy.responses, references))}, n
 
 
-# Algorithms without an entry (prm, prm-label) ignore dataset.eval_path.
 EVALUATORS: dict[str, Callable] = {
     "ppo": evaluate_online, "grpo": evaluate_online, "rloo": evaluate_online, "reinforce_pp": evaluate_online,
     "dpo": evaluate_dpo, "simpo": evaluate_dpo, "orpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
@@ -131,7 +131,10 @@ EVALUATORS: dict[str, Callable] = {
 
 def evaluate(ctx, algorithm, rows) -> dict[str, float]:
     """Every eval metric of `algorithm` on the tokenized held-out `rows`, averaged over rows of all actor ranks."""
+    evaluator = EVALUATORS.get(ctx.cfg.algorithm)
+    if evaluator is None:
+        return {}
     ranks = ctx.placements["actor"].ranks
-    sums, rows = EVALUATORS[ctx.cfg.algorithm](algorithm, shard(rows, ctx.env.rank, ranks))
+    sums, rows = evaluator(algorithm, shard(rows, ctx.env.rank, ranks))
     total = distributed.all_reduce_sum(rows)
     return {name: distributed.all_reduce_sum(value) / max(total, 1.0) for name, value in sorted(sums.items())}

@@ -121,8 +121,7 @@ class GroupPolicyGradient(ActorAlgorithm):
             kl_total = float(exp.kl.sum())
         write_samples(self.ctx, roll, exp)
         policy = sum(s[0] for s in stats)
-        return {
-            **watch_rollout(self.ctx, exp),
+        return {**watch_rollout(self.ctx, exp),
             "reward_mean": float(exp.scores.mean()), "reward_std": float(exp.scores.std()),
             "kl": kl_total / len(records), "kl_coef": hp.kl_coef, "policy_loss": policy, "loss": policy,
             "clip_fraction": sum(s[1] for s in stats) / len(stats), "entropy": sum(s[2] for s in stats) / len(stats),

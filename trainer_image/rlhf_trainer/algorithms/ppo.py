@@ -128,14 +128,16 @@ class PPO(ActorAlgorithm):
                                                    temperature=hp.temperature)
                     loss = loss + bonus
                     policy_value = float(loss.detach())
+                    source = "ppo policy loss"
                     if ptx is not None:
                         term = self.ptx_term(ptx, slice(i * hp.micro_batch_size, (i + 1) * hp.micro_batch_size),
                                              ptx_tokens)
                         ptx_total += term.item()
                         loss = loss + term
+                        source = "ppo policy loss + pretraining (ptx) loss"
                     value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
-                                                         source="ppo policy loss")
-                    stats.append((0.0 if value is None else policy_value, clip_fraction.item(), entropy.item()))
+                                                         source=source)
+                    stats.append((policy_value if value is not None else 0.0, clip_fraction.item(), entropy.item()))
                 value_loss = self.critic.call("train", {
                     "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
                     "returns": exp.returns, "action_mask": exp.action_mask,
