@@ -58,6 +58,7 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     # What the policy writes: samples on the volume, the newest one short in the status.
     assert status["progress"]["lastSample"].startswith("step 150: "), status["progress"]
     assert "newest samples" in done.stdout
+    assert list((run_dir / "checkpoints" / "tensorboard" / "actor-0").glob("events.out.tfevents.*"))
     assert (run_dir / "report.png").read_bytes()[:8] == PNG
     assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()
