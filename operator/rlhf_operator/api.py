@@ -40,6 +40,8 @@ from rlhf_contract.config import (
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
+from rlhf_operator.podtemplate import PodTemplate, parse_pod_template
+
 GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
@@ -66,6 +68,8 @@ class RoleSpec(RoleConfig):
     resources: dict[str, Any] = field(default_factory=dict)
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
+    pod_template: PodTemplate = field(default_factory=PodTemplate)  # merged after the job's (podtemplate.py)
+    shared_memory_size: str = ""  # /dev/shm size limit; "" = the job's
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class JobSpec:
     # The pods' terminationGracePeriodSeconds (Kubernetes' default): SIGTERM to SIGKILL, the time a
     # stopped trainer has to save a last checkpoint (RLHF_TERMINATION_GRACE_SECONDS).
     termination_grace_period_seconds: int = 30
+    pod_template: PodTemplate = field(default_factory=PodTemplate)  # every pod (podtemplate.py)
+    shared_memory_size: str = ""  # /dev/shm (a memory emptyDir) size limit; "" = no limit but the pod's memory
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
@@ -445,6 +451,8 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
     ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
     grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
+    pod_template = _template(top)
+    shm = top.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64)
     top.done()
 
     # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
@@ -462,6 +470,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = critic_problem(algorithm, reward.type, critic)
         if problem:
             errors.append(("critic.model", problem))
+    errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
@@ -476,6 +485,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
+        pod_template=pod_template, shared_memory_size=shm,
     )
 
 
@@ -547,9 +557,19 @@ def _role(fields: _Fields) -> RoleSpec:
         node_selector=fields.string_map("nodeSelector", labels=True),
         tolerations=[_toleration(_Fields(t, fields.at(f"tolerations[{i}]"), fields.errors))
                      for i, t in enumerate(fields.array("tolerations"))],
+        pod_template=_template(fields),
+        shared_memory_size=fields.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64),
     )
     fields.done()
     return role
+
+
+def _template(fields: _Fields) -> PodTemplate:
+    """podTemplate of the job or a role (podtemplate.parse_pod_template names every problem)."""
+    fields.read.add("podTemplate")
+    template, problems = parse_pod_template(fields.raw.get("podTemplate"), fields.at("podTemplate"))
+    fields.errors.extend(problems)
+    return template
 
 
 def _resources(fields: _Fields) -> dict[str, Any]:
@@ -602,6 +622,18 @@ def _scheduling(fields: _Fields) -> SchedulingSpec:
     )
     fields.done()
     return scheduling
+
+
+def _scheduler_name_errors(scheduling: SchedulingSpec, job_template: PodTemplate,
+                           roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
+    """A gang scheduler named in the spec places the gang itself: a template may not pick another scheduler."""
+    if scheduling.gang_scheduler in ("", "none"):
+        return []
+    templates = [("podTemplate", job_template)] + [(f"roles[{i}].podTemplate", r.pod_template)
+                                                   for i, r in enumerate(roles)]
+    return [(f"{path}.spec.schedulerName", f"must be unset with scheduling.gangScheduler "
+                                           f"{scheduling.gang_scheduler}: its scheduler places the gang")
+            for path, template in templates if "schedulerName" in template.spec]
 
 
 def _duplicate_role_errors(roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:

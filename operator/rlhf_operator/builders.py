@@ -48,6 +48,7 @@ from rlhf_operator.constants import (
     LABEL_MANAGED_BY,
     MANAGED_BY,
 )
+from rlhf_operator.podtemplate import apply_pod_template
 
 GPU_RESOURCE = "nvidia.com/gpu"
 VOLCANO_API_VERSION = "scheduling.volcano.sh/v1beta1"
@@ -377,7 +378,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(job.name)}},
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job)}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            {"name": "dshm", "emptyDir": shared_memory(job, role)},
             {"name": "tmp", "emptyDir": {}},
             *extra_volumes,
         ],
@@ -394,7 +395,19 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
         spec["schedulerName"] = settings.coscheduling_scheduler_name
     if job.spec.scheduling.priority_class_name:
         spec["priorityClassName"] = job.spec.scheduling.priority_class_name
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+    # The platform's additions (podtemplate.py): the job's template, then the role's; the gang
+    # scheduler's schedulerName stays whatever they say.
+    keep = {"schedulerName": spec["schedulerName"]} if "schedulerName" in spec else {}
+    for template in (job.spec.pod_template, role.pod_template):
+        pod = apply_pod_template(pod, template, keep=keep)
+    return pod
+
+
+def shared_memory(job: Job, role: RoleSpec) -> dict[str, str]:
+    """The /dev/shm emptyDir: in memory, limited to the role's (else the job's) sharedMemorySize."""
+    size = role.shared_memory_size or job.spec.shared_memory_size
+    return {"medium": "Memory", **({"sizeLimit": size} if size else {})}
 
 
 def build_gang(job: Job, attempt: int, settings: BuildSettings,

@@ -115,6 +115,47 @@ def test_a_failed_pod_restarts_the_whole_gang(cluster, operator):
     assert {("Warning", "PodFailed"), ("Warning", "GangRestart")} <= reasons
 
 
+def test_an_eviction_restarts_the_gang_without_using_a_restart(cluster, operator):
+    """Issue 18, part 5: the Eviction API (what a node drain uses) takes a pod; the gang restarts as a
+    disruption, counted apart from maxRestarts (here 0: a failure would fail the job)."""
+    name = "life-evict"
+    apply(cluster, example("ppo-tiny.yaml", name, failurePolicy={"maxRestarts": 0, "backoffSeconds": 1}))
+    first = wait_pods(cluster, name, 3)
+    set_all(cluster, first, "Running")
+    wait_phase(cluster, name, "Running")
+    before = metric(operator, "rlhf_operator_jobs_disruptions_total") or 0
+    victim = f"{name}-critic-0"
+    kube.api_request(cluster, "POST", f"/api/v1/namespaces/{NS}/pods/{victim}/eviction",
+                     {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim, "namespace": NS}})
+    second = wait_pods(cluster, name, 3, attempt=1, timeout=60)
+    assert {env_of(p)["RLHF_RESTART_ATTEMPT"] for p in second.values()} == {"1"}
+    status = job(cluster, name)["status"]
+    assert (status["restarts"], status["disruptions"], status["attempt"]) == (0, 1, 1), status
+    assert metric(operator, "rlhf_operator_jobs_disruptions_total") == before + 1
+    assert ("Warning", "GangDisrupted") in {(e["type"], e["reason"]) for e in events(cluster, name)}
+
+
+def test_a_spec_edit_is_rolled_out_as_a_new_gang_with_the_new_config(cluster, operator):
+    """Issue 18, part 3: a hyperparameter edit of a running job updates the trainer config and restarts
+    the gang from the last checkpoint; an immutable field's edit is refused by the API server."""
+    name = "life-edit"
+    apply(cluster, example("sft-tiny.yaml", name))
+    first = wait_pods(cluster, name, 1)
+    set_all(cluster, first, "Running")
+    wait_phase(cluster, name, "Running")
+    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == 20
+    kube.kubectl(cluster, "patch", "rlhfjob", name, "-n", NS, "--type=merge",
+                 "-p", json.dumps({"spec": {"hyperparameters": {"maxSteps": 40}}}))
+    wait_pods(cluster, name, 1, attempt=1, timeout=60)
+    assert config_json(cluster, name)["hyperparameters"]["max_steps"] == 40
+    status = job(cluster, name)["status"]
+    assert (status["restarts"], status["attempt"], status["observedGeneration"]) == (0, 1, 2), status
+    assert ("Normal", "SpecChanged") in {(e["type"], e["reason"]) for e in events(cluster, name)}
+    refused = kube.kubectl(cluster, "patch", "rlhfjob", name, "-n", NS, "--type=merge",
+                           "-p", json.dumps({"spec": {"model": {"path": "tiny://qwen2"}}}), check=False)
+    assert refused.returncode != 0 and "model is immutable" in refused.stderr, refused.stderr
+
+
 def test_a_permanent_exit_code_fails_the_job_without_restarting(cluster, operator):
     name = "life-permanent"
     apply(cluster, example("sft-tiny.yaml", name))

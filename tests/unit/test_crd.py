@@ -395,6 +395,7 @@ def test_status_written_by_the_operator_validates():
         "startTime": "2026-01-01T00:00:00Z", "lastRestartTime": "2026-01-01T00:05:00Z",
         "gangCreatedTime": "2026-01-01T00:05:10Z", "gangTimeouts": 1, "runningTime": "2026-01-01T00:01:00Z",
         "podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": "Back-off pulling"}],
+        "attempt": 2, "disruptions": 1, "specHash": "0ea93b7df9b1fcf7",
         "roles": {"actor": {"desired": 1, "pending": 0, "running": 1, "succeeded": 0, "failed": 0}},
         "progress": {"step": 3, "rewardMean": 0.4, "kl": 0.01, "lastCheckpointStep": 2,
                      "updatedAt": "2026-01-01T00:06:00Z"},
@@ -435,3 +436,19 @@ def test_role_rules_match_required_roles(algorithm, reward_type, role_names, val
     except SpecError as e:
         parsed = e.errors
     assert (not crd) == (not parsed) == valid, (crd, parsed)
+
+
+def test_every_status_the_planner_writes_is_kept_by_the_crd():
+    """The API server prunes status fields its schema does not list: a key the planner writes but the CRD
+    lacks would be lost on every write (e.g. specHash, and with it every rollout)."""
+    from datetime import timedelta
+
+    import test_planner as tp
+    from rlhf_operator import planner
+
+    for name, case in tp.CASES.items():
+        job = tp.make_job(status=case.status, generation=case.generation, **case.spec)
+        plan = planner.plan(job, planner.Observed(case.pods, case.existing), tp.T0 + timedelta(seconds=case.at),
+                            tp.SETTINGS)
+        obj = {**cases.example("ppo-tiny"), "status": plan.status}
+        assert [e for e in schema_errors(obj) if e[0].startswith("status")] == [], name
