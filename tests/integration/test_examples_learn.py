@@ -27,11 +27,12 @@ PROMISES = {
 }
 
 
+@pytest.mark.timeout(1000)
 @pytest.mark.parametrize("example", PROMISES)
 def test_example_learns_in_its_default_run(tmp_path, example):
     obj = yaml.safe_load((REPO / "crds" / "examples" / example).read_text())
     runner = local.LocalRunner(obj, tmp_path, serve_metrics=False)
-    status = runner.run(timeout=900)
+    status = runner.run(timeout=900)  # raises TimeoutError first (it stops the processes)
     logs = "\n".join(p.read_text()[-2000:] for p in runner.run_dir.glob("pods/*/log.txt"))
     assert status["phase"] == "Succeeded", logs
     _, main = report.main_history(report.load_run(runner.run_dir))

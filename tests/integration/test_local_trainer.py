@@ -44,11 +44,12 @@ def readme_first_command() -> list[str]:
     return re.search(r"rlhf-operator (run-local \S+)", block).group(1).split()
 
 
+@pytest.mark.timeout(1500)  # 150 PPO steps: ~2 minutes on 2 idle cores, much longer on a shared machine
 def test_readme_first_command_as_a_new_user(tmp_path):
     args = readme_first_command()
     shutil.copytree(REPO / "crds", tmp_path / "crds")  # a fresh clone's files, nothing else
     exe = Path(sys.executable).with_name("rlhf-operator")
-    done = subprocess.run([str(exe), *args], cwd=tmp_path, capture_output=True, text=True, timeout=1200)
+    done = run_cli([str(exe), *args], cwd=tmp_path, timeout=1200)
     name = yaml.safe_load((tmp_path / args[1]).read_text())["metadata"]["name"]
     run_dir = tmp_path / "runs" / name
     logs = "\n".join(p.read_text()[-2000:] for p in run_dir.glob("pods/*/log.txt"))
@@ -58,6 +59,7 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     # What the policy writes: samples on the volume, the newest one short in the status.
     assert status["progress"]["lastSample"].startswith("step 150: "), status["progress"]
     assert "newest samples" in done.stdout
+    assert list((run_dir / "checkpoints" / "tensorboard" / "actor-0").glob("events.out.tfevents.*"))
     assert (run_dir / "report.png").read_bytes()[:8] == PNG
     assert f"{name}: Succeeded" in done.stdout and "report:" in done.stdout
     assert (run_dir / "checkpoints" / "export" / "config.json").exists()
@@ -66,6 +68,19 @@ def test_readme_first_command_as_a_new_user(tmp_path):
     assert after >= before + 0.5, done.stdout[-3000:]
     greedy_before, greedy_after = figure(done.stdout, "held-out reward (greedy) (first / last evaluation)")
     assert greedy_after >= greedy_before + 0.5, done.stdout[-3000:]
+
+
+def run_cli(argv: list[str], *, cwd: Path, timeout: float, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an `rlhf-operator` command; past `timeout` it gets SIGTERM (run-local then stops its pods'
+    process groups, as on Ctrl-C) before the test fails, so no trainer outlives the test."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"{' '.join(argv)}: not done after {timeout} s\n{out[-3000:]}{err[-2000:]}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def figure(stdout: str, label: str) -> tuple[float, float]:
@@ -138,8 +153,8 @@ def test_nan_reward_case_fails_naming_the_step_the_reward_and_the_row(tmp_path):
     shutil.copytree(REPO / "tests" / "integration" / "cases" / "nan-reward", case)
     exe = Path(sys.executable).with_name("rlhf-operator")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (".", os.environ.get("PYTHONPATH", "")) if p)}
-    done = subprocess.run([str(exe), "run-local", "job.yaml", "--workdir", "runs", "--fresh", "--no-progress"],
-                          cwd=case, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    done = run_cli([str(exe), "run-local", "job.yaml", "--workdir", "runs", "--fresh", "--no-progress"],
+                   cwd=case, env=env, timeout=RUN_TIMEOUT)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
     assert "grpo-nan-reward: Failed" in done.stdout
     failed = [line for line in done.stdout.splitlines() if line.startswith("  PermanentError:")]

@@ -14,6 +14,7 @@ import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
@@ -58,7 +59,7 @@ class TrainerMetrics:
     """The Prometheus series and the JSONL file of one trainer process."""
 
     def __init__(self, jsonl_path: str | Path | None = None, memory: PeakMemory | None = None,
-                 samples_path: str | Path | None = None):
+                 samples_path: str | Path | None = None, tracker: Any = None):
         self.registry = CollectorRegistry()
         self.gauges = {name: Gauge(PREFIX + name, doc, registry=self.registry) for name, doc in GAUGES.items()}
         self.phase_seconds = Histogram(
@@ -88,6 +89,7 @@ class TrainerMetrics:
         self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
                                 registry=self.registry)
         self.samples_path = Path(samples_path) if samples_path else None
+        self.tracker = tracker  # rlhf_trainer.trackers: every step's line and samples (None: none)
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
         if self.jsonl_path:
             self.jsonl_path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +103,8 @@ class TrainerMetrics:
         return self._server.server_port
 
     def stop(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -144,6 +148,8 @@ class TrainerMetrics:
         if self.jsonl_path:
             with open(self.jsonl_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_step(step, row)
         return row
 
     def count_non_finite(self, where: str) -> None:
@@ -158,6 +164,8 @@ class TrainerMetrics:
             return
         if self.samples_path:
             samples.write(self.samples_path, picked)
+        if self.tracker is not None:
+            self.tracker.log_samples(picked[0].step, picked)
         self.sample_info.info(samples.info_labels(picked[-1]))
 
     def set_alarms(self, alarms: dict[str, str], reasons: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 from rlhf_trainer.samples import samples_path_for
 from rlhf_trainer.stopping import Stopped, StopRequest
+from rlhf_trainer.trackers import TensorBoardTracker, tensorboard_dir_for
 
 
 def log(*parts: Any) -> None:
@@ -233,7 +234,8 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
-                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank))
+                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank),
+                             tracker=TensorBoardTracker(tensorboard_dir_for(env.checkpoint_dir, env.role, env.rank)))
     metrics.gauges["rank"].set(env.rank)
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
