@@ -268,7 +268,7 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
 
 TRL_PPO_SCRIPT = r'''
 import json, sys, time, os
-sys.path.insert(0, os.environ["RLHF_TRAINER_PATH"])
+sys.path[:0] = os.environ["RLHF_TRAINER_PATH"].split(os.pathsep)
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -276,7 +276,8 @@ from rlhf_trainer import models
 from rlhf_trainer.data import synthetic_arithmetic
 steps, warmup, device, P, N, L = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                   int(sys.argv[5]), int(sys.argv[6]))
-tok = models.load_tokenizer("tiny://llama")
+model = sys.argv[7]  # the same model as ours: policy, reference, reward and value all start from it
+tok = models.load_tokenizer(model)
 tok.padding_side = "left"
 ds = Dataset.from_list([{"input_ids": tok(r.prompt)["input_ids"][-L:]} for r in synthetic_arithmetic()])
 class Timer(TrainerCallback):
@@ -293,19 +294,22 @@ args = PPOConfig(output_dir=os.environ["OUT"], per_device_train_batch_size=P, gr
                  local_rollout_forward_batch_size=P, learning_rate=1e-5, report_to=[], save_strategy="no",
                  use_cpu=(device == "cpu"), kl_coef=0.05, missing_eos_penalty=1.0, stop_token="eos",
                  num_sample_generations=0, logging_steps=10**6, seed=0)
-trainer = PPOTrainer(args=args, processing_class=tok, model=models.load_policy("tiny://llama", seed=0),
-                     ref_model=models.load_policy("tiny://llama", seed=0),
-                     reward_model=models.load_reward_model("tiny://llama", seed=0),
-                     value_model=models.load_reward_model("tiny://llama", seed=0),
+trainer = PPOTrainer(args=args, processing_class=tok, model=models.load_policy(model, seed=0),
+                     ref_model=models.load_policy(model, seed=0),
+                     reward_model=models.load_reward_model(model, seed=0),
+                     value_model=models.load_reward_model(model, seed=0),
                      train_dataset=ds, callbacks=[timer])
 trainer.train()
 print("RESULT " + json.dumps({"times": timer.times}))
 '''
 
 
-def run_trl_ppo(steps: int, warmup: int, device: str, python: str) -> dict:
-    env = {**os.environ, "RLHF_TRAINER_PATH": str(HERE.parent / "trainer_image"), "OUT": str(HERE / "out" / "trl-ppo")}
-    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS), str(PROMPT_LEN)]
+def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str) -> dict:
+    # The trainer's package and the contract it imports (TRL 1.12's own venv has neither installed).
+    paths = os.pathsep.join(str(HERE.parent / d) for d in ("trainer_image", "contract"))
+    env = {**os.environ, "RLHF_TRAINER_PATH": paths, "OUT": str(HERE / "out" / "trl-ppo")}
+    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS), str(PROMPT_LEN),
+           model]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -341,7 +345,7 @@ def one(args) -> None:
         result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
                           args.precision == "bf16")
     elif algorithm == "ppo":
-        result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python)
+        result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
     else:
         result = run_trl(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
                          args.precision == "bf16")
