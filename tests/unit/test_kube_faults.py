@@ -323,3 +323,23 @@ def test_resync_interval_comes_from_the_command_line():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["operator", "--resync-seconds", "0"])
     assert timedelta(seconds=OperatorConfig().resync_seconds) == timedelta(minutes=1)
+
+
+async def test_a_held_key_is_not_processed_before_its_hold_ends_whatever_events_come():
+    import asyncio
+
+    from rlhf_operator.kube.workqueue import WorkQueue
+
+    queue = WorkQueue()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    queue.hold(KEY, 0.3)
+    queue.add(KEY)  # an event meanwhile
+    queue.add(KEY)
+    assert len(queue) == 0
+    key = await asyncio.wait_for(queue.get(), timeout=5)
+    assert key == KEY and loop.time() - start >= 0.29
+    queue.done(KEY)
+    assert len(queue) == 0  # the events collapsed into that one pass
+    queue.add(KEY)  # the hold is over: at once
+    assert len(queue) == 1

@@ -35,7 +35,7 @@ from rlhf_operator.kube.observe import (
     uid_of,
     vanished,
 )
-from rlhf_operator.kube.workqueue import WorkQueue, retry_delay
+from rlhf_operator.kube.workqueue import THROTTLED, WorkQueue, retry_delay
 from rlhf_operator.metrics import OperatorMetrics
 from rlhf_operator.progress import merge_progress, parse_progress
 
@@ -274,6 +274,9 @@ class Controller:
                 record.failures += 1
                 delay = retry_delay(record.failures, err.status, err.retry_after, random.random())
                 log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+                if err.status in THROTTLED and err.retry_after is not None:
+                    self.queue.hold(key, delay)  # no pass before then, whatever events come
+                    delay = None
                 if err.status in REFUSED and record.failures == 1 and record.body is not None:
                     await self.api.post_event(record.body, "Warning", "RequestRefused", str(err))
             except Exception:  # a bug must not kill the worker: log it and retry later

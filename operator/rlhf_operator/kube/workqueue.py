@@ -50,8 +50,16 @@ class WorkQueue:
         self._active: set[JobKey] = set()
         self._dirty: set[JobKey] = set()
         self._timers: dict[JobKey, tuple[float, asyncio.TimerHandle]] = {}
+        self._held: dict[JobKey, float] = {}  # key -> loop time before which it is not processed
 
     def add(self, key: JobKey) -> None:
+        held = self._held.get(key)
+        if held is not None:
+            wait = held - asyncio.get_running_loop().time()
+            if wait > 0.001:
+                self.add_after(key, wait)  # events meanwhile collapse into the pass at the hold's end
+                return
+            del self._held[key]
         if key in self._active:
             self._dirty.add(key)  # one more pass once the running one ends
         elif key not in self._queued:
@@ -68,6 +76,12 @@ class WorkQueue:
         if pending:
             pending[1].cancel()
         self._timers[key] = (due, loop.call_at(due, self._wake, key))
+
+    def hold(self, key: JobKey, delay: float) -> None:
+        """Process `key` no sooner than `delay` seconds from now, whatever events come meanwhile (the API
+        server's Retry-After), and once then."""
+        self._held[key] = asyncio.get_running_loop().time() + delay
+        self.add_after(key, delay)
 
     def _wake(self, key: JobKey) -> None:
         self._timers.pop(key, None)
@@ -90,6 +104,7 @@ class WorkQueue:
         if pending:
             pending[1].cancel()
         self._dirty.discard(key)
+        self._held.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._queued) + len(self._active)
