@@ -51,6 +51,13 @@ def reasons(cp, name: str) -> Counter:
     return counts
 
 
+def assert_each_event_once(cp, name: str) -> None:
+    """No event of the job was recorded twice (the same reason and message twice, or a count above 1)."""
+    recorded = [(e["reason"], e["message"], int(e.get("count") or 1)) for e in events(cp, name)]
+    assert all(count == 1 for _, _, count in recorded), recorded
+    assert len({(r, m) for r, m, _ in recorded}) == len(recorded), recorded
+
+
 def histogram_count(op, name: str) -> float:
     return metric(op, f"{name}_count") or 0.0
 
@@ -74,7 +81,9 @@ def test_events_and_time_to_running_once_under_repeated_conflicts(cluster, opera
     start_running(cluster, name)
     assert conflicts.injected == 6  # every retry of the first transitions met a conflict first
     counts = reasons(cluster, name)
+    print(f"events under {conflicts.injected} conflicting status writes: {dict(counts)}")
     assert counts["GangCreated"] == 1 and counts["Running"] == 1, counts
+    assert_each_event_once(cluster, name)
     kube.wait_for(lambda: histogram_count(operator, "rlhf_operator_time_to_running_seconds") == observed + 1,
                   what="time_to_running observed once")
     assert metric(operator, "rlhf_operator_jobs_created_total") == created + 1
@@ -98,6 +107,7 @@ def test_writes_failing_with_500s_still_give_one_gang_and_one_event_per_transiti
     counts = kube.wait_for(lambda: (c := reasons(cluster, name))["Running"] == 1 and c, timeout=15,
                            what="the Running event, posted again after a failed POST")
     assert counts["GangCreated"] == 1 and counts["Running"] == 1, counts
+    assert_each_event_once(cluster, name)
     assert histogram_count(operator, "rlhf_operator_time_to_running_seconds") == observed + 1
 
 
@@ -172,3 +182,31 @@ def test_a_job_deleted_while_the_watches_were_away_is_forgotten(cluster, operato
     assert writes_now == writes_then
     assert not pods(cluster, name)
     assert kube.get_json(cluster, "configmap", f"{name}-config", "-n", NS) is None
+
+
+def test_without_faults_each_restart_transition_is_counted_once(cluster, operator, proxy):
+    names = [f"fault-none-{i}" for i in range(3)]
+    to_running = histogram_count(operator, "rlhf_operator_time_to_running_seconds")
+    latency = histogram_count(operator, "rlhf_operator_restart_latency_seconds")
+    for name in names:
+        apply(cluster, example("ppo-tiny.yaml", name, failurePolicy={"maxRestarts": 2, "backoffSeconds": 1}))
+    for name in names:
+        set_all(cluster, wait_pods(cluster, name, 3, timeout=40), "Running")
+    for name in names:
+        wait_phase(cluster, name, "Running", timeout=40)
+        kube.kubectl(cluster, "delete", "pod", f"{name}-critic-0", "-n", NS, "--wait=false")
+    for name in names:
+        set_all(cluster, wait_pods(cluster, name, 3, attempt=1, timeout=40), "Running")
+    for name in names:
+        wait_phase(cluster, name, "Running", timeout=40)
+    time.sleep(RESYNC_SECONDS + 1)  # a resync later
+    counts = {name: reasons(cluster, name) for name in names}
+    observed = (histogram_count(operator, "rlhf_operator_time_to_running_seconds") - to_running,
+                histogram_count(operator, "rlhf_operator_restart_latency_seconds") - latency)
+    print(f"{len(names)} jobs, one restart each: Running events {[c['Running'] for c in counts.values()]}, "
+          f"time_to_running / restart_latency observed {observed}")
+    assert [c["Running"] for c in counts.values()] == [2] * len(names)
+    assert [c["GangCreated"] for c in counts.values()] == [2] * len(names)
+    assert observed == (len(names), len(names))
+    for name in names:  # (the same message may come again for the second gang: a transition of its own)
+        assert all(int(e.get("count") or 1) == 1 for e in events(cluster, name))
