@@ -5,6 +5,12 @@ key, read the latest job, pods and support objects from the indexes, ask the pur
 execute the actions and write the status once. A key is never processed by two workers at once, and
 the events that arrive meanwhile collapse into one more pass. Timers and daemons are not used on
 jobs because kopf would put a finalizer on every job for them: owner references do the cleanup.
+
+Under API faults (docs/install.md "Under API faults"): a pass's events and metrics follow the status
+write that records its transition, never the attempt; the status a write returned is trusted until the
+watch delivers it; a resync after every kopf listing and every `resync_seconds` compares the caches with a
+fresh LIST (kopf's indexes never drop what was deleted while a watch was away); a job whose status write
+answers 404 is forgotten; a Retry-After holds the job's key.
 """
 
 from __future__ import annotations
