@@ -57,6 +57,7 @@ class Record:
     query: str
     status: int
     injected: bool
+    name: str = ""  # metadata.name of the object a POST sent (a create names it in its body, not its path)
 
 
 @dataclass
@@ -80,6 +81,15 @@ def status_body(code: int, message: str, reason: str) -> dict[str, Any]:
     """A metav1.Status as the API server answers a failed request."""
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "code": code}
+
+
+def posted_name(body: bytes | None) -> str:
+    """metadata.name (else generateName) of a JSON object body; "" for anything else."""
+    try:
+        meta = json.loads(body or b"").get("metadata") or {}
+    except (ValueError, AttributeError):
+        return ""
+    return str(meta.get("name") or meta.get("generateName") or "")
 
 
 def is_watch(query: dict[str, str]) -> bool:
@@ -190,10 +200,10 @@ class FaultProxy:
             answer.close()
         self._watches.clear()
 
-    def _record(self, request: web.Request, status: int, injected: bool) -> None:
+    def _record(self, request: web.Request, status: int, injected: bool, body: bytes | None = None) -> None:
         with self._lock:
             self._records.append(Record(time.monotonic(), request.method, request.path, request.query_string,
-                                        status, injected))
+                                        status, injected, posted_name(body) if request.method == "POST" else ""))
 
     def _injected(self, method: str, path: str) -> Fault | None:
         with self._lock:
@@ -212,7 +222,7 @@ class FaultProxy:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         fault = self._injected(request.method, request.path)
         if fault is not None:
-            self._record(request, fault.status, True)
+            self._record(request, fault.status, True, await request.read() if request.can_read_body else None)
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             reason = REASONS.get(fault.status, "InternalError")
             return web.json_response(status_body(fault.status, f"injected by the fault proxy: {reason}", reason),
@@ -235,9 +245,9 @@ class FaultProxy:
                 headers = {k: answer.headers[k] for k in FORWARDED_ANSWER if k in answer.headers}
                 status = answer.status
         except aiohttp.ClientError as err:
-            self._record(request, 502, False)
+            self._record(request, 502, False, body)
             return web.json_response(status_body(502, str(err), "BadGateway"), status=502)
-        self._record(request, status, False)
+        self._record(request, status, False, body)
         return web.Response(body=data, status=status, headers=headers)
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
