@@ -74,7 +74,10 @@ def start_running(cp, name: str, **spec) -> dict:
     apply(cp, example("ppo-tiny.yaml", name, **spec))
     gang = wait_pods(cp, name, 3, timeout=40)
     set_all(cp, gang, "Running")
-    return wait_phase(cp, name, "Running", timeout=40)
+    running = wait_phase(cp, name, "Running", timeout=40)
+    # Events follow the status write that records their transition: the Running event comes just after.
+    kube.wait_for(lambda: reasons(cp, name)["Running"], timeout=20, what=f"the Running event of {name}")
+    return running
 
 
 def test_events_and_time_to_running_once_under_repeated_conflicts(cluster, operator, proxy):
@@ -108,8 +111,7 @@ def test_writes_failing_with_500s_still_give_one_gang_and_one_event_per_transiti
         proxy.clear_faults()
     assert storm.injected > 0
     assert sorted(pods(cluster, name)) == [f"{name}-actor-0", f"{name}-critic-0", f"{name}-reference-0"]
-    counts = kube.wait_for(lambda: (c := reasons(cluster, name))["Running"] == 1 and c, timeout=15,
-                           what="the Running event, posted again after a failed POST")
+    counts = reasons(cluster, name)
     assert counts["GangCreated"] == 1 and counts["Running"] == 1, counts
     assert_each_event_once(cluster, name)
     assert histogram_count(operator, "rlhf_operator_time_to_running_seconds") == observed + 1
