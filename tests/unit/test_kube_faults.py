@@ -343,3 +343,24 @@ async def test_a_held_key_is_not_processed_before_its_hold_ends_whatever_events_
     assert len(queue) == 0  # the events collapsed into that one pass
     queue.add(KEY)  # the hold is over: at once
     assert len(queue) == 1
+
+
+async def test_a_listing_is_followed_by_a_resync_long_before_the_periodic_one():
+    import asyncio
+
+    from rlhf_operator.kube import reconciler
+
+    api = ScriptedApi()
+    api.jobs = []
+    c = make_controller(api)
+    c.resync_seconds = 1000.0
+    c.job_changed(KEY, job_body(), None)  # kopf lists the jobs (a re-list after 410 Gone looks the same)
+    c.start()
+    try:
+        c.relisted()
+        deadline = asyncio.get_running_loop().time() + reconciler.RELIST_SETTLE_SECONDS + 5
+        while KEY in c.records and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await c.stop()
+    assert KEY not in c.records  # the resync's LIST lacks the job: forgotten
