@@ -364,3 +364,19 @@ async def test_a_listing_is_followed_by_a_resync_long_before_the_periodic_one():
     finally:
         await c.stop()
     assert KEY not in c.records  # the resync's LIST lacks the job: forgotten
+
+
+async def test_a_write_whose_watch_event_came_before_its_answer_is_not_trusted_over_later_events():
+    api = ScriptedApi()
+    c = make_controller(api)
+    c.job_changed(KEY, job_body(rv="1"), "ADDED")
+    real_patch = api.patch_job_status
+
+    async def patch_seen_first(namespace, name, patch):
+        stored = await real_patch(namespace, name, patch)
+        c.job_changed(KEY, job_body(rv=stored["metadata"]["resourceVersion"], status=stored["status"]), "MODIFIED")
+        return stored
+
+    api.patch_job_status = patch_seen_first
+    await c.reconcile(KEY)
+    assert c.record(KEY).written is None

@@ -188,7 +188,8 @@ class Controller:
         write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
         record = self.record(key)
         old, record.body = record.body, obj
-        if record.written and (event_type is None or record.written[0] == resource_version(obj)):
+        if record.written and (event_type is None or record.written[0] == resource_version(obj)
+                               or record.written[1] == (obj.get("status") or {})):
             record.written = None  # the cache caught up with our last write (or kopf listed the job again)
         sources = self._sources(record)
         if sources:
@@ -458,6 +459,8 @@ class Controller:
         rv = resource_version(stored_job)
         stored_status = stored_job.get("status")
         record.written = (rv, dict(stored_status) if isinstance(stored_status, dict) else dict(status))
+        if record.body is not None and resource_version(record.body) == rv:
+            record.written = None  # its watch event came before the answer: the cache holds it already
         return rv
 
     async def _post_events(self, raw: dict[str, Any], events: list[PendingEvent],
