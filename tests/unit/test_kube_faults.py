@@ -380,3 +380,28 @@ async def test_a_write_whose_watch_event_came_before_its_answer_is_not_trusted_o
     api.patch_job_status = patch_seen_first
     await c.reconcile(KEY)
     assert c.record(KEY).written is None
+
+
+@pytest.mark.parametrize(("refs", "other"), [
+    ([{"kind": "RLHFJob", "name": "j", "uid": "job-uid"}], False),
+    ([{"kind": "RLHFJob", "name": "j", "uid": "old-uid"}], True),
+    ([{"kind": "RLHFJob", "name": "sft", "uid": "x"}, {"kind": "RLHFJob", "name": "j", "uid": "job-uid"}], False),
+    ([], False),
+], ids=["this-job", "earlier-job-same-name", "co-owned-by-a-chained-job", "no-owner"])
+def test_children_of_an_earlier_job_of_the_same_name(refs, other):
+    from rlhf_operator.kube.observe import of_another_incarnation
+
+    obj = {"metadata": {"name": "j-actor-0", "ownerReferences": refs}}
+    assert of_another_incarnation(obj, "j", "job-uid") is other
+    assert of_another_incarnation(obj, "j", "") is False  # a job without a uid (not stored yet) keeps all
+
+
+async def test_a_job_created_again_under_its_name_ignores_the_stale_pods_of_the_earlier_one():
+    stale = pod_body("p-old")
+    stale["metadata"]["ownerReferences"] = [{"apiVersion": constants.API_VERSION, "kind": "RLHFJob",
+                                             "name": "j", "uid": "earlier-uid", "controller": True}]
+    api = ScriptedApi()
+    c = make_controller(api, pods=[stale])
+    c.job_changed(KEY, job_body(), "ADDED")
+    await c.reconcile(KEY)
+    assert ("Pod", "j-actor-0") in api.created  # its own gang, not the stale pod taken for it

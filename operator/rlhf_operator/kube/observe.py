@@ -22,6 +22,15 @@ def uid_of(obj: dict[str, Any] | None) -> str:
     return str(((obj or {}).get("metadata") or {}).get("uid") or "")
 
 
+def of_another_incarnation(obj: dict[str, Any], job_name: str, job_uid: str) -> bool:
+    """True when an RLHFJob owner reference of `obj` names the job but another uid: a child of an earlier job
+    of the same name (deleted, maybe while a watch was away, and created again), not of this one."""
+    if not job_uid:
+        return False
+    return any(ref.get("kind") == constants.KIND and ref.get("name") == job_name and ref.get("uid") != job_uid
+               for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
 def vanished(cached: Iterable[dict[str, Any]], listed: Iterable[dict[str, Any]],
              listed_kinds: Collection[tuple[str, str]]) -> frozenset[str]:
     """uids of the objects a cache held before a fresh LIST that the LIST lacks: deleted meanwhile. Only

@@ -36,6 +36,7 @@ from rlhf_operator.kube.observe import (
     SpecCache,
     child_ref,
     is_live,
+    of_another_incarnation,
     owning_job,
     progress_url,
     uid_of,
@@ -381,9 +382,9 @@ class Controller:
             record.accepted_spec = raw.get("spec") or {}
         record.planned_generation = job.generation
 
-        pods = [p for p in latest(self.pods, key) if uid_of(p) not in record.gone]
+        pods = [p for p in latest(self.pods, key) if self._current_child(record, raw, p)]
         existing = frozenset(child_ref(c) for c in latest(self.children, key)
-                             if is_live(c) and uid_of(c) not in record.gone)
+                             if is_live(c) and self._current_child(record, raw, c))
         scraped = await self._scrape_progress(pods)
         observed = planner.Observed(
             pods=tuple(planner.observe_pod(p) for p in pods),
@@ -434,6 +435,13 @@ class Controller:
         if new_status.get("phase") == "Running":
             delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
         return delay
+
+    @staticmethod
+    def _current_child(record: JobRecord, raw: dict[str, Any], obj: dict[str, Any]) -> bool:
+        """A cached child that is this job's and still exists: not seen gone by a resync, not left over from
+        an earlier job of the same name."""
+        meta = raw.get("metadata") or {}
+        return uid_of(obj) not in record.gone and not of_another_incarnation(obj, meta.get("name", ""), uid_of(raw))
 
     @staticmethod
     def _valid_spec(record: JobRecord, raw: dict[str, Any]) -> api.JobSpec | None:
