@@ -137,21 +137,22 @@ def test_a_pod_deleted_while_the_watches_were_away_is_noticed_and_the_gang_resta
     try:
         kube.kubectl(cluster, "delete", "pod", f"{name}-critic-0", "-n", NS, "--grace-period=0", "--force")
         kube.wait_for(lambda: f"{name}-critic-0" not in pods(cluster, name), what="the pod deleted")
+        deleted = datetime.now()
         time.sleep(1.0)
     finally:
         proxy.resume_watches(gone=True)  # the re-watches get 410 Gone: kopf lists again, no DELETED comes
-    back = datetime.now()
     gone = [r for r in proxy.requests("GET") if r.status == 410]
     assert gone, "no re-watch was answered 410 Gone"
-    # The vanished pod is seen at the resync that follows kopf's re-list (or the periodic one) ...
+    # The vanished pod is seen at the periodic resync (while the watches are still away, if it falls then)
+    # or at the one that follows kopf's re-list, whichever comes first ...
     line = kube.wait_for(lambda: next((ln for ln in operator.log_tail(200_000).splitlines()
                                        if f"job {NS}/{name}: 1 children deleted while a watch was away" in ln), None),
                          timeout=RESYNC_SECONDS * 3 + 10, what="the missed deletion noticed")
-    noticed = (datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") - back).total_seconds()
+    noticed = (datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f") - deleted).total_seconds()
     # ... and the gang restarts once the planner's grace for a missing pod is over.
     second = wait_pods(cluster, name, 3, attempt=1, timeout=planner.MISSING_POD_GRACE_SECONDS + RESYNC_SECONDS * 3 + 10)
-    print(f"a pod deleted while the watches were away: noticed {noticed:.1f}s after they came back "
-          f"(resync every {RESYNC_SECONDS:g}s), new gang {(datetime.now() - back).total_seconds():.1f}s after")
+    print(f"a pod deleted while the watches were away: noticed {noticed:.1f}s after its deletion "
+          f"(resync every {RESYNC_SECONDS:g}s), new gang {(datetime.now() - deleted).total_seconds():.1f}s after it")
     set_all(cluster, second, "Running")
     status = wait_phase(cluster, name, "Running", timeout=30)["status"]
     assert status["disruptions"] == 1 and status["restarts"] == 0
