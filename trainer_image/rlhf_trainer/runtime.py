@@ -30,7 +30,7 @@ from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 from rlhf_trainer.samples import samples_path_for
 from rlhf_trainer.stopping import Stopped, StopRequest
-from rlhf_trainer.trackers import TensorBoardTracker, tensorboard_dir_for
+from rlhf_trainer.trackers import build_trackers
 
 
 def log(*parts: Any) -> None:
@@ -233,10 +233,13 @@ def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     bridge = None
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
+    trackers = build_trackers(cfg, env.checkpoint_dir, env.role, env.rank)
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
-                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank),
-                             tracker=TensorBoardTracker(tensorboard_dir_for(env.checkpoint_dir, env.role, env.rank)))
+                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank), tracker=trackers)
     metrics.gauges["rank"].set(env.rank)
+    if trackers.links():
+        metrics.set_tracker_links(trackers.links())
+        log(f"{env.role}-{env.rank}: tracker runs {trackers.links()}")
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
