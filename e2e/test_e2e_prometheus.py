@@ -1,6 +1,7 @@
 """A real Prometheus scrapes a tiny PPO job's trainer pods and the operator with the relabelling of the
 chart's PodMonitor and ServiceMonitor (e2e/prometheus_support.py); then every query of the Grafana
-dashboard returns data over the run, and every alert rule of the chart evaluates without error."""
+dashboard returns data over the run, and every alert rule of the chart evaluates without error. The
+job also logs to W&B (offline, its key from a Secret) and MLflow: their links reach the status."""
 
 from __future__ import annotations
 
@@ -104,7 +105,14 @@ def test_dashboard_queries_return_data_and_alert_rules_evaluate(cluster, operato
     discovery.start()
     start = time.time()
     try:
-        cluster.apply(example("ppo-tiny.yaml", name, maxSteps=8, checkpoint={"intervalSteps": 4, "keep": 1}))
+        # Trackers too: the kube path of their links (trainer info series -> operator -> status) and of the key.
+        key = f"key-{name}"
+        cluster.kubectl("create", "secret", "generic", f"{name}-wandb", f"--from-literal=api-key={key}")
+        manifest = example("ppo-tiny.yaml", name, maxSteps=8, checkpoint={"intervalSteps": 4, "keep": 1})
+        manifest["spec"]["trackers"] = {"wandb": {"enabled": True, "mode": "offline",
+                                                  "apiKeySecret": {"name": f"{name}-wandb", "key": "api-key"}},
+                                        "mlflow": {"enabled": True}}
+        cluster.apply(manifest)
         step = f'max(rlhf_trainer_step{{namespace="{NAMESPACE}", job="{name}", role="actor"}})'
         kube.wait_for(lambda: [r for r in prom.api("query", query=step)["result"] if float(r["value"][1]) >= 1],
                       timeout=240, interval=1, what=f"{name}'s actor step scraped")
@@ -123,8 +131,15 @@ def test_dashboard_queries_return_data_and_alert_rules_evaluate(cluster, operato
         assert [(t["job"], t["namespace"]) for t in operator_target] == [
             (service["metadata"]["name"], cluster.release.namespace)], operator_target
 
+        # The stand-in kubelet read the Secret into the actor's env, as a kubelet does.
+        assert cluster.kubelet.supervisor.get(f"{name}-actor-0").spec.env["WANDB_API_KEY"] == key
+
         job = cluster.wait_phase(name, timeout=240)
         assert job["status"]["phase"] == "Succeeded", job["status"]
+        links = job["status"]["progress"]["trackers"]
+        assert links["wandb"].startswith("file:///") and "/trackers/wandb/offline-run-" in links["wandb"], links
+        assert links["mlflow"].startswith("file:///") and "/mlruns/" in links["mlflow"], links
+        assert key not in json.dumps(job) + operator.log_tail(10**6)  # never in the status or the operator's log
         time.sleep(3)  # the operator's last phase change gets scraped
         end = time.time()
 
