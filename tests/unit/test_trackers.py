@@ -127,9 +127,34 @@ def test_flat_params():
 def test_an_enabled_tracker_without_its_library_is_a_config_error_naming_the_field(monkeypatch, tmp_path,
                                                                                      module, field):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
-    cfg = parse_config({"job": "j", "algorithm": "sft", "model": {"path": "tiny://llama"},
-                        "dataset": {"path": "synthetic://instructions"}, "roles": {"actor": {}},
-                        "trackers": {module: {"enabled": True}}})
+    cfg = sft_config(**{module: {"enabled": True}})
     with pytest.raises(ConfigError, match=rf"^{field}: is true but the trainer image lacks the {module} package"):
         trackers.build_trackers(cfg, tmp_path, "actor", 0)
     assert trackers.build_trackers(cfg, tmp_path, "actor", 1).links() == {}  # other ranks never import it
+
+
+def sft_config(**trackers_cfg):
+    return parse_config({"job": "j", "algorithm": "sft", "model": {"path": "tiny://llama"},
+                         "dataset": {"path": "synthetic://instructions"}, "roles": {"actor": {}},
+                         "hyperparameters": {"max_steps": 7}, "trackers": trackers_cfg})
+
+
+def test_mlflow_run_is_resumed_after_a_gang_restart_and_marked_by_how_the_process_ended(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = sft_config(mlflow={"enabled": True})
+    first = trackers.build_trackers(cfg, tmp_path, "actor", 0)
+    first.log_step(1, {"step": 1, "loss": 2.0})
+    first.close(failed=True)  # the gang fails: the run is FAILED until a new attempt resumes it
+    (mlflow_tracker,) = [t for t in first.trackers if isinstance(t, trackers.MlflowTracker)]
+    assert mlflow_tracker.client.get_run(mlflow_tracker.run_id).info.status == "FAILED"
+    second = trackers.build_trackers(cfg, tmp_path, "actor", 0)
+    assert second.links() == first.links()  # the same run: its id is kept on the volume
+    (resumed,) = [t for t in second.trackers if isinstance(t, trackers.MlflowTracker)]
+    assert resumed.client.get_run(resumed.run_id).info.status == "RUNNING"
+    second.log_step(2, {"step": 2, "loss": 1.0})
+    second.close()
+    run = resumed.client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["hyperparameters.max_steps"] == "7"
+    assert [(m.step, m.value) for m in resumed.client.get_metric_history(resumed.run_id, "train/loss")] == [
+        (1, 2.0), (2, 1.0)]

@@ -105,9 +105,10 @@ class TrainerMetrics:
         self._server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
         return self._server.server_port
 
-    def stop(self) -> None:
+    def stop(self, failed: bool = False) -> None:
+        """Close the trackers (`failed`: the process ends on an error or a stop, not done) and the server."""
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(failed=failed)
         if self._server is not None:
             self._server.shutdown()
             self._server = None

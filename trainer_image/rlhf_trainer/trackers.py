@@ -93,7 +93,7 @@ class TensorBoardTracker:
     def log_samples(self, step: int, samples: Sequence[Any]) -> None:
         self._open().add_text("samples", samples_markdown(samples), global_step=step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -187,8 +187,9 @@ class WandbTracker:
         table = self._wandb.Table(columns=list(SAMPLE_COLUMNS), data=sample_rows(samples))
         self.run.log({"samples": table}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        """Finish the run; a failed or stopped process marks it failed (a gang restart resumes it)."""
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class MlflowTracker:
@@ -234,8 +235,10 @@ class MlflowTracker:
     def log_samples(self, step: int, samples: Sequence[Any]) -> None:
         self.client.log_text(self.run_id, samples_markdown(samples), f"samples/step-{step:06d}.md")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id, self._status.to_string(self._status.FINISHED))
+    def close(self, failed: bool = False) -> None:
+        """FINISHED, or FAILED when the process ends on an error or a stop (a gang restart resumes the run)."""
+        status = self._status.FAILED if failed else self._status.FINISHED
+        self.client.set_terminated(self.run_id, self._status.to_string(status))
 
 
 class Trackers:
@@ -257,9 +260,9 @@ class Trackers:
         for tracker in self.trackers:
             tracker.log_samples(step, samples)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed=failed)
 
 
 def remote_trackers_enabled(trackers: TrackersConfig, role: str, rank: int) -> tuple[str, ...]:
