@@ -30,9 +30,11 @@ pins its pods to this node's pool).
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import logging
+import os
 import random
 import threading
 import time
@@ -230,7 +232,8 @@ class StandInKubelet:
         metrics_port = next((int(e["value"]) for e in localexec.trainer_container(pod).get("env", [])
                              if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),
-                                       pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port)
+                                       pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port,
+                                       base_env={**os.environ, **self._secret_env(pod)})
         spec.cwd.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "a") as log_file:
             log_file.write(f"--- {localexec.utc_now()} start {name} attempt {attempt}: {' '.join(spec.argv)}\n")
@@ -238,6 +241,29 @@ class StandInKubelet:
         self.starts[name] += 1
         self.logs.setdefault(name, []).append(spec.log_path)
         log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
+
+    def _secret_env(self, pod: dict[str, Any]) -> dict[str, str]:
+        """The container's secretKeyRef env read from the Secrets, as a kubelet does (a missing Secret or key
+        leaves the pod in CreateContainerConfigError; an optional one is skipped)."""
+        env = {}
+        for var in localexec.trainer_container(pod).get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if not ref:
+                continue
+            try:
+                data = self.api.read_namespaced_secret(ref["name"], pod["metadata"]["namespace"]).data or {}
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                if ref.get("optional"):
+                    continue
+                raise ValueError(f'secret "{ref["name"]}" not found') from None
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                raise ValueError(f'couldn\'t find key {ref["key"]} in Secret {pod["metadata"]["namespace"]}/{ref["name"]}')
+            env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        return env
 
     def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]

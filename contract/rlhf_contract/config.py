@@ -323,6 +323,41 @@ class CheckpointConfig:
     keep: int = knob(3, "Complete checkpoints kept; older ones are deleted.", minimum=1)
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """trackers.wandb: Weights & Biases (rlhf_trainer.trackers.WandbTracker), logged by actor rank 0 only."""
+
+    enabled: bool = knob(False, "Log every step's metrics, the samples and the config to a W&B run (needs the "
+                                "trainer image's `trackers` extra; the key comes from apiKeySecret).")
+    project: str = knob("", "W&B project (\"\" = the job's namespace).", max_length=128)
+    entity: str = knob("", "W&B entity (team or user; \"\" = the key's default).", max_length=128)
+    mode: str = knob("online", "online, or offline: the run is written to trackers/wandb/ on the checkpoint volume "
+                               "only (upload it later with `wandb sync`).", enum=WANDB_MODES)
+    group: str = knob("", "W&B run group (\"\" = none).", max_length=128)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """trackers.mlflow: MLflow (rlhf_trainer.trackers.MlflowTracker), logged by actor rank 0 only."""
+
+    enabled: bool = knob(False, "Log every step's metrics, the samples and the hyperparameters to an MLflow run "
+                                "(needs the trainer image's `trackers` extra).")
+    tracking_uri: str = knob("", "MLflow tracking server (http(s)://...; its token from tokenSecret) or a file: "
+                                 "store; \"\" = a file store in mlruns/ on the checkpoint volume.", max_length=2048)
+    experiment: str = knob("", "MLflow experiment name (\"\" = the job's name).", max_length=256)
+
+
+@dataclass(frozen=True)
+class TrackersConfig:
+    """Optional experiment trackers besides the TensorBoard event files every job writes."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """The whole job as the trainer sees it: built by the operator, read by the trainer."""
@@ -338,6 +373,7 @@ class TrainerConfig:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
         """Roles served inside `host`'s processes."""
@@ -452,6 +488,8 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)
     _check_knobs(cfg.critic, "critic", errors)
+    _check_knobs(cfg.trackers.wandb, "trackers.wandb", errors)
+    _check_knobs(cfg.trackers.mlflow, "trackers.mlflow", errors)
     for name, role in cfg.roles.items():
         if name not in ROLE_NAMES:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")

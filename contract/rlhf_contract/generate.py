@@ -29,9 +29,11 @@ from rlhf_contract.config import (
     DeepSpeedConfig,
     Hyperparameters,
     LoraConfig,
+    MlflowConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    WandbConfig,
 )
 from rlhf_contract.knobs import Setting, format_number, settings_of
 
@@ -156,6 +158,8 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
     "critic": lambda: properties_of(CriticConfig),
+    "trackers-wandb": lambda: properties_of(WandbConfig),
+    "trackers-mlflow": lambda: properties_of(MlflowConfig),
 }
 
 
