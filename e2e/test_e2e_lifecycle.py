@@ -4,10 +4,10 @@ deletion's SIGTERM, through the operator, the test control plane and the stand-i
 - a hyperparameter edit (maxSteps) of a running job: a new gang (SpecChanged, not a restart) resumes from
   the last complete checkpoint and stops at the new step count;
 - a resize of the actor (1 -> 2 replicas): the new ranks resume through DeepSpeed's universal checkpoint;
-- an eviction (the Eviction API, as a node drain) restarts the gang as a disruption: status.disruptions,
-  never status.restarts (maxRestarts 0 here: a counted failure would fail the job);
-- a pod deleted with a grace period gets SIGTERM from the kubelet; the trainer saves the step it was in
-  and exits 143, so the next gang redoes at most one step (no periodic checkpoint in that job);
+- an eviction (the Eviction API, as a node drain) and a pod deleted by someone else restart the gang as
+  disruptions: status.disruptions, never status.restarts (maxRestarts 0 there: a counted failure would
+  fail the job); the kubelet's SIGTERM makes the trainer save the step it was in and exit 143, so the
+  next gang redoes at most one step (no periodic checkpoint in that job);
 - the stand-in kubelet itself: a deleted pod gets SIGTERM, its grace period, then SIGKILL.
 
 Small on purpose (tiny models, tens of steps): CI runs them on two cores.
@@ -64,8 +64,8 @@ def resumed_from(log: str) -> int:
 
 @needs_kubelet
 def test_a_max_steps_edit_rolls_out_a_new_gang_that_resumes_and_stops_at_the_new_count(cluster, operator):
-    name, interval = unique("ppo-edit"), 5
-    cluster.apply(example("ppo-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": interval}))
+    name, interval = unique("sft-edit"), 5
+    cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": interval}))
     at = wait_step(cluster, name, interval + 1)
     steps = at + 20
     cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge",
@@ -91,7 +91,7 @@ def test_a_max_steps_edit_rolls_out_a_new_gang_that_resumes_and_stops_at_the_new
 @needs_kubelet
 def test_an_actor_resize_resumes_through_the_universal_checkpoint(cluster, operator):
     name = unique("sft-resize")
-    cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": 5}))
+    cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": 5, "keep": 10}))
     at = wait_step(cluster, name, 6)
     steps = at + 12
     patch = [{"op": "replace", "path": "/spec/roles/0/replicas", "value": 2},
@@ -114,50 +114,44 @@ def test_an_actor_resize_resumes_through_the_universal_checkpoint(cluster, opera
         assert report.history(report.read_jsonl(ckpt / "metrics" / f"{rank}.jsonl")).last_step == steps
 
 
-def test_an_eviction_restarts_the_gang_as_a_disruption_not_a_restart(cluster, operator):
-    name = unique("dpo-evict")
-    # maxRestarts 0: were the eviction counted as a failure, the job would fail.
-    cluster.apply(example("dpo-tiny.yaml", name, maxSteps=40, checkpoint={"intervalSteps": NO_PERIODIC},
+@needs_kubelet
+def test_an_eviction_and_a_deletion_restart_the_gang_as_disruptions_after_a_sigterm_save(cluster, operator):
+    """Two disruptions of one job: the reference evicted (the actor learns of the stop from the marker on
+    the checkpoint volume), then the actor's pod deleted with a grace period (its own SIGTERM). Each time
+    the gang saves the step it is in and exits 143 within the grace period; the next gang resumes there."""
+    name, steps = unique("dpo-disrupt"), 60
+    # maxRestarts 0: were a disruption counted as a failure, the job would fail. No periodic checkpoint:
+    # a step saved before the end was saved on SIGTERM.
+    cluster.apply(example("dpo-tiny.yaml", name, maxSteps=steps, checkpoint={"intervalSteps": NO_PERIODIC, "keep": 10},
                           failurePolicy={"maxRestarts": 0, "backoffSeconds": 1}))
-    at = wait_step(cluster, name, 3)
-    victim = f"{name}-reference-0"  # not the actor: it learns of the stop from the checkpoint volume's marker
+    actor = f"{name}-actor-0"
+    at = wait_step(cluster, name, 2)
+    victim = f"{name}-reference-0"
     eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim, "namespace": NAMESPACE}}
     cluster.kubectl("create", "--raw", f"/api/v1/namespaces/{NAMESPACE}/pods/{victim}/eviction", "-f", "-",
                     input=json.dumps(eviction))
+    # the next gang runs past the step it resumed from
+    logs = wait_for(lambda: (got := pod_logs(cluster, actor))[1:] and "resumed from step" in got[1] and got,
+                    timeout=240, interval=0.1, what="the second gang resumed")
+    resumed = resumed_from(logs[1])
+    wait_step(cluster, name, resumed + 1)
+    cluster.kubectl("delete", "pod", actor, "-n", NAMESPACE, "--grace-period=60", "--wait=false")
+
     job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
     status = job["status"]
     assert status["phase"] == "Succeeded", diagnostics(cluster, operator, name)
-    assert (status.get("restarts", 0), status.get("disruptions", 0), status["attempt"]) == (0, 1, 1), status
+    assert (status.get("restarts", 0), status.get("disruptions", 0), status["attempt"]) == (0, 2, 2), status
     assert ("Warning", "GangDisrupted") in event_reasons(cluster, name)
+    # Stopped by SIGTERM (143) both times, never SIGKILLed: after the eviction on its own, then on its deletion.
+    assert cluster.kubelet.stopped[actor] == [wire.EXIT_STOPPED] * 2, cluster.kubelet.stopped
+    first, second, third = pod_logs(cluster, actor)
+    assert "saving it first" in first and "saving it first" in second, (first[-1500:], second[-1500:])
+    saved = [resumed_from(second), resumed_from(third)]
     ckpt = cluster.checkpoint_dir(name)
+    assert saved[0] >= at and saved[1] > saved[0], saved
+    assert set(saved) <= set(complete_steps(ckpt)), (saved, complete_steps(ckpt))
     history = report.history(report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl"))
-    assert history.last_step == 40
-    # the evicted gang saved the step it was in (no periodic checkpoint before step 40)
-    saved = [s for s in complete_steps(ckpt) if s != 40]
-    assert saved and saved[0] >= at, complete_steps(ckpt)
-    assert all(redone <= 1 for redone in history.steps_redone), history.steps_redone
-
-
-@needs_kubelet
-def test_a_deleted_pod_gets_sigterm_and_saves_so_the_next_gang_redoes_at_most_one_step(cluster, operator):
-    name = unique("dpo-sigterm")
-    cluster.apply(example("dpo-tiny.yaml", name, maxSteps=40, checkpoint={"intervalSteps": NO_PERIODIC}))
-    at = wait_step(cluster, name, 3)
-    victim = f"{name}-actor-0"
-    cluster.kubectl("delete", "pod", victim, "-n", NAMESPACE, "--grace-period=60", "--wait=false")
-    job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
-    status = job["status"]
-    assert status["phase"] == "Succeeded", diagnostics(cluster, operator, name)
-    assert (status.get("restarts", 0), status.get("disruptions", 0)) == (0, 1), status
-    # SIGTERM, not SIGKILL: the trainer stopped on its own (143) within the grace period, after saving
-    assert cluster.kubelet.stopped[victim] == [wire.EXIT_STOPPED], cluster.kubelet.stopped
-    first, second = pod_logs(cluster, victim)
-    assert "saving it first" in first, first[-2000:]
-    ckpt = cluster.checkpoint_dir(name)
-    stopped_at = resumed_from(second)
-    assert stopped_at >= at and stopped_at in complete_steps(ckpt), (stopped_at, complete_steps(ckpt))
-    history = report.history(report.read_jsonl(ckpt / "metrics" / "actor-0.jsonl"))
-    assert history.last_step == 40
+    assert history.last_step == steps
     assert all(redone <= 1 for redone in history.steps_redone), history.steps_redone
 
 
