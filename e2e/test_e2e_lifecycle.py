@@ -119,7 +119,7 @@ def test_an_eviction_and_a_deletion_restart_the_gang_as_disruptions_after_a_sigt
     """Two disruptions of one job: the reference evicted (the actor learns of the stop from the marker on
     the checkpoint volume), then the actor's pod deleted with a grace period (its own SIGTERM). Each time
     the gang saves the step it is in and exits 143 within the grace period; the next gang resumes there."""
-    name, steps = unique("dpo-disrupt"), 60
+    name, steps = unique("dpo-disrupt"), 30
     # maxRestarts 0: were a disruption counted as a failure, the job would fail. No periodic checkpoint:
     # a step saved before the end was saved on SIGTERM.
     cluster.apply(example("dpo-tiny.yaml", name, maxSteps=steps, checkpoint={"intervalSteps": NO_PERIODIC, "keep": 10},
