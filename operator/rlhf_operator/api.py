@@ -569,6 +569,16 @@ def _template(fields: _Fields) -> PodTemplate:
     fields.read.add("podTemplate")
     template, problems = parse_pod_template(fields.raw.get("podTemplate"), fields.at("podTemplate"))
     fields.errors.extend(problems)
+    tolerations = template.spec.get("tolerations")
+    for i, toleration in enumerate(tolerations if isinstance(tolerations, list) else []):
+        at = f"{fields.at('podTemplate')}.spec.tolerations[{i}]"
+        if not isinstance(toleration, dict):
+            fields.errors.append((at, f"must be an object, got {_kind(toleration)}"))
+            continue
+        for key, allowed in (("operator", TOLERATION_OPERATORS), ("effect", TAINT_EFFECTS)):
+            if key in toleration and toleration[key] not in allowed:
+                fields.errors.append((f"{at}.{key}", f"{_one_of(allowed)} (got {toleration[key]!r})"))
+        fields.errors.extend((f"{at}.{key}", message) for key, message in toleration_errors(toleration))
     return template
 
 
