@@ -14,6 +14,8 @@ Small on purpose (tiny models, tens of steps): CI runs them on two cores.
 """
 
 import json
+import math
+import time
 
 import pytest
 from e2e_support import NAMESPACE, REAL, example, unique, wait_for
@@ -46,6 +48,16 @@ def wait_step(cluster, name, above, timeout=240):
                     what=f"{name} past step {above}")
 
 
+def steps_ahead(cluster, name, minimum, seconds=8.0, window=3.0):
+    """A step count `seconds` of training past the actor's latest step at its pace over `window` seconds
+    (at least `minimum` more): a new maxSteps the gang cannot reach before an edit's roll-out stops it,
+    however fast this machine trains, that still ends the run soon after."""
+    before = last_step(cluster, name)
+    time.sleep(window)
+    now = last_step(cluster, name)
+    return now + max(minimum, math.ceil((now - before) / window * seconds))
+
+
 def pod_logs(cluster, pod):
     """Every run's log of one pod name, oldest first (the stand-in kubelet's files)."""
     return [path.read_text() for path in cluster.kubelet.logs.get(pod, [])]
@@ -67,7 +79,7 @@ def test_a_max_steps_edit_rolls_out_a_new_gang_that_resumes_and_stops_at_the_new
     name, interval = unique("sft-edit"), 5
     cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": interval}))
     at = wait_step(cluster, name, interval + 1)
-    steps = at + 20
+    steps = steps_ahead(cluster, name, 20)
     cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=merge",
                     "-p", json.dumps({"spec": {"hyperparameters": {"maxSteps": steps}}}))
     job = cluster.wait_phase(name, timeout=JOB_TIMEOUT)
@@ -91,9 +103,10 @@ def test_a_max_steps_edit_rolls_out_a_new_gang_that_resumes_and_stops_at_the_new
 @needs_kubelet
 def test_an_actor_resize_resumes_through_the_universal_checkpoint(cluster, operator):
     name = unique("sft-resize")
-    cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": 5, "keep": 10}))
+    # No periodic checkpoint: the roll-out's SIGTERM save is the one the new world reshards.
+    cluster.apply(example("sft-tiny.yaml", name, maxSteps=300, checkpoint={"intervalSteps": NO_PERIODIC}))
     at = wait_step(cluster, name, 6)
-    steps = at + 12
+    steps = steps_ahead(cluster, name, 12)
     patch = [{"op": "replace", "path": "/spec/roles/0/replicas", "value": 2},
              {"op": "replace", "path": "/spec/hyperparameters/maxSteps", "value": steps}]
     cluster.kubectl("patch", "rlhfjob", name, "-n", NAMESPACE, "--type=json", "-p", json.dumps(patch))
@@ -119,7 +132,7 @@ def test_an_eviction_and_a_deletion_restart_the_gang_as_disruptions_after_a_sigt
     """Two disruptions of one job: the reference evicted (the actor learns of the stop from the marker on
     the checkpoint volume), then the actor's pod deleted with a grace period (its own SIGTERM). Each time
     the gang saves the step it is in and exits 143 within the grace period; the next gang resumes there."""
-    name, steps = unique("dpo-disrupt"), 30
+    name, steps = unique("dpo-disrupt"), 45
     # maxRestarts 0: were a disruption counted as a failure, the job would fail. No periodic checkpoint:
     # a step saved before the end was saved on SIGTERM.
     cluster.apply(example("dpo-tiny.yaml", name, maxSteps=steps, checkpoint={"intervalSteps": NO_PERIODIC, "keep": 10},
