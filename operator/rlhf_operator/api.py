@@ -603,6 +603,16 @@ def _template(fields: _Fields) -> PodTemplate:
     fields.read.add("podTemplate")
     template, problems = parse_pod_template(fields.raw.get("podTemplate"), fields.at("podTemplate"))
     fields.errors.extend(problems)
+    tolerations = template.spec.get("tolerations")
+    for i, toleration in enumerate(tolerations if isinstance(tolerations, list) else []):
+        at = f"{fields.at('podTemplate')}.spec.tolerations[{i}]"
+        if not isinstance(toleration, dict):
+            fields.errors.append((at, f"must be an object, got {_kind(toleration)}"))
+            continue
+        for key, allowed in (("operator", TOLERATION_OPERATORS), ("effect", TAINT_EFFECTS)):
+            if key in toleration and toleration[key] not in allowed:
+                fields.errors.append((f"{at}.{key}", f"{_one_of(allowed)} (got {toleration[key]!r})"))
+        fields.errors.extend((f"{at}.{key}", message) for key, message in toleration_errors(toleration))
     return template
 
 
@@ -623,7 +633,30 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
     }
     fields.done()
     # Keep the user's keys only: the builders copy tolerations into pods as written.
-    return {k: v for k, v in parsed.items() if fields.has(k)}
+    kept = {k: v for k, v in parsed.items() if fields.has(k)}
+    for key, message in toleration_errors(kept):
+        fields.error(key, message)
+    return kept
+
+
+def toleration_errors(toleration: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) for each rule of Kubernetes' ValidateTolerations (pkg/apis/core/validation) that one
+    toleration breaks; [] when the API server would take it in a pod. The operator defaults to Equal."""
+    problems = []
+    key, operator, value = toleration.get("key", ""), toleration.get("operator", "Equal"), toleration.get("value", "")
+    if key and (not re.match(QUALIFIED_NAME, key) or len(key.rpartition("/")[0]) > MAX_SUBDOMAIN_LENGTH):
+        problems.append(("key", f"{key!r} must be a qualified name: an optional DNS-1123 subdomain prefix and '/', "
+                                "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))
+    if not key and operator != "Exists":
+        problems.append(("operator", "must be Exists when key is empty (a toleration of every taint)"))
+    if operator == "Exists" and value:
+        problems.append(("value", "must be empty when operator is Exists"))
+    elif value and (len(value) > MAX_LABEL_LENGTH or not re.match(LABEL_VALUE, value)):
+        problems.append(("value", f"{value!r} must be a label value: at most 63 letters, digits, '-', '_' or '.', "
+                                  "starting and ending with a letter or digit"))
+    if "tolerationSeconds" in toleration and toleration.get("effect") != "NoExecute":
+        problems.append(("tolerationSeconds", "needs effect NoExecute (only a NoExecute taint evicts after a delay)"))
+    return problems
 
 
 def _checkpoint(fields: _Fields) -> CheckpointSpec:

@@ -241,7 +241,9 @@ def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
 
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
     """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
-    Kueue finalizes a group once one of its pods failed."""
+    Kueue finalizes a group once one of its pods failed. A function of the job's name and the attempt only,
+    so it stays the same across an operator restart and a suspend/resume (the resumed gang is the same
+    attempt and joins the group Kueue still holds admitted; tests/unit/test_planner.py checks it)."""
     return fit_label(f"{job.name}-attempt-{attempt}")
 
 
