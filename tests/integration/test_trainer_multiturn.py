@@ -27,13 +27,20 @@ def assert_finite(rows, keys):
 @pytest.mark.slow
 def test_multi_turn_grpo_trains_and_exports_with_the_instruction_between_turns(tmp_path):
     config = trainer_config("grpo", roles=ACTOR_AND_REFERENCE, hyperparameters={
-        "turns": 3, "max_steps": 2, "sample_interval_steps": 1, "samples_per_step": 2})
+        "turns": 3, "max_steps": 2, "sample_interval_steps": 1, "samples_per_step": 2},
+        dataset={"path": "synthetic://arithmetic", "format": "prompts",
+                 "eval_path": "synthetic://arithmetic?size=8&seed=1"})
     run = launch(config, tmp_path)
     assert run.ok, run.describe()
-    rows = run.metrics()
+    rows = [r for r in run.metrics() if r["step"] > 0]
     assert [r["step"] for r in rows] == [1, 2]
     assert_finite(rows, ("reward_mean", "kl", "policy_loss", "entropy", *TURN_METRICS, "reward_t1", "reward_t3"))
     assert all("score_stage" not in r for r in rows)  # no selfCorrection
+    # The held-out evaluation runs the same conversations (step 0: the initial policy, then every checkpoint).
+    evaluated = [r for r in run.metrics() if "eval_accuracy_t1" in r]
+    assert [r["step"] for r in evaluated] == [0, 1, 2]
+    assert_finite(evaluated, ("eval_reward_mean", "eval_pass_rate", "eval_accuracy_t1", "eval_accuracy_t2",
+                              "eval_wrong_to_right", "eval_right_to_wrong"))
     # Only the policy's tokens count as the response: at most 3 turns x maxNewTokens.
     assert all(1 <= r["response_length"] <= 3 * 4 for r in rows)
     samples = [json.loads(line) for line in (run.checkpoint_dir / "samples" / "actor-0.jsonl").read_text().splitlines()]
