@@ -3,7 +3,7 @@
     python bench/score_demo.py                  # writes bench/RESULTS.md "SCoRe vs single-turn GRPO"
     python bench/score_demo.py --no-write --steps 40 --seeds 0
 
-Task: synthetic://arithmetic?max_operand=4 ("3+4=" -> "7", 25 sums), exact_match reward (1 right, 0.1 a
+Task: synthetic://arithmetic?max_operand=N (--max-operand, default 4: "3+4=" -> "7", 25 sums), exact_match reward (1 right, 0.1 a
 wrong number, 0 none), a tiny random Llama answering with one token per attempt, no chat template
 (the environment's turn is the line "There might be an error in the solution above. Please correct
 it."). Every run is an RLHFJob run by `rlhf-operator run-local`:
@@ -17,7 +17,7 @@ it."). Every run is an RLHFJob run by `rlhf-operator run-local`:
     prompt, so it generates about twice the tokens: the CPU seconds of each run are reported.
 The arms run interleaved (grpo, score, grpo, score ...) over --seeds, because this shared machine's
 speed drifts. Every export (and the warm start) is then evaluated the same way, two attempts per
-prompt with the instruction between them (rlhf_trainer.multiturn.rollout): greedily on the 25 sums,
+prompt with the instruction between them (rlhf_trainer.multiturn.rollout): greedily on every sum,
 and sampled at temperature 1 (8 samples per sum); reported are accuracy@t1, accuracy@t2, their
 difference and the shares wrong->right and right->wrong (self_correction.correction_metrics).
 Runs are kept under bench/out/score_demo/ (--fresh redoes them).
@@ -40,16 +40,16 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "score_demo"
-TASK = "synthetic://arithmetic?max_operand=4"
+TASKS = "synthetic://arithmetic?max_operand={}"
 METRICS = ("accuracy_t1", "accuracy_t2", "accuracy_delta", "wrong_to_right", "right_to_wrong")
 COMMON = {"batchSize": 16, "microBatchSize": 128, "groupSize": 8, "maxNewTokens": 1, "maxPromptLength": 16,
           "learningRate": 2e-3, "klCoef": 0.01, "klEstimator": "k3", "sampleIntervalSteps": 0}
 
 
-def manifest(name: str, model: str, hyperparameters: dict) -> dict:
+def manifest(name: str, model: str, task: str, hyperparameters: dict) -> dict:
     spec = {
         "algorithm": "grpo", "image": "local", "model": {"path": model},
-        "reward": {"type": "rule", "rule": "exact_match"}, "dataset": {"path": TASK, "format": "prompts"},
+        "reward": {"type": "rule", "rule": "exact_match"}, "dataset": {"path": task, "format": "prompts"},
         "roles": [{"name": "actor"}, {"name": "reference", "colocateWith": "actor"}],
         "hyperparameters": {**COMMON, **hyperparameters},
         "checkpoint": {"intervalSteps": 1000, "keep": 1, "volume": {"size": "1Gi"}},
@@ -77,7 +77,7 @@ def run_job(job: dict, fresh: bool) -> tuple[Path, float | None]:
     return checkpoints, cpu
 
 
-def evaluate(folder: Path, *, samples: int, seed: int = 0) -> dict[str, dict[str, float]]:
+def evaluate(folder: Path, task: str, *, samples: int, seed: int = 0) -> dict[str, dict[str, float]]:
     """Two attempts per sum by the model at `folder` (instruction between them): greedy and sampled metrics."""
     import torch
     from rlhf_contract.config import Hyperparameters
@@ -91,10 +91,10 @@ def evaluate(folder: Path, *, samples: int, seed: int = 0) -> dict[str, dict[str
 
     renderer = Renderer(models.load_tokenizer(str(folder)))
     model = models.load_policy(str(folder), seed=0).eval()
-    records = {r.prompt: r.answer for r in load_dataset(TASK, "prompts", kind="prompts")}  # the 25 distinct sums
+    records = {r.prompt: r.answer for r in load_dataset(task, "prompts", kind="prompts")}  # the distinct sums
     rows = [PromptRow(ids=renderer.prompt_ids(p), truncated=False, prompt=p, answer=a, source=p)
             for p, a in sorted(records.items())]
-    hp = Hyperparameters(**{"turns": 2, "max_new_tokens": COMMON["maxNewTokens"], "inference_chunk_size": 256})
+    hp = Hyperparameters(turns=2, max_new_tokens=COMMON["maxNewTokens"], inference_chunk_size=256)
     environment = FixedInstruction(hp.turn_instruction)
     out = {}
     for mode, batch, greedy in (("greedy", rows, True), ("sampled", [r for r in rows for _ in range(samples)], False)):
@@ -109,6 +109,7 @@ def evaluate(folder: Path, *, samples: int, seed: int = 0) -> dict[str, dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-operand", type=int, default=4, help="sums of 0..N (synthetic://arithmetic)")
     parser.add_argument("--warm-steps", type=int, default=60)
     parser.add_argument("--steps", type=int, default=90)
     parser.add_argument("--seeds", default="0,1", help="seeds of the two arms, comma separated")
@@ -118,22 +119,24 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
-    warm, _ = run_job(manifest("score-warm", "tiny://llama", {"maxSteps": args.warm_steps, "klCoef": 0.0}), args.fresh)
+    task, tag = TASKS.format(args.max_operand), f"op{args.max_operand}-w{args.warm_steps}"
+    warm, _ = run_job(manifest(f"score-warm-{tag}", "tiny://llama", task, {"maxSteps": args.warm_steps, "klCoef": 0.0}),
+                      args.fresh)
     base = str(warm / "export")
     arms = {"grpo": {}, "score": {"turns": 2, "selfCorrection": "score", "scoreStageOneSteps": args.steps // 3,
                                   "scoreAlpha": 10.0, "scoreFirstTurnKlCoef": 0.1}}
-    results: dict[str, list[dict]] = {"warm start": [evaluate(Path(base), samples=args.samples)]}
+    results: dict[str, list[dict]] = {"warm start": [evaluate(Path(base), task, samples=args.samples)]}
     cpu: dict[str, list[float]] = {arm: [] for arm in arms}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm, extra in arms.items():  # interleaved
-            checkpoints, seconds = run_job(manifest(f"score-{arm}-{seed}", base,
+            checkpoints, seconds = run_job(manifest(f"score-{tag}-{arm}-s{args.steps}-{seed}", base, task,
                                                     {"maxSteps": args.steps, "seed": seed, **extra}), args.fresh)
             if seconds is not None:
                 cpu[arm].append(seconds)
-            results.setdefault(arm, []).append(evaluate(checkpoints / "export", samples=args.samples))
-    report = render(args, results, cpu, time.monotonic() - t_start)
+            results.setdefault(arm, []).append(evaluate(checkpoints / "export", task, samples=args.samples))
+    report = render(args, task, results, cpu, time.monotonic() - t_start)
     print(report)
-    (OUT / "results.json").write_text(json.dumps({"results": results, "cpu": cpu}, indent=1))
+    (OUT / f"results-{tag}.json").write_text(json.dumps({"results": results, "cpu": cpu}, indent=1))
     if not args.no_write:
         sys.path.insert(0, str(HERE))
         from results_md import write_section
@@ -141,17 +144,18 @@ def main() -> None:
         write_section(HERE / "RESULTS.md", report)
 
 
-def render(args, results: dict[str, list[dict]], cpu: dict[str, list[float]], seconds: float) -> str:
+def render(args, task: str, results: dict[str, list[dict]], cpu: dict[str, list[float]], seconds: float) -> str:
     lines = [
         "## SCoRe vs single-turn GRPO (issue 14)",
         "",
-        f"`python bench/score_demo.py --warm-steps {args.warm_steps} --steps {args.steps} --seeds {args.seeds}` "
+        f"`python bench/score_demo.py --max-operand {args.max_operand} --warm-steps {args.warm_steps} "
+        f"--steps {args.steps} --seeds {args.seeds}` "
         f"({platform.machine()}, {os.cpu_count()} cores shared, CPU only, {seconds / 60:.0f} min in all). Tiny random "
-        f"Llama on `{TASK}` (25 sums), exact_match reward, one token per attempt, no chat template. Both arms start "
+        f"Llama on `{task}` ({(args.max_operand + 1) ** 2} sums), exact_match reward, one token per attempt, no chat template. Both arms start "
         f"from the same warm start (single-turn GRPO, {args.warm_steps} steps from random) and run {args.steps} steps "
         "of 16 prompts x 8 samples, lr 2e-3, klCoef 0.01 against the warm start; score = turns 2, selfCorrection "
         f"score, stage I steps 1..{args.steps // 3}, alpha 10, first-attempt KL 0.1 in stage I. Evaluation: two "
-        "attempts per sum with the instruction between them, greedy over the 25 sums and sampled at temperature 1 "
+        "attempts per sum with the instruction between them, greedy over every sum once and sampled at temperature 1 "
         f"({args.samples} per sum); mean over seeds {args.seeds} (each seed's value in brackets).",
         "",
         "| model | mode | accuracy@t1 | accuracy@t2 | delta(t1,t2) | wrong->right | right->wrong |",
