@@ -22,7 +22,7 @@ from rlhf_trainer.self_correction import (
     shaped_turn_rewards,
     stage_of,
     turn_kl_coefs,
-    turn_rewards_and_kl,
+    turn_plan,
 )
 from rlhf_trainer.tokenized import PromptRow
 
@@ -235,15 +235,28 @@ def test_stage_one_holds_the_first_attempt_with_its_own_kl_weight():
     hp = Hyperparameters(turns=2, self_correction="score", score_stage_one_steps=2, score_alpha=5.0,
                          score_first_turn_kl_coef=0.3)
     scores = torch.tensor([[0.0, 1.0]])
-    rewards, coefs, stage = turn_rewards_and_kl(scores, step=2, hp=hp, kl_coef=0.02)
-    assert (rewards.tolist(), coefs, stage) == ([[0.0, 1.0]], (0.3, 0.02), STAGE_ONE)
-    rewards, coefs, stage = turn_rewards_and_kl(scores, step=3, hp=hp, kl_coef=0.02)
-    assert (rewards.tolist(), coefs, stage) == ([[0.0, 6.0]], (0.02, 0.02), STAGE_TWO)
-    # Without selfCorrection: the scores as they are, one KL weight.
-    plain = Hyperparameters(turns=3)
-    rewards, coefs, stage = turn_rewards_and_kl(torch.tensor([[0.1, 0.2, 0.3]]), step=1, hp=plain, kl_coef=0.02)
-    assert (rewards.tolist(), coefs, stage) == ([[pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)]],
-                                                (0.02,) * 3, None)
+    plan = turn_plan(scores, step=2, hp=hp, kl_coef=0.02)
+    assert (plan.rewards.tolist(), plan.kl_coefs, plan.stage, plan.own_turn_credit) == ([[0.0, 1.0]], (0.3, 0.02),
+                                                                                        STAGE_ONE, True)
+    plan = turn_plan(scores, step=3, hp=hp, kl_coef=0.02)
+    assert (plan.rewards.tolist(), plan.kl_coefs, plan.stage) == ([[0.0, 6.0]], (0.02, 0.02), STAGE_TWO)
+    # Without selfCorrection: the scores as they are, one KL weight, credited as returns-to-go.
+    plan = turn_plan(torch.tensor([[0.1, 0.2, 0.3]]), step=1, hp=Hyperparameters(turns=3), kl_coef=0.02)
+    assert plan.rewards.tolist() == [[pytest.approx(0.1), pytest.approx(0.2), pytest.approx(0.3)]]
+    assert (plan.kl_coefs, plan.stage, plan.own_turn_credit) == ((0.02,) * 3, None, False)
+
+
+def test_per_turn_gae_makes_every_turn_its_own_episode():
+    rewards, values = rand(2, 10, seed=12).double(), rand(2, 10, seed=13).double()
+    adv, ret = turns.per_turn_gae(rewards, values, TURN_IDS, 2, gamma=1.0, lam=0.9)
+    for b in range(2):
+        for k in range(2):
+            keep = TURN_IDS[b] == k
+            assert adv[b][keep].tolist() == pytest.approx(naive_gae(rewards[b][keep].tolist(), values[b][keep].tolist(),
+                                                                    1.0, 0.9))
+        assert adv[b][~ACTIONS[b].bool()].abs().sum() == 0 and ret[b][~ACTIONS[b].bool()].abs().sum() == 0
+    # The first turn's last token bootstraps from nothing: its advantage is its own reward minus its value.
+    assert adv[0, 1].item() == pytest.approx((rewards[0, 1] - values[0, 1]).item())
 
 
 def test_correction_metrics_by_hand():

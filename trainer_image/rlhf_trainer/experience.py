@@ -37,6 +37,7 @@ class Experience:
     turn_truncated: torch.Tensor | None = None  # (B, K) bool: turn k sampled no stop token
     turn_rewards: torch.Tensor | None = None  # (B, K) float: what each turn is trained on (SCoRe: shaped)
     kl_coefs: torch.Tensor | None = None  # (B, R) float: each action token's KL coefficient (per turn)
+    own_turn_credit: bool = False  # each turn credited with its own reward only (SCoRe), else its return-to-go
     info: dict[str, float] = field(default_factory=dict)  # step statistics for metrics
 
     @property

@@ -44,7 +44,7 @@ from rlhf_trainer.losses.turns import returns_to_go, spread, turn_coefficients, 
 from rlhf_trainer.losses.utils import entropy_from_logits, masked_mean
 from rlhf_trainer.multiturn import environment_of, rollout, turn_stats
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.self_correction import turn_rewards_and_kl
+from rlhf_trainer.self_correction import turn_plan
 
 
 class GroupPolicyGradient(ActorAlgorithm):
@@ -77,13 +77,14 @@ class GroupPolicyGradient(ActorAlgorithm):
 
     def turn_advantages(self, exp, mask) -> torch.Tensor:
         """(B, R) advantages of a multi-turn rollout (losses.turns): each turn's return-to-go against
-        the same turn of its group (rloo: with each turn's KL, times its coefficient, taken off its reward)."""
+        the same turn of its group, or its own reward when credited by turn (SCoRe); rloo: with each turn's KL,
+        times its coefficient, taken off its reward."""
         hp, turns = self.hp, exp.turn_rewards.shape[1]
         rewards = exp.turn_rewards
         if self.variant == "rloo":
             rewards = rewards - turn_sums(exp.kl_coefs * exp.kl, exp.turn_ids, turns)
         estimator = rloo_advantages if self.variant == "rloo" else group_advantages
-        returns = returns_to_go(rewards)
+        returns = rewards if exp.own_turn_credit else returns_to_go(rewards)
         per_turn = torch.stack([estimator(returns[:, k], hp.group_size) for k in range(turns)], dim=1)
         return spread(per_turn, exp.turn_ids) * mask
 
@@ -108,9 +109,9 @@ class GroupPolicyGradient(ActorAlgorithm):
         mask = exp.action_mask.float()
         stage = None
         if exp.turn_ids is not None:
-            exp.turn_rewards, coefs, stage = turn_rewards_and_kl(exp.turn_scores, step=self.ctx.guard.step, hp=hp,
-                                                                 kl_coef=hp.kl_coef)
-            exp.kl_coefs = turn_coefficients(coefs, exp.turn_ids)
+            plan = turn_plan(exp.turn_scores, step=self.ctx.guard.step, hp=hp, kl_coef=hp.kl_coef)
+            exp.turn_rewards, exp.own_turn_credit, stage = plan.rewards, plan.own_turn_credit, plan.stage
+            exp.kl_coefs = turn_coefficients(plan.kl_coefs, exp.turn_ids)
         kl_total = 0.0
         if not reuse:
             estimator = hp.kl_estimator if self.variant == "reinforce_pp" else "k1"

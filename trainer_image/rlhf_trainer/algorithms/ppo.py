@@ -43,11 +43,11 @@ from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
 from rlhf_trainer.losses.ptx import lm_labels, ptx_loss
 from rlhf_trainer.losses.sft import count_loss_tokens
-from rlhf_trainer.losses.turns import turn_coefficients, turn_token_rewards
+from rlhf_trainer.losses.turns import per_turn_gae, turn_coefficients, turn_token_rewards
 from rlhf_trainer.losses.utils import global_mean, masked_whiten
 from rlhf_trainer.multiturn import environment_of, rollout, turn_stats
 from rlhf_trainer.runtime import Context
-from rlhf_trainer.self_correction import turn_rewards_and_kl
+from rlhf_trainer.self_correction import turn_plan
 
 
 class PPO(ActorAlgorithm):
@@ -111,15 +111,19 @@ class PPO(ActorAlgorithm):
             exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value, reward_clip=hp.reward_clip,
                                         ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
         else:  # each turn's reward on its last token, per-turn KL weights (losses.turns; SCoRe's shaping)
-            exp.turn_rewards, coefs, stage = turn_rewards_and_kl(exp.turn_scores, step=self.ctx.guard.step, hp=hp,
-                                                                 kl_coef=self.kl_ctl.value)
-            exp.kl_coefs = turn_coefficients(coefs, exp.turn_ids)
+            plan = turn_plan(exp.turn_scores, step=self.ctx.guard.step, hp=hp, kl_coef=self.kl_ctl.value)
+            exp.turn_rewards, exp.own_turn_credit, stage = plan.rewards, plan.own_turn_credit, plan.stage
+            exp.kl_coefs = turn_coefficients(plan.kl_coefs, exp.turn_ids)
             exp.rewards = turn_token_rewards(exp.kl, exp.turn_rewards, exp.turn_ids, kl_coefs=exp.kl_coefs,
                                              reward_clip=hp.reward_clip, truncated=exp.turn_truncated,
                                              truncation_penalty=hp.truncation_penalty)
         if exp.step_rewards is not None:  # a process reward model's dense rewards (DenseReward)
             exp.rewards = exp.rewards + exp.step_rewards * mask
-        exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
+        if exp.own_turn_credit:  # SCoRe: every attempt its own episode
+            exp.advantages, exp.returns = per_turn_gae(exp.rewards, exp.values, exp.turn_ids, exp.turn_rewards.shape[1],
+                                                       gamma=hp.gamma, lam=hp.lam)
+        else:
+            exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask, reduce=distributed.all_reduce_tensor)
         write_samples(self.ctx, roll, exp)

@@ -10,7 +10,8 @@ Critic-free estimators work on turn returns instead: the return-to-go of turn k,
     G_k = sum_{j >= k} gamma^(j-k) r_j,
 is what turn k's tokens can still change (a later turn cannot change an earlier turn's reward), and
 GRPO / RLOO baselines compare G_k with the same turn's G_k of the other samples of the group
-(one advantage per turn, spread over its tokens). With K = 1 every function reduces to its
+(one advantage per turn, spread over its tokens). Credited by turn (SCoRe, self_correction.TurnPlan)
+G_k = r_k, and PPO's GAE treats each turn as its own episode (per_turn_gae). With K = 1 every function reduces to its
 single-turn counterpart (tested against them).
 """
 
@@ -19,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from rlhf_trainer.losses.gae import gae_advantages
 
 
 def turn_ends(turn_ids: torch.Tensor, turns: int) -> torch.Tensor:
@@ -74,3 +77,16 @@ def turn_token_rewards(kl: torch.Tensor, turn_rewards: torch.Tensor, turn_ids: t
     ends = turn_ends(turn_ids, turn_rewards.shape[1])
     has_tokens = ends >= 0
     return rewards.scatter_add(1, ends.clamp(min=0), torch.where(has_tokens, final, torch.zeros_like(final)))
+
+
+def per_turn_gae(rewards: torch.Tensor, values: torch.Tensor, turn_ids: torch.Tensor, turns: int, *,
+                 gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE with every turn its own episode (losses.gae.gae_advantages on each turn's tokens alone: the
+    last token of a turn bootstraps from nothing), for credit by turn (self_correction.TurnPlan):
+    rewards, values, turn_ids (B, T) -> (advantages (B, T), returns (B, T)), 0 off the actions."""
+    advantages, returns = torch.zeros_like(rewards), torch.zeros_like(rewards)
+    for k in range(turns):
+        mask = (turn_ids == k).to(rewards.dtype)
+        a, r = gae_advantages(rewards * mask, values, mask, gamma=gamma, lam=lam)
+        advantages, returns = advantages + a, returns + r
+    return advantages, returns
