@@ -1,9 +1,9 @@
 """SCoRe (two-attempt self-correction RL, issue 14) against plain single-turn GRPO on the same budget, on CPU.
 
     python bench/score_demo.py                  # writes bench/RESULTS.md "SCoRe vs single-turn GRPO"
-    python bench/score_demo.py --no-write --steps 40 --seeds 0
+    python bench/score_demo.py --max-operand 4 --warm-steps 60 --no-write    # 25 sums
 
-Task: synthetic://arithmetic?max_operand=N (--max-operand, default 4: "3+4=" -> "7", 25 sums), exact_match reward (1 right, 0.1 a
+Task: synthetic://arithmetic?max_operand=N (--max-operand, default 2: "1+2=" -> "3", 9 sums), exact_match reward (1 right, 0.1 a
 wrong number, 0 none), a tiny random Llama answering with one token per attempt, no chat template
 (the environment's turn is the line "There might be an error in the solution above. Please correct
 it."). Every run is an RLHFJob run by `rlhf-operator run-local`:
@@ -109,9 +109,9 @@ def evaluate(folder: Path, task: str, *, samples: int, seed: int = 0) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-operand", type=int, default=4, help="sums of 0..N (synthetic://arithmetic)")
-    parser.add_argument("--warm-steps", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=90)
+    parser.add_argument("--max-operand", type=int, default=2, help="sums of 0..N (synthetic://arithmetic)")
+    parser.add_argument("--warm-steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=45)
     parser.add_argument("--seeds", default="0,1", help="seeds of the two arms, comma separated")
     parser.add_argument("--samples", type=int, default=8, help="sampled attempts per sum in the evaluation")
     parser.add_argument("--fresh", action="store_true", help="redo runs whose export exists")
