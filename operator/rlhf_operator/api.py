@@ -40,6 +40,7 @@ from rlhf_contract.config import (
     critic_problem,
     dataset_format_problem,
     lora_problem,
+    turns_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -504,6 +505,11 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = critic_problem(algorithm, reward.type, critic)
         if problem:
             errors.append(("critic.model", problem))
+    turn_fields = {"hyperparameters.turns", "hyperparameters.selfCorrection", "reward.type"}
+    if algorithm in ALGORITHMS and not turn_fields & bad:
+        problem = turns_problem(algorithm, reward.type, hyperparameters.turns, hyperparameters.self_correction)
+        if problem:
+            errors.append(("hyperparameters.turns", problem))
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
