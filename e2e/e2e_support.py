@@ -137,13 +137,17 @@ class OperatorProcess:
         self.log_path = log_path
         self.release = release
         self.proc: subprocess.Popen | None = None
+        self.metrics_url = ""  # the operator's /metrics (e2e/test_e2e_prometheus.py scrapes it)
 
     def start(self) -> None:
         if self.release is not None:
-            self.proc = self.release.operator(self.cluster.cp, self.log_path, wait=False).process
+            op = self.release.operator(self.cluster.cp, self.log_path, wait=False)
+            self.proc, self.metrics_url = op.process, op.metrics_url
             return
+        port = kube.free_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         cmd = [sys.executable, "-m", "rlhf_operator.cli", "operator", "--namespace", NAMESPACE,
-               "--metrics-port", str(kube.free_port()), "--liveness", f"http://127.0.0.1:{kube.free_port()}/healthz"]
+               "--metrics-port", str(port), "--liveness", f"http://127.0.0.1:{kube.free_port()}/healthz"]
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(cmd, env=self.cluster.env(), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -19,9 +19,13 @@ for each new pod of a job (label rlhf.dev/job):
 - starts `python -m rlhf_trainer` with this interpreter (rlhf_operator.localexec), and patches the
   pod's status subresource like a kubelet: Running with podIP, then Succeeded / Failed with
   exitCode and the termination message;
-- on a graceful deletion (deletionTimestamp set) it stops the process group (SIGTERM, the grace
-  period, SIGKILL) and confirms the deletion with a delete at grace period 0, as a kubelet does:
-  until then the API server keeps the pod, so a new pod of the same name cannot be created.
+- on a deletion it stops the pod's process group as a kubelet stops a container: SIGTERM, up to the
+  pod's grace period (termination_grace_seconds: the deletion's metadata.deletionGracePeriodSeconds,
+  else spec.terminationGracePeriodSeconds, at least 2 s), then SIGKILL; each pod on a thread of its
+  own, so a long grace holds up no other pod. It then writes the container's final state (exit code,
+  termination message) to the pod's status and confirms a graceful deletion with a delete at grace
+  period 0, as a kubelet does: until then the API server keeps the pod, so a new pod of the same
+  name cannot be created.
 
 Level-based: a watch wakes the loop, and a periodic list resyncs, so a missed event only delays.
 Pods are known by name: a node serves one job namespace (the e2e namespace's PodNodeSelector
@@ -30,10 +34,14 @@ pins its pods to this node's pool).
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import logging
+import os
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -49,6 +57,23 @@ from tests.controlplane import nodes
 
 log = logging.getLogger("e2e.kubelet")
 RESYNC_SECONDS = 1.0
+# The kubelet never gives a container less than this after SIGTERM (kuberuntime's
+# minimumGracePeriodInSeconds), not even on a deletion at grace period 0 (`kubectl delete --force`).
+MIN_GRACE_SECONDS = 2.0
+
+
+def termination_grace_seconds(pod: dict[str, Any] | None) -> float:
+    """Seconds from SIGTERM to SIGKILL when `pod` is stopped, as the kubelet's killContainer takes them:
+    metadata.deletionGracePeriodSeconds (the API server sets it from the delete's gracePeriodSeconds, else
+    the pod's own), else spec.terminationGracePeriodSeconds, else the minimum; never under
+    MIN_GRACE_SECONDS. None (a pod gone from the API before its deletion was seen: a forced deletion)
+    gets the minimum."""
+    if pod is None:
+        return MIN_GRACE_SECONDS
+    grace = pod["metadata"].get("deletionGracePeriodSeconds")
+    if grace is None:
+        grace = pod.get("spec", {}).get("terminationGracePeriodSeconds")
+    return max(MIN_GRACE_SECONDS, float(grace if grace is not None else 0))
 
 
 class PodIPs:
@@ -81,7 +106,8 @@ class StandInKubelet:
                  capacity: dict[str, str] | None = None, stop_grace: float = 5.0,
                  addresses: localexec.LocalAddresses | None = None):
         """addresses: the cluster-DNS stand-in; kubelets of one cluster share one, so that pods on
-        different nodes resolve a rendezvous name to the same local port."""
+        different nodes resolve a rendezvous name to the same local port. stop_grace: SIGTERM to SIGKILL
+        for the processes still running when the kubelet itself stops (a deleted pod gets its own grace)."""
         self.api_client = config.new_client_from_config(config_file=str(kubeconfig))
         self.api = client.CoreV1Api(self.api_client)
         self.root = Path(root)
@@ -97,6 +123,9 @@ class StandInKubelet:
         self.starts: Counter[str] = Counter()  # pod name -> processes started for it
         self.logs: dict[str, list[Path]] = {}  # pod name -> log files of every process run for it
         self.config_errors: dict[str, str] = {}  # pod name -> why it could not be started
+        self.stopped: dict[str, list[int]] = {}  # pod name -> exit code of each process stopped by a deletion
+        self.terminating: set[str] = set()  # pod names whose process is being stopped (a thread each)
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -168,19 +197,24 @@ class StandInKubelet:
 
     def sync_once(self) -> None:
         listed = self._list_pods()
-        deleting = [p for p in listed if p["metadata"].get("deletionTimestamp")]
+        deleting = {p["metadata"]["name"]: p for p in listed if p["metadata"].get("deletionTimestamp")}
         pods = {p["metadata"]["name"]: p for p in listed if not p["metadata"].get("deletionTimestamp")}
         gone = [n for n in self.known if n not in pods or pods[n]["metadata"]["uid"] != self.known[n]["metadata"]["uid"]]
-        if gone:
-            self.supervisor.stop(gone, self.stop_grace)
-            for name in gone:
-                self.known.pop(name, None)
-                self.reported.pop(name, None)
-                self.config_errors.pop(name, None)
-        for pod in deleting:  # processes stopped above: confirm the deletion
-            nodes.finalize_deleted(self.api, pod)
+        for name in gone:
+            known = self.known.pop(name)
+            self.reported.pop(name, None)
+            self.config_errors.pop(name, None)
+            seen = deleting.get(name)
+            self._terminate_async(known, seen if seen and seen["metadata"]["uid"] == known["metadata"]["uid"] else None)
+        with self._lock:
+            terminating = set(self.terminating)
+        for name, pod in deleting.items():  # never started, or already stopped: confirm the deletion
+            if name not in terminating and name not in gone:
+                nodes.finalize_deleted(self.api, pod)
         for name, pod in pods.items():
-            if name not in self.known and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
+            # A pod of a name whose previous process is still in its grace period starts once that one ended.
+            if name not in self.known and name not in terminating \
+                    and pod.get("status", {}).get("phase") not in ("Succeeded", "Failed"):
                 self.known[name] = pod
                 try:
                     self._start_pod(pod)
@@ -192,6 +226,47 @@ class StandInKubelet:
                 status = config_error_status(self.config_errors[name])
             if status != self.reported.get(name):
                 self._patch_status(pod, status)
+
+    def _terminate_async(self, pod: dict[str, Any], deleting: dict[str, Any] | None) -> None:
+        """Stop a deleted pod's process on a thread of its own (see _terminate)."""
+        name = pod["metadata"]["name"]
+        with self._lock:
+            self.terminating.add(name)
+        threading.Thread(target=self._terminate, args=(pod, deleting), daemon=True,
+                         name=f"kubelet-stop-{name}").start()
+
+    def _terminate(self, pod: dict[str, Any], deleting: dict[str, Any] | None) -> None:
+        """SIGTERM the pod's process group, wait up to its grace period (termination_grace_seconds of the
+        deleting pod; a forced deletion seen only as a vanished pod gets the minimum), SIGKILL what is left;
+        then report the container's final state and confirm the deletion (a pod still in the API)."""
+        name = pod["metadata"]["name"]
+        try:
+            grace = termination_grace_seconds(deleting)
+            proc = self.supervisor.get(name)
+            if proc is not None and self.supervisor.kill(name, signal.SIGTERM):
+                log.info("stopping %s: SIGTERM, grace %gs", name, grace)
+                deadline = time.monotonic() + grace
+                while proc.exit_code is None and time.monotonic() < deadline and not self._stop.is_set():
+                    try:
+                        proc.popen.wait(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
+                    except subprocess.TimeoutExpired:
+                        pass
+            stopped = self.supervisor.stop([name], 0.0)  # SIGKILL the group if anything is left, forget it
+            if stopped:
+                code = stopped[0].exit_code
+                self.stopped.setdefault(name, []).append(code)
+                log.info("stopped %s: exit %s", name, code)
+                if deleting is not None:
+                    final = localexec.pod_status(stopped[0], self.ips.ip_for(pod["metadata"]["uid"]))
+                    self._patch_status(deleting, final, record=False)
+            if deleting is not None:
+                nodes.finalize_deleted(self.api, deleting)
+        except Exception:  # noqa: BLE001 - the resync finalizes a pod this thread could not
+            log.exception("stopping %s failed", name)
+        finally:
+            with self._lock:
+                self.terminating.discard(name)
+            self.supervisor.changed.set()
 
     def _list_pods(self) -> list[dict[str, Any]]:
         result = self.api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={self.node_name}",
@@ -230,7 +305,8 @@ class StandInKubelet:
         metrics_port = next((int(e["value"]) for e in localexec.trainer_container(pod).get("env", [])
                              if e["name"] == "RLHF_METRICS_PORT" and "value" in e), 0)
         spec = localexec.translate_pod(pod, mounts=mounts, resolve=self.addresses.resolver(attempt),
-                                       pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port)
+                                       pod_ip=self.ips.ip_for(uid), pod_dir=pod_dir, metrics_port=metrics_port,
+                                       base_env={**os.environ, **self._secret_env(pod)})
         spec.cwd.mkdir(parents=True, exist_ok=True)
         with open(spec.log_path, "a") as log_file:
             log_file.write(f"--- {localexec.utc_now()} start {name} attempt {attempt}: {' '.join(spec.argv)}\n")
@@ -239,11 +315,36 @@ class StandInKubelet:
         self.logs.setdefault(name, []).append(spec.log_path)
         log.info("started %s (attempt %s) pid %s", name, attempt, self.supervisor.get(name).popen.pid)
 
-    def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
+    def _secret_env(self, pod: dict[str, Any]) -> dict[str, str]:
+        """The container's secretKeyRef env read from the Secrets, as a kubelet does (a missing Secret or key
+        leaves the pod in CreateContainerConfigError; an optional one is skipped)."""
+        env = {}
+        for var in localexec.trainer_container(pod).get("env", []):
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            if not ref:
+                continue
+            try:
+                data = self.api.read_namespaced_secret(ref["name"], pod["metadata"]["namespace"]).data or {}
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                if ref.get("optional"):
+                    continue
+                raise ValueError(f'secret "{ref["name"]}" not found') from None
+            if ref["key"] not in data:
+                if ref.get("optional"):
+                    continue
+                raise ValueError(f'couldn\'t find key {ref["key"]} in Secret {pod["metadata"]["namespace"]}/{ref["name"]}')
+            env[var["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        return env
+
+    def _patch_status(self, pod: dict[str, Any], status: dict[str, Any], record: bool = True) -> None:
+        """Write `status` to the pod's status subresource; record: remember it as the last one reported."""
         name = pod["metadata"]["name"]
         try:
             self.api.patch_namespaced_pod_status(name, pod["metadata"]["namespace"], {"status": status})
-            self.reported[name] = status
+            if record:
+                self.reported[name] = status
         except ApiException as e:
             if e.status != 404:  # a pod deleted meanwhile is stopped on the next pass
                 raise

@@ -62,6 +62,10 @@ CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
 SHAPED_REWARD = ("ppo", "reinforce_pp")
 PREFERENCE = ("dpo", "simpo", "orpo")
 STEPWISE = ("prm", "prm-label")
+# Algorithms whose rollouts may be conversations (hyperparameters.turns > 1; rlhf_trainer.multiturn).
+MULTI_TURN = ("ppo", "grpo", "rloo")
+SELF_CORRECTION = ("off", "score")
+DEFAULT_TURN_INSTRUCTION = "There might be an error in the solution above. Please correct it."
 
 
 class ConfigError(ValueError):
@@ -165,6 +169,19 @@ def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> st
     """critic.model reward needs a reward model (or a process reward model) to start from."""
     if algorithm == "ppo" and critic.model == "reward" and reward_type not in MODEL_REWARD_TYPES:
         return "reward needs a reward model (reward.type model or prm); use policy or a model folder"
+    return None
+
+
+def turns_problem(algorithm: str, reward_type: str, turns: int, self_correction: str) -> str | None:
+    """Why hyperparameters.turns does not fit the rest of the job, or None (its CEL twin:
+    generate.algorithm_rules). SCoRe trains exactly two attempts; a process reward model scores one
+    response; only the MULTI_TURN algorithms sample conversations."""
+    if self_correction == "score" and turns != 2:
+        return f"must be 2 with selfCorrection score (two attempts; got {turns})"
+    if turns > 1 and algorithm not in MULTI_TURN:
+        return f"must be 1 for algorithm {algorithm} (multi-turn rollouts: {', '.join(MULTI_TURN)}; got {turns})"
+    if turns > 1 and reward_type == "prm":
+        return f"must be 1 with reward.type prm (a process reward model scores one response; got {turns})"
     return None
 
 
@@ -278,6 +295,26 @@ class Hyperparameters:
                                          "batch's tokens), grpo (per-response mean, then mean over responses) or "
                                          "dr_grpo (sum / (responses x maxNewTokens)).", enum=LOSS_AGGREGATIONS,
                                  algorithms=CRITIC_FREE)
+    turns: int = knob(1, "Policy turns per rollout: the policy answers, the environment replies with "
+                         "turnInstruction, the policy answers again, up to this many policy turns; each turn is "
+                         "scored and its reward placed on its last token, environment tokens are no actions "
+                         "(no loss, no KL). 1 = single-turn.", minimum=1, maximum=8, algorithms=MULTI_TURN)
+    turn_instruction: str = knob(DEFAULT_TURN_INSTRUCTION, "The environment's message after each policy turn but "
+                                 "the last (a user turn under a chat template, a plain line otherwise).",
+                                 max_length=1024, algorithms=MULTI_TURN,
+                                 rule=Rule(bool, "self != ''", "must not be empty"))
+    self_correction: str = knob("off", "score: SCoRe (Kumar et al. 2024) on two-attempt rollouts (turns 2): stage I "
+                                       "(scoreStageOneSteps steps) rewards the second attempt only and holds the "
+                                       "first to the reference with scoreFirstTurnKlCoef; stage II rewards both "
+                                       "attempts plus scoreAlpha x (r2 - r1) on the second.",
+                                enum=SELF_CORRECTION, algorithms=MULTI_TURN)
+    score_stage_one_steps: int = knob(10, "SCoRe: steps of stage I (steps 1..N); stage II runs the steps after "
+                                          "them up to maxSteps.", minimum=0, algorithms=MULTI_TURN)
+    score_first_turn_kl_coef: float = knob(0.1, "SCoRe stage I: KL coefficient on the first attempt's tokens (the "
+                                                "paper's beta2, strong; klCoef, beta1, weighs the other tokens).",
+                                           minimum=0, algorithms=MULTI_TURN)
+    score_alpha: float = knob(10.0, "SCoRe stage II: the second attempt's reward gets scoreAlpha x (r2 - r1) on "
+                                    "top (the paper's alpha).", minimum=0, algorithms=MULTI_TURN)
     beta: float = knob(0.1, "Inverse temperature of the implicit reward (orpo: lambda, the odds-ratio "
                             "term's weight).", gt=0, algorithms=PREFERENCE)
     loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo (IPO, on token-averaged log-probs) or hinge (SLiC).",
@@ -323,6 +360,41 @@ class CheckpointConfig:
     keep: int = knob(3, "Complete checkpoints kept; older ones are deleted.", minimum=1)
 
 
+WANDB_MODES = ("online", "offline")
+
+
+@dataclass(frozen=True)
+class WandbConfig:
+    """trackers.wandb: Weights & Biases (rlhf_trainer.trackers.WandbTracker), logged by actor rank 0 only."""
+
+    enabled: bool = knob(False, "Log every step's metrics, the samples and the config to a W&B run (needs the "
+                                "trainer image's `trackers` extra; the key comes from apiKeySecret).")
+    project: str = knob("", "W&B project (\"\" = the job's namespace).", max_length=128)
+    entity: str = knob("", "W&B entity (team or user; \"\" = the key's default).", max_length=128)
+    mode: str = knob("online", "online, or offline: the run is written to trackers/wandb/ on the checkpoint volume "
+                               "only (upload it later with `wandb sync`).", enum=WANDB_MODES)
+    group: str = knob("", "W&B run group (\"\" = none).", max_length=128)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """trackers.mlflow: MLflow (rlhf_trainer.trackers.MlflowTracker), logged by actor rank 0 only."""
+
+    enabled: bool = knob(False, "Log every step's metrics, the samples and the hyperparameters to an MLflow run "
+                                "(needs the trainer image's `trackers` extra).")
+    tracking_uri: str = knob("", "MLflow tracking server (http(s)://...; its token from tokenSecret) or a file: "
+                                 "store; \"\" = a file store in mlruns/ on the checkpoint volume.", max_length=2048)
+    experiment: str = knob("", "MLflow experiment name (\"\" = the job's name).", max_length=256)
+
+
+@dataclass(frozen=True)
+class TrackersConfig:
+    """Optional experiment trackers besides the TensorBoard event files every job writes."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+
 @dataclass(frozen=True)
 class TrainerConfig:
     """The whole job as the trainer sees it: built by the operator, read by the trainer."""
@@ -338,6 +410,7 @@ class TrainerConfig:
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    trackers: TrackersConfig = field(default_factory=TrackersConfig)
 
     def colocated_into(self, host: str) -> tuple[str, ...]:
         """Roles served inside `host`'s processes."""
@@ -452,6 +525,8 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
     _check_knobs(cfg.hyperparameters, "hyperparameters", errors)
     _check_knobs(cfg.checkpoint, "checkpoint", errors)
     _check_knobs(cfg.critic, "critic", errors)
+    _check_knobs(cfg.trackers.wandb, "trackers.wandb", errors)
+    _check_knobs(cfg.trackers.mlflow, "trackers.mlflow", errors)
     for name, role in cfg.roles.items():
         if name not in ROLE_NAMES:
             errors.append(f"roles.{name}: unknown role; must be one of: {', '.join(ROLE_NAMES)}")
@@ -476,6 +551,10 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = critic_problem(cfg.algorithm, cfg.reward.type, cfg.critic)
         if problem:
             errors.append(f"critic.model: {problem}")
+        hp = cfg.hyperparameters
+        problem = turns_problem(cfg.algorithm, cfg.reward.type, hp.turns, hp.self_correction)
+        if problem:
+            errors.append(f"hyperparameters.turns: {problem}")
     if "actor" in cfg.roles:
         problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:

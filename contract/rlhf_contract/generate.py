@@ -21,6 +21,7 @@ from rlhf_contract import algorithms
 from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
 from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
+    MULTI_TURN,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
     CriticConfig,
@@ -29,9 +30,11 @@ from rlhf_contract.config import (
     DeepSpeedConfig,
     Hyperparameters,
     LoraConfig,
+    MlflowConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    WandbConfig,
 )
 from rlhf_contract.knobs import Setting, format_number, settings_of
 
@@ -99,7 +102,8 @@ def cel_ranks(role: str) -> str:
 
 def algorithm_rules() -> list[dict[str, str]]:
     """The spec-level CEL rules: roles per algorithm, the reward model, the batch split, pair formats.
-    Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem."""
+    Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem,
+    config.turns_problem."""
     rules = [{"rule": "self.roles.exists(r, r.name == 'actor')",
               "message": "roles must include actor (every algorithm trains an actor)", "fieldPath": ".roles"}]
     for role in algorithms.ROLE_NAMES[1:]:
@@ -134,6 +138,16 @@ def algorithm_rules() -> list[dict[str, str]]:
                  f"self.critic.model == 'reward') || self.reward.type in {_cel_list(algorithms.MODEL_REWARD_TYPES)}",
          "message": f"critic.model reward needs a reward model (reward.type {types}); use policy or a model folder",
          "fieldPath": ".critic.model"},
+        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.selfCorrection) || "
+                 "self.hyperparameters.selfCorrection != 'score' || "
+                 "(has(self.hyperparameters.turns) && self.hyperparameters.turns == 2)",
+         "message": "hyperparameters.turns must be 2 with selfCorrection score (two attempts)",
+         "fieldPath": ".hyperparameters.turns"},
+        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.turns) || self.hyperparameters.turns == 1 "
+                 f"|| (self.algorithm in {_cel_list(MULTI_TURN)} && self.reward.type != 'prm')",
+         "message": f"hyperparameters.turns above 1 needs algorithm {_words(MULTI_TURN, 'or')} (multi-turn "
+                    "rollouts) and a reward.type other than prm (a process reward model scores one response)",
+         "fieldPath": ".hyperparameters.turns"},
     ]
     return rules
 
@@ -156,6 +170,8 @@ CRD_BLOCKS: dict[str, Callable[[], dict[str, Any]]] = {
     "hyperparameters": lambda: properties_of(Hyperparameters),
     "checkpoint": lambda: properties_of(CheckpointConfig),
     "critic": lambda: properties_of(CriticConfig),
+    "trackers-wandb": lambda: properties_of(WandbConfig),
+    "trackers-mlflow": lambda: properties_of(MlflowConfig),
 }
 
 

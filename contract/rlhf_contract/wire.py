@@ -28,6 +28,10 @@ ENV_PROCESSES_PER_POD = "RLHF_PROCESSES_PER_POD"
 ENV_LOCAL_RANK = "RLHF_LOCAL_RANK"  # set by the entry point for each process it starts, never by the operator
 # Where a permanent error's message goes instead of TERMINATION_LOG (local runner, e2e kubelet).
 ENV_TERMINATION_LOG = "RLHF_TERMINATION_LOG"
+# Experiment trackers' credentials (from the Secrets named in spec.trackers, on actor pods only); the
+# trackers' own client libraries read them, so the names are theirs.
+ENV_WANDB_API_KEY = "WANDB_API_KEY"
+ENV_MLFLOW_TRACKING_TOKEN = "MLFLOW_TRACKING_TOKEN"
 # Env values holding addresses (the local runner rewrites them to 127.0.0.1 ports).
 ADDRESS_ENV = (ENV_ROLE_ADDRS, ENV_BRIDGE_ADDR)
 
@@ -58,6 +62,10 @@ EXIT_STOPPED = 143
 # A file a process that got SIGTERM touches under the checkpoint volume, so that the actor ranks of other
 # pods learn of it at their next step (e.g. only a critic pod was evicted): `.stop/attempt-<N>`.
 STOP_DIR = ".stop"
+# Where the optional trackers keep their files under the checkpoint volume: trackers/wandb/ (W&B's run
+# folders and the run id a gang restart resumes), trackers/mlflow-run-id, and mlruns/ (MLflow's default store).
+TRACKERS_DIR = "trackers"
+MLRUNS_DIR = "mlruns"
 
 # -- labels on every child of a job: the operator's index of child pods is keyed by them -----------
 LABEL_JOB = "rlhf.dev/job"

@@ -31,12 +31,16 @@ from rlhf_contract.config import (
     DeepSpeedConfig,
     Hyperparameters,
     LoraConfig,
+    MlflowConfig,
     ModelConfig,
     RewardConfig,
     RoleConfig,
+    TrackersConfig,
+    WandbConfig,
     critic_problem,
     dataset_format_problem,
     lora_problem,
+    turns_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
 
@@ -88,6 +92,34 @@ class CheckpointSpec(CheckpointConfig):
 
 
 @dataclass(frozen=True)
+class SecretKeyRef:
+    """A key of a Secret in the job's namespace; the pods get it as a secretKeyRef env (never read here)."""
+
+    name: str
+    key: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbSpec(WandbConfig):
+    """trackers.wandb: the trainer's settings plus the Secret holding the API key."""
+
+    api_key_secret: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class MlflowSpec(MlflowConfig):
+    """trackers.mlflow: the trainer's settings plus the Secret holding the tracking server's token."""
+
+    token_secret: SecretKeyRef | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackersSpec(TrackersConfig):
+    wandb: WandbSpec = field(default_factory=WandbSpec)
+    mlflow: MlflowSpec = field(default_factory=MlflowSpec)
+
+
+@dataclass(frozen=True)
 class SchedulingSpec:
     gang_scheduler: str = ""  # "" = the operator's default (settings)
     queue: str = ""
@@ -119,6 +151,7 @@ class JobSpec:
     critic: CriticConfig = field(default_factory=CriticConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    trackers: TrackersSpec = field(default_factory=TrackersSpec)
     scheduling: SchedulingSpec = field(default_factory=SchedulingSpec)
     failure_policy: FailurePolicy = field(default_factory=FailurePolicy)
     suspend: bool = False
@@ -208,6 +241,7 @@ QUEUE_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 IMAGE_PATTERN = r"^\S(.*\S)?$"
 MAX_LABEL_LENGTH = 63  # a DNS label, a hostname, a label value
 MAX_SUBDOMAIN_LENGTH = 253
+SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # a Secret's data key (Kubernetes' IsConfigMapKey)
 # A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
 MAX_SELECTOR_ENTRIES = 32
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
@@ -438,6 +472,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     roles = tuple(_role(_Fields(raw, f"roles[{i}]", errors)) for i, raw in enumerate(raw_roles))
     hyperparameters = _settings(top.obj("hyperparameters"), Hyperparameters)
     checkpoint = _checkpoint(top.obj("checkpoint"))
+    trackers = _trackers(top.obj("trackers"))
     scheduling = _scheduling(top.obj("scheduling"))
     failure = top.obj("failurePolicy")
     failure_policy = FailurePolicy(
@@ -470,6 +505,11 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = critic_problem(algorithm, reward.type, critic)
         if problem:
             errors.append(("critic.model", problem))
+    turn_fields = {"hyperparameters.turns", "hyperparameters.selfCorrection", "reward.type"}
+    if algorithm in ALGORITHMS and not turn_fields & bad:
+        problem = turns_problem(algorithm, reward.type, hyperparameters.turns, hyperparameters.self_correction)
+        if problem:
+            errors.append(("hyperparameters.turns", problem))
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
@@ -482,7 +522,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     return JobSpec(
         algorithm=algorithm, image=image, model=model, dataset=dataset, roles=roles,
         image_pull_policy=pull_policy, reward_model=reward_model, reward=reward, critic=critic,
-        hyperparameters=hyperparameters, checkpoint=checkpoint, scheduling=scheduling,
+        hyperparameters=hyperparameters, checkpoint=checkpoint, trackers=trackers, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
         pod_template=pod_template, shared_memory_size=shm,
@@ -569,6 +609,16 @@ def _template(fields: _Fields) -> PodTemplate:
     fields.read.add("podTemplate")
     template, problems = parse_pod_template(fields.raw.get("podTemplate"), fields.at("podTemplate"))
     fields.errors.extend(problems)
+    tolerations = template.spec.get("tolerations")
+    for i, toleration in enumerate(tolerations if isinstance(tolerations, list) else []):
+        at = f"{fields.at('podTemplate')}.spec.tolerations[{i}]"
+        if not isinstance(toleration, dict):
+            fields.errors.append((at, f"must be an object, got {_kind(toleration)}"))
+            continue
+        for key, allowed in (("operator", TOLERATION_OPERATORS), ("effect", TAINT_EFFECTS)):
+            if key in toleration and toleration[key] not in allowed:
+                fields.errors.append((f"{at}.{key}", f"{_one_of(allowed)} (got {toleration[key]!r})"))
+        fields.errors.extend((f"{at}.{key}", message) for key, message in toleration_errors(toleration))
     return template
 
 
@@ -589,7 +639,30 @@ def _toleration(fields: _Fields) -> dict[str, Any]:
     }
     fields.done()
     # Keep the user's keys only: the builders copy tolerations into pods as written.
-    return {k: v for k, v in parsed.items() if fields.has(k)}
+    kept = {k: v for k, v in parsed.items() if fields.has(k)}
+    for key, message in toleration_errors(kept):
+        fields.error(key, message)
+    return kept
+
+
+def toleration_errors(toleration: dict[str, Any]) -> list[tuple[str, str]]:
+    """(field, message) for each rule of Kubernetes' ValidateTolerations (pkg/apis/core/validation) that one
+    toleration breaks; [] when the API server would take it in a pod. The operator defaults to Equal."""
+    problems = []
+    key, operator, value = toleration.get("key", ""), toleration.get("operator", "Equal"), toleration.get("value", "")
+    if key and (not re.match(QUALIFIED_NAME, key) or len(key.rpartition("/")[0]) > MAX_SUBDOMAIN_LENGTH):
+        problems.append(("key", f"{key!r} must be a qualified name: an optional DNS-1123 subdomain prefix and '/', "
+                                "then at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))
+    if not key and operator != "Exists":
+        problems.append(("operator", "must be Exists when key is empty (a toleration of every taint)"))
+    if operator == "Exists" and value:
+        problems.append(("value", "must be empty when operator is Exists"))
+    elif value and (len(value) > MAX_LABEL_LENGTH or not re.match(LABEL_VALUE, value)):
+        problems.append(("value", f"{value!r} must be a label value: at most 63 letters, digits, '-', '_' or '.', "
+                                  "starting and ending with a letter or digit"))
+    if "tolerationSeconds" in toleration and toleration.get("effect") != "NoExecute":
+        problems.append(("tolerationSeconds", "needs effect NoExecute (only a NoExecute taint evicts after a delay)"))
+    return problems
 
 
 def _checkpoint(fields: _Fields) -> CheckpointSpec:
@@ -610,6 +683,32 @@ def _checkpoint(fields: _Fields) -> CheckpointSpec:
     if claim and size:
         vol.error("", "set either existingClaim or size, not both")
     return CheckpointSpec(**shared, volume=volume)
+
+
+def _secret_key_ref(fields: _Fields, key: str) -> SecretKeyRef | None:
+    """{name, key} of a Secret, both required when the object is given (the CRD's `required`)."""
+    if not fields.has(key):
+        fields.read.add(key)
+        return None
+    ref = fields.obj(key)
+    name = ref.string("name", required=True, max_length=MAX_SUBDOMAIN_LENGTH, pattern=DNS_1123_SUBDOMAIN,
+                      rule=RULE_SUBDOMAIN)
+    item = ref.string("key", required=True, max_length=MAX_SUBDOMAIN_LENGTH, pattern=SECRET_KEY_PATTERN,
+                      rule="a Secret key: letters, digits, '-', '_' and '.'")
+    ref.done()
+    return SecretKeyRef(name=name, key=item)
+
+
+def _trackers(fields: _Fields) -> TrackersSpec:
+    wandb, mlflow = fields.obj("wandb"), fields.obj("mlflow")
+    spec = TrackersSpec(
+        wandb=WandbSpec(**wandb.settings(WandbConfig), api_key_secret=_secret_key_ref(wandb, "apiKeySecret")),
+        mlflow=MlflowSpec(**mlflow.settings(MlflowConfig), token_secret=_secret_key_ref(mlflow, "tokenSecret")),
+    )
+    wandb.done()
+    mlflow.done()
+    fields.done()
+    return spec
 
 
 def _scheduling(fields: _Fields) -> SchedulingSpec:

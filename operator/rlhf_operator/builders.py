@@ -20,7 +20,16 @@ from fractions import Fraction
 from typing import Any
 
 from rlhf_contract import layout, wire
-from rlhf_contract.config import CheckpointConfig, ModelConfig, RoleConfig, TrainerConfig, dump_config
+from rlhf_contract.config import (
+    CheckpointConfig,
+    MlflowConfig,
+    ModelConfig,
+    RoleConfig,
+    TrackersConfig,
+    TrainerConfig,
+    WandbConfig,
+    dump_config,
+)
 from rlhf_contract.wire import (
     BRIDGE_PORT,
     CHECKPOINT_MOUNT,
@@ -152,6 +161,9 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,
         checkpoint=_shared(spec.checkpoint, CheckpointConfig),
+        # The Secrets' names stay out of the config: only the actor pods' env refers to them.
+        trackers=TrackersConfig(wandb=_shared(spec.trackers.wandb, WandbConfig),
+                                mlflow=_shared(spec.trackers.mlflow, MlflowConfig)),
     )
 
 
@@ -229,7 +241,9 @@ def uses_kueue_pod_group(job: Job, settings: BuildSettings) -> bool:
 
 def kueue_pod_group_name(job: Job, attempt: int) -> str:
     """A label value (at most 63 characters) for any attempt number. One Kueue workload per gang attempt:
-    Kueue finalizes a group once one of its pods failed."""
+    Kueue finalizes a group once one of its pods failed. A function of the job's name and the attempt only,
+    so it stays the same across an operator restart and a suspend/resume (the resumed gang is the same
+    attempt and joins the group Kueue still holds admitted; tests/unit/test_planner.py checks it)."""
     return fit_label(f"{job.name}-attempt-{attempt}")
 
 
@@ -274,7 +288,20 @@ def trainer_env(job: Job, role: RoleSpec, index: int, attempt: int, settings: Bu
     }
     env = [{"name": k, "value": v} for k, v in plain.items()]
     env.append({"name": wire.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    if role.name == "actor":  # only actor rank 0 logs to the trackers (rlhf_trainer.trackers)
+        env += tracker_secret_env(job.spec)
     return env
+
+
+def tracker_secret_env(spec: JobSpec) -> list[dict[str, Any]]:
+    """secretKeyRef env of the enabled trackers' credentials (spec.trackers): the key never enters the
+    operator, the trainer config or the status; the trackers' client libraries read the env."""
+    refs = []
+    if spec.trackers.wandb.enabled and spec.trackers.wandb.api_key_secret:
+        refs.append((wire.ENV_WANDB_API_KEY, spec.trackers.wandb.api_key_secret))
+    if spec.trackers.mlflow.enabled and spec.trackers.mlflow.token_secret:
+        refs.append((wire.ENV_MLFLOW_TRACKING_TOKEN, spec.trackers.mlflow.token_secret))
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}} for name, ref in refs]
 
 
 def _container_ports(job: Job, role: RoleSpec, settings: BuildSettings) -> list[dict[str, Any]]:

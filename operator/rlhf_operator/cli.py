@@ -18,6 +18,17 @@ from rlhf_contract import wire
 from rlhf_operator.constants import OPERATOR_METRICS_PORT
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-operator", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds between progress reads of a running job's trainer")
     op.add_argument("--workers", type=int, default=16, help="jobs reconciled concurrently")
     op.add_argument("--api-concurrency", type=int, default=32, help="concurrent API requests")
+    op.add_argument("--resync-seconds", type=positive_seconds, default=60.0,
+                    help="seconds between resyncs: every job and its children are listed afresh and reconciled, "
+                         "so an object deleted while a watch was away is seen gone within this interval")
     op.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                     help="the operator's own log level (debug: one line per reconcile pass and its actions)")
     return parser

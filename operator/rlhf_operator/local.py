@@ -126,6 +126,8 @@ def progress_from_row(row: Mapping[str, Any] | None) -> dict[str, Any]:
                 if isinstance(row.get(name), int | float) and row[name] == row[name]}
     if isinstance(row.get("alarms"), dict):  # rlhf_trainer.alarms: reason -> message, maybe none firing
         progress["alarms"] = dict(row["alarms"])
+    if isinstance(row.get("trackers"), dict) and row["trackers"]:  # rlhf_trainer.trackers: tracker -> link
+        progress["trackers"] = dict(row["trackers"])
     return progress
 
 

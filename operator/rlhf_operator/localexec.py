@@ -202,8 +202,11 @@ def translate_pod(
     for var in container.get("env", []):
         if "fieldRef" in var.get("valueFrom", {}):
             value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
+        elif "secretKeyRef" in var.get("valueFrom", {}):
+            # No Secrets here: the runner's own env passes the variable through (e.g. WANDB_API_KEY).
+            continue
         elif "valueFrom" in var:
-            raise ValueError(f"pod {name}: env {var['name']}: only value and fieldRef are supported locally")
+            raise ValueError(f"pod {name}: env {var['name']}: only value, fieldRef and secretKeyRef are supported locally")
         else:
             # An empty value is stored without its `value` key (the API server omits empty strings).
             value = str(var.get("value", ""))

@@ -1,7 +1,9 @@
 """Operator metrics (docs/spec.md "Metric names"), on a registry of their own.
 
 Counters are derived from (old status, new status) of each reconcile pass by `status_transition`,
-a pure function: the stored status survives an operator restart, so nothing is counted twice.
+a pure function, once the write of the new status succeeded and from the status known to be stored
+(kube/reconciler.py): the stored status survives an operator restart and failed writes, so nothing is
+counted twice.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ PROGRESS_SERIES: dict[str, tuple[str, type]] = {
 SAMPLE_SERIES = "rlhf_trainer_sample_info"
 # The trainer's alarms firing now (rlhf_trainer.alarms), an info series: reason -> message labels.
 ALARMS_SERIES = "rlhf_trainer_alarms_info"
+# Links to the job's tracker runs (rlhf_trainer.trackers), an info series: tracker -> URL; status.progress.trackers.
+TRACKERS_SERIES = "rlhf_trainer_trackers_info"
 # Characters of status.progress.lastSample (`kubectl describe` shows it on one line).
 SAMPLE_CHARS = 160
 
@@ -46,7 +48,7 @@ def format_sample(sample: Mapping[str, Any]) -> str:
 
 
 def parse_progress(metrics_text: str) -> dict[str, Any]:
-    """{step, rewardMean, kl, lastCheckpointStep, lastSample, alarms} found in a Prometheus text exposition.
+    """{step, rewardMean, kl, lastCheckpointStep, lastSample, alarms, trackers} found in a Prometheus text exposition.
 
     Series that are absent (e.g. no checkpoint yet) or NaN are left out. When a series has several
     samples (label sets), the largest value is taken: every label set of a rank-0 process counts the
@@ -55,6 +57,7 @@ def parse_progress(metrics_text: str) -> dict[str, Any]:
     values: dict[str, float] = {}
     newest_sample: dict[str, str] | None = None
     alarms: dict[str, str] | None = None
+    trackers: dict[str, str] = {}
     try:
         for family in text_string_to_metric_families(metrics_text):
             for sample in family.samples:
@@ -63,6 +66,9 @@ def parse_progress(metrics_text: str) -> dict[str, Any]:
                     continue
                 if sample.name == ALARMS_SERIES:
                     alarms = dict(sample.labels)
+                    continue
+                if sample.name == TRACKERS_SERIES:
+                    trackers = dict(sample.labels)
                     continue
                 if sample.value != sample.value:  # NaN: the trainer has not set it yet
                     continue
@@ -78,6 +84,8 @@ def parse_progress(metrics_text: str) -> dict[str, Any]:
         progress["lastSample"] = format_sample(newest_sample)
     if alarms is not None:  # present (maybe empty: none firing) only for online algorithms
         progress["alarms"] = alarms
+    if trackers:
+        progress["trackers"] = trackers
     return progress
 
 

@@ -190,6 +190,10 @@ def summary_lines(runs: dict[str, RunHistory], status: dict[str, Any]) -> list[s
     restarts = status.get("restarts", main.restarts)
     lines.append(f"restarts: {restarts} (resumes seen in metrics: {main.restarts}, "
                  f"steps redone: {sum(main.steps_redone)})")
+    # The experiment tracker runs (rlhf_trainer.trackers): the status's links, else the metrics lines'.
+    links = (status.get("progress") or {}).get("trackers") or next(
+        (r["trackers"] for r in reversed(main.final) if isinstance(r.get("trackers"), dict)), {})
+    lines.extend(f"{tracker} run: {link}" for tracker, link in sorted(links.items()))
     return lines
 
 

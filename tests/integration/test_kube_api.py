@@ -54,7 +54,7 @@ class FakeApiServer:
 
     def __init__(self):
         self.seen: list[dict] = []
-        self.replies: list[tuple[int, dict]] = []
+        self.replies: list[tuple] = []  # (status, body) or (status, body, headers)
 
     async def handle(self, request: aiohttp.web.Request) -> aiohttp.web.Response:
         peer = request.transport.get_extra_info("peercert") if request.transport else None
@@ -63,8 +63,8 @@ class FakeApiServer:
         self.seen.append({"method": request.method, "path": request.path, "query": dict(request.query),
                           "headers": dict(request.headers), "body": json.loads(body) if body else None,
                           "client_cn": subject.get("commonName")})
-        status, reply = self.replies.pop(0) if self.replies else (201, {})
-        return aiohttp.web.json_response(reply, status=status)
+        status, reply, *headers = self.replies.pop(0) if self.replies else (201, {})
+        return aiohttp.web.json_response(reply, status=status, headers=headers[0] if headers else None)
 
 
 @pytest.fixture
@@ -123,9 +123,11 @@ async def test_status_patch_delete_and_errors(pki, https_server):
         # A job that is gone: the API server's NotFound Status names it (a bare 404 may be a missing route).
         gone = {"kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404,
                 "details": {"name": "gone", "group": "rlhf.dev", "kind": "rlhfjobs"}}
-        fake.replies += [(200, {}), (404, gone), (404, {}), (200, {}), (404, {})]
-        assert await api.patch_job_status("ns", "j", {"phase": "Running"}) is True
-        assert await api.patch_job_status("ns", "gone", {"phase": "Running"}) is False  # the job itself is gone
+        stored = {"metadata": {"name": "j", "resourceVersion": "41"}, "status": {"phase": "Running", "restarts": 0}}
+        fake.replies += [(200, stored), (404, gone), (404, {}), (200, {}), (404, {})]
+        # The job as stored comes back: its new resourceVersion and status are what the operator trusts.
+        assert await api.patch_job_status("ns", "j", {"phase": "Running"}) == stored
+        assert await api.patch_job_status("ns", "gone", {"phase": "Running"}) is None  # the job itself is gone
         # A 404 that does not name the job (e.g. no status subresource) is an error, not a deletion.
         with pytest.raises(ApiError, match="HTTP 404"):
             await api.patch_job_status("ns", "gone", {"phase": "Running"})
@@ -205,3 +207,30 @@ async def test_token_is_refreshed_and_never_sent_to_trainer_pods(pki, https_serv
         await runner.cleanup()
     assert [s["headers"]["Authorization"] for s in fake.seen] == ["Bearer token-3", "Bearer token-3", "Bearer token-4"]
     assert "Authorization" not in plain.seen[0]["headers"]
+
+
+async def test_retry_after_and_fresh_lists(pki, https_server):
+    fake, host = https_server
+    api = KubeApi(config=client_config(pki, host))
+    throttled = {"kind": "Status", "status": "Failure", "reason": "TooManyRequests", "code": 429,
+                 "message": "too many requests, please try again later"}
+    pods = {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "9"},
+            "items": [{"metadata": {"name": "j-actor-0", "uid": "u1"}}]}
+    fake.replies += [(429, throttled, {"Retry-After": "3"}), (503, {}), (200, pods), (404, {})]
+    try:
+        with pytest.raises(ApiError) as err:
+            await api.create(POD)
+        assert (err.value.status, err.value.retry_after) == (429, 3.0)
+        with pytest.raises(ApiError) as err:
+            await api.create(POD)
+        assert (err.value.status, err.value.retry_after) == (503, None)
+        listed = await api.list_objects("v1", "Pod", "ns", "rlhf.dev/job")
+        assert listed == [{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "j-actor-0", "uid": "u1"}}]
+        # A kind whose CRD is not installed: nothing to compare against, not an error.
+        assert await api.list_objects("scheduling.volcano.sh/v1beta1", "PodGroup", "ns", "rlhf.dev/job") is None
+    finally:
+        await api.close()
+    lists = fake.seen[2:]
+    assert [(s["method"], s["path"], s["query"]) for s in lists] == [
+        ("GET", "/api/v1/namespaces/ns/pods", {"labelSelector": "rlhf.dev/job"}),
+        ("GET", "/apis/scheduling.volcano.sh/v1beta1/namespaces/ns/podgroups", {"labelSelector": "rlhf.dev/job"})]

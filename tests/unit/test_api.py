@@ -311,3 +311,30 @@ def test_immutable_change_message_shows_old_and_new_layout():
     [(_, message)] = immutable_changes({"algorithm": "sft", "roles": [{"name": "actor"}]},
                                        {"algorithm": "sft", "roles": [{"name": "actor"}, {"name": "critic"}]})
     assert "was actor, now actor, critic" in message
+
+
+# --- trackers --------------------------------------------------------------------------------------
+
+
+def test_trackers_are_off_by_default_and_read_with_their_secrets():
+    assert not parse_spec(MINIMAL).trackers.wandb.enabled and not parse_spec(MINIMAL).trackers.mlflow.enabled
+    spec = parse_spec({**MINIMAL, "trackers": {
+        "wandb": {"enabled": True, "project": "rlhf", "apiKeySecret": {"name": "wandb-key", "key": "api-key"}},
+        "mlflow": {"enabled": True, "experiment": "e"}}})
+    assert spec.trackers.wandb.project == "rlhf" and spec.trackers.wandb.mode == "online"
+    assert spec.trackers.wandb.api_key_secret == api.SecretKeyRef(name="wandb-key", key="api-key")
+    assert spec.trackers.mlflow.experiment == "e" and spec.trackers.mlflow.token_secret is None
+
+
+@pytest.mark.parametrize(("trackers", "path", "words"), [
+    ({"wandb": {"mode": "cloud"}}, "trackers.wandb.mode", "online"),
+    ({"wandb": {"apiKeySecret": {"name": "k"}}}, "trackers.wandb.apiKeySecret.key", "required"),
+    ({"wandb": {"apiKeySecret": {"name": "K_bad", "key": "k"}}}, "trackers.wandb.apiKeySecret.name", "DNS-1123"),
+    ({"mlflow": {"tokenSecret": {"name": "t", "key": "a/b"}}}, "trackers.mlflow.tokenSecret.key", "Secret key"),
+    ({"mlflow": {"trackingURI": "x"}}, "trackers.mlflow.trackingURI", "unknown field"),
+    ({"neptune": {}}, "trackers.neptune", "unknown field"),
+])
+def test_bad_tracker_fields_are_named(trackers, path, words):
+    errors = errors_of({**MINIMAL, "trackers": trackers})
+    assert [p for p, _ in errors] == [path], errors
+    assert words in errors[0][1]

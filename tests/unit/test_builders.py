@@ -481,3 +481,36 @@ def test_a_pod_of_several_processes_says_how_many_and_opens_a_metrics_port_for_e
     config = builders.build_trainer_config(job)
     assert (config.roles["actor"].processes_per_pod, config.roles["critic"].processes_per_pod) == (4, 2)
     assert config.placements()["actor"].ranks == 8
+
+
+# --- experiment trackers ------------------------------------------------------------------------
+
+TRACKERS = {"wandb": {"enabled": True, "mode": "offline", "apiKeySecret": {"name": "wandb", "key": "api-key"}},
+            "mlflow": {"enabled": True, "trackingUri": "https://mlflow.example", "tokenSecret": {"name": "ml", "key": "t"}}}
+
+
+def test_tracker_secrets_become_secret_key_ref_env_on_actor_pods_only():
+    job = make_job(roles=[{"name": "actor", "replicas": 2}, {"name": "critic"}, {"name": "reference"}],
+                   trackers=TRACKERS)
+    pods = builders.build_gang(job, 0, SETTINGS)
+    for name in ("ppo-tiny-actor-0", "ppo-tiny-actor-1"):
+        env = env_of(pod_by_name(pods, name))
+        assert env["WANDB_API_KEY"] == {"secretKeyRef": {"name": "wandb", "key": "api-key"}}
+        assert env["MLFLOW_TRACKING_TOKEN"] == {"secretKeyRef": {"name": "ml", "key": "t"}}
+    for name in ("ppo-tiny-critic-0", "ppo-tiny-reference-0"):
+        assert not {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN"} & set(env_of(pod_by_name(pods, name)))
+    kubernetes_validate.validate(pod_by_name(pods, "ppo-tiny-actor-0"), "1.36", strict=True)
+
+
+def test_a_disabled_tracker_passes_no_secret():
+    job = make_job(trackers={"wandb": {**TRACKERS["wandb"], "enabled": False}})
+    assert "WANDB_API_KEY" not in env_of(builders.build_gang(job, 0, SETTINGS)[0])
+
+
+def test_tracker_settings_reach_the_trainer_config_without_the_secrets():
+    job = make_job(trackers=TRACKERS)
+    text = builders.build_config_map(job)["data"]["config.json"]
+    trackers = json.loads(text)["trackers"]
+    assert trackers["wandb"] == {"enabled": True, "project": "", "entity": "", "mode": "offline", "group": ""}
+    assert trackers["mlflow"]["tracking_uri"] == "https://mlflow.example"
+    assert "Secret" not in text and "api-key" not in text

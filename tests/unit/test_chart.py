@@ -207,6 +207,11 @@ def test_default_gang_scheduler_needs_its_rbac(scheduler):
     assert parse_operator_args(args).default_gang_scheduler == scheduler
 
 
+def test_resync_seconds_reaches_the_operator():
+    args = one(render("resyncSeconds=15"), "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert parse_operator_args(args).resync_seconds == 15.0
+
+
 def parse_operator_args(args: list[str]):
     """The Deployment's args through the operator's own argument parser: a renamed flag fails here."""
     return build_parser().parse_args(["operator", *args])
@@ -337,6 +342,7 @@ def test_dashboards_off():
 @pytest.mark.parametrize("bad, field", [
     ("replicas=2", "/replicas"),
     ("defaultGangScheduler=kueue", "/defaultGangScheduler"),
+    ("resyncSeconds=0", "/resyncSeconds"),
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("image.digest=latest", "/image/digest"),
     ("metrics.port=0", "/metrics/port"),

@@ -202,11 +202,12 @@ def test_pip_pins_match_constraints_and_project_installs_use_them(path):
         assert "-c constraints.txt" in ins.args, f"{path.name}:{ins.line}: project install without constraints.txt"
 
 
-@pytest.mark.parametrize("path, extra", [(OPERATOR, "operator"), (TRAINER, "trainer"), (TRAINER_CPU, "trainer")],
+@pytest.mark.parametrize("path, extra", [(OPERATOR, "operator"), (TRAINER, "trainer,trackers"),
+                                         (TRAINER_CPU, "trainer,trackers")],
                          ids=["operator", "trainer", "trainer-cpu"])
 def test_every_dependency_the_image_installs_is_pinned(path, extra):
     project = pyproject()["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"][extra]
+    requirements = project["dependencies"] + [r for e in extra.split(",") for r in project["optional-dependencies"][e]]
     assert f'".[{extra}]"' in " ".join(i.args for i in by_keyword(path, "RUN"))
     pins, image_pins = constraint_pins(), pip_pins(path)
     for requirement in requirements:

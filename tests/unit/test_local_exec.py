@@ -53,9 +53,20 @@ def test_translate_pod_command_override_for_tests(tmp_path):
     assert translate(tmp_path, command=["/py", "fake.py"]).argv == ("/py", "fake.py")
 
 
+def test_a_secret_env_comes_from_the_runners_own_env(tmp_path):
+    pod = {**POD, "spec": {"containers": [{"name": "trainer", "command": ["x"], "env": [
+        {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}}
+    spec = localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path,
+                                   metrics_port=0, base_env={"WANDB_API_KEY": "from-the-shell"})
+    assert spec.env["WANDB_API_KEY"] == "from-the-shell"
+    spec = localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path,
+                                   metrics_port=0, base_env={})
+    assert "WANDB_API_KEY" not in spec.env
+
+
 def test_unsupported_env_source_names_pod_and_var(tmp_path):
     pod = {**POD, "spec": {"containers": [{"name": "trainer", "command": ["x"], "env": [
-        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}]}}
+        {"name": "TOKEN", "valueFrom": {"configMapKeyRef": {"name": "s", "key": "k"}}}]}]}}
     with pytest.raises(ValueError, match="j-actor-0.*TOKEN"):
         localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1",
                                 pod_dir=tmp_path, metrics_port=0)

@@ -107,3 +107,14 @@ def test_sample_table_keeps_the_newest_rows():
     table = report.sample_table(samples, rows=3)
     assert [line.split()[0] for line in table[1:]] == ["17", "18", "19"]
     assert report.sample_table([]) == []
+
+
+def test_tracker_runs_show_in_the_summary_from_the_metrics_lines(tmp_path, capsys):
+    folder = tmp_path / "checkpoints" / "metrics"
+    write_metrics(folder, "actor-0", [1, 2])
+    with open(folder / "actor-0.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": 0.3, "trackers": {
+            "wandb": "file:///ck/trackers/wandb/offline-run-x", "mlflow": "http://ml/#/experiments/1/runs/r"}}) + "\n")
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "mlflow run: http://ml/#/experiments/1/runs/r" in out and "wandb run: file:///ck/trackers/wandb/offline-run-x" in out

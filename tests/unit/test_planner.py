@@ -1001,3 +1001,44 @@ def test_no_alarms_key_no_degraded_condition():
     plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4}), T0, SETTINGS)
     assert condition(plan, "Degraded") is None
     assert not any(isinstance(a, planner.EmitEvent) and a.reason == "AlarmsCleared" for a in plan.actions)
+
+
+def test_a_kueue_gang_keeps_its_pod_group_across_suspend_and_resume_and_a_restart_starts_a_new_one():
+    """Kueue admits a pod group as one workload and keeps it (and its quota) until the group's pods say they
+    are not retriable. The gang a resume recreates is the same attempt, so it joins the same group (no
+    second workload queued behind the first, none left holding quota); a gang restart is a new attempt
+    and a new group (Kueue finalizes a group once one of its pods failed)."""
+    cluster = FakeCluster(make_job(scheduling={"queue": "team-a"}))
+    groups: list[tuple[str, str, str]] = []  # (pod, group name, group total count) per pod created
+
+    def reconcile(now):
+        plan = cluster.reconcile(now)
+        for action in plan.actions:
+            if isinstance(action, CreateObject) and action.obj["kind"] == "Pod":
+                meta = action.obj["metadata"]
+                groups.append((meta["name"], meta["labels"][builders.LABEL_KUEUE_POD_GROUP],
+                               meta["annotations"][builders.ANNOTATION_KUEUE_POD_GROUP_TOTAL]))
+        return plan
+
+    now = T0
+    reconcile(now)
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    reconcile(now := now + timedelta(seconds=5))
+    cluster.job = _set_suspend(cluster.job, True)
+    reconcile(now := now + timedelta(seconds=5))
+    assert cluster.job.status["phase"] == "Suspended" and cluster.pods == {}
+    cluster.job = _set_suspend(cluster.job, False)
+    for _ in range(3):  # resume, then the PodGroup's creation, then the gang
+        reconcile(now := now + timedelta(seconds=5))
+    assert sorted(cluster.pods) == GANG
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    reconcile(now := now + timedelta(seconds=5))
+    cluster.set_phase("j-critic-0", "Failed", exit_code=1)
+    for _ in range(4):
+        reconcile(now := now + timedelta(seconds=60))
+    first, resumed, restarted = groups[0:2], groups[2:4], groups[4:6]
+    assert first == [("j-actor-0", "j-attempt-0", "2"), ("j-critic-0", "j-attempt-0", "2")]
+    assert resumed == first, groups
+    assert restarted == [("j-actor-0", "j-attempt-1", "2"), ("j-critic-0", "j-attempt-1", "2")], groups

@@ -104,3 +104,21 @@ def test_the_alarms_info_series_becomes_progress_alarms_even_when_empty():
     assert parse_progress(generate_latest(registry).decode()) == {"alarms": {"NegativeKL": "mean KL -0.2 < -0.05"}}
     info.info({})
     assert parse_progress(generate_latest(registry).decode()) == {"alarms": {}}
+
+
+def test_the_trackers_info_series_becomes_progress_trackers():
+    from prometheus_client import Info
+
+    registry = CollectorRegistry()
+    Info("rlhf_trainer_trackers", "links", registry=registry).info(
+        {"wandb": "https://wandb.ai/team/rlhf/runs/abc", "mlflow": "file:///checkpoints/mlruns/1/r"})
+    assert parse_progress(generate_latest(registry).decode()) == {
+        "trackers": {"wandb": "https://wandb.ai/team/rlhf/runs/abc", "mlflow": "file:///checkpoints/mlruns/1/r"}}
+
+
+def test_no_tracker_run_leaves_progress_trackers_out():
+    from prometheus_client import Info
+
+    registry = CollectorRegistry()
+    Info("rlhf_trainer_trackers", "links", registry=registry)  # declared, never set: no tracker enabled
+    assert "trackers" not in parse_progress(generate_latest(registry).decode())

@@ -20,6 +20,12 @@
 
 Prompt and response are tokenized separately and concatenated, as generation produces them (the
 prompt's ids, then sampled ids), so training rows and sampled rows split at the same place.
+
+A multi-turn rollout (rlhf_trainer.multiturn) continues a sampled turn with
+`renderer.environment_ids(prompt, history, message, ended=...)`: the tokens that close the policy's turn,
+the environment's message as the next user turn, and the next generation prompt, rendered by the
+template as the difference of two renders (verl's multi-turn rollouts compute the tokens between
+turns the same way), so the sampled ids are never re-tokenized.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.records import Conversation, Prompt
 
 MODES = ("auto", "chat", "raw")
+# Stands for a sampled turn's text while the template renders what surrounds it.
+PLACEHOLDER = "\x00policy-turn\x00"
 RAW_HEADERS = {"user": "Instruction", "assistant": "Response", "input": "Input"}
 RAW_GENERATION_PROMPT = "### Response:\n"  # where a raw conversation's answer starts
 
@@ -135,3 +143,37 @@ class Renderer:
         ids, stopped = cut_at_stop(self.tokenizer(full[len(head):], add_special_tokens=False)["input_ids"],
                                    self.stop_ids)
         return ids if stopped else ids + [self.eos_id]
+
+    def environment_ids(self, prompt: Prompt, history: Sequence[str], message: str, *, ended: bool,
+                        where: str = "") -> list[int]:
+        """Token ids between a sampled policy turn and the next one: the rest of the policy's turn,
+        `message` (the environment's turn), and the generation prompt of the next policy turn.
+
+        history: the texts after the prompt so far, alternating policy turn, environment message, ...,
+        ending with the policy turn just sampled. ended: whether that turn sampled a stop token;
+        a truncated turn is closed here (under a chat template its end-of-turn token is then an
+        environment token, never an action). chat: the template's own text, as the difference of
+        two renders with a placeholder for the last turn's text; raw: "\\n" + message + "\\n" after a
+        text prompt, an Alpaca instruction block and "### Response:" after a conversation.
+        Raises DataError (naming `where`) when the template fails or renders the conversation with
+        a different prefix once the message is added.
+        """
+        if self.mode == "raw":
+            text = (f"\n{message}\n" if isinstance(prompt, str)
+                    else "\n" + raw_block("user", message) + RAW_GENERATION_PROMPT)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        turns = as_conversation(prompt)
+        for i, text in enumerate(history[:-1]):
+            turns.append({"role": "assistant" if i % 2 == 0 else "user", "content": text})
+        turns.append({"role": "assistant", "content": PLACEHOLDER})
+        closed = self._render_at(turns, False, where)
+        following = self._render_at([*turns, {"role": "user", "content": message}], True, where)
+        if not following.startswith(closed) or PLACEHOLDER not in closed:
+            raise DataError(f"{where or 'a row'}: the chat template ({self.setting}) does not render a "
+                            f"conversation as its earlier turns followed by the next one; use raw or another template")
+        tail = self.tokenizer(closed[closed.rindex(PLACEHOLDER) + len(PLACEHOLDER):],
+                              add_special_tokens=False)["input_ids"]
+        if ended:  # the policy sampled the turn's stop token: the environment adds what follows it
+            cut, found = cut_at_stop(tail, self.stop_ids)
+            tail = tail[len(cut):] if found else tail
+        return tail + self.tokenizer(following[len(closed):], add_special_tokens=False)["input_ids"]

@@ -30,6 +30,14 @@ class Experience:
     rewards: torch.Tensor | None = None  # (B, R) float: per-token rewards, -beta*KL + score (PPO)
     kl: torch.Tensor | None = None  # (B, R) float: per-token KL estimate
     step_rewards: torch.Tensor | None = None  # (B, R) float: process rewards at step ends (reward.type prm)
+    # Multi-turn rollouts (rlhf_trainer.multiturn; K policy turns), else None. action_mask is then 1 on
+    # the policy's tokens only: the environment's tokens between turns are no actions.
+    turn_ids: torch.Tensor | None = None  # (B, R) long: policy turn 0..K-1 of each action token, -1 elsewhere
+    turn_scores: torch.Tensor | None = None  # (B, K) float: each turn's score (scores = the last turn's)
+    turn_truncated: torch.Tensor | None = None  # (B, K) bool: turn k sampled no stop token
+    turn_rewards: torch.Tensor | None = None  # (B, K) float: what each turn is trained on (SCoRe: shaped)
+    kl_coefs: torch.Tensor | None = None  # (B, R) float: each action token's KL coefficient (per turn)
+    own_turn_credit: bool = False  # each turn credited with its own reward only (SCoRe), else its return-to-go
     info: dict[str, float] = field(default_factory=dict)  # step statistics for metrics
 
     @property

@@ -46,6 +46,12 @@ GAUGES = {
     "eval_preference_accuracy": "Held-out pairs: share ranked chosen above rejected",
     "eval_loss": "Held-out loss (DPO / Bradley-Terry / SFT token mean)",
     "eval_exact_match": "Held-out prompts: share of greedy answers equal to the reference (SFT)",
+    "accuracy_t1": "Multi-turn rollouts: share of this step's first attempts scoring >= 1.0 (a rule's right answer)",
+    "accuracy_t2": "Multi-turn rollouts: share of this step's last attempts scoring >= 1.0",
+    "accuracy_delta": "Multi-turn rollouts: accuracy_t2 - accuracy_t1 (SCoRe's delta(t1, t2))",
+    "wrong_to_right": "Multi-turn rollouts: share of rollouts whose first attempt is wrong and last attempt right",
+    "right_to_wrong": "Multi-turn rollouts: share of rollouts whose first attempt is right and last attempt wrong",
+    "score_stage": "SCoRe (selfCorrection score): the training stage of this step, 1 or 2",
     "truncated_rows": "Rows of this step cut to maxLength (dpo/rm/sft) or maxPromptLength",
     "dataset_rows": "Rows of the training dataset as read (pairs counted before identical ones are dropped)",
     "dataset_truncated_rows": "Rows of the training dataset that lose tokens to maxLength / maxPromptLength",
@@ -88,6 +94,9 @@ class TrainerMetrics:
         self.alarms_info = Info(PREFIX + "alarms", "The alarms firing now: reason -> message", registry=self.registry)
         self.sample_info = Info(PREFIX + "sample", "The newest rollout written to samples/ (rlhf_trainer.samples)",
                                 registry=self.registry)
+        self.trackers_info = Info(PREFIX + "trackers", "Links to this job's experiment tracker runs: tracker -> URL "
+                                  "or folder (rlhf_trainer.trackers)", registry=self.registry)
+        self.tracker_links: dict[str, str] = {}
         self.samples_path = Path(samples_path) if samples_path else None
         self.tracker = tracker  # rlhf_trainer.trackers: every step's line and samples (None: none)
         self.jsonl_path = Path(jsonl_path) if jsonl_path else None
@@ -102,9 +111,10 @@ class TrainerMetrics:
         self._server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=self.registry)
         return self._server.server_port
 
-    def stop(self) -> None:
+    def stop(self, failed: bool = False) -> None:
+        """Close the trackers (`failed`: the process ends on an error or a stop, not done) and the server."""
         if self.tracker is not None:
-            self.tracker.close()
+            self.tracker.close(failed=failed)
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -140,6 +150,8 @@ class TrainerMetrics:
             if name in self.gauges and isinstance(value, int | float):
                 self.gauges[name].set(float(value))
         row = {"step": step, "time": time.time()}
+        if self.tracker_links:  # the local runner's stand-in for the info series (status.progress.trackers)
+            row["trackers"] = dict(self.tracker_links)
         for name, value in values.items():
             if isinstance(value, dict | str):  # e.g. `alarms`: reason -> message
                 row[name] = value
@@ -173,6 +185,11 @@ class TrainerMetrics:
         for reason in reasons:
             self.alarm.labels(reason=reason).set(1.0 if reason in alarms else 0.0)
         self.alarms_info.info({r: m[:500] for r, m in alarms.items()})
+
+    def set_tracker_links(self, links: dict[str, str]) -> None:
+        """Publish the tracker runs' links (`rlhf_trainer_trackers_info`; every metrics line carries them too)."""
+        self.tracker_links = dict(links)
+        self.trackers_info.info(self.tracker_links)
 
     def set_dataset(self, rows: int, truncated: int, dropped: int) -> None:
         """The training dataset's startup counts (rlhf_trainer.tokenized.LengthReport)."""

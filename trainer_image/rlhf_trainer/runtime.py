@@ -30,7 +30,7 @@ from rlhf_trainer.finite import NonFiniteGuard
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
 from rlhf_trainer.samples import samples_path_for
 from rlhf_trainer.stopping import Stopped, StopRequest
-from rlhf_trainer.trackers import TensorBoardTracker, tensorboard_dir_for
+from rlhf_trainer.trackers import build_trackers
 
 
 def log(*parts: Any) -> None:
@@ -228,15 +228,19 @@ def plan_groups(env: ProcessEnv, cfg: TrainerConfig) -> tuple[GroupPlan, GroupPl
 
 def connect(env: ProcessEnv, cfg: TrainerConfig) -> Context:
     world, bridge_plan = plan_groups(env, cfg)
+    # Before joining the worlds: a tracker library missing from the image fails this process alone, at once.
+    trackers = build_trackers(cfg, env.checkpoint_dir, env.role, env.rank)
     distributed.init_role_world(master_addr=world.addr[0], master_port=world.addr[1], rank=world.rank,
                                 world_size=world.size, local_rank=env.local_rank, timeout=world.timeout)
     bridge = None
     if bridge_plan is not None:
         bridge = Bridge.connect(bridge_plan.addr, bridge_plan.rank, bridge_plan.size, timeout=bridge_plan.timeout)
     metrics = TrainerMetrics(jsonl_path_for(env.checkpoint_dir, env.role, env.rank),
-                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank),
-                             tracker=TensorBoardTracker(tensorboard_dir_for(env.checkpoint_dir, env.role, env.rank)))
+                             samples_path=samples_path_for(env.checkpoint_dir, env.role, env.rank), tracker=trackers)
     metrics.gauges["rank"].set(env.rank)
+    if trackers.links():
+        metrics.set_tracker_links(trackers.links())
+        log(f"{env.role}-{env.rank}: tracker runs {trackers.links()}")
     port = metrics.serve(env.metrics_port, env.pod_ip)
     if port:
         log(f"metrics on {env.pod_ip or '0.0.0.0'}:{port}/metrics")
@@ -295,6 +299,7 @@ def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
     stop = install_stop(env)
     ctx = connect(env, cfg)
     ctx.stop = stop
+    finished = False
     try:
         if env.role == "actor":
             module = importlib.import_module(f"rlhf_trainer.algorithms.{ALGORITHMS[cfg.algorithm].module}")
@@ -303,5 +308,6 @@ def run(env: ProcessEnv, cfg: TrainerConfig) -> None:
             run_server(ctx)
             if stop.signalled_at is not None:  # served the actors' last save, then their "stop"
                 raise Stopped()
+        finished = True
     finally:
-        ctx.metrics.stop()
+        ctx.metrics.stop(failed=not finished)

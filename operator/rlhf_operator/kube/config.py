@@ -23,6 +23,7 @@ class OperatorConfig:
     progress_interval: float = 15.0
     workers: int = 16  # concurrent job reconciles
     concurrency: int = 32  # concurrent API requests (connections of the aiohttp session)
+    resync_seconds: float = 60.0  # every job and its children listed afresh this often (Controller.resync)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> OperatorConfig:
@@ -34,4 +35,5 @@ class OperatorConfig:
             progress_interval=getattr(args, "progress_interval", 15.0),
             workers=getattr(args, "workers", 16),
             concurrency=getattr(args, "api_concurrency", 32),
+            resync_seconds=getattr(args, "resync_seconds", 60.0),
         )

@@ -10,6 +10,7 @@ account or kubeconfig) and refreshes the token.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import ssl
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -43,13 +45,32 @@ PLURALS: dict[tuple[str, str], str] = {
 
 class ApiError(Exception):
     """An API request failed with a status that retrying later may fix (the pass is requeued).
-    `api_message`: the message of the API server's Status body (the body itself when it is none)."""
+    `api_message`: the message of the API server's Status body (the body itself when it is none);
+    `retry_after`: seconds the server asked to wait (its Retry-After header, on 429 and 503), else None."""
 
-    def __init__(self, method: str, path: str, status: int, body: str):
+    def __init__(self, method: str, path: str, status: int, body: str, retry_after: float | None = None):
         self.status = status
         self.body = body
         self.api_message = status_message(body)
+        self.retry_after = retry_after
         super().__init__(f"{method} {path}: HTTP {status}: {body[:300]}")
+
+
+def retry_after_seconds(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a Retry-After header asks to wait (RFC 9110 10.2.3: delta-seconds or an HTTP-date; the API
+    server's priority-and-fairness sends delta-seconds); None when absent or unreadable, 0 for a past date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, (moment - (now or datetime.now(UTC))).total_seconds())
 
 
 # The API server refuses an object it finds invalid with 422 (a Status of reason Invalid): sending the
@@ -102,13 +123,24 @@ def status_merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, An
     return patch
 
 
-def event_body(job: dict[str, Any], type_: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
-    """A core v1 Event about the job, as `kubectl describe rlhfjob` shows it."""
+def event_name(job_name: str, transition: str, type_: str, reason: str, message: str) -> str:
+    """A deterministic Event name for one event of one status transition (`transition`: the resourceVersion
+    the status write that recorded it returned), so that posting it again after a lost answer meets 409
+    AlreadyExists instead of recording it twice."""
+    digest = hashlib.sha256(f"{type_}\0{reason}\0{message}".encode()).hexdigest()[:10]
+    return f"{job_name}.{transition}.{digest}"
+
+
+def event_body(job: dict[str, Any], type_: str, reason: str, message: str, now: datetime,
+               name: str = "") -> dict[str, Any]:
+    """A core v1 Event about the job, as `kubectl describe rlhfjob` shows it: named `name`, else a name the
+    API server generates."""
     meta = job["metadata"]
     stamp = wire.format_time(now)
+    naming = {"name": name} if name else {"generateName": f"{meta['name']}."}
     return {
         "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+        "metadata": {**naming, "namespace": meta["namespace"]},
         "involvedObject": {"apiVersion": constants.API_VERSION, "kind": constants.KIND, "name": meta["name"],
                            "namespace": meta["namespace"], "uid": meta.get("uid", ""),
                            "resourceVersion": meta.get("resourceVersion", "")},
@@ -189,6 +221,12 @@ class KubeApi:
     async def request(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
                       query: Iterable[tuple[str, str]] = (), ok: tuple[int, ...] = ()) -> int:
         """Send one request; 2xx and the statuses in `ok` return the status, any other raises ApiError."""
+        status, _ = await self.exchange(method, path, body, content_type, query, ok)
+        return status
+
+    async def exchange(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+                       query: Iterable[tuple[str, str]] = (), ok: tuple[int, ...] = ()) -> tuple[int, bytes]:
+        """request(), returning (status, response body) too."""
         host, auth = self.endpoint()
         headers = {"Content-Type": content_type, "Accept": "application/json", **auth}
         data = None if body is None else json.dumps(body)
@@ -197,12 +235,25 @@ class KubeApi:
                     method, host + path, data=data, params=list(query), headers=headers,
                     proxy=self.config.proxy or None, server_hostname=self.config.tls_server_name or None,
                     timeout=aiohttp.ClientTimeout(total=self.timeout)) as response:
-                status, text = response.status, await response.read()
+                status, text, headers = response.status, await response.read(), response.headers
         except (aiohttp.ClientError, TimeoutError, OSError) as err:  # API server unreachable: retry later
             raise ApiError(method, path, 0, str(err) or type(err).__name__) from err
         if 200 <= status < 300 or status in ok:
-            return status
-        raise ApiError(method, path, status, text.decode("utf-8", "replace"))
+            return status, text
+        raise ApiError(method, path, status, text.decode("utf-8", "replace"),
+                       retry_after_seconds(headers.get("Retry-After")))
+
+    async def list_objects(self, api_version: str, kind: str, namespace: str,
+                           label_selector: str = "") -> list[dict[str, Any]] | None:
+        """A fresh LIST (a quorum read: resourceVersion unset) of a namespace's objects of a kind, each with
+        its apiVersion and kind set; None when the kind is not served (404: its CRD is not installed)."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        status, text = await self.exchange("GET", resource_path(api_version, kind, namespace), query=query,
+                                           ok=(404,))
+        if status == 404:
+            return None
+        items = json.loads(text).get("items") or []
+        return [{**item, "apiVersion": api_version, "kind": kind} for item in items]
 
     async def create(self, obj: dict[str, Any]) -> bool:
         """Create obj in its namespace; False when it already exists (409)."""
@@ -243,26 +294,32 @@ class KubeApi:
                                     query=[("fieldManager", constants.FIELD_MANAGER)], ok=(404,))
         return status != 404
 
-    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> bool:
-        """Merge-patch the job's status subresource; False when the job is gone (a 404 naming it). Any other
-        failure, a 404 of a missing status subresource included, raises ApiError (the pass is retried)."""
+    async def patch_job_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        """Merge-patch the job's status subresource; the job as the API server stored it (its new
+        resourceVersion and status), or None when the job is gone (a 404 naming it). Any other failure, a
+        404 of a missing status subresource included, raises ApiError (the pass is retried)."""
         path = resource_path(constants.API_VERSION, constants.KIND, namespace, name, "status")
         try:
-            await self.request("PATCH", path, {"status": patch}, content_type="application/merge-patch+json",
-                               query=[("fieldManager", constants.FIELD_MANAGER)])
+            _, text = await self.exchange("PATCH", path, {"status": patch}, content_type="application/merge-patch+json",
+                                          query=[("fieldManager", constants.FIELD_MANAGER)])
         except ApiError as err:
             if err.status == 404 and object_gone(err.body, name):
-                return False
+                return None
             raise
-        return True
+        stored = json.loads(text) if text else {}
+        return stored if isinstance(stored, dict) else {}
 
-    async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> None:
-        """Record an Event on the job; a failure to record is logged, never fails the pass."""
-        event = event_body(job, type_, reason, message, datetime.now(UTC))
+    async def post_event(self, job: dict[str, Any], type_: str, reason: str, message: str, name: str = "") -> bool:
+        """Record an Event on the job (named `name`, see event_name, else a generated name); False when it
+        could not be recorded (logged, never fails the pass). An Event of that name already recorded is
+        recorded (True): a retry after a lost answer adds nothing."""
+        event = event_body(job, type_, reason, message, datetime.now(UTC), name)
         try:
             await self.create(event)
         except (ApiError, OSError) as err:
             log.warning("could not record event %s on %s: %s", reason, job["metadata"]["name"], err)
+            return False
+        return True
 
     async def fetch_text(self, url: str, timeout: float = 1.0) -> str | None:
         """GET a plain-text endpoint (a trainer's /metrics, never sent the API token); None on any failure."""

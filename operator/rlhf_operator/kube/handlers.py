@@ -42,7 +42,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, job_pods: kopf
     memo.controller = Controller(
         api=KubeApi.connect(config.concurrency), settings=config.build_settings, metrics=metrics,
         pods=job_pods, children=children,
-        progress_interval=config.progress_interval, workers=config.workers)
+        progress_interval=config.progress_interval, workers=config.workers, resync_seconds=config.resync_seconds)
     memo.controller.start()
 
 
@@ -73,6 +73,8 @@ async def child_index(body: kopf.Body, **_: Any) -> dict:
 @kopf.on.event(*JOB)
 async def job_event(event: dict, body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """When a job is added or changed, reconcile it; when it is deleted, forget it."""
+    if event.get("type") is None:  # kopf is listing the jobs: a resync follows (what was deleted sends nothing)
+        memo.controller.relisted()
     if event.get("type") == "DELETED":
         memo.controller.forget((namespace, name))
         return
@@ -102,6 +104,8 @@ async def child_event(event: dict, body: kopf.Body, memo: kopf.Memo, **_: Any) -
     """When a child pod (or support object) changes or goes, reconcile its job."""
     key = owning_job(body)
     if key and memo.get("controller"):
+        if event.get("type") is None:  # kopf is listing this kind (startup, or a watch answered 410 Gone)
+            memo.controller.relisted()
         memo.controller.child_changed(key, dict(body), event.get("type"))
 
 

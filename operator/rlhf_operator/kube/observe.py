@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Any
 
 from rlhf_contract import wire
@@ -9,6 +10,36 @@ from rlhf_contract import wire
 from rlhf_operator import api, constants
 
 JobKey = tuple[str, str]  # (namespace, job name)
+
+# (apiVersion, kind) of every child kind a job may have, as handlers.py indexes them by the job label.
+CHILD_KINDS: tuple[tuple[str, str], ...] = (
+    ("v1", "Pod"), ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "PersistentVolumeClaim"),
+    ("scheduling.volcano.sh/v1beta1", "PodGroup"), ("scheduling.x-k8s.io/v1alpha1", "PodGroup"),
+)
+
+
+def uid_of(obj: dict[str, Any] | None) -> str:
+    return str(((obj or {}).get("metadata") or {}).get("uid") or "")
+
+
+def of_another_incarnation(obj: dict[str, Any], job_name: str, job_uid: str) -> bool:
+    """True when an RLHFJob owner reference of `obj` names the job but another uid: a child of an earlier job
+    of the same name (deleted, maybe while a watch was away, and created again), not of this one."""
+    if not job_uid:
+        return False
+    return any(ref.get("kind") == constants.KIND and ref.get("name") == job_name and ref.get("uid") != job_uid
+               for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def vanished(cached: Iterable[dict[str, Any]], listed: Iterable[dict[str, Any]],
+             listed_kinds: Collection[tuple[str, str]]) -> frozenset[str]:
+    """uids of the objects a cache held before a fresh LIST that the LIST lacks: deleted meanwhile. Only
+    the (apiVersion, kind)s that were listed count (`listed_kinds`: a kind whose LIST was not served proves
+    nothing); objects are told apart by uid, since a gang restart re-creates pods under the same names."""
+    present = {uid_of(o) for o in listed}
+    return frozenset(uid for o in cached
+                     if (o.get("apiVersion"), o.get("kind")) in listed_kinds
+                     and (uid := uid_of(o)) and uid not in present)
 
 
 def owning_job(obj: dict[str, Any]) -> JobKey | None:

@@ -5,6 +5,12 @@ key, read the latest job, pods and support objects from the indexes, ask the pur
 execute the actions and write the status once. A key is never processed by two workers at once, and
 the events that arrive meanwhile collapse into one more pass. Timers and daemons are not used on
 jobs because kopf would put a finalizer on every job for them: owner references do the cleanup.
+
+Under API faults (docs/install.md "Under API faults"): a pass's events and metrics follow the status
+write that records its transition, never the attempt; the status a write returned is trusted until the
+watch delivers it; a resync after every kopf listing and every `resync_seconds` compares the caches with a
+fresh LIST (kopf's indexes never drop what was deleted while a watch was away); a job whose status write
+answers 404 is forgotten; a Retry-After holds the job's key.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,11 +27,22 @@ from typing import Any
 
 from rlhf_contract import wire
 
-from rlhf_operator import api, chain, planner
+from rlhf_operator import api, chain, constants, planner
 from rlhf_operator.builders import BuildSettings
-from rlhf_operator.kube.executor import HTTP_UNPROCESSABLE, ApiError, KubeApi, status_merge_patch
-from rlhf_operator.kube.observe import JobKey, SpecCache, child_ref, is_live, progress_url
-from rlhf_operator.kube.workqueue import WorkQueue, error_backoff
+from rlhf_operator.kube.executor import HTTP_UNPROCESSABLE, ApiError, KubeApi, event_name, status_merge_patch
+from rlhf_operator.kube.observe import (
+    CHILD_KINDS,
+    JobKey,
+    SpecCache,
+    child_ref,
+    is_live,
+    of_another_incarnation,
+    owning_job,
+    progress_url,
+    uid_of,
+    vanished,
+)
+from rlhf_operator.kube.workqueue import THROTTLED, WorkQueue, retry_delay
 from rlhf_operator.metrics import OperatorMetrics
 from rlhf_operator.progress import merge_progress, parse_progress
 
@@ -45,6 +63,12 @@ CREATE_EXPECTATION_SECONDS = 10.0
 # its load: the pass is still retried, and the job gets one Warning event per streak of refusals so
 # that `kubectl describe` shows why its pods do not appear (as the Job controller's FailedCreate).
 REFUSED = (400, 403, 422)
+# An Event whose POST failed is tried again by the next passes, this many times in all.
+EVENT_ATTEMPTS = 5
+EVENT_RETRY_SECONDS = 2.0
+# After kopf lists a resource again (at startup, or after a watch answered 410 Gone), the resync waits
+# until no listing event came for this long, so that one resync follows the whole listing.
+RELIST_SETTLE_SECONDS = 1.0
 
 
 def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, str], now: float) -> bool:
@@ -52,6 +76,10 @@ def arrival_completes(expected: dict[tuple[str, str], float], ref: tuple[str, st
     its way (expired expectations do not count), i.e. when the job is due its next pass."""
     expected.pop(ref, None)
     return not any(now - t <= CREATE_EXPECTATION_SECONDS for t in expected.values())
+
+
+def resource_version(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def latest(index: Mapping[Any, Any], key: Any) -> list[dict[str, Any]]:
@@ -70,7 +98,9 @@ class JobRecord:
     body: dict[str, Any] | None = None  # the latest body, from the job's own watch events
     specs: SpecCache = field(default_factory=SpecCache)  # the spec parsed per (uid, generation)
     failures: int = 0  # passes that failed in a row (error backoff)
-    # (resourceVersion the status was patched from, the status written): the index lags our writes.
+    # (resourceVersion our last status write returned, the status it stored): trusted over the job's cached
+    # status until the watch delivers that version (or kopf lists the job again): the cache lags our writes,
+    # and the MODIFIED event of an earlier write of ours must not make a pass plan from an older status.
     written: tuple[str, dict[str, Any]] | None = None
     # Children created by the last passes and not seen yet: (kind, name) -> monotonic time of the create.
     expected: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -83,6 +113,22 @@ class JobRecord:
     # what its actions did (a restart) is not decided again, and writes it again.
     unsaved: dict[str, Any] | None = None
     planned_generation: int | None = None  # generation of the last pass that planned
+    # Events of transitions not posted yet: those of a pass whose status write failed (posted once a later
+    # write records the transition), and those whose POST failed (tried again under the same name).
+    pending: list[PendingEvent] = field(default_factory=list)
+    # uids of children the caches still hold but the last fresh LIST showed gone (deleted while a watch was
+    # away: kopf's indexes drop an object only on its DELETED event, which a re-list after 410 never sends).
+    gone: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """A planner event waiting to be posted: `name` is given (event_name) once a status write recorded its
+    transition; `attempts` counts the POSTs that failed."""
+
+    event: planner.EmitEvent
+    name: str = ""
+    attempts: int = 0
 
 
 @dataclass
@@ -106,15 +152,21 @@ class Controller:
     children: Mapping[JobKey, Any]  # kopf index: (namespace, job) -> support objects (service, ...)
     progress_interval: float = 15.0  # re-read a running job's progress at least this often
     workers: int = 16
+    # Seconds between resyncs: every job is listed again with its children and reconciled (as
+    # controller-runtime's SyncPeriod), so that what a watch missed is found within this interval.
+    resync_seconds: float = 60.0
     fetch_text: Callable[[str], Awaitable[str | None]] | None = None
     queue: WorkQueue = field(default_factory=WorkQueue)
     records: dict[JobKey, JobRecord] = field(default_factory=dict)
     chained: set[JobKey] = field(default_factory=set)  # jobs whose spec names other jobs in fromJob
     _tasks: list[asyncio.Task] = field(default_factory=list)
+    _relisting: asyncio.Event | None = field(default=None, init=False, repr=False)
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        self._relisting = asyncio.Event()
         self._tasks = [asyncio.create_task(self._worker(), name=f"reconcile-{i}") for i in range(self.workers)]
+        self._tasks.append(asyncio.create_task(self._resync_loop(), name="resync"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -137,6 +189,9 @@ class Controller:
         write, mostly) while that pass's creates are on their way: the pass on their arrival reads it."""
         record = self.record(key)
         old, record.body = record.body, obj
+        if record.written and (event_type is None or record.written[0] == resource_version(obj)
+                               or record.written[1] == (obj.get("status") or {})):
+            record.written = None  # the cache caught up with our last write (or kopf listed the job again)
         sources = self._sources(record)
         if sources:
             self.chained.add(key)
@@ -225,18 +280,83 @@ class Controller:
                 record.failures = 0
             except ApiError as err:
                 record.failures += 1
-                delay = error_backoff(record.failures)
+                delay = retry_delay(record.failures, err.status, err.retry_after, random.random())
                 log.warning("reconcile %s/%s: %s; retrying in %.1fs", *key, err, delay)
+                if err.status in THROTTLED and err.retry_after is not None:
+                    self.queue.hold(key, delay)  # no pass before then, whatever events come
+                    delay = None
                 if err.status in REFUSED and record.failures == 1 and record.body is not None:
                     await self.api.post_event(record.body, "Warning", "RequestRefused", str(err))
             except Exception:  # a bug must not kill the worker: log it and retry later
                 record.failures += 1
-                delay = error_backoff(record.failures)
+                delay = retry_delay(record.failures, 0, None, random.random())
                 log.exception("reconcile %s/%s failed; retrying in %.1fs", *key, delay)
             finally:
                 self.queue.done(key)
             if delay is not None:
                 self.queue.add_after(key, max(0.0, delay))
+
+    # -- resync: the caches against a fresh LIST ----------------------------------------------------
+    def relisted(self) -> None:
+        """kopf is listing a resource (at startup, or after a watch answered 410 Gone, when whatever was
+        deleted meanwhile sends no DELETED event): resync once the listing settles."""
+        if self._relisting is not None:
+            self._relisting.set()
+
+    async def _resync_loop(self) -> None:
+        assert self._relisting is not None
+        while True:
+            try:
+                await asyncio.wait_for(self._relisting.wait(), timeout=self.resync_seconds)
+            except TimeoutError:
+                pass
+            while self._relisting.is_set():  # let the listing's events arrive first
+                self._relisting.clear()
+                await asyncio.sleep(RELIST_SETTLE_SECONDS)
+            try:
+                await self.resync()
+            except Exception:  # a failed resync is tried again at the next one
+                log.exception("resync failed")
+
+    async def resync(self) -> None:
+        """List every namespace's jobs and their children afresh: forget the jobs the LIST lacks (deleted
+        while the watch was away), mark the children it lacks as gone in their job's record, and reconcile
+        every job (a level-based pass against what exists now, as controller-runtime's periodic resync)."""
+        for namespace in sorted({key[0] for key in self.records}):
+            try:
+                await self._resync_namespace(namespace)
+            except ApiError as err:
+                log.warning("resync of namespace %s: %s; trying again in %.0fs", namespace, err, self.resync_seconds)
+
+    async def _resync_namespace(self, namespace: str) -> None:
+        # What the caches hold, taken BEFORE the LISTs: an object missing from a LIST sent after it was cached
+        # was deleted; one created after this snapshot is never taken for gone.
+        before = {key: (uid_of(record.body), [*latest(self.pods, key), *latest(self.children, key)])
+                  for key, record in list(self.records.items()) if key[0] == namespace and record.body is not None}
+        jobs = await self.api.list_objects(constants.API_VERSION, constants.KIND, namespace)
+        listed_jobs = {(j.get("metadata") or {}).get("name", ""): uid_of(j) for j in jobs or []}
+        listed: dict[JobKey, list[dict[str, Any]]] = {}
+        kinds = set()
+        for api_version, kind in CHILD_KINDS:
+            objects = await self.api.list_objects(api_version, kind, namespace, wire.LABEL_JOB)
+            if objects is None:  # the kind is not served here (its CRD is not installed)
+                continue
+            kinds.add((api_version, kind))
+            for obj in objects:
+                listed.setdefault(owning_job(obj) or ("", ""), []).append(obj)
+        for key, (uid, cached) in before.items():
+            record = self.records.get(key)
+            if record is None or record.body is None or uid_of(record.body) != uid:
+                continue  # forgotten or replaced meanwhile: its own events tell the rest
+            if jobs is not None and listed_jobs.get(key[1]) != uid:
+                log.info("job %s/%s is gone (a fresh LIST lacks it): forgetting it", *key)
+                self.forget(key)
+                continue
+            gone = vanished(cached, listed.get(key, []), kinds)
+            if gone - record.gone:
+                log.info("job %s/%s: %d children deleted while a watch was away", *key, len(gone - record.gone))
+            record.gone = gone
+            self.enqueue(key)
 
     # -- one pass ---------------------------------------------------------------------------------
     async def reconcile(self, key: JobKey) -> float | None:
@@ -247,7 +367,7 @@ class Controller:
             return None
         started = time.perf_counter()
         now = datetime.now(UTC)
-        stored = self._current_status(record, raw)
+        stored = self._status_seen(record, raw)
         old_status = dict(record.unsaved) if record.unsaved is not None else stored
         accepted = await self._refuse_immutable_changes(record, raw)
         spec = self._valid_spec(record, raw) if accepted is raw else None  # a refused edit: parsed below
@@ -262,8 +382,9 @@ class Controller:
             record.accepted_spec = raw.get("spec") or {}
         record.planned_generation = job.generation
 
-        pods = latest(self.pods, key)
-        existing = frozenset(child_ref(c) for c in latest(self.children, key) if is_live(c))
+        pods = [p for p in latest(self.pods, key) if self._current_child(record, raw, p)]
+        existing = frozenset(child_ref(c) for c in latest(self.children, key)
+                             if is_live(c) and self._current_child(record, raw, c))
         scraped = await self._scrape_progress(pods)
         observed = planner.Observed(
             pods=tuple(planner.observe_pod(p) for p in pods),
@@ -275,32 +396,52 @@ class Controller:
         log.debug("pass %s/%s: %d pods, %d children -> %s, phase %s", *key, len(pods), len(existing),
                   [type(a).__name__ for a in result.actions], result.status.get("phase"))
         try:
-            await self._execute(key, record, raw, result.actions, pods, existing)
+            staged = await self._execute(key, record, result.actions, pods, existing)
         except ChildRefused as refused:
             await self._report_refused_child(key, record, raw, old_status, refused, now)
             return 0.0  # the next pass deletes what the failed job still holds
         new_status = dict(result.status)
+        events = [*record.pending, *(PendingEvent(e) for e in staged.events)]
+        transition = resource_version(raw)
         if new_status != stored:
             patch = status_merge_patch(stored, new_status)
             try:
-                if not await self.api.patch_job_status(key[0], key[1], patch):
-                    return None  # deleted meanwhile
+                stored_job = await self.api.patch_job_status(key[0], key[1], patch)
             except ApiError as err:
-                record.unsaved = new_status  # logged and retried by the worker
+                # Retried by the worker from the status decided here; its events wait for that write.
+                record.unsaved, record.pending = new_status, events
                 if record.failures == 0:  # once per streak: `kubectl describe` says why status is stale
                     await self.api.post_event(raw, "Warning", "StatusWriteFailed", str(err))
                 raise
-            record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), new_status)
+            if stored_job is None:  # a 404 naming the job: deleted, maybe while a watch was away
+                log.info("job %s/%s is gone (its status write answered 404): forgetting it", *key)
+                self.forget(key)
+                return None
+            transition = self._wrote(record, stored_job, new_status)
         record.unsaved = None
-        self.metrics.record_status(key[0], key[1], old_status, new_status,
+        # Counted and posted once per transition, after the write that records it: from the status known
+        # to be stored (`stored`, not a status whose write failed) to the one just written.
+        self.metrics.record_status(key[0], key[1], stored, new_status,
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
+        record.pending = await self._post_events(raw, events, transition)
+        if staged.delete_job:
+            await self.api.delete(raw["apiVersion"], raw["kind"], key[0], key[1])
         self.metrics.reconcile.observe(time.perf_counter() - started)
         delay = result.requeue_after
+        if record.pending:
+            delay = EVENT_RETRY_SECONDS if delay is None else min(delay, EVENT_RETRY_SECONDS)
         if record.expected:  # creates on their way: a pass is due when they expire, at the latest
             delay = CREATE_EXPECTATION_SECONDS if delay is None else min(delay, CREATE_EXPECTATION_SECONDS)
         if new_status.get("phase") == "Running":
             delay = self.progress_interval if delay is None else min(delay, self.progress_interval)
         return delay
+
+    @staticmethod
+    def _current_child(record: JobRecord, raw: dict[str, Any], obj: dict[str, Any]) -> bool:
+        """A cached child that is this job's and still exists: not seen gone by a resync, not left over from
+        an earlier job of the same name."""
+        meta = raw.get("metadata") or {}
+        return uid_of(obj) not in record.gone and not of_another_incarnation(obj, meta.get("name", ""), uid_of(raw))
 
     @staticmethod
     def _valid_spec(record: JobRecord, raw: dict[str, Any]) -> api.JobSpec | None:
@@ -313,19 +454,39 @@ class Controller:
 
     @staticmethod
     def _status_seen(record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
-        """The job's status, or the one we wrote last if the index has not seen that write yet."""
-        rv = (raw.get("metadata") or {}).get("resourceVersion", "")
-        if record.written and record.written[0] == rv:
+        """The status we wrote last while the cache has not delivered that write (job_changed drops it
+        then), else the job's cached status."""
+        if record.written:
             return dict(record.written[1])
         return dict(raw.get("status") or {})
 
-    @classmethod
-    def _current_status(cls, record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
-        """_status_seen(), forgetting our last write once the index holds a newer version of the job."""
-        status = cls._status_seen(record, raw)
-        if record.written and record.written[0] != (raw.get("metadata") or {}).get("resourceVersion", ""):
-            record.written = None
-        return status
+    @staticmethod
+    def _wrote(record: JobRecord, stored_job: dict[str, Any], status: dict[str, Any]) -> str:
+        """Remember a status write by what the API server returned (its resourceVersion and status, else
+        the status sent); returns that resourceVersion."""
+        rv = resource_version(stored_job)
+        stored_status = stored_job.get("status")
+        record.written = (rv, dict(stored_status) if isinstance(stored_status, dict) else dict(status))
+        if record.body is not None and resource_version(record.body) == rv:
+            record.written = None  # its watch event came before the answer: the cache holds it already
+        return rv
+
+    async def _post_events(self, raw: dict[str, Any], events: list[PendingEvent],
+                           transition: str) -> list[PendingEvent]:
+        """Post the events of a recorded transition, each under a name of its own (event_name), so a POST
+        tried again after a failure cannot record it twice; returns those to try again."""
+        left = []
+        name = (raw.get("metadata") or {}).get("name", "")
+        for pending in events:
+            e = pending.event
+            named = pending.name or event_name(name, transition, e.type, e.reason, e.message)
+            if await self.api.post_event(raw, e.type, e.reason, e.message, named):
+                continue
+            if pending.attempts + 1 < EVENT_ATTEMPTS:
+                left.append(PendingEvent(e, named, pending.attempts + 1))
+            else:
+                log.warning("job %s: giving up the event %s after %d attempts", name, e.reason, EVENT_ATTEMPTS)
+        return left
 
     async def _refuse_immutable_changes(self, record: JobRecord, raw: dict[str, Any]) -> dict[str, Any]:
         """The job to reconcile: with the accepted spec when an edit changed an immutable field
@@ -354,8 +515,11 @@ class Controller:
             return
         status = planner.invalid_spec_status(old_status, generation, str(err), now)
         if status != old_status:
-            await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status))
-            record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+            stored_job = await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status))
+            if stored_job is None:
+                self.forget(key)
+                return
+            self._wrote(record, stored_job, dict(status))
             await self.api.post_event(raw, "Warning", "InvalidSpec", str(err))
         self.metrics.record_status(key[0], key[1], old_status, dict(status),
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
@@ -367,9 +531,11 @@ class Controller:
         """A child the API server refused: Failed/ChildRejected with the API's message, one Warning event."""
         generation = int((raw.get("metadata") or {}).get("generation") or 1)
         status = planner.child_rejected_status(old_status, generation, str(refused), now)
-        if not await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status)):
+        stored_job = await self.api.patch_job_status(key[0], key[1], status_merge_patch(old_status, status))
+        if stored_job is None:
+            self.forget(key)
             return
-        record.written = ((raw.get("metadata") or {}).get("resourceVersion", ""), dict(status))
+        self._wrote(record, stored_job, dict(status))
         await self.api.post_event(raw, "Warning", planner.REASON_CHILD_REJECTED, str(refused))
         self.metrics.record_status(key[0], key[1], old_status, dict(status),
                                    (raw.get("metadata") or {}).get("creationTimestamp"), now)
@@ -389,9 +555,10 @@ class Controller:
             log.info("ignoring unreadable trainer metrics at %s: %s", url, err)
             return None
 
-    async def _execute(self, key: JobKey, record: JobRecord, raw: dict[str, Any], actions: tuple,
-                       pods: list[dict[str, Any]], existing: frozenset[tuple[str, str]]) -> None:
-        """Creates and deletes run concurrently; events follow; deleting the job comes last."""
+    async def _execute(self, key: JobKey, record: JobRecord, actions: tuple,
+                       pods: list[dict[str, Any]], existing: frozenset[tuple[str, str]]) -> _Writes:
+        """Creates and deletes run concurrently. Returns what was staged: its events are posted and the job
+        deleted by the pass once the status write succeeded."""
         seen = existing | {("Pod", (p.get("metadata") or {}).get("name", "")) for p in pods}
         clock = time.monotonic()
         expected = record.expected
@@ -408,10 +575,7 @@ class Controller:
             if refused:  # sending the same object again cannot succeed
                 raise ChildRefused(refused[0].api_message) from refused[0]
             raise errors[0]
-        for event in staged.events:
-            await self.api.post_event(raw, event.type, event.reason, event.message)
-        if staged.delete_job:
-            await self.api.delete(raw["apiVersion"], raw["kind"], key[0], key[1])
+        return staged
 
     # -- one method per planner action type ---------------------------------------------------------
     @functools.singledispatchmethod

@@ -48,7 +48,11 @@ from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, tr
 
 # Keys of a step's stats that are means over the actor ranks' shares (the rest are rank 0's).
 AVERAGED = ("reward_mean", "reward_std", "kl", "policy_loss", "value_loss", "loss", "clip_fraction", "entropy",
-            "response_length", "preference_accuracy", "ptx_loss", "process_reward")
+            "response_length", "preference_accuracy", "ptx_loss", "process_reward",
+            # multi-turn rollouts (multiturn.turn_stats), besides each turn's reward_t<k>
+            "accuracy_t1", "accuracy_t2", "accuracy_delta", "wrong_to_right", "right_to_wrong")
+# Prefix of the per-turn mean scores (reward_t1, reward_t2, ...), averaged over ranks too.
+TURN_REWARD = "reward_t"
 # Keys of a step's stats that are sums over the actor ranks.
 SUMMED = ("tokens", "truncated_rows")
 
@@ -123,7 +127,8 @@ def mean_over_ranks(stats: dict[str, float]) -> dict[str, float]:
     world = distributed.world_size()
     if world == 1:
         return stats
-    return {k: (distributed.all_reduce_sum(v) / world if k in AVERAGED else v) for k, v in stats.items()}
+    return {k: (distributed.all_reduce_sum(v) / world if k in AVERAGED or k.startswith(TURN_REWARD) else v)
+            for k, v in stats.items()}
 
 
 @dataclass
@@ -135,7 +140,12 @@ class Rollout:
     action_mask: torch.Tensor  # (B, R) 1 on response tokens up to and including the first stop token
     truncated: torch.Tensor  # (B,) bool: no stop token within max_new_tokens
     prompts: list[Prompt]  # as in the dataset (text or messages), for the rewards
-    responses: list[str]  # decoded, special tokens dropped
+    responses: list[str]  # decoded, special tokens dropped (multi-turn: every turn after the prompt)
+    # Multi-turn rollouts only (hyperparameters.turns > 1, rlhf_trainer.multiturn), else None; K turns:
+    turn_ids: torch.Tensor | None = None  # (B, R) long: the policy turn 0..K-1 of each action token, -1 elsewhere
+    turn_truncated: torch.Tensor | None = None  # (B, K) bool: turn k sampled no stop token
+    turn_responses: list[list[str]] | None = None  # B x K: each policy turn's text
+    turn_prompts: list[list[Prompt]] | None = None  # B x K: what turn k answers (the conversation before it)
 
 
 @torch.no_grad()
@@ -151,7 +161,20 @@ def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gp
     a rank that stopped early would leave the others waiting forever). Every rank must then make
     the same number of calls: the same number of prompts per rank.
     """
-    enc = pad_left([r.ids for r in rows], tokenizer.pad_token_id)
+    enc, response_ids, mask, ended = sample(model, tokenizer, [r.ids for r in rows], hp, stop_ids,
+                                            synced_gpus=synced_gpus, greedy=greedy)
+    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
+    attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
+    responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_gpus: bool = False,
+           greedy: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """generate()'s sampling: token rows -> (their left-padded batch (B, P), response ids (B, R),
+    response mask (B, R), ended (B,) bool), on CPU."""
+    enc = pad_left(id_rows, tokenizer.pad_token_id)
     dev, width = distributed.device(), enc["input_ids"].shape[1]
     config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
                              stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
@@ -159,7 +182,7 @@ def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gp
         config.do_sample = False
     pieces = []
     with only_these_settings(model):
-        for s in row_slices(len(rows), hp.inference_chunk_size):
+        for s in row_slices(len(id_rows), hp.inference_chunk_size):
             out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
                                  generation_config=config, synced_gpus=synced_gpus)
             pieces.append(out[:, width:].cpu())
@@ -168,10 +191,7 @@ def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gp
     response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
                               for p in pieces])
     mask, ended = response_mask(response_ids, stop_ids)
-    sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
-    attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
-    responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
+    return enc, response_ids, mask, ended
 
 
 @torch.no_grad()
@@ -187,14 +207,22 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     if old_logprobs:
         old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
                                      chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
+    ref = reference.call("logprobs", seqs, response_length=R)[0]["logprobs"]
+    values = None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"]
+    turn_scores = None
+    if roll.turn_ids is None:
+        scores = score(roll.prompts, roll.responses, answers)
+    else:  # every policy turn scored against the conversation before it (rlhf_trainer.multiturn)
+        turns = roll.turn_truncated.shape[1]
+        turn_scores = torch.stack([score([p[k] for p in roll.turn_prompts], [t[k] for t in roll.turn_responses],
+                                         answers) for k in range(turns)], dim=1)
+        scores = turn_scores[:, -1]
     return Experience(
         sequences=roll.sequences, attention_mask=roll.attention_mask,
         position_ids=position_ids_from_mask(roll.attention_mask), action_mask=roll.action_mask,
-        old_logprobs=old, truncated=roll.truncated,
-        ref_logprobs=reference.call("logprobs", seqs, response_length=R)[0]["logprobs"],
-        values=None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"],
-        scores=score(roll.prompts, roll.responses, answers),
-        step_rewards=score.step_rewards(roll),
+        old_logprobs=old, truncated=roll.truncated, ref_logprobs=ref, values=values,
+        scores=scores, step_rewards=score.step_rewards(roll),
+        turn_ids=roll.turn_ids, turn_scores=turn_scores, turn_truncated=roll.turn_truncated,
     )
 
 
@@ -267,7 +295,8 @@ def rollout_ok(ctx: Context, exp: Experience, roll: Rollout, records, source: st
     """The non-finite checks of a scored rollout, on every actor rank (finite.py): the scores
     first, then what the actor, reference and critic computed. False: skip the batch."""
     guard = ctx.guard
-    if not guard.batch_ok("reward", {"scores": exp.scores}, records, source=source, responses=roll.responses):
+    if not guard.batch_ok("reward", {"scores": exp.scores, "turn_scores": exp.turn_scores}, records, source=source,
+                          responses=roll.responses):
         return False
     tensors = {"ref_logprobs": on_actions(exp.ref_logprobs, exp.action_mask),
                "old_logprobs": on_actions(exp.old_logprobs, exp.action_mask),

@@ -3,7 +3,9 @@
 | algorithm       | metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                          |
 |-----------------|-------------------------------------------------------------------------------------|
 | ppo, grpo, rloo,| eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
-| reinforce_pp    | rule rewards only), eval_reward_mean_sampled (at the sampling temperature)          |
+| reinforce_pp    | rule rewards only), eval_reward_mean_sampled (at the sampling temperature); with    |
+|                 | turns > 1 the last turn's, plus eval_accuracy_t1 / _t2 / _delta, eval_wrong_to_right,|
+|                 | eval_right_to_wrong of the greedy conversations (rule rewards only)                 |
 | dpo, simpo, orpo| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss (the     |
 |                 | preference loss, without ORPO's NLL term)                                           |
 | rm              | eval_preference_accuracy (score of chosen > rejected), eval_loss (Bradley-Terry)    |
@@ -49,6 +51,8 @@ def evaluate_online(algorithm, rows) -> Sums:
     algorithm.strategy.eval()
     model, tokenizer, stops = algorithm.strategy.module, algorithm.tokenizer, algorithm.stop_ids
     synced = algorithm.strategy.synced_generation
+    if hp.turns > 1:
+        return evaluate_turns(algorithm, rows)
     greedy = generate(model, tokenizer, rows, hp, stops, synced_gpus=synced, greedy=True)
     sampled = generate(model, tokenizer, rows, hp, stops, synced_gpus=synced)
     greedy_scores = algorithm.score(prompts, greedy.responses, answers).float()
@@ -57,6 +61,30 @@ def evaluate_online(algorithm, rows) -> Sums:
     if algorithm.score.rule is not None:
         sums["eval_pass_rate"] = float((greedy_scores >= PASS_SCORE).sum())
     return sums, len(rows)
+
+
+@torch.no_grad()
+def evaluate_turns(algorithm, rows) -> Sums:
+    """Multi-turn jobs (hyperparameters.turns > 1): the same conversations as training (rlhf_trainer.multiturn),
+    greedy and sampled; the rewards are the last turn's, plus the greedy attempts' accuracy at the first and
+    last turn and the shares wrong -> right and right -> wrong (self_correction.correction_metrics)."""
+    from rlhf_trainer.multiturn import environment_of, rollout
+    from rlhf_trainer.self_correction import correction_metrics
+
+    hp, answers, n = algorithm.hp, [r.answer for r in rows], len(rows)
+    model, synced, environment = algorithm.strategy.module, algorithm.strategy.synced_generation, environment_of(hp)
+    scores = {}
+    for mode, greedy in (("greedy", True), ("sampled", False)):
+        roll = rollout(model, algorithm.renderer, rows, hp, environment, synced_gpus=synced, greedy=greedy)
+        scores[mode] = torch.stack([algorithm.score([p[k] for p in roll.turn_prompts],
+                                                    [t[k] for t in roll.turn_responses], answers).float()
+                                    for k in range(hp.turns)], dim=1)
+    sums = {"eval_reward_mean": float(scores["greedy"][:, -1].sum()),
+            "eval_reward_mean_sampled": float(scores["sampled"][:, -1].sum())}
+    if algorithm.score.rule is not None:
+        sums["eval_pass_rate"] = float((scores["greedy"][:, -1] >= PASS_SCORE).sum())
+        sums.update({f"eval_{k}": v * n for k, v in correction_metrics(scores["greedy"], PASS_SCORE).items()})
+    return sums, n
 
 
 @torch.no_grad()

@@ -8,6 +8,10 @@ With `reward.type: prm` a process reward model scores every step and its scores 
 rewards at the tokens ending the steps (losses.prm, "DenseReward"), next to the rule's outcome
 score on the last token; `critic.model: reward` starts the critic from the PRM (ValueInit, models.load_value_model).
 
+With `hyperparameters.turns` > 1 a rollout is a conversation (rlhf_trainer.multiturn): every policy
+turn's score lands on its last token, the environment's tokens are no actions (GAE passes over them),
+and `selfCorrection: score` shapes the two attempts' rewards and KL weights (rlhf_trainer.self_correction).
+
 PPO-ptx (Ouyang et al. 2022, eq. 2): with `dataset.pretrain_path`, every actor micro-batch also
 takes a micro-batch of pretraining text and adds `ptx_coef` times its language-modelling loss
 (losses.ptx) to the policy loss before the one backward pass.
@@ -25,7 +29,6 @@ from rlhf_trainer.algorithms.common import (
     ActorAlgorithm,
     Scorer,
     collect_experience,
-    generate,
     global_normaliser,
     rollout_ok,
     run_algorithm,
@@ -40,8 +43,11 @@ from rlhf_trainer.losses.kl import build_kl_controller, kl_estimate
 from rlhf_trainer.losses.ppo import entropy_bonus, policy_loss
 from rlhf_trainer.losses.ptx import lm_labels, ptx_loss
 from rlhf_trainer.losses.sft import count_loss_tokens
+from rlhf_trainer.losses.turns import per_turn_gae, turn_coefficients, turn_token_rewards
 from rlhf_trainer.losses.utils import global_mean, masked_whiten
+from rlhf_trainer.multiturn import environment_of, rollout, turn_stats
 from rlhf_trainer.runtime import Context
+from rlhf_trainer.self_correction import turn_plan
 
 
 class PPO(ActorAlgorithm):
@@ -50,6 +56,7 @@ class PPO(ActorAlgorithm):
         hp = self.hp
         self.reference, self.critic = ctx.client("reference"), ctx.client("critic")
         self.score = Scorer(ctx, self.tokenizer)
+        self.environment = environment_of(hp)
         self.kl_ctl = build_kl_controller(hp.kl_coef, hp.kl_target, hp.kl_horizon)
         self.ptx_texts = load_texts(ctx.cfg.dataset.pretrain_path) if ctx.cfg.dataset.pretrain_path else None
         # Its own sampler (and seed), saved with the checkpoint like the prompts' position.
@@ -88,8 +95,8 @@ class PPO(ActorAlgorithm):
         # 1. rollout
         with metrics.phase("generate", timings):
             self.strategy.eval()
-            roll = generate(self.strategy.module, self.tokenizer, records, hp, self.stop_ids,
-                            synced_gpus=self.strategy.synced_generation)
+            roll = rollout(self.strategy.module, self.renderer, records, hp, self.environment,
+                           synced_gpus=self.strategy.synced_generation)
         # 2. score: old policy, reference, critic, reward
         with metrics.phase("score", timings), torch.no_grad():
             exp = collect_experience(self.strategy.module, roll, [r.answer for r in records], hp,
@@ -99,11 +106,24 @@ class PPO(ActorAlgorithm):
         # 3. advantages
         mask = exp.action_mask.float()
         exp.kl = kl_estimate(exp.old_logprobs, exp.ref_logprobs, hp.kl_estimator) * mask
-        exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value, reward_clip=hp.reward_clip,
-                                    ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
+        stage = None
+        if exp.turn_ids is None:
+            exp.rewards = token_rewards(exp.kl, exp.scores, mask, kl_coef=self.kl_ctl.value, reward_clip=hp.reward_clip,
+                                        ended=~exp.truncated, truncation_penalty=hp.truncation_penalty)
+        else:  # each turn's reward on its last token, per-turn KL weights (losses.turns; SCoRe's shaping)
+            plan = turn_plan(exp.turn_scores, step=self.ctx.guard.step, hp=hp, kl_coef=self.kl_ctl.value)
+            exp.turn_rewards, exp.own_turn_credit, stage = plan.rewards, plan.own_turn_credit, plan.stage
+            exp.kl_coefs = turn_coefficients(plan.kl_coefs, exp.turn_ids)
+            exp.rewards = turn_token_rewards(exp.kl, exp.turn_rewards, exp.turn_ids, kl_coefs=exp.kl_coefs,
+                                             reward_clip=hp.reward_clip, truncated=exp.turn_truncated,
+                                             truncation_penalty=hp.truncation_penalty)
         if exp.step_rewards is not None:  # a process reward model's dense rewards (DenseReward)
             exp.rewards = exp.rewards + exp.step_rewards * mask
-        exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
+        if exp.own_turn_credit:  # SCoRe: every attempt its own episode
+            exp.advantages, exp.returns = per_turn_gae(exp.rewards, exp.values, exp.turn_ids, exp.turn_rewards.shape[1],
+                                                       gamma=hp.gamma, lam=hp.lam)
+        else:
+            exp.advantages, exp.returns = gae_advantages(exp.rewards, exp.values, mask, gamma=hp.gamma, lam=hp.lam)
         if hp.whiten_advantages:
             exp.advantages = masked_whiten(exp.advantages, mask, reduce=distributed.all_reduce_tensor)
         write_samples(self.ctx, roll, exp)
@@ -155,6 +175,7 @@ class PPO(ActorAlgorithm):
             "tokens": float(exp.attention_mask.sum()),
             **({"ptx_loss": ptx_total / hp.ppo_epochs} if ptx is not None else {}),
             **({"process_reward": float(exp.step_rewards.sum(-1).mean())} if exp.step_rewards is not None else {}),
+            **turn_stats(exp, stage),
         }
 
 

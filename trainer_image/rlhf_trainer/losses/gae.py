@@ -9,7 +9,10 @@ reduced by `truncation_penalty` instead, so rambling is discouraged without inve
 GAE (Schulman et al. 2016, "High-Dimensional Continuous Control Using GAE", eq. 16):
     delta_t = r_t + gamma * V_{t+1} - V_t,    A_t = sum_l (gamma * lam)^l * delta_{t+l}
 with V = 0 after the last real token (the episode ends there); returns R_t = A_t + V_t are the
-critic's targets.
+critic's targets. Positions outside the mask are no steps of the episode: a multi-turn rollout's
+environment tokens (rlhf_trainer.multiturn) sit between two action tokens, and GAE passes over them,
+the action before them bootstrapping from the value of the action after them (as verl's
+compute_gae_advantage_return does over its response_mask).
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
                    gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards, values, mask (B, T) -> (advantages (B, T), returns (B, T)), 0 outside `mask`.
 
-    The mask must be contiguous per row (left or right padding); padding after the last real
-    token has V = 0 and r = 0, so the last real token bootstraps from nothing.
+    Padding after the last real token has V = 0 and r = 0, so the last real token bootstraps from
+    nothing; positions outside the mask between real tokens (environment tokens) are skipped:
+    the running advantage and the next value carry over them unchanged.
     """
     values, rewards = values * mask, rewards * mask
     advantages = torch.zeros_like(rewards)
@@ -56,10 +60,10 @@ def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tens
     next_value = torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        running = delta + gamma * lam * running
-        # Padding before a row's first real token must not carry anything into earlier steps.
-        running = running * mask[:, t]
-        advantages[:, t] = running
-        next_value = values[:, t]
+        step = (delta + gamma * lam * running) * mask[:, t]
+        advantages[:, t] = step
+        keep = mask[:, t].bool()
+        running = torch.where(keep, step, running)
+        next_value = torch.where(keep, values[:, t], next_value)
     returns = (advantages + values) * mask
     return advantages, returns
