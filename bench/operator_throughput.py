@@ -115,8 +115,8 @@ class PodCounter:
                         self.count += 1
                         self.last_added = time.perf_counter()
                         self._done.notify_all()
-        except (OSError, ValueError, AttributeError):
-            pass  # wait() closed the watch
+        except (OSError, ValueError, AttributeError, http.client.HTTPException):
+            pass  # wait() closed the watch (a chunk cut short is an IncompleteRead)
 
     def wait(self, n: int, timeout: float = 600) -> float:
         """The clock time of the n-th ADDED event; closes the watch."""
