@@ -68,6 +68,9 @@ TABLE = (
               summary="SimPO: reference-free, length-normalised preference loss with a margin (Meng et al. 2024)"),
     Algorithm("orpo", ("actor",), online=False, data="pairs", module="dpo",
               summary="ORPO: SFT on the chosen response plus an odds-ratio preference term, no reference (Hong et al. 2024)"),
+    Algorithm("cpo", ("actor",), online=False, data="pairs", module="dpo",
+              summary="CPO: reference-free sigmoid preference loss on sequence log-probs plus the chosen "
+                      "responses' NLL (Xu et al. 2024)"),
     Algorithm("rm", ("actor",), online=False, data="pairs", module="rm",
               summary="Bradley-Terry reward model training on preference pairs", exports="reward"),
     Algorithm("sft", ("actor",), online=False, data="sft", module="sft",
@@ -83,6 +86,11 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)
 ONLINE = tuple(a.name for a in TABLE if a.online)
 PAIR_ALGORITHMS = tuple(a.name for a in TABLE if a.data == "pairs")
+
+
+def run_by(module: str) -> tuple[str, ...]:
+    """Names of the algorithms whose loop is `rlhf_trainer.algorithms.<module>` (its variants share its knobs)."""
+    return tuple(a.name for a in TABLE if a.module == module)
 
 
 def required_roles(algorithm: str, reward_type: str) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from rlhf_contract.algorithms import (
     REWARD_TYPES,
     ROLE_NAMES,
     role_set_problem,
+    run_by,
 )
 from rlhf_contract.knobs import Rule, knob, settings_of
 
@@ -57,10 +58,11 @@ CALLABLE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_]*$"
 PPO = ("ppo",)
 GROUP = ("grpo", "rloo")
 # Critic-free policy gradients (rlhf_trainer.algorithms.grpo's loop).
-CRITIC_FREE = ("grpo", "rloo", "reinforce_pp")
+CRITIC_FREE = run_by("grpo")
 # Algorithms whose per-token rewards carry a KL penalty and the score on the last token.
 SHAPED_REWARD = ("ppo", "reinforce_pp")
-PREFERENCE = ("dpo", "simpo", "orpo")
+# Preference losses on fixed pairs (rlhf_trainer.algorithms.dpo's loop).
+PREFERENCE = run_by("dpo")
 STEPWISE = ("prm", "prm-label")
 # Algorithms whose rollouts may be conversations (hyperparameters.turns > 1; rlhf_trainer.multiturn).
 MULTI_TURN = ("ppo", "grpo", "rloo")
@@ -320,9 +322,11 @@ class Hyperparameters:
     loss_type: str = knob("sigmoid", "sigmoid (DPO), ipo (IPO, on token-averaged log-probs) or hinge (SLiC).",
                           enum=LOSS_TYPES, algorithms=("dpo",))
     label_smoothing: float = knob(0.0, "Conservative DPO label smoothing, 0 <= x < 0.5.", minimum=0, lt=0.5,
-                                  algorithms=("dpo", "simpo"))
+                                  algorithms=("dpo", "simpo", "cpo"))
     simpo_gamma: float = knob(0.5, "SimPO's target reward margin gamma (eq. 6; TRL's simpo_gamma).", minimum=0,
                               algorithms=("simpo",))
+    cpo_alpha: float = knob(1.0, "CPO's weight of the chosen responses' NLL term (TRL's cpo_alpha).", minimum=0,
+                            algorithms=("cpo",))
     margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
     packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
     step_separator: str = knob("\n", "What ends a step of a response (one line each by default).",

@@ -31,6 +31,7 @@ CASES = {
     "dpo: ipo on token-averaged log-probs": ("dpo", None, {"hyperparameters": {"loss_type": "ipo"}}),
     "simpo: no reference role": ("simpo", None, {}),
     "orpo: no reference role": ("orpo", None, {}),
+    "cpo: no reference role": ("cpo", None, {}),
     "rm: Bradley-Terry reward model": ("rm", None, {}),
     "sft: packed examples, ZeRO-3": (
         "sft", {"actor": {"deepspeed": {"zero_stage": 3}}}, {"hyperparameters": {"packing": True}}),

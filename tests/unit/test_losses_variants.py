@@ -1,5 +1,5 @@
 """Loss variants against the reference implementations' formulas and hand calculations:
-GRPO loss aggregations (TRL's grpo / dr_grpo / dapo), clip-higher, REINFORCE++ returns, SimPO, ORPO."""
+GRPO loss aggregations (TRL's grpo / dr_grpo / dapo), clip-higher, REINFORCE++ returns, SimPO, ORPO, CPO."""
 
 from __future__ import annotations
 
@@ -177,6 +177,25 @@ def test_orpo_odds_ratio_matches_trls_formula():
     # By hand, pair 0: P_w = e^-0.5 = 0.6065, P_l = e^-1.5 = 0.2231; odds 1.5415 and 0.2872;
     # log ratio 1.6803; -0.1 * log sigmoid(1.6803) = 0.1 * log(1 + e^-1.6803) = 0.017086.
     assert want[0] == pytest.approx(0.017086, abs=1e-6)
+
+
+def test_cpo_is_trls_sigmoid_loss_on_summed_log_probs_plus_weighted_nll():
+    from types import SimpleNamespace
+
+    from rlhf_trainer.algorithms.dpo import DPO, chosen_nll_weight
+
+    assert "cpo" not in dpo.TOKEN_AVERAGED  # CPO's log pi(y|x) is the sum over the response (eq. 3)
+    hp = SimpleNamespace(beta=0.2, label_smoothing=0.1, cpo_alpha=0.5)
+    out = DPO.preference_loss(SimpleNamespace(hp=hp, kind="cpo"), CHOSEN, REJECTED, None)
+    want = []
+    for c, r in zip(CHOSEN.tolist(), REJECTED.tolist(), strict=True):
+        # TRL CPOTrainer.cpo_loss, loss_type sigmoid: -logsigmoid(beta d) (1 - e) - logsigmoid(-beta d) e
+        d = c - r
+        want.append(-logsigmoid(0.2 * d) * 0.9 - logsigmoid(-0.2 * d) * 0.1)
+    assert out.loss.item() == pytest.approx(sum(want) / 3)
+    assert out.chosen_rewards.tolist() == pytest.approx((0.2 * CHOSEN).tolist())
+    assert chosen_nll_weight("cpo", hp) == 0.5 and chosen_nll_weight("orpo", hp) == 1.0
+    assert chosen_nll_weight("simpo", hp) == 0.0 and chosen_nll_weight("sigmoid", hp) == 0.0
 
 
 def test_orpo_log_odds_stay_finite_at_probability_one():

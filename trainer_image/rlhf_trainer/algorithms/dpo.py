@@ -1,10 +1,14 @@
 """Preference optimisation on fixed pairs: DPO (Rafailov et al. 2023) and its variants IPO (Azar et
-al. 2023), hinge (SLiC), cDPO label smoothing; and the reference-free SimPO (Meng et al. 2024) and
-ORPO (Hong et al. 2024), which have no reference role.
+al. 2023), hinge (SLiC), cDPO label smoothing; and the reference-free SimPO (Meng et al. 2024), ORPO
+(Hong et al. 2024) and CPO (Xu et al. 2024), which have no reference role.
 
 One step: the reference role's log-probs of chosen and rejected responses (DPO only), then per
 micro-batch the policy's log-probs and the preference loss (losses.dpo / simpo / orpo) on sequence
 log-probs, summed or token-averaged as the loss defines them. No sampling.
+
+ORPO and CPO add the chosen responses' negative log-likelihood (per chosen-response token over the
+global batch, losses.sft's normaliser), weighted 1 (ORPO's L_SFT, eq. 6) or `cpoAlpha` (CPO, Xu et al.
+2024 eq. 5 "L_prefer + L_NLL"; TRL's CPOTrainer `cpo_alpha`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,12 @@ def response_columns(loss_mask: torch.Tensor) -> int:
     return min(max(loss_mask.shape[1] - first, 1), loss_mask.shape[1] - 1)
 
 
+def chosen_nll_weight(kind: str, hp) -> float:
+    """Weight of the chosen responses' NLL term added to the preference loss: ORPO's L_SFT has weight 1
+    (Hong et al. 2024 eq. 6), CPO's L_NLL `cpoAlpha` (Xu et al. 2024 eq. 5; TRL's cpo_alpha); 0 otherwise."""
+    return {"orpo": 1.0, "cpo": hp.cpo_alpha}.get(kind, 0.0)
+
+
 class DPO(ActorAlgorithm):
     def __init__(self, ctx: Context, renderer):
         super().__init__(ctx, renderer, rows_per_sample=2)  # a pair is two rows: chosen and rejected
@@ -59,8 +69,8 @@ class DPO(ActorAlgorithm):
                                            source="the reference forward (chosen, rejected)"):
                 return {"tokens": 0.0}
         pairs_total = global_normaliser(n)
-        # ORPO's NLL term is per chosen-response token over the global batch (losses.sft's normaliser).
-        chosen_tokens = global_normaliser(float(loss_mask[:n, 1:].sum())) if self.kind == "orpo" else 1.0
+        nll_weight = chosen_nll_weight(self.kind, hp)
+        chosen_tokens = global_normaliser(float(loss_mask[:n, 1:].sum())) if nll_weight else 1.0
         losses, correct, margins = [], 0.0, []
         with metrics.phase("train", timings):
             self.strategy.train()
@@ -71,9 +81,9 @@ class DPO(ActorAlgorithm):
                 out = self.preference_loss(logp[:half], logp[half:], None if ref is None else ref[rows])
                 # The losses average over their pairs; rescale to a share of the whole batch's mean.
                 loss = out.loss * half / pairs_total
-                if self.kind == "orpo":
+                if nll_weight:
                     chosen_mask = loss_mask[rows][:half, -R:].to(logprobs.dtype)
-                    loss = loss - (logprobs[:half] * chosen_mask).sum() / chosen_tokens
+                    loss = loss - nll_weight * (logprobs[:half] * chosen_mask).sum() / chosen_tokens
                 source = f"dpo ({hp.loss_type}) loss" if self.ctx.cfg.algorithm == "dpo" else f"{self.kind} loss"
                 value = self.ctx.guard.backward_step(
                     self.strategy, loss, anchor=logp, role="actor", source=source,
@@ -93,6 +103,8 @@ class DPO(ActorAlgorithm):
             return simpo_loss(chosen, rejected, beta=hp.beta, gamma=hp.simpo_gamma, label_smoothing=hp.label_smoothing)
         if self.kind == "orpo":
             return odds_ratio_loss(chosen, rejected, beta=hp.beta)
+        if self.kind == "cpo":  # eq. 3 on summed log-probs: SimPO's loss with no margin
+            return simpo_loss(chosen, rejected, beta=hp.beta, gamma=0.0, label_smoothing=hp.label_smoothing)
         half = len(chosen)
         return dpo_loss(chosen, rejected, ref[:half], ref[half:], beta=hp.beta, loss_type=hp.loss_type,
                         label_smoothing=hp.label_smoothing)

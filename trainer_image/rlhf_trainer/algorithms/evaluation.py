@@ -1,13 +1,13 @@
 """Held-out evaluation (`dataset.eval_path`): what the policy does on rows it never trains on.
 
-| algorithm       | metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                          |
+| loop (algorithms)| metrics (JSONL names; `rlhf_trainer_` + name on /metrics)                         |
 |-----------------|-------------------------------------------------------------------------------------|
-| ppo, grpo, rloo,| eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
-| reinforce_pp    | rule rewards only), eval_reward_mean_sampled (at the sampling temperature); with    |
+| ppo, grpo (grpo,| eval_reward_mean (greedy answers), eval_pass_rate (greedy, share scoring >= 1.0,    |
+| rloo, reinforce_pp)| rule rewards only), eval_reward_mean_sampled (at the sampling temperature); with    |
 |                 | turns > 1 the last turn's, plus eval_accuracy_t1 / _t2 / _delta, eval_wrong_to_right,|
 |                 | eval_right_to_wrong of the greedy conversations (rule rewards only)                 |
-| dpo, simpo, orpo| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss (the     |
-|                 | preference loss, without ORPO's NLL term)                                           |
+| dpo (dpo, simpo,| eval_preference_accuracy (implicit reward of chosen > rejected), eval_loss (the     |
+| orpo, cpo)      | preference loss, without ORPO's and CPO's NLL term)                                 |
 | rm              | eval_preference_accuracy (score of chosen > rejected), eval_loss (Bradley-Terry)    |
 | sft             | eval_loss (response tokens), eval_exact_match (greedy answer == reference, trimmed) |
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import distributed
 from rlhf_trainer.algorithms.common import encode_pairs, generate, pair_slices
@@ -89,7 +90,7 @@ def evaluate_turns(algorithm, rows) -> Sums:
 
 @torch.no_grad()
 def evaluate_dpo(algorithm, rows) -> Sums:
-    """DPO and the reference-free SimPO / ORPO (algorithms.dpo's preference_loss on the same log-probs)."""
+    """DPO and the reference-free SimPO / ORPO / CPO (algorithms.dpo's preference_loss on the same log-probs)."""
     from rlhf_trainer.algorithms.dpo import response_columns
 
     hp, n = algorithm.hp, len(rows)
@@ -151,15 +152,15 @@ def evaluate_sft(algorithm, rows) -> Sums:
             "eval_exact_match": float(_answers_right(greedy.responses, references))}, n
 
 
+# By the algorithm's loop (its module in the contract's table): a variant sharing a loop shares its metrics.
 EVALUATORS: dict[str, Callable] = {
-    "ppo": evaluate_online, "grpo": evaluate_online, "rloo": evaluate_online, "reinforce_pp": evaluate_online,
-    "dpo": evaluate_dpo, "simpo": evaluate_dpo, "orpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
+    "ppo": evaluate_online, "grpo": evaluate_online, "dpo": evaluate_dpo, "rm": evaluate_rm, "sft": evaluate_sft,
 }
 
 
 def evaluate(ctx, algorithm, rows) -> dict[str, float]:
     """Every eval metric of `algorithm` on the tokenized held-out `rows`, averaged over rows of all actor ranks."""
-    evaluator = EVALUATORS.get(ctx.cfg.algorithm)
+    evaluator = EVALUATORS.get(ALGORITHMS[ctx.cfg.algorithm].module)
     if evaluator is None:
         return {}
     ranks = ctx.placements["actor"].ranks
