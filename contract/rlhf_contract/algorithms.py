@@ -86,6 +86,10 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in TABLE}
 NAMES = tuple(ALGORITHMS)
 ONLINE = tuple(a.name for a in TABLE if a.online)
 PAIR_ALGORITHMS = tuple(a.name for a in TABLE if a.data == "pairs")
+# Algorithms that sample responses to prompts (the online ones and prm-label), and those that train on
+# the dataset's own responses (pairs, demonstrations, stepwise rows): sampling vs length knobs.
+SAMPLING = tuple(a.name for a in TABLE if a.data == "prompts")
+ON_DATASET_RESPONSES = tuple(a.name for a in TABLE if a.data != "prompts")
 
 
 def run_by(module: str) -> tuple[str, ...]:

@@ -29,9 +29,11 @@ from rlhf_contract.algorithms import (
     ALGORITHMS,
     MODEL_REWARD_TYPES,
     NAMES,
+    ON_DATASET_RESPONSES,
     ONLINE,
     REWARD_TYPES,
     ROLE_NAMES,
+    SAMPLING,
     role_set_problem,
     run_by,
 )
@@ -249,14 +251,14 @@ class Hyperparameters:
                                         "log-probs, critic values, reward scores) on one process: bounds those "
                                         "phases' memory.", minimum=1)
     max_prompt_length: int = knob(512, "Prompt tokens kept (left-truncated).", minimum=1)
-    max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=(*ONLINE, "prm-label"))
+    max_new_tokens: int = knob(16, "Response tokens sampled per prompt.", minimum=1, algorithms=SAMPLING)
     max_length: int = knob(1024, "Prompt + response tokens per row; longer responses are cut (counted as "
                                  "truncated).", minimum=2,
-                           algorithms=("dpo", "simpo", "orpo", "rm", "sft", "prm"))
+                           algorithms=ON_DATASET_RESPONSES)
     max_truncated_share: float = knob(0.1, "The job fails at startup when a larger share of its rows would be "
                                            "truncated (maxLength, maxPromptLength).", minimum=0, maximum=1)
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
-                              algorithms=(*ONLINE, "prm-label"))
+                              algorithms=SAMPLING)
     seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
     distributed_timeout_seconds: int = knob(1800, "Seconds a collective of a role's world or a bridge message may "
                                                   "wait before the process fails (and the gang restarts); longer "
