@@ -1,0 +1,137 @@
+"""The source initializer (rlhf_trainer.initializer) against local stand-ins: huggingface_hub in offline
+mode over a pre-populated hub cache, and moto's in-process S3 server for S3-compatible storage."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from rlhf_contract import wire
+from rlhf_contract.sources import HF_CACHE_DIR, cache_dir_name, parse_source, trainer_path
+from rlhf_trainer import initializer
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(cache: Path, repo: str, repo_type: str = "model", files: dict[str, str] | None = None) -> None:
+    """What snapshot_download leaves in its cache (refs/main -> snapshots/<sha>/...), written by hand."""
+    root = cache / HF_CACHE_DIR / f"{repo_type}s--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(SHA)
+    for name, text in (files or {"config.json": "{}"}).items():
+        path = root / "snapshots" / SHA / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def test_hf_fetch_once_links_the_snapshot_and_writes_the_marker(tmp_path, offline):
+    _hub_cache(tmp_path, "org/tiny", files={"config.json": '{"a": 1}'})
+    ref = parse_source("hf://org/tiny")
+    assert initializer.ensure(tmp_path, "model", ref) is True
+    folder = tmp_path / cache_dir_name(ref, "model")
+    assert (folder / "config.json").read_text() == '{"a": 1}'
+    assert (tmp_path / (folder.name + ".complete")).read_text().strip() == "hf://org/tiny"
+    assert not os.path.isabs(os.readlink(folder))  # relative: valid wherever the volume is mounted
+    assert initializer.ensure(tmp_path, "model", ref) is False  # a gang restart fetches nothing
+
+
+def test_hf_dataset_file_inside_the_repo(tmp_path, offline):
+    _hub_cache(tmp_path, "org/data", "dataset", {"train.jsonl": '{"prompt": "x"}\n'})
+    ref = parse_source("hf://org/data/train.jsonl")
+    initializer.ensure(tmp_path, "dataset", ref)
+    inside = trainer_path(ref, "dataset").split("/", 3)[3]  # /sources/_remote/<folder>/train.jsonl
+    assert (tmp_path / inside).read_text() == '{"prompt": "x"}\n'
+
+
+def test_hf_missing_repo_is_a_source_error_and_nothing_is_marked(tmp_path, offline):
+    ref = parse_source("hf://org/absent")
+    with pytest.raises(initializer.SourceError, match="hf://org/absent"):
+        initializer.ensure(tmp_path, "model", ref)
+    assert not list(tmp_path.glob("*.complete"))
+
+
+def test_partial_fetch_is_redone(tmp_path):
+    ref = parse_source("s3://bucket/models/m")
+    folder = cache_dir_name(ref, "model")
+    calls = []
+
+    def fake(ref, repo_type, cache, dest):
+        calls.append(dest)
+        dest.mkdir()
+        (dest / "weights").write_text("ok")
+
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / "half-written").write_text("x")  # a fetch cut short: no marker
+    assert initializer.ensure(tmp_path, "model", ref, {"s3": fake}) is True
+    assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["weights"]
+    assert initializer.ensure(tmp_path, "model", ref, {"s3": fake}) is False
+    assert len(calls) == 1
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="bucket")
+    for key in ("models/m/config.json", "models/m/sub/weights.bin", "models/m2/other.json", "data/train.jsonl"):
+        client.put_object(Bucket="bucket", Key=key, Body=key.encode())
+    yield client
+    server.stop()
+
+
+def test_s3_prefix_fetched_once_under_its_last_segment(tmp_path, s3_server, monkeypatch):
+    ref = parse_source("s3://bucket/models/m")
+    assert initializer.ensure(tmp_path, "model", ref) is True
+    inside = tmp_path / trainer_path(ref, "model").split("/", 3)[3]
+    files = sorted(str(p.relative_to(inside)) for p in inside.rglob("*") if p.is_file())
+    assert files == ["config.json", "sub/weights.bin"]  # not models/m2/...
+    assert (inside / "sub" / "weights.bin").read_bytes() == b"models/m/sub/weights.bin"
+    s3_server.delete_object(Bucket="bucket", Key="models/m/config.json")
+    assert initializer.ensure(tmp_path, "model", ref) is False  # marker: no second fetch
+    assert (inside / "config.json").exists()
+
+
+def test_s3_single_object(tmp_path, s3_server):
+    ref = parse_source("s3://bucket/data/train.jsonl")
+    initializer.ensure(tmp_path, "dataset", ref)
+    path = tmp_path / trainer_path(ref, "dataset").split("/", 3)[3]
+    assert path.read_bytes() == b"data/train.jsonl"
+
+
+def test_main_exits_config_error_naming_the_uri(tmp_path, s3_server, monkeypatch):
+    log = tmp_path / "termination-log"
+    monkeypatch.setenv(wire.ENV_TERMINATION_LOG, str(log))
+    code = initializer.main(["--cache", str(tmp_path / "cache"), "model=s3://bucket/nothing/here"])
+    assert code == wire.EXIT_CONFIG_ERROR
+    assert "s3://bucket/nothing/here" in log.read_text()
+    assert not list((tmp_path / "cache").glob("*.complete"))
+
+
+def test_wait_returns_once_markers_exist_and_times_out_otherwise(tmp_path):
+    ref = parse_source("s3://bucket/models/m")
+    with pytest.raises(initializer.SourceError, match="not fetched"):
+        initializer.wait_for(tmp_path, [("model", ref)], poll_seconds=0.01, timeout_seconds=0.05)
+    initializer.ensure(tmp_path, "model", ref, {"s3": lambda r, t, c, dest: dest.mkdir()})
+    initializer.wait_for(tmp_path, [("model", ref)], poll_seconds=0.01, timeout_seconds=1)
+
+
+def test_bad_item_is_refused():
+    with pytest.raises(initializer.SourceError, match="REPO_TYPE"):
+        initializer.parse_item("weights=hf://org/name")
+    with pytest.raises(initializer.SourceError, match="not a remote source"):
+        initializer.parse_item("model=/models/tiny")
