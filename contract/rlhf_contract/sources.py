@@ -156,3 +156,21 @@ def s3_relative_key(key: str, prefix: str) -> str | None:
         return None
     parent = prefix.rsplit("/", 1)[0] + "/" if "/" in prefix else ""
     return key[len(parent):]
+
+
+# The env the initializer's libraries read (huggingface_hub, boto3); the pod spec sets them from Secrets.
+ENV_HF_TOKEN = "HF_TOKEN"
+ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
+ENV_S3_REGION = "AWS_DEFAULT_REGION"
+INITIALIZER_COMMAND = ("python", "-m", "rlhf_trainer.initializer")
+INITIALIZER_CONTAINER = "source-initializer"
+
+
+def initializer_args(items: list[tuple[str, SourceRef]], wait: bool) -> list[str]:
+    """The initializer's arguments after INITIALIZER_COMMAND for remote sources [(repo type, ref)]: each
+    once (a repository named by two fields, e.g. dataset and evalPath files of one repo, is one fetch)."""
+    unique = dict.fromkeys(f"{repo_type}={source_uri(SourceRef(r.kind, r.location, r.revision))}"
+                           for repo_type, r in items if r.remote)
+    return ["--cache", FETCH_MOUNT, *(["--wait"] if wait else []), *unique]
