@@ -86,6 +86,15 @@ def missing_sources(jobs: list[api.Job]) -> list[str]:
             if source.from_job and source.from_job not in names]
 
 
+def unsupported_sources(jobs: list[api.Job]) -> list[str]:
+    """pvc:// and remote (hf://, s3://) sources: run-local has no claims but the jobs' own checkpoint
+    folders and does not run the source initializer, so it refuses them up front, naming the field."""
+    return [f"{job.name}: spec.{key}: {ref.kind}:// sources need a cluster (the claim or the source "
+            "initializer); run-local reads paths on this machine: fetch it first (huggingface-cli download, "
+            "aws s3 cp) and name the folder"
+            for job in jobs for key, ref, _ in job.spec.source_fields()]
+
+
 # Manifest fields that name files: run-local reads a relative one against the manifest's folder.
 LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
 
@@ -609,6 +618,7 @@ def main(args: Any) -> int:
         except api.SpecError as e:
             errors.append(f"{path}: {name}: {e}" if len(manifests) > 1 else f"{path}: {e}")
     errors += [f"{path}: {problem}" for problem in missing_sources([r.job for r in runners])]
+    errors += [f"{path}: {problem}" for problem in unsupported_sources([r.job for r in runners])]
     if errors:
         print("\n".join(f"rlhf-operator run-local: {e}" for e in errors), file=sys.stderr)
         return 2

@@ -202,3 +202,13 @@ def test_secrets_reach_only_the_initializer_as_secret_key_refs():
     trainer_env = {e["name"] for e in _container(pod)["env"]}
     assert not trainer_env & {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
     assert "s3-keys" not in json.dumps(_config(job))
+
+
+def test_run_local_refuses_pvc_and_remote_sources_naming_the_field():
+    from rlhf_operator import local
+
+    jobs = [make_job(model={"path": "hf://org/m"}, dataset={"path": "pvc://data/train.jsonl"}), make_job()]
+    problems = local.unsupported_sources(jobs)
+    assert len(problems) == 2
+    assert problems[0].startswith("job: spec.model.path: hf:// sources need a cluster")
+    assert problems[1].startswith("job: spec.dataset.path: pvc:// sources need a cluster")
