@@ -19,6 +19,8 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from rlhf_contract.wire import CHECKPOINT_MOUNT
+
 REMOTE_KINDS = ("hf", "s3")
 REPO_TYPES = ("model", "dataset")  # Hugging Face repo types; a field's own decides (models vs datasets)
 # Schemes the trainer itself understands; they pass through untouched.
@@ -27,6 +29,11 @@ SOURCE_ROOT = "/sources"  # fromJob exports at /sources/<job> (job names are DNS
 FETCH_MOUNT = f"{SOURCE_ROOT}/_remote"  # the job's source cache, read-only in the trainer containers
 PVC_MOUNT = f"{SOURCE_ROOT}/_pvc"  # pvc:// sources: /sources/_pvc/<claim>/<subPath>
 CACHE_SUBDIR = "sources"  # the source cache's folder on the checkpoint volume
+# The initializer writes the cache through the checkpoint volume's own mount, not a subPath mount: a
+# subPath folder the kubelet creates is root's, which the trainer's uid could not write; the initializer
+# creates it as the trainer's uid before any subPath mount of it is made (the trainer containers start
+# after every init container).
+INITIALIZER_CACHE = f"{CHECKPOINT_MOUNT}/{CACHE_SUBDIR}"
 MARKER_SUFFIX = ".complete"  # <cache>/<folder>.complete: written after a complete fetch, holds the URI
 PARTIAL_SUFFIX = ".partial"  # <cache>/<folder>.partial: a download in progress, removed when redone
 HF_CACHE_DIR = ".hub"  # <cache>/.hub: huggingface_hub's cache (blobs, snapshots) of every hf source
@@ -173,4 +180,4 @@ def initializer_args(items: list[tuple[str, SourceRef]], wait: bool) -> list[str
     once (a repository named by two fields, e.g. dataset and evalPath files of one repo, is one fetch)."""
     unique = dict.fromkeys(f"{repo_type}={source_uri(SourceRef(r.kind, r.location, r.revision))}"
                            for repo_type, r in items if r.remote)
-    return ["--cache", FETCH_MOUNT, *(["--wait"] if wait else []), *unique]
+    return ["--cache", INITIALIZER_CACHE, *(["--wait"] if wait else []), *unique]

@@ -387,10 +387,10 @@ def remote_sources(spec: JobSpec) -> list[tuple[str, srcs.SourceRef]]:
     return [(repo_type, ref) for _, ref, repo_type in spec.source_fields() if ref.remote]
 
 
-def source_cache_mount(read_only: bool) -> dict[str, Any]:
-    """The job's source cache: a folder of its checkpoint volume, written only by the initializer."""
-    return {"name": "checkpoints", "mountPath": srcs.FETCH_MOUNT, "subPath": srcs.CACHE_SUBDIR,
-            "readOnly": read_only}
+def source_cache_mount() -> dict[str, Any]:
+    """The job's source cache in the trainer containers: the folder `sources` of its checkpoint volume,
+    read-only (the initializer writes it through the volume's own mount, srcs.INITIALIZER_CACHE)."""
+    return {"name": "checkpoints", "mountPath": srcs.FETCH_MOUNT, "subPath": srcs.CACHE_SUBDIR, "readOnly": True}
 
 
 def source_secret_env(spec: JobSpec) -> list[dict[str, Any]]:
@@ -422,7 +422,8 @@ def initializer_container(job: Job, role: RoleSpec, fetch: bool) -> dict[str, An
         "command": [*srcs.INITIALIZER_COMMAND, *srcs.initializer_args(remote, wait=not fetch)],
         "env": [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()] + source_secret_env(job.spec),
         "resources": role_resources(role),
-        "volumeMounts": [source_cache_mount(read_only=False), {"name": "tmp", "mountPath": SCRATCH_MOUNT}],
+        "volumeMounts": [{"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+                         {"name": "tmp", "mountPath": SCRATCH_MOUNT}],
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
                             "readOnlyRootFilesystem": True},
@@ -440,7 +441,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
     name = pod_name(job.name, role.name, index)
     init = initializer_container(job, role, fetch=name == gang_pod_names(job)[0])
     if init:
-        extra_mounts.append(source_cache_mount(read_only=True))
+        extra_mounts.append(source_cache_mount())
     metadata = _metadata(job, name, pod_labels(job, role, index, attempt, settings))
     annotations = pod_annotations(job, settings)
     if annotations:

@@ -157,7 +157,10 @@ def test_pod_table(patch, remote, pvc_mounts):
         if remote:
             assert mounts[FETCH_MOUNT]["readOnly"] is True
             assert mounts[FETCH_MOUNT]["name"] == "checkpoints" and mounts[FETCH_MOUNT]["subPath"] == "sources"
-            assert _mounts(_init(pod))[FETCH_MOUNT]["readOnly"] is False
+            init_mounts = _mounts(_init(pod))
+            assert FETCH_MOUNT not in init_mounts  # it writes through the volume's own mount
+            assert init_mounts["/checkpoints"]["name"] == "checkpoints" and "subPath" not in init_mounts["/checkpoints"]
+            assert _init(pod)["command"][_init(pod)["command"].index("--cache") + 1] == "/checkpoints/sources"
         for path, sub in pvc_mounts.items():
             assert mounts[path]["readOnly"] is True and mounts[path].get("subPath") == sub
             volume = next(v for v in pod["spec"]["volumes"] if v["name"] == mounts[path]["name"])
