@@ -23,7 +23,6 @@ from rlhf_contract import layout, wire
 from rlhf_contract import sources as srcs
 from rlhf_contract.config import (
     CheckpointConfig,
-    CriticConfig,
     DatasetConfig,
     MlflowConfig,
     ModelConfig,
@@ -171,7 +170,7 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         model=model_config(spec.model),
         reward_model=model_config(spec.reward_model),
         reward=spec.reward,
-        critic=CriticConfig(model=local_path(spec.critic.model, "model")),
+        critic=replace(spec.critic, model=local_path(spec.critic.model, "model")),
         dataset=dataset_config(spec.dataset),
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,

@@ -135,3 +135,16 @@ def test_bad_item_is_refused():
         initializer.parse_item("weights=hf://org/name")
     with pytest.raises(initializer.SourceError, match="not a remote source"):
         initializer.parse_item("model=/models/tiny")
+
+
+def test_hf_revision_resolves_its_own_ref(tmp_path, offline):
+    _hub_cache(tmp_path, "org/tiny", files={"config.json": "main"})
+    root = tmp_path / HF_CACHE_DIR / "models--org--tiny"
+    (root / "refs" / "v1").write_text("f" * 40)
+    (root / "snapshots" / ("f" * 40)).mkdir()
+    (root / "snapshots" / ("f" * 40) / "config.json").write_text("v1")
+    main_ref, v1_ref = parse_source("hf://org/tiny"), parse_source("hf://org/tiny@v1")
+    initializer.ensure(tmp_path, "model", main_ref)
+    initializer.ensure(tmp_path, "model", v1_ref)
+    assert (tmp_path / cache_dir_name(main_ref, "model") / "config.json").read_text() == "main"
+    assert (tmp_path / cache_dir_name(v1_ref, "model") / "config.json").read_text() == "v1"
