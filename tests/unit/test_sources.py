@@ -215,3 +215,14 @@ def test_run_local_refuses_pvc_and_remote_sources_naming_the_field():
     assert len(problems) == 2
     assert problems[0].startswith("job: spec.model.path: hf:// sources need a cluster")
     assert problems[1].startswith("job: spec.dataset.path: pvc:// sources need a cluster")
+
+
+def test_a_pod_template_adds_env_to_the_initializer_by_name():
+    template = {"spec": {"initContainers": [{"name": INITIALIZER_CONTAINER,
+                                             "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]}]}}
+    job = make_job(model={"path": "hf://org/m"}, podTemplate=template)
+    pod = builders.build_gang(job, 0, SETTINGS)[0]
+    assert len(pod["spec"]["initContainers"]) == 1
+    env = {e["name"]: e.get("value") for e in _init(pod)["env"]}
+    assert env["HTTPS_PROXY"] == "http://proxy:3128" and "HF_HOME" in env
+    assert _init(pod)["command"][:3] == ["python", "-m", "rlhf_trainer.initializer"]
