@@ -31,6 +31,7 @@ from pathlib import Path
 
 from rlhf_contract import wire
 from rlhf_contract.sources import (
+    ENV_S3_ENDPOINT,
     HF_CACHE_DIR,
     MARKER_SUFFIX,
     PARTIAL_SUFFIX,
@@ -101,12 +102,15 @@ def fetch_hf(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
 def fetch_s3(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
     """Every object under the prefix into <dest>.partial/<last segment of the prefix>/..., then renamed."""
     import boto3
+    from botocore.config import Config
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = ref.location.partition("/")
     partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
     try:
-        client = boto3.client("s3")
+        # A store of its own (MinIO, Ceph RGW) answers at one host: path-style addressing, not BUCKET.host.
+        custom = bool(os.environ.get(ENV_S3_ENDPOINT))
+        client = boto3.client("s3", config=Config(s3={"addressing_style": "path"}) if custom else None)
         count = 0
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
