@@ -87,12 +87,11 @@ def missing_sources(jobs: list[api.Job]) -> list[str]:
 
 
 def unsupported_sources(jobs: list[api.Job]) -> list[str]:
-    """pvc:// and remote (hf://, s3://) sources: run-local has no claims but the jobs' own checkpoint
-    folders and does not run the source initializer, so it refuses them up front, naming the field."""
-    return [f"{job.name}: spec.{key}: {ref.kind}:// sources need a cluster (the claim or the source "
-            "initializer); run-local reads paths on this machine: fetch it first (huggingface-cli download, "
-            "aws s3 cp) and name the folder"
-            for job in jobs for key, ref, _ in job.spec.source_fields()]
+    """pvc:// sources: run-local has no claims but the jobs' own checkpoint folders, so it refuses them up
+    front, naming the field. (hf:// and s3:// work: each pod runs its source initializer first.)"""
+    return [f"{job.name}: spec.{key}: pvc:// sources need a cluster; run-local reads paths on this machine: "
+            "name the folder instead"
+            for job in jobs for key, ref, _ in job.spec.source_fields() if ref.kind == "pvc"]
 
 
 # Manifest fields that name files: run-local reads a relative one against the manifest's folder.

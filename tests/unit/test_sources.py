@@ -207,14 +207,13 @@ def test_secrets_reach_only_the_initializer_as_secret_key_refs():
     assert "s3-keys" not in json.dumps(_config(job))
 
 
-def test_run_local_refuses_pvc_and_remote_sources_naming_the_field():
+def test_run_local_refuses_pvc_sources_naming_the_field():
     from rlhf_operator import local
 
     jobs = [make_job(model={"path": "hf://org/m"}, dataset={"path": "pvc://data/train.jsonl"}), make_job()]
     problems = local.unsupported_sources(jobs)
-    assert len(problems) == 2
-    assert problems[0].startswith("job: spec.model.path: hf:// sources need a cluster")
-    assert problems[1].startswith("job: spec.dataset.path: pvc:// sources need a cluster")
+    assert len(problems) == 1
+    assert problems[0].startswith("job: spec.dataset.path: pvc:// sources need a cluster")
 
 
 def test_a_pod_template_adds_env_to_the_initializer_by_name():
