@@ -148,3 +148,23 @@ def test_hf_revision_resolves_its_own_ref(tmp_path, offline):
     initializer.ensure(tmp_path, "model", v1_ref)
     assert (tmp_path / cache_dir_name(main_ref, "model") / "config.json").read_text() == "main"
     assert (tmp_path / cache_dir_name(v1_ref, "model") / "config.json").read_text() == "v1"
+
+
+def test_model_repos_skip_other_frameworks_weights_datasets_come_whole(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        snapshot = tmp_path / "snap" / repo_id
+        snapshot.mkdir(parents=True)
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    initializer.ensure(tmp_path / "cache", "model", parse_source("hf://org/m@v2"))
+    initializer.ensure(tmp_path / "cache", "dataset", parse_source("hf://org/d/train.jsonl"))
+    (model_repo, model_kwargs), (data_repo, data_kwargs) = calls
+    assert model_repo == "org/m" and model_kwargs["revision"] == "v2" and model_kwargs["repo_type"] == "model"
+    assert "*.gguf" in model_kwargs["ignore_patterns"] and "*.safetensors" not in model_kwargs["ignore_patterns"]
+    assert data_repo == "org/d" and data_kwargs["ignore_patterns"] is None and data_kwargs["revision"] is None

@@ -79,8 +79,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+# Files of model repositories that transformers does not load: other frameworks' and runtimes' copies of
+# the weights (the original checkpoint, GGUF, ONNX, Flax, TF, Core ML, OpenVINO). PyTorch .bin weights stay:
+# older repositories have nothing else.
+HF_MODEL_IGNORE = ("original/*", "*.pth", "*.gguf", "*.onnx", "onnx/*", "*.msgpack", "*.h5", "*.ot",
+                   "*.tflite", "coreml/*", "openvino/*")
+
+
 def fetch_hf(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
-    """snapshot_download into the hub cache <cache>/.hub, then `dest` -> a relative link to the snapshot."""
+    """snapshot_download into the hub cache <cache>/.hub (model repositories without HF_MODEL_IGNORE), then
+    `dest` -> a relative link to the snapshot."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         HfHubHTTPError,
@@ -91,7 +99,8 @@ def fetch_hf(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
 
     try:
         snapshot = snapshot_download(ref.location, repo_type=repo_type, revision=ref.revision or None,
-                                     cache_dir=str(cache / HF_CACHE_DIR))
+                                     cache_dir=str(cache / HF_CACHE_DIR),
+                                     ignore_patterns=list(HF_MODEL_IGNORE) if repo_type == "model" else None)
     except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, HfHubHTTPError) as exc:
         raise SourceError(f"{source_uri(ref)}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     link = dest.with_name(dest.name + PARTIAL_SUFFIX)
