@@ -19,6 +19,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from rlhf_contract.knobs import Rule
 from rlhf_contract.wire import CHECKPOINT_MOUNT
 
 REMOTE_KINDS = ("hf", "s3")
@@ -40,6 +41,12 @@ HF_CACHE_DIR = ".hub"  # <cache>/.hub: huggingface_hub's cache (blobs, snapshots
 
 FORMS = ("a path in the image, pvc://CLAIM[/SUBPATH], hf://ORG/NAME[@REVISION][/PATH] or "
          "s3://BUCKET/PREFIX")
+_KNOWN_SCHEME = re.compile(r"^(tiny|synthetic|pvc|hf|s3)://")
+# The CRD's share of parse_source() on every path field: a known scheme (the rest of each form is checked
+# by parse_source in parse_spec, which names what is wrong).
+SCHEME_RULE = Rule(lambda v: "://" not in v or bool(_KNOWN_SCHEME.match(v)),
+                   "!self.contains('://') || self.matches('^(tiny|synthetic|pvc|hf|s3)://')",
+                   "must be a path in the image or a source: tiny://, synthetic://, pvc://, hf:// or s3://")
 _HF_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")  # huggingface_hub's repo id rules, per part
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")  # S3 bucket naming rules

@@ -605,7 +605,8 @@ def _model_source(fields: _Fields) -> ModelSource:
         fields.error("subPath", "is only read with pvc (a folder inside the claim)")
     if claim:
         path = f"pvc://{claim}" + (f"/{sub_path.strip('/')}" if sub_path.strip("/") else "")
-    ref = _source_ref(fields, "subPath" if claim else "path", path) if path else None
+    reported = any(at == fields.at("path") for at, _ in fields.errors)  # the CRD's scheme rule said it
+    ref = _source_ref(fields, "subPath" if claim else "path", path) if path and not reported else None
     if revision:
         if ref is None or ref.kind != "hf" or ref.revision:
             fields.error("revision", "is only read with an hf://ORG/NAME path without @REVISION")

@@ -89,14 +89,14 @@ def test_s3_keys_stay_inside_the_prefix():
 # --- parse_spec -------------------------------------------------------------------------------
 
 SPEC_ERRORS = {
-    "model scheme": ({"model": {"path": "gs://b/m"}}, "spec.model.path", "unknown scheme"),
+    "model scheme": ({"model": {"path": "gs://b/m"}}, "spec.model.path", "must be a path in the image or a source"),
     "rewardModel hf": ({"rewardModel": {"path": "hf://only-org"}}, "spec.rewardModel.path", "ORG/NAME"),
     "pvc and path": ({"model": {"pvc": "models", "path": "/m"}}, "spec.model", "exactly one of path, pvc or fromJob"),
     "subPath alone": ({"model": {"path": "/m", "subPath": "x"}}, "spec.model.subPath", "only read with pvc"),
     "subPath escapes": ({"model": {"pvc": "models", "subPath": "../x"}}, "spec.model.subPath", "relative"),
     "revision on s3": ({"model": {"path": "s3://bucket/m", "revision": "v1"}}, "spec.model.revision", "hf://"),
     "dataset": ({"dataset": {"path": "s3://bucket"}}, "spec.dataset.path", "prefix"),
-    "evalPath": ({"dataset": {"path": "/d.jsonl", "evalPath": "ftp://x/y"}}, "spec.dataset.evalPath", "unknown scheme"),
+    "evalPath": ({"dataset": {"path": "/d.jsonl", "evalPath": "ftp://x/y"}}, "spec.dataset.evalPath", "hf:// or s3://"),
     "critic.model": ({"critic": {"model": "hf://x"}}, "spec.critic.model", "ORG/NAME"),
     "s3 endpoint": ({"sources": {"s3": {"endpoint": "minio:9000"}}}, "spec.sources.s3.endpoint", "http"),
     "secret name": ({"sources": {"s3": {"credentialsSecret": "S3"}}}, "spec.sources.s3.credentialsSecret", "DNS-1123"),
@@ -225,3 +225,9 @@ def test_a_pod_template_adds_env_to_the_initializer_by_name():
     env = {e["name"]: e.get("value") for e in _init(pod)["env"]}
     assert env["HTTPS_PROXY"] == "http://proxy:3128" and "HF_HOME" in env
     assert _init(pod)["command"][:3] == ["python", "-m", "rlhf_trainer.initializer"]
+
+
+def test_an_unknown_scheme_is_reported_once_per_field():
+    with pytest.raises(SpecError) as err:
+        make_job(model={"path": "gs://b/m"}, critic={"model": "gs://b/c"})
+    assert sorted(path for path, _ in err.value.errors) == ["critic.model", "model.path"]
