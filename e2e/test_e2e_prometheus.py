@@ -29,7 +29,8 @@ CHART = REPO / "charts" / "rlhf-operator"
 DASHBOARD = CHART / "dashboards" / "rlhf-operator.json"
 RULES = CHART / "rules" / "rlhf-alerts.yaml"
 MONITORING_API = "monitoring.coreos.com/v1"
-# Panel queries that have no series in a tiny PPO run that fails nothing, and why.
+# Panel queries that may have no series in a tiny PPO run that fails nothing, and why. The operator
+# process is shared by the e2e session: after test_e2e_faults.py has failed jobs, they have data too.
 NO_DATA_IN_A_TINY_RUN = {
     "sum by (reason) (increase(rlhf_operator_jobs_failed_total[$__range]))":
         "no job fails here (rlhf_operator_jobs_failed_total{reason} has a series per failure reason once one "
@@ -151,7 +152,7 @@ def test_dashboard_queries_return_data_and_alert_rules_evaluate(cluster, operato
             result = prom.query_range(grafana_substitute(expr, variables), start, end)  # a bad query raises
             if not any(series["values"] for series in result):
                 empty[expr] = title
-        assert set(empty) == set(NO_DATA_IN_A_TINY_RUN), {e: empty[e] for e in set(empty) - set(NO_DATA_IN_A_TINY_RUN)}
+        assert set(empty) <= set(NO_DATA_IN_A_TINY_RUN), {e: empty[e] for e in set(empty) - set(NO_DATA_IN_A_TINY_RUN)}
 
         # Every alert rule evaluated, without error.
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]

@@ -45,14 +45,14 @@ def raise_reference(monkeypatch):
 def rewrite_rollouts(monkeypatch, edit):
     import rlhf_trainer.algorithms.grpo as grpo
 
-    real, calls = grpo.generate, _step_counter()
+    real, calls = grpo.rollout, _step_counter()
 
-    def generate(*args, **kwargs):
+    def rollout(*args, **kwargs):
         roll = real(*args, **kwargs)
         calls["n"] += 1
         return edit(roll) if calls["n"] >= BAD_FROM_STEP else roll
 
-    monkeypatch.setattr(grpo, "generate", generate)
+    monkeypatch.setattr(grpo, "rollout", rollout)
 
 
 def first_token_only(roll):

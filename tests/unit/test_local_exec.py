@@ -126,12 +126,12 @@ def test_pod_status_without_process_is_pending():
 
 
 @pytest.mark.parametrize(("value", "expected"), [
-    pytest.param(".", ["/work/case"], id="the folder run-local runs in"),
-    pytest.param("lib:/abs/site", ["/work/case/lib", "/abs/site"], id="relative and absolute"),
-    pytest.param(":/abs", ["/work/case", "/abs"], id="an empty entry is the current folder"),
+    pytest.param(".", ["/srv/case"], id="the folder run-local runs in"),
+    pytest.param("lib:/abs/site", ["/srv/case/lib", "/abs/site"], id="relative and absolute"),
+    pytest.param(":/abs", ["/srv/case", "/abs"], id="an empty entry is the current folder"),
 ])
 def test_absolute_search_path(value, expected):
-    assert localexec.absolute_search_path(value, Path("/work/case")).split(":") == expected
+    assert localexec.absolute_search_path(value, Path("/srv/case")).split(":") == expected
 
 
 def test_a_relative_pythonpath_means_the_runners_folder_not_the_pods(tmp_path, monkeypatch):
