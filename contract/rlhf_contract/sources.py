@@ -172,10 +172,12 @@ def s3_relative_key(key: str, prefix: str) -> str | None:
     return key[len(parent):]
 
 
-# The env the initializer's libraries read (huggingface_hub, boto3); the pod spec sets them from Secrets.
+# The env the initializer reads (HF_TOKEN through huggingface_hub, the S3 names in rlhf_trainer.initializer.s3_client);
+# the pod spec sets them from Secrets and spec.sources (a podTemplate may add the session token).
 ENV_HF_TOKEN = "HF_TOKEN"
 ENV_S3_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_S3_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_S3_SESSION_TOKEN = "AWS_SESSION_TOKEN"
 ENV_S3_ENDPOINT = "AWS_ENDPOINT_URL"
 ENV_S3_REGION = "AWS_DEFAULT_REGION"
 INITIALIZER_COMMAND = ("python", "-m", "rlhf_trainer.initializer")

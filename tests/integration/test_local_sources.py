@@ -1,9 +1,10 @@
 """A remote source through the local runner, with the fake trainer (seconds): each pod runs its source
 initializer first (rlhf_operator.localexec), the model is fetched once from a local S3-compatible server
-(moto), the trainer config names the fetched folder, and gang restarts fetch nothing again."""
+(moto's, tests/conftest.py), the trainer config names the fetched folder, and gang restarts fetch nothing again."""
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -14,19 +15,11 @@ FAKE = [sys.executable, str(Path(__file__).with_name("local_fake_trainer.py"))]
 
 
 @pytest.fixture
-def s3_endpoint(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    import boto3
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                          region_name="us-east-1")
-    client.create_bucket(Bucket="models")
-    client.put_object(Bucket="models", Key="tiny/m/config.json", Body=b"{}")
-    yield endpoint
-    server.stop()
+def s3_endpoint(s3):
+    """moto's server (tests/conftest.py) with the model tiny/m in bucket `models`."""
+    s3.client.make_bucket("models")
+    s3.client.put_object("models", "tiny/m/config.json", io.BytesIO(b"{}"), 2)
+    return s3.url
 
 
 def manifest(endpoint: str) -> dict:

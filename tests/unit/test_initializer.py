@@ -1,8 +1,10 @@
 """The source initializer (rlhf_trainer.initializer) against local stand-ins: huggingface_hub in offline
-mode over a pre-populated hub cache, and moto's in-process S3 server for S3-compatible storage."""
+mode over a pre-populated hub cache, and moto's S3 server (a subprocess, tests/conftest.py) for S3-compatible storage."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
@@ -77,21 +79,15 @@ def test_partial_fetch_is_redone(tmp_path):
 
 
 @pytest.fixture
-def s3_server(monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
+def s3_server(s3, monkeypatch):
+    """moto's server (tests/conftest.py) with bucket `bucket` seeded, and the initializer's env pointing at it."""
     for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+                       "AWS_ENDPOINT_URL": s3.url}.items():
         monkeypatch.setenv(key, value)
-    import boto3
-    client = boto3.client("s3")
-    client.create_bucket(Bucket="bucket")
+    s3.client.make_bucket("bucket")
     for key in ("models/m/config.json", "models/m/sub/weights.bin", "models/m2/other.json", "data/train.jsonl"):
-        client.put_object(Bucket="bucket", Key=key, Body=key.encode())
-    yield client
-    server.stop()
+        s3.client.put_object("bucket", key, io.BytesIO(key.encode()), len(key))
+    return s3.client
 
 
 def test_s3_prefix_fetched_once_under_its_last_segment(tmp_path, s3_server, monkeypatch):
@@ -101,7 +97,7 @@ def test_s3_prefix_fetched_once_under_its_last_segment(tmp_path, s3_server, monk
     files = sorted(str(p.relative_to(inside)) for p in inside.rglob("*") if p.is_file())
     assert files == ["config.json", "sub/weights.bin"]  # not models/m2/...
     assert (inside / "sub" / "weights.bin").read_bytes() == b"models/m/sub/weights.bin"
-    s3_server.delete_object(Bucket="bucket", Key="models/m/config.json")
+    s3_server.remove_object("bucket", "models/m/config.json")
     assert initializer.ensure(tmp_path, "model", ref) is False  # marker: no second fetch
     assert (inside / "config.json").exists()
 
@@ -120,6 +116,72 @@ def test_main_exits_config_error_naming_the_uri(tmp_path, s3_server, monkeypatch
     assert code == wire.EXIT_CONFIG_ERROR
     assert "s3://bucket/nothing/here" in log.read_text()
     assert not list((tmp_path / "cache").glob("*.complete"))
+
+
+def test_s3_missing_bucket_names_the_uri_and_leaves_nothing(tmp_path, s3_server):
+    ref = parse_source("s3://absent-bucket/models/m")
+    with pytest.raises(initializer.SourceError, match=r"s3://absent-bucket/models/m: NoSuchBucket"):
+        initializer.ensure(tmp_path, "model", ref)
+    assert list(tmp_path.iterdir()) == []  # no marker, no folder, no .partial
+
+
+def test_s3_public_bucket_without_credentials(tmp_path, s3_server, monkeypatch):
+    # anyone may list and read `bucket` (AWS's public-read policy); the initializer then signs nothing
+    statements = [{"Effect": "Allow", "Principal": "*", "Action": action, "Resource": resource}
+                  for action, resource in (("s3:ListBucket", "arn:aws:s3:::bucket"),
+                                           ("s3:GetObject", "arn:aws:s3:::bucket/*"))]
+    s3_server.set_bucket_policy("bucket", json.dumps({"Version": "2012-10-17", "Statement": statements}))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    ref = parse_source("s3://bucket/data/train.jsonl")
+    assert initializer.ensure(tmp_path, "dataset", ref) is True
+    assert (tmp_path / trainer_path(ref, "dataset").split("/", 3)[3]).read_bytes() == b"data/train.jsonl"
+
+
+def test_s3_unreachable_endpoint_is_a_source_error(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # else minio asks the endpoint for the region first
+    with pytest.raises(initializer.SourceError, match=rf"s3://bucket/m: MaxRetryError: .*127.0.0.1.*{port}"):
+        initializer.ensure(tmp_path, "model", parse_source("s3://bucket/m"))
+    assert not list(tmp_path.glob("*.complete"))
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("", ("s3.amazonaws.com", True)),
+    ("http://minio.minio:9000", ("minio.minio:9000", False)),
+    ("https://rgw.example.org/", ("rgw.example.org", True)),
+])
+def test_s3_endpoint_host_and_tls_from_the_scheme(url, expected):
+    assert initializer.s3_endpoint(url) == expected
+
+
+@pytest.mark.parametrize("url", ["ftp://minio:9000", "http://minio:9000/bucket", "minio:9000", "https://"])
+def test_s3_endpoint_refuses_anything_but_a_host(url):
+    with pytest.raises(initializer.SourceError, match=r"AWS_ENDPOINT_URL=.*spec\.sources\.s3\.endpoint"):
+        initializer.s3_endpoint(url)
+
+
+def test_s3_client_credentials_from_the_env():
+    from minio.credentials import IamAwsProvider
+
+    keys = {"AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token",
+            "AWS_ENDPOINT_URL": "https://minio:9000", "AWS_DEFAULT_REGION": "eu-1"}
+    client = initializer.s3_client(keys)
+    # minio keeps these private; it is pinned in constraints.txt
+    creds = client._provider.retrieve()
+    assert (creds.access_key, creds.secret_key, creds.session_token) == ("id", "secret", "token")
+    assert client._base_url.is_https and client._base_url.region == "eu-1"
+    assert not initializer.s3_client({"AWS_ENDPOINT_URL": "http://minio:9000"})._base_url.is_https
+    assert initializer.s3_client({})._provider is None  # anonymous: a public bucket
+    irsa = initializer.s3_client({"AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/token", "AWS_ROLE_ARN": "r"})
+    assert isinstance(irsa._provider, IamAwsProvider)
+    with pytest.raises(initializer.SourceError, match="AWS_ACCESS_KEY_ID is set without AWS_SECRET_ACCESS_KEY"):
+        initializer.s3_client({"AWS_ACCESS_KEY_ID": "id"})
 
 
 def test_wait_returns_once_markers_exist_and_times_out_otherwise(tmp_path):

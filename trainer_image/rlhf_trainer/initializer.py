@@ -10,9 +10,10 @@ pod fetches, the others `--wait` for the markers. For each source (rlhf_contract
 
 hf:// goes through huggingface_hub.snapshot_download into <cache>/.hub (its own cache, which keeps the
 blobs a cut-short fetch completed) and <folder> becomes a relative link to the snapshot; s3:// lists the
-prefix with boto3 and downloads into <folder>.partial, renamed to <folder> when complete. Credentials
-come from the env the pod spec sets from Secrets: HF_TOKEN (read by huggingface_hub), AWS_ACCESS_KEY_ID,
-AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION (read by boto3). Kubeflow Trainer's
+prefix with the minio client (any S3-compatible store) and downloads into <folder>.partial, renamed to
+<folder> when complete. Credentials come from the env the pod spec sets from Secrets: HF_TOKEN (read by
+huggingface_hub), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL,
+AWS_DEFAULT_REGION (read by s3_client). Kubeflow Trainer's
 initializers (pkg/initializers/model/huggingface.py, dataset/huggingface.py) are the anchor.
 
 A source that cannot be fetched (no such repository or prefix, refused credentials) exits with
@@ -26,12 +27,18 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 from rlhf_contract import wire
 from rlhf_contract.sources import (
+    ENV_S3_ACCESS_KEY_ID,
     ENV_S3_ENDPOINT,
+    ENV_S3_REGION,
+    ENV_S3_SECRET_ACCESS_KEY,
+    ENV_S3_SESSION_TOKEN,
     HF_CACHE_DIR,
     MARKER_SUFFIX,
     PARTIAL_SUFFIX,
@@ -108,30 +115,82 @@ def fetch_hf(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
     link.replace(dest)
 
 
+# The web identity (IRSA) and container credential (EKS Pod Identity, ECS) env that minio's IamAwsProvider reads.
+ENV_S3_ROLE_CREDENTIALS = ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                           "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+AWS_S3_HOST = "s3.amazonaws.com"
+
+
+def s3_endpoint(url: str) -> tuple[str, bool]:
+    """$AWS_ENDPOINT_URL (spec.sources.s3.endpoint) -> (host[:port], TLS on): "" is AWS over https,
+    `http://minio.minio:9000` -> ("minio.minio:9000", False). Raises SourceError for another scheme or
+    a path (an S3 endpoint is a host)."""
+    if not url:
+        return AWS_S3_HOST, True
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:
+        raise SourceError(f"{ENV_S3_ENDPOINT}={url}: expected http(s)://HOST[:PORT] (spec.sources.s3.endpoint)")
+    return parts.netloc, parts.scheme == "https"
+
+
+def s3_client(env: Mapping[str, str]) -> Any:
+    """A minio client for the S3-compatible store the env names: endpoint from $AWS_ENDPOINT_URL (TLS from
+    its scheme; minio addresses any host but AWS's path-style, as MinIO and Ceph RGW need), region from
+    $AWS_DEFAULT_REGION, credentials from $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY / $AWS_SESSION_TOKEN
+    (the spec.sources.s3 Secret), else the pod's role (ENV_S3_ROLE_CREDENTIALS), else anonymous (a public
+    bucket). Raises SourceError for a bad endpoint or a key without its secret."""
+    from minio import Minio
+    from minio.credentials import IamAwsProvider
+
+    host, secure = s3_endpoint(env.get(ENV_S3_ENDPOINT, ""))
+    key, secret = env.get(ENV_S3_ACCESS_KEY_ID), env.get(ENV_S3_SECRET_ACCESS_KEY)
+    if key and not secret:
+        raise SourceError(f"{ENV_S3_ACCESS_KEY_ID} is set without {ENV_S3_SECRET_ACCESS_KEY} "
+                          "(spec.sources.s3.credentialsSecret needs both keys)")
+    role = None if key or not any(env.get(name) for name in ENV_S3_ROLE_CREDENTIALS) else IamAwsProvider()
+    return Minio(host, access_key=key or None, secret_key=secret or None,
+                 session_token=env.get(ENV_S3_SESSION_TOKEN) or None, secure=secure,
+                 region=env.get(ENV_S3_REGION) or None, credentials=role)
+
+
+def download(client: Any, bucket: str, key: str, target: Path) -> None:
+    """One object into `target` (inside the .partial folder), streamed: a GET without minio fget_object's
+    HEAD first (one request per object; stores such as moto refuse an anonymous HEAD a public-read
+    policy allows)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    response = client.get_object(bucket, key)
+    try:
+        with target.open("wb") as out:
+            shutil.copyfileobj(response, out, 1 << 20)
+    finally:
+        response.close()
+        response.release_conn()
+
+
 def fetch_s3(ref: SourceRef, repo_type: str, cache: Path, dest: Path) -> None:
     """Every object under the prefix into <dest>.partial/<last segment of the prefix>/..., then renamed."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError
+    from minio.error import MinioException
+    from urllib3.exceptions import HTTPError
 
     bucket, _, prefix = ref.location.partition("/")
     partial = dest.with_name(dest.name + PARTIAL_SUFFIX)
+    client = s3_client(os.environ)
     try:
-        # A store of its own (MinIO, Ceph RGW) answers at one host: path-style addressing, not BUCKET.host.
-        custom = bool(os.environ.get(ENV_S3_ENDPOINT))
-        client = boto3.client("s3", config=Config(s3={"addressing_style": "path"}) if custom else None)
         count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                relative = s3_relative_key(obj["Key"], prefix)
-                if relative is None or obj["Key"].endswith("/"):
-                    continue
-                target = partial / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, obj["Key"], str(target))
-                count += 1
-    except (BotoCoreError, ClientError) as exc:
-        raise SourceError(f"{source_uri(ref)}: {exc}") from None
+        for obj in client.list_objects(bucket, prefix=prefix, recursive=True):
+            key = obj.object_name or ""
+            relative = s3_relative_key(key, prefix)
+            if relative is None or key.endswith("/"):
+                continue
+            download(client, bucket, key, partial / relative)
+            count += 1
+    except MinioException as exc:
+        code = getattr(exc, "code", None)  # S3Error: NoSuchBucket, AccessDenied, ...
+        raise SourceError(f"{source_uri(ref)}: {code}: {exc.message}" if code else f"{source_uri(ref)}: {exc}") \
+            from None
+    except (HTTPError, ValueError) as exc:  # no answer from the endpoint; a name minio refuses
+        raise SourceError(f"{source_uri(ref)}: {type(exc).__name__}: {exc}") from None
     if not count:
         raise SourceError(f"{source_uri(ref)}: no object under this prefix")
     partial.replace(dest)
