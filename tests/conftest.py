@@ -51,9 +51,10 @@ def s3_server_url(tmp_path_factory) -> Iterator[str]:
         pytest.fail(f"{found.stderr.strip()}: run scripts/install.sh (it creates moto's S3 server environment "
                     "once, see scripts/install_moto.sh)", pytrace=False)
     log = tmp_path_factory.mktemp("moto") / "moto_server.log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # moto's environment, not the project's
     with log.open("w") as out:
         proc = subprocess.Popen([found.stdout.strip().splitlines()[-1], "-H", "127.0.0.1", "-p", "0"],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     try:
         deadline = time.monotonic() + 60
         while not (match := re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())):
