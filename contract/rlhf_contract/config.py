@@ -38,6 +38,7 @@ from rlhf_contract.algorithms import (
     run_by,
 )
 from rlhf_contract.knobs import Rule, knob, settings_of
+from rlhf_contract.sources import SCHEME_RULE
 
 REWARD_RULES = ("exact_match", "regex", "callable")
 # Row formats of a dataset file (rlhf_trainer.formats); auto is told from the file's columns.
@@ -81,7 +82,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Where a model comes from: an HF folder inside the container, or `tiny://llama|qwen2`."""
 
-    path: str = knob(doc="Hugging Face model folder inside the container, or tiny://llama | tiny://qwen2.")
+    path: str = knob(doc="Hugging Face model folder inside the container, tiny://llama | tiny://qwen2, or a "
+                         "source: hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, pvc://CLAIM[/SUBPATH] (docs/spec.md, "
+                         "Sources).", rule=SCHEME_RULE)
 
 
 @dataclass(frozen=True)
@@ -139,10 +142,13 @@ class DatasetConfig:
     """Training data: a dataset file / save_to_disk folder or `synthetic://NAME`, in one of DATASET_FORMATS."""
 
     path: str = knob(doc="A .jsonl / .json / .parquet / .csv file or a save_to_disk folder inside the container, "
-                         "or synthetic://NAME (arithmetic, preferences, instructions).")
+                         "synthetic://NAME (arithmetic, preferences, instructions), or the same from a source: "
+                         "hf://ORG/NAME[@REVISION]/FILE, s3://BUCKET/KEY, pvc://CLAIM/PATH (docs/spec.md, Sources).",
+                     rule=SCHEME_RULE)
     format: str = knob("auto", "Row format (docs/spec.md, Datasets); auto tells it from the column names.",
                        enum=DATASET_FORMATS)
-    eval_path: str = knob("", "Optional held-out set in the same format.")
+    eval_path: str = knob("", "Optional held-out set in the same format (a path or a source, as path).",
+                          rule=SCHEME_RULE)
     template: str = knob("auto", "How prompts become text: auto (the tokenizer's chat template if it has one, "
                                  "else raw), chat, raw, or a Jinja chat template.", max_length=65536,
                          rule=Rule(_template_ok, "self in ['auto', 'chat', 'raw'] || self.contains('{{') || "
@@ -151,7 +157,7 @@ class DatasetConfig:
     fields: DatasetFields = field(default_factory=DatasetFields)
     pretrain_path: str = knob("", "ppo: pretraining texts (JSONL rows {\"text\": ...}, or synthetic://NAME) whose "
                                   "language-modelling loss, times ptxCoef, joins the actor's loss (PPO-ptx); "
-                                  "unset = off.")
+                                  "unset = off.", rule=SCHEME_RULE)
 
 
 # critic.model: these words, or a model folder (any other value).
@@ -165,8 +171,10 @@ class CriticConfig:
     model: str = knob("auto", "The critic's initial weights: policy (the policy's backbone and a new value "
                               "head), reward (the reward model's backbone and score head, as InstructGPT and "
                               "OpenRLHF do; with reward.type prm the process reward model's, ValueInit), auto "
-                              "(reward when reward.type is model, else policy), or a model folder; its "
-                              "tokenizer must be the policy's.", max_length=4096, algorithms=PPO)
+                              "(reward when reward.type is model, else policy), or a model folder or source "
+                              "(hf://, s3://, pvc://, as model.path); its "
+                              "tokenizer must be the policy's.", max_length=4096, algorithms=PPO,
+                      rule=SCHEME_RULE)
 
 
 def critic_problem(algorithm: str, reward_type: str, critic: CriticConfig) -> str | None:

@@ -43,10 +43,13 @@ from rlhf_contract.config import (
     turns_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
+from rlhf_contract.sources import SourceRef, parse_source, source_uri
 
 from rlhf_operator.podtemplate import PodTemplate, parse_pod_template
 
 GANG_SCHEDULERS = ("volcano", "coscheduling", "none")
+# The dataset's path fields (DatasetConfig name, manifest name): each may name a source.
+DATASET_PATHS = (("path", "path"), ("eval_path", "evalPath"), ("pretrain_path", "pretrainPath"))
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
@@ -54,9 +57,11 @@ FINISHED_PHASES = ("Succeeded", "Failed")
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSource(ModelConfig):
-    """A model as the manifest names it: a folder in the image (`path`, shared with the trainer config),
-    or `fromJob`, another RLHFJob of the namespace whose exported model the job starts from once that
-    job has Succeeded (rlhf_operator.chain; docs/spec.md "Chaining jobs"). Exactly one is set."""
+    """A model as the manifest names it: `path` (shared with the trainer config: a folder in the image or a
+    source URI, rlhf_contract.sources; the manifest's `pvc` + `subPath` and `revision` are folded into it
+    as pvc://CLAIM/SUBPATH and hf://ORG/NAME@REVISION), or `fromJob`, another RLHFJob of the namespace
+    whose exported model the job starts from once that job has Succeeded (rlhf_operator.chain; docs/spec.md
+    "Chaining jobs"). Exactly one is set."""
 
     from_job: str = ""
 
@@ -97,6 +102,25 @@ class SecretKeyRef:
 
     name: str
     key: str
+
+
+@dataclass(frozen=True)
+class S3Spec:
+    """sources.s3: the store of every s3:// source. endpoint "" = AWS; the Secret `credentials_secret`
+    holds the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY ("" = the pod's IRSA / Pod Identity role if
+    it has one, else no credentials: a public bucket; rlhf_trainer.initializer.s3_client)."""
+
+    endpoint: str = ""
+    region: str = ""
+    credentials_secret: str = ""
+
+
+@dataclass(frozen=True)
+class SourcesSpec:
+    """spec.sources: credentials and endpoints of the remote sources (hf://, s3://) the initializer fetches."""
+
+    hf_token_secret: SecretKeyRef | None = None  # HF_TOKEN: gated or private Hub repositories
+    s3: S3Spec = field(default_factory=S3Spec)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +186,7 @@ class JobSpec:
     termination_grace_period_seconds: int = 30
     pod_template: PodTemplate = field(default_factory=PodTemplate)  # every pod (podtemplate.py)
     shared_memory_size: str = ""  # /dev/shm (a memory emptyDir) size limit; "" = no limit but the pod's memory
+    sources: SourcesSpec = field(default_factory=SourcesSpec)
 
     def role(self, name: str) -> RoleSpec:
         return next(r for r in self.roles if r.name == name)
@@ -174,6 +199,19 @@ class JobSpec:
     def from_jobs(self) -> tuple[str, ...]:
         """The RLHFJobs this job starts from (fromJob of its models), each once, in field order."""
         return tuple(dict.fromkeys(s.from_job for _, s in self.model_sources() if s.from_job))
+
+    def source_fields(self) -> tuple[tuple[str, SourceRef, str], ...]:
+        """(manifest field, parsed source, repo type) of every path field that names a pvc:// or remote
+        source (rlhf_contract.sources), in field order; image paths and fromJob are not listed."""
+        named = [(f"{key}.path", source.path, "model") for key, source in self.model_sources() if source.path]
+        named.append(("critic.model", self.critic.model, "model"))
+        named += [(f"dataset.{camel}", getattr(self.dataset, name), "dataset") for name, camel in DATASET_PATHS]
+        out = []
+        for key, text, repo_type in named:
+            ref = parse_source(text) if text and "://" in text else None
+            if ref is not None and ref.kind != "image":
+                out.append((key, ref, repo_type))
+        return tuple(out)
 
     @functools.cached_property
     def placements(self) -> dict[str, layout.Placement]:
@@ -488,6 +526,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
     pod_template = _template(top)
     shm = top.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64)
+    sources = _sources(top.obj("sources"))
     top.done()
 
     # Cross-field rules read only fields that parsed cleanly (a bad field already has its error).
@@ -513,6 +552,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
+    errors.extend(_source_errors(critic, dataset, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
         problem = dataset_format_problem(algorithm, dataset)
         if problem:
@@ -525,7 +565,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         hyperparameters=hyperparameters, checkpoint=checkpoint, trackers=trackers, scheduling=scheduling,
         failure_policy=failure_policy, suspend=suspend, active_deadline_seconds=deadline,
         ttl_seconds_after_finished=ttl, termination_grace_period_seconds=grace,
-        pod_template=pod_template, shared_memory_size=shm,
+        pod_template=pod_template, shared_memory_size=shm, sources=sources,
     )
 
 
@@ -544,17 +584,77 @@ def _settings(fields: _Fields, cls: type, **defaults: Any) -> Any:
     return value
 
 
+MODEL_SOURCE_KEYS = ("path", "pvc", "fromJob")
+MODEL_SOURCE_RULE = ("set exactly one of path, pvc or fromJob (path: a model folder in the image, hf://ORG/NAME or "
+                     "s3://BUCKET/PREFIX; pvc: a PersistentVolumeClaim of the namespace, with subPath; fromJob: "
+                     "another RLHFJob whose exported model to start from)")
+
+
 def _model_source(fields: _Fields) -> ModelSource:
-    """`path` (a contract knob) or `fromJob`, exactly one; the CRD's CEL rule on the object says the same."""
-    has_path, has_job = fields.has("path"), fields.has("fromJob")
+    """Exactly one of `path` (a contract knob: a folder in the image or a source URI), `pvc` (+ `subPath`)
+    or `fromJob`; `revision` only with an hf:// path. The CRD's CEL rules on the object say the same."""
+    given = [key for key in MODEL_SOURCE_KEYS if fields.has(key)]
     from_job = fields.string("fromJob", pattern=DNS_1035_LABEL, max_length=MAX_JOB_NAME_LENGTH, rule=RULE_DNS_1035)
+    claim = fields.string("pvc", max_length=MAX_SUBDOMAIN_LENGTH, pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN)
+    sub_path = fields.string("subPath", max_length=4096)
+    revision = fields.string("revision", max_length=128)
     fields.read.add("path")
-    path = fields.settings(ModelConfig)["path"] if has_path else ""
-    if has_path == has_job and not fields.wrong_type:
-        fields.error("", "set exactly one of path or fromJob (path: a model folder in the image; fromJob: another "
-                         f"RLHFJob whose exported model to start from){', got both' if has_path else ''}")
+    path = fields.settings(ModelConfig)["path"] if "path" in given else ""
+    if len(given) != 1 and not fields.wrong_type:
+        fields.error("", MODEL_SOURCE_RULE + (f", got {' and '.join(given)}" if given else ""))
+    if sub_path and not claim:
+        fields.error("subPath", "is only read with pvc (a folder inside the claim)")
+    if claim:
+        path = f"pvc://{claim}" + (f"/{sub_path.strip('/')}" if sub_path.strip("/") else "")
+    reported = any(at == fields.at("path") for at, _ in fields.errors)  # the CRD's scheme rule said it
+    ref = _source_ref(fields, "subPath" if claim else "path", path) if path and not reported else None
+    if revision:
+        if ref is None or ref.kind != "hf" or ref.revision:
+            fields.error("revision", "is only read with an hf://ORG/NAME path without @REVISION")
+        else:
+            path = source_uri(SourceRef("hf", ref.location, revision=revision, inner=ref.inner))
     fields.done()
     return ModelSource(path=path, from_job=from_job)
+
+
+def _source_ref(fields: _Fields, key: str, text: str) -> SourceRef | None:
+    """parse_source() of a path field, its problem reported on `key`; None when bad."""
+    try:
+        return parse_source(text)
+    except ValueError as exc:
+        fields.error(key, f"{exc} (got {text[:80]!r})")
+        return None
+
+
+def _source_errors(critic: CriticConfig, dataset: DatasetConfig, bad: set[str]) -> list[tuple[str, str]]:
+    """The path fields outside `model` objects that may name a source: critic.model (a model folder or
+    URI, unless one of CRITIC_SOURCES) and the dataset's paths."""
+    named = [("critic.model", critic.model)] + [(f"dataset.{camel}", getattr(dataset, name))
+                                               for name, camel in DATASET_PATHS]
+    errors = []
+    for key, text in named:
+        if key in bad or "://" not in text:
+            continue
+        try:
+            parse_source(text)
+        except ValueError as exc:
+            errors.append((key, f"{exc} (got {text[:80]!r})"))
+    return errors
+
+
+def _sources(fields: _Fields) -> SourcesSpec:
+    s3 = fields.obj("s3")
+    spec = SourcesSpec(
+        hf_token_secret=_secret_key_ref(fields, "hfTokenSecret"),
+        s3=S3Spec(endpoint=s3.string("endpoint", max_length=2048, pattern=r"^https?://\S+$",
+                                     rule="an http:// or https:// URL"),
+                  region=s3.string("region", max_length=64),
+                  credentials_secret=s3.string("credentialsSecret", max_length=MAX_SUBDOMAIN_LENGTH,
+                                               pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN)),
+    )
+    s3.done()
+    fields.done()
+    return spec
 
 
 def _dataset(fields: _Fields) -> DatasetConfig:

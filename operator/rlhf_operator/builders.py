@@ -15,13 +15,15 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from fractions import Fraction
 from typing import Any
 
 from rlhf_contract import layout, wire
+from rlhf_contract import sources as srcs
 from rlhf_contract.config import (
     CheckpointConfig,
+    DatasetConfig,
     MlflowConfig,
     ModelConfig,
     RoleConfig,
@@ -47,7 +49,7 @@ from rlhf_contract.wire import (
     TRAINER_UID,
 )
 
-from rlhf_operator.api import MAX_LABEL_LENGTH, Job, JobSpec, ModelSource, RoleSpec
+from rlhf_operator.api import DATASET_PATHS, MAX_LABEL_LENGTH, Job, JobSpec, ModelSource, RoleSpec
 from rlhf_operator.constants import (
     ANNOTATION_VOLCANO_GROUP,
     API_VERSION,
@@ -139,11 +141,23 @@ def source_model_path(source_job: str) -> str:
     return f"{SOURCE_MOUNT}/{source_job}"
 
 
+def local_path(text: str, repo_type: str) -> str:
+    """Where a pod sees a path field's source (rlhf_contract.sources.trainer_path): image paths as they
+    are, pvc:// at its read-only mount, hf:// and s3:// in the job's source cache."""
+    return srcs.trainer_path(srcs.parse_source(text), repo_type) if "://" in text else text
+
+
 def model_config(source: ModelSource | None) -> ModelConfig | None:
-    """The trainer's view of a model: a folder path, `fromJob` resolved to the source's mount."""
+    """The trainer's view of a model: a folder path, `fromJob` resolved to the source's mount, a source
+    URI to where the pods see it."""
     if source is None:
         return None
-    return ModelConfig(path=source_model_path(source.from_job) if source.from_job else source.path)
+    return ModelConfig(path=source_model_path(source.from_job) if source.from_job else local_path(source.path, "model"))
+
+
+def dataset_config(dataset: DatasetConfig) -> DatasetConfig:
+    """The dataset section with every path field's source resolved to where the pods see it."""
+    return replace(dataset, **{name: local_path(getattr(dataset, name), "dataset") for name, _ in DATASET_PATHS})
 
 
 def build_trainer_config(job: Job) -> TrainerConfig:
@@ -156,8 +170,8 @@ def build_trainer_config(job: Job) -> TrainerConfig:
         model=model_config(spec.model),
         reward_model=model_config(spec.reward_model),
         reward=spec.reward,
-        critic=spec.critic,
-        dataset=spec.dataset,
+        critic=replace(spec.critic, model=local_path(spec.critic.model, "model")),
+        dataset=dataset_config(spec.dataset),
         roles={r.name: _shared(r, RoleConfig) for r in spec.roles},
         hyperparameters=spec.hyperparameters,
         checkpoint=_shared(spec.checkpoint, CheckpointConfig),
@@ -352,11 +366,81 @@ def source_volumes(sources: Mapping[str, str]) -> tuple[list[dict[str, Any]], li
     return volumes, mounts
 
 
+def pvc_source_volumes(spec: JobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts) of the pvc:// sources: each claim once, read-only; each (claim, subPath)
+    mounted at srcs.pvc_mount_path()."""
+    refs = [ref for _, ref, _ in spec.source_fields() if ref.kind == "pvc"]
+    claims = list(dict.fromkeys(ref.location for ref in refs))
+    volumes = [{"name": f"source-pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+               for i, claim in enumerate(claims)]
+    mounts = []
+    for ref in dict.fromkeys(refs):
+        mount = {"name": f"source-pvc-{claims.index(ref.location)}", "mountPath": srcs.pvc_mount_path(ref),
+                 "readOnly": True}
+        mounts.append({**mount, "subPath": ref.inner} if ref.inner else mount)
+    return volumes, mounts
+
+
+def remote_sources(spec: JobSpec) -> list[tuple[str, srcs.SourceRef]]:
+    """[(repo type, ref)] of the hf:// and s3:// sources the initializer fetches."""
+    return [(repo_type, ref) for _, ref, repo_type in spec.source_fields() if ref.remote]
+
+
+def source_cache_mount() -> dict[str, Any]:
+    """The job's source cache in the trainer containers: the folder `sources` of its checkpoint volume,
+    read-only (the initializer writes it through the volume's own mount, srcs.INITIALIZER_CACHE)."""
+    return {"name": "checkpoints", "mountPath": srcs.FETCH_MOUNT, "subPath": srcs.CACHE_SUBDIR, "readOnly": True}
+
+
+def source_secret_env(spec: JobSpec) -> list[dict[str, Any]]:
+    """The initializer's env: HF_TOKEN and the S3 keys as secretKeyRefs (never read by the operator),
+    the S3 endpoint and region as values."""
+    env: list[dict[str, Any]] = []
+    token = spec.sources.hf_token_secret
+    if token:
+        env.append({"name": srcs.ENV_HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    s3 = spec.sources.s3
+    if s3.credentials_secret:
+        env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": s3.credentials_secret, "key": name}}}
+                for name in (srcs.ENV_S3_ACCESS_KEY_ID, srcs.ENV_S3_SECRET_ACCESS_KEY)]
+    env += [{"name": name, "value": value} for name, value in
+            ((srcs.ENV_S3_ENDPOINT, s3.endpoint), (srcs.ENV_S3_REGION, s3.region)) if value]
+    return env
+
+
+def initializer_container(job: Job, role: RoleSpec, fetch: bool) -> dict[str, Any] | None:
+    """The init container that fetches the job's remote sources (fetch: the gang's first pod) or waits
+    for that fetch (every other pod); None when the job names no remote source."""
+    remote = remote_sources(job.spec)
+    if not remote:
+        return None
+    return {
+        "name": srcs.INITIALIZER_CONTAINER,
+        "image": role.image or job.spec.image,
+        "imagePullPolicy": job.spec.image_pull_policy,
+        "command": [*srcs.INITIALIZER_COMMAND, *srcs.initializer_args(remote, wait=not fetch)],
+        "env": [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()] + source_secret_env(job.spec),
+        "resources": role_resources(role),
+        "volumeMounts": [{"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT},
+                         {"name": "tmp", "mountPath": SCRATCH_MOUNT}],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                            "readOnlyRootFilesystem": True},
+    }
+
+
 def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings: BuildSettings,
                    sources: Mapping[str, str] | None = None) -> dict:
-    """Pod `<job>-<role>-<index>` of gang attempt `attempt`; `sources`: {fromJob source: its claim}."""
+    """Pod `<job>-<role>-<index>` of gang attempt `attempt`; `sources`: {fromJob source: its claim}. Path
+    sources (pvc://, hf://, s3://) are mounted read-only; remote ones come from the initializer."""
     extra_volumes, extra_mounts = source_volumes(sources or {})
+    pvc_volumes, pvc_mounts = pvc_source_volumes(job.spec)
+    extra_volumes += pvc_volumes
+    extra_mounts += pvc_mounts
     name = pod_name(job.name, role.name, index)
+    init = initializer_container(job, role, fetch=name == gang_pod_names(job)[0])
+    if init:
+        extra_mounts.append(source_cache_mount())
     metadata = _metadata(job, name, pod_labels(job, role, index, attempt, settings))
     annotations = pod_annotations(job, settings)
     if annotations:
@@ -402,6 +486,7 @@ def build_role_pod(job: Job, role: RoleSpec, index: int, attempt: int, settings:
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
+        **({"initContainers": [init]} if init else {}),
         "volumes": [
             {"name": "config", "configMap": {"name": config_map_name(job.name)}},
             {"name": "checkpoints", "persistentVolumeClaim": {"claimName": checkpoint_claim_name(job)}},

@@ -86,6 +86,14 @@ def missing_sources(jobs: list[api.Job]) -> list[str]:
             if source.from_job and source.from_job not in names]
 
 
+def unsupported_sources(jobs: list[api.Job]) -> list[str]:
+    """pvc:// sources: run-local has no claims but the jobs' own checkpoint folders, so it refuses them up
+    front, naming the field. (hf:// and s3:// work: each pod runs its source initializer first.)"""
+    return [f"{job.name}: spec.{key}: pvc:// sources need a cluster; run-local reads paths on this machine: "
+            "name the folder instead"
+            for job in jobs for key, ref, _ in job.spec.source_fields() if ref.kind == "pvc"]
+
+
 # Manifest fields that name files: run-local reads a relative one against the manifest's folder.
 LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
 
@@ -609,6 +617,7 @@ def main(args: Any) -> int:
         except api.SpecError as e:
             errors.append(f"{path}: {name}: {e}" if len(manifests) > 1 else f"{path}: {e}")
     errors += [f"{path}: {problem}" for problem in missing_sources([r.job for r in runners])]
+    errors += [f"{path}: {problem}" for problem in unsupported_sources([r.job for r in runners])]
     if errors:
         print("\n".join(f"rlhf-operator run-local: {e}" for e in errors), file=sys.stderr)
         return 2

@@ -20,6 +20,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -199,6 +200,28 @@ def translate_pod(
     # N role processes share a few cores: one intra-op thread each unless the user chose otherwise.
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    # Init containers (the source initializer) run first in the same process group, their env merged
+    # under the trainer's: one process per pod, so a stop or a failure reads as the pod's.
+    for init in pod["spec"].get("initContainers", []):
+        env.update(_container_env(pod, init, mounts, resolve, pod_ip, metrics_port))
+    env.update(_container_env(pod, container, mounts, resolve, pod_ip, metrics_port))
+    env[wire.ENV_POD_IP] = pod_ip
+    termination_log = pod_dir / "termination-log"
+    # Where the trainer writes its last words; a kubelet reads /dev/termination-log instead.
+    env[wire.ENV_TERMINATION_LOG] = str(termination_log)
+    argv = tuple(command) if command is not None else local_argv(container, python)
+    inits = [tuple(rewrite_mount_path(a, mounts) for a in local_argv(c, python))
+             for c in pod["spec"].get("initContainers", [])]
+    if inits:
+        argv = ("sh", "-c", " && ".join([*(shlex.join(a) for a in inits), "exec " + shlex.join(argv)]))
+    return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log)
+
+
+def _container_env(pod: Mapping[str, Any], container: Mapping[str, Any], mounts: Mapping[str, Path],
+                   resolve: Resolver, pod_ip: str, metrics_port: int) -> dict[str, str]:
+    """A container's env as a local process sees it (mount paths, addresses and ports rewritten)."""
+    name = pod["metadata"]["name"]
+    env: dict[str, str] = {}
     for var in container.get("env", []):
         if "fieldRef" in var.get("valueFrom", {}):
             value = field_ref_value(pod, var["valueFrom"]["fieldRef"]["fieldPath"], pod_ip)
@@ -217,12 +240,7 @@ def translate_pod(
         else:
             value = rewrite_mount_path(value, mounts)
         env[var["name"]] = value
-    env[wire.ENV_POD_IP] = pod_ip
-    termination_log = pod_dir / "termination-log"
-    # Where the trainer writes its last words; a kubelet reads /dev/termination-log instead.
-    env[wire.ENV_TERMINATION_LOG] = str(termination_log)
-    argv = tuple(command) if command is not None else local_argv(container, python)
-    return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log)
+    return env
 
 
 @dataclass

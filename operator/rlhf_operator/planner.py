@@ -147,7 +147,11 @@ def observe_pod(pod: dict) -> ObservedPod:
     labels = meta.get("labels") or {}
     status = pod.get("status") or {}
     statuses = status.get("containerStatuses") or []
-    terminated = next(
+    # A failed init container (the source initializer) ends the pod before the trainer starts: its exit
+    # code and message stand for the pod's (init containers that succeeded also read terminated, code 0).
+    failed_init = next((t for s in status.get("initContainerStatuses") or []
+                        if (t := (s.get("state") or {}).get("terminated")) and t.get("exitCode")), None)
+    terminated = failed_init or next(
         ((s.get("state") or {}).get("terminated") for s in statuses if (s.get("state") or {}).get("terminated")),
         None,
     ) or {}

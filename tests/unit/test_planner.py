@@ -748,6 +748,21 @@ OBSERVE_CASES = {
                     "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}},
         dict(exit_code=1, disruption=""),
     ),
+    "the source initializer failed: its code and message are the pod's": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed",
+                    "initContainerStatuses": [{"name": "source-initializer", "state": {"terminated": {
+                        "exitCode": 78, "message": "source initializer: hf://org/x: RepositoryNotFoundError"}}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}]}},
+        dict(exit_code=78, message="source initializer: hf://org/x: RepositoryNotFoundError"),
+    ),
+    "a succeeded init container leaves the trainer's state": (
+        {"metadata": {"name": "j-critic-1", "labels": LABELS},
+         "status": {"phase": "Failed",
+                    "initContainerStatuses": [{"name": "source-initializer", "state": {"terminated": {"exitCode": 0}}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": 1}}}]}},
+        dict(exit_code=1),
+    ),
     "being deleted": (
         {"metadata": {"name": "j-critic-1", "labels": LABELS, "deletionTimestamp": "2026-03-01T12:00:00Z"},
          "status": {"phase": "Running"}},
