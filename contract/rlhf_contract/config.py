@@ -207,6 +207,10 @@ class DeepSpeedConfig:
 
 
 LORA_EXPORTS = ("merged", "adapter")
+# How the frozen base of a LoRA role is loaded (bitsandbytes, CUDA only): TRL's load_in_8bit / load_in_4bit.
+QUANTIZATIONS = ("none", "8bit", "4bit")
+# 4-bit data types of bitsandbytes (BitsAndBytesConfig.bnb_4bit_quant_type): NormalFloat4 (QLoRA) or FP4.
+QUANT_TYPES = ("nf4", "fp4")
 
 
 @dataclass(frozen=True)
@@ -220,13 +224,34 @@ class LoraConfig:
                                              "(q_proj,v_proj).", max_length=1024)
     export: str = knob("merged", "The exported folder: merged (a plain model, adapters folded in) or adapter "
                                  "(peft's adapter folder, for the base model).", enum=LORA_EXPORTS)
+    quantization: str = knob("none", "The frozen base loaded quantized by bitsandbytes (CUDA GPUs only): none, "
+                                     "8bit (LLM.int8) or 4bit (QLoRA); the adapters train in the role's dtype, "
+                                     "the merged export folds them into the unquantized base.", enum=QUANTIZATIONS)
+    quant_type: str = knob("nf4", "4-bit data type (bitsandbytes' bnb_4bit_quant_type): nf4 (NormalFloat, QLoRA) "
+                                  "or fp4; used with quantization 4bit.", enum=QUANT_TYPES)
+    double_quant: bool = knob(False, "Quantize the 4-bit quantization constants too (bnb_4bit_use_double_quant, "
+                                     "QLoRA's double quantization, ~0.4 bits per weight less; TRL's "
+                                     "use_bnb_nested_quant); used with quantization 4bit.")
 
 
-def lora_problem(role: str, lora: LoraConfig) -> str | None:
-    """Only the actor trains adapters (the critic trains every weight; reward and reference are frozen)."""
+def lora_problems(role: str, lora: LoraConfig, zero_stage: int) -> list[tuple[str, str]]:
+    """(field under the role, problem) for each cross-field rule of a role's `lora` ([] = valid).
+
+    Only the actor trains adapters (the critic trains every weight; reward and reference are frozen).
+    A quantized base needs adapters (its int8 / 4-bit weights cannot train) and ZeRO stage <= 2: stage 3
+    would shard and gather the packed bitsandbytes weights as if they were plain tensors. The CRD's
+    CEL twins of these rules are on the role items of crds/rlhfjobs.yaml.
+    """
+    problems = []
     if lora.rank and role != "actor":
-        return f"only the actor trains LoRA adapters (got rank {lora.rank} on the {role})"
-    return None
+        problems.append(("lora.rank", f"only the actor trains LoRA adapters (got rank {lora.rank} on the {role})"))
+    if lora.quantization != "none" and not lora.rank:
+        problems.append(("lora.quantization", f"{lora.quantization} needs lora.rank > 0: a quantized base does not "
+                                              f"train, only adapters on it do"))
+    if lora.quantization != "none" and zero_stage == 3:
+        problems.append(("lora.quantization", f"{lora.quantization} needs deepspeed.zeroStage <= 2 (got 3): ZeRO-3 "
+                                              f"cannot shard a bitsandbytes-quantized base"))
+    return problems
 
 
 @dataclass(frozen=True)
@@ -547,9 +572,8 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         _check_knobs(role, f"roles.{name}", errors)
         _check_knobs(role.deepspeed, f"roles.{name}.deepspeed", errors)
         _check_knobs(role.lora, f"roles.{name}.lora", errors)
-        problem = lora_problem(name, role.lora)
-        if problem:
-            errors.append(f"roles.{name}.lora.rank: {problem}")
+        errors.extend(f"roles.{name}.{key}: {problem}"
+                      for key, problem in lora_problems(name, role.lora, role.deepspeed.zero_stage))
     _check_reward(cfg, errors)
     if errors:
         return  # the layout rules read replicas and names that must be valid first

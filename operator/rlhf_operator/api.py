@@ -39,7 +39,7 @@ from rlhf_contract.config import (
     WandbConfig,
     critic_problem,
     dataset_format_problem,
-    lora_problem,
+    lora_problems,
     turns_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
@@ -681,9 +681,8 @@ def _role(fields: _Fields) -> RoleSpec:
     zero_stage = 0 if name in FROZEN_ROLES else DeepSpeedConfig.zero_stage
     deepspeed = _settings(fields.obj("deepspeed"), DeepSpeedConfig, zero_stage=zero_stage)
     lora = _settings(fields.obj("lora"), LoraConfig)
-    problem = lora_problem(name, lora) if name in ROLE_NAMES else None
-    if problem:
-        fields.error("lora.rank", problem)
+    for key, problem in lora_problems(name, lora, deepspeed.zero_stage) if name in ROLE_NAMES else ():
+        fields.error(key, problem)
     gpus = fields.integer("gpus", 0, minimum=0)
     role = RoleSpec(
         name=name,

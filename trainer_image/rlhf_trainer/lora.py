@@ -59,12 +59,17 @@ def write_export(state: dict[str, torch.Tensor], lora: LoraConfig, load_base: Ca
                  *, classifier: bool, folder: Path) -> torch.nn.Module | None:
     """Write the trained adapters in `state` (the PeftModel's full state dict) to `folder`.
 
-    `merged`: a fresh base from `load_base()` gets the adapters, which are folded in; returns that plain
+    `merged`: a fresh base from `load_base()` (unquantized, whatever roles.actor.lora.quantization
+    trained on) gets the adapters, which are folded in; returns that plain
     model, for the caller to save with its tokenizer. `adapter`: peft's adapter_config.json +
     adapter_model.safetensors are written, None is returned.
     """
     model = with_lora(load_base(), lora, classifier=classifier)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Only the trained tensors: the fresh base's own weights are the frozen ones (and, for a base that
+    # trained quantized, the unquantized originals the adapters are folded into: merging into int8 or
+    # 4-bit weights would round the sum).
+    trained = {key: value for key, value in state.items() if "lora_" in key or "modules_to_save" in key}
+    missing, unexpected = model.load_state_dict(trained, strict=False)
     if unexpected or any("lora_" in key or "modules_to_save" in key for key in missing):
         raise RuntimeError(f"the trained state does not fit the adapters: missing {missing[:3]}, unexpected "
                            f"{unexpected[:3]}")

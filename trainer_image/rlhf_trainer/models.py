@@ -208,23 +208,34 @@ def _seeded(build, seed: int):
         return build()
 
 
-def load_policy(path: str, *, seed: int) -> PreTrainedModel:
-    """A causal LM (actor / reference). Same path and seed -> the same weights in every process."""
+def _no_tiny_loading(path: str, load_kwargs: dict) -> None:
+    if load_kwargs:  # a quantized base (rlhf_trainer.quantization) is read from a folder by from_pretrained
+        raise ConfigError(f"model path {path!r}: a tiny model is built in memory and cannot be loaded with "
+                          f"{', '.join(sorted(load_kwargs))}; save it to a folder first (save_pretrained)")
+
+
+def load_policy(path: str, *, seed: int, **load_kwargs) -> PreTrainedModel:
+    """A causal LM (actor / reference). Same path and seed -> the same weights in every process.
+    `load_kwargs` go to from_pretrained (quantization_config, device_map: rlhf_trainer.quantization)."""
     if path.startswith(TINY_PREFIX):
+        _no_tiny_loading(path, load_kwargs)
         config = _tiny_config(path)
         model_cls = TINY_ARCHITECTURES[_tiny_arch(path)][1]
         return _seeded(lambda: model_cls(config), seed)
-    return AutoModelForCausalLM.from_pretrained(_local_folder(path), local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(_local_folder(path), local_files_only=True, **load_kwargs)
 
 
-def load_reward_model(path: str, *, seed: int) -> PreTrainedModel:
-    """A sequence classifier with one label: the score of the last non-pad token of each row."""
+def load_reward_model(path: str, *, seed: int, **load_kwargs) -> PreTrainedModel:
+    """A sequence classifier with one label: the score of the last non-pad token of each row.
+    `load_kwargs` go to from_pretrained, as for load_policy."""
     if path.startswith(TINY_PREFIX):
+        _no_tiny_loading(path, load_kwargs)
         config = _tiny_config(path, num_labels=1)
         model_cls = TINY_ARCHITECTURES[_tiny_arch(path)][2]
         return _seeded(lambda: model_cls(config), seed)
     folder = _local_folder(path)
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, local_files_only=True,
+                                                               **load_kwargs)
     if model.config.pad_token_id is None:
         # Pooling finds the last real token through pad_token_id; borrow the tokenizer's.
         model.config.pad_token_id = load_tokenizer(path).pad_token_id

@@ -22,7 +22,7 @@ from rlhf_contract.algorithms import ALGORITHMS
 from rlhf_contract.config import ConfigError, TrainerConfig
 from rlhf_contract.layout import Placement, bridge_ranks, served_actor_ranks, serving_rank
 
-from rlhf_trainer import checkpoint, distributed
+from rlhf_trainer import checkpoint, distributed, quantization
 from rlhf_trainer.alarms import AlarmMonitor, Thresholds
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.distributed import ProcessEnv
@@ -55,6 +55,10 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
+    if env.role == "actor":  # a quantized base needs CUDA and bitsandbytes: fail before anything loads
+        settings = cfg.roles["actor"]
+        quantization.bnb_config_kwargs(settings.lora, bf16=settings.deepspeed.bf16, device=distributed.device(),
+                                       bnb_installed=quantization.bnb_installed())
 
 
 @dataclass

@@ -12,6 +12,7 @@ instead of a model folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import shutil
 import time
@@ -25,7 +26,7 @@ from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
 
 from rlhf_trainer import alarms as alarm_signals
-from rlhf_trainer import checkpoint, distributed, models, samples, stopping
+from rlhf_trainer import checkpoint, distributed, models, quantization, samples, stopping
 from rlhf_trainer.chat import Renderer
 from rlhf_trainer.data import (
     Sampler,
@@ -76,9 +77,17 @@ class ActorAlgorithm:
         self.ctx = ctx
         self.renderer, self.tokenizer, self.stop_ids = renderer, renderer.tokenizer, renderer.stop_ids
         self.classifier = load_model is models.load_reward_model
+        # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
-        model = self.load_base()
-        adapters = ctx.cfg.roles["actor"].lora
+        adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
+        bnb = quantization.bnb_config_kwargs(adapters, bf16=settings.bf16, device=distributed.device(),
+                                             bnb_installed=quantization.bnb_installed())
+        if bnb is None:
+            model = self.load_base()
+        else:
+            log(f"actor: the base loaded {adapters.quantization} by bitsandbytes ({bnb})")
+            model = quantization.load_quantized(functools.partial(load_model, ctx.cfg.model.path, seed=hp.seed), bnb,
+                                                distributed.device(), gradient_checkpointing=settings.gradient_checkpointing)
         if adapters.rank:
             from rlhf_trainer import lora
 
