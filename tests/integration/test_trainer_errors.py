@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR
 from trainer_harness import launch, trainer_config
 

@@ -80,6 +80,21 @@ def test_merged_export_is_a_plain_model_computing_what_the_adapters_did(tmp_path
     torch.testing.assert_close(logits(merged.eval(), batch), logits(trained, batch), atol=1e-4, rtol=1e-4)
 
 
+def test_merged_export_of_a_quantized_base_folds_the_adapters_into_the_unquantized_base(tmp_path, batch):
+    # A base that trained quantized has packed uint8 weights and quantization constants in its state;
+    # the export must ignore them and fold the adapters into a fresh full-precision base.
+    cfg = LoraConfig(rank=4, quantization="4bit")
+    trained = lora.with_lora(models.load_policy("tiny://llama", seed=0), cfg, classifier=False).eval()
+    perturb_adapters(trained)
+    state = {k: (v.clone() if "lora_" in k else torch.zeros(v.numel() // 2 + 1, dtype=torch.uint8))
+             for k, v in trained.state_dict().items()}
+    state.update({k.replace(".weight", ".weight.absmax"): torch.ones(3) for k in list(state) if "base_layer" in k})
+    merged = lora.write_export(state, cfg, lambda: models.load_policy("tiny://llama", seed=0), classifier=False,
+                               folder=tmp_path)
+    assert all(p.dtype == torch.float32 for p in merged.parameters())
+    torch.testing.assert_close(logits(merged.eval(), batch), logits(trained, batch), atol=1e-4, rtol=1e-4)
+
+
 def test_adapter_export_writes_peft_files(tmp_path):
     cfg = LoraConfig(rank=2, export="adapter")
     trained = lora.with_lora(models.load_reward_model("tiny://llama", seed=0), cfg, classifier=True)

@@ -127,6 +127,13 @@ def test_all_errors_are_reported_at_once():
          'roles.critic.colocate_with: must name a role of this job (actor, critic, reference)'),
         ({"roles": {"actor": {"replicas": 0}, "critic": {}, "reference": {}}}, "roles.actor.replicas: must be >= 1 (got 0)"),
         ({"checkpoint": {"interval_steps": 0}}, "checkpoint.interval_steps: must be >= 1 (got 0)"),
+        ({"roles": {"actor": {"lora": {"quantization": "8bit"}}, "critic": {}, "reference": {}}},
+         "roles.actor.lora.quantization: 8bit needs lora.rank > 0"),
+        ({"roles": {"actor": {"lora": {"rank": 8, "quantization": "4bit"}, "deepspeed": {"zero_stage": 3}},
+                    "critic": {}, "reference": {}}},
+         "roles.actor.lora.quantization: 4bit needs deepspeed.zeroStage <= 2 (got 3)"),
+        ({"roles": {"actor": {"lora": {"rank": 8, "quantization": "4bit", "quant_type": "int4"}}, "critic": {},
+                    "reference": {}}}, "roles.actor.lora.quant_type: must be one of: nf4, fp4 (got 'int4')"),
     ],
 )
 def test_cross_field_rules(overrides, message):
