@@ -58,3 +58,23 @@ def test_no_quantization_needs_neither_a_gpu_nor_the_package():
 
 def test_device_map_puts_the_whole_model_on_the_rank_gpu():
     assert device_map(GPU) == {"": 1}
+
+
+def test_load_quantized_passes_the_config_and_device_map_and_freezes_the_base():
+    # The shell's wiring on CPU: `load` stands for models.load_policy of a folder (the GPU test loads for real).
+    from rlhf_trainer import models
+    from rlhf_trainer.quantization import load_quantized
+
+    seen = {}
+
+    def load(**kwargs):
+        seen.update(kwargs)
+        return models.load_policy("tiny://llama", seed=0)
+
+    kwargs = bnb_config_kwargs(LoraConfig(rank=8, quantization="4bit", double_quant=True), bf16=True, device=GPU,
+                               bnb_installed=True)
+    model = load_quantized(load, kwargs, GPU, gradient_checkpointing=False)
+    config = seen["quantization_config"]
+    assert config.load_in_4bit and config.bnb_4bit_use_double_quant and config.bnb_4bit_quant_type == "nf4"
+    assert seen["device_map"] == {"": 1}
+    assert not any(p.requires_grad for p in model.parameters())  # only adapters, added next, will train
