@@ -230,7 +230,7 @@ class LoraConfig:
     quant_type: str = knob("nf4", "4-bit data type (bitsandbytes' bnb_4bit_quant_type): nf4 (NormalFloat, QLoRA) "
                                   "or fp4; used with quantization 4bit.", enum=QUANT_TYPES)
     double_quant: bool = knob(False, "Quantize the 4-bit quantization constants too (bnb_4bit_use_double_quant, "
-                                     "QLoRA's double quantization, ~0.4 bits per weight less; TRL's "
+                                     "QLoRA's double quantization: about 0.37 bits per weight less; TRL's "
                                      "use_bnb_nested_quant); used with quantization 4bit.")
 
 

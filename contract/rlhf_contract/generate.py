@@ -197,6 +197,14 @@ def hyperparameter_table() -> str:
     return "\n".join(rows)
 
 
+def lora_table() -> str:
+    """roles[].lora's fields (LoraConfig), one row each."""
+    rows = ["| field | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+    rows += [f"| `{s.camel}` | {s.json_type} | {_cell(s.default)} | {_bounds(s)} | {s.knob.doc} |"
+             for s in settings_of(LoraConfig)]
+    return "\n".join(rows)
+
+
 def algorithm_table() -> str:
     rows = ["| algorithm | roles | data | trainer module | what |", "|---|---|---|---|---|"]
     for a in TABLE:
@@ -208,6 +216,7 @@ def algorithm_table() -> str:
 DOC_BLOCKS: dict[str, Callable[[], str]] = {
     "algorithms": algorithm_table,
     "hyperparameters": hyperparameter_table,
+    "lora": lora_table,
 }
 
 
