@@ -1,6 +1,6 @@
 """A LoRA actor on a bitsandbytes-quantized base (roles.actor.lora.quantization), end to end on a CUDA GPU:
-two DPO steps whose reference is the actor's quantized base with adapters disabled, finite losses, and a
-merged export that is a plain full-precision model transformers reloads. Runs only where a CUDA GPU and
+two DPO steps whose reference is the actor's quantized base with adapters disabled, finite losses, a
+merged export that is a plain full-precision model transformers reloads, and a restart that resumes. Runs only where a CUDA GPU and
 bitsandbytes are (the CUDA trainer image, or `pip install -c constraints.txt ".[gpu]"` on a GPU machine);
 elsewhere tests/integration/test_trainer_errors.py checks that the same config is a config error.
 
@@ -58,3 +58,18 @@ def test_dpo_on_a_quantized_base_trains_adapters_and_exports_a_full_precision_mo
     assert any(not torch.equal(p, initial.get_parameter(n)) for n, p in export.named_parameters())
     ids = models.load_tokenizer(str(base_folder))("3+4=", return_tensors="pt")
     assert torch.isfinite(export(**ids).logits).all()
+
+
+def test_a_restart_resumes_a_quantized_run_from_its_adapters_only_checkpoint(tmp_path, base_folder):
+    # The checkpoint holds the adapters (and the bitsandbytes constants of the frozen base's state dict);
+    # a restart loads it into a freshly quantized base.
+    roles = {"actor": {"lora": {"rank": 4, "quantization": "4bit"}, "deepspeed": {"bf16": True}},
+             "reference": {"colocate_with": "actor"}}
+    config = trainer_config("dpo", model={"path": str(base_folder)}, roles=roles, hyperparameters={"max_steps": 2})
+    run = launch(config, tmp_path / "first")
+    assert run.ok, run.describe()
+    config["hyperparameters"]["max_steps"] = 3
+    again = launch(config, tmp_path / "again", checkpoint_dir=run.checkpoint_dir, restart_attempt=1)
+    assert again.ok, again.describe()
+    assert "resumed from step 2" in again.logs["actor-0"]
+    assert math.isfinite(again.metrics()[-1]["loss"])
