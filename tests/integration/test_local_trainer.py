@@ -120,10 +120,18 @@ def assert_failed_once(runner, status, needle, pods):
     assert len(runner.timeline.times("pod_started")) == pods  # one gang, no restart loop
 
 
-@pytest.mark.parametrize("case", ["data", "config"])
+@pytest.mark.parametrize("case", ["data", "config", "quantized-base-on-cpu"])
 def test_permanent_error_fails_once_and_names_where(tmp_path, case):
     """A one-pod gang (SFT): the trainer's exit code alone decides."""
-    if case == "data":
+    if case == "quantized-base-on-cpu":
+        from rlhf_trainer import distributed, quantization
+
+        if distributed.device().type == "cuda" and quantization.bnb_installed():
+            pytest.skip("this machine loads a quantized base (tests/integration/test_trainer_qlora_gpu.py)")
+        obj = manifest("sft-tiny.yaml")
+        obj["spec"]["roles"][0]["lora"] = {"rank": 4, "quantization": "8bit"}
+        needle = "roles.actor.lora.quantization: 8bit"
+    elif case == "data":
         data = tmp_path / "instructions.jsonl"
         good = {"instruction": "add", "input": "1+1", "output": "2"}
         data.write_text(json.dumps(good) + "\n" + json.dumps({"instruction": "add"}) + "\n")
