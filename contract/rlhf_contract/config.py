@@ -224,7 +224,7 @@ class LoraConfig:
                                              "(q_proj,v_proj).", max_length=1024)
     export: str = knob("merged", "The exported folder: merged (a plain model, adapters folded in) or adapter "
                                  "(peft's adapter folder, for the base model).", enum=LORA_EXPORTS)
-    quantization: str = knob("none", "The frozen base loaded quantized by bitsandbytes (CUDA GPUs only): none, "
+    quantization: str = knob("none", "The frozen base loaded quantized by bitsandbytes (CUDA or its CPU backend): none, "
                                      "8bit (LLM.int8) or 4bit (QLoRA); the adapters train in the role's dtype, "
                                      "the merged export folds them into the unquantized base.", enum=QUANTIZATIONS)
     quant_type: str = knob("nf4", "4-bit data type (bitsandbytes' bnb_4bit_quant_type): nf4 (NormalFloat, QLoRA) "

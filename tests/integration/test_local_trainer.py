@@ -120,14 +120,13 @@ def assert_failed_once(runner, status, needle, pods):
     assert len(runner.timeline.times("pod_started")) == pods  # one gang, no restart loop
 
 
-@pytest.mark.parametrize("case", ["data", "config", "quantized-base-on-cpu"])
-def test_permanent_error_fails_once_and_names_where(tmp_path, case):
+@pytest.mark.parametrize("case", ["data", "config", "quantized-base-without-bitsandbytes"])
+def test_permanent_error_fails_once_and_names_where(tmp_path, case, monkeypatch):
     """A one-pod gang (SFT): the trainer's exit code alone decides."""
-    if case == "quantized-base-on-cpu":
-        from rlhf_trainer import distributed, quantization
+    if case == "quantized-base-without-bitsandbytes":
+        from test_trainer_errors import without_bitsandbytes
 
-        if distributed.device().type == "cuda" and quantization.bnb_installed():
-            pytest.skip("this machine loads a quantized base (tests/integration/test_trainer_qlora_gpu.py)")
+        monkeypatch.setenv("PYTHONPATH", without_bitsandbytes()["PYTHONPATH"])  # the pods inherit it
         obj = manifest("sft-tiny.yaml")
         obj["spec"]["roles"][0]["lora"] = {"rank": 4, "quantization": "8bit"}
         needle = "roles.actor.lora.quantization: 8bit"

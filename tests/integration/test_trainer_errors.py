@@ -1,8 +1,9 @@
 """`python -m rlhf_trainer` exits 78 on a bad config and 65 on bad data, naming the field / file:line."""
 
 import json
+import os
+from pathlib import Path
 
-import pytest
 from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR
 from trainer_harness import launch, trainer_config
 
@@ -39,17 +40,18 @@ def test_bad_jsonl_row_exits_65_naming_file_and_line(tmp_path):
     assert "train.jsonl:3" in run.termination["actor-0"]
 
 
-def test_quantized_base_without_a_cuda_gpu_or_bitsandbytes_exits_78_before_loading_anything(tmp_path):
-    from rlhf_trainer import distributed, quantization
+def without_bitsandbytes() -> dict[str, str]:
+    """Env for a trainer in which `import bitsandbytes` fails (a stub package first on PYTHONPATH)."""
+    return {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent / "no_bitsandbytes"),
+                                           os.environ.get("PYTHONPATH", "")])}
 
-    if distributed.device().type == "cuda" and quantization.bnb_installed():
-        pytest.skip("this machine can load a quantized base (bench/gpu_checks/qlora.py checks that)")
+
+def test_quantized_base_without_bitsandbytes_exits_78_before_loading_anything(tmp_path):
     # A model path that does not exist: loading anything (the tokenizer comes first) would fail on it.
     config = trainer_config("sft", model={"path": str(tmp_path / "no-model")},
                             roles={"actor": {"lora": {"rank": 4, "quantization": "4bit"}}})
-    run = launch(config, tmp_path)
+    run = launch(config, tmp_path, extra_env=without_bitsandbytes())
     assert run.returncodes == {"actor-0": EXIT_CONFIG_ERROR}, run.describe()
     message = run.termination["actor-0"]
-    assert "roles.actor.lora.quantization: 4bit" in message
-    assert ("needs a CUDA GPU" if distributed.device().type != "cuda" else "bitsandbytes package") in message
+    assert "roles.actor.lora.quantization: 4bit needs the bitsandbytes package" in message
     assert "not a Hugging Face model folder" not in run.logs["actor-0"]

@@ -41,10 +41,17 @@ def test_the_kwargs_build_a_bitsandbytes_config():
 
 
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_a_quantized_base_on_cpu_is_a_config_error_naming_the_field(quantization):
+def test_a_quantized_base_on_a_device_without_bitsandbytes_kernels_is_a_config_error_naming_the_field(quantization):
     lora = LoraConfig(rank=8, quantization=quantization)
-    with pytest.raises(ConfigError, match=rf"^roles\.actor\.lora\.quantization: {quantization} .* needs a CUDA GPU"):
-        bnb_config_kwargs(lora, bf16=False, device=torch.device("cpu"), bnb_installed=True)
+    with pytest.raises(ConfigError, match=rf"^roles\.actor\.lora\.quantization: {quantization} .* runs on cuda or "
+                                          r"cpu; this process runs on mps"):
+        bnb_config_kwargs(lora, bf16=False, device=torch.device("mps"), bnb_installed=True)
+
+
+def test_a_quantized_base_on_cpu_uses_bitsandbytes_cpu_backend():
+    lora = LoraConfig(rank=8, quantization="4bit")
+    assert bnb_config_kwargs(lora, bf16=False, device=torch.device("cpu"), bnb_installed=True)["load_in_4bit"]
+    assert device_map(torch.device("cpu")) == {"": "cpu"}
 
 
 def test_a_quantized_base_without_bitsandbytes_is_a_config_error_naming_the_package():

@@ -6,16 +6,16 @@ QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") do
                                bnb_installed=bnb_installed())     # pure: settings + device -> kwargs
     model = load_quantized(path, kwargs, device)                   # the shell: from_pretrained + kbit prep
 
-bitsandbytes' int8 / 4-bit kernels run on CUDA only, and the package is in the CUDA trainer image only
-(trainer_image/Dockerfile, the `gpu` extra): a quantized base asked of a CPU process, or of an image
-without the package, is a config error (exit 78) raised by `check` before anything loads. The base
+bitsandbytes runs its int8 / 4-bit kernels on CUDA, and since 0.46 on a CPU backend too (slow, but the
+same code path: CI trains QLoRA on CPU with it). A quantized base asked of a process on another device,
+or where the package does not import, is a config error (exit 78) raised by `check` before anything
+loads. The base
 stays frozen; the adapters train in the compute dtype; the merged export folds them into the
 UNquantized base (rlhf_trainer.lora.write_export), since merging into 4-bit weights would round them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -23,9 +23,17 @@ from rlhf_contract.config import LoraConfig
 
 from rlhf_trainer.errors import ConfigError
 
+# Devices bitsandbytes' kernels run on: CUDA, and the CPU backend it ships since 0.46.
+BNB_DEVICES = ("cuda", "cpu")
+
 
 def bnb_installed() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
+    """Whether bitsandbytes imports here (an installed but broken package counts as missing)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def bnb_config_kwargs(lora: LoraConfig, *, bf16: bool, device: torch.device, bnb_installed: bool,
@@ -35,16 +43,17 @@ def bnb_config_kwargs(lora: LoraConfig, *, bf16: bool, device: torch.device, bnb
     8bit: LLM.int8 weights (load_in_8bit). 4bit: `quant_type` nf4 / fp4 blocks, compute in the role's
     dtype (bfloat16 with deepspeed.bf16, else float32) and stored in uint8, with `double_quant` the
     constants quantized too: TRL's get_quantization_config, whose bnb_4bit_compute_dtype is the model dtype.
-    Raises ConfigError naming `field` when `device` is no CUDA device or bitsandbytes is not installed.
+    Raises ConfigError naming `field` when bitsandbytes has no kernels for `device` (BNB_DEVICES) or does
+    not import.
     """
     if lora.quantization == "none":
         return None
-    if device.type != "cuda":
-        raise ConfigError(f"{field}: {lora.quantization} loads the base with bitsandbytes, which needs a CUDA GPU; "
-                          f"this process runs on {device.type} (give the role gpus, or set quantization none)")
+    if device.type not in BNB_DEVICES:
+        raise ConfigError(f"{field}: {lora.quantization} loads the base with bitsandbytes, which runs on "
+                          f"{' or '.join(BNB_DEVICES)}; this process runs on {device.type} (set quantization none)")
     if not bnb_installed:
-        raise ConfigError(f"{field}: {lora.quantization} needs the bitsandbytes package, which this trainer image "
-                          f"lacks (the CUDA image, trainer_image/Dockerfile, installs it: the `gpu` extra)")
+        raise ConfigError(f"{field}: {lora.quantization} needs the bitsandbytes package, which does not import "
+                          f"in this trainer image (the project's trainer images install it: the `trainer` extra)")
     if lora.quantization == "8bit":
         return {"load_in_8bit": True}
     return {"load_in_4bit": True, "bnb_4bit_quant_type": lora.quant_type,
@@ -53,7 +62,9 @@ def bnb_config_kwargs(lora: LoraConfig, *, bf16: bool, device: torch.device, bnb
 
 
 def device_map(device: torch.device) -> dict[str, int]:
-    """Every module on this rank's GPU (TRL's get_kbit_device_map): quantized weights cannot move later."""
+    """Every module on this rank's device (TRL's get_kbit_device_map): quantized weights cannot move later."""
+    if device.type == "cpu":
+        return {"": "cpu"}
     return {"": device.index if device.index is not None else torch.cuda.current_device()}
 
 
