@@ -2,16 +2,15 @@
 TRL's ModelConfig (load_in_8bit / load_in_4bit, bnb_4bit_quant_type, use_bnb_nested_quant) and
 QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") do it.
 
-    kwargs = bnb_config_kwargs(lora, bf16=settings.bf16, device=distributed.device(),
-                               bnb_installed=bnb_installed())     # pure: settings + device -> kwargs
-    model = load_quantized(path, kwargs, device)                   # the shell: from_pretrained + kbit prep
+    kwargs = bnb_config_kwargs(lora, bf16=..., device=..., bnb_installed=...)  # pure: settings + device
+    kwargs = for_this_process(role_config)      # the same for this process (imports bitsandbytes if asked)
+    model = load_quantized(load, kwargs, device, gradient_checkpointing=...)  # from_pretrained + kbit prep
 
 bitsandbytes runs its int8 / 4-bit kernels on CUDA, and since 0.46 on a CPU backend too (slow, but the
 same code path: CI trains QLoRA on CPU with it). A quantized base asked of a process on another device,
 or where the package does not import, is a config error (exit 78) raised by `check` before anything
-loads. The base
-stays frozen; the adapters train in the compute dtype; the merged export folds them into the
-UNquantized base (rlhf_trainer.lora.write_export), since merging into 4-bit weights would round them.
+loads. The base stays frozen; the adapters train in the compute dtype; the merged export folds them into
+the UNquantized base (rlhf_trainer.lora.write_export), since merging into 4-bit weights would round them.
 """
 
 from __future__ import annotations
@@ -19,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from rlhf_contract.config import LoraConfig
+from rlhf_contract.config import LoraConfig, RoleConfig
 
+from rlhf_trainer import distributed
 from rlhf_trainer.errors import ConfigError
 
 # Devices bitsandbytes' kernels run on: CUDA, and the CPU backend it ships since 0.46.
@@ -59,6 +59,14 @@ def bnb_config_kwargs(lora: LoraConfig, *, bf16: bool, device: torch.device, bnb
     return {"load_in_4bit": True, "bnb_4bit_quant_type": lora.quant_type,
             "bnb_4bit_compute_dtype": torch.bfloat16 if bf16 else torch.float32,
             "bnb_4bit_use_double_quant": lora.double_quant}
+
+
+def for_this_process(role: RoleConfig) -> dict[str, Any] | None:
+    """bnb_config_kwargs for `role` on this process's device; bitsandbytes is imported (seconds, and
+    its warnings) only when the role asks for a quantized base. Raises ConfigError as bnb_config_kwargs."""
+    lora = role.lora
+    return bnb_config_kwargs(lora, bf16=role.deepspeed.bf16, device=distributed.device(),
+                             bnb_installed=lora.quantization != "none" and bnb_installed())
 
 
 def device_map(device: torch.device) -> dict[str, int]:

@@ -55,10 +55,8 @@ def check_process(env: ProcessEnv, cfg: TrainerConfig) -> None:
     expected = sorted(r for r, p in placements.items() if p.colocate_with == env.role)
     if sorted(env.colocated_roles) != expected:
         raise ConfigError(f"RLHF_COLOCATED_ROLES: {list(env.colocated_roles)} but the config colocates {expected}")
-    if env.role == "actor":  # a quantized base needs CUDA and bitsandbytes: fail before anything loads
-        settings = cfg.roles["actor"]
-        quantization.bnb_config_kwargs(settings.lora, bf16=settings.deepspeed.bf16, device=distributed.device(),
-                                       bnb_installed=quantization.bnb_installed())
+    if env.role == "actor":  # a quantized base needs bitsandbytes and its device: fail before anything loads
+        quantization.for_this_process(cfg.roles["actor"])
 
 
 @dataclass

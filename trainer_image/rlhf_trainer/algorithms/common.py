@@ -80,8 +80,7 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
-        bnb = quantization.bnb_config_kwargs(adapters, bf16=settings.bf16, device=distributed.device(),
-                                             bnb_installed=quantization.bnb_installed())
+        bnb = quantization.for_this_process(ctx.cfg.roles["actor"])
         if bnb is None:
             model = self.load_base()
         else:
