@@ -69,7 +69,7 @@ def for_this_process(role: RoleConfig) -> dict[str, Any] | None:
                              bnb_installed=lora.quantization != "none" and bnb_installed())
 
 
-def device_map(device: torch.device) -> dict[str, int]:
+def device_map(device: torch.device) -> dict[str, int | str]:
     """Every module on this rank's device (TRL's get_kbit_device_map): quantized weights cannot move later."""
     if device.type == "cpu":
         return {"": "cpu"}
