@@ -23,7 +23,8 @@ What is compared, per algorithm (same model, same tokenizer and prompts):
 - grpo: 8 prompts x 4 samples of synthetic://arithmetic, 8 new tokens, exact-match rule reward,
   k3 KL to the reference (beta 0.05), one update per batch.
 - ppo: 8 prompts, 8 new tokens, tiny reward model (TRL's PPOTrainer takes only a model reward),
-  critic initialised from the policy, one PPO epoch, one mini-batch. TRL's PPOTrainer exists only in
+  critic initialised from the policy, one PPO epoch, one mini-batch; the old log-probs come from the
+  sampling pass on both sides (ours: oldLogProbs sampling). TRL's PPOTrainer exists only in
   trl 1.12 (`trl.experimental.ppo`), which wants its own environment: `--trl-ppo-python` (default
   bench/out/trl112/bin/python) runs that side. `bash bench/setup_trl.sh` installs both TRL versions.
 
@@ -62,7 +63,7 @@ def model_path(name: str) -> str:
     """The model both sides load: `tiny://llama`, or a folder with a SmolLM2-135M-shaped random Llama."""
     if name == "tiny":
         return "tiny://llama"
-    folder = HERE / "out" / f"{name}-random"
+    folder = HERE / "out" / f"{name}-random-v2"  # v2: its padding tokens round-trip (build_smollm2_shaped)
     if not (folder / "config.json").is_file():
         build_smollm2_shaped(folder)
     return str(folder)
@@ -71,8 +72,11 @@ def model_path(name: str) -> str:
 def build_smollm2_shaped(folder: Path) -> None:
     """A LlamaForCausalLM of SMOLLM2_135M_SHAPE (seed 0) and the tiny tokenizer widened to its vocabulary.
 
-    The tokenizer encodes the synthetic datasets as tiny://llama does; its vocabulary is padded with
-    never-merged tokens up to 49152 so that every id the model samples decodes to some text.
+    The tokenizer encodes the synthetic datasets as tiny://llama does; its vocabulary is padded up to
+    49152 with added tokens `<xN>`, so that every id the model samples decodes to some text and that
+    text encodes back to the same ids. (Plain vocabulary entries would not: the byte-level
+    pre-tokenizer splits `<x37342>` into 8 tokens, and the reward model, which re-encodes the decoded
+    response as a real reward model with its own tokenizer must, scored 5x longer rows than TRL's.)
     """
     import json
 
@@ -84,6 +88,8 @@ def build_smollm2_shaped(folder: Path) -> None:
     spec = json.loads(models._tiny_tokenizer_json())
     vocab = spec["model"]["vocab"]
     for i in range(SMOLLM2_135M_SHAPE["vocab_size"] - len(vocab)):
+        spec["added_tokens"].append({"id": len(vocab), "content": f"<x{i}>", "single_word": False, "lstrip": False,
+                                     "rstrip": False, "normalized": False, "special": False})
         vocab[f"<x{i}>"] = len(vocab)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=models.PAD,
                                   bos_token=models.BOS, eos_token=models.EOS, unk_token=models.UNK)
@@ -129,6 +135,8 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
             "max_prompt_length": PROMPT_LEN, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
             # Every no-grad pass over the whole batch at once, as TRL's trainers do here.
             "inference_chunk_size": rows,
+            # PPO's old log-probs from the sampling pass, as TRL's PPOTrainer takes them.
+            "old_log_probs": "sampling" if algorithm == "ppo" else "forward",
         },
     })
     colocated = tuple(r for r in roles if r != "actor")

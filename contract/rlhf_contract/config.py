@@ -53,6 +53,7 @@ DATASET_TEMPLATES = ("auto", "chat", "raw")
 SYNTHETIC_PREFIX = "synthetic://"
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 KL_ESTIMATORS = ("k1", "k3")
+OLD_LOG_PROBS = ("forward", "sampling")  # where an online step's old policy log-probs come from
 LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")  # rlhf_trainer.losses.aggregation, TRL's loss_type names
 NON_FINITE_POLICIES = ("fail", "skip")
 # "module:function" of a reward callable (the CRD's CEL rule uses the same pattern).
@@ -298,6 +299,11 @@ class Hyperparameters:
                                                   "than the longest phase, e.g. a serving role waiting through the "
                                                   "actor's update.", minimum=60)
     ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
+    old_log_probs: str = knob("forward", "Where the old policy's log-probs come from: forward (a pass over the "
+                                         "rollout after sampling, as OpenRLHF and verl do) or sampling (the "
+                                         "sampling pass's own logits, as TRL's PPOTrainer does: one actor forward "
+                                         "less per step; equal to float rounding, cached vs whole-row attention).",
+                              enum=OLD_LOG_PROBS, algorithms=ONLINE)
     clip_range: float = knob(0.2, "Policy ratio clip epsilon.", gt=0, algorithms=ONLINE)
     clip_range_high: float = knob(0.0, "Upper ratio clip epsilon (DAPO's clip-higher, TRL's epsilon_high, e.g. "
                                        "0.28); 0 = clipRange (symmetric).", minimum=0, algorithms=ONLINE)

@@ -12,10 +12,10 @@ from trainer_harness import launch, trainer_config
 # name -> (algorithm, roles, extra config); layouts chosen to cover separate, colocated and replicated roles.
 CASES = {
     "ppo: critic, reference in their own processes": ("ppo", None, {}),
-    "ppo: reward model colocated with the critic": (
+    "ppo: reward model colocated with the critic, old log-probs from sampling": (
         "ppo",
         {"actor": {}, "critic": {}, "reward": {"colocate_with": "critic"}, "reference": {"colocate_with": "actor"}},
-        {"reward_model": "tiny://llama"},
+        {"reward_model": "tiny://llama", "hyperparameters": {"old_log_probs": "sampling"}},
     ),
     "grpo: reference colocated in the actor": ("grpo", {"actor": {}, "reference": {"colocate_with": "actor"}}, {}),
     # A model reward: distinct scores within a group, so the advantages (and the update) are not zero.

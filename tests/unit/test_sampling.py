@@ -70,3 +70,49 @@ def test_any_stop_id_ends_a_response(tok):
     assert not roll.truncated.any()
     never = sample(model, tok, hp, (tok.pad_token_id,))  # padding is never sampled after a real token...
     assert never.action_mask.shape[1] == 6  # ...so each response runs to max_new_tokens
+
+
+# ---- old log-probs from the sampling pass (hyperparameters.oldLogProbs: sampling) ----------------
+
+
+def recomputed(model, roll, temperature):
+    """The log-probs the forward path gives for the same rollout (collect_experience's default)."""
+    from rlhf_trainer.forward import chunked_token_logprobs
+
+    R = roll.action_mask.shape[1]
+    return chunked_token_logprobs(model, roll.sequences, roll.attention_mask, chunk_size=64,
+                                  temperature=temperature, response_length=R) * roll.action_mask
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampling_log_probs_are_the_forwards_log_probs(tok, seed):
+    # Prompts of different lengths (left padding), chunks of 2 rows that stop at different lengths,
+    # and a temperature that is not 1: each must leave the recorded log-probs equal to a forward's.
+    model = models.load_policy("tiny://llama", seed=seed).eval()
+    hp = Hyperparameters(max_new_tokens=7, temperature=0.7, inference_chunk_size=2, old_log_probs="sampling")
+    stops = (tok.eos_token_id, *range(40, 60))  # frequent stops: rows and chunks end at different lengths
+    torch.manual_seed(seed)
+    roll = generate(model, tok, rows(tok, ["3+4=", "12+30=", "Repeat the word.", "7", "1+1="]), hp, stops)
+    assert roll.sampled_logprobs is not None and roll.sampled_logprobs.shape == roll.action_mask.shape
+    torch.testing.assert_close(roll.sampled_logprobs, recomputed(model, roll, 0.7), atol=2e-5, rtol=1e-5)
+    assert (roll.sampled_logprobs[roll.action_mask.bool()] < 0).all()  # real log-probs, not the zero padding
+
+
+def test_the_forward_path_keeps_no_sampling_log_probs(tok):
+    model = models.load_policy("tiny://llama", seed=0).eval()
+    assert Hyperparameters().old_log_probs == "forward"
+    assert sample(model, tok, Hyperparameters(max_new_tokens=3), (tok.eos_token_id,)).sampled_logprobs is None
+
+
+def test_multi_turn_sampling_log_probs_are_the_forwards_log_probs(tok):
+    from rlhf_trainer.chat import Renderer
+    from rlhf_trainer.multiturn import FixedInstruction, rollout
+
+    renderer = Renderer(tok, "raw")
+    model = models.load_policy("tiny://llama", seed=0).eval()
+    prompt_rows = [PromptRow(renderer.prompt_ids(p), False, p, None, f"row {i}") for i, p in enumerate(["1+2=", "22+2="])]
+    hp = Hyperparameters(turns=2, max_new_tokens=4, temperature=1.2, old_log_probs="sampling")
+    torch.manual_seed(0)
+    roll = rollout(model, renderer, prompt_rows, hp, FixedInstruction("Check it."))
+    assert (roll.sampled_logprobs[roll.action_mask == 0] == 0).all()  # the environment's tokens are no actions
+    torch.testing.assert_close(roll.sampled_logprobs, recomputed(model, roll, 1.2), atol=2e-5, rtol=1e-5)

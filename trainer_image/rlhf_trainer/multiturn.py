@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf_trainer.algorithms.common import Rollout, generate, sample
+from rlhf_trainer.algorithms.common import Rollout, generate, records_logprobs, sample
 from rlhf_trainer.chat import Renderer, as_conversation
 from rlhf_trainer.data import pad_left
 from rlhf_trainer.records import Prompt
@@ -80,6 +80,8 @@ def rollout(model, renderer: Renderer, rows: list[PromptRow], hp, environment: E
     tokenizer, B = renderer.tokenizer, len(rows)
     continuation: list[list[int]] = [[] for _ in rows]  # ids after the prompt
     owner: list[list[int]] = [[] for _ in rows]  # per continuation token: its policy turn, or -1
+    logprobs: list[list[float]] = [[] for _ in rows]  # per continuation token: its sampling log-prob, or 0
+    keep_logprobs = records_logprobs(hp, greedy)
     history: list[list[str]] = [[] for _ in rows]
     turn_prompts: list[list[Prompt]] = [[] for _ in rows]
     texts: list[list[str]] = [[] for _ in rows]
@@ -93,20 +95,34 @@ def rollout(model, renderer: Renderer, rows: list[PromptRow], hp, environment: E
                 history[i].append(message)
                 continuation[i] += ids
                 owner[i] += [-1] * len(ids)
+                logprobs[i] += [0.0] * len(ids)
         for i, row in enumerate(rows):
             turn_prompts[i].append(conversation_before(row.prompt, history[i]))
         contexts = [list(r.ids) + c for r, c in zip(rows, continuation, strict=True)]
-        _, response_ids, mask, ended = sample(model, tokenizer, contexts, hp, renderer.stop_ids,
-                                              synced_gpus=synced_gpus, greedy=greedy)
+        _, response_ids, mask, ended, sampled = sample(model, tokenizer, contexts, hp, renderer.stop_ids,
+                                                       synced_gpus=synced_gpus, greedy=greedy, logprobs=keep_logprobs)
         truncated[:, turn] = ~ended
         for i in range(B):
             ids = response_ids[i][mask[i].bool()].tolist()
             continuation[i] += ids
             owner[i] += [turn] * len(ids)
+            if sampled is not None:
+                logprobs[i] += sampled[i][mask[i].bool()].tolist()
             text = tokenizer.decode(ids, skip_special_tokens=True)
             texts[i].append(text)
             history[i].append(text)
-    return assemble(rows, continuation, owner, truncated, texts, turn_prompts, tokenizer)
+    roll = assemble(rows, continuation, owner, truncated, texts, turn_prompts, tokenizer)
+    if keep_logprobs:  # the same layout as the continuations: right-padded with 0
+        roll.sampled_logprobs = pad_right_values(logprobs, roll.action_mask.shape[1])
+    return roll
+
+
+def pad_right_values(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Per-row float lists -> (B, width) float32, right-padded with 0."""
+    out = torch.zeros(len(rows), width, dtype=torch.float32)
+    for i, values in enumerate(rows):
+        out[i, :len(values)] = torch.tensor(values, dtype=torch.float32)
+    return out
 
 
 def assemble(rows: list[PromptRow], continuation: list[list[int]], owner: list[list[int]], truncated: torch.Tensor,

@@ -25,7 +25,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from transformers import GenerationConfig
+import torch
+from transformers import GenerationConfig, LogitsProcessor
 
 
 def _ids(value) -> list[int]:
@@ -76,3 +77,35 @@ def only_these_settings(model) -> Iterator[None]:
         yield
     finally:
         model.generation_config = own
+
+
+class SampledLogProbs(LogitsProcessor):
+    """A transformers logits processor that records each sampled token's log-probability.
+
+    Under `sampling_config` the scores it is handed are the model's raw float32 logits (custom
+    processors run before the temperature warper, and no other processor is on), so
+    log_softmax(scores / temperature) is exactly the distribution the next token is drawn from, the
+    one losses.utils.logprobs_from_logits describes. The token drawn at step t is known only at the
+    next call (the last column of `input_ids`) or, for the last step, from the output: `finish`
+    gathers it. Memory: one (B, V) float32 row of log-probs at a time, not the (B, R, V) that
+    `output_logits` would keep. TRL's PPOTrainer takes its old log-probs from the generation's
+    logits the same way (trl/trainer/ppo_trainer.py, `batch_generation`).
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.pending: torch.Tensor | None = None  # (B, V) log-probs of the step whose token is not drawn yet
+        self.columns: list[torch.Tensor] = []  # (B, 1) each
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.pending is not None:
+            self.columns.append(self.pending.gather(-1, input_ids[:, -1:]))
+        self.pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, response_ids: torch.Tensor) -> torch.Tensor:
+        """(B, R) generated ids (on the generating device) -> (B, R) float32 log-probs of those tokens."""
+        if self.pending is not None and len(self.columns) < response_ids.shape[1]:
+            self.columns.append(self.pending.gather(-1, response_ids[:, -1:]))
+        self.pending = None
+        return torch.cat(self.columns, dim=1) if self.columns else response_ids.new_zeros(response_ids.shape, dtype=torch.float32)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
+from transformers import LogitsProcessorList
 
 from rlhf_trainer import alarms as alarm_signals
 from rlhf_trainer import checkpoint, distributed, models, quantization, samples, stopping
@@ -42,7 +43,7 @@ from rlhf_trainer.experience import Experience
 from rlhf_trainer.forward import chunked_token_logprobs, row_slices
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
-from rlhf_trainer.sampling import only_these_settings, sampling_config, stop_token_ids
+from rlhf_trainer.sampling import SampledLogProbs, only_these_settings, sampling_config, stop_token_ids
 from rlhf_trainer.stopping import Stopped
 from rlhf_trainer.strategy import DeepSpeedStrategy
 from rlhf_trainer.tokenized import PairRow, PromptRow, Row, tokenize_records, truncation_error
@@ -154,6 +155,9 @@ class Rollout:
     turn_truncated: torch.Tensor | None = None  # (B, K) bool: turn k sampled no stop token
     turn_responses: list[list[str]] | None = None  # B x K: each policy turn's text
     turn_prompts: list[list[Prompt]] | None = None  # B x K: what turn k answers (the conversation before it)
+    # (B, R) float32: each response token's log-prob when it was sampled (hyperparameters.oldLogProbs
+    # sampling; 0 on tokens the policy did not sample), else None
+    sampled_logprobs: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -169,37 +173,51 @@ def generate(model, tokenizer, rows: list[PromptRow], hp, stop_ids, *, synced_gp
     a rank that stopped early would leave the others waiting forever). Every rank must then make
     the same number of calls: the same number of prompts per rank.
     """
-    enc, response_ids, mask, ended = sample(model, tokenizer, [r.ids for r in rows], hp, stop_ids,
-                                            synced_gpus=synced_gpus, greedy=greedy)
+    enc, response_ids, mask, ended, logprobs = sample(model, tokenizer, [r.ids for r in rows], hp, stop_ids,
+                                                      synced_gpus=synced_gpus, greedy=greedy,
+                                                      logprobs=records_logprobs(hp, greedy))
     sequences = torch.cat([enc["input_ids"], response_ids], dim=1)
     attention_mask = torch.cat([enc["attention_mask"], mask], dim=1)
     responses = tokenizer.batch_decode(response_ids.masked_fill(mask == 0, tokenizer.pad_token_id), skip_special_tokens=True)
-    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses)
+    return Rollout(sequences, attention_mask, mask, ~ended, [r.prompt for r in rows], responses,
+                   sampled_logprobs=None if logprobs is None else logprobs * mask)
+
+
+def records_logprobs(hp, greedy: bool) -> bool:
+    """Whether sampling keeps each token's log-prob: hyperparameters.oldLogProbs sampling, not greedy."""
+    return hp.old_log_probs == "sampling" and not greedy
 
 
 @torch.no_grad()
 def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_gpus: bool = False,
-           greedy: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+           greedy: bool = False, logprobs: bool = False
+           ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """generate()'s sampling: token rows -> (their left-padded batch (B, P), response ids (B, R),
-    response mask (B, R), ended (B,) bool), on CPU."""
+    response mask (B, R), ended (B,) bool, and with `logprobs` each response token's float32 log-prob
+    under the distribution it was drawn from (B, R) (sampling.SampledLogProbs), else None), on CPU."""
     enc = pad_left(id_rows, tokenizer.pad_token_id)
     dev, width = distributed.device(), enc["input_ids"].shape[1]
     config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
                              stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     if greedy:
         config.do_sample = False
-    pieces = []
+    pieces, logprob_pieces = [], []
     with only_these_settings(model):
         for s in row_slices(len(id_rows), hp.inference_chunk_size):
+            recorder = SampledLogProbs(hp.temperature) if logprobs else None
             out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
-                                 generation_config=config, synced_gpus=synced_gpus)
+                                 generation_config=config, synced_gpus=synced_gpus,
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []))
             pieces.append(out[:, width:].cpu())
+            if recorder is not None:
+                logprob_pieces.append(recorder.finish(out[:, width:]).cpu())
     longest = max(p.shape[1] for p in pieces)
     # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
     response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
                               for p in pieces])
     mask, ended = response_mask(response_ids, stop_ids)
-    return enc, response_ids, mask, ended
+    sampled = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in logprob_pieces]) if logprobs else None
+    return enc, response_ids, mask, ended, sampled
 
 
 @torch.no_grad()
@@ -207,12 +225,13 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
                        old_logprobs: bool = True) -> Experience:
     """A rollout's Experience: the policy's own log-probs here, the other roles' answers over their clients.
 
-    old_logprobs=False leaves them None: the loop takes them from its first training forward.
+    old_logprobs=False leaves them None: the loop takes them from its first training forward; a rollout
+    that kept its sampling log-probs (hyperparameters.oldLogProbs sampling) gives them without a forward.
     """
     dev, R = distributed.device(), roll.action_mask.shape[1]
     seqs = {"input_ids": roll.sequences, "attention_mask": roll.attention_mask}
-    old = None
-    if old_logprobs:
+    old = roll.sampled_logprobs if old_logprobs else None
+    if old_logprobs and old is None:
         old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
                                      chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R)
     ref = reference.call("logprobs", seqs, response_length=R)[0]["logprobs"]
