@@ -107,7 +107,8 @@ class SecretKeyRef:
 @dataclass(frozen=True)
 class S3Spec:
     """sources.s3: the store of every s3:// source. endpoint "" = AWS; the Secret `credentials_secret`
-    holds the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY ("" = the pod's IRSA / Pod Identity role if
+    holds the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_SESSION_TOKEN when its credentials
+    are temporary (STS) ones ("" = the pod's IRSA / Pod Identity role if
     it has one, else no credentials: a public bucket; rlhf_trainer.initializer.s3_client)."""
 
     endpoint: str = ""

@@ -393,8 +393,8 @@ def source_cache_mount() -> dict[str, Any]:
 
 
 def source_secret_env(spec: JobSpec) -> list[dict[str, Any]]:
-    """The initializer's env: HF_TOKEN and the S3 keys as secretKeyRefs (never read by the operator),
-    the S3 endpoint and region as values."""
+    """The initializer's env: HF_TOKEN, the S3 keys and the optional S3 session token as secretKeyRefs
+    (never read by the operator), the S3 endpoint and region as values."""
     env: list[dict[str, Any]] = []
     token = spec.sources.hf_token_secret
     if token:
@@ -403,6 +403,9 @@ def source_secret_env(spec: JobSpec) -> list[dict[str, Any]]:
     if s3.credentials_secret:
         env += [{"name": name, "valueFrom": {"secretKeyRef": {"name": s3.credentials_secret, "key": name}}}
                 for name in (srcs.ENV_S3_ACCESS_KEY_ID, srcs.ENV_S3_SECRET_ACCESS_KEY)]
+        # Temporary (STS) credentials carry a session token; long-lived keys have none: optional.
+        env.append({"name": srcs.ENV_S3_SESSION_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": s3.credentials_secret, "key": srcs.ENV_S3_SESSION_TOKEN, "optional": True}}})
     env += [{"name": name, "value": value} for name, value in
             ((srcs.ENV_S3_ENDPOINT, s3.endpoint), (srcs.ENV_S3_REGION, s3.region)) if value]
     return env

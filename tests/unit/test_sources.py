@@ -200,10 +200,13 @@ def test_secrets_reach_only_the_initializer_as_secret_key_refs():
     assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         assert env[name]["valueFrom"] == {"secretKeyRef": {"name": "s3-keys", "key": name}}
+    # STS credentials: the token too, optional (a Secret of long-lived keys has none)
+    assert env["AWS_SESSION_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "s3-keys", "key": "AWS_SESSION_TOKEN", "optional": True}}
     assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio:9000"
     assert env["AWS_DEFAULT_REGION"]["value"] == "eu-1"
     trainer_env = {e["name"] for e in _container(pod)["env"]}
-    assert not trainer_env & {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not trainer_env & {"HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
     assert "s3-keys" not in json.dumps(_config(job))
 
 
