@@ -28,7 +28,8 @@ CASES = {
     "reinforce_pp: reference in its own process, per-response loss mean": (
         "reinforce_pp", None, {"hyperparameters": {"loss_aggregation": "grpo"}}),
     "dpo: reference in its own process": ("dpo", None, {}),
-    "dpo: ipo on token-averaged log-probs": ("dpo", None, {"hyperparameters": {"loss_type": "ipo"}}),
+    "dpo: ipo on token-averaged log-probs, prefix sharing in micro-batches of 2": (
+        "dpo", None, {"hyperparameters": {"loss_type": "ipo", "prefix_sharing": True, "micro_batch_size": 2}}),
     "simpo: no reference role": ("simpo", None, {}),
     "orpo: no reference role": ("orpo", None, {}),
     "cpo: no reference role": ("cpo", None, {}),

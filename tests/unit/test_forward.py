@@ -260,3 +260,67 @@ def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     torch.testing.assert_close(preference_logprobs(every, loss_mask, "sigmoid"),
                                (every * loss_mask[:, 1:]).sum(-1), rtol=1e-5, atol=1e-5)
     assert response_columns(torch.tensor([[1, 1, 1]])) == 2  # never token 0
+
+
+# ---- prefix sharing (hyperparameters.prefixSharing) -----------------------------------------------
+
+
+def random_pairs(seed, vocab=200, pairs=4):
+    """PairRows of random lengths: prompts 1-9 tokens, responses 1-6, ids of the tiny vocabulary."""
+    from rlhf_trainer.tokenized import PairRow
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return tuple(torch.randint(3, vocab, (int(torch.randint(low, high + 1, (1,), generator=g)),), generator=g).tolist())
+
+    return [PairRow(ids(1, 9), ids(1, 6), ids(1, 6), False, f"pair {i}") for i in range(pairs)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prefix_shared_logprobs_and_gradients_equal_the_plain_forwards(seed):
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt, response_columns
+    from rlhf_trainer.forward import shared_prompt_logprobs
+    from rlhf_trainer.losses.dpo import preference_logprobs
+
+    pairs = random_pairs(seed)
+    model = models.load_policy("tiny://llama", seed=seed).train()  # dropout is 0: train mode, as in the update
+    plain = encode_pairs(pairs, 0)
+    R = response_columns(plain["loss_mask"])
+    shared = encode_shared_prompt(pairs, 0)
+    results = []
+    for forward in ("plain", "shared"):
+        model.zero_grad()
+        if forward == "plain":
+            logprobs = token_logprobs(model, plain["input_ids"], plain["attention_mask"], response_length=R,
+                                      temperature=0.9)[0]
+            mask = plain["loss_mask"]
+        else:
+            logprobs = shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), temperature=0.9)
+            mask = shared["response_mask"]
+        summed, averaged = preference_logprobs(logprobs, mask, "sigmoid"), preference_logprobs(logprobs, mask, "ipo")
+        (summed.sum() + (summed[:4] - summed[4:]).square().sum()).backward()  # a loss that mixes the rows
+        results.append((summed.detach(), averaged.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (s_plain, a_plain, g_plain), (s_shared, a_shared, g_shared) = results
+    torch.testing.assert_close(s_shared, s_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a_shared, a_plain, rtol=1e-5, atol=1e-5)
+    for name, grad in g_plain.items():
+        # float32 sums in another order: a tolerance on the scale of the whole tensor's gradient
+        scale = max(float(grad.abs().max()), 1.0)
+        torch.testing.assert_close(g_shared[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    # fewer token positions: each prompt once
+    assert shared["prompt_mask"].sum() + shared["response_mask"].sum() < plain["attention_mask"].sum()
+
+
+def test_prefix_sharing_refuses_a_model_that_keeps_no_cache():
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
+    from rlhf_trainer.forward import shared_prompt_logprobs
+
+    model = models.load_policy("tiny://llama", seed=0).train()
+    model.gradient_checkpointing_enable()  # transformers drops the cache in each checkpointed layer
+    shared = encode_shared_prompt(random_pairs(0), 0)
+    with pytest.raises(RuntimeError, match="kept no key/value cache"):
+        shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS))

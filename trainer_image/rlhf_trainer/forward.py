@@ -88,3 +88,36 @@ def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) -> (B,) float32 scores of a one-label sequence classifier (it pools the last non-pad token)."""
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs of several responses per prompt with each prompt computed once: (G*B, R) float32.
+
+    prompt_ids, prompt_mask: (B, P) left-padded, every row with at least one real token;
+    response_ids, response_mask: (G*B, R) right-padded, row g*B + i answering prompt i (a DPO batch's
+    chosen block, then its rejected block). One forward over the prompts keeps their key/value cache
+    (with its autograd graph) and the logits of their last token, which predict each response's
+    first token; a second forward runs every response against that cache, tiled G times. Equal to
+    token_logprobs over the `prompt + response` rows to float rounding, differentiable when the model
+    is, at (B*P + G*B*R) instead of G*B*(P + R) token positions: prompt-sharing, the saving grows
+    with the prompt's share of a row. Needs the model's KV cache in training, so not with gradient
+    checkpointing (transformers turns the cache off then).
+    """
+    B, G, R = prompt_ids.shape[0], response_ids.shape[0] // prompt_ids.shape[0], response_ids.shape[1]
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                  use_cache=True, **keep)
+    cache = first.past_key_values
+    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:  # e.g. gradient checkpointing drops it
+        raise RuntimeError(f"{type(getattr(model, '__self__', model)).__name__} kept no key/value cache of the "
+                           "prompts in its forward: prefix sharing needs one")
+    tile = torch.arange(B, device=prompt_ids.device).repeat(G)
+    cache.batch_select_indices(tile)
+    mask = torch.cat([prompt_mask[tile], response_mask], dim=1)
+    positions = prompt_mask.sum(-1)[tile, None] + torch.arange(R, device=prompt_ids.device)
+    rest = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True).logits
+    # Position -1 of the prompt predicts response token 0; response position j predicts token j + 1.
+    logits = torch.cat([first.logits[:, -1:][tile], rest[:, :-1]], dim=1)
+    return logprobs_from_logits(logits, response_ids, temperature)

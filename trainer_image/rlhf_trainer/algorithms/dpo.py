@@ -6,6 +6,11 @@ One step: the reference role's log-probs of chosen and rejected responses (DPO o
 micro-batch the policy's log-probs and the preference loss (losses.dpo / simpo / orpo) on sequence
 log-probs, summed or token-averaged as the loss defines them. No sampling.
 
+With `prefixSharing` the policy's forward computes each pair's prompt once and both responses
+against its key/value cache (forward.shared_prompt_logprobs; Wang et al. 2024, "Accelerating Direct
+Preference Optimization with Prefix Sharing"): the same log-probs at fewer token positions. The
+reference role keeps the plain forward (it runs without gradient, at a third of the cost).
+
 ORPO and CPO add the chosen responses' negative log-likelihood (per chosen-response token over the
 global batch, losses.sft's normaliser), weighted 1 (ORPO's L_SFT, eq. 6) or `cpoAlpha` (CPO, Xu et al.
 2024 eq. 5 "L_prefer + L_NLL"; TRL's CPOTrainer `cpo_alpha`).
@@ -23,11 +28,14 @@ from rlhf_trainer.algorithms.common import (
     pair_slices,
     run_algorithm,
 )
-from rlhf_trainer.forward import token_logprobs
+from rlhf_trainer.data import pad_left, pad_right
+from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.forward import shared_prompt_logprobs, token_logprobs
 from rlhf_trainer.losses.dpo import DPOOutput, dpo_loss, preference_logprobs
 from rlhf_trainer.losses.orpo import odds_ratio_loss
 from rlhf_trainer.losses.simpo import simpo_loss
 from rlhf_trainer.runtime import Context
+from rlhf_trainer.tokenized import PairRow
 
 
 def response_columns(loss_mask: torch.Tensor) -> int:
@@ -53,6 +61,10 @@ class DPO(ActorAlgorithm):
         # The loss that defines the sequence log-probs: DPO's loss type, or the algorithm itself.
         self.kind = hp.loss_type if ctx.cfg.algorithm == "dpo" else ctx.cfg.algorithm
         self.reference = ctx.client("reference") if ctx.cfg.algorithm == "dpo" else None
+        if hp.prefix_sharing and ctx.cfg.roles["actor"].deepspeed.gradient_checkpointing:
+            raise ConfigError("hyperparameters.prefixSharing needs the actor's key/value cache in the training "
+                              "forward, which roles.actor.deepspeed.gradientCheckpointing turns off: set one of "
+                              "them to false")
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
@@ -75,14 +87,14 @@ class DPO(ActorAlgorithm):
         with metrics.phase("train", timings):
             self.strategy.train()
             for rows in pair_slices(n, hp.micro_batch_size):
-                logprobs = token_logprobs(self.strategy.forward, ids[rows], attn[rows], response_length=R)[0]
-                logp = preference_logprobs(logprobs, loss_mask[rows], self.kind)
                 half = len(rows) // 2
+                logprobs, mask = self.policy_logprobs([records[int(i)] for i in rows[:half]], batch, rows, R)
+                logp = preference_logprobs(logprobs, mask, self.kind)
                 out = self.preference_loss(logp[:half], logp[half:], None if ref is None else ref[rows])
                 # The losses average over their pairs; rescale to a share of the whole batch's mean.
                 loss = out.loss * half / pairs_total
                 if nll_weight:
-                    chosen_mask = loss_mask[rows][:half, -R:].to(logprobs.dtype)
+                    chosen_mask = mask[:half, -logprobs.shape[1]:].to(logprobs.dtype)
                     loss = loss - nll_weight * (logprobs[:half] * chosen_mask).sum() / chosen_tokens
                 source = f"dpo ({hp.loss_type}) loss" if self.ctx.cfg.algorithm == "dpo" else f"{self.kind} loss"
                 value = self.ctx.guard.backward_step(
@@ -96,6 +108,20 @@ class DPO(ActorAlgorithm):
             "reward_mean": sum(margins) / len(margins), "tokens": float(attn.sum()),
         }
 
+    def policy_logprobs(self, pairs: list[PairRow], batch: dict[str, torch.Tensor], rows: torch.Tensor,
+                        R: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's (2P, C) token log-probs of a micro-batch's chosen then rejected responses, with
+        the (2P, >= C) mask whose last C columns mark their response tokens (preference_logprobs' inputs):
+        prefix-shared when on and every prompt has a token, else over `batch`'s rows, last R columns."""
+        if self.hp.prefix_sharing and all(p.prompt for p in pairs):
+            shared = encode_shared_prompt(pairs, self.tokenizer.pad_token_id)
+            dev = distributed.device()
+            logprobs = shared_prompt_logprobs(self.strategy.forward, *(shared[k].to(dev) for k in SHARED_KEYS))
+            return logprobs, shared["response_mask"].to(dev)
+        logprobs = token_logprobs(self.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows],
+                                  response_length=R)[0]
+        return logprobs, batch["loss_mask"][rows]
+
     def preference_loss(self, chosen, rejected, ref) -> DPOOutput:
         """(P,) sequence log-probs of a micro-batch's pairs (and (2P,) reference ones for DPO)."""
         hp = self.hp
@@ -108,6 +134,19 @@ class DPO(ActorAlgorithm):
         half = len(chosen)
         return dpo_loss(chosen, rejected, ref[:half], ref[half:], beta=hp.beta, loss_type=hp.loss_type,
                         label_smoothing=hp.label_smoothing)
+
+
+SHARED_KEYS = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+
+
+def encode_shared_prompt(pairs: list[PairRow], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pairs -> forward.shared_prompt_logprobs' inputs: prompt_ids / prompt_mask (P, Tp) left-padded, and
+    response_ids / response_mask (2P, Tr) right-padded, chosen rows first (encode_pairs' order)."""
+    prompts = pad_left([p.prompt for p in pairs], pad_token_id)
+    responses = pad_right([()] * (2 * len(pairs)), [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                          pad_token_id)
+    return {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
+            "response_ids": responses["input_ids"], "response_mask": responses["attention_mask"]}
 
 
 def run(ctx: Context) -> None:
