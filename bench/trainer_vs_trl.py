@@ -109,7 +109,7 @@ def _free_port() -> int:
 # ---- our side ---------------------------------------------------------------------------------------
 
 
-def _our_context(algorithm: str, model: str, bf16: bool = False):
+def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
@@ -137,6 +137,8 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
             "inference_chunk_size": rows,
             # PPO's old log-probs from the sampling pass, as TRL's PPOTrainer takes them.
             "old_log_probs": "sampling" if algorithm == "ppo" else "forward",
+            # DPO: each pair's prompt once in the policy's forward (TRL has no equivalent; --prefix-sharing)
+            "prefix_sharing": prefix_sharing and algorithm == "dpo",
         },
     })
     colocated = tuple(r for r in roles if r != "actor")
@@ -145,12 +147,13 @@ def _our_context(algorithm: str, model: str, bf16: bool = False):
     return new_context(env, cfg, None, TrainerMetrics(None))
 
 
-def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:
+def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
+             prefix_sharing: bool = False) -> dict:
     import torch
     from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
-    ctx = _our_context(algorithm, model, bf16)
+    ctx = _our_context(algorithm, model, bf16, prefix_sharing)
     renderer = text_pipeline(ctx)
     records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
@@ -351,7 +354,7 @@ def one(args) -> None:
         torch.set_num_threads(args.threads)
     if side == "ours":
         result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                          args.precision == "bf16")
+                          args.precision == "bf16", args.prefix_sharing)
     elif algorithm == "ppo":
         result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
     else:
@@ -363,7 +366,8 @@ def one(args) -> None:
 def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
-           "--threads", str(args.threads), "--precision", args.precision]
+           "--threads", str(args.threads), "--precision", args.precision,
+           *(["--prefix-sharing"] if args.prefix_sharing else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -397,6 +401,8 @@ def main() -> None:
                    help="tiny://llama (framework overhead) or a SmolLM2-135M-shaped random Llama (a real size)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
+    p.add_argument("--prefix-sharing", action="store_true",
+                   help="ours: DPO with hyperparameters.prefixSharing (each pair's prompt computed once)")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -436,6 +442,7 @@ def _median(rows: list[dict], key: str) -> float:
 def report(args, algos, results) -> str:
     """The RESULTS.md subsection: medians over repeats of each run's median step (wall and CPU seconds)."""
     flags = f"--model {args.model} --precision {args.precision}" + (f" --threads {args.threads}" if args.threads else "")
+    flags += " --prefix-sharing" if args.prefix_sharing else ""
     model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
              "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
              "embeddings)")
@@ -449,7 +456,9 @@ def report(args, algos, results) -> str:
         f"tokens; {args.precision} on both sides; TRL without gradient checkpointing; fresh process per "
         "measurement, ours and TRL interleaved (order alternating per repeat); medians over repeats of each "
         "run's median step. CPU s: CPU seconds of the whole process per step (steadier than wall time on a "
-        "shared machine). Peak RSS: the measuring process's ru_maxrss.",
+        "shared machine). Peak RSS: the measuring process's ru_maxrss."
+        + (" Ours: DPO with prefixSharing (each pair's prompt once in the policy's forward)." if args.prefix_sharing
+           else ""),
         "",
         "| algorithm | ours samples/s | TRL samples/s | ours / TRL (wall) | ours CPU s/step | TRL CPU s/step | "
         "ours / TRL (CPU) | ours tokens/s | peak RSS ours / TRL |" + (" ours MFU |" if args.device == "cuda" else ""),
@@ -463,8 +472,11 @@ def report(args, algos, results) -> str:
         o, t = _median(ours, "samples_per_s"), _median(trl, "samples_per_s")
         oc, tc = _median(ours, "step_cpu_s"), _median(trl, "step_cpu_s")
         tok = _median(ours, "tokens_per_s")
-        row = (f"| {algorithm} | {o:.2f} | {t:.2f} | {o / t:.2f}x | {oc:.2f} | {tc:.2f} | {tc / oc:.2f}x | {tok:.0f} | "
-               f"{_median(ours, 'peak_rss_mib'):.0f} / {_median(trl, 'peak_rss_mib'):.0f} MiB |")
+        # TRL's PPO runs in a subprocess of its own venv: no CPU seconds or peak RSS of it here
+        trl_cpu = f"{tc:.2f} | {tc / oc:.2f}x" if algorithm != "ppo" else "not measured | "
+        trl_rss = f"{_median(trl, 'peak_rss_mib'):.0f} MiB" if algorithm != "ppo" else "not measured"
+        row = (f"| {algorithm} | {o:.2f} | {t:.2f} | {o / t:.2f}x | {oc:.2f} | {trl_cpu} | {tok:.0f} | "
+               f"{_median(ours, 'peak_rss_mib'):.0f} MiB / {trl_rss} |")
         if args.device == "cuda":
             row += f" {100 * 6 * ours[0]['params'] * tok / (args.peak_tflops * 1e12):.2g}% |"
         lines.append(row)

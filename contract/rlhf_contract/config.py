@@ -368,11 +368,12 @@ class Hyperparameters:
                               algorithms=("simpo",))
     cpo_alpha: float = knob(1.0, "CPO's weight of the chosen responses' NLL term (TRL's cpo_alpha).", minimum=0,
                             algorithms=("cpo",))
-    prefix_sharing: bool = knob(False, "Compute each pair's prompt once in the actor's forward and run both "
-                                       "responses against its key/value cache (Wang et al. 2024, prefix sharing): "
-                                       "the same log-probs with fewer token positions, the more so the longer the "
-                                       "prompts. Not with the actor's gradientCheckpointing (it drops the cache).",
-                                algorithms=PREFERENCE)
+    prefix_sharing: bool = knob(False, "Compute each prompt once in the actor's training forward and run its "
+                                       "responses (a pair's two, a group's samples) against its key/value cache "
+                                       "(Wang et al. 2024, prefix sharing): the same log-probs at fewer token "
+                                       "positions, the more so the longer the prompts. Not with the actor's "
+                                       "gradientCheckpointing (it drops the cache).",
+                                algorithms=(*PREFERENCE, *CRITIC_FREE))
     margin: float = knob(0.0, "Bradley-Terry margin between chosen and rejected.", minimum=0, algorithms=("rm",))
     packing: bool = knob(False, "Pack several samples into one sequence.", algorithms=("sft",))
     step_separator: str = knob("\n", "What ends a step of a response (one line each by default).",

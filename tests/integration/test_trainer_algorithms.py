@@ -17,7 +17,8 @@ CASES = {
         {"actor": {}, "critic": {}, "reward": {"colocate_with": "critic"}, "reference": {"colocate_with": "actor"}},
         {"reward_model": "tiny://llama", "hyperparameters": {"old_log_probs": "sampling"}},
     ),
-    "grpo: reference colocated in the actor": ("grpo", {"actor": {}, "reference": {"colocate_with": "actor"}}, {}),
+    "grpo: reference colocated in the actor, prefix sharing": (
+        "grpo", {"actor": {}, "reference": {"colocate_with": "actor"}}, {"hyperparameters": {"prefix_sharing": True}}),
     # A model reward: distinct scores within a group, so the advantages (and the update) are not zero.
     "rloo: two actor ranks (ZeRO-2) served by one reference + reward process": (
         "rloo", {"actor": {"replicas": 2}, "reference": {}, "reward": {"colocate_with": "reference"}},

@@ -298,7 +298,8 @@ def test_prefix_shared_logprobs_and_gradients_equal_the_plain_forwards(seed):
                                       temperature=0.9)[0]
             mask = plain["loss_mask"]
         else:
-            logprobs = shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), temperature=0.9)
+            logprobs = shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2),
+                                              temperature=0.9)[0]
             mask = shared["response_mask"]
         summed, averaged = preference_logprobs(logprobs, mask, "sigmoid"), preference_logprobs(logprobs, mask, "ipo")
         (summed.sum() + (summed[:4] - summed[4:]).square().sum()).backward()  # a loss that mixes the rows
@@ -323,4 +324,36 @@ def test_prefix_sharing_refuses_a_model_that_keeps_no_cache():
     model.gradient_checkpointing_enable()  # transformers drops the cache in each checkpointed layer
     shared = encode_shared_prompt(random_pairs(0), 0)
     with pytest.raises(RuntimeError, match="kept no key/value cache"):
-        shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS))
+        shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rollout_logprobs_share_each_distinct_prompt_and_equal_the_plain_forward(seed):
+    # GRPO's layout: each prompt `group` times in consecutive rows, left-padded prompts, right-padded
+    # responses of different lengths; a micro-batch may cut a group.
+    from rlhf_trainer import models
+    from rlhf_trainer.data import pad_left, pad_right
+    from rlhf_trainer.forward import rollout_logprobs
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 8, (3,), generator=g).tolist()
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in lengths for _ in range(3)][1:]  # 8 rows
+    responses = [torch.randint(3, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+                 for _ in prompts]
+    left, right = pad_left(prompts, 0), pad_right([[]] * len(prompts), responses, 0)
+    ids = torch.cat([left["input_ids"], right["input_ids"]], 1)
+    mask = torch.cat([left["attention_mask"], right["attention_mask"]], 1)
+    R = right["input_ids"].shape[1]
+    model = models.load_policy("tiny://llama", seed=seed).train()
+    out = {}
+    for sharing in (False, True):
+        model.zero_grad()
+        logprobs, logits = rollout_logprobs(model, ids, mask, response_length=R, temperature=0.8, prefix_sharing=sharing)
+        (logprobs * right["attention_mask"]).sum().backward()
+        out[sharing] = (logprobs.detach() * right["attention_mask"], logits.shape,
+                        {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
+    assert out[True][1] == out[False][1] == (8, R, len(models.load_tokenizer("tiny://llama")))
+    for name, grad in out[False][2].items():
+        scale = max(float(grad.abs().max()), 1.0)
+        torch.testing.assert_close(out[True][2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)

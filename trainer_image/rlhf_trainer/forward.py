@@ -91,33 +91,49 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
-                           response_mask: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of several responses per prompt with each prompt computed once: (G*B, R) float32.
+                           response_mask: torch.Tensor, prompt_index: torch.Tensor, *,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of several responses per prompt with each prompt computed once (prefix sharing).
 
-    prompt_ids, prompt_mask: (B, P) left-padded, every row with at least one real token;
-    response_ids, response_mask: (G*B, R) right-padded, row g*B + i answering prompt i (a DPO batch's
-    chosen block, then its rejected block). One forward over the prompts keeps their key/value cache
-    (with its autograd graph) and the logits of their last token, which predict each response's
-    first token; a second forward runs every response against that cache, tiled G times. Equal to
-    token_logprobs over the `prompt + response` rows to float rounding, differentiable when the model
-    is, at (B*P + G*B*R) instead of G*B*(P + R) token positions: prompt-sharing, the saving grows
-    with the prompt's share of a row. Needs the model's KV cache in training, so not with gradient
-    checkpointing (transformers turns the cache off then).
+    prompt_ids, prompt_mask: (U, P) left-padded, every row with at least one real token;
+    response_ids, response_mask: (N, R) right-padded; prompt_index: (N,) long, the prompt row each
+    response answers. One forward over the U prompts keeps their key/value cache (with its autograd
+    graph) and the logits of their last token, which predict each response's first token; a second
+    forward runs the N responses against that cache, gathered by prompt_index. Returns token_logprobs'
+    pair for the responses: (N, R) float32 log-probs of softmax(logits / temperature) and the (N, R, V)
+    logits. Equal to token_logprobs over the `prompt + response` rows to float rounding, differentiable
+    when the model is, at U*P + N*R instead of N*(P + R) token positions (Wang et al. 2024, "Accelerating
+    Direct Preference Optimization with Prefix Sharing"). RuntimeError when the model keeps no cache in
+    its forward, as under gradient checkpointing (transformers drops it in each checkpointed layer).
     """
-    B, G, R = prompt_ids.shape[0], response_ids.shape[0] // prompt_ids.shape[0], response_ids.shape[1]
+    R = response_ids.shape[1]
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     first = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                   use_cache=True, **keep)
     cache = first.past_key_values
-    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:  # e.g. gradient checkpointing drops it
+    if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
         raise RuntimeError(f"{type(getattr(model, '__self__', model)).__name__} kept no key/value cache of the "
                            "prompts in its forward: prefix sharing needs one")
-    tile = torch.arange(B, device=prompt_ids.device).repeat(G)
-    cache.batch_select_indices(tile)
-    mask = torch.cat([prompt_mask[tile], response_mask], dim=1)
-    positions = prompt_mask.sum(-1)[tile, None] + torch.arange(R, device=prompt_ids.device)
+    cache.batch_select_indices(prompt_index)
+    mask = torch.cat([prompt_mask[prompt_index], response_mask], dim=1)
+    positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(R, device=prompt_ids.device)
     rest = model(input_ids=response_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                  use_cache=True).logits
     # Position -1 of the prompt predicts response token 0; response position j predicts token j + 1.
-    logits = torch.cat([first.logits[:, -1:][tile], rest[:, :-1]], dim=1)
-    return logprobs_from_logits(logits, response_ids, temperature)
+    logits = torch.cat([first.logits[:, -1:][prompt_index], rest[:, :-1]], dim=1)
+    return logprobs_from_logits(logits, response_ids, temperature), logits
+
+
+def rollout_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, response_length: int,
+                     temperature: float = 1.0, prefix_sharing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs(..., response_length=R) of rollout rows (B, P + R): left-padded prompts, then
+    responses. With `prefix_sharing` the rows' distinct prompts go through the model once each
+    (shared_prompt_logprobs: a GRPO group's samples share theirs), unless a prompt column block has
+    an empty row (no token to predict the response's first one)."""
+    P = input_ids.shape[1] - response_length
+    if not prefix_sharing or P < 1 or not bool(attention_mask[:, P - 1].all()):
+        return token_logprobs(model, input_ids, attention_mask, temperature=temperature, response_length=response_length)
+    key = input_ids[:, :P].masked_fill(attention_mask[:, :P] == 0, -1)  # rows equal where their prompts are
+    prompts, index = torch.unique(key, dim=0, return_inverse=True)
+    return shared_prompt_logprobs(model, prompts.clamp(min=0), (prompts >= 0).long(), input_ids[:, P:],
+                                  attention_mask[:, P:], index, temperature=temperature)

@@ -81,6 +81,10 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
+        if getattr(hp, "prefix_sharing", False) and settings.gradient_checkpointing:
+            raise ConfigError("hyperparameters.prefixSharing needs the actor's key/value cache in the training "
+                              "forward, which roles.actor.deepspeed.gradientCheckpointing turns off: set one of "
+                              "them to false")
         bnb = quantization.for_this_process(ctx.cfg.roles["actor"])
         if bnb is None:
             model = self.load_base()

@@ -29,7 +29,6 @@ from rlhf_trainer.algorithms.common import (
     run_algorithm,
 )
 from rlhf_trainer.data import pad_left, pad_right
-from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.forward import shared_prompt_logprobs, token_logprobs
 from rlhf_trainer.losses.dpo import DPOOutput, dpo_loss, preference_logprobs
 from rlhf_trainer.losses.orpo import odds_ratio_loss
@@ -61,10 +60,6 @@ class DPO(ActorAlgorithm):
         # The loss that defines the sequence log-probs: DPO's loss type, or the algorithm itself.
         self.kind = hp.loss_type if ctx.cfg.algorithm == "dpo" else ctx.cfg.algorithm
         self.reference = ctx.client("reference") if ctx.cfg.algorithm == "dpo" else None
-        if hp.prefix_sharing and ctx.cfg.roles["actor"].deepspeed.gradient_checkpointing:
-            raise ConfigError("hyperparameters.prefixSharing needs the actor's key/value cache in the training "
-                              "forward, which roles.actor.deepspeed.gradientCheckpointing turns off: set one of "
-                              "them to false")
 
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
@@ -116,7 +111,9 @@ class DPO(ActorAlgorithm):
         if self.hp.prefix_sharing and all(p.prompt for p in pairs):
             shared = encode_shared_prompt(pairs, self.tokenizer.pad_token_id)
             dev = distributed.device()
-            logprobs = shared_prompt_logprobs(self.strategy.forward, *(shared[k].to(dev) for k in SHARED_KEYS))
+            pair_of_row = torch.arange(len(pairs), device=dev).repeat(2)  # chosen rows, then rejected rows
+            logprobs = shared_prompt_logprobs(self.strategy.forward, *(shared[k].to(dev) for k in SHARED_KEYS),
+                                              pair_of_row)[0]
             return logprobs, shared["response_mask"].to(dev)
         logprobs = token_logprobs(self.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows],
                                   response_length=R)[0]

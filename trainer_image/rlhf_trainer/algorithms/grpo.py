@@ -33,7 +33,7 @@ from rlhf_trainer.algorithms.common import (
     watch_rollout,
     write_samples,
 )
-from rlhf_trainer.forward import token_logprobs
+from rlhf_trainer.forward import rollout_logprobs
 from rlhf_trainer.losses.aggregation import token_weights
 from rlhf_trainer.losses.gae import token_rewards
 from rlhf_trainer.losses.grpo import group_advantages, k3_kl_loss, rloo_advantages
@@ -127,8 +127,9 @@ class GroupPolicyGradient(ActorAlgorithm):
             for _ in range(hp.ppo_epochs):
                 stats = []
                 for mb in exp.split(hp.micro_batch_size):
-                    logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
+                    logprobs, logits = rollout_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
+                                                        temperature=hp.temperature, prefix_sharing=hp.prefix_sharing,
+                                                        response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()
                         reused_kl.append(kl_estimate(mb.old_logprobs, mb.ref_logprobs, "k1") * mb.action_mask)
