@@ -109,7 +109,35 @@ def _free_port() -> int:
 # ---- our side ---------------------------------------------------------------------------------------
 
 
-def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False):
+def preference_rows(context_tokens: int) -> list[dict[str, str]]:
+    """The DPO pairs both sides train on: synthetic://preferences, each prompt after a context of
+    `context_tokens` random digits (one token each in the tiny tokenizer: the Digits pre-tokenizer), the
+    long shared prompt of real preference data (a document, a conversation) that prefix sharing saves."""
+    import random
+
+    from rlhf_trainer.data import synthetic_preferences
+
+    rng = random.Random(0)
+    rows = []
+    for r in synthetic_preferences():
+        context = "".join(rng.choice("0123456789") for _ in range(context_tokens))
+        rows.append({"prompt": f"{context}\n{r.prompt}" if context_tokens else r.prompt,
+                     "chosen": r.chosen, "rejected": r.rejected})
+    return rows
+
+
+def preference_dataset(context_tokens: int) -> str:
+    """Our dataset path for the DPO pairs: synthetic://preferences itself, or their JSONL with a context."""
+    if not context_tokens:
+        return "synthetic://preferences"
+    path = HERE / "out" / f"preferences-context{context_tokens}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(context_tokens)))
+    return str(path)
+
+
+def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False,
+                 context_tokens: int = 0):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
@@ -124,15 +152,16 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
     if algorithm == "ppo":
         roles.update(critic={"colocate_with": "actor", **zero0}, reward=frozen)
         reward, reward_model = {"type": "model"}, {"path": model}
-    dataset = "synthetic://preferences" if algorithm == "dpo" else "synthetic://arithmetic"
+    dataset = {"path": preference_dataset(context_tokens), "format": "pairs"} if algorithm == "dpo" else \
+        {"path": "synthetic://arithmetic"}
     micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
     rows = 2 * micro if algorithm == "dpo" else micro  # a DPO pair is two rows
     cfg = parse_config({
         "job": "bench", "algorithm": algorithm, "model": {"path": model}, "reward_model": reward_model,
-        "reward": reward, "dataset": {"path": dataset}, "roles": roles,
+        "reward": reward, "dataset": dataset, "roles": roles,
         "hyperparameters": {
             "batch_size": PROMPTS, "micro_batch_size": micro, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
-            "max_prompt_length": PROMPT_LEN, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
+            "max_prompt_length": PROMPT_LEN + context_tokens + 1, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
             # Every no-grad pass over the whole batch at once, as TRL's trainers do here.
             "inference_chunk_size": rows,
             # PPO's old log-probs from the sampling pass, as TRL's PPOTrainer takes them.
@@ -148,12 +177,12 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
-             prefix_sharing: bool = False) -> dict:
+             prefix_sharing: bool = False, context_tokens: int = 0) -> dict:
     import torch
     from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
-    ctx = _our_context(algorithm, model, bf16, prefix_sharing)
+    ctx = _our_context(algorithm, model, bf16, prefix_sharing, context_tokens)
     renderer = text_pipeline(ctx)
     records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
@@ -233,10 +262,11 @@ def _trl_common(steps: int, warmup: int, device: str, out: Path, bf16: bool) -> 
     )
 
 
-def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool) -> dict:
+def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
+            context_tokens: int = 0) -> dict:
     from datasets import Dataset
     from rlhf_trainer import models
-    from rlhf_trainer.data import synthetic_arithmetic, synthetic_preferences
+    from rlhf_trainer.data import synthetic_arithmetic
     from rlhf_trainer.rewards import build_reward_fn
 
     tok = models.load_tokenizer(model)
@@ -246,9 +276,9 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
     if algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        rows = [{"prompt": r.prompt, "chosen": r.chosen, "rejected": r.rejected} for r in synthetic_preferences()]
+        rows = preference_rows(context_tokens)
         args = DPOConfig(**_trl_common(steps, warmup, device, out, bf16), per_device_train_batch_size=PROMPTS, beta=0.1,
-                         max_length=PROMPT_LEN + NEW_TOKENS + 1)
+                         max_length=PROMPT_LEN + context_tokens + 1 + NEW_TOKENS + 1)
         trainer = DPOTrainer(model=policy, ref_model=models.load_policy(model, seed=0), args=args,
                              train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[timer])
         samples_per_step = PROMPTS
@@ -354,12 +384,12 @@ def one(args) -> None:
         torch.set_num_threads(args.threads)
     if side == "ours":
         result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                          args.precision == "bf16", args.prefix_sharing)
+                          args.precision == "bf16", args.prefix_sharing, args.context_tokens)
     elif algorithm == "ppo":
         result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
     else:
         result = run_trl(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                         args.precision == "bf16")
+                         args.precision == "bf16", args.context_tokens)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -367,7 +397,7 @@ def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
            "--threads", str(args.threads), "--precision", args.precision,
-           *(["--prefix-sharing"] if args.prefix_sharing else [])]
+           "--context-tokens", str(args.context_tokens), *(["--prefix-sharing"] if args.prefix_sharing else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -403,6 +433,8 @@ def main() -> None:
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
     p.add_argument("--prefix-sharing", action="store_true",
                    help="ours: DPO with hyperparameters.prefixSharing (each pair's prompt computed once)")
+    p.add_argument("--context-tokens", type=int, default=0,
+                   help="DPO: a context of this many tokens before each prompt (both sides), as in real preference data")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -443,6 +475,7 @@ def report(args, algos, results) -> str:
     """The RESULTS.md subsection: medians over repeats of each run's median step (wall and CPU seconds)."""
     flags = f"--model {args.model} --precision {args.precision}" + (f" --threads {args.threads}" if args.threads else "")
     flags += " --prefix-sharing" if args.prefix_sharing else ""
+    flags += f" --context-tokens {args.context_tokens}" if args.context_tokens else ""
     model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
              "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
              "embeddings)")
@@ -458,6 +491,8 @@ def report(args, algos, results) -> str:
         "run's median step. CPU s: CPU seconds of the whole process per step (steadier than wall time on a "
         "shared machine). Peak RSS: the measuring process's ru_maxrss."
         + (" Ours: DPO with prefixSharing (each pair's prompt once in the policy's forward)." if args.prefix_sharing
+           else "")
+        + (f" DPO prompts: {args.context_tokens} context tokens before each synthetic prompt." if args.context_tokens
            else ""),
         "",
         "| algorithm | ours samples/s | TRL samples/s | ours / TRL (wall) | ours CPU s/step | TRL CPU s/step | "
