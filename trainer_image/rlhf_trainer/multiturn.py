@@ -111,39 +111,34 @@ def rollout(model, renderer: Renderer, rows: list[PromptRow], hp, environment: E
             text = tokenizer.decode(ids, skip_special_tokens=True)
             texts[i].append(text)
             history[i].append(text)
-    roll = assemble(rows, continuation, owner, truncated, texts, turn_prompts, tokenizer)
-    if keep_logprobs:  # the same layout as the continuations: right-padded with 0
-        roll.sampled_logprobs = pad_right_values(logprobs, roll.action_mask.shape[1])
-    return roll
-
-
-def pad_right_values(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Per-row float lists -> (B, width) float32, right-padded with 0."""
-    out = torch.zeros(len(rows), width, dtype=torch.float32)
-    for i, values in enumerate(rows):
-        out[i, :len(values)] = torch.tensor(values, dtype=torch.float32)
-    return out
+    return assemble(rows, continuation, owner, truncated, texts, turn_prompts, tokenizer,
+                    logprobs if keep_logprobs else None)
 
 
 def assemble(rows: list[PromptRow], continuation: list[list[int]], owner: list[list[int]], truncated: torch.Tensor,
-             texts: list[list[str]], turn_prompts: list[list[Prompt]], tokenizer) -> Rollout:
-    """Per-row prompt ids, continuation ids and their turn owners -> one Rollout: the prompts left-padded
-    (B, P), the continuations right-padded (B, R), action_mask = turn_ids >= 0."""
+             texts: list[list[str]], turn_prompts: list[list[Prompt]], tokenizer,
+             logprobs: list[list[float]] | None = None) -> Rollout:
+    """Per-row prompt ids, continuation ids and their turn owners (and sampling log-probs) -> one Rollout:
+    the prompts left-padded (B, P), the continuations right-padded (B, R), action_mask = turn_ids >= 0."""
     pad = tokenizer.pad_token_id
     enc = pad_left([list(r.ids) for r in rows], pad)
     width = max(len(c) for c in continuation)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     real = torch.zeros((len(rows), width), dtype=torch.long)
     turn_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    sampled = None if logprobs is None else torch.zeros((len(rows), width), dtype=torch.float32)
     for i, (c, o) in enumerate(zip(continuation, owner, strict=True)):
         ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
         real[i, :len(c)] = 1
         turn_ids[i, :len(o)] = torch.tensor(o, dtype=torch.long)
+        if sampled is not None:
+            sampled[i, :len(c)] = torch.tensor(logprobs[i], dtype=torch.float32)
     responses = [tokenizer.decode(c, skip_special_tokens=True) for c in continuation]
     return Rollout(
         sequences=torch.cat([enc["input_ids"], ids], dim=1), attention_mask=torch.cat([enc["attention_mask"], real], dim=1),
         action_mask=(turn_ids >= 0).long(), truncated=truncated.any(-1), prompts=[r.prompt for r in rows],
         responses=responses, turn_ids=turn_ids, turn_truncated=truncated, turn_responses=texts, turn_prompts=turn_prompts,
+        sampled_logprobs=sampled,
     )
 
 

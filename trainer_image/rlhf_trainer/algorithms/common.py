@@ -81,7 +81,7 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
-        if getattr(hp, "prefix_sharing", False) and settings.gradient_checkpointing:
+        if hp.prefix_sharing and settings.gradient_checkpointing:
             raise ConfigError("hyperparameters.prefixSharing needs the actor's key/value cache in the training "
                               "forward, which roles.actor.deepspeed.gradientCheckpointing turns off: set one of "
                               "them to false")
@@ -216,12 +216,14 @@ def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_g
             if recorder is not None:
                 logprob_pieces.append(recorder.finish(out[:, width:]).cpu())
     longest = max(p.shape[1] for p in pieces)
-    # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
-    response_ids = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=tokenizer.pad_token_id)
-                              for p in pieces])
+
+    def joined(chunks: list[torch.Tensor], value) -> torch.Tensor:
+        # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
+        return torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=value) for p in chunks])
+
+    response_ids = joined(pieces, tokenizer.pad_token_id)
     mask, ended = response_mask(response_ids, stop_ids)
-    sampled = torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1])) for p in logprob_pieces]) if logprobs else None
-    return enc, response_ids, mask, ended, sampled
+    return enc, response_ids, mask, ended, joined(logprob_pieces, 0.0) if logprobs else None
 
 
 @torch.no_grad()
