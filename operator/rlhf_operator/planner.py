@@ -782,7 +782,9 @@ def _blocked_kind(reason: str) -> str:
 
 def _report_blocked(p: _Pass, waiting: list[ObservedPod]) -> None:
     """Pods that cannot start: status.podsNotStarting lists them with the kubelet's reason and message, the
-    Running condition (False) says the same; a Warning event when the pods or the kind of block change."""
+    Running condition (False) says the same; a Warning event when a pod is newly blocked or its kind of block
+    changes (not when blocked pods start: that is no news, and the set shrinking back to an earlier one would
+    repeat an earlier warning word for word)."""
     blocked = blocked_pods(waiting)
     before = [(entry.get("name"), _blocked_kind(entry.get("reason", ""))) for entry in p.status.get("podsNotStarting") or []]
     if not blocked:
@@ -792,7 +794,7 @@ def _report_blocked(p: _Pass, waiting: list[ObservedPod]) -> None:
                                     "message": pod.waiting_message[:MAX_MESSAGE_CHARS]} for pod in blocked]
     message = describe_blocked(blocked)
     p.condition("Running", False, blocked[0].waiting_reason, message)
-    if before != [(pod.name, _blocked_kind(pod.waiting_reason)) for pod in blocked]:
+    if {(pod.name, _blocked_kind(pod.waiting_reason)) for pod in blocked} - set(before):
         p.event("Warning", "PodsCannotStart", message)
 
 

@@ -10,9 +10,11 @@ import time
 from collections import Counter
 from datetime import datetime
 
+import kubernetes
 import pytest
 from operator_kube import NS, apply, events, example, job, metric, pods, set_all, wait_phase, wait_pods
-from rlhf_operator import planner
+from rlhf_operator import constants, planner
+from rlhf_operator.kube.executor import KubeApi
 
 from tests.controlplane import faultproxy, kube
 
@@ -55,10 +57,15 @@ def reasons(cp, name: str) -> Counter:
     return counts
 
 
+# Warnings posted once per failure streak, as one Event whose count grows (post_recurring_event).
+RECURRING = frozenset({"StatusWriteFailed", "RequestRefused"})
+
+
 def assert_each_event_once(cp, name: str) -> None:
-    """No event of the job was recorded twice (the same reason and message twice, or a count above 1)."""
+    """No event of the job was recorded twice (the same reason and message twice, or a count above 1);
+    a recurring warning is one Event whatever its count."""
     recorded = [(e["reason"], e["message"], int(e.get("count") or 1)) for e in events(cp, name)]
-    assert all(count == 1 for _, _, count in recorded), recorded
+    assert all(count == 1 for reason, _, count in recorded if reason not in RECURRING), recorded
     assert len({(r, m) for r, m, _ in recorded}) == len(recorded), recorded
 
 
@@ -115,6 +122,26 @@ def test_writes_failing_with_500s_still_give_one_gang_and_one_event_per_transiti
     assert counts["GangCreated"] == 1 and counts["Running"] == 1, counts
     assert_each_event_once(cluster, name)
     assert histogram_count(operator, "rlhf_operator_time_to_running_seconds") == observed + 1
+
+
+async def test_a_recurring_warning_is_one_event_whose_count_grows(cluster, rlhf_release):
+    """As the chart's ServiceAccount (its RBAC): three streaks of the same failure give one Event, count 3,
+    lastTimestamp moving on; another message is another Event."""
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(rlhf_release.kubeconfig), client_configuration=config)
+    api = KubeApi(config=config)
+    name = "fault-recurring"
+    body = {"apiVersion": constants.API_VERSION, "kind": constants.KIND,
+            "metadata": {"name": name, "namespace": NS, "uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000001"}}
+    try:
+        for _ in range(3):
+            assert await api.post_recurring_event(body, "Warning", "StatusWriteFailed", "PATCH: 500 injected")
+        assert await api.post_recurring_event(body, "Warning", "StatusWriteFailed", "PATCH: 503 injected")
+    finally:
+        await api.close()
+    recorded = sorted((e["message"], int(e["count"]), e["firstTimestamp"] <= e["lastTimestamp"])
+                      for e in events(cluster, name))
+    assert recorded == [("PATCH: 500 injected", 3, True), ("PATCH: 503 injected", 1, True)]
 
 
 def test_retry_after_is_honoured(cluster, operator, proxy):

@@ -79,6 +79,7 @@ KOPF_WATCHED = (
 NAMESPACED_APPLICATION = (
     KOPF_WATCHED
     | grants("", ["events"], ["create"])  # kopf's handler warnings and the operator's job events
+    | grants("", ["events"], ["get", "patch"])  # a recurring warning's count (post_recurring_event)
     | grants("rlhf.dev", ["rlhfjobs/status"], ["patch"])  # status once per pass
     | grants("rlhf.dev", ["rlhfjobs"], ["delete"])  # ttlSecondsAfterFinished
     | grants("", ["pods"], ["create", "delete", "patch"])  # gang create / restart / finish; Kueue quota back

@@ -178,6 +178,9 @@ class ScriptedApi:
             self.events[f"generated-{len(self.events)}"] = reason
         return True
 
+    async def post_recurring_event(self, job, type_, reason, message):
+        return await self.post_event(job, type_, reason, message)
+
     async def list_objects(self, api_version, kind, namespace, label_selector=""):
         if kind == constants.KIND:
             return self.jobs

@@ -223,6 +223,9 @@ class RefusingApi:
         self.events.append((type_, reason, message))
         return True
 
+    async def post_recurring_event(self, job, type_, reason, message):
+        return await self.post_event(job, type_, reason, message)
+
 
 async def test_a_child_refused_as_invalid_fails_the_job_with_the_api_message_once():
     from rlhf_operator.builders import BuildSettings

@@ -243,6 +243,12 @@ CASES: dict[str, Case] = {
               waiting("j-critic-0", "CreateContainerConfigError", 'secret "hf-token" not found')), at=150,
         phase="Creating", events=["PodsCannotStart"], requeue=150, cond=("Running", "False", "ErrImagePull"),
         message_has=("j-actor-0", 'j-critic-0: CreateContainerConfigError: secret "hf-token" not found')),
+    "a blocked pod starting while another stays blocked: no news, no event": Case(
+        status={**CREATING, "podsNotStarting": [*BLOCKED_ACTOR, {"name": "j-critic-0", "reason": "Unschedulable",
+                                                                  "message": "0/1 nodes are available"}]},
+        pods=(waiting("j-actor-0", "ImagePullBackOff", PULL_BACKOFF), pod("j-critic-0")), at=150,
+        phase="Creating", events=[], requeue=150,
+        status_has={"podsNotStarting": [{"name": "j-actor-0", "reason": "ImagePullBackOff", "message": PULL_BACKOFF}]}),
     "an invalid image name is reported": Case(
         status=CREATING, pods=(waiting("j-actor-0", "InvalidImageName", 'couldn\'t parse image name "Trainer:1"'),
                                pod("j-critic-0")), at=10,

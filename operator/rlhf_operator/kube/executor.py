@@ -321,6 +321,32 @@ class KubeApi:
             return False
         return True
 
+    async def post_recurring_event(self, job: dict[str, Any], type_: str, reason: str, message: str) -> bool:
+        """Record a warning that can come again (one per failure streak) the way client-go's EventCorrelator
+        aggregates repeats: one Event per job incarnation, reason and message, whose count and lastTimestamp
+        grow each time it recurs, so `kubectl describe` shows "(x3 over 2m)" rather than three lines. False
+        when it could not be recorded (logged, never fails the pass)."""
+        meta = job["metadata"]
+        incarnation = (meta.get("uid") or "")[:8] or "job"
+        name = event_name(meta["name"], incarnation, type_, reason, message)
+        now = datetime.now(UTC)
+        path = resource_path("v1", "Event", meta["namespace"], name)
+        try:
+            if await self.create(event_body(job, type_, reason, message, now, name)):
+                return True
+            status, text = await self.exchange("GET", path, ok=(404,))
+            if status == 404:  # expired (the API server's event TTL) between the POST and the GET
+                return await self.create(event_body(job, type_, reason, message, now, name))
+            seen = json.loads(text) if text else {}
+            count = int(seen.get("count") or 1) + 1 if isinstance(seen, dict) else 2
+            await self.request("PATCH", path, {"count": count, "lastTimestamp": wire.format_time(now)},
+                               content_type="application/merge-patch+json",
+                               query=[("fieldManager", constants.FIELD_MANAGER)])
+        except (ApiError, OSError, ValueError) as err:
+            log.warning("could not record event %s on %s: %s", reason, meta["name"], err)
+            return False
+        return True
+
     async def fetch_text(self, url: str, timeout: float = 1.0) -> str | None:
         """GET a plain-text endpoint (a trainer's /metrics, never sent the API token); None on any failure."""
         try:

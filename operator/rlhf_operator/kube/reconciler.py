@@ -286,7 +286,7 @@ class Controller:
                     self.queue.hold(key, delay)  # no pass before then, whatever events come
                     delay = None
                 if err.status in REFUSED and record.failures == 1 and record.body is not None:
-                    await self.api.post_event(record.body, "Warning", "RequestRefused", str(err))
+                    await self.api.post_recurring_event(record.body, "Warning", "RequestRefused", str(err))
             except Exception:  # a bug must not kill the worker: log it and retry later
                 record.failures += 1
                 delay = retry_delay(record.failures, 0, None, random.random())
@@ -410,8 +410,8 @@ class Controller:
             except ApiError as err:
                 # Retried by the worker from the status decided here; its events wait for that write.
                 record.unsaved, record.pending = new_status, events
-                if record.failures == 0:  # once per streak: `kubectl describe` says why status is stale
-                    await self.api.post_event(raw, "Warning", "StatusWriteFailed", str(err))
+                if record.failures == 0:  # once per streak, one Event counting them: why status is stale
+                    await self.api.post_recurring_event(raw, "Warning", "StatusWriteFailed", str(err))
                 raise
             if stored_job is None:  # a 404 naming the job: deleted, maybe while a watch was away
                 log.info("job %s/%s is gone (its status write answered 404): forgetting it", *key)

@@ -30,10 +30,11 @@ tests/unit/test_chart.py holds the expected table and checks it against kopf's h
   verbs: ["list", "watch"]
 {{- end }}
 # framework: kopf posts Warning events about failing handlers; application: job events
-# (Created, Restarting, Failed, ...), both through core/v1.
+# (Created, Restarting, Failed, ...), both through core/v1; a recurring warning (StatusWriteFailed,
+# RequestRefused) is read and patched to count its repeats, as client-go's event correlator does.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "get", "patch"]
 # application: one status write per reconcile pass.
 - apiGroups: ["rlhf.dev"]
   resources: ["rlhfjobs/status"]
