@@ -137,7 +137,7 @@ def preference_dataset(context_tokens: int) -> str:
 
 
 def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False,
-                 context_tokens: int = 0):
+                 context_tokens: int = 0, padding_free: bool = False):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
@@ -168,6 +168,8 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
             "old_log_probs": "sampling" if algorithm == "ppo" else "forward",
             # DPO: each pair's prompt once in the policy's forward (TRL has no equivalent; --prefix-sharing)
             "prefix_sharing": prefix_sharing and algorithm == "dpo",
+            # Packed log-prob forwards of the actor and the reference (--padding-free; TRL's DPO and GRPO pad)
+            "padding_free": padding_free,
         },
     })
     colocated = tuple(r for r in roles if r != "actor")
@@ -177,12 +179,12 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
-             prefix_sharing: bool = False, context_tokens: int = 0) -> dict:
+             prefix_sharing: bool = False, context_tokens: int = 0, padding_free: bool = False) -> dict:
     import torch
     from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
-    ctx = _our_context(algorithm, model, bf16, prefix_sharing, context_tokens)
+    ctx = _our_context(algorithm, model, bf16, prefix_sharing, context_tokens, padding_free)
     renderer = text_pipeline(ctx)
     records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
@@ -384,7 +386,7 @@ def one(args) -> None:
         torch.set_num_threads(args.threads)
     if side == "ours":
         result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                          args.precision == "bf16", args.prefix_sharing, args.context_tokens)
+                          args.precision == "bf16", args.prefix_sharing, args.context_tokens, args.padding_free)
     elif algorithm == "ppo":
         result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
     else:
@@ -397,7 +399,8 @@ def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
            "--threads", str(args.threads), "--precision", args.precision,
-           "--context-tokens", str(args.context_tokens), *(["--prefix-sharing"] if args.prefix_sharing else [])]
+           "--context-tokens", str(args.context_tokens), *(["--prefix-sharing"] if args.prefix_sharing else []),
+           *(["--padding-free"] if args.padding_free else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -433,6 +436,8 @@ def main() -> None:
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
     p.add_argument("--prefix-sharing", action="store_true",
                    help="ours: DPO with hyperparameters.prefixSharing (each pair's prompt computed once)")
+    p.add_argument("--padding-free", action="store_true",
+                   help="ours: hyperparameters.paddingFree (packed log-prob forwards of the actor and the reference)")
     p.add_argument("--context-tokens", type=int, default=0,
                    help="DPO: a context of this many tokens before each prompt (both sides), as in real preference data")
     p.add_argument("--no-write", action="store_true")
@@ -463,7 +468,8 @@ def subsection_title(args) -> str:
     """`### cpu` for the tiny model (the framework-overhead figures); the real sizes get their own."""
     if args.model == "tiny":
         return f"### {args.device}"
-    return f"### {args.device}, {args.model}, {args.precision}" + (f", {args.threads} thread(s)" if args.threads else "")
+    return (f"### {args.device}, {args.model}, {args.precision}" + (f", {args.threads} thread(s)" if args.threads else "")
+            + (", ours paddingFree" if args.padding_free else ""))
 
 
 def _median(rows: list[dict], key: str) -> float:
@@ -475,6 +481,7 @@ def report(args, algos, results) -> str:
     """The RESULTS.md subsection: medians over repeats of each run's median step (wall and CPU seconds)."""
     flags = f"--model {args.model} --precision {args.precision}" + (f" --threads {args.threads}" if args.threads else "")
     flags += " --prefix-sharing" if args.prefix_sharing else ""
+    flags += " --padding-free" if args.padding_free else ""
     flags += f" --context-tokens {args.context_tokens}" if args.context_tokens else ""
     model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
              "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
@@ -492,6 +499,8 @@ def report(args, algos, results) -> str:
         "shared machine). Peak RSS: the measuring process's ru_maxrss."
         + (" Ours: DPO with prefixSharing (each pair's prompt once in the policy's forward)." if args.prefix_sharing
            else "")
+        + (" Ours: paddingFree (the actor's and the reference's log-prob forwards packed, no padding); TRL at its "
+           "defaults (padded)." if args.padding_free else "")
         + (f" DPO prompts: {args.context_tokens} context tokens before each synthetic prompt." if args.context_tokens
            else ""),
         "",

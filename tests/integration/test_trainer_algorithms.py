@@ -11,7 +11,8 @@ from trainer_harness import launch, trainer_config
 
 # name -> (algorithm, roles, extra config); layouts chosen to cover separate, colocated and replicated roles.
 CASES = {
-    "ppo: critic, reference in their own processes": ("ppo", None, {}),
+    "ppo: critic, reference in their own processes, padding-free": (
+        "ppo", None, {"hyperparameters": {"padding_free": True}}),
     "ppo: reward model colocated with the critic, old log-probs from sampling": (
         "ppo",
         {"actor": {}, "critic": {}, "reward": {"colocate_with": "critic"}, "reference": {"colocate_with": "actor"}},
@@ -20,9 +21,9 @@ CASES = {
     "grpo: reference colocated in the actor, prefix sharing": (
         "grpo", {"actor": {}, "reference": {"colocate_with": "actor"}}, {"hyperparameters": {"prefix_sharing": True}}),
     # A model reward: distinct scores within a group, so the advantages (and the update) are not zero.
-    "rloo: two actor ranks (ZeRO-2) served by one reference + reward process": (
+    "rloo: two actor ranks (ZeRO-2) served by one reference + reward process, padding-free": (
         "rloo", {"actor": {"replicas": 2}, "reference": {}, "reward": {"colocate_with": "reference"}},
-        {"reward_model": "tiny://llama"}),
+        {"reward_model": "tiny://llama", "hyperparameters": {"padding_free": True}}),
     "grpo: dr_grpo aggregation and clip-higher, two epochs": (
         "grpo", {"actor": {}, "reference": {"colocate_with": "actor"}},
         {"hyperparameters": {"loss_aggregation": "dr_grpo", "clip_range_high": 0.28, "ppo_epochs": 2}}),
@@ -90,3 +91,19 @@ def test_algorithm_runs_checkpoints_and_exports(name, tmp_path):
     initial = _initial_weights(algorithm)
     changed = [k for k in initial if not torch.equal(initial[k], exported[k])]
     assert changed, "no parameter changed during training"
+
+
+@pytest.mark.slow
+def test_dpo_padding_free_gives_the_padded_runs_losses(tmp_path):
+    """hyperparameters.paddingFree changes where the tokens sit, not what is learned: the same seed gives the
+    same per-step losses and accuracies, the actor's and the reference's forwards both packed."""
+    runs = {}
+    for padding_free in (False, True):
+        config = trainer_config("dpo", hyperparameters={"padding_free": padding_free, "micro_batch_size": 2})
+        run = launch(config, tmp_path / f"padding-free-{padding_free}")
+        assert run.ok, run.describe()
+        runs[padding_free] = run.metrics()
+    for padded, free in zip(runs[False], runs[True], strict=True):
+        assert free["loss"] == pytest.approx(padded["loss"], rel=1e-4, abs=1e-5), (padded, free)
+        assert free["preference_accuracy"] == padded["preference_accuracy"]
+        assert free["reward_mean"] == pytest.approx(padded["reward_mean"], rel=1e-4, abs=1e-5)

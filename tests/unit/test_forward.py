@@ -357,3 +357,111 @@ def test_rollout_logprobs_share_each_distinct_prompt_and_equal_the_plain_forward
     for name, grad in out[False][2].items():
         scale = max(float(grad.abs().max()), 1.0)
         torch.testing.assert_close(out[True][2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+# ---- padding-free forwards (hyperparameters.paddingFree) ------------------------------------------
+
+
+def uneven_rows(seed, rows=6, vocab=200):
+    """Rows of random lengths in one of the trainer's two layouts, drawn from `seed`: rollout rows (left-padded
+    prompts of 1-7 tokens, right-padded responses of 1-5: an (ids, mask, R) triple) or encode_pairs' rows
+    (prompt + response right-padded together, R from response_columns)."""
+    from rlhf_trainer.algorithms.dpo import response_columns
+    from rlhf_trainer.data import pad_left, pad_right
+
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(low, high):
+        return torch.randint(3, vocab, (int(torch.randint(low, high + 1, (1,), generator=g)),), generator=g).tolist()
+
+    prompts, responses = [ids(1, 7) for _ in range(rows)], [ids(1, 5) for _ in range(rows)]
+    if seed % 2:
+        left, right = pad_left(prompts, 0), pad_right([[]] * rows, responses, 0)
+        return (torch.cat([left["input_ids"], right["input_ids"]], 1),
+                torch.cat([left["attention_mask"], right["attention_mask"]], 1), right["input_ids"].shape[1])
+    batch = pad_right(prompts, responses, 0)
+    return batch["input_ids"], batch["attention_mask"], response_columns(batch["loss_mask"])
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("all_tokens", [False, True])
+def test_padding_free_logprobs_logits_and_gradients_equal_the_padded_forward(seed, all_tokens):
+    from rlhf_trainer import models
+
+    ids, mask, R = uneven_rows(seed)
+    R = 0 if all_tokens else R
+    model = models.load_policy("tiny://llama" if seed % 4 < 2 else "tiny://qwen2", seed=seed).train()
+    out = {}
+    for padding_free in (False, True):
+        model.zero_grad()
+        logprobs, logits = token_logprobs(model, ids, mask, temperature=0.8, response_length=R, padding_free=padding_free)
+        predicted = (mask[:, 1:] * mask[:, :-1])[:, -logprobs.shape[1]:].bool()  # real tokens after real ones
+        (logprobs * predicted).sum().backward()
+        out[padding_free] = (logprobs.detach(), logits.detach(), predicted,
+                             {n: p.grad.clone() for n, p in model.named_parameters()})
+    (lp, lg, predicted, grads), (lp_free, lg_free, _, grads_free) = out[False], out[True]
+    assert lp_free.shape == lp.shape and lg_free.shape == lg.shape
+    torch.testing.assert_close(lp_free[predicted], lp[predicted], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lg_free[predicted], lg[predicted], rtol=1e-4, atol=1e-4)
+    assert (lp_free[~predicted] == 0).all() and (lg_free[~predicted] == 0).all()
+    for name, grad in grads.items():
+        scale = max(float(grad.abs().max()), 1.0)
+        torch.testing.assert_close(grads_free[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_padding_free_chunked_and_rollout_passes_equal_the_padded_ones():
+    from rlhf_trainer import models
+    from rlhf_trainer.forward import rollout_logprobs
+
+    ids, mask, R = uneven_rows(1, rows=7)
+    model = models.load_policy("tiny://llama", seed=1).eval()
+    plain = chunked_token_logprobs(model, ids, mask, chunk_size=3, response_length=R)
+    free = chunked_token_logprobs(model, ids, mask, chunk_size=3, response_length=R, padding_free=True)
+    rollout = rollout_logprobs(model, ids, mask, response_length=R, padding_free=True)[0].detach()
+    real = mask[:, -R:].bool()
+    torch.testing.assert_close(free[real], plain[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rollout[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_contiguous_rows_is_true_exactly_for_masks_without_holes(seed):
+    from rlhf_trainer.forward import contiguous_rows
+
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(4, 6, generator=g) < 0.6).long()
+    holes = any((row.nonzero().max() - row.nonzero().min() + 1) != row.sum() for row in mask if row.any())
+    empty = not bool(mask.any(-1).all())
+    assert contiguous_rows(mask) == (not holes and not empty)
+
+
+def test_a_mask_with_holes_is_run_padded_with_the_same_result():
+    from rlhf_trainer import models
+
+    model = models.load_policy("tiny://llama", seed=0).eval()
+    ids = torch.randint(3, 200, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 1, 0]])  # a hole: cannot be packed row by row
+    torch.testing.assert_close(token_logprobs(model, ids, mask, padding_free=True)[0],
+                               token_logprobs(model, ids, mask)[0])
+
+
+class MixesRows(torch.nn.Module):
+    """A causal LM that builds its own all-ones attention mask, so packed rows would attend to each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
+
+
+def test_padding_free_refuses_a_model_that_mixes_packed_rows():
+    from rlhf_trainer import models
+    from rlhf_trainer.errors import ConfigError
+    from rlhf_trainer.forward import packing_honoured
+
+    model = MixesRows(models.load_policy("tiny://llama", seed=0))
+    ids, mask, R = uneven_rows(0)
+    assert packing_honoured(models.load_policy("tiny://qwen2", seed=0))
+    with pytest.raises(ConfigError, match=r"hyperparameters\.paddingFree: MixesRows lets the tokens of packed rows"):
+        token_logprobs(model, ids, mask, response_length=R, padding_free=True)

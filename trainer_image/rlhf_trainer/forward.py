@@ -9,18 +9,22 @@ A pass that needs no gradient (old and reference log-probs, reward scores, criti
 chunks' outputs are concatenated, equal to one pass over the batch to float rounding. Token
 log-probs never materialise a float32 log_softmax of the logits (losses.utils.logprobs_from_logits),
 and when only the last R tokens are wanted the model computes logits for those positions only
-(Hugging Face's `logits_to_keep`, as TRL's GRPO trainer passes it).
+(Hugging Face's `logits_to_keep`, as TRL's GRPO trainer passes it). With `padding_free`
+(hyperparameters.paddingFree) the rows' real tokens go through the model as one packed sequence, so
+the padding of a batch of uneven rows costs nothing (packed_token_logprobs).
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 
 import torch
 
 from rlhf_trainer.data import position_ids_from_mask
+from rlhf_trainer.errors import ConfigError
 from rlhf_trainer.losses.utils import logprobs_from_logits
 
 
@@ -44,14 +48,20 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
 def _accepts_logits_to_keep(model) -> bool:
     """Whether the nn.Module behind `model` (a module, a DeepSpeed engine, or a bound method such as
     DeepSpeedStrategy.forward) takes `logits_to_keep` (Hugging Face causal LMs of transformers >= 4.50)."""
+    module = _module_of(model)
+    return module is not None and _forward_takes_logits_to_keep(type(module))
+
+
+def _module_of(model) -> torch.nn.Module | None:
+    """The nn.Module behind a module, a DeepSpeed engine, or a bound method such as DeepSpeedStrategy.forward."""
     target = getattr(model, "__self__", model)
     while hasattr(target, "module") and isinstance(target.module, torch.nn.Module) and target.module is not target:
         target = target.module
-    return isinstance(target, torch.nn.Module) and _forward_takes_logits_to_keep(type(target))
+    return target if isinstance(target, torch.nn.Module) else None
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
-                   response_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   response_length: int = 0, padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward of a causal LM -> (log-probs, logits) of the tokens it predicts.
 
     input_ids, attention_mask: (B, T), left or right padded; positions count real tokens only, as in
@@ -59,8 +69,12 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     logits; R > 0: of the last R tokens only, (B, R) and (B, R, V), the model computing logits for
     those positions alone when it can. Log-probs are float32 of softmax(logits / temperature), the
     distribution the tokens were sampled from; the logits are the model's own (its dtype, not
-    divided by the temperature). Differentiable when the model is.
+    divided by the temperature). Differentiable when the model is. `padding_free`: the same through
+    packed_token_logprobs when every row's real tokens are one run (no hole), at no cost for padding.
     """
+    if padding_free and contiguous_rows(attention_mask):
+        return packed_token_logprobs(model, input_ids, attention_mask, temperature=temperature,
+                                     response_length=response_length)
     kwargs = {}
     keep = response_length + 1 if response_length else 0
     if keep and _accepts_logits_to_keep(model):
@@ -74,13 +88,94 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return logprobs_from_logits(logits, labels, temperature), logits
 
 
+def contiguous_rows(attention_mask: torch.Tensor) -> bool:
+    """(B, T) 0/1 mask -> whether every row's real tokens are one non-empty run (left and/or right padding
+    only), so that in the packed order each real token is followed by the next one of its row."""
+    real = attention_mask.bool()
+    count = real.sum(-1)
+    T = real.shape[1]
+    first = real.long().argmax(-1)
+    last = T - 1 - real.flip(-1).long().argmax(-1)
+    return bool((count > 0).all() and (last - first + 1 == count).all())
+
+
+def packed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, temperature: float = 1.0,
+                          response_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_logprobs without padding: the K real tokens of the (B, T) rows go through the model as one
+    (1, K) sequence whose position ids restart at 0 with each row, which Hugging Face models turn into a
+    block-diagonal causal mask (masking_utils.find_packed_sequence_indices; verl's use_remove_padding,
+    OpenRLHF's packing_samples, TRL's padding_free). Linear layers then cost K token positions, not B x T.
+
+    Rows must be contiguous_rows (left and/or right padded). Returns token_logprobs' (B, R) float32
+    log-probs and (B, R, V) logits (R = response_length, or T - 1), 0 where the padded forward would have
+    a padding column (no real token predicted from a real one); the real entries equal the padded
+    forward's to float rounding, differentiable when the model is. Logits are computed only for the
+    positions that predict those entries. ConfigError (hyperparameters.paddingFree) when the model does
+    not keep the packed rows apart (packing_honoured).
+    """
+    B, T = input_ids.shape
+    R = response_length or T - 1
+    real = attention_mask.bool()
+    if not packing_honoured(model):
+        module = _module_of(model)
+        raise ConfigError(f"hyperparameters.paddingFree: {type(module).__name__ if module is not None else model} "
+                          "lets the tokens of packed rows attend to each other (its attention mask ignores the "
+                          "position ids restarting at 0); turn paddingFree off for this model")
+    wanted = real[:, T - R:] & real[:, T - R - 1:T - 1]  # (B, R): a real token predicted from a real one
+    packed_at = (real.flatten().long().cumsum(0) - 1).view(B, T)  # each real token's index in the packed row
+    keep = packed_at[:, T - R - 1:T - 1][wanted]  # (M,) packed positions whose logits are wanted
+    kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids[real][None], attention_mask=None,
+                   position_ids=position_ids_from_mask(attention_mask)[real][None], use_cache=False, **kwargs).logits[0]
+    if not kwargs:
+        logits = logits[keep]
+    logprobs = logprobs_from_logits(logits[None], input_ids[:, T - R:][wanted][None], temperature)[0]
+    where = wanted.nonzero(as_tuple=True)
+    return (logprobs.new_zeros(B, R).index_put(where, logprobs),
+            logits.new_zeros(B, R, logits.shape[-1]).index_put(where, logits))
+
+
+_PACKING_HONOURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def packing_honoured(model) -> bool:
+    """Whether `model` keeps packed rows apart, checked once per module on three 5-token forwards (in eval
+    mode, so dropout cannot blur them): the second row's logits packed after a first row must equal
+    its logits alone far more closely than they equal its logits when it does attend to the first row.
+    A model whose mask ignores restarting position ids would silently mix rows; no such model is run packed."""
+    module = _module_of(model)
+    if module is None:
+        return False
+    if module in _PACKING_HONOURED:
+        return _PACKING_HONOURED[module]
+    device = next(module.parameters()).device
+    vocab = int(getattr(getattr(module, "config", None), "vocab_size", 0) or 2)
+    ids = torch.arange(5, device=device)[None] * 7919 % vocab  # fixed, distinct tokens: the same on every rank
+    positions = torch.tensor([[0, 1, 2, 0, 1]], device=device)
+    training = module.training
+    module.eval()
+    try:
+        alone = model(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False).logits[0].float()
+        packed = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits[0, 3:].float()
+        mixed = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
+                      use_cache=False).logits[0, 3:].float()
+    finally:
+        module.train(training)
+    apart, together = (packed - alone).abs().max(), (mixed - alone).abs().max()
+    honoured = bool(apart * 10 <= together) or bool(together == 0)
+    _PACKING_HONOURED[module] = honoured
+    return honoured
+
+
 @torch.no_grad()
 def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_size: int,
-                           temperature: float = 1.0, response_length: int = 0) -> torch.Tensor:
+                           temperature: float = 1.0, response_length: int = 0,
+                           padding_free: bool = False) -> torch.Tensor:
     """token_logprobs' log-probs without grad, `chunk_size` rows per forward: (B, T-1), or (B, R) with R."""
     def one(s: slice) -> torch.Tensor:
         return token_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
-                              response_length=response_length)[0]
+                              response_length=response_length, padding_free=padding_free)[0]
 
     return chunked(one, rows=input_ids.shape[0], chunk_size=chunk_size)
 
@@ -125,14 +220,16 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
 
 def rollout_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, response_length: int,
-                     temperature: float = 1.0, prefix_sharing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                     temperature: float = 1.0, prefix_sharing: bool = False,
+                     padding_free: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """token_logprobs(..., response_length=R) of rollout rows (B, P + R): left-padded prompts, then
     responses. With `prefix_sharing` the rows' distinct prompts go through the model once each
     (shared_prompt_logprobs: a GRPO group's samples share theirs), unless a prompt column block has
-    an empty row (no token to predict the response's first one)."""
+    an empty row (no token to predict the response's first one); else packed with `padding_free`."""
     P = input_ids.shape[1] - response_length
     if not prefix_sharing or P < 1 or not bool(attention_mask[:, P - 1].all()):
-        return token_logprobs(model, input_ids, attention_mask, temperature=temperature, response_length=response_length)
+        return token_logprobs(model, input_ids, attention_mask, temperature=temperature, response_length=response_length,
+                              padding_free=padding_free)
     key = input_ids[:, :P].masked_fill(attention_mask[:, :P] == 0, -1)  # rows equal where their prompts are
     prompts, index = torch.unique(key, dim=0, return_inverse=True)
     return shared_prompt_logprobs(model, prompts.clamp(min=0), (prompts >= 0).long(), input_ids[:, P:],

@@ -49,11 +49,14 @@ class ReferenceService:
 
     Either a frozen copy, or (adapters_off) a LoRA actor's own model run with its adapters disabled:
     its frozen base weights are the initial policy (rlhf_trainer.lora). That model keeps training, so
-    its train/eval mode is restored after each call.
+    its train/eval mode is restored after each call. `padding_free`: packed forwards
+    (forward.packed_token_logprobs, hyperparameters.paddingFree).
     """
 
-    def __init__(self, model, temperature: float, *, chunk_size: int, adapters_off: bool = False):
+    def __init__(self, model, temperature: float, *, chunk_size: int, adapters_off: bool = False,
+                 padding_free: bool = False):
         self.adapters_off = adapters_off
+        self.padding_free = padding_free
         self.model = model if adapters_off else model.to(distributed.device()).eval()
         self.temperature = temperature
         self.chunk_size = chunk_size
@@ -64,7 +67,8 @@ class ReferenceService:
         t = _on_device(tensors)
         def logprobs_of(model):
             return chunked_token_logprobs(model, t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size,
-                                          temperature=self.temperature, response_length=meta.get("response_length") or 0)
+                                          temperature=self.temperature, response_length=meta.get("response_length") or 0,
+                                          padding_free=self.padding_free)
 
         if self.adapters_off:
             from rlhf_trainer.lora import adapters_off

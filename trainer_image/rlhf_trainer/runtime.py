@@ -127,9 +127,10 @@ def build_service(ctx: Context, role: str):
         if ctx.actor_model is not None and lora.is_lora(ctx.actor_model):
             # Colocated with a LoRA actor: its frozen base IS the initial policy; no second copy.
             log("reference: the actor's base model with its adapters disabled")
-            return ReferenceService(ctx.actor_model, temperature, chunk_size=hp.inference_chunk_size, adapters_off=True)
+            return ReferenceService(ctx.actor_model, temperature, chunk_size=hp.inference_chunk_size, adapters_off=True,
+                                    padding_free=hp.padding_free)
         return ReferenceService(models.load_policy(cfg.model.path, seed=hp.seed).to(frozen_dtype), temperature,
-                                chunk_size=hp.inference_chunk_size)
+                                chunk_size=hp.inference_chunk_size, padding_free=hp.padding_free)
     if role == "reward":
         from rlhf_trainer.chat import Renderer
         from rlhf_trainer.sampling import stop_token_ids

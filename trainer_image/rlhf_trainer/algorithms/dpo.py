@@ -116,7 +116,7 @@ class DPO(ActorAlgorithm):
                                               pair_of_row)[0]
             return logprobs, shared["response_mask"].to(dev)
         logprobs = token_logprobs(self.strategy.forward, batch["input_ids"][rows], batch["attention_mask"][rows],
-                                  response_length=R)[0]
+                                  response_length=R, padding_free=self.hp.padding_free)[0]
         return logprobs, batch["loss_mask"][rows]
 
     def preference_loss(self, chosen, rejected, ref) -> DPOOutput:

@@ -105,7 +105,8 @@ def evaluate_dpo(algorithm, rows) -> Sums:
     algorithm.strategy.eval()
     correct = loss = 0.0
     for mb in pair_slices(n, hp.micro_batch_size):
-        logprobs = token_logprobs(algorithm.strategy.forward, ids[mb], attn[mb], response_length=R)[0]
+        logprobs = token_logprobs(algorithm.strategy.forward, ids[mb], attn[mb], response_length=R,
+                                  padding_free=hp.padding_free)[0]
         logp = preference_logprobs(logprobs, loss_mask[mb], algorithm.kind)
         half = len(mb) // 2
         out = algorithm.preference_loss(logp[:half], logp[half:], None if ref is None else ref[mb])

@@ -129,6 +129,7 @@ class GroupPolicyGradient(ActorAlgorithm):
                 for mb in exp.split(hp.micro_batch_size):
                     logprobs, logits = rollout_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
                                                         temperature=hp.temperature, prefix_sharing=hp.prefix_sharing,
+                                                        padding_free=hp.padding_free,
                                                         response_length=mb.action_mask.shape[1])
                     if reuse:
                         mb.old_logprobs = logprobs.detach()

@@ -138,7 +138,8 @@ class PPO(ActorAlgorithm):
                 stats = []
                 for i, mb in enumerate(exp.split(hp.micro_batch_size)):
                     logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
-                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1])
+                                                      temperature=hp.temperature, response_length=mb.action_mask.shape[1],
+                                                      padding_free=hp.padding_free)
                     loss, clip_fraction = policy_loss(
                         logprobs, mb.old_logprobs, mb.advantages, mb.action_mask,
                         clip_range=hp.clip_range, clip_range_high=hp.clip_range_high or None,
