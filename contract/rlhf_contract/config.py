@@ -198,6 +198,16 @@ def turns_problem(algorithm: str, reward_type: str, turns: int, self_correction:
     return None
 
 
+def prefix_sharing_problem(prefix_sharing: bool, actor_gradient_checkpointing: bool) -> str | None:
+    """Why hyperparameters.prefixSharing cannot run, or None (its CEL twin: generate.algorithm_rules). Prefix
+    sharing runs the responses against the prompts' key/value cache, which transformers drops in every
+    checkpointed layer: the log-probs would be silently wrong."""
+    if prefix_sharing and actor_gradient_checkpointing:
+        return ("needs the actor's key/value cache in the training forward, which "
+                "roles.actor.deepspeed.gradientCheckpointing turns off: set one of them to false")
+    return None
+
+
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = knob(2, "ZeRO stage 0..3; unset = 2, or 0 for reward and reference (no optimizer).",
@@ -612,6 +622,10 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = turns_problem(cfg.algorithm, cfg.reward.type, hp.turns, hp.self_correction)
         if problem:
             errors.append(f"hyperparameters.turns: {problem}")
+        actor = cfg.roles.get("actor")
+        problem = prefix_sharing_problem(hp.prefix_sharing, actor is not None and actor.deepspeed.gradient_checkpointing)
+        if problem:
+            errors.append(f"hyperparameters.prefix_sharing: {problem}")
     if "actor" in cfg.roles:
         problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:

@@ -103,7 +103,7 @@ def cel_ranks(role: str) -> str:
 def algorithm_rules() -> list[dict[str, str]]:
     """The spec-level CEL rules: roles per algorithm, the reward model, the batch split, pair formats.
     Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem,
-    config.turns_problem."""
+    config.turns_problem, config.prefix_sharing_problem."""
     rules = [{"rule": "self.roles.exists(r, r.name == 'actor')",
               "message": "roles must include actor (every algorithm trains an actor)", "fieldPath": ".roles"}]
     for role in algorithms.ROLE_NAMES[1:]:
@@ -148,6 +148,12 @@ def algorithm_rules() -> list[dict[str, str]]:
          "message": f"hyperparameters.turns above 1 needs algorithm {_words(MULTI_TURN, 'or')} (multi-turn "
                     "rollouts) and a reward.type other than prm (a process reward model scores one response)",
          "fieldPath": ".hyperparameters.turns"},
+        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.prefixSharing) || "
+                 "!self.hyperparameters.prefixSharing || !self.roles.exists(r, r.name == 'actor' && "
+                 "has(r.deepspeed) && has(r.deepspeed.gradientCheckpointing) && r.deepspeed.gradientCheckpointing)",
+         "message": "hyperparameters.prefixSharing needs the actor's key/value cache in the training forward, which "
+                    "roles.actor.deepspeed.gradientCheckpointing turns off: set one of them to false",
+         "fieldPath": ".hyperparameters.prefixSharing"},
     ]
     return rules
 

@@ -65,4 +65,5 @@ def test_prefix_sharing_with_gradient_checkpointing_exits_78_naming_both(tmp_pat
     run = launch(config, tmp_path)
     assert run.returncodes == {"actor-0": EXIT_CONFIG_ERROR}, run.describe()
     message = run.termination["actor-0"]
-    assert "hyperparameters.prefixSharing" in message and "roles.actor.deepspeed.gradientCheckpointing" in message
+    # Refused when the config is read (rlhf_contract.config.prefix_sharing_problem), the trainer config's spelling.
+    assert "hyperparameters.prefix_sharing" in message and "roles.actor.deepspeed.gradientCheckpointing" in message

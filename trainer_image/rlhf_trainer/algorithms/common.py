@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
+from rlhf_contract.config import prefix_sharing_problem
 from transformers import LogitsProcessorList
 
 from rlhf_trainer import alarms as alarm_signals
@@ -81,10 +82,9 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
-        if hp.prefix_sharing and settings.gradient_checkpointing:
-            raise ConfigError("hyperparameters.prefixSharing needs the actor's key/value cache in the training "
-                              "forward, which roles.actor.deepspeed.gradientCheckpointing turns off: set one of "
-                              "them to false")
+        problem = prefix_sharing_problem(hp.prefix_sharing, settings.gradient_checkpointing)
+        if problem:  # parse_config refuses it too: a config built in code can still get here
+            raise ConfigError(f"hyperparameters.prefixSharing {problem}")
         bnb = quantization.for_this_process(ctx.cfg.roles["actor"])
         if bnb is None:
             model = self.load_base()
