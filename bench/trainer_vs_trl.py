@@ -109,10 +109,12 @@ def _free_port() -> int:
 # ---- our side ---------------------------------------------------------------------------------------
 
 
-def preference_rows(context_tokens: int) -> list[dict[str, str]]:
+def preference_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str]]:
     """The DPO pairs both sides train on: synthetic://preferences, each prompt after a context of
     `context_tokens` random digits (one token each in the tiny tokenizer: the Digits pre-tokenizer), the
-    long shared prompt of real preference data (a document, a conversation) that prefix sharing saves."""
+    long shared prompt of real preference data (a document, a conversation) that prefix sharing saves.
+    `ragged`: each context 0..context_tokens digits long (uniform), the uneven rows of real data, which a
+    padded batch pads to its longest."""
     import random
 
     from rlhf_trainer.data import synthetic_preferences
@@ -120,24 +122,25 @@ def preference_rows(context_tokens: int) -> list[dict[str, str]]:
     rng = random.Random(0)
     rows = []
     for r in synthetic_preferences():
-        context = "".join(rng.choice("0123456789") for _ in range(context_tokens))
+        length = rng.randint(0, context_tokens) if ragged else context_tokens
+        context = "".join(rng.choice("0123456789") for _ in range(length))
         rows.append({"prompt": f"{context}\n{r.prompt}" if context_tokens else r.prompt,
                      "chosen": r.chosen, "rejected": r.rejected})
     return rows
 
 
-def preference_dataset(context_tokens: int) -> str:
+def preference_dataset(context_tokens: int, ragged: bool = False) -> str:
     """Our dataset path for the DPO pairs: synthetic://preferences itself, or their JSONL with a context."""
     if not context_tokens:
         return "synthetic://preferences"
-    path = HERE / "out" / f"preferences-context{context_tokens}.jsonl"
+    path = HERE / "out" / f"preferences-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(context_tokens)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(context_tokens, ragged)))
     return str(path)
 
 
 def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False,
-                 context_tokens: int = 0, padding_free: bool = False):
+                 context_tokens: int = 0, padding_free: bool = False, ragged: bool = False):
     from rlhf_contract.config import parse_config
     from rlhf_trainer.distributed import ProcessEnv, init_role_world
     from rlhf_trainer.metrics import TrainerMetrics
@@ -152,7 +155,7 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
     if algorithm == "ppo":
         roles.update(critic={"colocate_with": "actor", **zero0}, reward=frozen)
         reward, reward_model = {"type": "model"}, {"path": model}
-    dataset = {"path": preference_dataset(context_tokens), "format": "pairs"} if algorithm == "dpo" else \
+    dataset = {"path": preference_dataset(context_tokens, ragged), "format": "pairs"} if algorithm == "dpo" else \
         {"path": "synthetic://arithmetic"}
     micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
     rows = 2 * micro if algorithm == "dpo" else micro  # a DPO pair is two rows
@@ -179,12 +182,13 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
 
 
 def run_ours(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
-             prefix_sharing: bool = False, context_tokens: int = 0, padding_free: bool = False) -> dict:
+             prefix_sharing: bool = False, context_tokens: int = 0, padding_free: bool = False,
+             ragged: bool = False) -> dict:
     import torch
     from rlhf_trainer.algorithms.common import load_rows, start_colocated, text_pipeline
     from rlhf_trainer.data import Sampler
 
-    ctx = _our_context(algorithm, model, bf16, prefix_sharing, context_tokens, padding_free)
+    ctx = _our_context(algorithm, model, bf16, prefix_sharing, context_tokens, padding_free, ragged)
     renderer = text_pipeline(ctx)
     records = load_rows(ctx, renderer)  # run_algorithm()'s steps, without drive()'s checkpoints and export
     start_colocated(ctx)
@@ -265,7 +269,7 @@ def _trl_common(steps: int, warmup: int, device: str, out: Path, bf16: bool) -> 
 
 
 def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf16: bool,
-            context_tokens: int = 0) -> dict:
+            context_tokens: int = 0, ragged: bool = False) -> dict:
     from datasets import Dataset
     from rlhf_trainer import models
     from rlhf_trainer.data import synthetic_arithmetic
@@ -278,7 +282,7 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
     if algorithm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        rows = preference_rows(context_tokens)
+        rows = preference_rows(context_tokens, ragged)
         args = DPOConfig(**_trl_common(steps, warmup, device, out, bf16), per_device_train_batch_size=PROMPTS, beta=0.1,
                          max_length=PROMPT_LEN + context_tokens + 1 + NEW_TOKENS + 1)
         trainer = DPOTrainer(model=policy, ref_model=models.load_policy(model, seed=0), args=args,
@@ -386,12 +390,13 @@ def one(args) -> None:
         torch.set_num_threads(args.threads)
     if side == "ours":
         result = run_ours(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                          args.precision == "bf16", args.prefix_sharing, args.context_tokens, args.padding_free)
+                          args.precision == "bf16", args.prefix_sharing, args.context_tokens, args.padding_free,
+                          args.ragged)
     elif algorithm == "ppo":
         result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
     else:
         result = run_trl(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
-                         args.precision == "bf16", args.context_tokens)
+                         args.precision == "bf16", args.context_tokens, args.ragged)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -400,7 +405,7 @@ def measure(name: str, args) -> dict:
            "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
            "--threads", str(args.threads), "--precision", args.precision,
            "--context-tokens", str(args.context_tokens), *(["--prefix-sharing"] if args.prefix_sharing else []),
-           *(["--padding-free"] if args.padding_free else [])]
+           *(["--padding-free"] if args.padding_free else []), *(["--ragged"] if args.ragged else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -440,6 +445,8 @@ def main() -> None:
                    help="ours: hyperparameters.paddingFree (packed log-prob forwards of the actor and the reference)")
     p.add_argument("--context-tokens", type=int, default=0,
                    help="DPO: a context of this many tokens before each prompt (both sides), as in real preference data")
+    p.add_argument("--ragged", action="store_true",
+                   help="DPO: each context 0..--context-tokens tokens long (uniform), the uneven rows of real data")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -483,6 +490,7 @@ def report(args, algos, results) -> str:
     flags += " --prefix-sharing" if args.prefix_sharing else ""
     flags += " --padding-free" if args.padding_free else ""
     flags += f" --context-tokens {args.context_tokens}" if args.context_tokens else ""
+    flags += " --ragged" if args.ragged else ""
     model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
              "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
              "embeddings)")
@@ -501,8 +509,8 @@ def report(args, algos, results) -> str:
            else "")
         + (" Ours: paddingFree (the actor's and the reference's log-prob forwards packed, no padding); TRL at its "
            "defaults (padded)." if args.padding_free else "")
-        + (f" DPO prompts: {args.context_tokens} context tokens before each synthetic prompt." if args.context_tokens
-           else ""),
+        + (f" DPO prompts: {'0 to ' if args.ragged else ''}{args.context_tokens} context tokens before each "
+           "synthetic prompt." if args.context_tokens else ""),
         "",
         "| algorithm | ours samples/s | TRL samples/s | ours / TRL (wall) | ours CPU s/step | TRL CPU s/step | "
         "ours / TRL (CPU) | ours tokens/s | peak RSS ours / TRL |" + (" ours MFU |" if args.device == "cuda" else ""),

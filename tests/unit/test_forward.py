@@ -465,3 +465,49 @@ def test_padding_free_refuses_a_model_that_mixes_packed_rows():
     assert packing_honoured(models.load_policy("tiny://qwen2", seed=0))
     with pytest.raises(ConfigError, match=r"hyperparameters\.paddingFree: MixesRows lets the tokens of packed rows"):
         token_logprobs(model, ids, mask, response_length=R, padding_free=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("chunk_size", [1, 3, 8])
+def test_reference_log_probs_of_side_by_side_pairs_with_shared_prompts_equal_the_plain_rows(seed, chunk_size):
+    # The DPO reference's prefix-shared call: pairs side by side in rollout layout, chunked, put back.
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import encode_pairs
+    from rlhf_trainer.algorithms.dpo import encode_shared_prompt, response_columns, shared_rows
+    from rlhf_trainer.losses.dpo import preference_logprobs
+    from rlhf_trainer.roles import ReferenceService
+
+    pairs = random_pairs(seed)
+    reference = ReferenceService(models.load_policy("tiny://llama", seed=seed), 1.0, chunk_size=chunk_size)
+    plain = encode_pairs(pairs, 0)
+    R = response_columns(plain["loss_mask"])
+    expected = preference_logprobs(reference.handle("logprobs", {k: plain[k] for k in ("input_ids", "attention_mask")},
+                                                    {"response_length": R})[0]["logprobs"], plain["loss_mask"], "sigmoid")
+    rows, mask, order = shared_rows(encode_shared_prompt(pairs, 0))
+    assert (rows["input_ids"][0::2, :-mask.shape[1]] == rows["input_ids"][1::2, :-mask.shape[1]]).all()  # side by side
+    side_by_side = reference.handle("logprobs", rows, {"response_length": mask.shape[1], "prefix_sharing": True})[0]
+    logprobs = torch.empty_like(side_by_side["logprobs"])
+    logprobs[order] = side_by_side["logprobs"]
+    torch.testing.assert_close(preference_logprobs(logprobs, mask, "sigmoid"), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12])
+def test_chunked_prefix_shared_rollout_logprobs_equal_the_plain_pass(chunk_size):
+    # A GRPO batch: 3 prompts x 4 samples, chunks that cut groups.
+    from rlhf_trainer import models
+    from rlhf_trainer.data import pad_left, pad_right
+
+    g = torch.Generator().manual_seed(chunk_size)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (2, 7, 4) for _ in range(4)]
+    responses = [torch.randint(3, 200, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+                 for _ in prompts]
+    left, right = pad_left(prompts, 0), pad_right([[]] * len(prompts), responses, 0)
+    ids = torch.cat([left["input_ids"], right["input_ids"]], 1)
+    mask = torch.cat([left["attention_mask"], right["attention_mask"]], 1)
+    R = right["input_ids"].shape[1]
+    model = models.load_policy("tiny://qwen2", seed=chunk_size).eval()
+    plain = chunked_token_logprobs(model, ids, mask, chunk_size=chunk_size, response_length=R, temperature=0.7)
+    shared = chunked_token_logprobs(model, ids, mask, chunk_size=chunk_size, response_length=R, temperature=0.7,
+                                    prefix_sharing=True)
+    real = right["attention_mask"].bool()
+    torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)

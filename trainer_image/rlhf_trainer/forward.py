@@ -72,6 +72,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     divided by the temperature). Differentiable when the model is. `padding_free`: the same through
     packed_token_logprobs when every row's real tokens are one run (no hole), at no cost for padding.
     """
+    if padding_free:
+        # Checked whatever this batch's rows: under ZeRO-3 every rank must run the check's forwards alike.
+        require_packing(model)
     if padding_free and contiguous_rows(attention_mask):
         return packed_token_logprobs(model, input_ids, attention_mask, temperature=temperature,
                                      response_length=response_length)
@@ -116,11 +119,7 @@ def packed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     B, T = input_ids.shape
     R = response_length or T - 1
     real = attention_mask.bool()
-    if not packing_honoured(model):
-        module = _module_of(model)
-        raise ConfigError(f"hyperparameters.paddingFree: {type(module).__name__ if module is not None else model} "
-                          "lets the tokens of packed rows attend to each other (its attention mask ignores the "
-                          "position ids restarting at 0); turn paddingFree off for this model")
+    require_packing(model)
     wanted = real[:, T - R:] & real[:, T - R - 1:T - 1]  # (B, R): a real token predicted from a real one
     packed_at = (real.flatten().long().cumsum(0) - 1).view(B, T)  # each real token's index in the packed row
     keep = packed_at[:, T - R - 1:T - 1][wanted]  # (M,) packed positions whose logits are wanted
@@ -133,6 +132,15 @@ def packed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     where = wanted.nonzero(as_tuple=True)
     return (logprobs.new_zeros(B, R).index_put(where, logprobs),
             logits.new_zeros(B, R, logits.shape[-1]).index_put(where, logits))
+
+
+def require_packing(model) -> None:
+    """ConfigError naming hyperparameters.paddingFree unless packing_honoured(model)."""
+    if not packing_honoured(model):
+        module = _module_of(model)
+        raise ConfigError(f"hyperparameters.paddingFree: {type(module).__name__ if module is not None else model} "
+                          "lets the tokens of packed rows attend to each other (its attention mask ignores the "
+                          "position ids restarting at 0); turn paddingFree off for this model")
 
 
 _PACKING_HONOURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -170,10 +178,15 @@ def packing_honoured(model) -> bool:
 
 @torch.no_grad()
 def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, chunk_size: int,
-                           temperature: float = 1.0, response_length: int = 0,
-                           padding_free: bool = False) -> torch.Tensor:
-    """token_logprobs' log-probs without grad, `chunk_size` rows per forward: (B, T-1), or (B, R) with R."""
+                           temperature: float = 1.0, response_length: int = 0, padding_free: bool = False,
+                           prefix_sharing: bool = False) -> torch.Tensor:
+    """token_logprobs' log-probs without grad, `chunk_size` rows per forward: (B, T-1), or (B, R) with R.
+    `prefix_sharing` (rows in rollout_logprobs' layout, R > 0): each chunk's distinct prompts once, so rows
+    that share a prompt (a group's samples, a pair's two responses) should be neighbours."""
     def one(s: slice) -> torch.Tensor:
+        if prefix_sharing and response_length:
+            return rollout_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
+                                    response_length=response_length, prefix_sharing=True, padding_free=padding_free)[0]
         return token_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
                               response_length=response_length, padding_free=padding_free)[0]
 

@@ -50,7 +50,8 @@ class ReferenceService:
     Either a frozen copy, or (adapters_off) a LoRA actor's own model run with its adapters disabled:
     its frozen base weights are the initial policy (rlhf_trainer.lora). That model keeps training, so
     its train/eval mode is restored after each call. `padding_free`: packed forwards
-    (forward.packed_token_logprobs, hyperparameters.paddingFree).
+    (forward.packed_token_logprobs, hyperparameters.paddingFree); a call's `prefix_sharing` meta (rows
+    in rollout layout, hyperparameters.prefixSharing): each distinct prompt of a chunk once.
     """
 
     def __init__(self, model, temperature: float, *, chunk_size: int, adapters_off: bool = False,
@@ -68,7 +69,7 @@ class ReferenceService:
         def logprobs_of(model):
             return chunked_token_logprobs(model, t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size,
                                           temperature=self.temperature, response_length=meta.get("response_length") or 0,
-                                          padding_free=self.padding_free)
+                                          padding_free=self.padding_free, prefix_sharing=bool(meta.get("prefix_sharing")))
 
         if self.adapters_off:
             from rlhf_trainer.lora import adapters_off

@@ -240,8 +240,8 @@ def collect_experience(policy, roll: Rollout, answers, hp, *, reference, score, 
     if old_logprobs and old is None:
         old = chunked_token_logprobs(policy, roll.sequences.to(dev), roll.attention_mask.to(dev),
                                      chunk_size=hp.inference_chunk_size, temperature=hp.temperature, response_length=R,
-                                     padding_free=hp.padding_free)
-    ref = reference.call("logprobs", seqs, response_length=R)[0]["logprobs"]
+                                     padding_free=hp.padding_free, prefix_sharing=hp.prefix_sharing)
+    ref = reference.call("logprobs", seqs, response_length=R, prefix_sharing=hp.prefix_sharing)[0]["logprobs"]
     values = None if critic is None else critic.call("values", seqs, response_length=R)[0]["values"]
     turn_scores = None
     if roll.turn_ids is None:

@@ -9,7 +9,8 @@ log-probs, summed or token-averaged as the loss defines them. No sampling.
 With `prefixSharing` the policy's forward computes each pair's prompt once and both responses
 against its key/value cache (forward.shared_prompt_logprobs; Wang et al. 2024, "Accelerating Direct
 Preference Optimization with Prefix Sharing"): the same log-probs at fewer token positions. The
-reference role keeps the plain forward (it runs without gradient, at a third of the cost).
+reference role gets the pairs' rows side by side in rollout layout (shared_rows) and computes each
+chunk's distinct prompts once too (forward.chunked_token_logprobs with prefix_sharing).
 
 ORPO and CPO add the chosen responses' negative log-likelihood (per chosen-response token over the
 global batch, losses.sft's normaliser), weighted 1 (ORPO's L_SFT, eq. 6) or `cpoAlpha` (CPO, Xu et al.
@@ -64,14 +65,12 @@ class DPO(ActorAlgorithm):
     def step(self, records, timings) -> dict[str, float]:
         hp, metrics, n = self.hp, self.ctx.metrics, len(records)
         batch = {k: v.to(distributed.device()) for k, v in encode_pairs(records, self.tokenizer.pad_token_id).items()}
-        ids, attn, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        attn, loss_mask = batch["attention_mask"], batch["loss_mask"]
         R = response_columns(loss_mask)
         ref = None
         if self.reference is not None:
             with metrics.phase("score", timings):
-                ref_logprobs = self.reference.call("logprobs", {"input_ids": ids, "attention_mask": attn},
-                                                   response_length=R)[0]["logprobs"]
-                ref = preference_logprobs(ref_logprobs.to(ids.device), loss_mask, self.kind)
+                ref = self.reference_logprobs(records, batch, R)
             if not self.ctx.guard.batch_ok("experience", {"ref_logprobs": ref.view(2, n).T}, records,
                                            source="the reference forward (chosen, rejected)"):
                 return {"tokens": 0.0}
@@ -119,6 +118,23 @@ class DPO(ActorAlgorithm):
                                   response_length=R, padding_free=self.hp.padding_free)[0]
         return logprobs, batch["loss_mask"][rows]
 
+    def reference_logprobs(self, pairs: list[PairRow], batch: dict[str, torch.Tensor], R: int) -> torch.Tensor:
+        """The reference's (2P,) sequence log-probs of the pairs (chosen then rejected): with prefix sharing,
+        rows in rollout layout, each pair's two responses side by side so that a chunk computes their prompt
+        once (shared_rows); else `batch`'s rows, last R columns."""
+        if self.hp.prefix_sharing and all(p.prompt for p in pairs):
+            rows, mask, order = shared_rows(encode_shared_prompt(pairs, self.tokenizer.pad_token_id))
+            dev = batch["input_ids"].device
+            side_by_side = self.reference.call("logprobs", rows, response_length=mask.shape[1],
+                                               prefix_sharing=True)[0]["logprobs"].to(dev)
+            logprobs = torch.empty_like(side_by_side)
+            logprobs[order.to(dev)] = side_by_side  # back to chosen rows, then rejected rows
+            return preference_logprobs(logprobs, mask.to(dev), self.kind)
+        ref_logprobs = self.reference.call("logprobs", {"input_ids": batch["input_ids"],
+                                                        "attention_mask": batch["attention_mask"]},
+                                           response_length=R)[0]["logprobs"]
+        return preference_logprobs(ref_logprobs.to(batch["input_ids"].device), batch["loss_mask"], self.kind)
+
     def preference_loss(self, chosen, rejected, ref) -> DPOOutput:
         """(P,) sequence log-probs of a micro-batch's pairs (and (2P,) reference ones for DPO)."""
         hp = self.hp
@@ -144,6 +160,19 @@ def encode_shared_prompt(pairs: list[PairRow], pad_token_id: int) -> dict[str, t
                           pad_token_id)
     return {"prompt_ids": prompts["input_ids"], "prompt_mask": prompts["attention_mask"],
             "response_ids": responses["input_ids"], "response_mask": responses["attention_mask"]}
+
+
+def shared_rows(shared: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """encode_shared_prompt's blocks -> rows in rollout layout ((2P, Tp + Tr) input_ids / attention_mask: the
+    left-padded prompt, then the right-padded response) ordered chosen 0, rejected 0, chosen 1, ..., the
+    (2P, Tr) response mask in encode_pairs' order (chosen rows, then rejected), and `order`: (2P,) the
+    encode_pairs row of each side-by-side row."""
+    pairs = shared["prompt_ids"].shape[0]
+    order = torch.stack([torch.arange(pairs), torch.arange(pairs) + pairs], 1).flatten()
+    prompt = order % pairs
+    rows = {"input_ids": torch.cat([shared["prompt_ids"][prompt], shared["response_ids"][order]], 1),
+            "attention_mask": torch.cat([shared["prompt_mask"][prompt], shared["response_mask"][order]], 1)}
+    return rows, shared["response_mask"], order
 
 
 def run(ctx: Context) -> None:
