@@ -75,9 +75,9 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     if padding_free:
         # Checked whatever this batch's rows: under ZeRO-3 every rank must run the check's forwards alike.
         require_packing(model)
-    if padding_free and contiguous_rows(attention_mask):
-        return packed_token_logprobs(model, input_ids, attention_mask, temperature=temperature,
-                                     response_length=response_length)
+        if contiguous_rows(attention_mask):
+            return packed_token_logprobs(model, input_ids, attention_mask, temperature=temperature,
+                                         response_length=response_length)
     kwargs = {}
     keep = response_length + 1 if response_length else 0
     if keep and _accepts_logits_to_keep(model):
@@ -113,13 +113,12 @@ def packed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     log-probs and (B, R, V) logits (R = response_length, or T - 1), 0 where the padded forward would have
     a padding column (no real token predicted from a real one); the real entries equal the padded
     forward's to float rounding, differentiable when the model is. Logits are computed only for the
-    positions that predict those entries. ConfigError (hyperparameters.paddingFree) when the model does
-    not keep the packed rows apart (packing_honoured).
+    positions that predict those entries. The model must keep packed rows apart: token_logprobs checks
+    it (require_packing) before calling this.
     """
     B, T = input_ids.shape
     R = response_length or T - 1
     real = attention_mask.bool()
-    require_packing(model)
     wanted = real[:, T - R:] & real[:, T - R - 1:T - 1]  # (B, R): a real token predicted from a real one
     packed_at = (real.flatten().long().cumsum(0) - 1).view(B, T)  # each real token's index in the packed row
     keep = packed_at[:, T - R - 1:T - 1][wanted]  # (M,) packed positions whose logits are wanted
