@@ -109,34 +109,51 @@ def _free_port() -> int:
 # ---- our side ---------------------------------------------------------------------------------------
 
 
-def preference_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str]]:
-    """The DPO pairs both sides train on: synthetic://preferences, each prompt after a context of
-    `context_tokens` random digits (one token each in the tiny tokenizer: the Digits pre-tokenizer), the
-    long shared prompt of real preference data (a document, a conversation) that prefix sharing saves.
-    `ragged`: each context 0..context_tokens digits long (uniform), the uneven rows of real data, which a
-    padded batch pads to its longest."""
+def with_contexts(prompts: list[str], context_tokens: int, ragged: bool) -> list[str]:
+    """Each prompt after a context of `context_tokens` random digits (one token each in the tiny tokenizer:
+    the Digits pre-tokenizer), the long prompt of real data (a document, a conversation) that prefix
+    sharing saves. `ragged`: each context 0..context_tokens digits long (uniform), the uneven rows of real
+    data, which a padded batch pads to its longest. Seed 0: both sides get the same prompts."""
     import random
 
+    if not context_tokens:
+        return list(prompts)
+    rng = random.Random(0)
+    out = []
+    for prompt in prompts:
+        length = rng.randint(0, context_tokens) if ragged else context_tokens
+        out.append("".join(rng.choice("0123456789") for _ in range(length)) + "\n" + prompt)
+    return out
+
+
+def preference_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str]]:
+    """The DPO pairs both sides train on: synthetic://preferences, their prompts `with_contexts`."""
     from rlhf_trainer.data import synthetic_preferences
 
-    rng = random.Random(0)
-    rows = []
-    for r in synthetic_preferences():
-        length = rng.randint(0, context_tokens) if ragged else context_tokens
-        context = "".join(rng.choice("0123456789") for _ in range(length))
-        rows.append({"prompt": f"{context}\n{r.prompt}" if context_tokens else r.prompt,
-                     "chosen": r.chosen, "rejected": r.rejected})
-    return rows
+    pairs = synthetic_preferences()
+    prompts = with_contexts([r.prompt for r in pairs], context_tokens, ragged)
+    return [{"prompt": p, "chosen": r.chosen, "rejected": r.rejected} for p, r in zip(prompts, pairs)]
 
 
-def preference_dataset(context_tokens: int, ragged: bool = False) -> str:
-    """Our dataset path for the DPO pairs: synthetic://preferences itself, or their JSONL with a context."""
+def prompt_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str]]:
+    """The GRPO / PPO prompts both sides sample from: synthetic://arithmetic, `with_contexts`."""
+    from rlhf_trainer.data import synthetic_arithmetic
+
+    rows = synthetic_arithmetic()
+    prompts = with_contexts([r.prompt for r in rows], context_tokens, ragged)
+    return [{"prompt": p, "answer": r.answer} for p, r in zip(prompts, rows)]
+
+
+def dataset(algorithm: str, context_tokens: int, ragged: bool = False) -> dict[str, str]:
+    """Our dataset for `algorithm`: the synthetic one itself, or its rows with contexts as JSONL."""
+    kind, fmt = ("preferences", "pairs") if algorithm == "dpo" else ("arithmetic", "prompts")
     if not context_tokens:
-        return "synthetic://preferences"
-    path = HERE / "out" / f"preferences-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
+        return {"path": f"synthetic://{kind}", **({"format": fmt} if algorithm == "dpo" else {})}
+    rows = preference_rows(context_tokens, ragged) if algorithm == "dpo" else prompt_rows(context_tokens, ragged)
+    path = HERE / "out" / f"{kind}-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(context_tokens, ragged)))
-    return str(path)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"path": str(path), "format": fmt}
 
 
 def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False,
@@ -155,13 +172,11 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
     if algorithm == "ppo":
         roles.update(critic={"colocate_with": "actor", **zero0}, reward=frozen)
         reward, reward_model = {"type": "model"}, {"path": model}
-    dataset = {"path": preference_dataset(context_tokens, ragged), "format": "pairs"} if algorithm == "dpo" else \
-        {"path": "synthetic://arithmetic"}
     micro = PROMPTS * GROUP if algorithm == "grpo" else PROMPTS
     rows = 2 * micro if algorithm == "dpo" else micro  # a DPO pair is two rows
     cfg = parse_config({
         "job": "bench", "algorithm": algorithm, "model": {"path": model}, "reward_model": reward_model,
-        "reward": reward, "dataset": dataset, "roles": roles,
+        "reward": reward, "dataset": dataset(algorithm, context_tokens, ragged), "roles": roles,
         "hyperparameters": {
             "batch_size": PROMPTS, "micro_batch_size": micro, "group_size": GROUP, "max_new_tokens": NEW_TOKENS,
             "max_prompt_length": PROMPT_LEN + context_tokens + 1, "learning_rate": LR, "kl_coef": 0.05, "beta": 0.1,
@@ -169,8 +184,9 @@ def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing:
             "inference_chunk_size": rows,
             # PPO's old log-probs from the sampling pass, as TRL's PPOTrainer takes them.
             "old_log_probs": "sampling" if algorithm == "ppo" else "forward",
-            # DPO: each pair's prompt once in the policy's forward (TRL has no equivalent; --prefix-sharing)
-            "prefix_sharing": prefix_sharing and algorithm == "dpo",
+            # Each pair's / group's prompt once in the actor's passes and generation's prefill
+            # (TRL has no equivalent; --prefix-sharing). PPO samples once per prompt: nothing to share.
+            "prefix_sharing": prefix_sharing and algorithm != "ppo",
             # Packed log-prob forwards of the actor and the reference (--padding-free; TRL's DPO and GRPO pad)
             "padding_free": padding_free,
         },
@@ -272,7 +288,6 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
             context_tokens: int = 0, ragged: bool = False) -> dict:
     from datasets import Dataset
     from rlhf_trainer import models
-    from rlhf_trainer.data import synthetic_arithmetic
     from rlhf_trainer.rewards import build_reward_fn
 
     tok = models.load_tokenizer(model)
@@ -297,7 +312,7 @@ def run_trl(algorithm: str, steps: int, warmup: int, device: str, model: str, bf
         def exact_match(prompts, completions, answer, **_):
             return rule(prompts, completions, answer)
 
-        rows = [{"prompt": r.prompt, "answer": r.answer} for r in synthetic_arithmetic()]
+        rows = prompt_rows(context_tokens, ragged)
         args = GRPOConfig(**_trl_common(steps, warmup, device, out, bf16), per_device_train_batch_size=PROMPTS * GROUP,
                           num_generations=GROUP, steps_per_generation=1,
                           max_completion_length=NEW_TOKENS, temperature=1.0, top_k=0, top_p=1.0, beta=0.05,
@@ -320,13 +335,13 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl.experimental.ppo import PPOConfig, PPOTrainer
 from rlhf_trainer import models
-from rlhf_trainer.data import synthetic_arithmetic
 steps, warmup, device, P, N, L = (int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                                   int(sys.argv[5]), int(sys.argv[6]))
 model = sys.argv[7]  # the same model as ours: policy, reference, reward and value all start from it
 tok = models.load_tokenizer(model)
 tok.padding_side = "left"
-ds = Dataset.from_list([{"input_ids": tok(r.prompt)["input_ids"][-L:]} for r in synthetic_arithmetic()])
+with open(sys.argv[8]) as rows:  # ours' dataset file: the same prompts
+    ds = Dataset.from_list([{"input_ids": tok(json.loads(r)["prompt"])["input_ids"][-L:]} for r in rows])
 class Timer(TrainerCallback):
     # PPOTrainer's own loop calls no on_step_begin: time from one step's end to the next's.
     times = []
@@ -351,12 +366,16 @@ print("RESULT " + json.dumps({"times": timer.times}))
 '''
 
 
-def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str) -> dict:
+def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str, context_tokens: int = 0,
+                ragged: bool = False) -> dict:
     # The trainer's package and the contract it imports (TRL 1.12's own venv has neither installed).
     paths = os.pathsep.join(str(HERE.parent / d) for d in ("trainer_image", "contract"))
     env = {**os.environ, "RLHF_TRAINER_PATH": paths, "OUT": str(HERE / "out" / "trl-ppo")}
-    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS), str(PROMPT_LEN),
-           model]
+    prompts = HERE / "out" / f"ppo-prompts-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(context_tokens, ragged)))
+    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS),
+           str(PROMPT_LEN + context_tokens + 1), model, str(prompts)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -393,7 +412,8 @@ def one(args) -> None:
                           args.precision == "bf16", args.prefix_sharing, args.context_tokens, args.padding_free,
                           args.ragged)
     elif algorithm == "ppo":
-        result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model))
+        result = run_trl_ppo(args.steps, args.warmup, args.device, args.trl_ppo_python, model_path(args.model),
+                             args.context_tokens, args.ragged)
     else:
         result = run_trl(algorithm, args.steps, args.warmup, args.device, model_path(args.model),
                          args.precision == "bf16", args.context_tokens, args.ragged)
@@ -440,13 +460,13 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
     p.add_argument("--prefix-sharing", action="store_true",
-                   help="ours: DPO with hyperparameters.prefixSharing (each pair's prompt computed once)")
+                   help="ours: DPO and GRPO with hyperparameters.prefixSharing (each pair's / group's prompt once)")
     p.add_argument("--padding-free", action="store_true",
                    help="ours: hyperparameters.paddingFree (packed log-prob forwards of the actor and the reference)")
     p.add_argument("--context-tokens", type=int, default=0,
-                   help="DPO: a context of this many tokens before each prompt (both sides), as in real preference data")
+                   help="a context of this many tokens before each prompt (both sides), as in real data")
     p.add_argument("--ragged", action="store_true",
-                   help="DPO: each context 0..--context-tokens tokens long (uniform), the uneven rows of real data")
+                   help="each context 0..--context-tokens tokens long (uniform), the uneven rows of real data")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -505,11 +525,11 @@ def report(args, algos, results) -> str:
         "measurement, ours and TRL interleaved (order alternating per repeat); medians over repeats of each "
         "run's median step. CPU s: CPU seconds of the whole process per step (steadier than wall time on a "
         "shared machine). Peak RSS: the measuring process's ru_maxrss."
-        + (" Ours: DPO with prefixSharing (each pair's prompt once in the policy's forward)." if args.prefix_sharing
+        + (" Ours: DPO and GRPO with prefixSharing (each pair's / group's prompt once)." if args.prefix_sharing
            else "")
         + (" Ours: paddingFree (the actor's and the reference's log-prob forwards packed, no padding); TRL at its "
            "defaults (padded)." if args.padding_free else "")
-        + (f" DPO prompts: {'0 to ' if args.ragged else ''}{args.context_tokens} context tokens before each "
+        + (f" Prompts: {'0 to ' if args.ragged else ''}{args.context_tokens} context tokens before each "
            "synthetic prompt." if args.context_tokens else ""),
         "",
         "| algorithm | ours samples/s | TRL samples/s | ours / TRL (wall) | ours CPU s/step | TRL CPU s/step | "

@@ -380,8 +380,9 @@ class Hyperparameters:
                             algorithms=("cpo",))
     prefix_sharing: bool = knob(False, "Compute each prompt once in the actor's training forward and run its "
                                        "responses (a pair's two, a group's samples) against its key/value cache "
-                                       "(Wang et al. 2024, prefix sharing), and once per chunk in the reference's "
-                                       "and old log-probs' passes: the same log-probs at fewer token positions, "
+                                       "(Wang et al. 2024, prefix sharing), and once per chunk in generation's "
+                                       "prefill and the reference's and old log-probs' passes: the same "
+                                       "log-probs and samples at fewer token positions, "
                                        "the more so the longer the prompts. Not with the actor's "
                                        "gradientCheckpointing (it drops the cache).",
                                 algorithms=(*PREFERENCE, *CRITIC_FREE))

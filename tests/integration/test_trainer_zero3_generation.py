@@ -66,14 +66,17 @@ def rank_split_dataset(path):
 
 
 @pytest.mark.slow
-def test_two_zero3_actor_ranks_with_different_response_lengths_finish(tmp_path):
+@pytest.mark.parametrize("prefix_sharing", [False, True], ids=["plain-prefill", "shared-prompt-prefill"])
+def test_two_zero3_actor_ranks_with_different_response_lengths_finish(tmp_path, prefix_sharing):
+    # prefixSharing adds a forward of each chunk's distinct prompts before generate: one per chunk on each rank
     model = bigram_model_folder(tmp_path / "bigram")
     data = rank_split_dataset(tmp_path / "prompts.jsonl")
     config = trainer_config(
         "grpo",
         roles={"actor": {"replicas": ACTORS, "deepspeed": {"zero_stage": 3}}, "reference": {"colocate_with": "actor"}},
         hyperparameters={"max_steps": STEPS, "batch_size": BATCH, "group_size": 2, "micro_batch_size": 2,
-                         "inference_chunk_size": 2, "max_new_tokens": MAX_NEW_TOKENS},
+                         "inference_chunk_size": 2, "max_new_tokens": MAX_NEW_TOKENS,
+                         "prefix_sharing": prefix_sharing},
         model={"path": str(model)}, dataset={"path": str(data), "format": "prompts"},
     )
     run = launch(config, tmp_path / "run", timeout=240)

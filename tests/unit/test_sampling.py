@@ -116,3 +116,55 @@ def test_multi_turn_sampling_log_probs_are_the_forwards_log_probs(tok):
     roll = rollout(model, renderer, prompt_rows, hp, FixedInstruction("Check it."))
     assert (roll.sampled_logprobs[roll.action_mask == 0] == 0).all()  # the environment's tokens are no actions
     torch.testing.assert_close(roll.sampled_logprobs, recomputed(model, roll, 1.2), atol=2e-5, rtol=1e-5)
+
+
+# ---- prefix sharing in generation (hyperparameters.prefixSharing) ------------------------------------
+
+
+def count_positions(model):
+    """A list that gets the number of token positions of each forward of `model`, and the hook's handle."""
+    calls = []
+    handle = model.register_forward_pre_hook(lambda _m, _a, kw: calls.append(kw["input_ids"].numel()), with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_shared_prompt_prefill_samples_what_the_plain_prefill_samples(tok, seed):
+    # GRPO's layout: each prompt 3 times in a row. Prompts of 1-9 tokens (a 1-token prompt has no token
+    # in the cached columns), chunks of 5 rows that cut groups, frequent stops, a temperature that is not 1.
+    g = torch.Generator().manual_seed(seed)
+    prompts = [tuple(torch.randint(3, 200, (n,), generator=g).tolist()) for n in (1, 9, 4, 6)]
+    group = [PromptRow(ids, False, f"p{i}", None, f"t:{i}") for i, ids in enumerate(prompts) for _ in range(3)]
+    model = models.load_policy("tiny://llama", seed=seed).eval()
+    stops = (tok.eos_token_id, *range(40, 60))
+    out = {}
+    for sharing in (False, True):
+        hp = Hyperparameters(max_new_tokens=7, temperature=0.7, inference_chunk_size=5, old_log_probs="sampling",
+                             prefix_sharing=sharing)
+        calls, handle = count_positions(model)
+        torch.manual_seed(seed)
+        out[sharing] = generate(model, tok, group, hp, stops), calls
+        handle.remove()
+    (plain, plain_calls), (shared, shared_calls) = out[False], out[True]
+    assert torch.equal(shared.sequences, plain.sequences) and torch.equal(shared.action_mask, plain.action_mask)
+    torch.testing.assert_close(shared.sampled_logprobs, plain.sampled_logprobs, atol=2e-5, rtol=1e-5)
+    # Prefill: 12 rows x 9 columns plainly; with sharing the chunks' distinct prompts' first 8 columns
+    # (chunks [0-4] [5-9] [10-11] hold 2, 3 and 1 distinct prompts) and then the last column of each row.
+    assert plain_calls[0] == 5 * 9 and shared_calls[:2] == [2 * 8, 5]
+    assert sum(shared_calls) == sum(plain_calls) - (5 + 5 + 2) * 9 + (2 + 3 + 1) * 8 + 12
+
+
+def test_the_shared_prompt_prefill_is_one_forward_whatever_the_rows(tok):
+    # ZeRO-3 gathers the parameters in each forward: every rank must run as many, whatever its prompts.
+    from rlhf_trainer.forward import shared_prompt_cache
+
+    model = models.load_policy("tiny://llama", seed=0).eval()
+    for ids, mask in ((torch.tensor([[5], [5]]), torch.tensor([[1], [1]])),  # one column: nothing to cache
+                      (torch.tensor([[0, 5], [6, 7]]), torch.tensor([[0, 1], [1, 1]]))):
+        calls, handle = count_positions(model)
+        cache = shared_prompt_cache(model, ids, mask)
+        handle.remove()
+        assert len(calls) == 1
+        assert (cache is None) == (ids.shape[1] == 1)
+        if cache is not None:
+            assert cache.get_seq_length() == ids.shape[1] - 1

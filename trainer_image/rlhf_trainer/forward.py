@@ -242,7 +242,37 @@ def rollout_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     if not prefix_sharing or P < 1 or not bool(attention_mask[:, P - 1].all()):
         return token_logprobs(model, input_ids, attention_mask, temperature=temperature, response_length=response_length,
                               padding_free=padding_free)
-    key = input_ids[:, :P].masked_fill(attention_mask[:, :P] == 0, -1)  # rows equal where their prompts are
+    prompts, prompt_mask, index = distinct_prompts(input_ids[:, :P], attention_mask[:, :P])
+    return shared_prompt_logprobs(model, prompts, prompt_mask, input_ids[:, P:], attention_mask[:, P:], index,
+                                  temperature=temperature)
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, P) left-padded prompt rows -> their U distinct rows (U, P) ids and (U, P) mask, and the (B,) long
+    index of each row's distinct row. Rows are equal where their real tokens are (padding ids are ignored)."""
+    key = prompt_ids.masked_fill(prompt_mask == 0, -1)
     prompts, index = torch.unique(key, dim=0, return_inverse=True)
-    return shared_prompt_logprobs(model, prompts.clamp(min=0), (prompts >= 0).long(), input_ids[:, P:],
-                                  attention_mask[:, P:], index, temperature=temperature)
+    return prompts.clamp(min=0), (prompts >= 0).long(), index
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """A key/value cache of the (B, P) left-padded prompt rows' first P - 1 columns, each distinct prompt
+    computed once (distinct_prompts) and its cache copied to every row that has it: what generation's
+    prefill computes, at U * (P - 1) token positions instead of B * P. Hand it to
+    `model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache)`, which then runs
+    only the last prompt column before sampling (transformers' prompt-cache reuse). A GRPO group's samples
+    share their prompt (hyperparameters.prefixSharing). Exactly one forward of the model, whatever the rows,
+    so ZeRO-3 ranks stay in step; None (generate then runs its own prefill) when P < 2 or the model
+    returns no cache.
+    """
+    prompts, mask, index = distinct_prompts(prompt_ids, prompt_mask)
+    width = max(prompt_ids.shape[1] - 1, 1)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=prompts[:, :width], attention_mask=mask[:, :width],
+                position_ids=position_ids_from_mask(mask[:, :width]), use_cache=True, **keep)
+    cache = getattr(out, "past_key_values", None)
+    if prompt_ids.shape[1] < 2 or cache is None:
+        return None
+    cache.batch_select_indices(index.to(prompts.device))
+    return cache

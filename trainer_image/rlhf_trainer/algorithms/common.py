@@ -41,7 +41,7 @@ from rlhf_trainer.data import (
 )
 from rlhf_trainer.errors import ConfigError, DataError
 from rlhf_trainer.experience import Experience
-from rlhf_trainer.forward import chunked_token_logprobs, row_slices
+from rlhf_trainer.forward import chunked_token_logprobs, row_slices, shared_prompt_cache
 from rlhf_trainer.records import Prompt
 from rlhf_trainer.runtime import Context, log, resume_step
 from rlhf_trainer.sampling import SampledLogProbs, only_these_settings, sampling_config, stop_token_ids
@@ -209,7 +209,10 @@ def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_g
     with only_these_settings(model):
         for s in row_slices(len(id_rows), hp.inference_chunk_size):
             recorder = SampledLogProbs(hp.temperature) if logprobs else None
-            out = model.generate(input_ids=enc["input_ids"][s].to(dev), attention_mask=enc["attention_mask"][s].to(dev),
+            ids, attention = enc["input_ids"][s].to(dev), enc["attention_mask"][s].to(dev)
+            # prefixSharing: a GRPO group's samples share one prefill of their prompt
+            cache = shared_prompt_cache(model, ids, attention) if hp.prefix_sharing else None
+            out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache,
                                  generation_config=config, synced_gpus=synced_gpus,
                                  logits_processor=LogitsProcessorList([recorder] if recorder else []))
             pieces.append(out[:, width:].cpu())
