@@ -132,7 +132,7 @@ def preference_rows(context_tokens: int, ragged: bool = False) -> list[dict[str,
 
     pairs = synthetic_preferences()
     prompts = with_contexts([r.prompt for r in pairs], context_tokens, ragged)
-    return [{"prompt": p, "chosen": r.chosen, "rejected": r.rejected} for p, r in zip(prompts, pairs)]
+    return [{"prompt": p, "chosen": r.chosen, "rejected": r.rejected} for p, r in zip(prompts, pairs, strict=True)]
 
 
 def prompt_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str]]:
@@ -141,7 +141,7 @@ def prompt_rows(context_tokens: int, ragged: bool = False) -> list[dict[str, str
 
     rows = synthetic_arithmetic()
     prompts = with_contexts([r.prompt for r in rows], context_tokens, ragged)
-    return [{"prompt": p, "answer": r.answer} for p, r in zip(prompts, rows)]
+    return [{"prompt": p, "answer": r.answer} for p, r in zip(prompts, rows, strict=True)]
 
 
 def dataset(algorithm: str, context_tokens: int, ragged: bool = False) -> dict[str, str]:

@@ -386,10 +386,11 @@ class Hyperparameters:
                                        "the more so the longer the prompts. Not with the actor's "
                                        "gradientCheckpointing (it drops the cache).",
                                 algorithms=(*PREFERENCE, *CRITIC_FREE))
-    padding_free: bool = knob(False, "Run the actor's and reference's log-prob forwards without padding: a batch's "
+    padding_free: bool = knob(False, "Run the forwards of the actor, the reference, and PPO's critic and reward "
+                                     "model without padding: a batch's "
                                      "rows go through the model as one packed sequence whose positions restart "
                                      "with each row (TRL's padding_free, verl's use_remove_padding), the same "
-                                     "log-probs at the cost of the real tokens only. The model must keep packed "
+                                     "log-probs, values and scores at the cost of the real tokens only. The model must keep packed "
                                      "rows apart (Hugging Face models that build their masks with masking_utils "
                                      "do; checked once, else the trainer exits naming this field).",
                               algorithms=(*PPO, *CRITIC_FREE, *PREFERENCE))

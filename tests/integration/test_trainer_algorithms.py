@@ -110,3 +110,19 @@ def test_dpo_speed_switches_give_the_plain_runs_losses(tmp_path, switch):
         # Not the accuracy: at step 1 the policy is the reference, every margin is 0 up to float rounding,
         # and which side of 0 the rounding falls on differs between the two layouts.
         assert switched["reward_mean"] == pytest.approx(plain["reward_mean"], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ppo_padding_free_gives_the_plain_runs_values_and_losses(tmp_path):
+    """hyperparameters.paddingFree packs PPO's critic (values and its update) and reward model (scores) too:
+    with the reward model, critic and reference each in its own process, the same seed gives the same
+    rewards, KL and policy and value losses per step."""
+    runs = {}
+    for on in (False, True):
+        config = trainer_config("ppo", reward_model="tiny://llama", hyperparameters={"padding_free": on})
+        run = launch(config, tmp_path / f"padding-free-{on}")
+        assert run.ok, run.describe()
+        runs[on] = run.metrics()
+    for plain, packed in zip(runs[False], runs[True], strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
+            assert packed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), (key, plain, packed)

@@ -467,6 +467,57 @@ def test_padding_free_refuses_a_model_that_mixes_packed_rows():
         token_logprobs(model, ids, mask, response_length=R, padding_free=True)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_padding_free_critic_values_and_gradients_equal_the_padded_forward(seed):
+    # The PPO critic (models.ValueModel) runs its backbone packed: values at real tokens and every
+    # parameter's gradient as padded, in both row layouts, Llama and Qwen2.
+    from rlhf_trainer import models
+    from rlhf_trainer.data import position_ids_from_mask
+
+    ids, mask, _ = uneven_rows(seed)
+    critic = models.load_value_model("tiny://llama" if seed % 4 < 2 else "tiny://qwen2", seed=seed).train()
+    real = mask.bool()
+    out = {}
+    for padding_free in (False, True):
+        critic.zero_grad()
+        values = critic(ids, mask, position_ids_from_mask(mask), padding_free=padding_free)
+        (values * real * torch.linspace(-1, 1, ids.shape[1])).sum().backward()  # every position its own weight
+        out[padding_free] = values.detach(), {n: p.grad.clone() for n, p in critic.named_parameters()}
+    (values, grads), (values_free, grads_free) = out[False], out[True]
+    torch.testing.assert_close(values_free[real], values[real], rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        scale = max(float(grad.abs().max()), 1.0)
+        torch.testing.assert_close(grads_free[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_padding_free_reward_scores_equal_the_padded_forward(seed):
+    # The reward model pools the row's rightmost token that is not the pad id (Hugging Face's sequence
+    # classifiers); row 0 ends in a real pad id (a pad token that is also EOS), so it pools the token before.
+    from rlhf_trainer import models
+    from rlhf_trainer.forward import sequence_scores
+
+    model = models.load_reward_model("tiny://llama" if seed % 4 < 2 else "tiny://qwen2", seed=seed).eval()
+    pad = model.config.pad_token_id
+    ids, mask, _ = uneven_rows(seed)
+    ids = ids.masked_fill(mask == 0, pad)
+    ids[0, int(mask[0].nonzero().max())] = pad
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_scores(model, ids, mask, padding_free=True), sequence_scores(model, ids, mask),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_padding_free_refuses_a_critic_whose_backbone_mixes_packed_rows():
+    from rlhf_trainer import models
+    from rlhf_trainer.errors import ConfigError
+
+    critic = models.load_value_model("tiny://llama", seed=0)
+    critic.backbone = MixesRows(critic.backbone)
+    ids, mask, _ = uneven_rows(0)
+    with pytest.raises(ConfigError, match=r"hyperparameters\.paddingFree: MixesRows lets the tokens of packed rows"):
+        critic(ids, mask, padding_free=True)
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("chunk_size", [1, 3, 8])
 def test_reference_log_probs_of_side_by_side_pairs_with_shared_prompts_equal_the_plain_rows(seed, chunk_size):

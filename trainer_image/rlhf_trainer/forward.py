@@ -163,10 +163,10 @@ def packing_honoured(model) -> bool:
     training = module.training
     module.eval()
     try:
-        alone = model(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False).logits[0].float()
-        packed = model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False).logits[0, 3:].float()
-        mixed = model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
-                      use_cache=False).logits[0, 3:].float()
+        alone = _output(model(input_ids=ids[:, 3:], position_ids=positions[:, 3:], use_cache=False))[0].float()
+        packed = _output(model(input_ids=ids, position_ids=positions, attention_mask=None, use_cache=False))[0, 3:].float()
+        mixed = _output(model(input_ids=ids, position_ids=positions, attention_mask=torch.ones_like(ids),
+                              use_cache=False))[0, 3:].float()
     finally:
         module.train(training)
     apart, together = (packed - alone).abs().max(), (mixed - alone).abs().max()
@@ -192,9 +192,38 @@ def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     return chunked(one, rows=input_ids.shape[0], chunk_size=chunk_size)
 
 
-def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B,) float32 scores of a one-label sequence classifier (it pools the last non-pad token)."""
+def _output(out) -> torch.Tensor:
+    """A forward's per-token output: a causal LM's logits, a base model's last hidden state."""
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                    padding_free: bool = False) -> torch.Tensor:
+    """(B, T) -> (B,) float32 scores of a one-label sequence classifier (it pools the last non-pad token).
+    `padding_free`: the same through packed_sequence_scores when the model allows it (a Hugging Face
+    classifier with a `score` head and a pad token) and the rows are contiguous_rows."""
+    module = _module_of(model)
+    base = getattr(module, getattr(module, "base_model_prefix", ""), None)
+    pad = getattr(getattr(module, "config", None), "pad_token_id", None)
+    if padding_free and base is not None and hasattr(module, "score") and pad is not None:
+        require_packing(base)  # whatever this batch's rows: ZeRO-3 ranks run the check's forwards alike
+        if contiguous_rows(attention_mask):
+            hidden = packed_hidden_states(base, input_ids, attention_mask)
+            # The row's rightmost token that is not the pad id, as the classifier pools (padding is zeros here)
+            last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
+            return module.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])[:, 0].float()
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+
+
+def packed_hidden_states(backbone, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) contiguous_rows -> (B, T, H) last hidden states of `backbone` (a Hugging Face base model, e.g.
+    a critic's or a reward model's) with the rows' K real tokens run as one packed (1, K) sequence, as
+    packed_token_logprobs does; 0 at padding. Differentiable when the backbone is. The backbone must keep
+    packed rows apart (require_packing)."""
+    real = attention_mask.bool()
+    hidden = backbone(input_ids=input_ids[real][None], attention_mask=None,
+                      position_ids=position_ids_from_mask(attention_mask)[real][None], use_cache=False).last_hidden_state[0]
+    return hidden.new_zeros(*input_ids.shape, hidden.shape[-1]).index_put(real.nonzero(as_tuple=True), hidden)
 
 
 def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,

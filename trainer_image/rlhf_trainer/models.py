@@ -49,6 +49,7 @@ from transformers import (
 
 from rlhf_trainer.data import synthetic_corpus
 from rlhf_trainer.errors import ConfigError
+from rlhf_trainer.forward import contiguous_rows, packed_hidden_states, require_packing
 
 TINY_PREFIX = "tiny://"
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -262,10 +263,18 @@ class ValueModel(nn.Module):
         self.config = backbone.config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T) token ids -> (B, T) values; values at padding positions are meaningless."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               position_ids=position_ids, use_cache=False).last_hidden_state
+                position_ids: torch.Tensor | None = None, padding_free: bool = False) -> torch.Tensor:
+        """(B, T) token ids -> (B, T) values; values at padding positions are meaningless.
+        `padding_free` (hyperparameters.paddingFree): the backbone runs the rows' real tokens packed
+        (forward.packed_hidden_states) when they are contiguous, after checking once that it keeps
+        packed rows apart (ConfigError naming the field otherwise); the same values to float rounding."""
+        if padding_free:
+            require_packing(self.backbone)  # whatever this batch's rows: ZeRO-3 ranks run the check alike
+        if padding_free and contiguous_rows(attention_mask):
+            hidden = packed_hidden_states(self.backbone, input_ids, attention_mask)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False).last_hidden_state
         return self.value_head(hidden).squeeze(-1)
 
     def gradient_checkpointing_enable(self, **kwargs) -> None:

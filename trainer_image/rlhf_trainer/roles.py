@@ -93,8 +93,10 @@ class RewardService:
     response ids ending with a stop token, cut to max_prompt_length / max_length
     (rlhf_trainer.tokenized.truncate_row)."""
 
-    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int, chunk_size: int):
+    def __init__(self, model, renderer, *, max_prompt_length: int, max_length: int, chunk_size: int,
+                 padding_free: bool = False):
         self.model = model.to(distributed.device()).eval()
+        self.padding_free = padding_free  # packed forwards (forward.sequence_scores, hyperparameters.paddingFree)
         self.renderer = renderer
         self.lengths = {"max_prompt_length": max_prompt_length, "max_length": max_length}
         self.chunk_size = chunk_size  # rows per forward
@@ -110,7 +112,8 @@ class RewardService:
             prompts.append(p)
             responses.append(r)
         t = _on_device(pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id))
-        scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s]),
+        scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s],
+                                                   padding_free=self.padding_free),
                          rows=t["input_ids"].shape[0], chunk_size=self.chunk_size)
         return {"scores": scores.cpu()}, {}
 
@@ -159,8 +162,9 @@ class CriticService:
     """PPO critic: per-token values, and its own optimizer step on the actor's returns."""
 
     def __init__(self, strategy, *, micro_batch_size: int, chunk_size: int, value_clip_range: float,
-                 normaliser: Callable, guard: NonFiniteGuard):
+                 normaliser: Callable, guard: NonFiniteGuard, padding_free: bool = False):
         self.strategy = strategy
+        self.padding_free = padding_free  # packed forwards (models.ValueModel, hyperparameters.paddingFree)
         self.micro_batch_size = micro_batch_size
         self.chunk_size = chunk_size  # rows per no-grad values pass
         self.value_clip_range = value_clip_range
@@ -170,7 +174,8 @@ class CriticService:
     def values(self, input_ids, attention_mask, response_length: int) -> torch.Tensor:
         """(B, R) values of the states before each response token."""
         values = self.strategy.forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+            padding_free=self.padding_free,
         )
         return values[:, -response_length - 1:-1].float()
 

@@ -145,7 +145,7 @@ def build_service(ctx: Context, role: str):
                                         max_prompt_length=hp.max_prompt_length, max_length=hp.max_length)
         return RewardService(models.load_reward_model(path, seed=hp.seed).to(frozen_dtype), renderer,
                              max_prompt_length=hp.max_prompt_length, max_length=hp.max_length,
-                             chunk_size=hp.inference_chunk_size)
+                             chunk_size=hp.inference_chunk_size, padding_free=hp.padding_free)
     if role == "critic":
         rows = ctx.rows_per_rank()
         path, init = critic_source(cfg, models.is_sequence_classifier)
@@ -172,6 +172,7 @@ def build_service(ctx: Context, role: str):
             value_clip_range=hp.value_clip_range,
             normaliser=lambda n: distributed.all_reduce_sum(n) / world,
             guard=ctx.guard,
+            padding_free=hp.padding_free,
         )
     raise ValueError(f"no service for role {role!r}")
 
