@@ -200,8 +200,10 @@ def _output(out) -> torch.Tensor:
 def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                     padding_free: bool = False) -> torch.Tensor:
     """(B, T) -> (B,) float32 scores of a one-label sequence classifier (it pools the last non-pad token).
-    `padding_free`: the same through packed_sequence_scores when the model allows it (a Hugging Face
-    classifier with a `score` head and a pad token) and the rows are contiguous_rows."""
+    `padding_free`: the same with the base model run packed (packed_hidden_states) and the `score` head
+    applied at the token the classifier pools, when the model allows it (a Hugging Face classifier with
+    a `score` head and a pad token) and the rows are contiguous_rows; ConfigError naming
+    hyperparameters.paddingFree when its base model mixes packed rows."""
     module = _module_of(model)
     base = getattr(module, getattr(module, "base_model_prefix", ""), None)
     pad = getattr(getattr(module, "config", None), "pad_token_id", None)
@@ -209,8 +211,9 @@ def sequence_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         require_packing(base)  # whatever this batch's rows: ZeRO-3 ranks run the check's forwards alike
         if contiguous_rows(attention_mask):
             hidden = packed_hidden_states(base, input_ids, attention_mask)
-            # The row's rightmost token that is not the pad id, as the classifier pools (padding is zeros here)
-            last = (torch.arange(input_ids.shape[1], device=input_ids.device) * (input_ids != pad)).argmax(-1)
+            # The row's rightmost real token that is not the pad id: where the classifier pools
+            pooled = (input_ids != pad) & attention_mask.bool()
+            last = (torch.arange(input_ids.shape[1], device=input_ids.device) * pooled).argmax(-1)
             return module.score(hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last])[:, 0].float()
     return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
 
