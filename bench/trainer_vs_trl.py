@@ -149,11 +149,17 @@ def dataset(algorithm: str, context_tokens: int, ragged: bool = False) -> dict[s
     kind, fmt = ("preferences", "pairs") if algorithm == "dpo" else ("arithmetic", "prompts")
     if not context_tokens:
         return {"path": f"synthetic://{kind}", **({"format": fmt} if algorithm == "dpo" else {})}
+    return {"path": str(rows_file(algorithm, context_tokens, ragged)), "format": fmt}
+
+
+def rows_file(algorithm: str, context_tokens: int, ragged: bool) -> Path:
+    """The rows of `algorithm` (preference_rows or prompt_rows) written as JSONL under bench/out."""
+    kind = "preferences" if algorithm == "dpo" else "arithmetic"
     rows = preference_rows(context_tokens, ragged) if algorithm == "dpo" else prompt_rows(context_tokens, ragged)
     path = HERE / "out" / f"{kind}-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"path": str(path), "format": fmt}
+    return path
 
 
 def _our_context(algorithm: str, model: str, bf16: bool = False, prefix_sharing: bool = False,
@@ -371,11 +377,8 @@ def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str, c
     # The trainer's package and the contract it imports (TRL 1.12's own venv has neither installed).
     paths = os.pathsep.join(str(HERE.parent / d) for d in ("trainer_image", "contract"))
     env = {**os.environ, "RLHF_TRAINER_PATH": paths, "OUT": str(HERE / "out" / "trl-ppo")}
-    prompts = HERE / "out" / f"ppo-prompts-context{context_tokens}{'-ragged' if ragged else ''}.jsonl"
-    prompts.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(context_tokens, ragged)))
     cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS),
-           str(PROMPT_LEN + context_tokens + 1), model, str(prompts)]
+           str(PROMPT_LEN + context_tokens + 1), model, str(rows_file("ppo", context_tokens, ragged))]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:

@@ -123,14 +123,22 @@ def packed_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.
     packed_at = (real.flatten().long().cumsum(0) - 1).view(B, T)  # each real token's index in the packed row
     keep = packed_at[:, T - R - 1:T - 1][wanted]  # (M,) packed positions whose logits are wanted
     kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids[real][None], attention_mask=None,
-                   position_ids=position_ids_from_mask(attention_mask)[real][None], use_cache=False, **kwargs).logits[0]
+    logits = model(**packed_inputs(input_ids, attention_mask), use_cache=False, **kwargs).logits[0]
     if not kwargs:
         logits = logits[keep]
     logprobs = logprobs_from_logits(logits[None], input_ids[:, T - R:][wanted][None], temperature)[0]
     where = wanted.nonzero(as_tuple=True)
     return (logprobs.new_zeros(B, R).index_put(where, logprobs),
             logits.new_zeros(B, R, logits.shape[-1]).index_put(where, logits))
+
+
+def packed_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """(B, T) contiguous_rows -> a forward's keyword arguments for their K real tokens as one (1, K) row:
+    input_ids, position_ids restarting at 0 with each row, and no attention mask (the model derives the
+    block-diagonal one from the positions)."""
+    real = attention_mask.bool()
+    return {"input_ids": input_ids[real][None], "attention_mask": None,
+            "position_ids": position_ids_from_mask(attention_mask)[real][None]}
 
 
 def require_packing(model) -> None:
@@ -224,8 +232,7 @@ def packed_hidden_states(backbone, input_ids: torch.Tensor, attention_mask: torc
     packed_token_logprobs does; 0 at padding. Differentiable when the backbone is. The backbone must keep
     packed rows apart (require_packing)."""
     real = attention_mask.bool()
-    hidden = backbone(input_ids=input_ids[real][None], attention_mask=None,
-                      position_ids=position_ids_from_mask(attention_mask)[real][None], use_cache=False).last_hidden_state[0]
+    hidden = backbone(**packed_inputs(input_ids, attention_mask), use_cache=False).last_hidden_state[0]
     return hidden.new_zeros(*input_ids.shape, hidden.shape[-1]).index_put(real.nonzero(as_tuple=True), hidden)
 
 
