@@ -559,6 +559,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))
+    errors.extend(_gpu_mix_errors(roles, bad))
     errors.extend(_source_errors(critic, dataset, bad))
     if algorithm in ALGORITHMS and dataset.path and "dataset.format" not in bad:
         problem = dataset_format_problem(algorithm, dataset)
@@ -874,6 +875,22 @@ def _offload_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[st
         for i, role in enumerate(roles)
         if role.name in TRAINED_ROLES and role.deepspeed.offload_optimizer and role.deepspeed.zero_stage == 0
         and f"roles[{i}].deepspeed.zeroStage" not in bad
+    ]
+
+
+def _gpu_mix_errors(roles: tuple[RoleSpec, ...], bad: set[str]) -> list[tuple[str, str]]:
+    """Every role with pods has GPUs, or none has. The roles' processes exchange batches over one group, NCCL
+    when a process sees a GPU and gloo when not (rlhf_trainer.bridge.Bridge.connect): a job mixing both would
+    join that group from two backends and hang. A colocated role runs in its host's processes (no pods)."""
+    with_pods = [(i, r) for i, r in enumerate(roles) if not r.colocate_with and f"roles[{i}].gpus" not in bad]
+    if not with_pods:
+        return []
+    first = with_pods[0][1]
+    return [
+        (f"roles[{i}].gpus", f"is {role.gpus} on the {role.name} but {first.gpus} on the {first.name}: every role "
+                             f"with pods needs GPUs or none does (the roles' processes join one NCCL group on GPUs, "
+                             f"gloo on CPUs); give the {role.name} GPUs or colocateWith: {first.name}")
+        for i, role in with_pods[1:] if (role.gpus > 0) != (first.gpus > 0)
     ]
 
 

@@ -7,6 +7,8 @@ import dataclasses
 import pytest
 import rlhfjob_cases as cases
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rlhf_contract import algorithms
 from rlhf_contract.config import DatasetConfig, DeepSpeedConfig, Hyperparameters, RewardConfig
 from rlhf_contract.knobs import camel_case, settings_of
@@ -338,3 +340,25 @@ def test_bad_tracker_fields_are_named(trackers, path, words):
     errors = errors_of({**MINIMAL, "trackers": trackers})
     assert [p for p, _ in errors] == [path], errors
     assert words in errors[0][1]
+
+
+@given(gpus=st.lists(st.integers(0, 2), min_size=4, max_size=4),
+       colocated=st.lists(st.sampled_from(["", "actor"]), min_size=3, max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_roles_with_pods_all_have_gpus_or_none_has(gpus, colocated):
+    """Over generated gpus / colocation of MINIMAL's four roles: exactly the roles with pods whose GPU-or-not
+    differs from the first such role's are refused, each by its roles[i].gpus."""
+    # one process per pod whatever the GPUs: the rank-count rules between roles stay out of the way
+    roles = [{"name": "actor", "gpus": gpus[0], "processesPerPod": 1}]
+    roles += [{"name": name, "gpus": g, "processesPerPod": 1, **({"colocateWith": c} if c else {})}
+              for name, g, c in zip(("critic", "reference", "reward"), gpus[1:], colocated, strict=True)]
+    spec = {**MINIMAL, "roles": roles}
+    # the actor always has pods (a role cannot colocate with itself): it is the first role with pods
+    expected = {f"roles[{i}].gpus" for i, r in enumerate(roles)
+                if i and "colocateWith" not in r and (r["gpus"] > 0) != (gpus[0] > 0)}
+    if not expected:
+        parse_spec(spec)
+        return
+    errors = errors_of(spec)
+    assert {p for p, m in errors if "every role with pods needs GPUs" in m} == expected, errors
+    assert all(p in expected for p, _ in errors), errors
