@@ -7,7 +7,8 @@ API server and the kubelet for them:
     manifest --api.parse_job--> Job
     loop:  pods' processes --pod_status--> pod dicts --planner.observe_pod--> Observed
            planner.plan(job, observed, now) -> actions + status
-           CreateObject(Pod)  -> start `python -m rlhf_trainer` as a process group (localexec)
+           CreateObject(Pod)  -> start `python -m rlhf_trainer` as a process group (localexec), with
+                                 the pod's nvidia.com/gpu as CUDA_VISIBLE_DEVICES on a GPU machine
            CreateObject(ConfigMap / PVC / ...) -> local files and folders under runs/<job>/
            DeletePods          -> SIGTERM, grace, SIGKILL the process groups
            wait for a process exit, the planner's requeue_after, or the next progress refresh
@@ -96,6 +97,21 @@ def unsupported_sources(jobs: list[api.Job]) -> list[str]:
 
 # Manifest fields that name files: run-local reads a relative one against the manifest's folder.
 LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "path"), ("dataset", "evalPath"))
+
+
+def gpu_shortages(jobs: list[api.Job], visible: int) -> list[str]:
+    """Jobs whose pods together ask for more GPUs than the machine's `visible` ones (localexec.visible_gpus).
+    A machine with none runs every job on its CPUs, whatever the roles' gpus."""
+    problems = []
+    for job in jobs:
+        pods = [(r.name, r.replicas, r.gpus) for r in job.spec.roles if not r.colocate_with and r.gpus]
+        asked = sum(replicas * gpus for _, replicas, gpus in pods)
+        if visible and asked > visible:
+            parts = ", ".join(f"{name} {replicas} x {gpus}" for name, replicas, gpus in pods)
+            problems.append(f"{job.name}: its pods ask for {asked} GPUs ({parts}; roles[].replicas x roles[].gpus) "
+                            f"but this machine shows {visible} (CUDA_VISIBLE_DEVICES or nvidia-smi): lower them, "
+                            f"or colocate roles (colocateWith)")
+    return problems
 
 
 def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -618,6 +634,7 @@ def main(args: Any) -> int:
             errors.append(f"{path}: {name}: {e}" if len(manifests) > 1 else f"{path}: {e}")
     errors += [f"{path}: {problem}" for problem in missing_sources([r.job for r in runners])]
     errors += [f"{path}: {problem}" for problem in unsupported_sources([r.job for r in runners])]
+    errors += [f"{path}: {problem}" for problem in gpu_shortages([r.job for r in runners], len(supervisor.gpus))]
     if errors:
         print("\n".join(f"rlhf-operator run-local: {e}" for e in errors), file=sys.stderr)
         return 2
@@ -633,6 +650,10 @@ def main(args: Any) -> int:
         print("\ninterrupted; processes stopped, checkpoints kept in " +
               ", ".join(str(r.checkpoint_dir) for r in runners))
         return 130
+    except localexec.GpuShortage as e:  # jobs side by side that each fit alone
+        supervisor.stop_all(run.grace())
+        print(f"rlhf-operator run-local: {e}; processes stopped, checkpoints kept", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
     for runner in runners:

@@ -9,7 +9,9 @@ Three pieces, each usable alone:
   (POD_IP, metadata.name) is filled in, and `python` becomes this interpreter.
 - Supervisor: starts each ProcessSpec as its own process group (start_new_session) so stopping a
   pod kills everything it spawned; stop() is SIGTERM, a grace period, then SIGKILL. Every exit
-  sets `changed`, an Event the caller waits on instead of polling.
+  sets `changed`, an Event the caller waits on instead of polling. On a machine with GPUs it hands
+  each pod the `nvidia.com/gpu` it asks for as CUDA_VISIBLE_DEVICES, GPUs no running pod holds (as a
+  device plugin does: a pod that asks for none sees none), so two pods never share a GPU.
 - pod_status(): a process state -> the pod `status` dict a kubelet would write (phase, podIP,
   containerStatuses with exitCode and the termination message), so the real planner reads it.
 """
@@ -28,11 +30,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from rlhf_contract import wire
+
+from rlhf_operator import builders
 
 # Kubernetes keeps at most 4096 bytes of a termination message.
 MAX_TERMINATION_MESSAGE = 4096
@@ -51,6 +55,37 @@ class ProcessSpec:
     cwd: Path
     log_path: Path
     termination_log: Path
+    gpus: int = 0  # the container's nvidia.com/gpu limit
+
+
+class GpuShortage(RuntimeError):
+    """A pod asks for more GPUs than this machine has free."""
+
+
+def visible_gpus(env: Mapping[str, str] = os.environ) -> list[str]:
+    """This machine's GPUs as CUDA names them: CUDA_VISIBLE_DEVICES when set (the user's choice of GPUs
+    for the run), else the indices nvidia-smi lists, else none (a CPU machine)."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [g.strip() for g in env["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def assign_gpus(visible: list[str], busy: set[str], count: int, pod: str) -> tuple[str, ...]:
+    """The first `count` of `visible` that no running pod holds, for `pod`.
+
+    Raises GpuShortage (naming the pod, the count and what is held) when fewer are free.
+    """
+    free = [g for g in visible if g not in busy]
+    if count > len(free):
+        raise GpuShortage(f"pod {pod} asks for {count} GPU(s) (nvidia.com/gpu) but this machine has {len(free)} free "
+                          f"of {len(visible)} ({len(busy)} held by running pods): lower the roles' gpus or replicas, "
+                          f"or colocate roles (colocateWith)")
+    return tuple(free[:count])
 
 
 def utc_now() -> str:
@@ -214,7 +249,8 @@ def translate_pod(
              for c in pod["spec"].get("initContainers", [])]
     if inits:
         argv = ("sh", "-c", " && ".join([*(shlex.join(a) for a in inits), "exec " + shlex.join(argv)]))
-    return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log)
+    gpus = int((container.get("resources") or {}).get("limits", {}).get(builders.GPU_RESOURCE, 0))
+    return ProcessSpec(name, argv, env, pod_dir, pod_dir / "log.txt", termination_log, gpus)
 
 
 def _container_env(pod: Mapping[str, Any], container: Mapping[str, Any], mounts: Mapping[str, Path],
@@ -269,17 +305,30 @@ class LocalProcess:
 
 
 class Supervisor:
-    """Local process groups by pod name. Thread-safe; `changed` is set whenever one exits."""
+    """Local process groups by pod name. Thread-safe; `changed` is set whenever one exits.
 
-    def __init__(self) -> None:
+    gpus: the machine's GPUs (visible_gpus() when None); with none, pods start with the runner's env as is.
+    """
+
+    def __init__(self, gpus: list[str] | None = None) -> None:
         self.changed = threading.Event()
         self._procs: dict[str, LocalProcess] = {}
         self._lock = threading.Lock()
+        self.gpus = visible_gpus() if gpus is None else list(gpus)
+
+    def _held_gpus(self) -> set[str]:
+        """GPUs of running pods (a finished pod's are free, as a kubelet frees a completed pod's)."""
+        return {g for p in self._procs.values() if p.popen.poll() is None
+                for g in p.spec.env.get("CUDA_VISIBLE_DEVICES", "").split(",") if g}
 
     def start(self, spec: ProcessSpec) -> LocalProcess:
+        """Start the pod's process group. Raises GpuShortage when its GPUs are not free."""
         with self._lock:
             if spec.name in self._procs:
                 raise ValueError(f"pod {spec.name} already has a process")
+            if self.gpus:
+                ids = assign_gpus(self.gpus, self._held_gpus(), spec.gpus, spec.name)
+                spec = replace(spec, env={**spec.env, "CUDA_VISIBLE_DEVICES": ",".join(ids)})
             spec.cwd.mkdir(parents=True, exist_ok=True)
             spec.termination_log.unlink(missing_ok=True)
             with open(spec.log_path, "ab") as log:

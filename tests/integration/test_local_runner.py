@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rlhf_operator import local, localfaults, planner, report
+from rlhf_operator import local, localexec, localfaults, planner, report
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE = [sys.executable, str(Path(__file__).with_name("local_fake_trainer.py"))]
@@ -161,9 +161,43 @@ def test_cli_rejects_invalid_manifest_naming_the_field(tmp_path, capsys):
     assert "roles[0].replicas" in capsys.readouterr().err
 
 
+def test_cli_refuses_a_job_needing_more_gpus_than_the_machine_shows(tmp_path, capsys, monkeypatch):
+    obj = manifest()
+    for role in obj["spec"]["roles"]:
+        role["gpus"] = 1
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    from rlhf_operator import cli
+
+    assert cli.main(["run-local", str(path), "--workdir", str(tmp_path)]) == 2
+    assert "its pods ask for 3 GPUs (actor 1 x 1, critic 1 x 1, reference 1 x 1;" in capsys.readouterr().err
+    assert not (tmp_path / "fake-ppo" / "pods").exists()  # nothing started
+
+
 @pytest.mark.parametrize("text", ["kind: Pod\n", ": : :\n"])
 def test_load_manifest_errors_name_the_file(tmp_path, text):
     path = tmp_path / "m.yaml"
     path.write_text(text)
     with pytest.raises(local.LocalRunError, match="m.yaml"):
         local.load_manifests(path)
+
+
+def test_on_a_gpu_machine_each_pod_sees_its_own_gpus(tmp_path):
+    """Four GPUs (named to the supervisor on this CPU machine): the actor's pod asks for 2, the critic's and
+    the reference's 1 each; each pod's processes see only its own, as under a device plugin."""
+    started: dict[str, str] = {}
+
+    class Recording(localexec.Supervisor):
+        def start(self, spec):
+            proc = super().start(spec)
+            started[spec.name] = proc.spec.env["CUDA_VISIBLE_DEVICES"]
+            return proc
+
+    obj = manifest(max_steps=2)
+    for role, gpus in zip(obj["spec"]["roles"], (2, 1, 1), strict=True):
+        role.update(gpus=gpus, processesPerPod=1)
+    assert runner(tmp_path, obj, supervisor=Recording(gpus=["0", "1", "2", "3"])).run(timeout=60)["phase"] == "Succeeded"
+    assert set(started) == {"fake-ppo-actor-0", "fake-ppo-critic-0", "fake-ppo-reference-0"}
+    assert len(started["fake-ppo-actor-0"].split(",")) == 2
+    assert sorted(",".join(started.values()).split(",")) == ["0", "1", "2", "3"]  # disjoint, all handed out

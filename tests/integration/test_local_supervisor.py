@@ -1,11 +1,13 @@
 """rlhf_operator.localexec.Supervisor with real processes: exit codes, messages, no orphans."""
 
+import dataclasses
 import os
 import signal
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from rlhf_operator import localexec
 
 
@@ -81,3 +83,25 @@ def test_stop_all_leaves_nothing(tmp_path):
     sup.stop_all(grace=2)
     assert all(not alive(p.popen.pid) for p in procs)
     assert all(p.exit_code == 128 + signal.SIGTERM for p in procs)
+
+
+def test_each_pod_gets_gpus_no_running_pod_holds(tmp_path):
+    """A machine of 3 GPUs: pods asking 2 and 1 get disjoint ones, a third finds none free, a pod asking
+    none sees none, and a stopped or finished pod's GPUs go to the next."""
+    sup = localexec.Supervisor(gpus=["0", "1", "2"])
+    sleep = "import time; time.sleep(60)"
+    a = sup.start(dataclasses.replace(spec(tmp_path, "a", sleep), gpus=2))
+    b = sup.start(dataclasses.replace(spec(tmp_path, "b", sleep), gpus=1))
+    assert (a.spec.env["CUDA_VISIBLE_DEVICES"], b.spec.env["CUDA_VISIBLE_DEVICES"]) == ("0,1", "2")
+    with pytest.raises(localexec.GpuShortage, match="pod c asks for 1 GPU.*0 free of 3"):
+        sup.start(dataclasses.replace(spec(tmp_path, "c", sleep), gpus=1))
+    cpu = sup.start(spec(tmp_path, "cpu", "import os; print(repr(os.environ['CUDA_VISIBLE_DEVICES']))"))
+    wait_until(lambda: cpu.exit_code is not None)
+    assert (tmp_path / "cpu" / "log.txt").read_text().strip() == "''"
+    sup.stop(["a"], grace=1)
+    c = sup.start(dataclasses.replace(spec(tmp_path, "c", "pass"), gpus=2))
+    assert c.spec.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    wait_until(lambda: c.exit_code is not None)  # finished: its GPUs are free again
+    d = sup.start(dataclasses.replace(spec(tmp_path, "d", sleep), gpus=2))
+    assert d.spec.env["CUDA_VISIBLE_DEVICES"] == "0,1"
+    sup.stop_all(grace=1)

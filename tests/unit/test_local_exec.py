@@ -3,6 +3,8 @@
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from rlhf_operator import localexec
 
 POD = {
@@ -142,3 +144,37 @@ def test_a_relative_pythonpath_means_the_runners_folder_not_the_pods(tmp_path, m
         python="/py", base_env={"PYTHONPATH": "."})
     assert spec.env["PYTHONPATH"] == str(tmp_path)
     assert spec.cwd == tmp_path / "pod"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("0,1,2,3", ["0", "1", "2", "3"]), (" 2, 5,", ["2", "5"]), ("", []), ("GPU-8f0e", ["GPU-8f0e"]),
+])
+def test_visible_gpus_are_cuda_visible_devices_when_set(value, expected):
+    assert localexec.visible_gpus({"CUDA_VISIBLE_DEVICES": value}) == expected
+
+
+def test_no_gpus_without_cuda_visible_devices_or_nvidia_smi(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi on it
+    assert localexec.visible_gpus({}) == []
+
+
+@given(visible=st.lists(st.sampled_from("01234567"), unique=True, max_size=8), busy_bits=st.integers(0, 255),
+       count=st.integers(0, 9))
+def test_assign_gpus_hands_out_free_gpus_or_names_the_shortage(visible, busy_bits, count):
+    busy = {g for i, g in enumerate(visible) if busy_bits >> i & 1}
+    free = [g for g in visible if g not in busy]
+    if count > len(free):
+        with pytest.raises(localexec.GpuShortage, match=f"pod p asks for {count} GPU"):
+            localexec.assign_gpus(visible, busy, count, "p")
+        return
+    ids = localexec.assign_gpus(visible, busy, count, "p")
+    assert len(ids) == len(set(ids)) == count and set(ids) <= set(free)
+
+
+def test_translate_pod_reads_the_gpu_limit(tmp_path):
+    assert translate(tmp_path).gpus == 0
+    trainer = {**POD["spec"]["containers"][0], "resources": {"limits": {"nvidia.com/gpu": "4", "memory": "8Gi"}}}
+    pod = {**POD, "spec": {"containers": [trainer]}}
+    spec = localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path,
+                                   metrics_port=0, base_env={})
+    assert spec.gpus == 4

@@ -98,3 +98,13 @@ def test_relative_model_and_dataset_paths_are_read_next_to_the_manifest(tmp_path
     assert obj["spec"]["dataset"]["path"] == "pairs.jsonl"  # the caller's manifest is left as it was
     tiny = {"spec": {"model": {"path": "tiny://llama"}}}
     assert local.resolve_local_paths(tiny, tmp_path) == tiny
+
+
+def test_a_job_asking_for_more_gpus_than_the_machine_shows_is_named_with_its_roles():
+    # ppo.yaml: actor 2 x 8, critic 1 x 8, reward 1 x 2 GPUs; the reference is colocated (no pods)
+    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo.yaml").read_text()))
+    (problem,) = local.gpu_shortages([job], visible=8)
+    assert "ask for 26 GPUs (actor 2 x 8, critic 1 x 8, reward 1 x 2;" in problem and "shows 8" in problem
+    assert local.gpu_shortages([job], visible=26) == []
+    assert local.gpu_shortages([job], visible=0) == []  # no GPUs: the run is on CPUs
+    assert local.gpu_shortages([_job()], visible=1) == []  # ppo-tiny asks for none
