@@ -13,7 +13,8 @@ and compares medians.
 
 `--model smollm2-135m` builds (once, under bench/out/) a LlamaForCausalLM of SmolLM2-135M's shape with
 random weights and the tiny tokenizer widened to its 49152-id vocabulary: a real size without a
-download. `--precision bf16` runs both sides in bfloat16 (TRL's default is bf16 autocast; ours then
+download. `--model qwen2.5-0.5b` does the same at Qwen2.5-0.5B's shape (494M parameters, the GPU MFU
+check: `bash bench/gpu_checks.sh`). `--precision bf16` runs both sides in bfloat16 (TRL's default is bf16 autocast; ours then
 sets deepspeed.bf16 on every role); TRL runs without gradient checkpointing (its default recomputes
 activations, ours does not) so both sides do the same arithmetic. `--threads 1` pins each side to one
 torch thread: on a shared machine the CPU seconds per step it reports are steadier than wall time.
@@ -49,55 +50,66 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ALGOS = ("dpo", "grpo", "ppo")
-PROMPTS, GROUP, NEW_TOKENS, PROMPT_LEN, LR = 8, 4, 8, 16, 1e-5
-# SmolLM2-135M's architecture (HuggingFaceTB/SmolLM2-135M config.json), built with random weights:
-# no hub is reachable, and a step's cost depends on the shape, not on the values.
-SMOLLM2_135M_SHAPE = dict(
-    hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-    vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-)
-MODELS = ("tiny", "smollm2-135m")
+DEFAULT_PROMPTS, GROUP, NEW_TOKENS, PROMPT_LEN, LR = 8, 4, 8, 16, 1e-5
+PROMPTS = DEFAULT_PROMPTS  # prompts (DPO: pairs) per step; --prompts
+# Real architectures, built with random weights: no hub is reachable, and a step's cost depends on the
+# shape, not on the values. Each: (transformers config class, its fields from the model's config.json).
+SHAPES = {
+    # HuggingFaceTB/SmolLM2-135M (134.5M parameters)
+    "smollm2-135m": ("LlamaConfig", dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True)),
+    # Qwen/Qwen2.5-0.5B (494M parameters; q/k/v biases are Qwen2's default): the GPU MFU check's model
+    "qwen2.5-0.5b": ("Qwen2Config", dict(
+        hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        vocab_size=151936, max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
+}
+MODELS = ("tiny", *SHAPES)
 
 
 def model_path(name: str) -> str:
-    """The model both sides load: `tiny://llama`, or a folder with a SmolLM2-135M-shaped random Llama."""
+    """The model both sides load: `tiny://llama`, or a folder with a random model of one of SHAPES."""
     if name == "tiny":
         return "tiny://llama"
-    folder = HERE / "out" / f"{name}-random-v2"  # v2: its padding tokens round-trip (build_smollm2_shaped)
+    folder = HERE / "out" / f"{name}-random-v2"  # v2: its padding tokens round-trip (build_shaped)
     if not (folder / "config.json").is_file():
-        build_smollm2_shaped(folder)
+        build_shaped(name, folder)
     return str(folder)
 
 
-def build_smollm2_shaped(folder: Path) -> None:
-    """A LlamaForCausalLM of SMOLLM2_135M_SHAPE (seed 0) and the tiny tokenizer widened to its vocabulary.
+def build_shaped(name: str, folder: Path) -> None:
+    """A causal LM of SHAPES[name] (seed 0) and the tiny tokenizer widened to its vocabulary.
 
     The tokenizer encodes the synthetic datasets as tiny://llama does; its vocabulary is padded up to
-    49152 with added tokens `<xN>`, so that every id the model samples decodes to some text and that
-    text encodes back to the same ids. (Plain vocabulary entries would not: the byte-level
+    the model's with added tokens `<xN>`, so that every id the model samples decodes to some text and
+    that text encodes back to the same ids. (Plain vocabulary entries would not: the byte-level
     pre-tokenizer splits `<x37342>` into 8 tokens, and the reward model, which re-encodes the decoded
     response as a real reward model with its own tokenizer must, scored 5x longer rows than TRL's.)
     """
     import json
 
     import torch
+    import transformers
     from rlhf_trainer import models
     from tokenizers import Tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+    config_class, shape = SHAPES[name]
     spec = json.loads(models._tiny_tokenizer_json())
     vocab = spec["model"]["vocab"]
-    for i in range(SMOLLM2_135M_SHAPE["vocab_size"] - len(vocab)):
+    for i in range(shape["vocab_size"] - len(vocab)):
         spec["added_tokens"].append({"id": len(vocab), "content": f"<x{i}>", "single_word": False, "lstrip": False,
                                      "rstrip": False, "normalized": False, "special": False})
         vocab[f"<x{i}>"] = len(vocab)
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), pad_token=models.PAD,
                                   bos_token=models.BOS, eos_token=models.EOS, unk_token=models.UNK)
-    assert len(tok) == SMOLLM2_135M_SHAPE["vocab_size"], len(tok)
-    config = LlamaConfig(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         **SMOLLM2_135M_SHAPE)
+    assert len(tok) == shape["vocab_size"], len(tok)
+    config = getattr(transformers, config_class)(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                                                 eos_token_id=tok.eos_token_id, **shape)
     torch.manual_seed(0)
-    models.save_pretrained(LlamaForCausalLM(config), tok, folder)
+    models.save_pretrained(AutoModelForCausalLM.from_config(config), tok, folder)
 
 
 def _free_port() -> int:
@@ -405,6 +417,8 @@ def _result(side: str, algorithm: str, times: list[float], tokens: float, params
 
 
 def one(args) -> None:
+    global PROMPTS  # the batch of every function here; --prompts sets it for this measurement
+    PROMPTS = args.prompts
     side, algorithm = args.one.split("-")
     if args.threads:
         import torch
@@ -426,7 +440,7 @@ def one(args) -> None:
 def measure(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--device", args.device, "--trl-ppo-python", args.trl_ppo_python, "--model", args.model,
-           "--threads", str(args.threads), "--precision", args.precision,
+           "--threads", str(args.threads), "--precision", args.precision, "--prompts", str(args.prompts),
            "--context-tokens", str(args.context_tokens), *(["--prefix-sharing"] if args.prefix_sharing else []),
            *(["--padding-free"] if args.padding_free else []), *(["--ragged"] if args.ragged else [])]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -459,7 +473,9 @@ def main() -> None:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="both sides: ours deepspeed.bf16 on every role, TRL's bf16 (autocast)")
     p.add_argument("--model", choices=MODELS, default="tiny",
-                   help="tiny://llama (framework overhead) or a SmolLM2-135M-shaped random Llama (a real size)")
+                   help="tiny://llama (framework overhead) or a random model of a real shape (SHAPES)")
+    p.add_argument("--prompts", type=int, default=DEFAULT_PROMPTS,
+                   help="prompts (DPO: pairs) per step; a GPU wants more than the CPU default to fill its matrix units")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100 SXM: 989)")
     p.add_argument("--trl-ppo-python", default=str(HERE / "out" / "trl112" / "bin" / "python"))
     p.add_argument("--prefix-sharing", action="store_true",
@@ -475,6 +491,8 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         return one(args)
+    global PROMPTS  # the report's figures
+    PROMPTS = args.prompts
     algos = args.only or list(ALGOS)
     results: dict[tuple[str, str], list[dict]] = {}
     for rep in range(args.repeats):
@@ -510,13 +528,17 @@ def _median(rows: list[dict], key: str) -> float:
 def report(args, algos, results) -> str:
     """The RESULTS.md subsection: medians over repeats of each run's median step (wall and CPU seconds)."""
     flags = f"--model {args.model} --precision {args.precision}" + (f" --threads {args.threads}" if args.threads else "")
+    flags += f" --prompts {args.prompts}" if args.prompts != DEFAULT_PROMPTS else ""
     flags += " --prefix-sharing" if args.prefix_sharing else ""
     flags += " --padding-free" if args.padding_free else ""
     flags += f" --context-tokens {args.context_tokens}" if args.context_tokens else ""
     flags += " --ragged" if args.ragged else ""
-    model = ("tiny Llama (`tiny://llama`, 0.1M parameters)" if args.model == "tiny" else
-             "a SmolLM2-135M-shaped LlamaForCausalLM (134.5M parameters, random weights, vocabulary 49152, tied "
-             "embeddings)")
+    model = "tiny Llama (`tiny://llama`, 0.1M parameters)"
+    if args.model != "tiny":
+        config_class, shape = SHAPES[args.model]
+        params = next((r["params"] for rows in results.values() for r in rows if r.get("params")), 0)
+        model = (f"a {args.model}-shaped {config_class.removesuffix('Config')}ForCausalLM ({params / 1e6:.1f}M "
+                 f"parameters, random weights, vocabulary {shape['vocab_size']}, tied embeddings)")
     lines = [
         subsection_title(args),
         "",
