@@ -70,6 +70,8 @@ PREFERENCE = run_by("dpo")
 STEPWISE = ("prm", "prm-label")
 # Algorithms whose rollouts may be conversations (hyperparameters.turns > 1; rlhf_trainer.multiturn).
 MULTI_TURN = ("ppo", "grpo", "rloo")
+# Algorithms that read hyperparameters.prefixSharing: a pair's / a group's responses share their prompt.
+PREFIX_SHARING = (*PREFERENCE, *CRITIC_FREE)
 SELF_CORRECTION = ("off", "score")
 DEFAULT_TURN_INSTRUCTION = "There might be an error in the solution above. Please correct it."
 
@@ -198,11 +200,12 @@ def turns_problem(algorithm: str, reward_type: str, turns: int, self_correction:
     return None
 
 
-def prefix_sharing_problem(prefix_sharing: bool, actor_gradient_checkpointing: bool) -> str | None:
+def prefix_sharing_problem(algorithm: str, prefix_sharing: bool, actor_gradient_checkpointing: bool) -> str | None:
     """Why hyperparameters.prefixSharing cannot run, or None (its CEL twin: generate.algorithm_rules). Prefix
     sharing runs the responses against the prompts' key/value cache, which transformers drops in every
-    checkpointed layer: the log-probs would be silently wrong."""
-    if prefix_sharing and actor_gradient_checkpointing:
+    checkpointed layer: the log-probs would be silently wrong. An algorithm that does not read it
+    (not in PREFIX_SHARING) ignores it, as every knob an algorithm does not read."""
+    if algorithm in PREFIX_SHARING and prefix_sharing and actor_gradient_checkpointing:
         return ("needs the actor's key/value cache in the training forward, which "
                 "roles.actor.deepspeed.gradientCheckpointing turns off: set one of them to false")
     return None
@@ -385,7 +388,7 @@ class Hyperparameters:
                                        "log-probs and samples at fewer token positions, "
                                        "the more so the longer the prompts. Not with the actor's "
                                        "gradientCheckpointing (it drops the cache).",
-                                algorithms=(*PREFERENCE, *CRITIC_FREE))
+                                algorithms=PREFIX_SHARING)
     padding_free: bool = knob(False, "Run the forwards of the actor, the reference, and PPO's critic and reward "
                                      "model without padding: a batch's "
                                      "rows go through the model as one packed sequence whose positions restart "
@@ -626,7 +629,8 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         if problem:
             errors.append(f"hyperparameters.turns: {problem}")
         actor = cfg.roles.get("actor")
-        problem = prefix_sharing_problem(hp.prefix_sharing, actor is not None and actor.deepspeed.gradient_checkpointing)
+        problem = prefix_sharing_problem(cfg.algorithm, hp.prefix_sharing,
+                                         actor is not None and actor.deepspeed.gradient_checkpointing)
         if problem:
             errors.append(f"hyperparameters.prefix_sharing: {problem}")
     if "actor" in cfg.roles:

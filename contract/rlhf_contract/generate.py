@@ -22,6 +22,7 @@ from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
 from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
     MULTI_TURN,
+    PREFIX_SHARING,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
     CriticConfig,
@@ -148,7 +149,8 @@ def algorithm_rules() -> list[dict[str, str]]:
          "message": f"hyperparameters.turns above 1 needs algorithm {_words(MULTI_TURN, 'or')} (multi-turn "
                     "rollouts) and a reward.type other than prm (a process reward model scores one response)",
          "fieldPath": ".hyperparameters.turns"},
-        {"rule": "!has(self.hyperparameters) || !has(self.hyperparameters.prefixSharing) || "
+        {"rule": f"!(self.algorithm in {_cel_list(PREFIX_SHARING)}) || "
+                 "!has(self.hyperparameters) || !has(self.hyperparameters.prefixSharing) || "
                  "!self.hyperparameters.prefixSharing || !self.roles.exists(r, r.name == 'actor' && "
                  "has(r.deepspeed) && has(r.deepspeed.gradientCheckpointing) && r.deepspeed.gradientCheckpointing)",
          "message": "hyperparameters.prefixSharing needs the actor's key/value cache in the training forward, which "

@@ -553,7 +553,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
             errors.append(("hyperparameters.turns", problem))
     actor_checkpointing = any(r.name == "actor" and r.deepspeed.gradient_checkpointing for r in roles)
     if "hyperparameters.prefixSharing" not in bad:
-        problem = prefix_sharing_problem(hyperparameters.prefix_sharing, actor_checkpointing)
+        problem = prefix_sharing_problem(algorithm, hyperparameters.prefix_sharing, actor_checkpointing)
         if problem:
             errors.append(("hyperparameters.prefixSharing", problem))
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
@@ -707,6 +707,9 @@ def _role(fields: _Fields) -> RoleSpec:
         pod_template=_template(fields),
         shared_memory_size=fields.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64),
     )
+    if gpus and role.processes_per_pod > gpus:  # its CEL twin: the CRD's role item rules
+        fields.error("processesPerPod", f"is {role.processes_per_pod} but the pod has gpus: {gpus}: must be at most "
+                                        f"gpus when gpus > 0 (each process takes the GPU of its local rank)")
     fields.done()
     return role
 

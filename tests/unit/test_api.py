@@ -362,3 +362,17 @@ def test_roles_with_pods_all_have_gpus_or_none_has(gpus, colocated):
     errors = errors_of(spec)
     assert {p for p, m in errors if "every role with pods needs GPUs" in m} == expected, errors
     assert all(p in expected for p, _ in errors), errors
+
+
+@given(gpus=st.integers(0, 4), per_pod=st.one_of(st.none(), st.integers(1, 6)))
+@settings(max_examples=40, deadline=None)
+def test_processes_per_pod_is_at_most_the_pods_gpus(gpus, per_pod):
+    """A pod's processes take one GPU each (their local rank's): more processes than gpus (> 0) is refused
+    naming processesPerPod; unset means gpus (or 1)."""
+    spec = cases.example("sft-tiny")["spec"]
+    spec["hyperparameters"]["batchSize"] = 60  # divisible by every rank count here
+    spec["roles"][0].update(gpus=gpus, **({"processesPerPod": per_pod} if per_pod else {}))
+    if gpus and per_pod and per_pod > gpus:
+        assert [p for p, _ in errors_of(spec)] == ["roles[0].processesPerPod"]
+    else:
+        assert parse_spec(spec).roles[0].processes_per_pod == (per_pod or max(gpus, 1))

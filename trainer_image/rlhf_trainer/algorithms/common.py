@@ -82,7 +82,7 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
-        problem = prefix_sharing_problem(hp.prefix_sharing, settings.gradient_checkpointing)
+        problem = prefix_sharing_problem(ctx.cfg.algorithm, hp.prefix_sharing, settings.gradient_checkpointing)
         if problem:  # parse_config refuses it too: a config built in code can still get here
             raise ConfigError(f"hyperparameters.prefixSharing {problem}")
         bnb = quantization.for_this_process(ctx.cfg.roles["actor"])
