@@ -38,7 +38,24 @@ def test_a_checkpoint_that_cannot_be_resharded_is_a_permanent_error_naming_both_
         second.describe()
     message = second.termination["actor-0"]
     assert "checkpoint step-2 of role actor was saved by a data-parallel world of 1" in message
-    assert "this job runs 2" in message and "Resume with 1 replicas" in message
+    assert "this job runs 2" in message and "Resume with 1 actor ranks (replicas x processesPerPod)" in message
+
+
+def test_a_zero_stage_the_universal_checkpoint_cannot_reach_is_refused_before_converting(tmp_path):
+    """Saved at ZeRO-2, resumed at ZeRO-3 (the user's try): DeepSpeed's universal checkpoint cannot move the
+    optimizer between them, so the trainer exits 78 at once naming both stages and the stage that resumes."""
+    roles = {"actor": {"replicas": 1, "deepspeed": {"zero_stage": 2}}, "reference": {"colocate_with": "actor"}}
+    first = launch(trainer_config("dpo", roles=roles, hyperparameters={"max_steps": 2},
+                                  checkpoint={"interval_steps": 2}), tmp_path / "one")
+    assert first.ok, first.describe()
+    roles["actor"]["deepspeed"]["zero_stage"] = 3
+    second = launch(trainer_config("dpo", roles=roles, hyperparameters={"max_steps": 4}), tmp_path / "two",
+                    checkpoint_dir=first.checkpoint_dir, restart_attempt=1, kill_on_failure=False)
+    assert second.returncodes == {"actor-0": wire.EXIT_CONFIG_ERROR}, second.describe()
+    message = second.termination["actor-0"]
+    assert "(ZeRO stage 2) and this job runs 1 (ZeRO stage 3)" in message
+    assert "Resume with deepspeed.zeroStage 2 on the actor" in message
+    assert not (checkpoint.step_dir(first.checkpoint_dir, 2) / "actor" / checkpoint.UNIVERSAL).exists()
 
 
 def test_the_users_resize_case_resumes_on_two_ranks_and_succeeds(tmp_path):

@@ -17,8 +17,9 @@ Resizing (issue 18, part 4): a role resumed by another number of ranks (or ZeRO 
 step converts the saved DeepSpeed engine into DeepSpeed's universal checkpoint once (`<role>/universal/`,
 deepspeed.checkpoint.ds_to_universal, ZeRO 1-3) and loads that, which reshards weights and optimizer
 states; ranks beyond the saved world take rank 0's trainer state (data position, algorithm state) and a
-fresh RNG stream of their own. A checkpoint that still cannot be loaded is a LayoutError (exit 78) naming
-the saved and the current world size.
+fresh RNG stream of their own. Between ZeRO stages it moves a checkpoint only from 1 to 2 and back
+(stage_change_problem). A checkpoint that cannot be loaded is a LayoutError (exit 78) naming the saved
+and the current layout.
 """
 
 from __future__ import annotations
@@ -175,6 +176,17 @@ def to_universal(engine_dir: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
 
 
+def stage_change_problem(saved_stage: int | None, stage: int | None) -> str | None:
+    """Why a checkpoint saved at ZeRO `saved_stage` cannot be loaded at `stage`, or None. DeepSpeed's
+    universal checkpoint (0.19) moves optimizer states between stages 1 and 2 only: stage 0 saves no ZeRO
+    optimizer files for ds_to_universal to read, a stage-3 engine reads a global optimizer state file that a
+    stage-1/2 source does not write, and a stage 3 source loads into no other stage (each tried on CPU)."""
+    if saved_stage is None or stage is None or saved_stage == stage or {saved_stage, stage} <= {1, 2}:
+        return None
+    return (f"DeepSpeed's universal checkpoint moves optimizer states between ZeRO stages 1 and 2 only, not from "
+            f"stage {saved_stage} to {stage}")
+
+
 def fresh_rng(step: int, rank: int) -> None:
     """A rank the saved world did not have: an RNG stream of its own, the same on every resume."""
     seed = (step * 1_000_003 + rank) % 2**63
@@ -242,6 +254,12 @@ class RoleCheckpointer:
         rank, world = distributed.world_rank(), distributed.world_size()
         what = (f"checkpoint step-{step} of role {self.role} was saved by a data-parallel world of {saved} "
                 f"(ZeRO stage {saved_stage}) and this job runs {world} (ZeRO stage {self._zero_stage()})")
+        problem = stage_change_problem(saved_stage, self._zero_stage())
+        if problem:  # decided from the files alone: every rank raises, none waits in a collective
+            raise LayoutError(f"{what}; {problem}. Resume with deepspeed.zeroStage {saved_stage} on the {self.role} "
+                              f"(any number of ranks), or start from an empty checkpoint volume")
+        advice = (f"Resume with {saved} {self.role} ranks (replicas x processesPerPod) at ZeRO stage {saved_stage}, "
+                  f"or start from an empty checkpoint volume")
         universal = directory / UNIVERSAL
         problem = ""
         if rank == 0 and not universal.is_dir():
@@ -252,10 +270,10 @@ class RoleCheckpointer:
         # Every rank learns whether rank 0 converted it (no rank waits forever in a barrier).
         if distributed.all_reduce_sum(0.0 if problem else 1.0) < world:
             raise LayoutError(f"{what}; converting it to DeepSpeed's universal checkpoint failed"
-                              f"{': ' + problem if problem else ' on rank 0'}. Resume with {saved} replicas, "
-                              f"or start from an empty checkpoint volume")
+                              f"{': ' + problem if problem else ' on rank 0'}. {advice}")
         try:
             self.strategy.load_universal(str(universal))
         except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed raises, the answer is the same
-            raise LayoutError(f"{what}; DeepSpeed could not load it as a universal checkpoint: {exc}. Resume "
-                              f"with {saved} replicas, or start from an empty checkpoint volume") from exc
+            # A bare assert has no text: its type is the only clue.
+            raise LayoutError(f"{what}; DeepSpeed could not load it as a universal checkpoint: "
+                              f"{exc or type(exc).__name__}. {advice}") from exc
