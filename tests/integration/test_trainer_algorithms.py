@@ -126,3 +126,7 @@ def test_ppo_padding_free_gives_the_plain_runs_values_and_losses(tmp_path):
     for plain, packed in zip(runs[False], runs[True], strict=True):
         for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
             assert packed[key] == pytest.approx(plain[key], rel=1e-4, abs=1e-5), (key, plain, packed)
+    # each serving process's peak memory per op, in the actor's step log (RSS on CPU: well above 10 MB)
+    served = ("reference_logprobs", "reward_score", "critic_values", "critic_train")
+    for row in runs[True]:
+        assert all(row[f"{op}_peak_memory_bytes"] > 10e6 for op in served), row

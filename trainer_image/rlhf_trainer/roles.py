@@ -17,12 +17,15 @@ Response-aligned (B, R) tensors cover the last R columns: entry t is about token
 The actor calls them through a client: `LocalClient` when the role is colocated in the actor's own
 processes (RLHF_COLOCATED_ROLES), `RemoteClient` over the bridge otherwise. A process of a serving
 role runs `serve()`: it answers its actor ranks in a fixed order until each has said "stop"; "save"
-checkpoints every role hosted by the process.
+checkpoints every role hosted by the process. Each answer carries the peak memory of the op (device
+memory on GPU, RSS on CPU), which the actor's step log shows as `<role>_<op>_peak_memory_bytes`, and the
+serving process's /metrics as its score (or, for critic.train, train) phase.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -37,6 +40,9 @@ from rlhf_trainer.tokenized import truncate_row
 
 Tensors = dict[str, torch.Tensor]
 Reply = tuple[Tensors, dict[str, Any]]
+# The reply's meta key of the op's peak memory (bytes), and the metrics phase a served op counts in.
+PEAK_MEMORY = "peak_memory_bytes"
+SERVED_PHASES = {"train": "train"}  # the critic's update trains; every other op scores
 
 
 def _on_device(tensors: Tensors) -> Tensors:
@@ -217,21 +223,29 @@ class LocalClient:
 
 
 class RemoteClient:
-    """A role in another process, reached over the bridge."""
+    """A role in another process, reached over the bridge. `peaks` collects the highest peak memory each op
+    reported since its owner last cleared it, as `<role>_<op>_peak_memory_bytes` (runtime.Context)."""
 
-    def __init__(self, bridge: Bridge, role: str, dst: int):
+    def __init__(self, bridge: Bridge, role: str, dst: int, peaks: dict[str, float] | None = None):
         self.bridge, self.role, self.dst = bridge, role, dst
+        self.peaks = {} if peaks is None else peaks
 
     def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
         self.bridge.send(self.dst, f"{self.role}.{method}", tensors, **meta)
         op, out, out_meta = self.bridge.recv(self.dst)
         if op == "error":
             raise RuntimeError(f"{self.role} (bridge rank {self.dst}) failed: {out_meta.get('message')}")
+        peak = out_meta.pop(PEAK_MEMORY, None)
+        if peak is not None:
+            key = f"{self.role}_{method}_{PEAK_MEMORY}"
+            self.peaks[key] = max(self.peaks.get(key, 0), peak)
         return out, out_meta
 
 
-def serve(bridge: Bridge, services: dict[str, Any], actor_bridge_ranks: list[int], save: Callable[[int], None]) -> None:
-    """Answer the given actor processes until each sent "stop".
+def serve(bridge: Bridge, services: dict[str, Any], actor_bridge_ranks: list[int], save: Callable[[int], None],
+          metrics=None) -> None:
+    """Answer the given actor processes until each sent "stop". With `metrics` (TrainerMetrics) each op is
+    one observation of its phase (SERVED_PHASES) and its reply carries the op's peak memory (PEAK_MEMORY).
 
     Every actor rank issues the same sequence of calls per step, so answering them round-robin in a
     fixed order never deadlocks, and collective work inside this role's world (a ZeRO step of the
@@ -257,5 +271,9 @@ def serve(bridge: Bridge, services: dict[str, Any], actor_bridge_ranks: list[int
             if role not in services:
                 bridge.send(src, "error", message=f"this process serves {sorted(services)}, not {role!r}")
                 raise RuntimeError(f"bridge rank {src} asked for {op!r}; this process serves {sorted(services)}")
-            out, out_meta = services[role].handle(method, tensors, meta)
+            phase, observed = SERVED_PHASES.get(method, "score"), {}
+            with metrics.phase(phase, observed) if metrics is not None else nullcontext():
+                out, out_meta = services[role].handle(method, tensors, meta)
+            if metrics is not None:
+                out_meta = {**out_meta, PEAK_MEMORY: observed[f"{phase}_{PEAK_MEMORY}"]}
             bridge.send(src, "ok", out, **out_meta)

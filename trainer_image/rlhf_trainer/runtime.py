@@ -80,6 +80,9 @@ class Context:
     eval_records: list[Any] = field(default_factory=list)
     # SIGTERM to this process or another of the gang (None: never stop early, e.g. in unit tests).
     stop: StopRequest | None = None
+    # Peak memory of each op the serving processes ran for this actor rank since the step log last took
+    # them: `<role>_<op>_peak_memory_bytes` (roles.RemoteClient; drive() adds them to the step's row).
+    served_peak_memory: dict[str, float] = field(default_factory=dict)
 
     @property
     def hp(self):
@@ -96,7 +99,8 @@ class Context:
         if role in self.local_services:
             return LocalClient(self.local_services[role])
         host, rank = serving_rank(role, self.env.rank, self.placements)
-        return RemoteClient(self.bridge, role, bridge_ranks(self.placements)[(host, rank)])
+        return RemoteClient(self.bridge, role, bridge_ranks(self.placements)[(host, rank)],
+                            peaks=self.served_peak_memory)
 
     def remote_hosts(self) -> list[int]:
         """Bridge ranks of every serving process this actor rank talks to (each once)."""
@@ -294,7 +298,7 @@ def run_server(ctx: Context) -> None:
     ranks = bridge_ranks(ctx.placements)
     actors = [ranks[("actor", a)] for a in served_actor_ranks(ctx.env.role, ctx.env.rank, ctx.placements)]
     log(f"{ctx.env.role}-{ctx.env.rank}: serving {ctx.hosted_roles} for actor bridge ranks {actors}")
-    serve(ctx.bridge, ctx.local_services, actors, save)
+    serve(ctx.bridge, ctx.local_services, actors, save, metrics=ctx.metrics)
 
 
 def run(env: ProcessEnv, cfg: TrainerConfig) -> None:

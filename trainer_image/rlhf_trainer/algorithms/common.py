@@ -537,6 +537,8 @@ def drive(ctx: Context, algorithm, rows) -> None:
         if step_alarms is not None:
             publish_alarms(ctx, step, step_alarms)
             stats["alarms"] = step_alarms
+        stats.update(ctx.served_peak_memory)  # this rank's serving processes', per op (roles.RemoteClient)
+        ctx.served_peak_memory.clear()
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()
