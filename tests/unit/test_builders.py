@@ -213,14 +213,16 @@ def test_gpu_roles_tolerate_the_gpu_taint_once_and_keep_user_tolerations_and_nod
     job = make_job(roles=[
         {"name": "actor", "gpus": 1, "tolerations": [user_toleration], "nodeSelector": {"gpu": "h100"}},
         {"name": "critic", "gpus": 1, "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]},
-        {"name": "reference"},
+        {"name": "reference", "gpus": 1},  # every role with pods has GPUs, or none has (api._gpu_mix_errors)
     ])
     pods = {p["metadata"]["labels"][LABEL_ROLE]: p["spec"] for p in builders.build_gang(job, 0, SETTINGS)}
     gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert pods["actor"]["tolerations"] == [user_toleration, gpu]
     assert pods["actor"]["nodeSelector"] == {"gpu": "h100"}
     assert pods["critic"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert "tolerations" not in pods["reference"] and "nodeSelector" not in pods["reference"]
+    assert pods["reference"]["tolerations"] == [gpu] and "nodeSelector" not in pods["reference"]
+    # a job without GPUs asks for no GPU node
+    assert all("tolerations" not in p["spec"] for p in builders.build_gang(make_job(), 0, SETTINGS))
 
 
 def test_pod_security_and_volumes():
@@ -289,7 +291,7 @@ def test_gang_scheduler_choice(case):
 def test_volcano_pod_group_carries_queue_priority_and_summed_requests():
     job = make_job(
         roles=[{"name": "actor", "replicas": 2, "gpus": 1, "resources": {"requests": {"cpu": "1500m", "memory": "2Gi"}}},
-               {"name": "critic", "resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
+               {"name": "critic", "gpus": 1, "resources": {"limits": {"cpu": "1", "memory": "512Mi"}}},
                {"name": "reference", "colocateWith": "actor"}],
         scheduling={"gangScheduler": "volcano", "queue": "research", "priorityClassName": "high"},
     )
@@ -299,8 +301,8 @@ def test_volcano_pod_group_carries_queue_priority_and_summed_requests():
         "minMember": 3,
         "queue": "research",
         "priorityClassName": "high",
-        # cpu 2 x 1.5 + 1 (critic's limit stands in for its request), memory 4Gi + 512Mi
-        "minResources": {"cpu": "4", "memory": "4608Mi", "nvidia.com/gpu": "2"},
+        # cpu 2 x 1.5 + 1 (critic's limit stands in for its request), memory 4Gi + 512Mi, GPUs 2 x 1 + 1
+        "minResources": {"cpu": "4", "memory": "4608Mi", "nvidia.com/gpu": "3"},
     }
     for pod in builders.build_gang(job, 0, SETTINGS):
         assert pod["spec"]["priorityClassName"] == "high"
@@ -411,7 +413,7 @@ def test_every_child_is_owned_by_the_job_as_controller():
 VALIDATION_JOBS = {
     "ppo, colocated reference, volcano, gpus": dict(
         roles=[{"name": "actor", "gpus": 1, "resources": {"requests": {"cpu": "1"}}},
-               {"name": "critic", "tolerations": [{"key": "a", "operator": "Exists"}]},
+               {"name": "critic", "gpus": 1, "tolerations": [{"key": "a", "operator": "Exists"}]},
                {"name": "reference", "colocateWith": "actor"}],
         scheduling={"gangScheduler": "volcano", "priorityClassName": "p"},
     ),
@@ -468,7 +470,7 @@ def test_the_termination_grace_period_reaches_the_pod_and_the_trainer():
 
 
 def test_a_pod_of_several_processes_says_how_many_and_opens_a_metrics_port_for_each():
-    job = make_job(roles=[{"name": "actor", "replicas": 2, "gpus": 4}, {"name": "critic", "processesPerPod": 2},
+    job = make_job(roles=[{"name": "actor", "replicas": 2, "gpus": 4}, {"name": "critic", "gpus": 2, "processesPerPod": 2},
                           {"name": "reference", "colocateWith": "actor"}])
     actor = builders.build_role_pod(job, job.spec.role("actor"), 1, 0, SETTINGS)
     assert env_of(actor)["RLHF_PROCESSES_PER_POD"] == "4"  # gpus: one process per GPU

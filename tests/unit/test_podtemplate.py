@@ -63,7 +63,7 @@ def platform_job(**scheduling):
                          "secretKeyRef": {"name": "hf", "key": "token"}}}, {"name": "HF_HOME", "value": "/data/hf"}],
                          "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
                          {"name": "log-shipper", "image": "fluent-bit:3"}]}},
-        "roles[0].gpus": 1,
+        "roles[0].gpus": 1, "roles[1].gpus": 1, "roles[2].gpus": 1,  # every role with pods on GPUs
         "roles[0].sharedMemorySize": "8Gi",
         "roles[0].podTemplate": {"metadata": {"labels": {"team": "actor-team"}},
                                  "spec": {"nodeSelector": {"pool": "a100"}, "schedulerName": "my-scheduler"}},
@@ -90,8 +90,9 @@ def test_the_job_template_then_the_role_template_over_the_built_pod():
     # scalars replaced, lists merged or appended
     assert actor["spec"]["serviceAccountName"] == "irsa" and actor["spec"]["imagePullSecrets"] == [{"name": "registry"}]
     assert [t["key"] for t in actor["spec"]["tolerations"]] == ["nvidia.com/gpu", "dedicated"]
-    assert critic["spec"]["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml",
-                                             "effect": "NoSchedule"}]
+    assert critic["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                                             {"key": "dedicated", "operator": "Equal", "value": "ml",
+                                              "effect": "NoSchedule"}]
     assert actor["spec"]["nodeSelector"] == {"pool": "a100"} and "nodeSelector" not in critic["spec"]
     assert actor["spec"]["schedulerName"] == "my-scheduler" and "schedulerName" not in critic["spec"]
     assert [v["name"] for v in actor["spec"]["volumes"]] == ["config", "checkpoints", "dshm", "tmp", "data"]
