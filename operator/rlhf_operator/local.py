@@ -104,7 +104,7 @@ def gpu_shortages(jobs: list[api.Job], visible: int) -> list[str]:
     A machine with none runs every job on its CPUs, whatever the roles' gpus."""
     problems = []
     for job in jobs:
-        pods = [(r.name, r.replicas, r.gpus) for r in job.spec.roles if not r.colocate_with and r.gpus]
+        pods = [(r.name, r.replicas, r.gpus) for r in job.spec.pod_roles() if r.gpus]
         asked = sum(replicas * gpus for _, replicas, gpus in pods)
         if visible and asked > visible:
             parts = ", ".join(f"{name} {replicas} x {gpus}" for name, replicas, gpus in pods)

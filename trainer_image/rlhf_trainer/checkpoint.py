@@ -254,9 +254,9 @@ class RoleCheckpointer:
         rank, world = distributed.world_rank(), distributed.world_size()
         what = (f"checkpoint step-{step} of role {self.role} was saved by a data-parallel world of {saved} "
                 f"(ZeRO stage {saved_stage}) and this job runs {world} (ZeRO stage {self._zero_stage()})")
-        problem = stage_change_problem(saved_stage, self._zero_stage())
-        if problem:  # decided from the files alone: every rank raises, none waits in a collective
-            raise LayoutError(f"{what}; {problem}. Resume with deepspeed.zeroStage {saved_stage} on the {self.role} "
+        stage_problem = stage_change_problem(saved_stage, self._zero_stage())
+        if stage_problem:  # decided from the files alone: every rank raises, none waits in a collective
+            raise LayoutError(f"{what}; {stage_problem}. Resume with deepspeed.zeroStage {saved_stage} on the {self.role} "
                               f"(any number of ranks), or start from an empty checkpoint volume")
         advice = (f"Resume with {saved} {self.role} ranks (replicas x processesPerPod) at ZeRO stage {saved_stage}, "
                   f"or start from an empty checkpoint volume")
