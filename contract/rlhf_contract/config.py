@@ -200,17 +200,6 @@ def turns_problem(algorithm: str, reward_type: str, turns: int, self_correction:
     return None
 
 
-def prefix_sharing_problem(algorithm: str, prefix_sharing: bool, actor_gradient_checkpointing: bool) -> str | None:
-    """Why hyperparameters.prefixSharing cannot run, or None (its CEL twin: generate.algorithm_rules). Prefix
-    sharing runs the responses against the prompts' key/value cache, which transformers drops in every
-    checkpointed layer: the log-probs would be silently wrong. An algorithm that does not read it
-    (not in PREFIX_SHARING) ignores it, as every knob an algorithm does not read."""
-    if algorithm in PREFIX_SHARING and prefix_sharing and actor_gradient_checkpointing:
-        return ("needs the actor's key/value cache in the training forward, which "
-                "roles.actor.deepspeed.gradientCheckpointing turns off: set one of them to false")
-    return None
-
-
 @dataclass(frozen=True)
 class DeepSpeedConfig:
     zero_stage: int = knob(2, "ZeRO stage 0..3; unset = 2, or 0 for reward and reference (no optimizer).",
@@ -381,13 +370,12 @@ class Hyperparameters:
                               algorithms=("simpo",))
     cpo_alpha: float = knob(1.0, "CPO's weight of the chosen responses' NLL term (TRL's cpo_alpha).", minimum=0,
                             algorithms=("cpo",))
-    prefix_sharing: bool = knob(False, "Compute each prompt once in the actor's training forward and run its "
-                                       "responses (a pair's two, a group's samples) against its key/value cache "
-                                       "(Wang et al. 2024, prefix sharing), and once per chunk in generation's "
-                                       "prefill and the reference's and old log-probs' passes: the same "
-                                       "log-probs and samples at fewer token positions, "
-                                       "the more so the longer the prompts. Not with the actor's "
-                                       "gradientCheckpointing (it drops the cache).",
+    prefix_sharing: bool = knob(False, "Compute each prompt once in the actor's training forward, its responses "
+                                       "(a pair's two, a group's samples) after it in one row whose attention "
+                                       "mask keeps them apart (Wang et al. 2024, prefix sharing), and once per "
+                                       "chunk in generation's prefill and the reference's and old log-probs' "
+                                       "passes: the same log-probs and samples at fewer token positions, "
+                                       "the more so the longer the prompts.",
                                 algorithms=PREFIX_SHARING)
     padding_free: bool = knob(False, "Run the forwards of the actor, the reference, and PPO's critic and reward "
                                      "model without padding: a batch's "
@@ -628,11 +616,6 @@ def _check_values(cfg: TrainerConfig, errors: list[str]) -> None:
         problem = turns_problem(cfg.algorithm, cfg.reward.type, hp.turns, hp.self_correction)
         if problem:
             errors.append(f"hyperparameters.turns: {problem}")
-        actor = cfg.roles.get("actor")
-        problem = prefix_sharing_problem(cfg.algorithm, hp.prefix_sharing,
-                                         actor is not None and actor.deepspeed.gradient_checkpointing)
-        if problem:
-            errors.append(f"hyperparameters.prefix_sharing: {problem}")
     if "actor" in cfg.roles:
         problem = layout.batch_problem(cfg.placements()["actor"], cfg.hyperparameters.batch_size)
         if problem:

@@ -22,7 +22,6 @@ from rlhf_contract.algorithms import NAMES, ONLINE, PAIR_ALGORITHMS, TABLE
 from rlhf_contract.config import (
     FORMATS_FOR_PAIRS,
     MULTI_TURN,
-    PREFIX_SHARING,
     SYNTHETIC_PREFIX,
     CheckpointConfig,
     CriticConfig,
@@ -104,7 +103,7 @@ def cel_ranks(role: str) -> str:
 def algorithm_rules() -> list[dict[str, str]]:
     """The spec-level CEL rules: roles per algorithm, the reward model, the batch split, pair formats.
     Their Python twins: algorithms.role_set_problem, layout.batch_problem, config.dataset_format_problem,
-    config.turns_problem, config.prefix_sharing_problem."""
+    config.turns_problem."""
     rules = [{"rule": "self.roles.exists(r, r.name == 'actor')",
               "message": "roles must include actor (every algorithm trains an actor)", "fieldPath": ".roles"}]
     for role in algorithms.ROLE_NAMES[1:]:
@@ -149,13 +148,6 @@ def algorithm_rules() -> list[dict[str, str]]:
          "message": f"hyperparameters.turns above 1 needs algorithm {_words(MULTI_TURN, 'or')} (multi-turn "
                     "rollouts) and a reward.type other than prm (a process reward model scores one response)",
          "fieldPath": ".hyperparameters.turns"},
-        {"rule": f"!(self.algorithm in {_cel_list(PREFIX_SHARING)}) || "
-                 "!has(self.hyperparameters) || !has(self.hyperparameters.prefixSharing) || "
-                 "!self.hyperparameters.prefixSharing || !self.roles.exists(r, r.name == 'actor' && "
-                 "has(r.deepspeed) && has(r.deepspeed.gradientCheckpointing) && r.deepspeed.gradientCheckpointing)",
-         "message": "hyperparameters.prefixSharing needs the actor's key/value cache in the training forward, which "
-                    "roles.actor.deepspeed.gradientCheckpointing turns off: set one of them to false",
-         "fieldPath": ".hyperparameters.prefixSharing"},
     ]
     return rules
 

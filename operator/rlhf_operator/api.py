@@ -40,7 +40,6 @@ from rlhf_contract.config import (
     critic_problem,
     dataset_format_problem,
     lora_problems,
-    prefix_sharing_problem,
     turns_problem,
 )
 from rlhf_contract.knobs import Knob, Setting, settings_of
@@ -551,11 +550,6 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
         problem = turns_problem(algorithm, reward.type, hyperparameters.turns, hyperparameters.self_correction)
         if problem:
             errors.append(("hyperparameters.turns", problem))
-    actor_checkpointing = any(r.name == "actor" and r.deepspeed.gradient_checkpointing for r in roles)
-    if "hyperparameters.prefixSharing" not in bad:
-        problem = prefix_sharing_problem(algorithm, hyperparameters.prefix_sharing, actor_checkpointing)
-        if problem:
-            errors.append(("hyperparameters.prefixSharing", problem))
     errors.extend(_scheduler_name_errors(scheduling, pod_template, roles))
     errors.extend(_gang_shape_errors(roles, placed, hyperparameters.batch_size, bad))
     errors.extend(_offload_errors(roles, bad))

@@ -94,14 +94,18 @@ def test_algorithm_runs_checkpoints_and_exports(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switch", ["padding_free", "prefix_sharing"])
+@pytest.mark.parametrize("switch", ["padding_free", "prefix_sharing", "prefix_sharing+gradient_checkpointing"])
 def test_dpo_speed_switches_give_the_plain_runs_losses(tmp_path, switch):
     """hyperparameters.paddingFree and prefixSharing change how the tokens are laid out, not what is learned:
     the same seed gives the same per-step losses and accuracies, the actor's and the reference's forwards
-    (the reference in its own process, over the bridge) both switched."""
+    (the reference in its own process, over the bridge) both switched. Prefix sharing needs no key/value
+    cache, so the actor's gradientCheckpointing beside it changes nothing either."""
+    knob, _, checkpointing = switch.partition("+")
     runs = {}
     for on in (False, True):
-        config = trainer_config("dpo", hyperparameters={switch: on, "micro_batch_size": 2})
+        actor = {"deepspeed": {"gradient_checkpointing": True}} if on and checkpointing else {}
+        config = trainer_config("dpo", hyperparameters={knob: on, "micro_batch_size": 2},
+                                roles={"actor": actor, "reference": {}})
         run = launch(config, tmp_path / f"{switch}-{on}")
         assert run.ok, run.describe()
         runs[on] = run.metrics()

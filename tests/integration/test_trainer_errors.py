@@ -55,15 +55,3 @@ def test_quantized_base_without_bitsandbytes_exits_78_before_loading_anything(tm
     message = run.termination["actor-0"]
     assert "roles.actor.lora.quantization: 4bit needs the bitsandbytes package" in message
     assert "not a Hugging Face model folder" not in run.logs["actor-0"]
-
-
-def test_prefix_sharing_with_gradient_checkpointing_exits_78_naming_both(tmp_path):
-    # Checkpointed layers drop the key/value cache the responses would attend to.
-    config = trainer_config("dpo", hyperparameters={"prefix_sharing": True},
-                            roles={"actor": {"deepspeed": {"gradient_checkpointing": True}},
-                                   "reference": {"colocate_with": "actor"}})
-    run = launch(config, tmp_path)
-    assert run.returncodes == {"actor-0": EXIT_CONFIG_ERROR}, run.describe()
-    message = run.termination["actor-0"]
-    # Refused when the config is read (rlhf_contract.config.prefix_sharing_problem), the trainer config's spelling.
-    assert "hyperparameters.prefix_sharing" in message and "roles.actor.deepspeed.gradientCheckpointing" in message

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rlhf_trainer.forward import chunked, chunked_token_logprobs, row_slices, token_logprobs
 from rlhf_trainer.losses.utils import entropy_from_logits, logit_chunks, logprobs_from_logits
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
@@ -315,16 +317,121 @@ def test_prefix_shared_logprobs_and_gradients_equal_the_plain_forwards(seed):
     assert shared["prompt_mask"].sum() + shared["response_mask"].sum() < plain["attention_mask"].sum()
 
 
-def test_prefix_sharing_refuses_a_model_that_keeps_no_cache():
+def test_cached_prefix_sharing_refuses_a_model_that_keeps_no_cache():
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
-    from rlhf_trainer.forward import shared_prompt_logprobs
+    from rlhf_trainer.errors import ConfigError
+    from rlhf_trainer.forward import cached_shared_logprobs
 
     model = models.load_policy("tiny://llama", seed=0).train()
     model.gradient_checkpointing_enable()  # transformers drops the cache in each checkpointed layer
     shared = encode_shared_prompt(random_pairs(0), 0)
-    with pytest.raises(RuntimeError, match="kept no key/value cache"):
-        shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
+    with pytest.raises(ConfigError, match="hyperparameters.prefixSharing: .* nor kept a key/value cache"):
+        cached_shared_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("path", ["masked", "cached"])
+def test_both_prefix_sharing_paths_equal_the_plain_forward(seed, path):
+    # shared_prompt_logprobs takes the one-forward masked path when the model honours a 4-D mask, the
+    # cached one otherwise: both must give the plain forward's log-probs and gradients.
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
+    from rlhf_trainer.forward import cached_shared_logprobs, masked_shared_logprobs, shared_mask_honoured
+
+    model = models.load_policy("tiny://llama", seed=seed).train()
+    assert shared_mask_honoured(model)
+    pairs = random_pairs(seed)
+    shared = encode_shared_prompt(pairs, 0)
+    index = torch.arange(len(pairs)).repeat(2)
+    fn = masked_shared_logprobs if path == "masked" else cached_shared_logprobs
+    model.zero_grad()
+    logprobs = fn(model, *(shared[k] for k in SHARED_KEYS), index)[0]
+    (logprobs * shared["response_mask"]).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    rows = [torch.tensor(p.prompt + r) for p in pairs for r in (p.chosen, p.rejected)]
+    expected = []
+    for row, response in zip(rows, [r for p in pairs for r in (p.chosen, p.rejected)], strict=True):
+        lp = token_logprobs(model, row[None], torch.ones(1, len(row), dtype=torch.long),
+                            response_length=len(response))[0][0]
+        expected.append(lp)
+        lp.sum().backward()
+    order = [2 * i for i in range(len(pairs))] + [2 * i + 1 for i in range(len(pairs))]  # chosen rows, then rejected
+    for n, i in enumerate(order):
+        R = len(expected[i])
+        torch.testing.assert_close(logprobs[n, :R], expected[i], rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        scale = max(float(p.grad.abs().max()), 1.0)
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prefix_sharing_runs_under_gradient_checkpointing(seed):
+    # The one-forward path needs no cache: checkpointed layers recompute it and give the same gradients.
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
+    from rlhf_trainer.forward import shared_prompt_logprobs
+
+    shared = encode_shared_prompt(random_pairs(seed), 0)
+    grads = []
+    for checkpointing in (False, True):
+        model = models.load_policy("tiny://llama", seed=seed).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        logprobs = shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))[0]
+        (logprobs * shared["response_mask"]).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_shared_mask_is_refused_by_a_model_that_ignores_a_custom_mask():
+    # An attention kernel that takes no custom mask (flash attention) lets the second response see the
+    # first: the check must say no, and shared_prompt_logprobs then runs the cached path.
+    from rlhf_trainer import models
+    from rlhf_trainer.forward import shared_mask_honoured
+
+    model = models.load_policy("tiny://llama", seed=0)
+    inner = model.model.forward
+
+    def forward(*args, attention_mask=None, **kwargs):  # drops any 4-D mask: plain causal attention
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = None
+        return inner(*args, attention_mask=attention_mask, **kwargs)
+
+    model.model.forward = forward
+    assert not shared_mask_honoured(model)
+    assert shared_mask_honoured(models.load_policy("tiny://llama", seed=0))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=1, max_size=7), st.integers(1, 4), st.integers(1, 3), st.data())
+def test_prefix_shared_rows_let_each_response_see_its_prompt_and_itself_only(owners, P, R, data):
+    from rlhf_trainer.forward import prefix_shared_rows
+
+    U = max(owners) + 1
+    index = torch.tensor(owners)
+    prompt_len = [data.draw(st.integers(1, P)) for _ in range(U)]
+    response_len = [data.draw(st.integers(1, R)) for _ in owners]
+    prompt_mask = torch.tensor([[0] * (P - n) + [1] * n for n in prompt_len])
+    response_mask = torch.tensor([[1] * n + [0] * (R - n) for n in response_len])
+    prompt_ids = torch.arange(U * P).view(U, P) + 100
+    response_ids = torch.arange(len(owners) * R).view(-1, R) + 1000
+    rows = prefix_shared_rows(prompt_ids, prompt_mask, response_ids, response_mask, index)
+    sees = rows["attention_mask"][:, 0] == 0
+    ids, positions, predictors = rows["input_ids"], rows["position_ids"], rows["predictors"]
+    for n, u in enumerate(owners):
+        # the tokens a response's last real token sees: its prompt's real tokens, then its own, in order
+        where = (ids[u] == response_ids[n, response_len[n] - 1]).nonzero()[0, 0]
+        seen = ids[u][sees[u, where]].tolist()
+        assert seen == prompt_ids[u, P - prompt_len[u]:].tolist() + response_ids[n, :response_len[n]].tolist()
+        # positions go on from the prompt; the predictor of token j holds token j - 1 (the prompt's last for 0)
+        columns = [int((ids[u] == t).nonzero()[0, 0]) for t in response_ids[n, :response_len[n]].tolist()]
+        assert positions[u, columns].tolist() == list(range(prompt_len[u], prompt_len[u] + response_len[n]))
+        assert int(predictors[n, 0]) == P - 1
+        assert predictors[n, 1:response_len[n]].tolist() == columns[:-1]
+    assert bool(sees.diagonal(dim1=1, dim2=2).all())  # every query has a key: no all-masked softmax row
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -562,3 +669,21 @@ def test_chunked_prefix_shared_rollout_logprobs_equal_the_plain_pass(chunk_size)
                                     prefix_sharing=True)
     real = right["attention_mask"].bool()
     torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+def test_rows_longer_than_a_sliding_window_take_the_cached_path(monkeypatch):
+    # A custom mask would let a token see past the model's sliding window: rows longer than it run cached.
+    from rlhf_trainer import forward, models
+    from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
+
+    shared = encode_shared_prompt(random_pairs(0), 0)
+    taken = []
+    monkeypatch.setattr(forward, "shared_mask_honoured", lambda model: True)
+    monkeypatch.setattr(forward, "masked_shared_logprobs", lambda *a, **k: taken.append("masked") or (None, None))
+    monkeypatch.setattr(forward, "cached_shared_logprobs", lambda *a, **k: taken.append("cached") or (None, None))
+    length = shared["prompt_ids"].shape[1] + 2 * shared["response_ids"].shape[1]
+    for window, path in ((None, "masked"), (length, "masked"), (length - 1, "cached")):
+        model = models.load_policy("tiny://llama", seed=0)
+        model.config.sliding_window = window
+        forward.shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
+        assert taken.pop() == path, window

@@ -243,14 +243,144 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
     prompt_ids, prompt_mask: (U, P) left-padded, every row with at least one real token;
     response_ids, response_mask: (N, R) right-padded; prompt_index: (N,) long, the prompt row each
-    response answers. One forward over the U prompts keeps their key/value cache (with its autograd
-    graph) and the logits of their last token, which predict each response's first token; a second
-    forward runs the N responses against that cache, gathered by prompt_index. Returns token_logprobs'
-    pair for the responses: (N, R) float32 log-probs of softmax(logits / temperature) and the (N, R, V)
-    logits. Equal to token_logprobs over the `prompt + response` rows to float rounding, differentiable
-    when the model is, at U*P + N*R instead of N*(P + R) token positions (Wang et al. 2024, "Accelerating
-    Direct Preference Optimization with Prefix Sharing"). RuntimeError when the model keeps no cache in
-    its forward, as under gradient checkpointing (transformers drops it in each checkpointed layer).
+    response answers. Returns token_logprobs' pair for the responses: (N, R) float32 log-probs of
+    softmax(logits / temperature) and the (N, R, V) logits. Equal to token_logprobs over the
+    `prompt + response` rows to float rounding, differentiable when the model is, at U*P + N*R instead
+    of N*(P + R) token positions (Wang et al. 2024, "Accelerating Direct Preference Optimization with
+    Prefix Sharing").
+
+    One forward, as in the paper: each prompt's row holds it followed by all its responses, and a
+    (U, 1, L, L) attention mask lets each response see its prompt and itself only (prefix_shared_rows).
+    A model that ignores a custom mask (shared_mask_honoured: flash attention, for one), or rows longer
+    than its sliding attention window (the custom mask would let tokens see past it), run the responses
+    against the prompts' key/value cache in a second forward instead (cached_shared_logprobs).
+    """
+    if _fits_attention_window(model, prompt_ids.shape[1] + _most_responses(prompt_index) * response_ids.shape[1]) \
+            and shared_mask_honoured(model):
+        return masked_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+                                      temperature=temperature)
+    return cached_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+                                  temperature=temperature)
+
+
+def _most_responses(prompt_index: torch.Tensor) -> int:
+    """The most responses one prompt has: the slots of prefix_shared_rows' rows."""
+    return int(torch.bincount(prompt_index).max()) if prompt_index.numel() else 1
+
+
+def _fits_attention_window(model, length: int) -> bool:
+    """Whether rows of `length` tokens fit the model's sliding attention window (config.sliding_window), if any."""
+    window = getattr(getattr(_module_of(model), "config", None), "sliding_window", None)
+    return not isinstance(window, int) or window <= 0 or length <= window
+
+
+def prefix_shared_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                       response_mask: torch.Tensor, prompt_index: torch.Tensor,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """shared_prompt_logprobs' inputs -> one row per prompt: its P columns, then K slots of R columns, slot s
+    holding its s-th response (K: the most responses of one prompt). Returns the forward's `input_ids` and
+    `position_ids` (U, L = P + K*R) (a response's positions go on from its prompt's last), its additive
+    `attention_mask` (U, 1, L, L) of `dtype` (0 where a query token sees a key, the dtype's minimum
+    elsewhere: a real key at or before the query, in the prompt or in the query's own slot; every token
+    sees itself, so a padding query has a key), and `predictors` (N, R) long: the column whose logits
+    predict each response token (the prompt's last column for token 0)."""
+    U, P = prompt_ids.shape
+    N, R = response_ids.shape
+    device = prompt_ids.device
+    earlier = torch.nn.functional.one_hot(prompt_index, U).cumsum(0) - 1  # (N, U): earlier responses per prompt
+    slot = earlier[torch.arange(N, device=device), prompt_index]  # (N,)
+    K = _most_responses(prompt_index)
+    L = P + K * R
+    columns = P + slot[:, None] * R + torch.arange(R, device=device)  # (N, R) each response token's column
+    ids = torch.zeros(U, L, dtype=prompt_ids.dtype, device=device)
+    real = torch.zeros(U, L, dtype=torch.bool, device=device)
+    segment = torch.zeros(U, L, dtype=torch.long, device=device)  # 0: prompt; s + 1: slot s
+    rows = prompt_index[:, None].expand(N, R)
+    ids[:, :P], real[:, :P] = prompt_ids, prompt_mask.bool()
+    ids[rows, columns], real[rows, columns] = response_ids, response_mask.bool()
+    segment[:, P:] = torch.arange(K, device=device).repeat_interleave(R) + 1
+    positions = position_ids_from_mask(prompt_mask)
+    positions = torch.cat([positions, positions.new_zeros(U, K * R)], 1)
+    positions[rows, columns] = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(R, device=device)
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    same = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (U, query, key)
+    sees = (causal & same & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
+    mask = torch.zeros(U, 1, L, L, dtype=dtype, device=device).masked_fill(~sees[:, None], torch.finfo(dtype).min)
+    predictors = torch.cat([torch.full((N, 1), P - 1, device=device), columns[:, :-1]], 1)
+    return {"input_ids": ids, "position_ids": positions, "attention_mask": mask, "predictors": predictors}
+
+
+def masked_shared_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, prompt_index: torch.Tensor, *,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """shared_prompt_logprobs as one forward over prefix_shared_rows, logits computed from the prompts' last
+    column on. The model must honour a custom 4-D mask (shared_mask_honoured)."""
+    P = prompt_ids.shape[1]
+    shared = prefix_shared_rows(prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
+                                dtype=_activation_dtype(model))
+    L = shared["input_ids"].shape[1]
+    keep = {"logits_to_keep": L - P + 1} if _accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=shared["input_ids"], attention_mask=shared["attention_mask"],
+                   position_ids=shared["position_ids"], use_cache=False, **keep).logits
+    logits = logits[:, -(L - P + 1):]  # column P - 1 on
+    logits = logits[prompt_index[:, None], shared["predictors"] - (P - 1)]  # (N, R, V)
+    return logprobs_from_logits(logits, response_ids, temperature), logits
+
+
+def _activation_dtype(model) -> torch.dtype:
+    """The floating dtype of the model's embeddings (its activations' and so its attention mask's)."""
+    module = _module_of(model)
+    embeddings = module.get_input_embeddings() if module is not None and hasattr(module, "get_input_embeddings") else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", torch.float32)
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+_SHARED_MASK_HONOURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def shared_mask_honoured(model) -> bool:
+    """Whether `model` applies a custom (B, 1, T, T) attention mask, checked once per module on one prompt
+    with two responses (eval mode, so dropout cannot blur them): the second response's logits in
+    prefix_shared_rows' one forward must equal its logits in `prompt + response` alone far more closely
+    than its logits when it also sees the first response. Attention kernels that take no custom mask
+    (flash attention) fail it; shared_prompt_logprobs then uses the key/value cache."""
+    module = _module_of(model)
+    if module is None:
+        return False
+    if module in _SHARED_MASK_HONOURED:
+        return _SHARED_MASK_HONOURED[module]
+    device = next(module.parameters()).device
+    vocab = int(getattr(getattr(module, "config", None), "vocab_size", 0) or 2)
+    ids = torch.arange(7, device=device)[None] * 7919 % vocab  # fixed, distinct tokens: the same on every rank
+    prompt, first, second = ids[:, :3], ids[:, 3:5], ids[:, 5:]
+    training = module.training
+    module.eval()
+    try:
+        shared = masked_shared_logprobs(model, prompt, torch.ones_like(prompt), torch.cat([first, second]),
+                                        torch.ones(2, 2, dtype=torch.long, device=device),
+                                        torch.zeros(2, dtype=torch.long, device=device))[1][1].float()
+        alone = _output(model(input_ids=torch.cat([prompt, second], 1), use_cache=False))[0, 2:4].float()
+        mixed = _output(model(input_ids=ids, use_cache=False))[0, 4:6].float()
+    except (TypeError, ValueError, RuntimeError):  # a forward that refuses a 4-D mask or position ids
+        honoured = False
+    else:
+        apart, together = (shared - alone).abs().max(), (mixed - alone).abs().max()
+        honoured = bool(apart * 10 <= together) and bool(together > 0)
+    finally:
+        module.train(training)
+    _SHARED_MASK_HONOURED[module] = honoured
+    return honoured
+
+
+def cached_shared_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                           response_mask: torch.Tensor, prompt_index: torch.Tensor, *,
+                           temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """shared_prompt_logprobs in two forwards: one over the U prompts keeps their key/value cache (with its
+    autograd graph) and the logits of their last token, which predict each response's first token; a
+    second runs the N responses against that cache, gathered by prompt_index. ConfigError naming
+    hyperparameters.prefixSharing when the model keeps no cache in its forward, as under gradient
+    checkpointing (transformers drops it in each checkpointed layer).
     """
     R = response_ids.shape[1]
     keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
@@ -258,8 +388,9 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
                   use_cache=True, **keep)
     cache = first.past_key_values
     if cache is None or cache.get_seq_length() != prompt_ids.shape[1]:
-        raise RuntimeError(f"{type(getattr(model, '__self__', model)).__name__} kept no key/value cache of the "
-                           "prompts in its forward: prefix sharing needs one")
+        raise ConfigError(f"hyperparameters.prefixSharing: {type(_module_of(model) or model).__name__} neither applies "
+                          "a custom attention mask nor kept a key/value cache of the prompts in its forward "
+                          "(roles.actor.deepspeed.gradientCheckpointing drops it): turn one of them off")
     cache.batch_select_indices(prompt_index)
     mask = torch.cat([prompt_mask[prompt_index], response_mask], dim=1)
     positions = prompt_mask.sum(-1)[prompt_index, None] + torch.arange(R, device=prompt_ids.device)

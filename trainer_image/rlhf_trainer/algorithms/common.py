@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from rlhf_contract import wire
 from rlhf_contract.algorithms import ALGORITHMS
-from rlhf_contract.config import prefix_sharing_problem
 from transformers import LogitsProcessorList
 
 from rlhf_trainer import alarms as alarm_signals
@@ -82,9 +81,6 @@ class ActorAlgorithm:
         # The unquantized base: the model itself, or the base the merged export folds the adapters into.
         self.load_base = lambda: load_model(ctx.cfg.model.path, seed=hp.seed)
         adapters, settings = ctx.cfg.roles["actor"].lora, ctx.cfg.roles["actor"].deepspeed
-        problem = prefix_sharing_problem(ctx.cfg.algorithm, hp.prefix_sharing, settings.gradient_checkpointing)
-        if problem:  # parse_config refuses it too: a config built in code can still get here
-            raise ConfigError(f"hyperparameters.prefixSharing {problem}")
         bnb = quantization.for_this_process(ctx.cfg.roles["actor"])
         if bnb is None:
             model = self.load_base()

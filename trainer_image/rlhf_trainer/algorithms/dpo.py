@@ -6,9 +6,10 @@ One step: the reference role's log-probs of chosen and rejected responses (DPO o
 micro-batch the policy's log-probs and the preference loss (losses.dpo / simpo / orpo) on sequence
 log-probs, summed or token-averaged as the loss defines them. No sampling.
 
-With `prefixSharing` the policy's forward computes each pair's prompt once and both responses
-against its key/value cache (forward.shared_prompt_logprobs; Wang et al. 2024, "Accelerating Direct
-Preference Optimization with Prefix Sharing"): the same log-probs at fewer token positions. The
+With `prefixSharing` the policy's forward computes each pair's prompt once, both responses after it
+in one row whose attention mask keeps them apart (forward.shared_prompt_logprobs; Wang et al. 2024,
+"Accelerating Direct Preference Optimization with Prefix Sharing"): the same log-probs at fewer token
+positions. The
 reference role gets the pairs' rows side by side in rollout layout (shared_rows) and computes each
 chunk's distinct prompts once too (forward.chunked_token_logprobs with prefix_sharing).
 
