@@ -46,7 +46,7 @@ def _ranks_words(p: Placement) -> str:
 
 
 Placements = Mapping[str, Placement]
-# (field, problem) of one role; field is "colocate_with" or "replicas".
+# (role, field, problem); field is "colocate_with", "replicas" or "processes_per_pod" ("" for the job).
 RoleProblem = tuple[str, str, str]
 
 
@@ -88,14 +88,17 @@ def colocation_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[in
     return problems
 
 
-def replica_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[int, str]]:
-    """(index, problem) for every role with pods that has more ranks than the actor."""
+def replica_problems(roles: Sequence[tuple[str, Placement]]) -> list[tuple[int, str, str]]:
+    """(index, field, problem) for every role with pods that has more ranks than the actor. The field is
+    "replicas" when its pods alone outnumber the actor's ranks, else "processes_per_pod" (its pods would
+    fit with fewer processes each)."""
     actors = dict(roles).get("actor")
     if actors is None:
         return []
     return [
-        (i, f"must be at most the actor's {_ranks_words(actors)}: each rank of a role with pods serves "
-            f"actor ranks (got {_count(p)})")
+        (i, "replicas" if p.replicas > actors.ranks else "processes_per_pod",
+         f"must be at most the actor's {_ranks_words(actors)}: each rank of a role with pods serves "
+         f"actor ranks (got {_count(p)})")
         for i, (name, p) in enumerate(roles)
         if name != "actor" and not p.colocate_with and p.ranks > actors.ranks
     ]
@@ -116,7 +119,7 @@ def problems(roles: Sequence[tuple[str, Placement]]) -> list[RoleProblem]:
     if "actor" not in names:
         out.append(("actor", "", "every job needs an actor"))
     out.extend((names[i], "colocate_with", p) for i, p in colocation_problems(roles))
-    out.extend((names[i], "replicas", p) for i, p in replica_problems(roles))
+    out.extend((names[i], field, p) for i, field, p in replica_problems(roles))
     return out
 
 

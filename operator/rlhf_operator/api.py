@@ -855,8 +855,9 @@ def _gang_shape_errors(roles: tuple[RoleSpec, ...], placed: list[tuple[str, layo
     index = next((i for i, r in enumerate(roles) if r.name == "actor"), None)
     if index is None or f"roles[{index}].replicas" in bad:
         return []
-    errors = [(f"roles[{i}].replicas", problem) for i, problem in layout.replica_problems(placed)
-              if f"roles[{i}].replicas" not in bad]
+    fields = {"replicas": "replicas", "processes_per_pod": "processesPerPod"}
+    errors = [(f"roles[{i}].{fields[field]}", problem) for i, field, problem in layout.replica_problems(placed)
+              if f"roles[{i}].{fields[field]}" not in bad]
     problem = layout.batch_problem(placed[index][1], batch_size)
     if "hyperparameters.batchSize" not in bad and problem:
         errors.append(("hyperparameters.batchSize", problem))

@@ -113,6 +113,8 @@ def test_layout_rules_compare_ranks_and_say_so():
     assert layout.batch_problem(actor, 8) is None
     assert "actor's ranks (replicas x processesPerPod: 2 x 2 = 4)" in layout.batch_problem(actor, 6)
     problems = layout.replica_problems([("actor", actor), ("critic", layout.Placement(1, "", 8))])
-    assert problems == [(1, "must be at most the actor's ranks (replicas x processesPerPod: 2 x 2 = 4): each rank "
+    assert problems == [(1, "processes_per_pod", "must be at most the actor's ranks (replicas x processesPerPod: 2 x 2 = 4): each rank "
                             "of a role with pods serves actor ranks (got 1 x 8 = 8)")]
     assert layout.replica_problems([("actor", actor), ("critic", layout.Placement(4, "", 1))]) == []
+    assert [f for _, f, _ in layout.replica_problems([("actor", actor), ("critic", layout.Placement(5, "", 1))])] \
+        == ["replicas"]  # its pods alone outnumber the actor's ranks
