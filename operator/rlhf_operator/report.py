@@ -92,13 +92,18 @@ def _count_lines(path: Path) -> int:
 
 
 def history(rows: list[dict[str, Any]]) -> RunHistory:
-    """Split a metrics file at every step that goes back; keep the last row written per step."""
+    """Split a metrics file at every resume; keep the last row written per step. The trainer marks the first
+    row after a resume with the checkpoint step it resumed from (`resumed_from`), so a resume that redoes
+    no step counts too; in files without the mark, a step that goes back is a resume."""
     by_step: dict[int, dict[str, Any]] = {}
     redone: list[int] = []
     previous = -1  # step 0: the evaluation of the initial policy, before the first step
     for row in rows:
         step = row["step"]
-        if step <= previous:
+        resumed_from = row.get("resumed_from")
+        if isinstance(resumed_from, int | float) and not isinstance(resumed_from, bool):
+            redone.append(max(previous - int(resumed_from), 0))
+        elif step <= previous:
             redone.append(previous - step + 1)
         previous = step
         by_step[step] = row

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from rlhf_contract import wire
-from rlhf_operator import local
+from rlhf_operator import local, report
 from rlhf_trainer import checkpoint
 from trainer_harness import launch, trainer_config
 
@@ -76,3 +76,6 @@ def test_the_users_resize_case_resumes_on_two_ranks_and_succeeds(tmp_path):
     assert checkpoint.saved_world_size(checkpoint.step_dir(ckpt, 6) / "actor") == 2
     rows = [json.loads(line) for line in (ckpt / "metrics" / "actor-0.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    # the resume redid no step, yet the file says where it resumed and `rlhf-operator report` counts it
+    assert [r.get("resumed_from") for r in rows] == [None, None, 2.0, None, None, None]
+    assert report.history(rows).restarts == 1

@@ -24,6 +24,17 @@ def test_history_counts_resumes_and_redone_steps_and_keeps_last_row_per_step():
     assert h.final[-1]["reward_mean"] == 0.99 and h.last_step == 8
 
 
+def test_history_counts_a_marked_resume_that_redoes_no_step():
+    # A checkpoint at the last step written (a resize, a clean stop): the steps never go back.
+    data = rows(1, 2, 3, 4) + rows(5, 6)
+    data[4]["resumed_from"] = 4.0
+    h = report.history(data)
+    assert h.restarts == 1 and h.steps_redone == [0] and h.last_step == 6
+    marked = rows(1, 2, 3, 4, 5) + rows(5, 6)  # resumed from 4 after step 5 was written: counted once
+    marked[5]["resumed_from"] = 4.0
+    assert report.history(marked).steps_redone == [1]
+
+
 def test_history_without_restarts():
     h = report.history(rows(1, 2, 3))
     assert h.restarts == 0 and h.steps_redone == [] and h.last_step == 3

@@ -535,6 +535,8 @@ def drive(ctx: Context, algorithm, rows) -> None:
             stats["alarms"] = step_alarms
         stats.update(ctx.served_peak_memory)  # this rank's serving processes', per op (roles.RemoteClient)
         ctx.served_peak_memory.clear()
+        if start and step == start + 1:  # a resume that redoes no step leaves no other trace in the file
+            stats["resumed_from"] = float(start)
         ctx.metrics.record_step(step, stats)
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()
