@@ -251,6 +251,11 @@ class LocalRunner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.job = dataclasses.replace(self.job, uid=self.job.uid or str(uuid.uuid4()),
                                        creation_timestamp=self.job.creation_timestamp or localexec.utc_now())
+        # A rerun on the same folder resumes the job: the run that wrote the last metrics line announced its
+        # alarms already (the planner announces only alarms the status does not hold yet).
+        known = progress_from_row(last_json_line(self.checkpoint_dir / "metrics" / "actor-0.jsonl")).get("alarms")
+        if known:
+            self.job = dataclasses.replace(self.job, status={**self.job.status, "progress": {"alarms": known}})
         self.display = display or Progress(stream=None)
         self.trainer_command = list(trainer_command) if trainer_command is not None else None
         self.extra_env = dict(extra_env or {})

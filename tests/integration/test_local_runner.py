@@ -108,6 +108,20 @@ def test_suspend_mid_run_then_resume_continues_from_checkpoint(tmp_path):
     assert h.rows[0]["step"] == 1 and min(r["step"] for r in h.rows[5:]) > 1
 
 
+def test_a_rerun_on_the_same_folder_does_not_announce_the_last_runs_alarms_again(tmp_path):
+    # The last run's actor reported an alarm (and the event said so then); rerunning resumes the job.
+    metrics = tmp_path / "fake-ppo" / "checkpoints" / "metrics"
+    metrics.mkdir(parents=True)
+    alarm = {"NegativeKL": "mean KL -0.2 < -0.05"}
+    (metrics / "actor-0.jsonl").write_text(json.dumps({"step": 2, "kl": -0.2, "alarms": alarm}) + "\n")
+    r = runner(tmp_path, manifest(max_steps=4, interval=2))
+    assert r.job.status["progress"]["alarms"] == alarm
+    assert r.run(timeout=120)["phase"] == "Succeeded"
+    assert "Warning NegativeKL" not in (tmp_path / "fake-ppo" / "events.log").read_text()
+    # A fresh run on the folder starts with no alarm known.
+    assert "progress" not in runner(tmp_path, manifest(), fresh=True).job.status
+
+
 def test_suspend_control_file_holds_the_job(tmp_path):
     r = runner(tmp_path, manifest(max_steps=4))
     (tmp_path / "fake-ppo" / "SUSPEND").touch()
