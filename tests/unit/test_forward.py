@@ -687,3 +687,43 @@ def test_rows_longer_than_a_sliding_window_take_the_cached_path(monkeypatch):
         model.config.sliding_window = window
         forward.shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
         assert taken.pop() == path, window
+
+
+def test_prefix_sharing_costs_favour_one_forward_for_pairs_and_the_cache_for_many_long_responses():
+    from rlhf_trainer.forward import prefix_sharing_costs
+
+    # DPO's pairs (the bench's short and long prompts at SmolLM2-135M's width, dpo.yaml's 2048-token rows
+    # at Llama-3.1-8B's): the one forward costs what the two do, plus a few attention pairs
+    for d, P, R in ((576, 5, 3), (576, 101, 3), (4096, 1024, 1024)):
+        masked, cached = prefix_sharing_costs(d, 8, P, 16, R, 2)
+        assert masked <= 1.1 * cached, (d, P, R)
+    # grpo.yaml's layout (Llama-3.1-8B, 16 samples of 1024 tokens per prompt): attention across the
+    # 16 slots of one row would cost 1.6x the two forwards
+    masked, cached = prefix_sharing_costs(4096, 1, 512, 16, 1024, 16)
+    assert masked > 1.5 * cached
+    assert prefix_sharing_costs(0, 1, 512, 16, 1024, 16) == (0, 0)  # unknown size: the one forward
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_costly_mask_takes_the_cached_path_unless_the_layers_are_checkpointed(monkeypatch, checkpointing):
+    from rlhf_trainer import forward, models
+
+    taken = []
+    monkeypatch.setattr(forward, "shared_mask_honoured", lambda model: True)
+    monkeypatch.setattr(forward, "masked_shared_logprobs", lambda *a, **k: taken.append("masked") or (None, None))
+    monkeypatch.setattr(forward, "cached_shared_logprobs", lambda *a, **k: taken.append("cached") or (None, None))
+    model = models.load_policy("tiny://llama", seed=0).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    U, P, K, R = 1, 2, 8, 16  # many long responses per short prompt: the mask's pairs outweigh the tokens
+    masked, cached = forward.prefix_sharing_costs(model.config.hidden_size, U, P, U * K, R, K)
+    assert masked > 1.1 * cached
+    forward.shared_prompt_logprobs(model, torch.ones(U, P, dtype=torch.long), torch.ones(U, P, dtype=torch.long),
+                                   torch.ones(U * K, R, dtype=torch.long), torch.ones(U * K, R, dtype=torch.long),
+                                   torch.zeros(U * K, dtype=torch.long))
+    assert taken == ["masked" if checkpointing else "cached"]
+    with torch.no_grad():  # no gradient, nothing checkpointed: the cache is there
+        forward.shared_prompt_logprobs(model, torch.ones(U, P, dtype=torch.long), torch.ones(U, P, dtype=torch.long),
+                                       torch.ones(U * K, R, dtype=torch.long), torch.ones(U * K, R, dtype=torch.long),
+                                       torch.zeros(U * K, dtype=torch.long))
+    assert taken[-1] == "cached"

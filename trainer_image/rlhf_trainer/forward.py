@@ -251,16 +251,52 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
     One forward, as in the paper: each prompt's row holds it followed by all its responses, and a
     (U, 1, L, L) attention mask lets each response see its prompt and itself only (prefix_shared_rows).
-    A model that ignores a custom mask (shared_mask_honoured: flash attention, for one), or rows longer
-    than its sliding attention window (the custom mask would let tokens see past it), run the responses
-    against the prompts' key/value cache in a second forward instead (cached_shared_logprobs).
+    A model that ignores a custom mask (shared_mask_honoured: flash attention, for one), rows longer
+    than its sliding attention window (the custom mask would let tokens see past it), and, unless the
+    model checkpoints its layers in this forward, layouts whose one forward would cost more than the two
+    (prefix_sharing_costs: many long responses per prompt) run the responses against the prompts'
+    key/value cache in a second forward instead (cached_shared_logprobs).
     """
-    if _fits_attention_window(model, prompt_ids.shape[1] + _most_responses(prompt_index) * response_ids.shape[1]) \
-            and shared_mask_honoured(model):
+    (U, P), (N, R), K = prompt_ids.shape, response_ids.shape, _most_responses(prompt_index)
+    masked, cached = prefix_sharing_costs(_hidden_size(model), U, P, N, R, K)
+    # The cached path has no cache to run against under gradient checkpointing: the one forward must do.
+    worth_it = masked <= 1.1 * cached or _checkpointing(model)
+    if worth_it and _fits_attention_window(model, P + K * R) and shared_mask_honoured(model):
         return masked_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
                                       temperature=temperature)
     return cached_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
                                   temperature=temperature)
+
+
+def prefix_sharing_costs(hidden_size: int, U: int, P: int, N: int, R: int, K: int) -> tuple[int, int]:
+    """(one masked forward, cached prompt forward + response forward) costs of shared_prompt_logprobs for U
+    prompts of P columns, N responses of R columns, at most K per prompt, in units of 4·d FLOPs per layer
+    (d = hidden_size): a token's linear layers cost about 24·d² per layer, 6·d units, and each query-key
+    pair of attention 4·d, one unit (Kaplan et al. 2020, table 1). The masked rows (U, P + K·R) pay for
+    every pair of a row, the slots of other responses included; the cached path for each prompt's pairs
+    and each response against its prompt and itself. hidden_size 0 (unknown): both costs 0."""
+    L = P + K * R
+    masked = 6 * hidden_size * U * L + U * L * L
+    cached = 6 * hidden_size * (U * P + N * R) + U * P * P + N * R * (P + R)
+    return (masked, cached) if hidden_size else (0, 0)
+
+
+def _hidden_size(model) -> int:
+    """The model's hidden size (config.hidden_size), 0 when it has none."""
+    size = getattr(getattr(_module_of(model), "config", None), "hidden_size", 0)
+    return size if isinstance(size, int) else 0
+
+
+def _checkpointing(model) -> bool:
+    """Whether this forward of `model` checkpoints its layers (grad on, training, checkpointing enabled),
+    in which transformers keeps no key/value cache."""
+    module = _module_of(model)
+    if module is None or not (torch.is_grad_enabled() and module.training):
+        return False
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5.x, then 4.x
+        if hasattr(type(module), name):
+            return bool(getattr(module, name))
+    return False
 
 
 def _most_responses(prompt_index: torch.Tensor) -> int:
