@@ -671,22 +671,26 @@ def test_chunked_prefix_shared_rollout_logprobs_equal_the_plain_pass(chunk_size)
     torch.testing.assert_close(shared[real], plain[real], rtol=1e-5, atol=1e-5)
 
 
-def test_rows_longer_than_a_sliding_window_take_the_cached_path(monkeypatch):
-    # A custom mask would let a token see past the model's sliding window: rows longer than it run cached.
+def test_a_model_with_a_sliding_window_takes_the_cached_path(monkeypatch):
+    # A custom mask would let a token see past the model's sliding window; the rule reads the config alone,
+    # so ZeRO-3 ranks whose rows differ take the same path.
     from rlhf_trainer import forward, models
     from rlhf_trainer.algorithms.dpo import SHARED_KEYS, encode_shared_prompt
 
     shared = encode_shared_prompt(random_pairs(0), 0)
     taken = []
     monkeypatch.setattr(forward, "shared_mask_honoured", lambda model: True)
+    monkeypatch.setattr(forward, "prefix_sharing_costs", lambda *a: (0, 0))
     monkeypatch.setattr(forward, "masked_shared_logprobs", lambda *a, **k: taken.append("masked") or (None, None))
     monkeypatch.setattr(forward, "cached_shared_logprobs", lambda *a, **k: taken.append("cached") or (None, None))
-    length = shared["prompt_ids"].shape[1] + 2 * shared["response_ids"].shape[1]
-    for window, path in ((None, "masked"), (length, "masked"), (length - 1, "cached")):
+    for window, used, path in ((None, None, "masked"), (4096, None, "cached"), (4096, True, "cached"),
+                               (4096, False, "masked")):  # Qwen2's configs: a window, not used
         model = models.load_policy("tiny://llama", seed=0)
         model.config.sliding_window = window
+        if used is not None:
+            model.config.use_sliding_window = used
         forward.shared_prompt_logprobs(model, *(shared[k] for k in SHARED_KEYS), torch.arange(4).repeat(2))
-        assert taken.pop() == path, window
+        assert taken.pop() == path, (window, used)
 
 
 def test_prefix_sharing_costs_favour_one_forward_for_pairs_and_the_cache_for_many_long_responses():
@@ -727,3 +731,9 @@ def test_a_costly_mask_takes_the_cached_path_unless_the_layers_are_checkpointed(
                                        torch.ones(U * K, R, dtype=torch.long), torch.ones(U * K, R, dtype=torch.long),
                                        torch.zeros(U * K, dtype=torch.long))
     assert taken[-1] == "cached"
+    # Sharded by ZeRO-3 (parameters with a ds_id): the one forward, whatever the cost, on every rank alike
+    next(model.parameters()).ds_id = 0
+    forward.shared_prompt_logprobs(model, torch.ones(U, P, dtype=torch.long), torch.ones(U, P, dtype=torch.long),
+                                   torch.ones(U * K, R, dtype=torch.long), torch.ones(U * K, R, dtype=torch.long),
+                                   torch.zeros(U * K, dtype=torch.long))
+    assert taken[-1] == "masked"

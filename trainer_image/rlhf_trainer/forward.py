@@ -251,17 +251,19 @@ def shared_prompt_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.T
 
     One forward, as in the paper: each prompt's row holds it followed by all its responses, and a
     (U, 1, L, L) attention mask lets each response see its prompt and itself only (prefix_shared_rows).
-    A model that ignores a custom mask (shared_mask_honoured: flash attention, for one), rows longer
-    than its sliding attention window (the custom mask would let tokens see past it), and, unless the
-    model checkpoints its layers in this forward, layouts whose one forward would cost more than the two
-    (prefix_sharing_costs: many long responses per prompt) run the responses against the prompts'
-    key/value cache in a second forward instead (cached_shared_logprobs).
+    A model that ignores a custom mask (shared_mask_honoured: flash attention, for one), a model with
+    sliding-window attention (the custom mask would let tokens see past the window), and, unless the
+    model checkpoints its layers in this forward or is sharded by ZeRO-3, layouts whose one forward would
+    cost more than the two (prefix_sharing_costs: many long responses per prompt) run the responses
+    against the prompts' key/value cache in a second forward instead (cached_shared_logprobs). Every
+    rule but the cost reads the model alone, so ZeRO-3 ranks with different rows take the same path.
     """
     (U, P), (N, R), K = prompt_ids.shape, response_ids.shape, _most_responses(prompt_index)
     masked, cached = prefix_sharing_costs(_hidden_size(model), U, P, N, R, K)
-    # The cached path has no cache to run against under gradient checkpointing: the one forward must do.
-    worth_it = masked <= 1.1 * cached or _checkpointing(model)
-    if worth_it and _fits_attention_window(model, P + K * R) and shared_mask_honoured(model):
+    # Under gradient checkpointing the cached path has no cache to run against. Under ZeRO-3 every rank
+    # must run as many forwards as the others whatever its rows, and one forward gathers the weights once.
+    if shared_mask_honoured(model) and not _sliding_window(model) and (
+            _checkpointing(model) or _zero3_partitioned(model) or masked <= 1.1 * cached):
         return masked_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
                                       temperature=temperature)
     return cached_shared_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, prompt_index,
@@ -304,10 +306,18 @@ def _most_responses(prompt_index: torch.Tensor) -> int:
     return int(torch.bincount(prompt_index).max()) if prompt_index.numel() else 1
 
 
-def _fits_attention_window(model, length: int) -> bool:
-    """Whether rows of `length` tokens fit the model's sliding attention window (config.sliding_window), if any."""
-    window = getattr(getattr(_module_of(model), "config", None), "sliding_window", None)
-    return not isinstance(window, int) or window <= 0 or length <= window
+def _sliding_window(model) -> bool:
+    """Whether the model's attention has a sliding window (config.sliding_window, unless its
+    use_sliding_window is off, as in Qwen2's configs)."""
+    config = getattr(_module_of(model), "config", None)
+    window = getattr(config, "sliding_window", None)
+    return isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False
+
+
+def _zero3_partitioned(model) -> bool:
+    """Whether DeepSpeed ZeRO-3 shards the model's weights (its parameters carry a ds_id)."""
+    module = _module_of(model)
+    return module is not None and any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def prefix_shared_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
