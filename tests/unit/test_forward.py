@@ -737,3 +737,20 @@ def test_a_costly_mask_takes_the_cached_path_unless_the_layers_are_checkpointed(
                                    torch.ones(U * K, R, dtype=torch.long), torch.ones(U * K, R, dtype=torch.long),
                                    torch.zeros(U * K, dtype=torch.long))
     assert taken[-1] == "masked"
+
+
+def test_the_mask_check_runs_at_the_first_prefix_shared_call_even_when_the_rows_fall_back(monkeypatch):
+    # Its forwards must run on every ZeRO-3 rank at the same call: a rank whose rows take the plain path
+    # (a row without a prompt token) runs them too.
+    from rlhf_trainer import forward, models
+
+    checked = []
+    monkeypatch.setattr(forward, "shared_mask_honoured", lambda model: checked.append(model) or True)
+    model = models.load_policy("tiny://llama", seed=0)
+    ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])  # row 0: no prompt token before its response
+    plain = forward.rollout_logprobs(model, ids, mask, response_length=2, prefix_sharing=True)[0]
+    assert checked == [model]
+    torch.testing.assert_close(plain, token_logprobs(model, ids, mask, response_length=2)[0])
+    forward.rollout_logprobs(model, ids, mask, response_length=2)
+    assert len(checked) == 1  # not without prefix sharing

@@ -455,6 +455,8 @@ def rollout_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     (shared_prompt_logprobs: a GRPO group's samples share theirs), unless a prompt column block has
     an empty row (no token to predict the response's first one); else packed with `padding_free`."""
     P = input_ids.shape[1] - response_length
+    if prefix_sharing:  # its first call runs forwards: on every rank, whichever path these rows take (ZeRO-3)
+        shared_mask_honoured(model)
     if not prefix_sharing or P < 1 or not bool(attention_mask[:, P - 1].all()):
         return token_logprobs(model, input_ids, attention_mask, temperature=temperature, response_length=response_length,
                               padding_free=padding_free)

@@ -31,7 +31,7 @@ from rlhf_trainer.algorithms.common import (
     run_algorithm,
 )
 from rlhf_trainer.data import pad_left, pad_right
-from rlhf_trainer.forward import shared_prompt_logprobs, token_logprobs
+from rlhf_trainer.forward import shared_mask_honoured, shared_prompt_logprobs, token_logprobs
 from rlhf_trainer.losses.dpo import DPOOutput, dpo_loss, preference_logprobs
 from rlhf_trainer.losses.orpo import odds_ratio_loss
 from rlhf_trainer.losses.simpo import simpo_loss
@@ -108,6 +108,8 @@ class DPO(ActorAlgorithm):
         """The policy's (2P, C) token log-probs of a micro-batch's chosen then rejected responses, with
         the (2P, >= C) mask whose last C columns mark their response tokens (preference_logprobs' inputs):
         prefix-shared when on and every prompt has a token, else over `batch`'s rows, last R columns."""
+        if self.hp.prefix_sharing:  # its first call runs forwards: on every rank, whatever its pairs (ZeRO-3)
+            shared_mask_honoured(self.strategy.forward)
         if self.hp.prefix_sharing and all(p.prompt for p in pairs):
             shared = encode_shared_prompt(pairs, self.tokenizer.pad_token_id)
             dev = distributed.device()
