@@ -317,7 +317,9 @@ def _sliding_window(model) -> bool:
 def _zero3_partitioned(model) -> bool:
     """Whether DeepSpeed ZeRO-3 shards the model's weights (its parameters carry a ds_id)."""
     module = _module_of(model)
-    return module is not None and any(hasattr(p, "ds_id") for p in module.parameters())
+    # ZeRO-3 converts every parameter at once: the first tells, without a walk over all of them per call
+    first = next(module.parameters(), None) if module is not None else None
+    return hasattr(first, "ds_id")
 
 
 def prefix_shared_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
