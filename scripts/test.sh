@@ -11,4 +11,6 @@ lint-imports
 # minutes cold on 2 cores; seconds warm). The cluster fixtures reuse the same cache.
 command -v go >/dev/null || export PATH="$PATH:/usr/local/go/bin"
 echo "control plane binaries: $(bash e2e/controlplane/build.sh)"
-python -m pytest -q -p no:cacheprovider tests e2e "$@"
+# Two workers: most trainer tests are one single-threaded process (OMP_NUM_THREADS=1), so a second one
+# uses CI's second core; the tests of the control plane all go to one worker (conftest.py).
+python -m pytest -q -p no:cacheprovider -n "${TEST_WORKERS:-2}" --dist loadgroup tests e2e "$@"

@@ -2,7 +2,8 @@
 torch, so supervisor / loop / fault tests run in seconds. Never used by the product.
 
 Behaviour: resumes from the newest step-N/COMPLETE under RLHF_CHECKPOINT_DIR, runs to
-hyperparameters.max_steps appending one metrics JSON line per step, checkpoints every
+hyperparameters.max_steps appending one metrics JSON line per step (the first after a resume with
+`resumed_from`), checkpoints every
 checkpoint.interval_steps (every role writes step-N/<role>-<rank>/, actor rank 0 writes COMPLETE once
 all roles did), actor rank 0 writes export/config.json at the end. Like the real trainer's bridge,
 the gang is coupled: a process whose peer died (pid files under .fake-gang/<attempt>/) exits 1.
@@ -84,6 +85,8 @@ def main() -> int:
             return 1
         row = {"step": step, "time": time.time(), "reward_mean": step / max_steps, "kl": 0.01 * step,
                "loss": 1.0 / step, "restart_attempt": int(os.environ["RLHF_RESTART_ATTEMPT"])}
+        if start and step == start + 1:  # the real trainer's resume mark (docs/spec.md)
+            row["resumed_from"] = float(start)
         with metrics.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if step % interval == 0 or step == max_steps:

@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.controlplane import cluster, kube
 
+# With the session's control plane on one test worker (conftest.py), not beside the other's trainers.
+pytestmark = pytest.mark.xdist_group("control-plane")
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "provisioner"}
 
