@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rlhf_trainer.alarms import AlarmMonitor, Thresholds, distinct_2, kl_negative_share, merge
 
 ON = Thresholds(negative_kl=0.05, length_drop=0.5, distinct=0.3, reward_jump=0.5, window=2)
@@ -73,3 +75,40 @@ def test_a_reward_jump_the_held_out_reward_does_not_follow_is_reward_hacking():
 def test_merge_orders_by_reason_and_joins_messages():
     assert merge({"RewardHacking": "a", "NegativeKL": "b"}, {"RewardHacking": "c"}) == {
         "NegativeKL": "b", "RewardHacking": "a; c"}
+
+
+# Steps of a run: (length, reward, held-out reward at an evaluation after that step or None).
+RUN_STEPS = st.lists(st.tuples(st.floats(1.0, 50.0), st.floats(-1.0, 1.0), st.none() | st.floats(-1.0, 1.0)),
+                     min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=RUN_STEPS, split=st.integers(0, 12))
+def test_a_monitor_restored_from_its_state_fires_as_the_unbroken_one(steps, split):
+    """A resume (the actor's checkpoint holds state_dict()) changes no signal and no alarm after it."""
+    def run(monitor, part):
+        out = []
+        for length, reward, held_out in part:
+            out.append(step(monitor, length=length, reward=reward))
+            if held_out is not None:
+                out.append(monitor.evaluated(held_out))
+        return out
+
+    split = min(split, len(steps))
+    first = AlarmMonitor(ON)
+    before = run(first, steps[:split])
+    resumed = AlarmMonitor(ON)
+    resumed.load_state_dict(first.state_dict())
+    assert run(resumed, steps[split:]) == run(AlarmMonitor(ON), steps)[len(before):]
+
+
+def test_a_window_edited_between_runs_keeps_the_newest_values():
+    saved = AlarmMonitor(ON)
+    for n in (10, 10, 4, 4):
+        step(saved, length=n)
+    wider = AlarmMonitor(Thresholds(**{**ON.__dict__, "window": 3}))
+    wider.load_state_dict(saved.state_dict())
+    assert list(wider.lengths) == [10, 10, 4, 4] and wider.lengths.maxlen == 6
+    narrower = AlarmMonitor(Thresholds(**{**ON.__dict__, "window": 1}))
+    narrower.load_state_dict(saved.state_dict())
+    assert list(narrower.lengths) == [4, 4] and list(narrower.rewards) == [0.0]

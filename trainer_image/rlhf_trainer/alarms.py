@@ -70,7 +70,8 @@ class Thresholds:
 
 class AlarmMonitor:
     """The alarms of one actor process, step after step (it keeps the recent lengths and the rewards
-    at the last evaluation). `step()` returns the step's signals and the alarms firing now."""
+    at the last evaluation, saved in the actor's checkpoints). `step()` returns the step's signals and
+    the alarms firing now."""
 
     def __init__(self, thresholds: Thresholds):
         self.t = thresholds
@@ -100,6 +101,19 @@ class AlarmMonitor:
                                            "they repeat themselves")
         self.rewards.append(reward)
         return signals, alarms
+
+    def state_dict(self) -> dict:
+        """The windows and the last evaluation, for the actor's checkpoint: a resumed run's alarms then
+        compare against the steps before the resume, as an unbroken run's would."""
+        return {"lengths": list(self.lengths), "rewards": list(self.rewards),
+                "last_eval": list(self.last_eval) if self.last_eval is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state_dict()'s output; a window edited between the runs keeps its newest values."""
+        self.lengths = deque((float(v) for v in state["lengths"]), maxlen=2 * self.t.window)
+        self.rewards = deque((float(v) for v in state["rewards"]), maxlen=self.t.window)
+        last = state["last_eval"]
+        self.last_eval = None if last is None else (float(last[0]), float(last[1]))
 
     def evaluated(self, held_out_reward: float | None) -> dict[str, str]:
         """At an evaluation: RewardHacking when the training reward (mean of the recent window) rose by

@@ -502,6 +502,8 @@ def drive(ctx: Context, algorithm, rows) -> None:
             if role == "actor":
                 sampler.load_state_dict(state["data"])
                 algorithm.load_state_dict(state["algorithm"])
+                if ctx.alarms is not None and state.get("alarms") is not None:  # older checkpoints have none
+                    ctx.alarms.load_state_dict(state["alarms"])
         ctx.metrics.set_checkpoint_step(start)
         ctx.metrics.gauges["step"].set(start)
         log(f"actor-{ctx.env.rank}: resumed from step {start}")
@@ -541,7 +543,8 @@ def drive(ctx: Context, algorithm, rows) -> None:
         if ctx.env.rank == 0:
             log(f"step {step}/{hp.max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items()
                                                          if isinstance(v, int | float)))
-        state = {"data": sampler.state_dict(), "algorithm": algorithm.state_dict()}
+        state = {"data": sampler.state_dict(), "algorithm": algorithm.state_dict(),
+                 "alarms": ctx.alarms.state_dict() if ctx.alarms is not None else None}
         if saved:
             t_save = time.perf_counter()
             with ctx.metrics.phase("sync"):
