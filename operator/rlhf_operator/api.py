@@ -53,6 +53,9 @@ DATASET_PATHS = (("path", "path"), ("eval_path", "evalPath"), ("pretrain_path", 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 PHASES = ("Pending", "Creating", "Running", "Restarting", "Suspended", "Succeeded", "Failed")
 FINISHED_PHASES = ("Succeeded", "Failed")
+# status.conditions[].type: the CRD's enum (the API server refuses a status write with any other, so a
+# condition missing here would leave the job's whole status unwritten).
+CONDITION_TYPES = ("SourcesReady", "Created", "Running", "Restarting", "Suspended", "Succeeded", "Failed", "Degraded")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,7 +45,7 @@ from rlhf_contract.wire import (
 )
 
 from rlhf_operator import chain
-from rlhf_operator.api import FINISHED_PHASES, Job
+from rlhf_operator.api import CONDITION_TYPES, FINISHED_PHASES, Job
 from rlhf_operator.builders import (
     BuildSettings,
     build_config_map,
@@ -300,7 +300,10 @@ def condition_is_true(status: dict, type_: str) -> bool:
 
 
 def set_condition(status: dict, type_: str, value: bool, reason: str, message: str, now: datetime) -> None:
-    """Set a condition; lastTransitionTime changes only when its status flips."""
+    """Set a condition; lastTransitionTime changes only when its status flips. ValueError for a type
+    outside CONDITION_TYPES (the CRD's enum)."""
+    if type_ not in CONDITION_TYPES:
+        raise ValueError(f"condition type {type_!r} is not one of the CRD's {CONDITION_TYPES}")
     new_status = "True" if value else "False"
     conditions = status.setdefault("conditions", [])
     current = get_condition(status, type_)

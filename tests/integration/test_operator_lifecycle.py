@@ -220,6 +220,15 @@ def test_progress_comes_from_the_actor_rank0_metrics(cluster, rlhf_release, trai
         kube.wait_for(lambda: job(cluster, name)["status"]["progress"]["step"] == 13, what="step 13 (periodic re-read)")
         # The gauge follows the status write of the same pass.
         kube.wait_for(lambda: metric(op, "rlhf_operator_job_step", namespace=NS, job=name) == 13, what="job_step 13")
+        # An alarm: the Degraded condition and the progress of the same pass reach the stored status (the
+        # API server refused every status write of a job with an alarm while the CRD's enum lacked Degraded).
+        _TrainerMetrics.body = (b'rlhf_trainer_step{role="actor",rank="0"} 14\n'
+                                b'rlhf_trainer_alarms_info{NegativeKL="mean KL -0.2 < -0.05"} 1.0\n')
+        degraded = kube.wait_for(lambda: next((c for c in job(cluster, name)["status"].get("conditions", [])
+                                               if c["type"] == "Degraded"), None), what="the Degraded condition")
+        assert (degraded["status"], degraded["reason"]) == ("True", "NegativeKL"), degraded
+        stored = job(cluster, name)["status"]["progress"]
+        assert stored["step"] == 14 and stored["alarms"] == {"NegativeKL": "mean KL -0.2 < -0.05"}, stored
         # --log-level debug: a line per pass (the module's operator may have created the pods first)
         assert re.search(rf"DEBUG .* pass {NS}/{name}: \d+ pods, \d+ children -> \[.*\], phase ", op.log_tail(10**6))
     finally:

@@ -1,4 +1,5 @@
-"""RLHFJob test cases shared by test_api.py (parse_spec) and test_crd.py (the CRD's schema + CEL).
+"""RLHFJob test cases shared by test_api.py (parse_spec) and test_crd.py (the CRD's schema + CEL), and the
+CRD's schema as Draft 7 JSON Schema (to_json_schema; test_planner.py checks the statuses it plans).
 
 A case is an example manifest from crds/examples/ with edits, written with the same paths as the
 errors (`roles[1].replicas`), in tests/unit/cases/rlhfjob_invalid.yaml and rlhfjob_valid.yaml.
@@ -97,3 +98,19 @@ def related(a: str, b: str) -> bool:
     the API server and parse_spec may name a field or the object holding it."""
     short, long = sorted((a, b), key=len)
     return not short or long == short or long.startswith((short + ".", short + "["))
+
+
+def to_json_schema(node: Any) -> Any:
+    """OpenAPI v3 (structural) -> Draft 7: drop x-kubernetes-*, int-or-string as anyOf, and reject
+    unknown properties wherever the CRD does not preserve them."""
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
+    if node.get("x-kubernetes-int-or-string"):
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in node and "additionalProperties" not in node and not node.get(
+            "x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out

@@ -21,7 +21,7 @@ from rlhf_contract import algorithms, config
 from rlhf_contract.config import Hyperparameters
 from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
-from rlhfjob_cases import related
+from rlhfjob_cases import related, to_json_schema
 
 CRD = yaml.safe_load(cases.CRD.read_text())
 VERSION = CRD["spec"]["versions"][0]
@@ -33,22 +33,6 @@ _CEL = celpy.Environment()
 
 
 # --- the emulated API server ------------------------------------------------------------------------
-
-
-def to_json_schema(node: Any) -> Any:
-    """OpenAPI v3 (structural) -> Draft 7: drop x-kubernetes-*, int-or-string as anyOf, and reject
-    unknown properties wherever the CRD does not preserve them."""
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    if node.get("x-kubernetes-int-or-string"):
-        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-    if "properties" in node and "additionalProperties" not in node and not node.get(
-            "x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
 
 
 def prune_nulls(value: Any) -> Any:
@@ -244,6 +228,8 @@ def test_transition_rules_guard_algorithm_and_role_layout():
     pytest.param(HYPERPARAMETERS["lossType"], config.LOSS_TYPES, id="loss-type"),
     pytest.param(HYPERPARAMETERS["klEstimator"], config.KL_ESTIMATORS, id="kl-estimator"),
     pytest.param(SCHEMA["properties"]["status"]["properties"]["phase"], api.PHASES, id="phase"),
+    pytest.param(SCHEMA["properties"]["status"]["properties"]["conditions"]["items"]["properties"]["type"],
+                 api.CONDITION_TYPES, id="condition-type"),
     pytest.param(ROLE["properties"]["tolerations"]["items"]["properties"]["operator"], api.TOLERATION_OPERATORS,
                  id="toleration-operator"),
 ])

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import jsonschema
 import pytest
+import yaml
 from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
 from rlhf_operator import builders, planner
 from rlhf_operator.api import PHASES, parse_job
@@ -23,11 +25,22 @@ from rlhf_operator.planner import (
     Observed,
     ObservedPod,
 )
+from rlhfjob_cases import CRD, to_json_schema
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = BuildSettings()
 SUPPORT = frozenset({("Service", "j"), ("ConfigMap", "j-config"), ("PersistentVolumeClaim", "j-checkpoints")})
 GANG = ["j-actor-0", "j-critic-0"]
+
+
+# The CRD's status schema: the API server refuses a status write that breaks it (an enum) and drops
+# fields it does not declare, so every planned status must fit it.
+STATUS_SCHEMA = jsonschema.Draft7Validator(to_json_schema(
+    yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]))
+
+
+def status_problems(status: dict) -> list[str]:
+    return [f"status.{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in STATUS_SCHEMA.iter_errors(status)]
 
 
 def ts(seconds: float = 0) -> str:
@@ -545,6 +558,7 @@ def test_plan(name):
     assert plan.status["observedGeneration"] == case.generation
     assert sum(isinstance(a, DeleteJob) for a in plan.actions) == ("TTLExpired" in case.events)
     assert job.status == case.status  # the input is never mutated
+    assert status_problems(plan.status) == []
 
 
 # --- details that the table does not show ----------------------------------------------------
@@ -1001,6 +1015,7 @@ def test_trainer_alarms_set_degraded_and_warn_once_per_reason():
     plan = planner.plan(job, Observed(running(*GANG), SUPPORT, progress={"step": 4, "alarms": alarm}), T0, SETTINGS)
     degraded = condition(plan, "Degraded")
     assert degraded["status"] == "True" and degraded["reason"] == "NegativeKL"
+    assert status_problems(plan.status) == []  # the CRD lacked Degraded: every status write was refused
     assert degraded["message"] == "NegativeKL: mean KL -0.2 < -0.05"
     warnings = [a for a in plan.actions if isinstance(a, planner.EmitEvent) and a.type == "Warning"]
     assert [(w.reason, w.message) for w in warnings] == [("NegativeKL", "mean KL -0.2 < -0.05")]
