@@ -30,7 +30,9 @@ def test_a_gang_larger_than_the_cluster_waits_whole_then_runs_when_a_node_joins(
     obj = example("ppo-tiny.yaml", name, maxSteps=4, checkpoint={"intervalSteps": 2})
     obj["spec"]["scheduling"] = {"gangScheduler": "coscheduling"}
     for role in obj["spec"]["roles"]:
-        role["gpus"] = GPUS_PER_ROLE
+        # GPUs for the scheduler to count; one process per pod (processesPerPod defaults to gpus: 12 CPU
+        # trainer processes would test ranks, which test_local_ranks_per_pod.py does, not scheduling).
+        role.update(gpus=GPUS_PER_ROLE, processesPerPod=1)
     cluster.apply(obj)
     try:
         group = wait_for(lambda: cluster.get_json("podgroups.scheduling.x-k8s.io", name), timeout=60, what="PodGroup")

@@ -1,6 +1,8 @@
 """build_ds_config as a table, and one real DeepSpeed engine step on CPU (world of one)."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,3 +203,22 @@ def test_gradient_norm_of_no_gradients_is_zero():
     assert gradient_norm([p]) == pytest.approx(5.0)
     p.grad = torch.tensor([float("inf"), 0.0, 0.0])
     assert gradient_norm([p]) == float("inf")
+
+
+def test_deepspeed_imports_without_its_autotuners_mlflow_and_mlflow_still_imports_afterwards():
+    """import_deepspeed keeps DeepSpeed's optional `import mlflow` out of a trainer's start-up, and leaves no
+    trace: the trackers' `import mlflow` works as usual afterwards. A fresh interpreter: this session's may
+    have imported both already."""
+    code = (
+        "import sys\n"
+        "from rlhf_trainer.distributed import import_deepspeed\n"
+        "ds = import_deepspeed()\n"
+        "import deepspeed.autotuning.autotuner as tuner\n"
+        "print(tuner.has_mlflow, 'mlflow' in sys.modules, import_deepspeed() is ds)\n"
+        "import mlflow\n"
+        "print(mlflow.__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # (DeepSpeed logs its accelerator choice on stdout first)
+    assert done.stdout.splitlines()[-2:] == ["False False True", "mlflow"], done.stdout

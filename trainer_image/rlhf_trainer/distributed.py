@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -105,6 +106,24 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def import_deepspeed():
+    """`import deepspeed` without the optional `import mlflow` of DeepSpeed's autotuner
+    (deepspeed/autotuning/autotuner.py, which the trainer never runs): with mlflow installed (the
+    trackers extra) that import is about a third of a trainer process's start-up (bench/RESULTS.md).
+    mlflow imports as usual afterwards (spec.trackers)."""
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    blocked = "mlflow" not in sys.modules
+    if blocked:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError there, which DeepSpeed catches
+    try:
+        import deepspeed
+    finally:
+        if blocked and sys.modules.get("mlflow", False) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
 def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size: int, local_rank: int = 0,
                     timeout: timedelta = timedelta(minutes=30)) -> None:
     """Start this role's own torch.distributed world through DeepSpeed (idempotent).
@@ -126,7 +145,7 @@ def init_role_world(*, master_addr: str, master_port: int, rank: int, world_size
             "MASTER_PORT": str(master_port),
         }
     )
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     # On CPU DeepSpeed compiles a shared-memory all-reduce op on first init (~33 s); gloo suffices.
     # (importlib: `import deepspeed.comm.torch as m` would bind the real torch, re-exported by the package.)

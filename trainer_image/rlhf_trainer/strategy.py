@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from rlhf_contract.config import DeepSpeedConfig
 
+from rlhf_trainer.distributed import import_deepspeed
+
 
 def build_ds_config(
     *,
@@ -124,8 +126,7 @@ class DeepSpeedStrategy:
         gradient_clipping: float = 1.0,
         weight_decay: float = 0.0,
     ):
-        import deepspeed
-
+        deepspeed = import_deepspeed()
         self.settings = settings
         self.learning_rate = learning_rate
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
