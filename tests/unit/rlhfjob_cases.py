@@ -10,6 +10,7 @@ applies rlhfjob_invalid.yaml renames every job, so they cannot live there.
 from __future__ import annotations
 
 import copy
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ CRD = ROOT / "crds" / "rlhfjobs.yaml"
 CASES = Path(__file__).resolve().parent / "cases"
 
 _STEP = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+@functools.cache
+def crd() -> dict[str, Any]:
+    """crds/rlhfjobs.yaml, parsed once (callers must not mutate it)."""
+    return yaml.safe_load(CRD.read_text())
+
+
+def status_schema() -> dict[str, Any]:
+    """The CRD's status schema (OpenAPI v3, as the API server applies it to status writes)."""
+    return crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
 
 
 def example(name: str) -> dict[str, Any]:

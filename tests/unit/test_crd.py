@@ -23,7 +23,7 @@ from rlhf_operator import api, constants
 from rlhf_operator.api import SpecError, immutable_changes, parse_job, parse_spec
 from rlhfjob_cases import related, to_json_schema
 
-CRD = yaml.safe_load(cases.CRD.read_text())
+CRD = cases.crd()
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
 SPEC = SCHEMA["properties"]["spec"]

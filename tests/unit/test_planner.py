@@ -10,7 +10,6 @@ from typing import Any
 
 import jsonschema
 import pytest
-import yaml
 from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
 from rlhf_operator import builders, planner
 from rlhf_operator.api import PHASES, parse_job
@@ -25,7 +24,7 @@ from rlhf_operator.planner import (
     Observed,
     ObservedPod,
 )
-from rlhfjob_cases import CRD, to_json_schema
+from rlhfjob_cases import status_schema, to_json_schema
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 SETTINGS = BuildSettings()
@@ -35,8 +34,7 @@ GANG = ["j-actor-0", "j-critic-0"]
 
 # The CRD's status schema: the API server refuses a status write that breaks it (an enum) and drops
 # fields it does not declare, so every planned status must fit it.
-STATUS_SCHEMA = jsonschema.Draft7Validator(to_json_schema(
-    yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]))
+STATUS_SCHEMA = jsonschema.Draft7Validator(to_json_schema(status_schema()))
 
 
 def status_problems(status: dict) -> list[str]:
