@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -92,11 +93,69 @@ def utc_now() -> str:
     return wire.format_time(datetime.datetime.now(datetime.UTC))
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS says is free now (a small race remains; callers allocate them together)."""
+# Ports below the kernel's ephemeral range, which bind(0) and outgoing connections never take.
+_PICKED_PORTS_LOW = 15000
+_EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_DEFAULT_EPHEMERAL_RANGE = (32768, 60999)  # Linux's default
+_RESERVATIONS_KEPT = 64
+_reservations: list[socket.socket] = []
+_reservations_lock = threading.Lock()
+
+
+def ephemeral_range(text: str | None = None) -> tuple[int, int]:
+    """The kernel's ephemeral port range (inclusive), from ip_local_port_range or Linux's default."""
+    try:
+        low, high = (int(v) for v in (text if text is not None else _EPHEMERAL_RANGE_FILE.read_text()).split())
+    except (OSError, ValueError):
+        return _DEFAULT_EPHEMERAL_RANGE
+    return low, high
+
+
+def pickable_ports(ephemeral: tuple[int, int]) -> list[range]:
+    """Port ranges free_port picks from: those outside the ephemeral range (empty if it spans all)."""
+    low, high = ephemeral
+    return [r for r in (range(_PICKED_PORTS_LOW, low), range(high + 1, 65536)) if len(r)]
+
+
+def free_port(host: str = "127.0.0.1", *, attempts: int = 200) -> int:
+    """A port nothing on this machine holds, reserved for whoever this process hands it to.
+
+    Two rules close the race between picking a port and a server binding it, which a plain bind(0)
+    leaves open when several runs share a machine (CI's parallel test workers hit EADDRINUSE in a
+    trainer's TCPStore):
+    - the port comes from outside the ephemeral range, so no other process's bind(0) or outgoing
+      connection takes it in the meantime;
+    - this process keeps it bound with SO_REUSEADDR (not listening; the last 64 picks), so another
+      free_port anywhere sees it taken, while the server it is meant for (TCPStore, Go and Python
+      HTTP servers all set SO_REUSEADDR) still binds and listens on it.
+    Falls back to bind(0) when the ephemeral range leaves nothing outside it.
+    """
+    choices = pickable_ports(ephemeral_range())
+    rng = random.SystemRandom()
+    for _ in range(attempts if choices else 0):
+        ports = rng.choices(choices, weights=[len(r) for r in choices])[0]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            port = rng.choice(ports)
+            sock.bind((host, port))  # without SO_REUSEADDR: refused while anyone holds or reserves it
+        except OSError:
+            sock.close()
+            continue
+        _reserve(sock)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _reserve(sock: socket.socket) -> None:
+    """Keep sock bound, now with SO_REUSEADDR: set after the bind, it lets the real server bind the
+    port while every plain probe (another free_port) is still refused."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with _reservations_lock:
+        _reservations.append(sock)
+        while len(_reservations) > _RESERVATIONS_KEPT:
+            _reservations.pop(0).close()
 
 
 class LocalAddresses:

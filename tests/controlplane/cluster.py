@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rlhf_operator.localexec import free_port
 
 from tests.controlplane import pki as pki_mod
 
@@ -322,14 +323,6 @@ def storage_class() -> dict[str, Any]:
 
 
 # --- start ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def start(workdir: Path, *, tied: bool = True, timeout: float = 180.0, bin_dir: Path | None = None,
           scheduler: bool = True) -> ControlPlane:

@@ -10,18 +10,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing
-import socket
 
 import pytest
 import torch
+from rlhf_operator.localexec import free_port
 from rlhf_trainer.losses import utils
 from trainer_harness import launch, trainer_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rows(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,7 +47,7 @@ def _worker(rank: int, port: int, out) -> None:
 
 def test_global_moments_whitening_and_means_match_one_process_on_two_ranks():
     ctx = multiprocessing.get_context("spawn")
-    out, port = ctx.Queue(), _free_port()
+    out, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_worker, args=(rank, port, out)) for rank in (0, 1)]
     for p in procs:
         p.start()

@@ -16,7 +16,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf_contract.algorithms import ALGORITHMS, ROLE_NAMES, required_roles
+from rlhf_operator.localexec import free_port
 
 # The synthetic dataset of each kind of data an algorithm consumes.
 DATASET_OF_KIND = {"prompts": "synthetic://arithmetic", "pairs": "synthetic://preferences",
@@ -33,12 +33,6 @@ FAST_HYPERPARAMETERS = {
     "max_steps": 2, "batch_size": 4, "micro_batch_size": 2, "max_prompt_length": 48, "max_new_tokens": 4,
     "learning_rate": 1e-3, "group_size": 2,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_config(algorithm: str, *, roles: dict | None = None, hyperparameters: dict | None = None,

@@ -1,5 +1,7 @@
-"""Pure parts of rlhf_operator.localexec: pod dict -> local process spec, process state -> pod status."""
+"""Pure parts of rlhf_operator.localexec (pod dict -> local process spec, process state -> pod status) and its port picker."""
 
+import http.server
+import socket
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,42 @@ def test_translate_pod_reads_the_gpu_limit(tmp_path):
     spec = localexec.translate_pod(pod, mounts={}, resolve=fake_resolver, pod_ip="127.0.0.1", pod_dir=tmp_path,
                                    metrics_port=0, base_env={})
     assert spec.gpus == 4
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("32768\t60999\n", (32768, 60999)),
+    ("1024 65535", (1024, 65535)),
+    ("garbage", (32768, 60999)),  # unreadable: Linux's default
+    ("", (32768, 60999)),
+])
+def test_ephemeral_range_reads_the_kernel_setting(text, expected):
+    assert localexec.ephemeral_range(text) == expected
+
+
+@pytest.mark.parametrize("ephemeral", [(32768, 60999), (15000, 65535), (1024, 65535), (20000, 30000)])
+def test_picked_ports_stay_outside_the_ephemeral_range(ephemeral):
+    low, high = ephemeral
+    for ports in localexec.pickable_ports(ephemeral):
+        assert ports and all(not low <= p <= high for p in (ports[0], ports[-1]))
+        assert 1024 < ports[0] and ports[-1] <= 65535
+
+
+def test_a_free_port_is_reserved_against_other_pickers_yet_its_server_binds_it():
+    """The CI race (EADDRINUSE in a TCPStore): a port handed out must not be handed out again, by this
+    process or a parallel one, before its server binds it; and the reservation must not stop that server."""
+    low, high = localexec.ephemeral_range()
+    ports = [localexec.free_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)
+    assert not any(low <= p <= high for p in ports)
+    for port in ports:  # what another process's free_port probe does: a plain bind, refused
+        with socket.socket() as probe, pytest.raises(OSError):
+            probe.bind(("127.0.0.1", port))
+    server = http.server.HTTPServer(("127.0.0.1", ports[0]), http.server.BaseHTTPRequestHandler)
+    server.server_close()
+
+
+def test_free_port_falls_back_to_the_kernel_when_no_port_lies_outside_its_range(monkeypatch):
+    monkeypatch.setattr(localexec, "ephemeral_range", lambda: (1024, 65535))
+    port = localexec.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # the kernel's pick is not reserved: free to bind

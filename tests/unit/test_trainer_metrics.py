@@ -6,6 +6,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from rlhf_operator.localexec import free_port
 from rlhf_trainer.memory import PeakMemory, parse_vm_hwm
 from rlhf_trainer.metrics import PREFIX, TrainerMetrics, jsonl_path_for
 
@@ -110,21 +111,13 @@ def test_parse_vm_hwm_without_the_line_says_so():
 def test_http_endpoint_serves_series():
     metrics = TrainerMetrics()
     assert metrics.serve(0) == 0  # disabled
-    port = metrics.serve(0 or _free_port(), "127.0.0.1")
+    port = metrics.serve(free_port(), "127.0.0.1")
     try:
         metrics.set_checkpoint_step(4)
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "rlhf_trainer_last_checkpoint_step 4.0" in body
     finally:
         metrics.stop()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_non_finite_counter_by_where():

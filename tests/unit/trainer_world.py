@@ -1,15 +1,8 @@
 """Fixtures for in-process trainer tests: a torch.distributed world of one and a tiny causal LM."""
 
-import socket
-
 import pytest
 import torch
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from rlhf_operator.localexec import free_port
 
 
 @pytest.fixture(scope="session")
