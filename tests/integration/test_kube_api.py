@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import ssl
 import subprocess
 from pathlib import Path
@@ -16,6 +15,7 @@ import kubernetes
 import pytest
 from rlhf_operator.kube import executor
 from rlhf_operator.kube.executor import ApiError, KubeApi, auth_headers
+from rlhf_operator.localexec import free_port
 
 OPENSSL = shutil.which("openssl")
 
@@ -160,9 +160,7 @@ async def test_server_certificate_from_another_ca_is_refused(pki, https_server):
 
 
 async def test_unreachable_server_is_a_retryable_api_error():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # reserved, so nobody listens on it
     config = kubernetes.client.Configuration()
     config.host = f"http://127.0.0.1:{port}"
     api = KubeApi(config=config, timeout=2.0)

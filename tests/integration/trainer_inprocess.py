@@ -11,13 +11,13 @@ DeepSpeed wants an initialised torch.distributed world: use the `role_world` fix
 from __future__ import annotations
 
 import importlib
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from rlhf_contract.algorithms import ALGORITHMS
 from rlhf_contract.config import parse_config
+from rlhf_operator.localexec import free_port
 from rlhf_trainer import distributed
 from rlhf_trainer.distributed import ProcessEnv
 from rlhf_trainer.metrics import TrainerMetrics, jsonl_path_for
@@ -29,10 +29,7 @@ from rlhf_trainer.samples import samples_path_for
 def role_world():
     """A world of one process for the whole session (the unit tests' may already be up)."""
     if not torch.distributed.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        distributed.init_role_world(master_addr="127.0.0.1", master_port=port, rank=0, world_size=1)
+        distributed.init_role_world(master_addr="127.0.0.1", master_port=free_port(), rank=0, world_size=1)
     return 0
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from rlhf_contract import wire
 from rlhf_contract.sources import HF_CACHE_DIR, cache_dir_name, parse_source, trainer_path
+from rlhf_operator.localexec import free_port
 from rlhf_trainer import initializer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -139,11 +140,7 @@ def test_s3_public_bucket_without_credentials(tmp_path, s3_server, monkeypatch):
 
 
 def test_s3_unreachable_endpoint_is_a_source_error(tmp_path, monkeypatch):
-    import socket
-
-    with socket.socket() as sock:  # a loopback port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # reserved, so nothing listens on it
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")  # else minio asks the endpoint for the region first
     with pytest.raises(initializer.SourceError, match=rf"s3://bucket/m: MaxRetryError: .*127.0.0.1.*{port}"):
