@@ -6,10 +6,13 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from rlhf_contract.config import DeepSpeedConfig
 from rlhf_trainer.strategy import (
     DeepSpeedStrategy,
     build_ds_config,
+    clip_gradients,
     gradient_norm,
     needs_gradient_allreduce,
     needs_synced_generation,
@@ -144,17 +147,39 @@ def test_stage0_alone_steps_like_plain_torch_adamw_with_clipping(role_world, tin
     )
     assert strategy.engine.enable_backward_allreduce is False
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0, betas=(0.9, 0.95), fused=False)
+    norms = []
     for seed in (0, 1):
         ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(seed))
         strategy.backward(strategy.forward(input_ids=ids, labels=ids).loss)
-        strategy.step()
+        norms.append(strategy.step().grad_norm)
         reference(input_ids=ids, labels=ids).loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+    assert max(norms) > 1.0  # the clipping (the strategy's own at stage 0) was really applied
     mine = dict(strategy.module.named_parameters())
     for name, param in reference.named_parameters():
         torch.testing.assert_close(mine[name], param, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=4),
+       scale=st.floats(1e-3, 1e3), max_norm=st.floats(0.1, 10.0), seed=st.integers(0, 2**16))
+def test_clip_gradients_scales_as_torch_clip_grad_norm(shapes, scale, max_norm, seed):
+    """The strategy's own clipping at stage 0, given the norm it has computed, scales the gradients
+    as torch.nn.utils.clip_grad_norm_ does (and leaves them alone below max_norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    mine = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    theirs = [torch.nn.Parameter(torch.zeros(shape)) for shape in shapes]
+    for a, b in zip(mine, theirs, strict=True):
+        a.grad = torch.randn(a.shape, generator=gen) * scale
+        b.grad = a.grad.clone()
+    norm = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    clip_gradients(mine, gradient_norm(mine), max_norm)
+    for a, b in zip(mine, theirs, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    if norm < 0.999 * max_norm:  # clearly below: no scaling at all
+        assert all(torch.equal(a.grad, b.grad) for a, b in zip(mine, theirs, strict=True))
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

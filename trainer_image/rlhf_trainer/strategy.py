@@ -108,6 +108,18 @@ def gradient_norm(parameters) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
 
+def clip_gradients(parameters, norm: float, max_norm: float) -> None:
+    """Scale every .grad of `parameters` by min(1, max_norm / (norm + 1e-6)), `norm` being their
+    global 2-norm, in place; nothing to do when that is 1. The coefficient is computed in fp32 as
+    DeepSpeed's runtime.utils.clip_grad_norm_ and torch.nn.utils.clip_grad_norm_ compute it."""
+    coef = torch.tensor(max_norm, dtype=torch.float32) / (torch.tensor(norm, dtype=torch.float32) + 1e-6)
+    if coef >= 1:
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, coef.item())
+
+
 class DeepSpeedStrategy:
     """One trainable model in a DeepSpeed engine.
 
@@ -180,17 +192,21 @@ class DeepSpeedStrategy:
         if boundary and self.settings.zero_stage == 0:
             # ZeRO-0 has all-reduced the gradients in the boundary's backward: the norm is global.
             own_norm = gradient_norm(self.engine.module.parameters())
-        if own_norm is not None and not math.isfinite(own_norm):
-            for param in self.engine.module.parameters():
-                param.grad = None
-            # DeepSpeed's fp32 clipping indexes the parameters that have a gradient: none now.
+        if own_norm is None:
+            self.engine.step()
+        else:
+            if not math.isfinite(own_norm):
+                for param in self.engine.module.parameters():
+                    param.grad = None  # the optimizer finds no gradient to apply
+            elif self._clips_fp32_gradients():
+                clip_gradients(self.engine.module.parameters(), own_norm, self.engine.gradient_clipping())
+            # DeepSpeed's fp32 clipping would compute the norm a second time (and, with no gradient
+            # left, index an empty list): the step above did its work.
             self.engine.clip_fp32_gradients = lambda: None
             try:
-                self.engine.step()  # counts the boundary; the optimizer finds no gradient to apply
+                self.engine.step()  # counts the boundary
             finally:
                 del self.engine.clip_fp32_gradients
-        else:
-            self.engine.step()
         if not boundary:
             return None
         norm = own_norm if own_norm is not None else self.engine.get_global_grad_norm()
@@ -198,6 +214,13 @@ class DeepSpeedStrategy:
         applied = self.engine.was_step_applied() and (norm is None or math.isfinite(norm))
         self.last_step = StepOutcome(grad_norm=norm, applied=applied)
         return self.last_step
+
+    def _clips_fp32_gradients(self) -> bool:
+        """Whether DeepSpeed's step would clip the fp32 gradients itself (engine._take_model_step):
+        with 16-bit weights or ZeRO its optimizer clips them instead."""
+        engine = self.engine
+        return engine.gradient_clipping() > 0 and not (
+            engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization())
 
     def train(self) -> None:
         self.engine.train()
