@@ -232,6 +232,51 @@ def test_generation_in_chunks_pads_shorter_chunks_after_their_eos():
     assert roll.sequences[0, -2:].tolist() == [pad, pad]
 
 
+class LengthEcho:
+    """Stands in for generate(): answers each row with one token naming its prompt's length, then eos."""
+
+    def __init__(self, eos: int):
+        self.eos, self.widths, self.generation_config = eos, [], None
+
+    def generate(self, *, input_ids, attention_mask, **_):
+        self.widths.append((input_ids.shape[1], attention_mask.sum(1).tolist()))
+        said = torch.stack([100 + attention_mask.sum(1), torch.full_like(attention_mask[:, 0], self.eos)], dim=1)
+        return torch.cat([input_ids, said], dim=1)
+
+
+def test_generation_in_chunks_pads_each_chunk_to_its_own_longest_prompt_and_answers_in_order():
+    """Ragged prompts over several chunks: each chunk holds prompts of like length, padded only to its
+    own longest (no prefill or KV cache over padding for another chunk's long prompt), and each row
+    gets its own response back."""
+    from rlhf_contract.config import Hyperparameters
+    from rlhf_trainer import models
+    from rlhf_trainer.algorithms.common import generate
+    from rlhf_trainer.tokenized import PromptRow
+
+    tok = models.load_tokenizer("tiny://llama")
+    lengths = [9, 2, 7, 2, 3, 9, 4]
+    rows = [PromptRow([5] * n, False, str(n), None, "") for n in lengths]
+    gen = LengthEcho(tok.eos_token_id)
+    roll = generate(gen, tok, rows, Hyperparameters(inference_chunk_size=2, max_new_tokens=4), (tok.eos_token_id,))
+    assert [width for width, _ in gen.widths] == [2, 4, 9, 9]  # padded to the batch's longest: 9, 9, 9, 9
+    assert all(width == max(real) for width, real in gen.widths)
+    first_token = roll.sequences[:, max(lengths)]
+    assert first_token.tolist() == [100 + n for n in lengths]
+    assert roll.attention_mask[:, :max(lengths)].sum(1).tolist() == lengths
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 6), max_size=12))
+def test_length_grouped_order_is_a_stable_sort_by_length(lengths):
+    from rlhf_trainer.algorithms.common import length_grouped_order
+
+    order = length_grouped_order(lengths)
+    assert sorted(order) == list(range(len(lengths)))
+    assert [lengths[i] for i in order] == sorted(lengths)
+    for a, b in zip(order, order[1:], strict=False):
+        assert lengths[a] < lengths[b] or a < b  # one length: the callers' order (a GRPO group stays together)
+
+
 def test_dpo_response_columns_give_the_same_sequence_logprobs_as_every_column():
     from rlhf_trainer import models
     from rlhf_trainer.algorithms.common import encode_pairs

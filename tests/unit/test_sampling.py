@@ -148,10 +148,11 @@ def test_a_shared_prompt_prefill_samples_what_the_plain_prefill_samples(tok, see
     (plain, plain_calls), (shared, shared_calls) = out[False], out[True]
     assert torch.equal(shared.sequences, plain.sequences) and torch.equal(shared.action_mask, plain.action_mask)
     torch.testing.assert_close(shared.sampled_logprobs, plain.sampled_logprobs, atol=2e-5, rtol=1e-5)
-    # Prefill: 12 rows x 9 columns plainly; with sharing the chunks' distinct prompts' first 8 columns
-    # (chunks [0-4] [5-9] [10-11] hold 2, 3 and 1 distinct prompts) and then the last column of each row.
-    assert plain_calls[0] == 5 * 9 and shared_calls[:2] == [2 * 8, 5]
-    assert sum(shared_calls) == sum(plain_calls) - (5 + 5 + 2) * 9 + (2 + 3 + 1) * 8 + 12
+    # Chunks take the rows by prompt length (1 1 1 4 4 | 4 6 6 6 9 | 9 9), each padded to its longest:
+    # plain prefills of 5 x 4, 5 x 9 and 2 x 9 positions; with sharing the chunks' 2, 3 and 1 distinct
+    # prompts' columns but the last (3, 8, 8), then the last column of each row.
+    assert plain_calls[0] == 5 * 4 and shared_calls[:2] == [2 * 3, 5]
+    assert sum(shared_calls) == sum(plain_calls) - (5 * 4 + 5 * 9 + 2 * 9) + (2 * 3 + 3 * 8 + 1 * 8) + 12
 
 
 def test_the_shared_prompt_prefill_is_one_forward_whatever_the_rows(tok):

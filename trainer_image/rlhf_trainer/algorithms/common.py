@@ -196,16 +196,20 @@ def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_g
     response mask (B, R), ended (B,) bool, and with `logprobs` each response token's float32 log-prob
     under the distribution it was drawn from (B, R) (sampling.SampledLogProbs), else None), on CPU."""
     enc = pad_left(id_rows, tokenizer.pad_token_id)
-    dev, width = distributed.device(), enc["input_ids"].shape[1]
+    dev = distributed.device()
     config = sampling_config(temperature=1.0 if greedy else hp.temperature, max_new_tokens=hp.max_new_tokens,
                              stop_ids=stop_ids, pad_token_id=tokenizer.pad_token_id)
     if greedy:
         config.do_sample = False
+    slices = row_slices(len(id_rows), hp.inference_chunk_size)
+    order = length_grouped_order([len(r) for r in id_rows]) if len(slices) > 1 else list(range(len(id_rows)))
     pieces, logprob_pieces = [], []
     with only_these_settings(model):
-        for s in row_slices(len(id_rows), hp.inference_chunk_size):
+        for s in slices:
             recorder = SampledLogProbs(hp.temperature) if logprobs else None
-            ids, attention = enc["input_ids"][s].to(dev), enc["attention_mask"][s].to(dev)
+            # Each chunk padded to its own longest prompt: no prefill or cached key over another chunk's padding.
+            chunk = pad_left([id_rows[i] for i in order[s]], tokenizer.pad_token_id)
+            ids, attention, width = chunk["input_ids"].to(dev), chunk["attention_mask"].to(dev), chunk["input_ids"].shape[1]
             # prefixSharing: a GRPO group's samples share one prefill of their prompt
             cache = shared_prompt_cache(model, ids, attention) if hp.prefix_sharing else None
             out = model.generate(input_ids=ids, attention_mask=attention, past_key_values=cache,
@@ -220,9 +224,17 @@ def sample(model, tokenizer, id_rows: list[list[int]], hp, stop_ids, *, synced_g
         # A chunk whose rows all ended early is shorter: its padding comes after every row's stop token.
         return torch.cat([torch.nn.functional.pad(p, (0, longest - p.shape[1]), value=value) for p in chunks])
 
-    response_ids = joined(pieces, tokenizer.pad_token_id)
+    back = torch.argsort(torch.tensor(order))  # the chunks' rows -> the callers' order
+    response_ids = joined(pieces, tokenizer.pad_token_id)[back]
     mask, ended = response_mask(response_ids, stop_ids)
-    return enc, response_ids, mask, ended, joined(logprob_pieces, 0.0) if logprobs else None
+    return enc, response_ids, mask, ended, joined(logprob_pieces, 0.0)[back] if logprobs else None
+
+
+def length_grouped_order(lengths: list[int]) -> list[int]:
+    """Row indices by prompt length, shortest first; rows of one length keep their order (a GRPO group's
+    copies of a prompt stay side by side for prefixSharing). Cut into chunks in this order, each chunk
+    holds prompts of like length and is left-padded to its own longest, not the batch's."""
+    return sorted(range(len(lengths)), key=lambda i: lengths[i])
 
 
 @torch.no_grad()

@@ -1,0 +1,97 @@
+"""Rollout generation over several chunks of uneven prompts: this checkout against another commit's.
+
+    python bench/generation_chunks.py --before <commit> --repeats 3
+
+`common.sample()` generates `inferenceChunkSize` rows per call. It used to left-pad every chunk to the
+batch's longest prompt; it now takes the rows by prompt length and pads each chunk to its own longest,
+so a chunk of short prompts runs no prefill over, and caches no key for, another chunk's long one.
+
+Each measurement is a fresh process that imports the trainer from one checkout (`git worktree` of
+`--before`, or this one) and times `sample()` on the same rows: a SmolLM2-135M-shaped Llama (random
+weights, fp32, one thread), `--rows` prompts whose lengths are uniform in 8..`--longest` tokens,
+`--chunk` rows per call, `--new-tokens` greedy tokens. The two checkouts alternate; the report gives
+the median seconds of each and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ONE = r"""
+import json, random, sys, time
+sys.path[:0] = sys.argv[1].split(":")
+import torch
+torch.set_num_threads(1)
+from transformers import LlamaConfig, LlamaForCausalLM
+from rlhf_contract.config import Hyperparameters
+from rlhf_trainer import models
+from rlhf_trainer.algorithms import common
+rows, chunk, longest, new = (int(v) for v in sys.argv[2:6])
+tok = models.load_tokenizer("tiny://llama")
+config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+torch.manual_seed(0)
+model = LlamaForCausalLM(config).eval()
+rng = random.Random(0)
+ids = [[rng.randrange(10, 200) for _ in range(rng.randint(8, longest))] for _ in range(rows)]
+hp = Hyperparameters(inference_chunk_size=chunk, max_new_tokens=new, max_prompt_length=longest)
+never = (49151,)  # no stop token: every row samples `new` tokens on both sides
+common.sample(model, tok, ids[:1], hp, never, greedy=True)  # warm-up
+start = time.perf_counter()
+common.sample(model, tok, ids, hp, never, greedy=True)
+print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
+                              "prompt_tokens": sum(map(len, ids))}))
+"""
+
+
+def measure(code: Path, args) -> dict:
+    paths = ":".join(str(code / part) for part in ("trainer_image", "contract"))
+    out = subprocess.run([sys.executable, "-c", ONE, paths, str(args.rows), str(args.chunk), str(args.longest),
+                          str(args.new_tokens)], check=True, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", required=True, help="the commit to compare against")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--longest", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "before"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
+                       check=True, capture_output=True)
+        try:
+            checkouts = {"before": before, "now": ROOT}
+            times: dict[str, list[float]] = {name: [] for name in checkouts}
+            for repeat in range(args.repeats):
+                for name in (list(checkouts) if repeat % 2 == 0 else list(reversed(checkouts))):
+                    result = measure(checkouts[name], args)
+                    times[name].append(result["seconds"])
+                    print(f"repeat {repeat} {name}: {result['seconds']:.2f} s", flush=True)
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"{platform.machine()}, {args.rows} prompts of 8..{args.longest} tokens, chunks of {args.chunk}, "
+          f"{args.new_tokens} new tokens: before {medians['before']:.2f} s, now {medians['now']:.2f} s, "
+          f"before / now {medians['before'] / medians['now']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
