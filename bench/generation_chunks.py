@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from trainer_vs_trl import SHAPES  # bench/: the Trainer-vs-TRL bench's model shapes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 ONE = r"""
@@ -38,9 +40,8 @@ from rlhf_trainer import models
 from rlhf_trainer.algorithms import common
 rows, chunk, longest, new = (int(v) for v in sys.argv[2:6])
 tok = models.load_tokenizer("tiny://llama")
-config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
-                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+config = LlamaConfig(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                     **json.loads(sys.argv[6]))
 torch.manual_seed(0)
 model = LlamaForCausalLM(config).eval()
 rng = random.Random(0)
@@ -57,8 +58,9 @@ print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
 
 def measure(code: Path, args) -> dict:
     paths = ":".join(str(code / part) for part in ("trainer_image", "contract"))
+    shape = json.dumps(SHAPES["smollm2-135m"][1])
     out = subprocess.run([sys.executable, "-c", ONE, paths, str(args.rows), str(args.chunk), str(args.longest),
-                          str(args.new_tokens)], check=True, capture_output=True, text=True,
+                          str(args.new_tokens), shape], check=True, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])

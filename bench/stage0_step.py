@@ -24,12 +24,11 @@ import torch
 
 
 def smollm2_shaped() -> torch.nn.Module:
+    from trainer_vs_trl import SHAPES  # bench/: the Trainer-vs-TRL bench's model shapes
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True)
     torch.manual_seed(0)
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**SHAPES["smollm2-135m"][1]))
 
 
 def main() -> None:
