@@ -248,9 +248,11 @@ def test_deleting_the_job_removes_children_and_series(cluster, operator):
                   what="job_phase Running")
     kube.kubectl(cluster, "delete", "rlhfjob", name, "-n", NS)
     kube.wait_for(lambda: not pods(cluster, name), what="pods garbage-collected")
+    # Background deletion: the garbage collector removes each child on its own, and a claim only goes once
+    # the pvc-protection controller has seen its pods gone.
     for kind, child in (("services", name), ("configmaps", f"{name}-config"),
                         ("persistentvolumeclaims", f"{name}-checkpoints")):
-        assert get(cluster, kind, child) is None, kind
+        kube.wait_for(lambda kind=kind, child=child: get(cluster, kind, child) is None, what=f"{kind} {child} deleted")
     kube.wait_for(lambda: "job=\"life-delete\"" not in operator.scrape(), what="per-job series removed")
 
 
