@@ -398,7 +398,7 @@ class Hyperparameters:
     samples_per_step: int = knob(4, "Rollouts each actor rank writes when samples are due.", minimum=1,
                                  algorithms=ONLINE)
     alarm_negative_kl: float = knob(0.05, "Alarm NegativeKL when a step's mean per-response KL is below minus this "
-                                          "(0 = off).", minimum=0, algorithms=ONLINE)
+                                          "and 4 standard errors below 0 (0 = off).", minimum=0, algorithms=ONLINE)
     alarm_length_drop: float = knob(0.5, "Alarm LengthCollapse when the mean response length of the last alarmWindow "
                                          "steps is this share below that of the window before (0 = off).",
                                     minimum=0, lt=1, algorithms=ONLINE)

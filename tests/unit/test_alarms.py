@@ -1,20 +1,46 @@
 """rlhf_trainer.alarms: the signals and, for each alarm, a case built to fire it and one that must not."""
 
+import statistics
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rlhf_trainer.alarms import AlarmMonitor, Thresholds, distinct_2, kl_negative_share, merge
+from rlhf_trainer.alarms import AlarmMonitor, KLSignals, Thresholds, distinct_2, kl_signals, merge
 
 ON = Thresholds(negative_kl=0.05, length_drop=0.5, distinct=0.3, reward_jump=0.5, window=2)
 OFF = Thresholds(negative_kl=0.0, length_drop=0.0, distinct=0.0, reward_jump=0.0, window=2)
 
 
-def test_kl_negative_share_counts_response_tokens_only():
+def test_kl_signals_count_response_tokens_only():
     kl = torch.tensor([[-1.0, 2.0, -5.0], [-0.5, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])  # the -5 sits on padding
-    assert kl_negative_share(kl, mask) == pytest.approx(2 / 5)
-    assert kl_negative_share(kl, torch.zeros_like(mask)) == 0.0
+    signals = kl_signals(kl, mask)
+    assert signals.negative_share == pytest.approx(2 / 5)
+    assert signals.mean == pytest.approx((1.0 - 0.5) / 2)
+    assert signals.stderr == pytest.approx(statistics.stdev([1.0, -0.5]) / 2 ** 0.5)
+    assert kl_signals(kl, torch.zeros_like(mask)).negative_share == 0.0
+    assert kl_signals(kl[:0], mask[:0]) == KLSignals(0.0, 0.0, 0.0)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.lists(st.floats(-3, 3), min_size=3, max_size=3), min_size=2, max_size=12),
+       st.integers(1, 11), st.data())
+def test_kl_signals_over_ranks_are_those_of_the_whole_batch(rows, split, data):
+    """Each rank's sums reduced over the ranks give the signals of all rows on one rank."""
+    kl = torch.tensor(rows, dtype=torch.float64)
+    mask = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 1), min_size=3, max_size=3),
+                                           min_size=len(rows), max_size=len(rows))))
+    split = min(split, len(rows) - 1)
+    local = []
+    kl_signals(kl[split:], mask[split:], reduce=lambda t: local.append(t) or t)
+    rank0 = kl_signals(kl[:split], mask[:split], reduce=lambda t: t + local[0])
+    whole = kl_signals(kl, mask)
+    assert rank0.mean == pytest.approx(whole.mean) and rank0.negative_share == pytest.approx(whole.negative_share)
+    assert rank0.stderr == pytest.approx(whole.stderr, abs=1e-9)
+    sums = (kl * mask).sum(-1).tolist()
+    assert whole.mean == pytest.approx(statistics.fmean(sums))
+    assert whole.stderr == pytest.approx(statistics.stdev(sums) / len(sums) ** 0.5, abs=1e-9)
 
 
 def test_distinct_2_per_response_and_short_ones_skipped():
@@ -26,15 +52,18 @@ def test_distinct_2_per_response_and_short_ones_skipped():
 
 
 def step(monitor, **kw):
-    values = {"kl": 0.1, "kl_negative": 0.2, "length": 10.0, "distinct": 0.9, "reward": 0.0, **kw}
+    values = {"kl": KLSignals(0.1, 0.01, 0.2), "length": 10.0, "distinct": 0.9, "reward": 0.0, **kw}
     return monitor.step(**values)
 
 
-def test_negative_kl_fires_below_minus_the_threshold():
-    _, alarms = step(AlarmMonitor(ON), kl=-0.2, kl_negative=0.8)
-    assert list(alarms) == ["NegativeKL"] and "mean KL -0.2 < -0.05" in alarms["NegativeKL"]
-    assert step(AlarmMonitor(ON), kl=-0.01)[1] == {}  # noise around 0 is not an alarm
-    assert step(AlarmMonitor(OFF), kl=-5.0)[1] == {}
+def test_negative_kl_fires_below_minus_the_threshold_and_many_standard_errors():
+    signals, alarms = step(AlarmMonitor(ON), kl=KLSignals(-0.2, 0.04, 0.8))
+    assert list(alarms) == ["NegativeKL"] and "mean KL -0.2 < -0.05, 5 standard errors below 0" in alarms["NegativeKL"]
+    assert signals["kl_stderr"] == 0.04 and signals["kl_negative_share"] == 0.8
+    assert step(AlarmMonitor(ON), kl=KLSignals(-0.01, 0.0, 0.6))[1] == {}  # noise around 0 is not an alarm
+    # A small batch near the reference: -0.2 is 2 standard errors of its k1 estimate, chance and not a fault.
+    assert step(AlarmMonitor(ON), kl=KLSignals(-0.2, 0.1, 0.75))[1] == {}
+    assert step(AlarmMonitor(OFF), kl=KLSignals(-5.0, 0.01, 1.0))[1] == {}
 
 
 def test_length_collapse_compares_two_windows():

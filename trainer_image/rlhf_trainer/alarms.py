@@ -5,9 +5,10 @@ each threshold is a hyperparameter (0 turns that alarm off):
 
 | reason        | signal (metric)                                     | fires when                                      |
 |---------------|-----------------------------------------------------|-------------------------------------------------|
-| NegativeKL    | kl (mean per-response KL), kl_negative_share        | kl < -alarm_negative_kl: the samples do not come |
-|               | (share of negative per-token k1 terms)              | from the policy the log-probs describe (forced / |
-|               |                                                     | suppressed tokens, padding), and PPO chases it  |
+| NegativeKL    | kl (mean per-response KL over the whole batch),     | kl < -alarm_negative_kl and kl < -4 kl_stderr:   |
+|               | kl_stderr (its standard error), kl_negative_share   | the samples do not come from the policy the      |
+|               | (share of negative per-token k1 terms)              | log-probs describe (forced / suppressed tokens,  |
+|               |                                                     | padding), and PPO chases it                      |
 | LengthCollapse| response_length, response_length_change (the mean   | the last alarm_window steps' mean length is      |
 |               | of the last window over the window before, minus 1) | below (1 - alarm_length_drop) x the window's     |
 |               |                                                     | before                                           |
@@ -24,21 +25,44 @@ and the chart's Prometheus rules alert on (charts/rlhf-operator/rules/).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
 import torch
 
 REASONS = ("NegativeKL", "LengthCollapse", "RewardHacking")
+# The k1 estimate of KL >= 0 is negative by chance when the batch is small and the policy near the
+# reference (a step of 8 responses of 2 tokens: true KL 0.04, estimate -0.2, 75% of the terms negative).
+# NegativeKL asks for a mean this many standard errors below 0 (one-sided p ~ 3e-5 per step).
+NEGATIVE_KL_STDERRS = 4.0
 # Responses shorter than this many tokens have too few bigrams to say anything about repetition.
 MIN_TOKENS_FOR_DISTINCT = 3
 
 
-def kl_negative_share(kl_per_token: torch.Tensor, action_mask: torch.Tensor) -> float:
-    """Share of response tokens whose k1 term log pi - log pi_ref is negative; (B, R) each."""
+@dataclass(frozen=True)
+class KLSignals:
+    mean: float  # mean over the batch's responses of the summed per-token k1 terms (nats)
+    stderr: float  # standard error of that mean (nats): std of the per-response sums / sqrt(responses)
+    negative_share: float  # share of response tokens whose k1 term is negative
+
+
+def kl_signals(kl_per_token: torch.Tensor, action_mask: torch.Tensor, reduce=lambda t: t) -> KLSignals:
+    """The NegativeKL signals of the whole actor batch from each rank's (B, R) k1 terms (log pi - log pi_ref,
+    any value off the mask) and (B, R) action mask: `reduce` sums a tensor over the actor ranks
+    (distributed.all_reduce_tensor), so every rank gets the same signals and a rank's few rows do not
+    alarm alone."""
     mask = action_mask.bool()
-    tokens = int(mask.sum())
-    return float(((kl_per_token < 0) & mask).sum()) / tokens if tokens else 0.0
+    per_response = torch.where(mask, kl_per_token, 0).double().sum(-1)
+    n, total, squares, negative, tokens = reduce(torch.stack([
+        torch.tensor(float(per_response.numel()), dtype=torch.float64, device=per_response.device),
+        per_response.sum(), (per_response ** 2).sum(),
+        ((kl_per_token < 0) & mask).sum().double(), mask.sum().double()])).tolist()
+    if n == 0:
+        return KLSignals(0.0, 0.0, 0.0)
+    mean = total / n
+    variance = max(squares / n - mean ** 2, 0.0) * n / (n - 1) if n > 1 else 0.0
+    return KLSignals(mean, (variance / n) ** 0.5, negative / tokens if tokens else 0.0)
 
 
 def distinct_2(response_ids: torch.Tensor, action_mask: torch.Tensor) -> float | None:
@@ -56,7 +80,7 @@ def distinct_2(response_ids: torch.Tensor, action_mask: torch.Tensor) -> float |
 
 @dataclass(frozen=True)
 class Thresholds:
-    negative_kl: float  # NegativeKL when the mean KL < -negative_kl (0 = off)
+    negative_kl: float  # NegativeKL when the mean KL < -negative_kl, by NEGATIVE_KL_STDERRS (0 = off)
     length_drop: float  # LengthCollapse when the window's length < (1 - length_drop) x the one before (0 = off)
     distinct: float  # RewardHacking when distinct_2 < distinct (0 = off)
     reward_jump: float  # RewardHacking when the reward rose by > reward_jump between evaluations ... (0 = off)
@@ -79,12 +103,14 @@ class AlarmMonitor:
         self.rewards: deque[float] = deque(maxlen=thresholds.window)
         self.last_eval: tuple[float, float] | None = None  # (training reward, held-out reward) then
 
-    def step(self, *, kl: float, kl_negative: float, length: float, distinct: float | None,
+    def step(self, *, kl: KLSignals, length: float, distinct: float | None,
              reward: float) -> tuple[dict[str, float], dict[str, str]]:
-        t, signals, alarms = self.t, {"kl_negative_share": kl_negative}, {}
-        if t.negative_kl > 0 and kl < -t.negative_kl:
-            alarms["NegativeKL"] = (f"mean KL {kl:.4g} < -{t.negative_kl:g} ({kl_negative:.0%} of the per-token "
-                                    "terms negative): samples do not follow the policy's log-probs")
+        t, alarms = self.t, {}
+        signals = {"kl_stderr": kl.stderr, "kl_negative_share": kl.negative_share}
+        if t.negative_kl > 0 and kl.mean < -t.negative_kl and kl.mean < -NEGATIVE_KL_STDERRS * kl.stderr:
+            alarms["NegativeKL"] = (f"mean KL {kl.mean:.4g} < -{t.negative_kl:g}, {-kl.mean / kl.stderr if kl.stderr else math.inf:.3g} "
+                                    f"standard errors below 0 ({kl.negative_share:.0%} of the per-token terms "
+                                    "negative): samples do not follow the policy's log-probs")
         self.lengths.append(length)
         if len(self.lengths) == self.lengths.maxlen:
             before = sum(list(self.lengths)[:t.window]) / t.window

@@ -187,6 +187,17 @@ def stage_change_problem(saved_stage: int | None, stage: int | None) -> str | No
             f"stage {saved_stage} to {stage}")
 
 
+def seed_rank_stream(seed: int, rank: int) -> None:
+    """The RNG stream of actor rank `rank` from the run's `seed`: seed + rank, as Accelerate's
+    set_seed(device_specific=True) does. Called once the models are built (from the shared seed, so every
+    rank holds the same weights) and before the first sample: with one seed on every rank, each rank drew
+    the same random numbers, so row i of every rank sampled the same tokens (the same response for the
+    same prompt), and the step's batch was worth one rank's rows. A resume then restores each rank's
+    own saved stream (set_rng_state)."""
+    random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
 def fresh_rng(step: int, rank: int) -> None:
     """A rank the saved world did not have: an RNG stream of its own, the same on every resume."""
     seed = (step * 1_000_003 + rank) % 2**63

@@ -37,6 +37,7 @@ GAUGES = {
     "tokens_per_second": "Tokens (prompt + response) processed per second over the step",
     "last_checkpoint_step": "Step of the newest checkpoint this process saved",
     "preference_accuracy": "Fraction of pairs where the chosen answer scores above the rejected",
+    "kl_stderr": "Standard error of the step's mean per-sequence KL (k1 below 0 by less than 4 of these is noise)",
     "kl_negative_share": "Share of response tokens whose per-token KL term (log pi - log pi_ref) is negative",
     "response_length_change": "Mean response length of the last alarmWindow steps over the window before, minus 1",
     "distinct_2": "Mean unique-bigram share inside the responses (of 3 tokens or more): low = repetition",

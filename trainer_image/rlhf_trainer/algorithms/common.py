@@ -371,7 +371,7 @@ def watch_rollout(ctx: Context, exp: Experience) -> dict[str, Any]:
     response_ids = exp.sequences[:, -mask.shape[1]:]
     lengths = mask.float().sum(-1)
     signals, alarms = ctx.alarms.step(
-        kl=float(kl.sum(-1).mean()), kl_negative=alarm_signals.kl_negative_share(kl, mask),
+        kl=alarm_signals.kl_signals(kl, mask, reduce=distributed.all_reduce_tensor),
         length=float(lengths.mean()), distinct=alarm_signals.distinct_2(response_ids.cpu(), mask.cpu()),
         reward=float(exp.scores.mean()))
     return {**signals, "alarms": alarms}
@@ -507,6 +507,7 @@ def drive(ctx: Context, algorithm, rows) -> None:
     hp = ctx.hp
     sampler = Sampler(len(rows), hp.batch_size, seed=hp.seed)
     savers = _savers(ctx, algorithm.strategy)
+    checkpoint.seed_rank_stream(hp.seed, ctx.env.rank)
     start = resume_step(ctx) or 0
     if start:
         for role, saver in savers.items():
