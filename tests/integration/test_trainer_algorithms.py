@@ -117,6 +117,24 @@ def test_dpo_speed_switches_give_the_plain_runs_losses(tmp_path, switch):
 
 
 @pytest.mark.slow
+def test_a_critic_of_its_own_training_beside_the_policy_gives_the_colocated_runs_losses(tmp_path):
+    """A critic in its own process trains its epoch while the actor trains the policy's (RemoteClient.submit);
+    a colocated one after it. Two PPO epochs, the same seed: the same rewards, KL and losses per step."""
+    runs = {}
+    for layout, critic in (("colocated", {"colocate_with": "actor"}), ("own-process", {"replicas": 1})):
+        roles = {"actor": {"replicas": 1}, "critic": critic, "reference": {"colocate_with": "actor"}}
+        config = trainer_config("ppo", roles=roles, hyperparameters={"ppo_epochs": 2, "max_steps": 3})
+        run = launch(config, tmp_path / layout)
+        assert run.ok, run.describe()
+        runs[layout] = [row for row in run.metrics() if "value_loss" in row]
+    assert len(runs["colocated"]) == 3
+    for colocated, own in zip(runs["colocated"], runs["own-process"], strict=True):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss"):
+            assert own[key] == pytest.approx(colocated[key], rel=1e-4, abs=1e-6), (key, colocated, own)
+    assert all("critic_train_peak_memory_bytes" in row for row in runs["own-process"])
+
+
+@pytest.mark.slow
 def test_ppo_padding_free_gives_the_plain_runs_values_and_losses(tmp_path):
     """hyperparameters.paddingFree packs PPO's critic (values and its update) and reward model (scores) too:
     with the reward model, critic and reference each in its own process, the same seed gives the same

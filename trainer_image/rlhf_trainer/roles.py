@@ -212,6 +212,18 @@ class CriticService:
         return {}, {"value_loss": total}
 
 
+class Pending:
+    """A request whose reply has not been read yet: `result()` reads it (once)."""
+
+    def __init__(self, receive: Callable[[], Reply]):
+        self._receive, self._reply = receive, None
+
+    def result(self) -> Reply:
+        if self._reply is None:
+            self._reply = self._receive()
+        return self._reply
+
+
 class LocalClient:
     """A role colocated in this process: a plain method call (replies stay on the device)."""
 
@@ -220,6 +232,10 @@ class LocalClient:
 
     def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
         return self.service.handle(method, tensors or {}, meta)
+
+    def submit(self, method: str, tensors: Tensors | None = None, **meta) -> Pending:
+        """call() when the result is asked for: in one process there is nothing to run beside the caller."""
+        return Pending(lambda: self.call(method, tensors, **meta))
 
 
 class RemoteClient:
@@ -231,7 +247,16 @@ class RemoteClient:
         self.peaks = {} if peaks is None else peaks
 
     def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
+        return self.submit(method, tensors, **meta).result()
+
+    def submit(self, method: str, tensors: Tensors | None = None, **meta) -> Pending:
+        """Send the request now and read the reply at `result()`: the role works on it meanwhile, as
+        OpenRLHF's PPO trainer lets the critic fit while the actor trains (ppo_trainer.py). Nothing else may
+        go to this role before the reply is read."""
         self.bridge.send(self.dst, f"{self.role}.{method}", tensors, **meta)
+        return Pending(lambda: self._reply(method))
+
+    def _reply(self, method: str) -> Reply:
         op, out, out_meta = self.bridge.recv(self.dst)
         if op == "error":
             raise RuntimeError(f"{self.role} (bridge rank {self.dst}) failed: {out_meta.get('message')}")

@@ -135,6 +135,12 @@ class PPO(ActorAlgorithm):
         with metrics.phase("train", timings):
             self.strategy.train()
             for _ in range(hp.ppo_epochs):
+                # The critic's epoch on its own role runs while the policy's runs here (it needs only the
+                # returns); a colocated critic trains when its result is read, after the policy.
+                critic_epoch = self.critic.submit("train", {
+                    "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
+                    "returns": exp.returns, "action_mask": exp.action_mask,
+                }, step=self.ctx.guard.step)
                 stats = []
                 for i, mb in enumerate(exp.split(hp.micro_batch_size)):
                     logprobs, logits = token_logprobs(self.strategy.forward, mb.sequences, mb.attention_mask,
@@ -159,10 +165,7 @@ class PPO(ActorAlgorithm):
                     value = self.ctx.guard.backward_step(self.strategy, loss, anchor=logprobs, role="actor",
                                                          source=source)
                     stats.append((policy_value if value is not None else 0.0, clip_fraction.item(), entropy.item()))
-                value_loss = self.critic.call("train", {
-                    "input_ids": exp.sequences, "attention_mask": exp.attention_mask, "old_values": exp.values,
-                    "returns": exp.returns, "action_mask": exp.action_mask,
-                }, step=self.ctx.guard.step)[1]["value_loss"]
+                value_loss = critic_epoch.result()[1]["value_loss"]
         # The controller steers every rank's loss: feed it the whole batch's mean KL and size.
         mean_kl = global_mean(exp.kl.sum(-1), reduce=distributed.all_reduce_tensor)
         self.kl_ctl.update(mean_kl, hp.batch_size)
