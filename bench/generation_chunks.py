@@ -1,10 +1,17 @@
-"""Rollout generation over several chunks of uneven prompts: this checkout against another commit's.
+"""Rollout passes over several chunks of uneven prompts: this checkout against another commit's.
 
-    python bench/generation_chunks.py --before <commit> --repeats 3
+    python bench/generation_chunks.py --before <commit> --repeats 3 [--pass logprobs]
 
-`common.sample()` generates `inferenceChunkSize` rows per call. It used to left-pad every chunk to the
-batch's longest prompt; it now takes the rows by prompt length and pads each chunk to its own longest,
-so a chunk of short prompts runs no prefill over, and caches no key for, another chunk's long one.
+`--pass generate` (default): `common.sample()` generates `inferenceChunkSize` rows per call. It used to
+left-pad every chunk to the batch's longest prompt; it now takes the rows by prompt length and pads each
+chunk to its own longest, so a chunk of short prompts runs no prefill over, and caches no key for,
+another chunk's long one.
+
+`--pass logprobs`: the no-grad log-prob pass over the sampled rows (old log-probs, the reference's;
+the critic's values and the reward's scores take the same path, `forward.chunked_rows`). Its chunks
+used to be slices of the batch at the batch's width; they now take the rows by left padding and drop
+the columns that are padding in all of a chunk's rows. Rows: the prompts left-padded to the longest,
+then `--new-tokens` response tokens.
 
 Each measurement is a fresh process that imports the trainer from one checkout (`git worktree` of
 `--before`, or this one) and times `sample()` on the same rows: a SmolLM2-135M-shaped Llama (random
@@ -48,9 +55,19 @@ rng = random.Random(0)
 ids = [[rng.randrange(10, 200) for _ in range(rng.randint(8, longest))] for _ in range(rows)]
 hp = Hyperparameters(inference_chunk_size=chunk, max_new_tokens=new, max_prompt_length=longest)
 never = (49151,)  # no stop token: every row samples `new` tokens on both sides
-common.sample(model, tok, ids[:1], hp, never, greedy=True)  # warm-up
+if sys.argv[7] == "generate":
+    run = lambda rows: common.sample(model, tok, rows, hp, never, greedy=True)
+else:
+    from rlhf_trainer.data import pad_left
+    from rlhf_trainer.forward import chunked_token_logprobs
+    def run(rows):
+        enc = pad_left([r + [rng.randrange(10, 200) for _ in range(new)] for r in rows], tok.pad_token_id)
+        with torch.no_grad():
+            chunked_token_logprobs(model, enc["input_ids"], enc["attention_mask"], chunk_size=chunk,
+                                   response_length=new)
+run(ids[:1])  # warm-up
 start = time.perf_counter()
-common.sample(model, tok, ids, hp, never, greedy=True)
+run(ids)
 print("RESULT " + json.dumps({"seconds": time.perf_counter() - start,
                               "prompt_tokens": sum(map(len, ids))}))
 """
@@ -60,7 +77,7 @@ def measure(code: Path, args) -> dict:
     paths = ":".join(str(code / part) for part in ("trainer_image", "contract"))
     shape = json.dumps(SHAPES["smollm2-135m"][1])
     out = subprocess.run([sys.executable, "-c", ONE, paths, str(args.rows), str(args.chunk), str(args.longest),
-                          str(args.new_tokens), shape], check=True, capture_output=True, text=True,
+                          str(args.new_tokens), shape, args.pass_], check=True, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
     return json.loads(line[len("RESULT "):])
@@ -74,6 +91,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--longest", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--pass", dest="pass_", choices=("generate", "logprobs"), default="generate")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "before"
@@ -90,7 +108,7 @@ def main() -> None:
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"{platform.machine()}, {args.rows} prompts of 8..{args.longest} tokens, chunks of {args.chunk}, "
+    print(f"{platform.machine()}, {args.pass_}, {args.rows} prompts of 8..{args.longest} tokens, chunks of {args.chunk}, "
           f"{args.new_tokens} new tokens: before {medians['before']:.2f} s, now {medians['now']:.2f} s, "
           f"before / now {medians['before'] / medians['now']:.2f}x")
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rlhf_trainer.forward import chunked, chunked_token_logprobs, row_slices, token_logprobs
+from rlhf_trainer.forward import (
+    chunked,
+    chunked_rows,
+    chunked_token_logprobs,
+    edge_padding,
+    row_slices,
+    token_logprobs,
+)
 from rlhf_trainer.losses.utils import entropy_from_logits, logit_chunks, logprobs_from_logits
 from trainer_world import role_world, tiny_causal_lm  # noqa: F401 (fixtures)
 
@@ -115,6 +122,34 @@ def test_row_slices_and_chunked_concatenate_in_order():
     assert chunked(lambda s: torch.arange(5)[s] * 10, rows=5, chunk_size=2).tolist() == [0, 10, 20, 30, 40]
     with pytest.raises(ValueError, match="at least 1"):
         row_slices(5, 0)
+
+
+def row_summary(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(b, T) -> (b, 2): what a row's real tokens are and in which order, whatever its padding."""
+    rank = mask.cumsum(-1) * mask
+    return torch.stack([(ids * rank * mask).sum(-1), mask.sum(-1)], dim=-1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.data(), st.integers(1, 9), st.integers(1, 10), st.integers(1, 7), st.sampled_from(["left", "right"]))
+def test_chunked_rows_drop_each_chunks_common_padding_and_answer_in_order(data, rows, width, chunk_size, side):
+    real = data.draw(st.lists(st.integers(1, width), min_size=rows, max_size=rows))
+    mask = torch.zeros(rows, width, dtype=torch.long)
+    for i, n in enumerate(real):  # n real tokens after the padding (left) or before it (right)
+        mask[i, slice(width - n, None) if side == "left" else slice(0, n)] = 1
+    ids = torch.randint(1, 50, (rows, width)) * mask
+    seen = []
+
+    def fn(chunk_ids, chunk_mask):
+        seen.append(chunk_mask)
+        return row_summary(chunk_ids, chunk_mask)
+
+    out = chunked_rows(fn, ids, mask, chunk_size=chunk_size, side=side)
+    assert torch.equal(out, row_summary(ids, mask))
+    assert len(seen) == len(row_slices(rows, chunk_size)) and sum(m.shape[0] for m in seen) == rows
+    edge = 0 if side == "left" else -1
+    assert all(m[:, edge].any() for m in seen)  # no chunk keeps a column of padding only on its trimmed side
+    assert edge_padding(mask, side).tolist() == [width - n for n in real]
 
 
 # ---- passes of real (tiny) models -----------------------------------------------------------------

@@ -40,6 +40,42 @@ def chunked(fn: Callable[[slice], torch.Tensor], *, rows: int, chunk_size: int) 
     return torch.cat([fn(s) for s in row_slices(rows, chunk_size)])
 
 
+def edge_padding(attention_mask: torch.Tensor, side: str) -> torch.Tensor:
+    """(B, T) -> (B,) long: the columns before a row's first real token (side "left") or after its last
+    ("right"); T for a row with none."""
+    real = attention_mask.bool()
+    if side == "right":
+        real = real.flip(-1)
+    elif side != "left":
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    return (real.long().cumsum(-1) == 0).sum(-1)
+
+
+def chunked_rows(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, *, chunk_size: int, side: str = "left") -> torch.Tensor:
+    """fn(input_ids, attention_mask) of (b, T') rows -> (b, ...) outputs whose shape does not depend on T'
+    (log-probs or values of the last R tokens, one score per row), over (B, T) rows `chunk_size` at a time,
+    torch.cat in the callers' order.
+
+    The rows of a pass are independent, so with several chunks they go by their padding on `side` (the
+    prompt's left padding of a rollout, "left"; a right-padded row's tail, "right"), and each chunk drops the
+    columns that are padding in all of its rows: no forward over another chunk's padding, as generation's
+    chunks (common.sample). The sort is stable: a group's copies of one prompt stay side by side
+    (prefixSharing). ValueError if chunk_size < 1."""
+    rows, width = input_ids.shape
+    slices = row_slices(rows, chunk_size)
+    padding = edge_padding(attention_mask, side).clamp(max=width - 1)
+    order = (torch.argsort(padding, descending=True, stable=True) if len(slices) > 1
+             else torch.arange(rows, device=input_ids.device))
+    pieces = []
+    for s in slices:
+        index = order[s]
+        cut = int(padding[index].min())
+        columns = slice(cut, None) if side == "left" else slice(0, width - cut)
+        pieces.append(fn(input_ids[index, columns], attention_mask[index, columns]))
+    return torch.cat(pieces)[torch.argsort(order)]
+
+
 @functools.cache
 def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
@@ -190,14 +226,16 @@ def chunked_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch
     """token_logprobs' log-probs without grad, `chunk_size` rows per forward: (B, T-1), or (B, R) with R.
     `prefix_sharing` (rows in rollout_logprobs' layout, R > 0): each chunk's distinct prompts once, so rows
     that share a prompt (a group's samples, a pair's two responses) should be neighbours."""
-    def one(s: slice) -> torch.Tensor:
+    def one(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if prefix_sharing and response_length:
-            return rollout_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
+            return rollout_logprobs(model, ids, mask, temperature=temperature,
                                     response_length=response_length, prefix_sharing=True, padding_free=padding_free)[0]
-        return token_logprobs(model, input_ids[s], attention_mask[s], temperature=temperature,
+        return token_logprobs(model, ids, mask, temperature=temperature,
                               response_length=response_length, padding_free=padding_free)[0]
 
-    return chunked(one, rows=input_ids.shape[0], chunk_size=chunk_size)
+    if response_length:  # (B, R) whatever the columns: chunks of like-padded rows, each without its padding
+        return chunked_rows(one, input_ids, attention_mask, chunk_size=chunk_size)
+    return chunked(lambda s: one(input_ids[s], attention_mask[s]), rows=input_ids.shape[0], chunk_size=chunk_size)
 
 
 def _output(out) -> torch.Tensor:

@@ -34,7 +34,7 @@ from rlhf_trainer import distributed
 from rlhf_trainer.bridge import Bridge
 from rlhf_trainer.data import pad_right, position_ids_from_mask
 from rlhf_trainer.finite import NonFiniteGuard
-from rlhf_trainer.forward import chunked, chunked_token_logprobs, sequence_scores
+from rlhf_trainer.forward import chunked_rows, chunked_token_logprobs, sequence_scores
 from rlhf_trainer.losses.ppo import value_loss
 from rlhf_trainer.tokenized import truncate_row
 
@@ -118,9 +118,8 @@ class RewardService:
             prompts.append(p)
             responses.append(r)
         t = _on_device(pad_right(prompts, responses, self.renderer.tokenizer.pad_token_id))
-        scores = chunked(lambda s: sequence_scores(self.model, t["input_ids"][s], t["attention_mask"][s],
-                                                   padding_free=self.padding_free),
-                         rows=t["input_ids"].shape[0], chunk_size=self.chunk_size)
+        scores = chunked_rows(lambda ids, mask: sequence_scores(self.model, ids, mask, padding_free=self.padding_free),
+                              t["input_ids"], t["attention_mask"], chunk_size=self.chunk_size, side="right")
         return {"scores": scores.cpu()}, {}
 
 
@@ -191,7 +190,7 @@ class CriticService:
             self.strategy.eval()
             with torch.no_grad():
                 ids, mask, R = t["input_ids"], t["attention_mask"], meta["response_length"]
-                values = chunked(lambda s: self.values(ids[s], mask[s], R), rows=ids.shape[0], chunk_size=self.chunk_size)
+                values = chunked_rows(lambda i, m: self.values(i, m, R), ids, mask, chunk_size=self.chunk_size)
                 return {"values": values}, {}
         assert method == "train", method
         self.strategy.train()
