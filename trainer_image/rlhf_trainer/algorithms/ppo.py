@@ -2,7 +2,8 @@
 
 One step: rollout (sample responses) -> score (actor and reference log-probs, critic values,
 reward) -> advantages (per-token KL penalty + score on the last token, GAE) -> update (clipped
-policy loss here, clipped value loss on the critic role), `ppo_epochs` times over the batch.
+policy loss here, clipped value loss on the critic role), `ppo_epochs` times over the batch. A critic
+in its own pods trains each epoch while the actor trains the policy's (roles.RemoteClient.submit).
 
 With `reward.type: prm` a process reward model scores every step and its scores join the per-token
 rewards at the tokens ending the steps (losses.prm, "DenseReward"), next to the rule's outcome
