@@ -24,6 +24,7 @@ serving process's /metrics as its score (or, for critic.train, train) phase.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -212,14 +213,48 @@ class CriticService:
 
 
 class Pending:
-    """A request whose reply has not been read yet: `result()` reads it (once)."""
+    """A request whose reply `result()` gives (read once, an error raised there). Deferred: the exchange
+    runs at result(). Started (`Pending.started`): it runs on a thread of its own from now, so the caller
+    goes on while the role works."""
 
-    def __init__(self, receive: Callable[[], Reply]):
-        self._receive, self._reply = receive, None
+    def __init__(self, exchange: Callable[[], Reply]):
+        self._exchange, self._reply, self._error, self._thread = exchange, None, None, None
+
+    @classmethod
+    def started(cls, exchange: Callable[[], Reply], device: torch.device) -> Pending:
+        pending = cls(exchange)
+        ready = None
+        if device.type == "cuda":  # what the caller's stream has queued (the request's tensors) comes first
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(device))
+        pending._thread = threading.Thread(target=pending._run, args=(device, ready), daemon=True,
+                                           name="role-request")
+        pending._thread.start()
+        return pending
+
+    def _run(self, device: torch.device, ready) -> None:
+        try:
+            if ready is None:
+                self._reply = self._exchange()
+                return
+            # A stream of its own: the caller's kernels do not queue behind the messages, nor they behind them.
+            torch.cuda.set_device(device)
+            stream = torch.cuda.Stream(device)
+            stream.wait_event(ready)
+            with torch.cuda.stream(stream):
+                self._reply = self._exchange()
+            stream.synchronize()
+        except BaseException as exc:  # raised in the caller's thread, at result()
+            self._error = exc
 
     def result(self) -> Reply:
-        if self._reply is None:
-            self._reply = self._receive()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        elif self._reply is None and self._error is None:
+            self._reply = self._exchange()
+        if self._error is not None:
+            raise self._error
         return self._reply
 
 
@@ -246,16 +281,7 @@ class RemoteClient:
         self.peaks = {} if peaks is None else peaks
 
     def call(self, method: str, tensors: Tensors | None = None, **meta) -> Reply:
-        return self.submit(method, tensors, **meta).result()
-
-    def submit(self, method: str, tensors: Tensors | None = None, **meta) -> Pending:
-        """Send the request now and read the reply at `result()`: the role works on it meanwhile, as
-        OpenRLHF's PPO trainer lets the critic fit while the actor trains (ppo_trainer.py). Nothing else may
-        go to this role before the reply is read."""
         self.bridge.send(self.dst, f"{self.role}.{method}", tensors, **meta)
-        return Pending(lambda: self._reply(method))
-
-    def _reply(self, method: str) -> Reply:
         op, out, out_meta = self.bridge.recv(self.dst)
         if op == "error":
             raise RuntimeError(f"{self.role} (bridge rank {self.dst}) failed: {out_meta.get('message')}")
@@ -264,6 +290,15 @@ class RemoteClient:
             key = f"{self.role}_{method}_{PEAK_MEMORY}"
             self.peaks[key] = max(self.peaks.get(key, 0), peak)
         return out, out_meta
+
+    def submit(self, method: str, tensors: Tensors | None = None, **meta) -> Pending:
+        """call() on a thread of its own: the role works on the request while the caller goes on, as
+        OpenRLHF's PPO trainer lets the critic fit while the actor trains (ppo_trainer.py). A thread, not a
+        send now and a receive later: a serving rank answers its actor ranks in turn, and a reply to one
+        (or another's request) would wait for a receive (a send) that comes only after the actors' own
+        collective update, which waits for every actor rank. The caller sends nothing over the bridge
+        before reading the result."""
+        return Pending.started(lambda: self.call(method, tensors, **meta), self.bridge.device)
 
 
 def serve(bridge: Bridge, services: dict[str, Any], actor_bridge_ranks: list[int], save: Callable[[int], None],
