@@ -29,12 +29,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+from checkouts import against_commit  # bench/
 from trainer_vs_trl import SHAPES  # bench/: the Trainer-vs-TRL bench's model shapes
-
-ROOT = Path(__file__).resolve().parent.parent
 
 ONE = r"""
 import json, random, sys, time
@@ -93,20 +91,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--pass", dest="pass_", choices=("generate", "logprobs"), default="generate")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        before = Path(tmp) / "before"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True)
-        try:
-            checkouts = {"before": before, "now": ROOT}
-            times: dict[str, list[float]] = {name: [] for name in checkouts}
-            for repeat in range(args.repeats):
-                for name in (list(checkouts) if repeat % 2 == 0 else list(reversed(checkouts))):
-                    result = measure(checkouts[name], args)
-                    times[name].append(result["seconds"])
-                    print(f"repeat {repeat} {name}: {result['seconds']:.2f} s", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+    results = against_commit(args.before, args.repeats, lambda code: measure(code, args))
+    times = {name: [r["seconds"] for r in rs] for name, rs in results.items()}
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(f"{platform.machine()}, {args.pass_}, {args.rows} prompts of 8..{args.longest} tokens, chunks of {args.chunk}, "
           f"{args.new_tokens} new tokens: before {medians['before']:.2f} s, now {medians['now']:.2f} s, "

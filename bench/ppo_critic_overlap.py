@@ -27,9 +27,8 @@ import tempfile
 from pathlib import Path
 
 import yaml
+from checkouts import against_commit  # bench/
 from trainer_vs_trl import model_path  # bench/: the SmolLM2-135M-shaped model folder
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def manifest(model: str, prompts: int, steps: int) -> dict:
@@ -76,22 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     model = model_path("smollm2-135m")
     with tempfile.TemporaryDirectory() as tmp:
-        before = Path(tmp) / "before"
         manifest_path = Path(tmp) / "ppo.yaml"
         manifest_path.write_text(yaml.safe_dump(manifest(model, args.prompts, args.steps)))
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True)
-        try:
-            checkouts = {"before": before, "now": ROOT}
-            results: dict[str, list[dict]] = {name: [] for name in checkouts}
-            for repeat in range(args.repeats):
-                for name in (list(checkouts) if repeat % 2 == 0 else list(reversed(checkouts))):
-                    result = measure(checkouts[name], manifest_path, Path(tmp) / "runs")
-                    results[name].append(result)
-                    print(f"repeat {repeat} {name}: step {result['step_seconds']:.2f} s, "
-                          f"train {result['train_seconds']:.2f} s", flush=True)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
+        results = against_commit(args.before, args.repeats,
+                                 lambda code: measure(code, manifest_path, Path(tmp) / "runs"))
     med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in results.items()}
     print(f"{platform.machine()}, PPO, {args.prompts} prompts per step, critic in its own pod: "
           f"step before {med['before']['step_seconds']:.2f} s, now {med['now']['step_seconds']:.2f} s "
