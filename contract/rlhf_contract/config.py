@@ -70,6 +70,9 @@ PREFERENCE = run_by("dpo")
 STEPWISE = ("prm", "prm-label")
 # Algorithms whose rollouts may be conversations (hyperparameters.turns > 1; rlhf_trainer.multiturn).
 MULTI_TURN = ("ppo", "grpo", "rloo")
+# A week: longer than any phase, and far inside what torch's and Python's clocks hold (a timedelta of 1e15 s
+# is an OverflowError in every process at start-up, and each gang restart meets it again).
+MAX_DISTRIBUTED_TIMEOUT_SECONDS = 7 * 24 * 3600
 # Algorithms that read hyperparameters.prefixSharing: a pair's / a group's responses share their prompt.
 PREFIX_SHARING = (*PREFERENCE, *CRITIC_FREE)
 SELF_CORRECTION = ("off", "score")
@@ -295,11 +298,11 @@ class Hyperparameters:
                                            "truncated (maxLength, maxPromptLength).", minimum=0, maximum=1)
     temperature: float = knob(1.0, "Sampling temperature (log-probs use the same scaled logits).", gt=0,
                               algorithms=SAMPLING)
-    seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0)
+    seed: int = knob(0, "Seed for sampling, data order and initialization.", minimum=0, maximum=2**32 - 1)
     distributed_timeout_seconds: int = knob(1800, "Seconds a collective of a role's world or a bridge message may "
                                                   "wait before the process fails (and the gang restarts); longer "
                                                   "than the longest phase, e.g. a serving role waiting through the "
-                                                  "actor's update.", minimum=60)
+                                                  "actor's update.", minimum=60, maximum=MAX_DISTRIBUTED_TIMEOUT_SECONDS)
     ppo_epochs: int = knob(1, "Passes over each rollout batch.", minimum=1, algorithms=ONLINE)
     old_log_probs: str = knob("forward", "Where the old policy's log-probs come from: forward (a pass over the "
                                          "rollout after sampling, as OpenRLHF and verl do) or sampling (the "

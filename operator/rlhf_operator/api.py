@@ -286,6 +286,9 @@ MAX_SUBDOMAIN_LENGTH = 253
 SECRET_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"  # a Secret's data key (Kubernetes' IsConfigMapKey)
 # A nodeSelector's entries at most (the CRD's maxProperties: it bounds the cost of its CEL key rule).
 MAX_SELECTOR_ENTRIES = 32
+# Durations of the spec (activeDeadlineSeconds, ...): int32, as Kubernetes' Job fields; the planner adds them
+# to a timestamp, and now + 68 years is a datetime where now + 1e15 s is an OverflowError.
+MAX_DURATION_SECONDS = 2**31 - 1
 # Pod names `<job>-<role>-<index>` are hostnames (at most 63 characters). The actor always has pods,
 # so `<job>-actor-0` bounds every job name; longer role names and more replicas bound it further.
 MAX_JOB_NAME_LENGTH = MAX_LABEL_LENGTH - len("-actor-0")
@@ -519,15 +522,15 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     failure = top.obj("failurePolicy")
     failure_policy = FailurePolicy(
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
-        backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
+        backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1, maximum=MAX_DURATION_SECONDS),
         max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
         max_disruptions=failure.integer("maxDisruptions", FailurePolicy.max_disruptions, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)
-    deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
-    ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
-    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
+    deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0, maximum=MAX_DURATION_SECONDS)
+    ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0, maximum=MAX_DURATION_SECONDS)
+    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0, maximum=MAX_DURATION_SECONDS)
     pod_template = _template(top)
     shm = top.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64)
     sources = _sources(top.obj("sources"))
@@ -824,7 +827,7 @@ def _scheduling(fields: _Fields) -> SchedulingSpec:
         queue=fields.string("queue", max_length=MAX_LABEL_LENGTH, pattern=QUEUE_NAME, rule=RULE_QUEUE),
         priority_class_name=fields.string("priorityClassName", max_length=MAX_SUBDOMAIN_LENGTH,
                                           pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
-        gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1),
+        gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1, maximum=MAX_DURATION_SECONDS),
     )
     fields.done()
     return scheduling

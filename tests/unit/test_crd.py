@@ -185,6 +185,18 @@ def test_schema_is_structural():
         assert not ({"anyOf", "oneOf", "allOf", "not"} & set(node)), f"{path} uses a non-structural keyword"
 
 
+def test_every_duration_of_the_spec_has_a_maximum_its_clocks_hold():
+    """A duration without one (distributedTimeoutSeconds: 1e15) passed validation and then overflowed a
+    timedelta in every trainer process, restart after restart. Kubernetes' own tolerationSeconds is the
+    API server's to check; the planner's and trainer's clocks take each maximum (test_planner.py)."""
+    durations = [(p, n) for p, n in _walk(SPEC)
+                 if "Seconds" in p.rsplit(".", 1)[-1] and not p.endswith("tolerationSeconds")]
+    assert len(durations) == 6, [p for p, _ in durations]  # a new one is a duration too
+    for path, node in durations:
+        assert node["type"] == "integer" and node.get("maximum") is not None, path
+        assert node["maximum"] <= api.MAX_DURATION_SECONDS, path
+
+
 def test_every_spec_section_is_described():
     undocumented = [p for p, n in _walk(SPEC) if isinstance(n, dict) and n.get("type") == "object"
                     and "properties" in n and "description" not in n and p.count(".") == 1]

@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 from rlhf_contract.wire import LABEL_RESTART_ATTEMPT
-from rlhf_operator import builders, planner
+from rlhf_operator import api, builders, planner
 from rlhf_operator.api import PHASES, parse_job
 from rlhf_operator.builders import BuildSettings
 from rlhf_operator.constants import MAX_BACKOFF_SECONDS
@@ -899,6 +899,36 @@ def test_whole_life_with_one_failure_resumes_and_succeeds():
                               "Succeeded", "TTLExpired"]
     assert cluster.created_pods == [("j-actor-0", 0), ("j-critic-0", 0), ("j-actor-0", 1), ("j-critic-0", 1)]
     assert cluster.job.status["restarts"] == 1
+
+
+def test_whole_life_with_every_duration_at_its_maximum():
+    """The planner adds each duration to a timestamp: at the spec's maximum (api.MAX_DURATION_SECONDS)
+    every step of a job's life plans, and each wake-up is the duration left, not an OverflowError."""
+    longest = api.MAX_DURATION_SECONDS
+    cluster = FakeCluster(make_job(
+        activeDeadlineSeconds=longest, ttlSecondsAfterFinished=longest, terminationGracePeriodSeconds=longest,
+        scheduling={"gangTimeoutSeconds": longest}, failurePolicy={"backoffSeconds": longest}))
+    now = T0
+    plan = cluster.reconcile(now)
+    assert sorted(cluster.pods) == GANG and plan.requeue_after == longest  # the gang timeout's wake-up
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    plan = cluster.reconcile(now := now + timedelta(seconds=5))
+    assert cluster.job.status["phase"] == "Running" and plan.requeue_after == longest - 5  # the deadline's, from T0
+    cluster.set_phase("j-critic-0", "Failed", exit_code=137)
+    cluster.reconcile(now := now + timedelta(seconds=5))
+    plan = cluster.reconcile(now := now + timedelta(seconds=5))
+    assert cluster.job.status["phase"] == "Restarting"
+    assert plan.requeue_after == pytest.approx(planner.MAX_BACKOFF_SECONDS, abs=10)  # the backoff is capped
+    cluster.reconcile(now := now + timedelta(seconds=planner.MAX_BACKOFF_SECONDS))
+    for name in GANG:
+        cluster.set_phase(name, "Running")
+    cluster.reconcile(now := now + timedelta(seconds=5))
+    cluster.set_phase("j-actor-0", "Succeeded", exit_code=0)
+    plan = cluster.reconcile(now := now + timedelta(seconds=5))
+    assert cluster.job.status["phase"] == "Succeeded"
+    plan = cluster.reconcile(now := now + timedelta(seconds=5))
+    assert plan.requeue_after == longest - 5  # the TTL's, from the completion
 
 
 def test_whole_life_that_keeps_failing_stops_at_max_restarts():
