@@ -545,6 +545,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
             errors.append(("roles", problem))
     placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
+    errors.extend(_colocated_pod_field_errors(raw_roles, roles))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
         errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
     if algorithm in ALGORITHMS and "critic.model" not in bad:
@@ -712,6 +713,26 @@ def _role(fields: _Fields) -> RoleSpec:
                                         f"gpus when gpus > 0 (each process takes the GPU of its local rank)")
     fields.done()
     return role
+
+
+# The fields that say how many ranks a role runs and on what, each with its value when unset (the CRD's
+# default). A colocated role has no pods: it runs in its host's ranks, so each is refused there instead of
+# silently ignored. Its other pod fields (resources, nodeSelector, ...) are unused, as docs/spec.md says.
+RANK_FIELDS = (("replicas", 1), ("processesPerPod", None), ("gpus", 0))
+
+
+def _colocated_pod_field_errors(raw_roles: list[Any], roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
+    """(path, problem) for every RANK_FIELDS field set on a role with colocateWith (its CEL twins: the
+    CRD's role item rules)."""
+    errors = []
+    for i, (raw, role) in enumerate(zip(raw_roles, roles, strict=True)):
+        if not role.colocate_with or not isinstance(raw, dict):
+            continue
+        host = role.colocate_with
+        errors.extend((f"roles[{i}].{key}", f"must be unset on a colocated role: the {role.name} runs in the "
+                                            f"ranks of the {host}'s pods (set it on the {host})")
+                      for key, unset in RANK_FIELDS if key in raw and raw[key] != unset)
+    return errors
 
 
 def _template(fields: _Fields) -> PodTemplate:

@@ -350,7 +350,8 @@ def test_roles_with_pods_all_have_gpus_or_none_has(gpus, colocated):
     differs from the first such role's are refused, each by its roles[i].gpus."""
     # one process per pod whatever the GPUs: the rank-count rules between roles stay out of the way
     roles = [{"name": "actor", "gpus": gpus[0], "processesPerPod": 1}]
-    roles += [{"name": name, "gpus": g, "processesPerPod": 1, **({"colocateWith": c} if c else {})}
+    # a colocated role has no pods, and no gpus or processesPerPod of its own (test_colocated_roles_...)
+    roles += [{"name": name, "colocateWith": c} if c else {"name": name, "gpus": g, "processesPerPod": 1}
               for name, g, c in zip(("critic", "reference", "reward"), gpus[1:], colocated, strict=True)]
     spec = {**MINIMAL, "roles": roles}
     # the actor always has pods (a role cannot colocate with itself): it is the first role with pods
@@ -362,6 +363,27 @@ def test_roles_with_pods_all_have_gpus_or_none_has(gpus, colocated):
     errors = errors_of(spec)
     assert {p for p, m in errors if "every role with pods needs GPUs" in m} == expected, errors
     assert all(p in expected for p, _ in errors), errors
+
+
+@given(fields=st.fixed_dictionaries({}, optional={"replicas": st.integers(1, 3), "processesPerPod": st.integers(1, 3),
+                                                 "gpus": st.integers(0, 2)}))
+@settings(max_examples=40, deadline=None)
+def test_colocated_roles_refuse_the_fields_that_set_ranks(fields):
+    """A colocated role runs in its host's ranks: each of replicas, processesPerPod and gpus set on it to
+    anything but the CRD's default (replicas 1, gpus 0, processesPerPod unset) is refused by its path;
+    none of them was read before (a reference with replicas: 2 ran as one, in the actor's process)."""
+    spec = cases.example("ppo-tiny")["spec"]
+    spec["roles"][2] = {"name": "reference", "colocateWith": "actor", **fields}
+    defaults = {"replicas": 1, "gpus": 0}
+    expected = {f"roles[2].{key}" for key, value in fields.items() if value != defaults.get(key)}
+    if not expected:
+        assert parse_spec(spec).roles[2].colocate_with == "actor"
+        return
+    errors = errors_of(spec)
+    assert {p for p, _ in errors} == expected, errors
+    # processesPerPod > gpus may be refused on the same path as well (that rule does not look at colocateWith)
+    refused = {p for p, m in errors if "must be unset on a colocated role" in m and "set it on the actor" in m}
+    assert refused == expected, errors
 
 
 @given(gpus=st.integers(0, 4), per_pod=st.one_of(st.none(), st.integers(1, 6)))
