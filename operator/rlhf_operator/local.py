@@ -101,7 +101,7 @@ LOCAL_PATH_FIELDS = (("model", "path"), ("rewardModel", "path"), ("dataset", "pa
 
 def gpu_shortages(jobs: list[api.Job], visible: int) -> list[str]:
     """Jobs whose pods together ask for more GPUs than the machine's `visible` ones (localexec.visible_gpus).
-    A machine with none runs every job on its CPUs, whatever the roles' gpus."""
+    A machine with none runs every job on its CPUs, whatever the roles' gpus (cpu_fallback_notes says so)."""
     problems = []
     for job in jobs:
         pods = [(r.name, r.replicas, r.gpus) for r in job.spec.pod_roles() if r.gpus]
@@ -112,6 +112,20 @@ def gpu_shortages(jobs: list[api.Job], visible: int) -> list[str]:
                             f"but this machine shows {visible} (CUDA_VISIBLE_DEVICES or nvidia-smi): lower them, "
                             f"or colocate roles (colocateWith)")
     return problems
+
+
+def cpu_fallback_notes(jobs: list[api.Job], visible: int) -> list[str]:
+    """On a machine with no GPU (`visible` 0), one line per job whose roles ask for GPUs: it runs on the
+    CPUs (gloo) instead, which the user should hear about rather than find in DeepSpeed's log."""
+    if visible:
+        return []
+    notes = []
+    for job in jobs:
+        asking = [f"{r.name} {r.gpus}" for r in job.spec.pod_roles() if r.gpus]
+        if asking:
+            notes.append(f"{job.name}: its roles ask for GPUs ({', '.join(asking)}; roles[].gpus) but this machine "
+                         f"shows none (CUDA_VISIBLE_DEVICES or nvidia-smi): running every rank on the CPUs (gloo)")
+    return notes
 
 
 def resolve_local_paths(obj: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -643,6 +657,8 @@ def main(args: Any) -> int:
     if errors:
         print("\n".join(f"rlhf-operator run-local: {e}" for e in errors), file=sys.stderr)
         return 2
+    for note in cpu_fallback_notes([r.job for r in runners], len(supervisor.gpus)):
+        print(f"rlhf-operator run-local: note: {path}: {note}", file=sys.stderr)
     run = LocalRun(runners)
     # SIGTERM (e.g. from a CI timeout) stops the gangs like Ctrl-C does: no orphans either way.
     previous = signal.signal(signal.SIGTERM, lambda *_: run.request_stop())

@@ -189,6 +189,21 @@ def test_cli_refuses_a_job_needing_more_gpus_than_the_machine_shows(tmp_path, ca
     assert not (tmp_path / "fake-ppo" / "pods").exists()  # nothing started
 
 
+def test_cli_says_a_job_asking_for_gpus_runs_on_the_cpus_of_a_machine_without_any(tmp_path, capsys, monkeypatch):
+    obj = manifest()
+    for role in obj["spec"]["roles"]:
+        role["gpus"] = 1
+    path = tmp_path / "gpus.yaml"
+    path.write_text(yaml.safe_dump(obj))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible, whatever this machine has
+    from rlhf_operator import cli
+
+    assert cli.main(["run-local", str(path), "--workdir", str(tmp_path), "--no-progress", "--no-metrics-server",
+                     "--trainer-command", " ".join(FAKE)]) == 0
+    assert ("its roles ask for GPUs (actor 1, critic 1, reference 1; roles[].gpus) but this machine shows none"
+            in capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("text", ["kind: Pod\n", ": : :\n"])
 def test_load_manifest_errors_name_the_file(tmp_path, text):
     path = tmp_path / "m.yaml"

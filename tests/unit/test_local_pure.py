@@ -108,3 +108,12 @@ def test_a_job_asking_for_more_gpus_than_the_machine_shows_is_named_with_its_rol
     assert local.gpu_shortages([job], visible=26) == []
     assert local.gpu_shortages([job], visible=0) == []  # no GPUs: the run is on CPUs
     assert local.gpu_shortages([_job()], visible=1) == []  # ppo-tiny asks for none
+
+
+def test_a_job_asking_for_gpus_on_a_machine_without_any_is_told_it_runs_on_the_cpus():
+    job = api.parse_job(yaml.safe_load((REPO / "crds" / "examples" / "ppo.yaml").read_text()))
+    (note,) = local.cpu_fallback_notes([job], visible=0)
+    assert note.startswith(f"{job.name}: its roles ask for GPUs (actor 8, critic 8, reward 2; roles[].gpus)")
+    assert "running every rank on the CPUs" in note
+    assert local.cpu_fallback_notes([job], visible=8) == []  # GPUs there: gpu_shortages' business
+    assert local.cpu_fallback_notes([_job()], visible=0) == []  # ppo-tiny asks for none
