@@ -5,7 +5,9 @@ Exit codes: 0 done; 78 bad config (ConfigError), 65 bad data (DataError, and Non
 inf reward, loss or gradient norm under hyperparameters.non_finite fail) — permanent, the message
 goes to stderr and to the termination log so `kubectl describe pod` shows it; 143 told to stop
 (SIGTERM) and stopped after its step, with a last checkpoint when it fit in the grace period; anything
-else propagates (exit 1): the operator retries the gang from the last complete checkpoint.
+else propagates (exit 1): the operator retries the gang from the last complete checkpoint, and the
+termination log holds one line saying why (errors.retryable_summary: a process-group timeout names
+hyperparameters.distributedTimeoutSeconds).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import sys
 
 from rlhf_contract import wire
 
-from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError
+from rlhf_trainer.errors import EXIT_CONFIG_ERROR, EXIT_DATA_ERROR, ConfigError, DataError, retryable_summary
 from rlhf_trainer.stopping import Stopped
 
 
@@ -40,6 +42,7 @@ def main(env: dict[str, str] | None = None) -> int:
     env = dict(os.environ) if env is None else env
     # `kill -USR1 <pid>` prints every thread's stack: the way to see where a hung role waits.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    config = None
     try:
         if launches(env):
             from rlhf_trainer import launcher
@@ -70,6 +73,10 @@ def main(env: dict[str, str] | None = None) -> int:
         print(message, file=sys.stderr, flush=True)
         write_termination_message(message, env)
         return code
+    except Exception as exc:  # retryable: exit 1 and a gang restart, with the reason where describe shows it
+        timeout = config.hyperparameters.distributed_timeout_seconds if config is not None else None
+        write_termination_message(f"rlhf_trainer: {retryable_summary(exc, timeout)}", env)
+        raise
     return 0
 
 
