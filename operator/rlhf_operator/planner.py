@@ -882,6 +882,7 @@ def _finish(p: _Pass, phase: str, reason: str, message: str) -> None:
         p.event("Normal", "Succeeded", message)
     else:
         p.event("Warning", "DeadlineExceeded" if reason == "DeadlineExceeded" else "Failed", message)
+    p.requeue_after = None  # the running job's wake-ups (its deadline, a gang timeout) no longer apply
     _after_finish(p)
 
 
