@@ -522,15 +522,15 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
     failure = top.obj("failurePolicy")
     failure_policy = FailurePolicy(
         max_restarts=failure.integer("maxRestarts", FailurePolicy.max_restarts, minimum=0),
-        backoff_seconds=failure.integer("backoffSeconds", FailurePolicy.backoff_seconds, minimum=1, maximum=MAX_DURATION_SECONDS),
+        backoff_seconds=_seconds(failure, "backoffSeconds", FailurePolicy.backoff_seconds, minimum=1),
         max_gang_timeouts=failure.integer("maxGangTimeouts", FailurePolicy.max_gang_timeouts, minimum=0),
         max_disruptions=failure.integer("maxDisruptions", FailurePolicy.max_disruptions, minimum=0),
     )
     failure.done()
     suspend = top.boolean("suspend", JobSpec.suspend)
-    deadline = top.integer("activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0, maximum=MAX_DURATION_SECONDS)
-    ttl = top.integer("ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0, maximum=MAX_DURATION_SECONDS)
-    grace = top.integer("terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0, maximum=MAX_DURATION_SECONDS)
+    deadline = _seconds(top, "activeDeadlineSeconds", JobSpec.active_deadline_seconds, minimum=0)
+    ttl = _seconds(top, "ttlSecondsAfterFinished", JobSpec.ttl_seconds_after_finished, minimum=0)
+    grace = _seconds(top, "terminationGracePeriodSeconds", JobSpec.termination_grace_period_seconds, minimum=0)
     pod_template = _template(top)
     shm = top.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64)
     sources = _sources(top.obj("sources"))
@@ -545,7 +545,7 @@ def parse_spec(spec: dict[str, Any]) -> JobSpec:
             errors.append(("roles", problem))
     placed = [(r.name, layout.Placement(r.replicas, r.colocate_with, r.processes_per_pod)) for r in roles]
     errors.extend((f"roles[{i}].colocateWith", problem) for i, problem in layout.colocation_problems(placed))
-    errors.extend(_colocated_pod_field_errors(raw_roles, roles))
+    errors.extend(_colocated_rank_field_errors(raw_roles, roles))
     if algorithm in ALGORITHMS and ALGORITHMS[algorithm].needs_reward_model(reward.type) and reward_model is None:
         errors.append(("rewardModel", f"is required when reward.type is {reward.type} (algorithms {', '.join(ONLINE)})"))
     if algorithm in ALGORITHMS and "critic.model" not in bad:
@@ -684,6 +684,11 @@ def _reward(fields: _Fields) -> RewardConfig:
     return reward
 
 
+def _seconds(fields: _Fields, key: str, default: int, *, minimum: int) -> int:
+    """A duration field of the spec, at most MAX_DURATION_SECONDS."""
+    return fields.integer(key, default, minimum=minimum, maximum=MAX_DURATION_SECONDS)
+
+
 def _role(fields: _Fields) -> RoleSpec:
     name = fields.string("name", required=True, enum=ROLE_NAMES)
     # Roles that hold no optimizer default to ZeRO stage 0 (the CRD leaves zeroStage unset).
@@ -721,7 +726,7 @@ def _role(fields: _Fields) -> RoleSpec:
 RANK_FIELDS = (("replicas", 1), ("processesPerPod", None), ("gpus", 0))
 
 
-def _colocated_pod_field_errors(raw_roles: list[Any], roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
+def _colocated_rank_field_errors(raw_roles: list[Any], roles: tuple[RoleSpec, ...]) -> list[tuple[str, str]]:
     """(path, problem) for every RANK_FIELDS field set on a role with colocateWith (its CEL twins: the
     CRD's role item rules)."""
     errors = []
@@ -848,7 +853,7 @@ def _scheduling(fields: _Fields) -> SchedulingSpec:
         queue=fields.string("queue", max_length=MAX_LABEL_LENGTH, pattern=QUEUE_NAME, rule=RULE_QUEUE),
         priority_class_name=fields.string("priorityClassName", max_length=MAX_SUBDOMAIN_LENGTH,
                                           pattern=DNS_1123_SUBDOMAIN, rule=RULE_SUBDOMAIN),
-        gang_timeout_seconds=fields.integer("gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1, maximum=MAX_DURATION_SECONDS),
+        gang_timeout_seconds=_seconds(fields, "gangTimeoutSeconds", SchedulingSpec.gang_timeout_seconds, minimum=1),
     )
     fields.done()
     return scheduling

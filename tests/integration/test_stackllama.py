@@ -61,7 +61,7 @@ def test_stackllama_pipeline_runs_end_to_end_and_ppo_raises_the_rm_reward_with_b
     ppo = metrics(runs, "stackllama-tiny-ppo")
     assert len(ppo) == 40
     first, last = [r["reward_mean"] for r in ppo[:10]], [r["reward_mean"] for r in ppo[-10:]]
-    assert statistics.mean(last) > statistics.mean(first) + 0.15, (first, last)
+    assert mean(ppo[-10:], "reward_mean") > mean(ppo[:10], "reward_mean") + 0.15, (first, last)
     assert rise_in_standard_errors(first, last) > 3.0, (first, last)
     assert max(r["kl"] for r in ppo) < 8.0
     assert mean(ppo[-10:], "kl") < 6.0
