@@ -713,7 +713,8 @@ def _role(fields: _Fields) -> RoleSpec:
         pod_template=_template(fields),
         shared_memory_size=fields.string("sharedMemorySize", pattern=QUANTITY_PATTERN, max_length=64),
     )
-    if gpus and role.processes_per_pod > gpus:  # its CEL twin: the CRD's role item rules
+    # A colocated role's processesPerPod and gpus are refused as set at all (_colocated_rank_field_errors).
+    if gpus and role.processes_per_pod > gpus and not role.colocate_with:  # its CEL twin: the CRD's role item rules
         fields.error("processesPerPod", f"is {role.processes_per_pod} but the pod has gpus: {gpus}: must be at most "
                                         f"gpus when gpus > 0 (each process takes the GPU of its local rank)")
     fields.done()
