@@ -79,11 +79,8 @@ def measure(side: str, algorithm: str, args) -> dict:
     if side == "trl" and algorithm == "ppo":
         python = args.trl_ppo_python
         script = bench.TRL_PPO_SCRIPT
-        paths = os.pathsep.join(str(HERE.parent / d) for d in ("trainer_image", "contract"))
-        env.update(RLHF_TRAINER_PATH=paths, OUT=str(HERE / "out" / "trl-ppo"))
-        script_args = [str(args.steps), "0", "cpu", str(bench.PROMPTS), str(bench.NEW_TOKENS),
-                       str(bench.PROMPT_LEN + args.context_tokens + 1), model,
-                       str(bench.rows_file("ppo", args.context_tokens, args.ragged))]
+        additions, script_args = bench.trl_ppo_invocation(args.steps, 0, "cpu", model, args.context_tokens, args.ragged)
+        env.update(additions)
     else:
         python = sys.executable
         script = OURS_OR_TRL_SCRIPT.format(

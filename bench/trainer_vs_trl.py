@@ -384,14 +384,21 @@ print("RESULT " + json.dumps({"times": timer.times}))
 '''
 
 
-def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str, context_tokens: int = 0,
-                ragged: bool = False) -> dict:
+def trl_ppo_invocation(steps: int, warmup: int, device: str, model: str, context_tokens: int,
+                       ragged: bool) -> tuple[dict[str, str], list[str]]:
+    """(environment additions, arguments) for TRL_PPO_SCRIPT in TRL 1.12's own venv."""
     # The trainer's package and the contract it imports (TRL 1.12's own venv has neither installed).
     paths = os.pathsep.join(str(HERE.parent / d) for d in ("trainer_image", "contract"))
-    env = {**os.environ, "RLHF_TRAINER_PATH": paths, "OUT": str(HERE / "out" / "trl-ppo")}
-    cmd = [python, "-c", TRL_PPO_SCRIPT, str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS),
-           str(PROMPT_LEN + context_tokens + 1), model, str(rows_file("ppo", context_tokens, ragged))]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    env = {"RLHF_TRAINER_PATH": paths, "OUT": str(HERE / "out" / "trl-ppo")}
+    return env, [str(steps), str(warmup), device, str(PROMPTS), str(NEW_TOKENS), str(PROMPT_LEN + context_tokens + 1),
+                 model, str(rows_file("ppo", context_tokens, ragged))]
+
+
+def run_trl_ppo(steps: int, warmup: int, device: str, python: str, model: str, context_tokens: int = 0,
+                ragged: bool = False) -> dict:
+    env, script_args = trl_ppo_invocation(steps, warmup, device, model, context_tokens, ragged)
+    proc = subprocess.run([python, "-c", TRL_PPO_SCRIPT, *script_args], env={**os.environ, **env},
+                          capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"TRL PPO failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
